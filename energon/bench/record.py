@@ -1,0 +1,97 @@
+"""Benchmark records as BENCHMARKS.md defines them, and the results file they go into."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
+
+
+def card_name() -> str:
+    """The accelerator's name (torch.cuda.get_device_name) or the CPU model on a CPU-only host."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def git_sha() -> str:
+    """The current commit, or "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def torch_version() -> str:
+    try:
+        import torch
+
+        nccl = ""
+        if torch.cuda.is_available():
+            nccl = " nccl " + ".".join(map(str, torch.cuda.nccl.version()))
+        return torch.__version__ + nccl
+    except ImportError:
+        return "none"
+
+
+@dataclass
+class Record:
+    """One measured point; `ratio` > 1 means Energon beats the baseline."""
+
+    scenario: str
+    metric: str
+    unit: str
+    value: float
+    model: str | None = None
+    dtype: str | None = None
+    tp: int = 1
+    pp: int = 1
+    batch: int | None = None
+    prompt_len: int | None = None
+    gen_len: int | None = None
+    baseline_name: str | None = None
+    baseline_value: float | None = None
+    ratio: float | None = None
+    limit_value: float | None = None
+    of_limit: float | None = None
+    card: str = field(default_factory=card_name)
+    n_gpus: int = 0
+    torch: str = field(default_factory=torch_version)
+    git_sha: str = field(default_factory=git_sha)
+    notes: str | None = None
+
+
+def results_path(scenario: str, card: str | None = None, day: datetime.date | None = None) -> Path:
+    """bench/results/<YYYY-MM-DD>-<card>-<scenario>.json with the card name made file-safe."""
+    day = day or datetime.date.today()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", card or card_name()).strip("-").lower()
+    return RESULTS_DIR / f"{day.isoformat()}-{slug}-{scenario}.json"
+
+
+def write_results(scenario: str, records: list[Record], out_dir: Path | None = None) -> Path:
+    """Writes the records as a JSON list and returns the file's path."""
+    path = results_path(scenario, records[0].card if records else None)
+    if out_dir is not None:
+        path = Path(out_dir) / path.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([asdict(r) for r in records], indent=2) + "\n")
+    return path

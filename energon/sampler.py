@@ -1,0 +1,176 @@
+"""Turn the last stage's logits into token ids, on the worker.
+
+Order of operations, as in Hugging Face `generate` and vLLM: temperature, then top-k, then top-p
+on the top-k survivors renormalised, then a draw. The draw is Gumbel-max: argmax(x - log E) with
+E ~ Exp(1) per vocabulary entry, which picks token i with probability softmax(x)_i and lets each
+row take its noise from its own generator:
+
+- a request with a seed draws its noise at generation step n from a generator seeded by
+  `mix_seed(seed, n)`, so its tokens do not depend on its batch mates or its row;
+- requests without one share the worker's generator (seed it alike on every rank that samples).
+
+Greedy rows (temperature below 1e-5, or top_k 1) are one batched argmax, with no host sync.
+Logprobs are those of the raw model distribution, log_softmax(logits) computed in float64, as
+vLLM reports them: not the temperature-scaled or truncated distribution the token was drawn from.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from energon.sampling import GREEDY_BELOW
+
+_GOLDEN = 0x9E3779B97F4A7C15  # odd: 2**64 / golden ratio
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + _GOLDEN) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(seed: int, step: int) -> int:
+    """The generator seed for a request's draw at generation step `step`, in [0, 2**63)."""
+    return _splitmix64((seed + _GOLDEN * step) & _MASK64) >> 1
+
+
+def _host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-row tensor on `device`, copied without blocking the host on CUDA."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+    """Set to -inf, in place, the logits that top-k and then top-p remove; returns `logits`.
+
+    `top_k` int64 [B] (0 = off) keeps tokens whose logit is >= the k-th largest (ties with it are
+    kept). `top_p` float [B] (1 = off) then keeps, of the top-k survivors renormalised, the
+    smallest most-likely-first set whose probability reaches top_p; the most likely token is
+    always kept.
+    """
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+
+    k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+    kth = sorted_logits.gather(-1, (k - 1).unsqueeze(-1))
+    remove = sorted_logits < kth
+
+    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+    p = torch.where(top_p >= 1.0, float("inf"), top_p.to(probs.dtype))
+    remove |= before >= p.unsqueeze(-1)
+    remove[:, 0] = False
+
+    remove_in_vocab_order = torch.empty_like(remove).scatter_(-1, order, remove)
+    return logits.masked_fill_(remove_in_vocab_order, float("-inf"))
+
+
+class Sampler:
+    """Samples one token per row of a logits batch; see the module docstring for the rules.
+
+    `seed` seeds the worker's generator for requests without a seed (random when None).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", seed: int | None = None):
+        self.device = torch.device(device)
+        self.generator = torch.Generator(self.device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        self._seeded = torch.Generator(self.device)  # reseeded for every seeded row
+
+    @torch.no_grad()
+    def sample(
+        self, logits: torch.Tensor, params: list[dict], steps: list[int]
+    ) -> tuple[torch.Tensor, list[dict | None] | None]:
+        """Returns (token ids int64 [B] on the logits' device, logprobs).
+
+        `params[i]` is `SamplingParams.to_wire()` of row i's request and `steps[i]` how many
+        tokens it has generated before this one. logprobs is None when no row asked for them,
+        else a list with, per row, None or {"token_id", "logprob", "top_ids", "top_logprobs"}.
+        """
+        batch = logits.shape[0]
+        if len(params) != batch or len(steps) != batch:
+            raise ValueError(
+                f"need one params dict and one step per logits row: {batch} rows, "
+                f"{len(params)} params, {len(steps)} steps"
+            )
+        logits = logits.float()
+        device = logits.device
+        greedy = [p["temperature"] < GREEDY_BELOW or p["top_k"] == 1 for p in params]
+        rows = [i for i in range(batch) if not greedy[i]]
+
+        if not rows:
+            token_ids = logits.argmax(dim=-1)
+        else:
+            drawn = self._draw(logits, [params[i] for i in rows], [steps[i] for i in rows], rows)
+            if len(rows) == batch:
+                token_ids = drawn
+            else:
+                token_ids = logits.argmax(dim=-1)
+                token_ids.index_copy_(0, _host_tensor(rows, torch.int64, device), drawn)
+        return token_ids, self._logprobs(logits, token_ids, params)
+
+    def _draw(self, logits, params, steps, rows) -> torch.Tensor:
+        """Token ids for the rows `rows` of logits, which are not greedy."""
+        device = logits.device
+        if len(rows) == logits.shape[0]:
+            x = logits.clone()
+        else:
+            x = logits.index_select(0, _host_tensor(rows, torch.int64, device))
+        temperature = _host_tensor([float(p["temperature"]) for p in params], torch.float32, device)
+        x.div_(temperature.unsqueeze(-1))
+
+        top_k = [int(p["top_k"]) for p in params]
+        top_p = [float(p["top_p"]) for p in params]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            apply_top_k_top_p(
+                x,
+                _host_tensor(top_k, torch.int64, device),
+                _host_tensor(top_p, torch.float32, device),
+            )
+
+        noise = torch.empty_like(x)
+        unseeded = [j for j, p in enumerate(params) if p["seed"] is None]
+        if len(unseeded) == len(params):
+            noise.exponential_(generator=self.generator)
+        elif unseeded:
+            shared = torch.empty((len(unseeded), x.shape[1]), device=device)
+            shared.exponential_(generator=self.generator)
+            noise[_host_tensor(unseeded, torch.int64, device)] = shared
+        for j, p in enumerate(params):
+            if p["seed"] is not None:
+                self._seeded.manual_seed(mix_seed(int(p["seed"]), int(steps[j])))
+                noise[j].exponential_(generator=self._seeded)
+        # Exp(1) can round to 0: clamp so log() stays finite and -inf logits stay -inf.
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        return (x - noise.log_()).argmax(dim=-1)
+
+    def _logprobs(self, logits, token_ids, params) -> list[dict | None] | None:
+        wanted = [int(p["logprobs"]) for p in params]
+        rows = [i for i, k in enumerate(wanted) if k > 0]
+        if not rows:
+            return None
+        index = _host_tensor(rows, torch.int64, logits.device)
+        logprobs = torch.log_softmax(logits.index_select(0, index).double(), dim=-1)
+        chosen_ids = token_ids.index_select(0, index)
+        chosen = logprobs.gather(-1, chosen_ids.unsqueeze(-1)).squeeze(-1)
+        top_values, top_ids = logprobs.topk(max(wanted), dim=-1)
+        # One host sync for the whole batch, only when logprobs were asked for.
+        chosen_ids, chosen = chosen_ids.tolist(), chosen.tolist()
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        out: list[dict | None] = [None] * len(params)
+        for j, i in enumerate(rows):
+            k = wanted[i]
+            out[i] = {
+                "token_id": chosen_ids[j],
+                "logprob": chosen[j],
+                "top_ids": top_ids[j][:k],
+                "top_logprobs": top_values[j][:k],
+            }
+        return out

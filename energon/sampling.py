@@ -1,0 +1,232 @@
+"""What a request asks for (SamplingParams) and what it gets back (Completion, StreamPiece).
+
+Controller side: plain dataclasses, no torch. `SamplingParams` checks itself when built, so a bad
+argument raises `InvalidRequest` naming the field before anything is queued; the Engine calls
+`validate(max_tokens_cap=..., vocab_size=...)` again with the limits only it knows. Only the
+fields the worker's Sampler reads cross the wire (`to_wire`); stop strings, stop token ids, EOS
+and max_tokens are decided on the controller, where the token ids come back.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from energon.errors import InvalidRequest
+
+MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
+SEED_LIMIT = 2**63
+GREEDY_BELOW = 1e-5  # a smaller temperature is greedy: dividing by it would overflow float32
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+def _is_int(value: object) -> bool:
+    """True for Python and numpy integers, False for bool (an int subclass that is never meant)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request. `temperature=0` is greedy (argmax); `top_k=0` and `top_p=1`
+    are off. Raises `InvalidRequest(field, ...)` for any out-of-range or wrongly typed value.
+
+    `stop` (a string or sequence of strings) is normalised to a tuple of strings and
+    `stop_token_ids` to a tuple of ints. `logprobs=k` returns, per generated token, its log
+    probability under the model's raw distribution (before temperature/top-k/top-p) and the k most
+    likely tokens with theirs.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: str | Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    logprobs: int = 0
+
+    def __post_init__(self):
+        self._check()
+        # Normalise to plain Python types so hashing, equality and msgpack behave.
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "max_tokens", int(self.max_tokens))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_k", int(self.top_k))
+        object.__setattr__(self, "top_p", float(self.top_p))
+        object.__setattr__(self, "seed", None if self.seed is None else int(self.seed))
+        object.__setattr__(self, "logprobs", int(self.logprobs))
+
+    @property
+    def greedy(self) -> bool:
+        """True when the token is the argmax: temperature 0 (any below 1e-5, as in vLLM) or
+        top_k 1."""
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
+
+    def validate(
+        self, max_tokens_cap: int | None = None, vocab_size: int | None = None
+    ) -> SamplingParams:
+        """Check every field, plus `max_tokens <= max_tokens_cap` and `stop_token_ids <
+        vocab_size` when given. Returns self; raises `InvalidRequest` naming the field."""
+        self._check()
+        if max_tokens_cap is not None and self.max_tokens > max_tokens_cap:
+            raise InvalidRequest(
+                "max_tokens",
+                f"must be <= {max_tokens_cap}, the room left in the context window "
+                f"(got {self.max_tokens!r})",
+            )
+        if vocab_size is not None:
+            for token in self.stop_token_ids:
+                if token >= vocab_size:
+                    raise InvalidRequest(
+                        "stop_token_ids",
+                        f"must be token ids < the vocabulary size {vocab_size} (got {token!r})",
+                    )
+        return self
+
+    def to_wire(self) -> dict:
+        """The fields the worker's Sampler reads, as a msgpack-friendly dict of plain types."""
+        return {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "logprobs": self.logprobs,
+        }
+
+    def _check(self) -> None:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise InvalidRequest("max_tokens", f"must be an int >= 1 (got {self.max_tokens!r})")
+
+        t = self.temperature
+        if not _is_real(t) or not math.isfinite(t) or t < 0:
+            raise InvalidRequest(
+                "temperature", f"must be a finite number >= 0, 0 for greedy (got {t!r})"
+            )
+
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise InvalidRequest("top_k", f"must be an int >= 0, 0 for off (got {self.top_k!r})")
+
+        p = self.top_p
+        if not _is_real(p) or not 0.0 < p <= 1.0:  # NaN fails the comparison too
+            raise InvalidRequest("top_p", f"must be a number in (0, 1], 1 for off (got {p!r})")
+
+        s = self.seed
+        if s is not None and (not _is_int(s) or not 0 <= s < SEED_LIMIT):
+            raise InvalidRequest("seed", f"must be None or an int in [0, 2**63) (got {s!r})")
+
+        self._check_stop()
+
+        ids = self.stop_token_ids
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise InvalidRequest("stop_token_ids", f"must be a list of ints >= 0 (got {ids!r})")
+        for token in ids:
+            if not _is_int(token) or token < 0:
+                raise InvalidRequest(
+                    "stop_token_ids", f"must be a list of ints >= 0 (got {token!r} in {ids!r})"
+                )
+
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequest("ignore_eos", f"must be True or False (got {self.ignore_eos!r})")
+
+        k = self.logprobs
+        if not _is_int(k) or not 0 <= k <= MAX_LOGPROBS:
+            raise InvalidRequest(
+                "logprobs", f"must be an int in [0, {MAX_LOGPROBS}], 0 for none (got {k!r})"
+            )
+
+    def _check_stop(self) -> None:
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        elif isinstance(stop, bytes) or not isinstance(stop, Sequence):
+            raise InvalidRequest(
+                "stop", f"must be a string or a list of non-empty strings (got {self.stop!r})"
+            )
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(
+                "stop", f"must be at most {MAX_STOP_STRINGS} strings (got {len(stop)})"
+            )
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise InvalidRequest(
+                    "stop", f"must be non-empty strings (got {s!r} in {self.stop!r})"
+                )
+
+
+@dataclass
+class Usage:
+    """Token counts of one request; total_tokens = prompt_tokens + completion_tokens."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int = field(init=False)
+
+    def __post_init__(self):
+        self.total_tokens = self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Timings:
+    """Seconds: waiting before the first step, from arrival to the first token, and the mean
+    time between later tokens (0.0 with fewer than two tokens)."""
+
+    queued_s: float
+    first_token_s: float
+    per_output_token_s: float
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log probability under the raw model distribution (log_softmax of
+    the logits, before temperature/top-k/top-p) and the k most likely (token id, logprob), most
+    likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+    @classmethod
+    def from_wire(cls, row: dict) -> TokenLogprob:
+        """From one row of `Sampler.sample`'s logprobs list."""
+        top = list(zip(row["top_ids"], row["top_logprobs"], strict=True))
+        return cls(row["token_id"], row["logprob"], top)
+
+
+@dataclass
+class Completion:
+    """A finished request: the generated text and ids (prompt excluded), why it ended, token
+    counts, per-token logprobs (None unless asked for) and timings."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    usage: Usage
+    logprobs: list[TokenLogprob] | None = None
+    timings: Timings | None = None
+
+
+@dataclass
+class StreamPiece:
+    """What `Engine.stream` yields: text and token ids new since the previous piece (text may be
+    empty while a multi-byte character or a possible stop string is held back); the last piece
+    carries finish_reason."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+CompletionChunk = StreamPiece

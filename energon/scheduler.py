@@ -1,0 +1,386 @@
+"""Who runs next: continuous batching at iteration level (pure Python, no torch).
+
+The Engine owns one `Scheduler` and drives it from its event loop:
+
+    sched = Scheduler(num_blocks, block_size, max_num_seqs=64, max_batch_tokens=2048,
+                      max_waiting=1024, max_model_len=4096, max_running_seqs=64 * pp)
+    sched.add(Sequence(seq_id, prompt_ids, max_tokens))   # InvalidRequest | Overloaded, at once
+    plan = sched.schedule()          # StepPlan | None; its sequences are now "in flight"
+    ...send plan to the workers; with pp > 1 call schedule() again (up to pp plans in flight)...
+    got = sched.complete(plan, {seq_id: token_id, ...})   # when that step's reply arrives
+    for seq in got: ... decide stop / length ... sched.finish(seq.seq_id)
+    sched.abort(seq_id)              # any time, also while the sequence's step is in flight
+
+Each `schedule()` call builds one micro-batch out of sequences that are not in flight, so plans
+outstanding at the same time hold disjoint sequences and may complete in any order (this is what
+keeps pp micro-batches independent). Within a step, up to `max_num_seqs` sequences share
+`max_batch_tokens` new tokens, taken in this order:
+
+1. running sequences that decode (one token left to compute), oldest first;
+2. running sequences part-way through their prompt (chunked prefill), oldest first;
+3. waiting sequences, first come first served (preempted ones keep their place by arrival),
+   admitted while `max_running_seqs`, the budget and free blocks allow (never by preempting).
+   No admission happens in a step where a running sequence was short of blocks (it preempted
+   others or sat out): running sequences come first, and a victim does not bounce straight back.
+
+A sequence runs `min(tokens left to compute, budget left)` tokens. Blocks for them are allocated
+before the plan is returned. When a running sequence needs blocks and none are free, the newest
+running sequences that are newer than it and not in flight (nor already in this plan) are
+preempted, newest first: their blocks are freed, `num_computed_tokens` goes back to 0 and they
+return to the waiting queue, to recompute prompt + generated tokens later. If that is not enough
+the sequence sits this step out, keeping its blocks. Nothing is ever dropped: `add()` refuses
+requests that could never fit, and the oldest sequence can take every block from newer ones once
+their steps come back (no one is admitted while it waits, and every sequence has a bounded length).
+
+A finished or aborted sequence frees its blocks at once, or, if a step that runs it is in flight,
+when that step completes (the workers may still be writing those blocks); its result is ignored.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+
+from energon.block_manager import BlockManager
+from energon.errors import InvalidRequest, Overloaded
+from energon.sequence import Sequence, SequenceStatus
+
+
+def _by_arrival(seq: Sequence) -> int:
+    return seq.arrival
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence's share of a step.
+
+    The step computes tokens `start .. context_len - 1` of `seq` (`num_new_tokens` of them, at those
+    positions), writes their K/V into `block_table`, attends over `context_len` tokens and, if
+    `sample`, samples the token after them (the step reaches the end of the known tokens: the end
+    of a prompt, a decode, or the end of a recompute).
+    """
+
+    seq: Sequence
+    start: int  # num_computed_tokens before the step: position of the first new token
+    num_new_tokens: int
+    context_len: int  # start + num_new_tokens: tokens cached after the step
+    block_table: tuple[int, ...]
+    sample: bool
+
+    @property
+    def seq_id(self) -> Hashable:
+        return self.seq.seq_id
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens this step feeds (stable until the plan completes)."""
+        return self.seq.token_ids[self.start : self.context_len]
+
+    @property
+    def positions(self) -> range:
+        return range(self.start, self.context_len)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A micro-batch: what one step runs. `step_id` counts plans from 0."""
+
+    step_id: int
+    seqs: tuple[ScheduledSeq, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        """New tokens in the step (the packed token dimension)."""
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences that sample a token in this step."""
+        return sum(s.sample for s in self.seqs)
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot for metrics."""
+
+    num_waiting: int
+    num_running: int
+    num_in_flight_steps: int
+    num_used_blocks: int
+    num_free_blocks: int
+    num_preemptions: int  # since the scheduler was made
+
+
+class Scheduler:
+    """Continuous batching over a paged KV cache of `num_blocks` blocks of `block_size` tokens.
+
+    `max_num_seqs` and `max_batch_tokens` bound one step (micro-batch); `max_running_seqs`
+    (default `max_num_seqs`; use pp * max_num_seqs with pp micro-batches) bounds admitted
+    sequences; `max_waiting` bounds the waiting queue (admission control); `max_model_len`
+    (default None: no bound but the cache's) bounds prompt + max_tokens. Raises InvalidRequest
+    for a bound < 1.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        max_num_seqs: int = 256,
+        max_batch_tokens: int = 8192,
+        max_waiting: int = 4096,
+        max_model_len: int | None = None,
+        max_running_seqs: int | None = None,
+    ):
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.max_model_len = max_model_len  # None: only the cache bounds a sequence
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.max_waiting = max_waiting
+        self.max_running_seqs = max_num_seqs if max_running_seqs is None else max_running_seqs
+        for name in (
+            "max_num_seqs",
+            "max_batch_tokens",
+            "max_waiting",
+            "max_model_len",
+            "max_running_seqs",
+        ):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InvalidRequest(name, f"must be >= 1 (got {value})")
+        self._seqs: dict[Hashable, Sequence] = {}  # every sequence not yet released
+        self._waiting: list[Sequence] = []  # sorted by arrival
+        self._running: list[Sequence] = []  # sorted by arrival
+        self._in_flight: dict[int, StepPlan] = {}  # step_id -> plan
+        self._next_arrival = 0
+        self._next_step = 0
+        self.num_preemptions = 0
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; it can join the very next step.
+
+        Raises InvalidRequest (naming the field) if it could never run: prompt or
+        prompt + max_tokens beyond max_model_len or beyond what the whole KV cache holds, or a
+        seq_id already in use. Raises Overloaded when `max_waiting` sequences already wait.
+        """
+        prompt, total = seq.num_tokens, seq.num_tokens + seq.max_tokens
+        capacity = self.blocks.capacity_tokens
+        max_len = total if self.max_model_len is None else self.max_model_len
+        if prompt > max_len:
+            raise InvalidRequest(
+                "prompt", f"has {prompt} tokens; max_model_len is {self.max_model_len}"
+            )
+        if prompt > capacity:
+            raise InvalidRequest(
+                "prompt", f"has {prompt} tokens; the KV cache holds at most {capacity}"
+            )
+        if total > max_len:
+            raise InvalidRequest(
+                "max_tokens",
+                f"is {seq.max_tokens}: prompt ({prompt}) + max_tokens must be <= "
+                f"max_model_len ({self.max_model_len})",
+            )
+        # The last generated token is never fed back, so the cache holds at most total - 1.
+        if total - 1 > capacity:
+            raise InvalidRequest(
+                "max_tokens",
+                f"is {seq.max_tokens}: prompt ({prompt}) + max_tokens - 1 must be <= the "
+                f"{capacity} tokens the KV cache holds",
+            )
+        if seq.seq_id in self._seqs:
+            raise InvalidRequest("seq_id", f"{seq.seq_id!r} is already scheduled")
+        if seq.status is not SequenceStatus.WAITING or seq.num_computed_tokens or seq.block_table:
+            raise InvalidRequest("seq", f"{seq!r} must be new")
+        if len(self._waiting) >= self.max_waiting:
+            raise Overloaded(
+                f"{len(self._waiting)} requests are already waiting "
+                f"(max_waiting={self.max_waiting}); retry later"
+            )
+        seq.arrival = self._next_arrival
+        self._next_arrival += 1
+        self._seqs[seq.seq_id] = seq
+        self._waiting.append(seq)  # newest arrival: the list stays sorted
+
+    def abort(self, seq_id: Hashable) -> bool:
+        """Stop a sequence wherever it is; return False if it is unknown or already released.
+
+        Its blocks are freed now, or when its in-flight step completes (that result is ignored).
+        """
+        seq = self._seqs.get(seq_id)
+        if seq is None or seq.is_finished:
+            return False
+        self._release(seq)
+        return True
+
+    def finish(self, seq_id: Hashable) -> Sequence:
+        """Mark a sequence finished (the Engine saw stop or length) and free its blocks.
+
+        Returns the sequence. Raises KeyError if it is unknown or already released.
+        """
+        seq = self._seqs.get(seq_id)
+        if seq is None or seq.is_finished:
+            raise KeyError(seq_id)
+        self._release(seq)
+        return seq
+
+    def get(self, seq_id: Hashable) -> Sequence | None:
+        """The sequence with this id, if it has not been released."""
+        return self._seqs.get(seq_id)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.status is SequenceStatus.WAITING:
+            self._waiting.remove(seq)
+        elif seq.status is SequenceStatus.RUNNING:
+            self._running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        if not seq.in_flight:  # else: complete() frees it when the step returns
+            self.blocks.free(seq)
+            del self._seqs[seq.seq_id]
+
+    # ---- steps ----------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan | None:
+        """Build the next micro-batch from sequences not in flight; None if nothing can run.
+
+        The returned plan's sequences are marked in flight until `complete(plan, ...)`.
+        """
+        budget = self.max_batch_tokens
+        chosen: list[ScheduledSeq] = []
+        ready = [s for s in self._running if not s.in_flight]
+        decodes = [s for s in ready if s.num_uncomputed_tokens == 1]
+        prefills = [s for s in ready if s.num_uncomputed_tokens > 1]
+        short_of_blocks = False  # a running sequence preempted others or sat out for blocks
+        for seq in decodes + prefills:
+            if budget == 0 or len(chosen) == self.max_num_seqs:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            need = seq.num_computed_tokens + n
+            while not self.blocks.can_allocate(seq, need):
+                victim = self._newest_preemptable(newer_than=seq)
+                if victim is None:
+                    break
+                self._preempt(victim)
+                short_of_blocks = True
+            if not self.blocks.can_allocate(seq, need):
+                short_of_blocks = True
+                continue  # sits this step out, keeping its blocks
+            chosen.append(self._take(seq, n))
+            budget -= n
+        while (
+            not short_of_blocks
+            and self._waiting
+            and budget > 0
+            and len(chosen) < self.max_num_seqs
+            and len(self._running) < self.max_running_seqs
+        ):
+            seq = self._waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.blocks.can_allocate(seq, n):
+                break  # first come first served: nobody overtakes the head of the queue
+            del self._waiting[0]
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self._running, seq, key=_by_arrival)
+            chosen.append(self._take(seq, n))
+            budget -= n
+        if not chosen:
+            return None
+        plan = StepPlan(self._next_step, tuple(chosen))
+        self._next_step += 1
+        self._in_flight[plan.step_id] = plan
+        return plan
+
+    def _take(self, seq: Sequence, n: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        self.blocks.allocate(seq, start + n)
+        seq.in_flight = True
+        return ScheduledSeq(
+            seq=seq,
+            start=start,
+            num_new_tokens=n,
+            context_len=start + n,
+            block_table=tuple(seq.block_table),
+            sample=start + n == seq.num_tokens,
+        )
+
+    def _newest_preemptable(self, newer_than: Sequence) -> Sequence | None:
+        # Sequences taken into the plan being built are already marked in flight.
+        for seq in reversed(self._running):
+            if seq.arrival <= newer_than.arrival:
+                return None
+            if not seq.in_flight:
+                return seq
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self._waiting, seq, key=_by_arrival)
+        self.num_preemptions += 1
+
+    def complete(self, plan: StepPlan, sampled: Mapping[Hashable, int]) -> list[Sequence]:
+        """Record that `plan`'s step came back with `sampled` tokens (seq_id -> token id).
+
+        Advances each sequence's `num_computed_tokens`, appends the sampled token where the step
+        sampled, clears the in-flight marks and frees sequences finished or aborted meanwhile.
+        Returns the live sequences that got a new token, in plan order. Raises ValueError (and
+        changes nothing) if the plan is not in flight or a sampling sequence has no token.
+        """
+        if self._in_flight.get(plan.step_id) is not plan:
+            raise ValueError(f"step {plan.step_id} is not in flight (completed twice?)")
+        missing = [
+            s.seq_id
+            for s in plan.seqs
+            if s.sample and not s.seq.is_finished and s.seq_id not in sampled
+        ]
+        if missing:
+            raise ValueError(f"step {plan.step_id} returned no sampled token for {missing}")
+        del self._in_flight[plan.step_id]
+        got: list[Sequence] = []
+        for item in plan.seqs:
+            seq = item.seq
+            seq.in_flight = False
+            if seq.is_finished:  # finished or aborted while in flight: free it now
+                self.blocks.free(seq)
+                del self._seqs[seq.seq_id]
+                continue
+            seq.num_computed_tokens = item.context_len
+            if item.sample:
+                seq.append_token(sampled[seq.seq_id])
+                got.append(seq)
+        return got
+
+    # ---- state, for the Engine and metrics ------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def in_flight(self) -> list[StepPlan]:
+        """Plans returned by schedule() and not completed yet, oldest first."""
+        return list(self._in_flight.values())
+
+    def has_unfinished(self) -> bool:
+        """Whether any sequence is waiting, running, or awaiting its in-flight step."""
+        return bool(self._seqs)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_waiting=len(self._waiting),
+            num_running=len(self._running),
+            num_in_flight_steps=len(self._in_flight),
+            num_used_blocks=self.blocks.num_used_blocks,
+            num_free_blocks=self.blocks.num_free_blocks,
+            num_preemptions=self.num_preemptions,
+        )

@@ -1,0 +1,246 @@
+"""Text <-> token ids on the controller: tokenizers, streaming detokenization, stop strings.
+
+`load_tokenizer(folder)` reads a Hugging Face checkpoint's tokenizer.json with the `tokenizers`
+library; `load_tokenizer(None)` gives the byte-level tokenizer of the random-weight presets.
+`IncrementalDetokenizer` turns generated ids into text pieces as they arrive, and `StopChecker`
+finds stop strings in the text and says how much of it may not be streamed yet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from energon.errors import CheckpointError
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class Tokenizer:
+    """What the Engine needs of a tokenizer.
+
+    `eos_token_ids` holds every id that ends generation (generation_config.json may list
+    several); `eos_token_id` is the first of them, or None.
+    """
+
+    eos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    chat_template: str | None
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with the BOS token first where the model expects one."""
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens left out; invalid UTF-8 becomes U+FFFD."""
+        raise NotImplementedError
+
+
+class ByteTokenizer(Tokenizer):
+    """The random-weight presets' tokenizer: ids 0-255 are the UTF-8 bytes of the text,
+    256 = <bos>, 257 = <eos>, 258-259 unused (vocab 260). No BOS is added."""
+
+    BOS, EOS = 256, 257
+
+    def __init__(self, vocab_size: int = 260):
+        if vocab_size < 258:
+            raise ValueError(f"a byte tokenizer needs vocab_size >= 258 (got {vocab_size})")
+        self.vocab_size = vocab_size
+        self.bos_token_id = self.BOS
+        self.eos_token_id = self.EOS
+        self.eos_token_ids = (self.EOS,)
+        self.chat_template = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Raises ValueError for an id outside [0, vocab_size)."""
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer(Tokenizer):
+    """A checkpoint's tokenizer.json, read with the `tokenizers` library."""
+
+    def __init__(self, folder: str | Path):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: a checkpoint folder needs tokenizer.json")
+        try:
+            self._tok = RustTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises plain Exception
+            raise CheckpointError(f"{path} cannot be read by `tokenizers`: {e}") from e
+        config = _read_json(folder / "tokenizer_config.json")
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_token_id = self._token_id(config.get("bos_token"))
+        self.eos_token_ids = self._eos_ids(folder, config)
+        self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
+        # add_bos_token (Llama-style configs) overrides what tokenizer.json's post-processor does.
+        self._add_bos = config.get("add_bos_token")
+        self.chat_template = _chat_template(folder, config)
+
+    def encode(self, text: str) -> list[int]:
+        if self._add_bos is False:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._tok.encode(text, add_special_tokens=True).ids
+        if self._add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def _token_id(self, token) -> int | None:
+        if isinstance(token, dict):  # serialised AddedToken: {"content": "<s>", ...}
+            token = token.get("content")
+        return self._tok.token_to_id(token) if isinstance(token, str) else None
+
+    def _eos_ids(self, folder: Path, config: dict) -> tuple[int, ...]:
+        ids = []
+        first = self._token_id(config.get("eos_token"))
+        if first is not None:
+            ids.append(first)
+        for name in ("generation_config.json", "config.json"):
+            value = _read_json(folder / name).get("eos_token_id")
+            for i in value if isinstance(value, list) else [value]:
+                if isinstance(i, int) and i not in ids:
+                    ids.append(i)
+        return tuple(ids)
+
+
+def load_tokenizer(folder: str | Path | None, vocab_size: int = 260) -> Tokenizer:
+    """The tokenizer of a checkpoint folder, or the byte tokenizer for a random-weight preset
+    (folder None). Raises CheckpointError naming the file when tokenizer.json is missing or bad."""
+    if folder is None:
+        return ByteTokenizer(vocab_size)
+    return HFTokenizer(folder)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    return value if isinstance(value, dict) else {}
+
+
+def _chat_template(folder: Path, config: dict) -> str | None:
+    template = config.get("chat_template")
+    if isinstance(
+        template, list
+    ):  # [{"name": "default", "template": ...}, {"name": "tool_use"...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return template if isinstance(template, str) else None
+
+
+class IncrementalDetokenizer:
+    """Text of generated tokens, piece by piece, for streaming.
+
+    Decoding token by token is wrong for two reasons: a character may span tokens (byte-level
+    BPE, byte fallback), and a token's text may depend on what precedes it (SentencePiece drops
+    the leading space of a decode's first word). So, as in TGI and vLLM, each step decodes a
+    window: `prefix_offset..read_offset` are tokens already turned into text, kept as context,
+    and the new text is what decoding the window plus the new tokens adds to it. A trailing
+    U+FFFD (an unfinished character) is held back until a later token completes it or `finish()`.
+
+    `prompt_ids` give the first generated token its context (the last 5 prompt tokens are used);
+    pieces hold generated text only.
+    """
+
+    CONTEXT_TOKENS = 5
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = list(prompt_ids[-self.CONTEXT_TOKENS :])
+        self.prefix_offset = 0
+        self.read_offset = len(self.tokens)
+        self._prefix_len = len(self._decode(self.prefix_offset, self.read_offset))
+        self._sent = 0  # chars past the prefix text sent while the window ends unfinished
+
+    def add(self, token_ids: int | Iterable[int]) -> str:
+        """Feed one or more new token ids; returns the text they complete ('' if none yet)."""
+        if isinstance(token_ids, int):
+            self.tokens.append(token_ids)
+        else:
+            self.tokens.extend(token_ids)
+        text = self._decode(self.prefix_offset, len(self.tokens))
+        end = len(text)
+        while end > self._prefix_len and text[end - 1] == REPLACEMENT_CHAR:
+            end -= 1
+        start = self._prefix_len + self._sent
+        piece = text[start:end] if end > start else ""
+        if end == len(text) and end > self._prefix_len:
+            # The window ends on a finished character: its text is final, move the window on.
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+            self._prefix_len = len(self._decode(self.prefix_offset, self.read_offset))
+            self._sent = 0
+        else:
+            self._sent += len(piece)
+        return piece
+
+    def finish(self) -> str:
+        """Whatever is still held back (an unfinished character renders as U+FFFD)."""
+        text = self._decode(self.prefix_offset, len(self.tokens))
+        piece = text[self._prefix_len + self._sent :]
+        self._sent += len(piece)
+        return piece
+
+    def _decode(self, start: int, stop: int) -> str:
+        return self.tokenizer.decode(self.tokens[start:stop]) if stop > start else ""
+
+
+@dataclass(frozen=True)
+class StopCheck:
+    """`stopped`: a stop string occurred; `text`: the text to keep (cut before the first stop
+    string when stopped); `safe_len`: how many chars of `text` may be streamed now, the rest
+    possibly being the start of a stop string (== len(text) when stopped)."""
+
+    stopped: bool
+    text: str
+    safe_len: int
+
+
+class StopChecker:
+    """Finds the earliest occurrence of any stop string in the generated text."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = tuple(s for s in stop if s)
+        self.longest = max((len(s) for s in self.stop), default=0)
+
+    def check(self, text: str, checked_len: int = 0) -> StopCheck:
+        """Check `text`, all generated text so far. `checked_len` is the length of the text at
+        the previous check (already searched), so only the new tail and the stop-string-long
+        overlap before it are searched."""
+        if not self.stop:
+            return StopCheck(False, text, len(text))
+        start = max(0, checked_len - self.longest + 1)
+        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            cut = min(hits)
+            return StopCheck(True, text[:cut], cut)
+        return StopCheck(False, text, len(text) - self._partial_suffix(text))
+
+    def _partial_suffix(self, text: str) -> int:
+        """Length of the longest end of `text` that is a proper start of some stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best

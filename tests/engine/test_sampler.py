@@ -1,0 +1,171 @@
+"""Sampler: greedy, top-k/top-p masks, the sampled distribution, per-request seeds, logprobs."""
+
+import math
+
+import pytest
+import torch
+
+from energon.sampler import Sampler, apply_top_k_top_p, mix_seed
+from energon.sampling import SamplingParams
+
+NEG_INF = float("-inf")
+
+
+def wire(**kwargs) -> dict:
+    return SamplingParams(**kwargs).to_wire()
+
+
+def random_logits(rows: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def empirical(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    return torch.bincount(tokens, minlength=vocab).double() / tokens.numel()
+
+
+# Four tokens with probabilities 0.5, 0.25, 0.15, 0.1, placed out of order in the vocabulary.
+PROBS = {2: 0.5, 0: 0.25, 3: 0.15, 1: 0.1}
+LOGITS = torch.tensor([[math.log(PROBS[i]) for i in range(4)]], dtype=torch.float64)
+
+
+def test_greedy_rows_are_the_argmax():
+    logits = random_logits(6, 50)
+    tokens, logprobs = Sampler(seed=0).sample(logits, [wire(temperature=0)] * 6, [0] * 6)
+    assert tokens.tolist() == logits.argmax(dim=-1).tolist()
+    assert tokens.dtype == torch.int64 and logprobs is None
+
+
+def test_greedy_rows_stay_argmax_next_to_sampled_rows():
+    logits = random_logits(6, 50)
+    params = [wire(temperature=0), wire(temperature=1.0), wire(top_k=1)] * 2
+    tokens, _ = Sampler(seed=0).sample(logits, params, [0] * 6)
+    argmax = logits.argmax(dim=-1)
+    assert [tokens[i].item() for i in (0, 2, 3, 5)] == [argmax[i].item() for i in (0, 2, 3, 5)]
+
+
+def test_temperature_below_1e_5_is_greedy():
+    logits = random_logits(4, 50) * 1e6  # x / 1e-30 would overflow float32
+    tokens, _ = Sampler(seed=0).sample(logits, [wire(temperature=1e-30)] * 4, [0] * 4)
+    assert tokens.tolist() == logits.argmax(dim=-1).tolist()
+
+
+def test_top_k_keeps_the_k_largest_logits():
+    masked = apply_top_k_top_p(LOGITS.clone(), torch.tensor([2]), torch.tensor([1.0]))
+    assert masked[0].tolist() == [LOGITS[0, 0].item(), NEG_INF, LOGITS[0, 2].item(), NEG_INF]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    # 0.5 < 0.7 <= 0.5 + 0.25: the two most likely tokens.
+    masked = apply_top_k_top_p(LOGITS.clone(), torch.tensor([0]), torch.tensor([0.7]))
+    assert torch.isfinite(masked[0]).tolist() == [True, False, True, False]
+    # 0.75 < 0.8 <= 0.9: three tokens.
+    masked = apply_top_k_top_p(LOGITS.clone(), torch.tensor([0]), torch.tensor([0.8]))
+    assert torch.isfinite(masked[0]).tolist() == [True, False, True, True]
+
+
+def test_top_p_always_keeps_the_most_likely_token():
+    masked = apply_top_k_top_p(LOGITS.clone(), torch.tensor([0]), torch.tensor([0.01]))
+    assert torch.isfinite(masked[0]).tolist() == [False, False, True, False]
+
+
+def test_top_p_applies_to_the_top_k_survivors_renormalised():
+    # After top-k=2 the survivors weigh 2/3 and 1/3; 2/3 >= 0.6 keeps only the first.
+    # (On the full distribution 0.5 < 0.6 would have kept two.)
+    masked = apply_top_k_top_p(LOGITS.clone(), torch.tensor([2]), torch.tensor([0.6]))
+    assert torch.isfinite(masked[0]).tolist() == [False, False, True, False]
+
+
+def test_masks_apply_per_row():
+    logits = LOGITS.repeat(3, 1)
+    masked = apply_top_k_top_p(logits, torch.tensor([0, 1, 3]), torch.tensor([1.0, 1.0, 0.7]))
+    assert torch.isfinite(masked).sum(dim=-1).tolist() == [4, 1, 2]
+
+
+def test_draws_follow_softmax_of_logits_over_temperature():
+    vocab, draws, temperature = 8, 40_000, 0.7
+    logits = random_logits(1, vocab, seed=1) / 3
+    params = [wire(temperature=temperature)] * draws
+    tokens, _ = Sampler(seed=1).sample(logits.expand(draws, vocab), params, [0] * draws)
+    expected = torch.softmax(logits[0].double() / temperature, dim=-1)
+    # Standard error is at most sqrt(0.25 / 40000) = 0.0025; 0.01 is four of them.
+    assert (empirical(tokens, vocab) - expected).abs().max().item() < 0.01
+
+
+def test_draws_follow_the_truncated_renormalised_distribution():
+    draws = 40_000
+    params = [wire(temperature=1.0, top_p=0.8)] * draws
+    tokens, _ = Sampler(seed=2).sample(LOGITS.float().expand(draws, 4), params, [0] * draws)
+    expected = torch.tensor([0.25, 0.0, 0.5, 0.15], dtype=torch.float64) / 0.9
+    frequencies = empirical(tokens, 4)
+    assert frequencies[1].item() == 0.0
+    assert (frequencies - expected).abs().max().item() < 0.01
+
+
+def test_seeded_draws_follow_the_distribution_too():
+    vocab, draws = 5, 4_000
+    logits = random_logits(1, vocab, seed=3) / 3
+    params = [wire(seed=11 + i) for i in range(draws)]
+    tokens, _ = Sampler(seed=0).sample(logits.expand(draws, vocab), params, [0] * draws)
+    expected = torch.softmax(logits[0].double(), dim=-1)
+    # Standard error is at most sqrt(0.25 / 4000) < 0.008; 0.035 is over four of them.
+    assert (empirical(tokens, vocab) - expected).abs().max().item() < 0.035
+
+
+def seeded_tokens(sampler, my_logits, mates, row, steps=range(20)) -> list[int]:
+    """The tokens a seed=1234 request draws at `steps`, placed at `row` among (params, logits)
+    `mates`."""
+    me = (wire(temperature=0.9, top_k=50, top_p=0.95, seed=1234), my_logits)
+    rows = [*mates[:row], me, *mates[row:]]
+    logits = torch.stack([row_logits for _, row_logits in rows])
+    params = [row_params for row_params, _ in rows]
+    return [sampler.sample(logits, params, [step] * len(rows))[0][row].item() for step in steps]
+
+
+def test_seeded_request_is_independent_of_batch_mates_and_row():
+    vocab = 200
+    mine = random_logits(1, vocab, seed=4)[0]
+    mate_logits = random_logits(3, vocab, seed=5)
+    mates = [
+        (wire(temperature=1.3), mate_logits[0]),
+        (wire(temperature=0.5, top_p=0.5, seed=7), mate_logits[1]),
+        (wire(temperature=0), mate_logits[2]),
+    ]
+    alone = seeded_tokens(Sampler(seed=0), mine, [], row=0)
+    assert len(set(alone)) > 1  # it really samples
+    assert seeded_tokens(Sampler(seed=1), mine, mates, row=0) == alone
+    assert seeded_tokens(Sampler(seed=2), mine, mates, row=3) == alone
+    assert seeded_tokens(Sampler(seed=3), mine, mates[::-1], row=1) == alone
+
+
+def test_different_seeds_draw_different_tokens():
+    logits = torch.zeros(2, 1000)
+    tokens = [
+        Sampler().sample(logits, [wire(seed=1), wire(seed=2)], [step, step])[0].tolist()
+        for step in range(5)
+    ]
+    assert any(a != b for a, b in tokens)
+
+
+def test_mix_seed_stays_in_torch_seed_range_and_varies_with_step():
+    seeds = {mix_seed(2**63 - 1, step) for step in range(100)}
+    assert len(seeds) == 100 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_logprobs_are_log_softmax_of_raw_logits():
+    logits = random_logits(3, 100, seed=6)
+    params = [wire(temperature=0.8, logprobs=5), wire(temperature=0), wire(top_k=3, logprobs=1)]
+    tokens, logprobs = Sampler(seed=0).sample(logits, params, [0, 0, 0])
+    reference = torch.log_softmax(logits.double(), dim=-1)
+    assert logprobs[1] is None
+    for row, k in ((0, 5), (2, 1)):
+        got = logprobs[row]
+        assert got["token_id"] == tokens[row].item()
+        assert got["logprob"] == pytest.approx(reference[row, tokens[row]].item(), abs=1e-6)
+        top_values, top_ids = reference[row].topk(k)
+        assert got["top_ids"] == top_ids.tolist()
+        assert got["top_logprobs"] == pytest.approx(top_values.tolist(), abs=1e-6)
+
+
+def test_mismatched_params_length_is_refused():
+    with pytest.raises(ValueError, match="one params dict"):
+        Sampler().sample(torch.zeros(2, 4), [wire()], [0, 0])

@@ -1,0 +1,453 @@
+"""Specification of the scheduler: continuous batching over a paged KV cache (no torch needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from energon.block_manager import BlockManager
+from energon.errors import InvalidRequest, Overloaded
+from energon.scheduler import Scheduler, StepPlan
+from energon.sequence import Sequence, SequenceStatus
+
+
+def make_seq(seq_id: int, prompt_len: int, max_tokens: int = 8) -> Sequence:
+    return Sequence(seq_id, [seq_id * 1000 + i for i in range(prompt_len)], max_tokens)
+
+
+def shares(plan: StepPlan | None) -> list[tuple[int, int]]:
+    """(seq_id, new tokens) of each sequence in the plan, in plan order."""
+    assert plan is not None
+    return [(s.seq_id, s.num_new_tokens) for s in plan.seqs]
+
+
+def sample_all(plan: StepPlan, token: int = 7) -> dict[int, int]:
+    return {s.seq_id: token for s in plan.seqs if s.sample}
+
+
+def run_step(sched: Scheduler, token: int = 7) -> StepPlan:
+    plan = sched.schedule()
+    assert plan is not None
+    sched.complete(plan, sample_all(plan, token))
+    return plan
+
+
+def test_scheduler_modules_do_not_import_torch():
+    code = (
+        "import sys, energon.scheduler, energon.block_manager, energon.sequence; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_prefill_chunks_and_decodes_share_the_token_budget():
+    sched = Scheduler(64, 4, max_num_seqs=8, max_batch_tokens=10)
+    sched.add(make_seq(0, 3))
+    sched.add(make_seq(1, 3))
+    assert shares(run_step(sched)) == [(0, 3), (1, 3)]  # 3 + 3 = 6 <= 10
+    sched.add(make_seq(2, 20))
+    plan = sched.schedule()
+    # two decodes take 1 + 1 = 2 tokens; the new prompt gets the rest: 10 - 2 = 8 of its 20
+    assert shares(plan) == [(0, 1), (1, 1), (2, 8)]
+    assert plan.num_tokens == 10
+    assert [s.sample for s in plan.seqs] == [True, True, False]
+
+
+def test_chunked_prefill_runs_over_several_steps_and_samples_at_the_prompts_end():
+    sched = Scheduler(64, 4, max_num_seqs=8, max_batch_tokens=8)
+    seq = make_seq(0, 20)
+    sched.add(seq)
+    got = []
+    for _ in range(4):
+        plan = sched.schedule()
+        (item,) = plan.seqs
+        got.append((item.start, item.num_new_tokens, item.context_len, item.sample))
+        sched.complete(plan, {0: 42} if item.sample else {})
+    # 20 prompt tokens in chunks of 8: [0, 8), [8, 16), [16, 20) samples token 42 at position 20;
+    # then a decode feeds 42 back: [20, 21)
+    assert got == [(0, 8, 8, False), (8, 8, 16, False), (16, 4, 20, True), (20, 1, 21, True)]
+    assert plan.seqs[0].token_ids == [42]
+    assert seq.num_computed_tokens == 21
+    assert seq.output_token_ids == [42, 42]
+
+
+def test_chunk_feeds_the_right_tokens_and_positions():
+    sched = Scheduler(64, 4, max_batch_tokens=4)
+    sched.add(make_seq(3, 6))
+    run_step(sched)  # tokens [0, 4)
+    (item,) = sched.schedule().seqs
+    assert item.token_ids == [3004, 3005]  # prompt token i of seq 3 is 3000 + i
+    assert list(item.positions) == [4, 5]
+
+
+def test_new_request_joins_at_the_next_step():
+    sched = Scheduler(64, 4, max_batch_tokens=100)
+    sched.add(make_seq(0, 5))
+    plan = sched.schedule()
+    sched.add(make_seq(1, 4))  # arrives while step 0 is in flight
+    sched.complete(plan, {0: 9})
+    assert shares(sched.schedule()) == [(0, 1), (1, 4)]
+
+
+def test_waiting_requests_are_admitted_first_come_first_served_up_to_max_num_seqs():
+    sched = Scheduler(64, 4, max_num_seqs=2, max_running_seqs=3, max_batch_tokens=100)
+    for i in range(3):
+        sched.add(make_seq(i, 2))
+    assert shares(sched.schedule()) == [(0, 2), (1, 2)]  # 2 sequences per step
+    assert shares(sched.schedule()) == [(2, 2)]  # the third, in the next micro-batch
+
+
+def test_max_running_seqs_bounds_admission():
+    sched = Scheduler(64, 4, max_num_seqs=4, max_running_seqs=2, max_batch_tokens=100)
+    for i in range(3):
+        sched.add(make_seq(i, 2))
+    assert shares(run_step(sched)) == [(0, 2), (1, 2)]
+    assert shares(run_step(sched)) == [(0, 1), (1, 1)]  # seq 2 waits: 2 running already
+    sched.finish(0)
+    assert shares(sched.schedule()) == [(1, 1), (2, 2)]
+
+
+def test_blocks_allocated_as_the_sequence_grows_across_block_boundaries():
+    sched = Scheduler(8, 4, max_batch_tokens=100)
+    seq = make_seq(0, 4)
+    sched.add(seq)
+    tables = []
+    for _ in range(6):
+        plan = run_step(sched)
+        tables.append((plan.seqs[0].context_len, len(seq.block_table)))
+    # blocks of 4 tokens: ceil(context / 4); the prompt fills block 0 exactly, token 5 opens a
+    # second block, token 9 a third
+    assert tables == [(4, 1), (5, 2), (6, 2), (7, 2), (8, 2), (9, 3)]
+    assert seq.block_table == [0, 1, 2]
+    assert sched.blocks.num_used_blocks == 3
+    assert sched.blocks.num_free_blocks == 8 - 3
+
+
+def test_prompt_one_past_a_block_boundary_takes_two_blocks():
+    sched = Scheduler(8, 4)
+    sched.add(make_seq(0, 5))
+    (item,) = sched.schedule().seqs
+    assert item.block_table == (0, 1)  # ceil(5 / 4) = 2
+
+
+def test_finish_frees_the_blocks():
+    sched = Scheduler(8, 4)
+    seq = make_seq(0, 6)
+    sched.add(seq)
+    run_step(sched)
+    assert sched.blocks.num_used_blocks == 2  # ceil(6 / 4)
+    assert sched.finish(0) is seq
+    assert seq.status is SequenceStatus.FINISHED
+    assert seq.block_table == []
+    assert (sched.blocks.num_used_blocks, sched.blocks.num_free_blocks) == (0, 8)
+    assert not sched.has_unfinished()
+
+
+def test_abort_frees_running_and_waiting_sequences_at_once():
+    sched = Scheduler(8, 4, max_num_seqs=1)
+    sched.add(make_seq(0, 6))
+    sched.add(make_seq(1, 3))
+    run_step(sched)  # seq 0 runs (2 blocks), seq 1 waits (max_num_seqs=1)
+    assert sched.abort(1) is True
+    assert sched.num_waiting == 0
+    assert sched.abort(0) is True
+    assert sched.blocks.num_used_blocks == 0
+    assert sched.abort(0) is False  # already gone
+    assert sched.schedule() is None
+
+
+def test_abort_while_in_flight_frees_when_the_step_returns_and_ignores_its_result():
+    sched = Scheduler(8, 4)
+    sched.add(make_seq(0, 6))
+    sched.add(make_seq(1, 3))
+    plan = sched.schedule()
+    assert sched.abort(0) is True
+    assert sched.blocks.num_used_blocks == 3  # 2 + 1: workers may still write seq 0's blocks
+    assert sched.schedule() is None  # seq 0 is not scheduled again
+    got = sched.complete(plan, {0: 5, 1: 6})
+    assert [s.seq_id for s in got] == [1]  # seq 0's token is ignored
+    assert sched.blocks.num_used_blocks == 1
+    assert sched.get(0) is None
+    assert shares(sched.schedule()) == [(1, 1)]
+
+
+def test_preempts_the_newest_when_blocks_run_out_then_recomputes_it():
+    sched = Scheduler(4, 4, max_batch_tokens=100)
+    a, b = make_seq(0, 8), make_seq(1, 8)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched, token=50)  # 2 + 2 blocks: the cache is full
+    plan = sched.schedule()
+    # a's 9th token needs a 3rd block: b (newer) is preempted and frees 2; no admission this step
+    assert shares(plan) == [(0, 1)]
+    assert (b.status, b.num_computed_tokens, b.block_table) == (SequenceStatus.WAITING, 0, [])
+    assert b.output_token_ids == [50]  # kept: it is recomputed, not re-sampled
+    assert sched.stats().num_preemptions == 1
+    sched.complete(plan, {0: 51})
+    # b must recompute 8 + 1 = 9 tokens = 3 blocks, only 4 - 3 = 1 is free: it waits
+    assert shares(run_step(sched)) == [(0, 1)]
+    sched.finish(0)
+    (item,) = sched.schedule().seqs
+    assert (item.seq_id, item.start, item.num_new_tokens, item.sample) == (1, 0, 9, True)
+    assert item.token_ids == b.prompt_token_ids + [50]
+
+
+def test_preemption_skips_sequences_in_flight():
+    sched = Scheduler(3, 4, max_num_seqs=2, max_running_seqs=3, max_batch_tokens=100)
+    for i in range(3):
+        sched.add(make_seq(i, 4))
+    first, second = sched.schedule(), sched.schedule()
+    assert (shares(first), shares(second)) == ([(0, 4), (1, 4)], [(2, 4)])  # 3 blocks: full
+    sched.complete(first, sample_all(first))
+    # seq 0's 5th token needs a 2nd block; seq 2 is newest but in flight, so seq 1 is preempted
+    assert shares(sched.schedule()) == [(0, 1)]
+    assert sched.get(1).status is SequenceStatus.WAITING
+    assert sched.get(2).block_table == [2]
+
+
+def test_newest_sequence_short_of_blocks_sits_out_and_keeps_its_blocks():
+    sched = Scheduler(3, 4, max_batch_tokens=100)  # holds 3 * 4 = 12 tokens
+    sched.add(make_seq(0, 3, max_tokens=4))
+    sched.add(make_seq(1, 8, max_tokens=4))
+    run_step(sched)  # 1 + 2 blocks: full
+    plan = sched.schedule()
+    # seq 0's 4th token fits its block; seq 1's 9th token needs a 3rd block of its own, none is
+    # free and nobody newer can give one: it sits out with its 2 blocks and is not preempted
+    assert shares(plan) == [(0, 1)]
+    assert sched.get(1).block_table == [1, 2]
+    assert sched.stats().num_preemptions == 0
+
+
+def test_overloaded_past_max_waiting():
+    sched = Scheduler(64, 4, max_num_seqs=1, max_waiting=2)
+    sched.add(make_seq(0, 2))
+    sched.add(make_seq(1, 2))
+    with pytest.raises(Overloaded):
+        sched.add(make_seq(2, 2))
+    assert sched.num_waiting == 2  # the refused request left no trace
+    sched.schedule()  # admits seq 0: one waiting
+    sched.add(make_seq(2, 2))
+    assert sched.num_waiting == 2
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "max_tokens", "field"),
+    [
+        (33, 1, "prompt"),  # longer than max_model_len = 32
+        (30, 3, "max_tokens"),  # 30 + 3 = 33 > 32
+        (0, 1, "prompt"),
+        (4, 0, "max_tokens"),
+    ],
+)
+def test_invalid_request_names_the_field(prompt_len, max_tokens, field):
+    sched = Scheduler(64, 4, max_model_len=32)
+    with pytest.raises(InvalidRequest) as err:
+        sched.add(Sequence(0, [1] * prompt_len, max_tokens))
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "max_tokens", "field"), [(17, 1, "prompt"), (8, 10, "max_tokens")]
+)
+def test_request_the_cache_can_never_hold_is_refused(prompt_len, max_tokens, field):
+    sched = Scheduler(4, 4, max_model_len=1000)  # the cache holds 4 * 4 = 16 tokens
+    # 17 > 16; 8 + 10 - 1 = 17 cached tokens > 16 (the last token is never fed back)
+    with pytest.raises(InvalidRequest) as err:
+        sched.add(Sequence(0, [1] * prompt_len, max_tokens))
+    assert err.value.field == field
+
+
+def test_request_that_fills_the_cache_exactly_is_accepted():
+    sched = Scheduler(4, 4, max_model_len=1000)
+    sched.add(Sequence(0, [1] * 8, 9))  # 8 + 9 - 1 = 16 cached tokens: exactly 4 blocks
+
+
+def test_duplicate_seq_id_is_refused():
+    sched = Scheduler(64, 4)
+    sched.add(make_seq(0, 2))
+    with pytest.raises(InvalidRequest) as err:
+        sched.add(make_seq(0, 2))
+    assert err.value.field == "seq_id"
+
+
+def test_in_flight_plans_are_disjoint_and_may_complete_out_of_order():
+    sched = Scheduler(64, 4, max_num_seqs=2, max_running_seqs=8, max_batch_tokens=100)
+    for i in range(8):
+        sched.add(make_seq(i, 2))
+    plans = [sched.schedule() for _ in range(4)]
+    assert [shares(p) for p in plans] == [
+        [(0, 2), (1, 2)],
+        [(2, 2), (3, 2)],
+        [(4, 2), (5, 2)],
+        [(6, 2), (7, 2)],
+    ]
+    assert sched.schedule() is None  # every sequence is in flight
+    sched.complete(plans[2], sample_all(plans[2]))
+    assert shares(sched.schedule()) == [(4, 1), (5, 1)]  # only what came back runs again
+    sched.complete(plans[3], sample_all(plans[3]))
+    sched.complete(plans[0], sample_all(plans[0]))
+    assert shares(sched.schedule()) == [(0, 1), (1, 1)]  # oldest first
+    assert shares(sched.schedule()) == [(6, 1), (7, 1)]
+    assert len(sched.in_flight) == 4  # plans[1], and the three just made
+
+
+def test_completing_a_plan_twice_is_refused():
+    sched = Scheduler(64, 4)
+    sched.add(make_seq(0, 2))
+    plan = run_step(sched)
+    with pytest.raises(ValueError, match="not in flight"):
+        sched.complete(plan, {0: 1})
+
+
+def test_missing_sampled_token_is_refused_and_changes_nothing():
+    sched = Scheduler(64, 4)
+    sched.add(make_seq(0, 2))
+    plan = sched.schedule()
+    with pytest.raises(ValueError, match="no sampled token"):
+        sched.complete(plan, {})
+    assert sched.get(0).in_flight
+    sched.complete(plan, {0: 3})
+    assert sched.get(0).output_token_ids == [3]
+
+
+def test_block_manager_hands_out_lowest_ids_then_reuses_freed_ones():
+    blocks = BlockManager(4, 2)
+    a, b = make_seq(0, 1), make_seq(1, 1)
+    assert blocks.allocate(a, 3) == [0, 1]  # ceil(3 / 2) = 2
+    assert blocks.allocate(b, 2) == [2]
+    assert blocks.allocate(a, 4) == []  # 4 tokens still fit 2 blocks
+    blocks.free(a)
+    assert not blocks.can_allocate(b, 2 * 5)  # b needs 5 - 1 = 4 more, 3 are free
+    assert blocks.allocate(b, 2 * 4) == [3, 0, 1]
+    assert blocks.usage == 1.0
+    with pytest.raises(RuntimeError):
+        blocks.allocate(b, 2 * 5)
+
+
+# ---- a randomized simulation: nothing is dropped, nothing leaks ------------------------------
+
+
+def expected_token(seq_id: int, position: int) -> int:
+    """What the fake model samples at `position`: a pure function, so recompute re-derives it."""
+    return (seq_id * 7919 + position * 31) % 1000
+
+
+class FakeWorkers:
+    """Runs steps in the order they are sent, like the workers: writes each new token's K/V into a
+    flat cache at its slot, checks that attention would read the sequence's own tokens from every
+    slot of its context, and samples `expected_token`."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.cache: dict[int, tuple[int, int, int]] = {}  # slot -> (seq_id, position, token)
+
+    def slot(self, block_table: tuple[int, ...], position: int) -> int:
+        block = block_table[position // self.block_size]
+        return block * self.block_size + position % self.block_size
+
+    def run(self, plan: StepPlan) -> dict[int, int]:
+        sampled = {}
+        for item in plan.seqs:
+            seq = item.seq
+            assert len(item.block_table) == -(-item.context_len // self.block_size)
+            assert item.context_len <= seq.num_tokens
+            for position, token in zip(item.positions, item.token_ids, strict=True):
+                self.cache[self.slot(item.block_table, position)] = (seq.seq_id, position, token)
+            for position in range(item.context_len):
+                got = self.cache[self.slot(item.block_table, position)]
+                assert got == (seq.seq_id, position, seq.token_ids[position])
+            if item.sample:
+                sampled[seq.seq_id] = expected_token(seq.seq_id, item.context_len)
+        return sampled
+
+
+def check_invariants(sched: Scheduler, seqs: list[Sequence], in_flight: list[StepPlan]) -> None:
+    tables = [block for seq in seqs for block in seq.block_table]
+    assert len(tables) == len(set(tables)), "a block is in two tables"
+    assert sched.blocks.num_used_blocks == len(tables), "blocks in use != sum of tables"
+    assert sched.blocks.num_used_blocks + sched.blocks.num_free_blocks == sched.blocks.num_blocks
+    ids = [item.seq_id for plan in in_flight for item in plan.seqs]
+    assert len(ids) == len(set(ids)), "a sequence is in two in-flight plans"
+    assert {p.step_id for p in sched.in_flight} == {p.step_id for p in in_flight}
+    for seq in seqs:
+        assert seq.in_flight == (seq.seq_id in ids)
+        if seq.in_flight:
+            continue
+        if seq.status is SequenceStatus.RUNNING:
+            assert len(seq.block_table) == -(-seq.num_computed_tokens // sched.blocks.block_size)
+        else:  # waiting to start or recompute, or released
+            assert (seq.num_computed_tokens, seq.block_table) == (0, []) or seq.is_finished
+            assert seq.block_table == []
+
+
+@st.composite
+def workloads(draw):
+    num_blocks = draw(st.integers(2, 10))
+    block_size = draw(st.integers(1, 4))
+    capacity = num_blocks * block_size
+    requests = []
+    for seq_id in range(draw(st.integers(1, 12))):
+        prompt_len = draw(st.integers(1, capacity))
+        max_tokens = draw(st.integers(1, min(8, capacity - prompt_len + 1)))
+        arrival = draw(st.integers(0, 15))
+        abort_at = draw(st.none() | st.integers(0, 40))
+        requests.append((seq_id, prompt_len, max_tokens, arrival, abort_at))
+    config = dict(
+        num_blocks=num_blocks,
+        block_size=block_size,
+        max_num_seqs=draw(st.integers(1, 4)),
+        max_batch_tokens=draw(st.integers(1, 12)),
+    )
+    return config, draw(st.integers(1, 4)), requests
+
+
+@settings(max_examples=300, deadline=None)
+@given(workloads(), st.randoms(use_true_random=False))
+def test_random_workload_finishes_every_request_without_leaking_blocks(workload, rng):
+    config, pp, requests = workload
+    sched = Scheduler(
+        config["num_blocks"],
+        config["block_size"],
+        max_num_seqs=config["max_num_seqs"],
+        max_running_seqs=pp * config["max_num_seqs"],
+        max_batch_tokens=config["max_batch_tokens"],
+    )
+    workers = FakeWorkers(config["block_size"])
+    seqs: list[Sequence] = []
+    in_flight: list[tuple[StepPlan, dict[int, int]]] = []
+    finished: dict[int, list[int]] = {}
+    aborted: set[int] = set()
+    tick = 0
+    while len(finished) + len(aborted) < len(requests) or in_flight:
+        assert tick < 5000, "no progress"
+        for seq_id, prompt_len, max_tokens, arrival, abort_at in requests:
+            if arrival == tick:
+                seqs.append(make_seq(seq_id, prompt_len, max_tokens))
+                sched.add(seqs[-1])
+            if abort_at == tick and arrival <= tick and seq_id not in finished:
+                assert sched.abort(seq_id)
+                aborted.add(seq_id)
+        while len(in_flight) < pp and (plan := sched.schedule()) is not None:
+            assert len(plan.seqs) <= config["max_num_seqs"]
+            assert plan.num_tokens <= config["max_batch_tokens"]
+            in_flight.append((plan, workers.run(plan)))
+            check_invariants(sched, seqs, [p for p, _ in in_flight])
+        if not in_flight:
+            assert not sched.has_unfinished(), "live sequences but nothing scheduled"
+        else:  # the replies come back in any order
+            plan, sampled = in_flight.pop(rng.randrange(len(in_flight)))
+            for seq in sched.complete(plan, sampled):
+                if seq.num_output_tokens == seq.max_tokens:
+                    finished[seq.seq_id] = sched.finish(seq.seq_id).output_token_ids
+            check_invariants(sched, seqs, [p for p, _ in in_flight])
+        tick += 1
+    for seq_id, prompt_len, max_tokens, _, _ in requests:
+        if seq_id not in aborted:
+            positions = range(prompt_len, prompt_len + max_tokens)
+            assert finished[seq_id] == [expected_token(seq_id, p) for p in positions]
+    assert not sched.has_unfinished()
+    assert sched.blocks.num_free_blocks == config["num_blocks"]

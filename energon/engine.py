@@ -1,0 +1,428 @@
+"""The Engine: one model served from the user's event loop.
+
+    async with Engine("path/to/checkpoint-or-preset", tp=2, pp=2) as engine:
+        done = await engine.infer("The capital of France is", SamplingParams(max_tokens=32))
+
+The Engine is the single controller: it owns the Scheduler and every decision. Workers (one per
+device, `energon.runner.ModelRunner`) receive step descriptions in the same order over their
+ordered ZeroMQ connections and meet in collectives; the last pipeline stage samples and only
+token ids come back. With pp > 1 up to `max_steps_in_flight` (default pp) micro-batches of
+disjoint sequences are in flight: step k+1 is sent without waiting for step k, and each step's
+future resolves when its reply arrives, whatever the order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Sequence
+
+from energon.actors import ActorGroup
+from energon.errors import EnergonError, InvalidRequest, WorkerFailed
+from energon.models.registry import resolve
+from energon.request import Request
+from energon.sampling import Completion, SamplingParams, StreamPiece
+from energon.scheduler import Scheduler, StepPlan
+from energon.sequence import Sequence as SchedSequence
+from energon.step import step_message
+from energon.tokenizer import load_tokenizer
+
+log = logging.getLogger("energon")
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_bytes(field: str, value: int | str | None) -> int | None:
+    """'2GiB' / '512MB' / 1 << 30 -> bytes; None stays None. Raises InvalidRequest(field)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().upper().replace(" ", "")
+        number = text.rstrip("KMGTIB")
+        unit = text[len(number) :]
+        try:
+            if unit in _UNITS and float(number) > 0:
+                return int(float(number) * _UNITS[unit])
+        except ValueError:
+            pass
+    raise InvalidRequest(
+        field, f"must be a positive byte count like 2147483648 or '2GiB' (got {value!r})"
+    )
+
+
+def _positive(field: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidRequest(field, f"must be an int >= {low} (got {value!r})")
+    return value
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Engine:
+    """Serves one model. Construct, then `await start()` (or `async with`); every public coroutine
+    raises `InvalidRequest` for bad arguments before anything is queued."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        tp: int = 1,
+        pp: int = 1,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_num_seqs: int = 256,
+        max_batch_tokens: int = 8192,
+        max_waiting: int = 4096,
+        max_model_len: int | None = None,
+        kv_cache_memory: int | str | None = None,
+        block_size: int = 16,
+        stage_splits: Sequence[int] | None = None,
+        max_steps_in_flight: int | None = None,
+        launcher: str = "local",
+        seed: int = 0,
+        heartbeat_timeout: float = 10.0,
+        start_timeout: float = 600.0,
+        worker_env: dict[str, str] | None = None,
+    ):
+        if not isinstance(model, str | os.PathLike) or not str(model):
+            raise InvalidRequest(
+                "model", f"must be a checkpoint folder or preset name (got {model!r})"
+            )
+        self.model = str(model)
+        self.tp = _positive("tp", tp)
+        self.pp = _positive("pp", pp)
+        if device not in ("auto", "cpu", "cuda"):
+            raise InvalidRequest("device", f"must be 'auto', 'cpu' or 'cuda' (got {device!r})")
+        if dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise InvalidRequest(
+                "dtype", f"must be 'auto', 'float32', 'float16' or 'bfloat16' (got {dtype!r})"
+            )
+        if launcher != "local":
+            raise InvalidRequest("launcher", f"must be 'local' (got {launcher!r})")
+        self.device, self.dtype = device, dtype
+        self.max_num_seqs = _positive("max_num_seqs", max_num_seqs)
+        self.max_batch_tokens = _positive("max_batch_tokens", max_batch_tokens)
+        self.max_waiting = _positive("max_waiting", max_waiting)
+        self.max_model_len = (
+            None if max_model_len is None else _positive("max_model_len", max_model_len)
+        )
+        self.kv_cache_memory = parse_bytes("kv_cache_memory", kv_cache_memory)
+        self.block_size = _positive("block_size", block_size)
+        self.stage_splits = list(stage_splits) if stage_splits is not None else None
+        self.max_steps_in_flight = _positive(
+            "max_steps_in_flight", max_steps_in_flight if max_steps_in_flight is not None else pp
+        )
+        self.seed = seed
+        self.heartbeat_timeout = heartbeat_timeout
+        self.start_timeout = start_timeout
+        self.worker_env = dict(worker_env or {})
+
+        self.group: ActorGroup | None = None
+        self.scheduler: Scheduler | None = None
+        self.tokenizer = None
+        self.config: dict = {}
+        self.vocab_size = 0
+        self._requests: dict[int, Request] = {}
+        self._ids = itertools.count()
+        self._steps: set[asyncio.Task] = set()
+        self._failure: EnergonError | None = None
+        self._started = False
+        self._closed = False
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> Engine:
+        """Spawns the workers, loads the shards in parallel, sizes the KV cache. Returns self;
+        raises the worker's error (RemoteError / WorkerFailed) if any worker fails to start."""
+        if self._started:
+            return self
+        t0 = time.perf_counter()
+        spec = resolve(self.model)
+        self.config = spec.config
+        self.vocab_size = int(spec.config["vocab_size"])
+        self.tokenizer = load_tokenizer(spec.folder, self.vocab_size)
+        world = self.tp * self.pp
+        log.info(
+            "energon: starting %d worker(s) for %s (tp=%d, pp=%d)",
+            world,
+            self.model,
+            self.tp,
+            self.pp,
+        )
+        env = {
+            "NCCL_NVLS_ENABLE": "0",
+            "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            "NVSHMEM_DISABLE_NVLS": "1",
+            **self.worker_env,
+        }
+        self.group = await ActorGroup.spawn(
+            "energon.runner:ModelRunner",
+            world,
+            kwargs=dict(
+                model=self.model,
+                tp=self.tp,
+                pp=self.pp,
+                dtype=self.dtype,
+                device=self.device,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                stage_splits=self.stage_splits,
+                seed=self.seed,
+            ),
+            env=env,
+            heartbeat_timeout=self.heartbeat_timeout,
+            start_timeout=self.start_timeout,
+        )
+        try:
+            await self._start_cache()
+        except BaseException:
+            await self.group.shutdown()
+            raise
+        self.group.add_failure_callback(self._on_worker_failed)
+        self._started = True
+        log.info(
+            "energon: ready in %.1f s (%d KV blocks of %d tokens)",
+            time.perf_counter() - t0,
+            self.scheduler.blocks.num_blocks,
+            self.block_size,
+        )
+        return self
+
+    async def _start_cache(self) -> None:
+        fits = await self.group.broadcast("kv_blocks_fit", self.block_size, self.kv_cache_memory)
+        num_blocks = min(fits)
+        if num_blocks < 1:
+            raise InvalidRequest("kv_cache_memory", "leaves no room for a single KV block")
+        await self.group.broadcast("init_kv_cache", num_blocks, self.block_size)
+        limit = self.max_model_len or _context_window(self.config)
+        self.scheduler = Scheduler(
+            num_blocks,
+            self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_batch_tokens=self.max_batch_tokens,
+            max_waiting=self.max_waiting,
+            max_model_len=limit,
+            max_running_seqs=self.max_num_seqs * self.max_steps_in_flight,
+        )
+
+    async def shutdown(self) -> None:
+        """Aborts what is still running (finish_reason 'abort') and stops every worker."""
+        if self._closed:
+            return
+        self._closed = True
+        for req in list(self._requests.values()):
+            req.abort()
+        self._requests.clear()
+        for task in list(self._steps):
+            task.cancel()
+        if self.group is not None:
+            await self.group.shutdown()
+
+    async def __aenter__(self) -> Engine:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.shutdown()
+
+    # ------------------------------------------------------------------------------ requests
+
+    async def infer(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None
+    ) -> Completion:
+        """Generates a completion. Raises InvalidRequest / Overloaded at once, WorkerFailed if a
+        worker dies. Cancelling the awaiting task aborts the request and frees its blocks."""
+        req = self._submit(prompt, params)
+        try:
+            while True:
+                piece = await req.pieces.get()
+                if isinstance(piece, BaseException):
+                    raise piece
+                if piece.finish_reason is not None:
+                    return req.completion()
+        finally:
+            self._drop(req)
+
+    async def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None
+    ) -> AsyncIterator[StreamPiece]:
+        """Yields pieces with the text and token ids new since the previous one; the last carries
+        finish_reason. Raises like `infer`; closing or cancelling the iteration aborts it."""
+        req = self._submit(prompt, params)
+        try:
+            while True:
+                piece = await req.pieces.get()
+                if isinstance(piece, BaseException):
+                    raise piece
+                yield piece
+                if piece.finish_reason is not None:
+                    return
+        finally:
+            self._drop(req)
+
+    async def forward(self, token_lists: Sequence[Sequence[int]]) -> list:
+        """One padding-free pass over variable-length sequences; returns each sequence's float32
+        logits [len, vocab] (cpu tensors). Raises InvalidRequest for empty or out-of-range ids."""
+        self._check_running()
+        if not isinstance(token_lists, Sequence) or not token_lists:
+            raise InvalidRequest("token_lists", "must be a non-empty list of token id lists")
+        lists = [self._check_ids("token_lists", ids) for ids in token_lists]
+        results = await self.group.broadcast("forward", lists)
+        logits = next(r for r in results if r is not None)
+        out, start = [], 0
+        for ids in lists:
+            out.append(logits[start : start + len(ids)])
+            start += len(ids)
+        return out
+
+    def abort(self, request_id: int) -> bool:
+        """Stops a request (finish_reason 'abort') and frees its KV blocks. False if unknown."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        req.abort()
+        self._drop(req)
+        return True
+
+    def stats(self) -> dict:
+        """Scheduler and request counters (waiting, running, in-flight steps, KV block use)."""
+        out = {"requests": len(self._requests), "steps_in_flight": len(self._steps)}
+        if self.scheduler is not None:
+            out.update(vars(self.scheduler.stats()))
+        return out
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _check_running(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if not self._started or self._closed:
+            raise EnergonError(
+                "the Engine is not running: use `await engine.start()` or `async with Engine(...)`"
+            )
+
+    def _check_ids(self, field: str, ids) -> list[int]:
+        if isinstance(ids, str | bytes) or not isinstance(ids, Sequence) or not ids:
+            raise InvalidRequest(field, "must be a non-empty list of token ids")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise InvalidRequest(
+                    field, f"must hold token ids in [0, {self.vocab_size}) (got {t!r})"
+                )
+        return list(ids)
+
+    def _submit(self, prompt, params: SamplingParams | None) -> Request:
+        self._check_running()
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequest(
+                "params", f"must be a SamplingParams (got {type(params).__name__})"
+            )
+        params.validate(vocab_size=self.vocab_size)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("prompt", "must not be empty")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = self._check_ids("prompt", prompt)
+        seq_id = next(self._ids)
+        self.scheduler.add(SchedSequence(seq_id, ids, params.max_tokens))  # may raise
+        req = Request(seq_id, ids, params, self.tokenizer)
+        self._requests[seq_id] = req
+        self._kick()
+        return req
+
+    def _drop(self, req: Request) -> None:
+        """Forget a request; if it was still running, abort it in the scheduler."""
+        if self._requests.pop(req.seq_id, None) is not None and self.scheduler is not None:
+            self.scheduler.abort(req.seq_id)
+            if not req.done:
+                req.abort()
+            self._kick()
+
+    def _kick(self) -> None:
+        """Send as many steps as may be in flight. Never blocks: each step is its own task."""
+        if self._failure is not None or self._closed:
+            return
+        while len(self._steps) < self.max_steps_in_flight:
+            plan = self.scheduler.schedule()
+            if plan is None:
+                return
+            for s in plan.seqs:
+                req = self._requests.get(s.seq_id)
+                if req is not None:
+                    req.on_scheduled()
+            task = asyncio.ensure_future(self._run_step(plan))
+            self._steps.add(task)
+            task.add_done_callback(self._steps.discard)
+
+    async def _run_step(self, plan: StepPlan) -> None:
+        try:
+            await self._finish_step(plan)
+        finally:
+            # This step no longer occupies a slot: the next ones may go out now.
+            self._steps.discard(asyncio.current_task())
+        self._kick()
+
+    async def _finish_step(self, plan: StepPlan) -> None:
+        msg = step_message(plan, self._requests)
+        try:
+            replies = await self.group.broadcast("sample_step", msg)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a worker died or the step raised: fail its requests
+            for s in plan.seqs:
+                self.scheduler.abort(s.seq_id)
+                req = self._requests.get(s.seq_id)
+                if req is not None:
+                    req.abort(exc if isinstance(exc, EnergonError) else EnergonError(repr(exc)))
+            self.scheduler.complete(plan, {})
+            if isinstance(exc, WorkerFailed):
+                self._on_worker_failed(exc)
+            return
+        reply = next(r for r in replies if r is not None)
+        sampled_ids = [s.seq_id for s in plan.seqs if s.sample]
+        tokens = dict(zip(sampled_ids, reply["token_ids"], strict=True))
+        logprobs = reply.get("logprobs") or [None] * len(sampled_ids)
+        row_of = {sid: i for i, sid in enumerate(sampled_ids)}
+        for seq in self.scheduler.complete(plan, tokens):
+            req = self._requests.get(seq.seq_id)
+            if req is None:
+                self.scheduler.finish(seq.seq_id)
+                continue
+            if req.on_token(tokens[seq.seq_id], logprobs[row_of[seq.seq_id]]):
+                self.scheduler.finish(seq.seq_id)
+
+    def _on_worker_failed(self, exc: WorkerFailed) -> None:
+        if self._failure is not None:
+            return
+        self._failure = exc
+        log.error("energon: %s; failing every request", exc)
+        for req in list(self._requests.values()):
+            req.abort(exc)
+
+
+def _context_window(config: dict) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None

@@ -1,0 +1,149 @@
+"""Attention over packed sequences, with an optional paged KV cache.
+
+Each query attends causally (by absolute position) to the keys of its own sequence only. Without a
+cache the keys are the step's own new tokens; with one, the new k/v are first written at
+`meta.slot_mapping`, then every sequence reads its keys 0..context_len-1 through its block table.
+
+One vectorised implementation serves every device: the packed queries are scattered into a
+[B, max_seqlen_q] grid, keys gathered into [B, max_context_len], and `scaled_dot_product_attention`
+runs with a mask that is causal by position and cut at each context length. On CUDA SDPA picks its
+memory-efficient kernel; on CPU the same code is the reference-checked path. The grid wastes
+compute only inside attention and only on ragged edges; linear layers never see a pad.
+The padded baseline (`meta.padded_shape`) skips the scatter and uses SDPA's causal kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from energon.parallel.packing import BatchMeta
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi slopes of all heads (Press et al.; BLOOM's recipe for non-powers of two), float32 [H]."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest != num_heads:
+        extra_base = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra_base ** (2 * i + 1) for i in range(num_heads - closest)]
+    return torch.tensor(slopes, dtype=torch.float32, device="cpu")  # never on meta (model building)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention of THIS rank's heads over a packed batch.
+
+    `alibi_slopes` are this rank's heads' slopes (float [H]) or None. `kv_cache` is set by the
+    runner to a [2, num_blocks, block_size, num_kv_heads, head_dim] tensor, or left None.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        alibi_slopes: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
+            )
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.alibi_slopes = alibi_slopes  # plain attribute: never a checkpoint tensor
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: BatchMeta
+    ) -> torch.Tensor:
+        """q [T, H*D], k/v [T, Hkv*D] → [T, H*D]."""
+        T = q.shape[0]
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        cached = self.kv_cache is not None and meta.slot_mapping is not None
+        if cached:
+            self._write_cache(k, v, meta.slot_mapping)
+        if meta.padded_shape is not None and not cached:
+            out = self._padded(q, k, v, meta)
+        else:
+            out = self._varlen(q, k, v, meta, cached)
+        return out.reshape(T, self.num_heads * self.head_dim)
+
+    def _write_cache(self, k, v, slot_mapping):
+        cache = self.kv_cache.flatten(1, 2)  # [2, num_blocks * block_size, Hkv, D], a view
+        cache[0].index_copy_(0, slot_mapping, k.to(cache.dtype))
+        cache[1].index_copy_(0, slot_mapping, v.to(cache.dtype))
+
+    def _sdpa(self, q, k, v, mask, is_causal=False):
+        """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] → [B, Lq, H, D]."""
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=self.scale,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return out.transpose(1, 2)
+
+    def _mask(self, q_pos, k_pos, allowed, dtype):
+        """Boolean mask, or a float one carrying the ALiBi bias; [B, 1 or H, Lq, Lk]."""
+        if self.alibi_slopes is None:
+            return allowed.unsqueeze(1)
+        slopes = self.alibi_slopes.to(device=q_pos.device, dtype=torch.float32)
+        rel = (k_pos[:, None, :] - q_pos[:, :, None]).to(torch.float32)  # [B, Lq, Lk]
+        bias = slopes[None, :, None, None] * rel[:, None]
+        bias = bias.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+        return bias.to(dtype)
+
+    def _padded(self, q, k, v, meta):
+        B, L = meta.padded_shape
+        q, k, v = (x.view(B, L, *x.shape[1:]) for x in (q, k, v))
+        if self.alibi_slopes is None:
+            return self._sdpa(q, k, v, None, is_causal=True).reshape(B * L, self.num_heads, -1)
+        pos = torch.arange(L, device=q.device).expand(B, L)
+        allowed = pos[:, None, :] <= pos[:, :, None]
+        mask = self._mask(pos, pos, allowed, q.dtype)
+        return self._sdpa(q, k, v, mask).reshape(B * L, self.num_heads, -1)
+
+    def _varlen(self, q, k, v, meta, cached):
+        T, device = q.shape[0], q.device
+        B, Lq = meta.num_seqs, meta.max_seqlen_q
+        cu = meta.cu_seqlens.long()
+        token = torch.arange(T, device=device)
+        seq = torch.searchsorted(cu[1:], token, right=True)  # sequence of each packed token
+        row = token - cu[seq]  # its row in that sequence's new tokens
+        grid_q = q.new_zeros(B, Lq, self.num_heads, self.head_dim)
+        grid_q[seq, row] = q
+        q_pos = torch.zeros(B, Lq, dtype=torch.int64, device=device)  # pad rows see key 0 only
+        q_pos[seq, row] = meta.positions
+        if cached:
+            Lk = meta.max_context_len
+            cache = self.kv_cache.flatten(1, 2)
+            block_size = self.kv_cache.shape[2]
+            blocks = meta.block_tables[:, : -(-Lk // block_size)].long()
+            slots = blocks[:, :, None] * block_size + torch.arange(block_size, device=device)
+            slots = slots.flatten(1)[:, :Lk]  # [B, Lk]: cache slot of each key position
+            keys, values = cache[0][slots].to(q.dtype), cache[1][slots].to(q.dtype)
+        else:  # keys are the new tokens themselves, at positions 0..len-1
+            Lk = Lq
+            keys = k.new_zeros(B, Lk, self.num_kv_heads, self.head_dim)
+            values = torch.zeros_like(keys)
+            keys[seq, row] = k
+            values[seq, row] = v
+        k_pos = torch.arange(Lk, device=device).expand(B, Lk)
+        allowed = (k_pos[:, None, :] <= q_pos[:, :, None]) & (
+            k_pos[:, None, :] < meta.context_lens.long()[:, None, None]
+        )
+        out = self._sdpa(grid_q, keys, values, self._mask(q_pos, k_pos, allowed, q.dtype))
+        return out[seq, row]

@@ -1,0 +1,48 @@
+"""Pipeline stages: which layers each stage owns, and activations passed stage to stage.
+
+Every worker receives step descriptions in the same order, so stage s's k-th send meets stage
+s+1's k-th receive; the shape [T, hidden] is known to both sides from the step itself, so no
+shape travels. Each tp rank sends its (replicated) activation to the same tp rank downstream.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def cut_stages(num_layers: int, pp: int, splits: list[int] | None = None) -> list[range]:
+    """The layer range of each stage: even (earlier stages take the remainder) or `splits`.
+
+    `splits` gives the number of layers per stage and must sum to num_layers.
+    Raises ValueError when the cut is impossible.
+    """
+    if splits is None:
+        if pp > num_layers:
+            raise ValueError(f"pp={pp} is more than the model's {num_layers} layers")
+        base, extra = divmod(num_layers, pp)
+        splits = [base + (1 if s < extra else 0) for s in range(pp)]
+    splits = list(splits)
+    if len(splits) != pp or sum(splits) != num_layers or min(splits) < 1:
+        raise ValueError(
+            f"stage_splits must be {pp} positive layer counts summing to {num_layers} (got {splits})"
+        )
+    ranges, start = [], 0
+    for n in splits:
+        ranges.append(range(start, start + n))
+        start += n
+    return ranges
+
+
+def send_activation(h: torch.Tensor, dst_rank: int) -> None:
+    """Send `h` to `dst_rank` (blocking until the peer takes it on gloo; queued on NCCL)."""
+    dist.send(h.contiguous(), dst_rank)
+
+
+def recv_activation(
+    shape: tuple[int, ...], dtype: torch.dtype, src_rank: int, device: torch.device
+) -> torch.Tensor:
+    """Receive a tensor of `shape`/`dtype` from `src_rank`; returns it."""
+    h = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(h, src_rank)
+    return h

@@ -1,0 +1,151 @@
+"""Ranks → (pipeline stage, tensor-parallel rank), the process groups, and the state layers read.
+
+Rank layout: rank = stage * tp + tp_rank, so the workers of one stage are neighbours.
+Layers read their tp rank/size/group from `current_parallel()`, which is whatever `use_parallel`
+set for the code building them (a context variable, not a global): outside any `use_parallel`
+everything is a single device (tp=1, pp=1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Topology:
+    """How `tp * pp` ranks are arranged: `pp` stages of `tp` tensor-parallel workers each."""
+
+    tp: int = 1
+    pp: int = 1
+
+    def __post_init__(self):
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"tp and pp must be >= 1 (got tp={self.tp}, pp={self.pp})")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    def stage_of(self, rank: int) -> int:
+        return rank // self.tp
+
+    def tp_rank_of(self, rank: int) -> int:
+        return rank % self.tp
+
+    def rank_of(self, stage: int, tp_rank: int) -> int:
+        return stage * self.tp + tp_rank
+
+    def stage_ranks(self, stage: int) -> list[int]:
+        return [self.rank_of(stage, r) for r in range(self.tp)]
+
+
+@dataclass
+class ParallelState:
+    """One rank's place in a topology, with its tensor-parallel process group (None when tp=1)."""
+
+    topology: Topology = field(default_factory=Topology)
+    rank: int = 0
+    tp_group: dist.ProcessGroup | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def stage(self) -> int:
+        return self.topology.stage_of(self.rank)
+
+    @property
+    def tp_rank(self) -> int:
+        return self.topology.tp_rank_of(self.rank)
+
+    @property
+    def tp_size(self) -> int:
+        return self.topology.tp
+
+    @property
+    def pp_size(self) -> int:
+        return self.topology.pp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.pp_size - 1
+
+    @property
+    def prev_rank(self) -> int | None:
+        """The rank of the same tp_rank on the previous stage; None on the first stage."""
+        return None if self.is_first_stage else self.topology.rank_of(self.stage - 1, self.tp_rank)
+
+    @property
+    def next_rank(self) -> int | None:
+        """The rank of the same tp_rank on the next stage; None on the last stage."""
+        return None if self.is_last_stage else self.topology.rank_of(self.stage + 1, self.tp_rank)
+
+
+def init_parallel(
+    topology: Topology,
+    rank: int,
+    init_method: str | None = None,
+    device: torch.device | str = "cpu",
+    timeout_s: float = 300.0,
+) -> ParallelState:
+    """Join the process group (nccl on cuda, gloo on cpu) and create one tp group per stage.
+
+    Returns this rank's ParallelState. A world of one needs no process group and no init_method.
+    Raises ValueError when the rank is outside the topology or init_method is missing.
+    """
+    import datetime
+
+    device = torch.device(device)
+    if not 0 <= rank < topology.world_size:
+        raise ValueError(f"rank must be in [0, {topology.world_size}) (got {rank})")
+    if topology.world_size == 1:
+        return ParallelState(topology, rank, None, device)
+    if init_method is None:
+        raise ValueError("init_method is required when tp * pp > 1, e.g. 'tcp://127.0.0.1:29500'")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=topology.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    tp_group = None
+    for stage in range(topology.pp):  # every rank must create every group, in the same order
+        group = dist.new_group(topology.stage_ranks(stage)) if topology.tp > 1 else None
+        if stage == topology.stage_of(rank):
+            tp_group = group
+    return ParallelState(topology, rank, tp_group, device)
+
+
+_current: contextvars.ContextVar[ParallelState | None] = contextvars.ContextVar(
+    "energon_parallel_state", default=None
+)
+
+
+@contextlib.contextmanager
+def use_parallel(state: ParallelState) -> Iterator[ParallelState]:
+    """Make `state` what `current_parallel()` returns inside the block (layers built here shard)."""
+    token = _current.set(state)
+    try:
+        yield state
+    finally:
+        _current.reset(token)
+
+
+def current_parallel() -> ParallelState:
+    """The state set by the innermost `use_parallel`; a single device (tp=1, pp=1) outside any."""
+    state = _current.get()
+    return state if state is not None else ParallelState()

@@ -1,0 +1,130 @@
+"""One request's life on the controller: its tokens become text pieces, until it stops.
+
+The Engine feeds a `Request` the token ids its sequence samples; the request turns them into
+streamed `StreamPiece`s (text held back while it could be the start of a stop string or of an
+unfinished character), decides when it is done (stop token, stop string, length) and keeps the
+timings. Nothing here touches the workers or the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from energon.sampling import Completion, SamplingParams, StreamPiece, Timings, TokenLogprob, Usage
+from energon.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
+
+
+class Request:
+    """A request's controller-side state. `pieces` is the queue its stream reads from; the last
+    piece put there has a `finish_reason`, and an exception put there is raised to the reader."""
+
+    def __init__(
+        self,
+        seq_id: int,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+    ):
+        self.seq_id = seq_id
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs else None
+        self.finish_reason: str | None = None
+        self.pieces: asyncio.Queue = asyncio.Queue()
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self._stops = StopChecker(params.stop)
+        self._stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            self._stop_ids.update(tokenizer.eos_token_ids)
+        self._text = ""  # generated text so far (cut at a stop string once found)
+        self._sent_chars = 0  # chars of _text already streamed
+        self._sent_tokens = 0  # token ids already streamed
+        self.arrived = time.perf_counter()
+        self.first_scheduled: float | None = None
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def on_scheduled(self) -> None:
+        if self.first_scheduled is None:
+            self.first_scheduled = time.perf_counter()
+
+    def on_token(self, token_id: int, logprob: dict | None = None) -> bool:
+        """Take one sampled token; stream what became final. Returns True when the request is
+        finished (stop token, stop string or max_tokens), after putting its last piece."""
+        now = time.perf_counter()
+        self.first_token = self.first_token or now
+        self.last_token = now
+        self.token_ids.append(token_id)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(TokenLogprob.from_wire(logprob))
+        if token_id in self._stop_ids:
+            return self._finish("stop", self._detok.finish())
+        checked = len(self._text)
+        self._text += self._detok.add(token_id)
+        check = self._stops.check(self._text, checked)
+        if check.stopped:
+            self._text = check.text
+            return self._finish("stop")
+        if len(self.token_ids) >= self.params.max_tokens:
+            return self._finish("length", self._detok.finish())
+        self._emit(check.safe_len)
+        return False
+
+    def abort(self, error: BaseException | None = None) -> None:
+        """End the request: with `error` the reader gets it raised; else finish_reason 'abort'."""
+        if self.done:
+            return
+        if error is not None:
+            self.finish_reason = "abort"
+            self.pieces.put_nowait(error)
+        else:
+            self._finish("abort")
+
+    def _finish(self, reason: str, tail: str = "") -> bool:
+        if tail:
+            check = self._stops.check(self._text + tail, len(self._text))
+            self._text = check.text
+        self.finish_reason = reason
+        self._emit(len(self._text), reason)
+        return True
+
+    def _emit(self, upto: int, finish_reason: str | None = None) -> None:
+        text = self._text[self._sent_chars : upto]
+        ids = self.token_ids[self._sent_tokens :]
+        if not text and not ids and finish_reason is None:
+            return
+        start = self._sent_tokens
+        self._sent_chars = max(self._sent_chars, upto)
+        self._sent_tokens = len(self.token_ids)
+        logprobs = self.logprobs[start:] if self.logprobs is not None else None
+        self.pieces.put_nowait(StreamPiece(text, ids, finish_reason, logprobs))
+
+    def completion(self) -> Completion:
+        """The finished request as a Completion (text, token ids, finish reason, usage, timings)."""
+        return Completion(
+            text=self._text,
+            token_ids=list(self.token_ids),
+            finish_reason=self.finish_reason or "abort",
+            usage=Usage(len(self.prompt_ids), len(self.token_ids)),
+            logprobs=self.logprobs,
+            timings=self.timings(),
+        )
+
+    def timings(self) -> Timings:
+        queued = (self.first_scheduled or self.arrived) - self.arrived
+        first = (self.first_token - self.arrived) if self.first_token else 0.0
+        per_token = 0.0
+        if self.first_token and self.last_token and len(self.token_ids) > 1:
+            per_token = (self.last_token - self.first_token) / (len(self.token_ids) - 1)
+        return Timings(queued_s=queued, first_token_s=first, per_output_token_s=per_token)

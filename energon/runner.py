@@ -1,0 +1,305 @@
+"""ModelRunner: the actor each worker hosts — its stage of the model, its shards, its KV cache.
+
+A runner joins the process groups, builds the model on the meta device, keeps only its pipeline
+stage's modules, materialises those on its device, and loads its slices of the checkpoint (or
+random weights for a preset). Then it runs steps: every rank of the group gets the same call in
+the same order; stage s receives activations from stage s-1 and sends to s+1; the last stage's
+tp rank 0 returns the logits, every other rank returns None.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from energon.models.loader import LoadReport, load_weights, random_init
+from energon.models.registry import ModelSpec, resolve
+from energon.parallel.attention import Attention
+from energon.parallel.packing import BatchMeta, pack, pad
+from energon.parallel.pipeline import cut_stages, recv_activation, send_activation
+from energon.parallel.topology import ParallelState, Topology, init_parallel, use_parallel
+from energon.sampler import Sampler
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_dtype(dtype: str, config: dict, device: torch.device) -> torch.dtype:
+    """ "auto" → the checkpoint's half dtype on cuda, float32 on cpu; raises ValueError if unknown."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        dtype = config.get("torch_dtype") or config.get("dtype") or "float16"
+        dtype = dtype if dtype in ("float16", "bfloat16") else "float16"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)} (got {dtype!r})")
+    return DTYPES[dtype]
+
+
+def pick_device(device: str, rank: int) -> torch.device:
+    """ "cuda" without an index → this rank's local GPU; "auto" → cuda if present, else cpu."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", rank % torch.cuda.device_count())
+    return dev
+
+
+def drop_module(model: nn.Module, path: str) -> None:
+    parent, _, name = path.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    owner._modules[name] = None
+
+
+def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every meta parameter real (uninitialised) storage on `device`; floats in `dtype`.
+
+    Keeps the attributes layers put on parameters (weight_loader, shard_dim, ...) and ties.
+    Raises ValueError for a meta buffer: models compute constants lazily or on the cpu.
+    """
+    fresh: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for key, p in module._parameters.items():
+            if p is None:
+                continue
+            if id(p) not in fresh:
+                kind = dtype if p.is_floating_point() else p.dtype
+                new = nn.Parameter(
+                    torch.empty(p.shape, device=device, dtype=kind), requires_grad=False
+                )
+                new.__dict__.update(p.__dict__)
+                fresh[id(p)] = new
+            module._parameters[key] = fresh[id(p)]
+        for key, b in module._buffers.items():
+            if b is not None and b.is_meta:
+                raise ValueError(f"buffer {key} of {type(module).__name__} was built on meta")
+            if b is not None:
+                module._buffers[key] = b.to(device)
+
+
+def build_stage(
+    spec: ModelSpec, state: ParallelState, dtype: torch.dtype, stage_splits: list[int] | None = None
+) -> tuple[nn.Module, range]:
+    """This rank's stage of the model, built on meta then materialised (uninitialised) on
+    `state.device` in `dtype`; returns (model, the range of layers it owns).
+
+    Layers of other stages become nn.Identity (names of kept ones stay as in the checkpoint);
+    `first_stage_modules` / `last_stage_modules` are dropped (None) off their stage.
+    Raises CheckpointError when tp does not divide a split dimension, ValueError on a bad cut.
+    """
+    with use_parallel(state), torch.device("meta"):
+        model = spec.model_class(spec.config)
+    layers = cut_stages(len(model.layers), state.pp_size, stage_splits)[state.stage]
+    for i in range(len(model.layers)):
+        if i not in layers:
+            model.layers[i] = nn.Identity()
+    if not state.is_first_stage:
+        for path in model.first_stage_modules:
+            drop_module(model, path)
+    if not state.is_last_stage:
+        for path in model.last_stage_modules:
+            drop_module(model, path)
+    materialize(model, state.device, dtype)
+    return model.eval(), layers
+
+
+class ModelRunner:
+    """One worker's share of a model. Every public method is called on all ranks, in order."""
+
+    def __init__(
+        self,
+        model: str,
+        tp: int = 1,
+        pp: int = 1,
+        dtype: str = "float32",
+        device: str = "cpu",
+        init_method: str | None = None,
+        stage_splits: list[int] | None = None,
+        seed: int = 0,
+        rank: int | None = None,
+    ):
+        if rank is None:
+            from energon.actors import actor_context
+
+            rank = actor_context().rank
+        self.spec = resolve(model)
+        self.device = pick_device(device, rank)
+        self.dtype = pick_dtype(dtype, self.spec.config, self.device)
+        self.state = init_parallel(Topology(tp, pp), rank, init_method, self.device)
+        self.model, self.layer_range = build_stage(self.spec, self.state, self.dtype, stage_splits)
+        if self.spec.is_preset:
+            self.report = random_init(self.model, seed)
+        else:
+            self.report = load_weights(self.model, self.spec.folder, self.state)
+        self.hidden_size = getattr(self.model, "hidden_size", None) or hidden_size_of(
+            self.spec.config
+        )
+        self.block_size: int | None = None
+        self.kv_cache_bytes = 0
+        # Every tp rank of the last stage holds the same logits; rank 0 samples and replies.
+        self.sampler = Sampler(self.device, seed)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _run(self, input_ids: torch.Tensor, meta: BatchMeta) -> torch.Tensor | None:
+        """This stage's share of one step; the last stage returns logits on every tp rank."""
+        s = self.state
+        if s.is_first_stage:
+            hidden = self.model.embed(input_ids, meta)
+        else:
+            shape = (meta.num_tokens, self.hidden_size)
+            hidden = recv_activation(shape, self.dtype, s.prev_rank, self.device)
+        for i in self.layer_range:
+            hidden = self.model.layers[i](hidden, meta)
+        if not s.is_last_stage:
+            send_activation(hidden, s.next_rank)
+            return None
+        return self.model.head(hidden, meta)
+
+    def _returns(self, logits: torch.Tensor | None) -> bool:
+        return logits is not None and self.state.tp_rank == 0
+
+    def forward(self, token_lists: list[list[int]]) -> torch.Tensor | None:
+        """Padding-free pass: float32 logits [T, V] for every packed token (cpu), on the last
+        stage's tp rank 0; None elsewhere. Raises ValueError on an empty sequence."""
+        input_ids, meta = pack(token_lists, self.device)
+        logits = self._run(input_ids, meta)
+        return logits.float().cpu() if self._returns(logits) else None
+
+    def forward_padded(self, token_lists: list[list[int]]) -> torch.Tensor | None:
+        """The padded baseline: same result as `forward`, computed on [B, Lmax] with pads that are
+        carried through every layer and discarded at the end."""
+        input_ids, meta, real_rows = pad(token_lists, 0, self.device)
+        logits = self._run(input_ids, meta)
+        return logits[real_rows].float().cpu() if self._returns(logits) else None
+
+    def init_kv_cache(self, num_blocks: int, block_size: int) -> dict:
+        """Allocate this stage's paged KV cache ([2, blocks, block_size, kv_heads, head_dim] per
+        layer, zeroed); returns {"layers", "bytes"}. Replaces any earlier cache."""
+        self.block_size = block_size
+        self.kv_cache_bytes = 0
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for attn in layers:
+            attn.kv_cache = None
+        for attn in layers:
+            shape = (2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+            attn.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.kv_cache_bytes += attn.kv_cache.numel() * attn.kv_cache.element_size()
+        return {"layers": len(layers), "bytes": self.kv_cache_bytes}
+
+    def step_meta(self, step: dict) -> tuple[torch.Tensor, BatchMeta]:
+        """(input_ids on device, BatchMeta) of a step dict; raises ValueError when malformed."""
+        if self.block_size is None:
+            raise ValueError("call init_kv_cache(num_blocks, block_size) before execute")
+        ids = step["input_ids"]
+        ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.int64)
+        meta = BatchMeta.for_step(
+            list(step["query_lens"]),
+            list(step["context_lens"]),
+            [list(t) for t in step["block_tables"]],
+            self.block_size,
+            step.get("logits_indices", "last"),
+            self.device,
+        )
+        if ids.shape[0] != meta.num_tokens:
+            raise ValueError(
+                f"input_ids has {ids.shape[0]} tokens but query_lens sum to {meta.num_tokens}"
+            )
+        return ids.to(self.device, torch.int64, non_blocking=True), meta
+
+    def execute_logits(self, step: dict) -> torch.Tensor | None:
+        """One cached prefill/decode step; logits stay on the device (last stage, every tp rank).
+
+        Writes the new tokens' K/V into the cache. No host sync beyond the host→device copies."""
+        input_ids, meta = self.step_meta(step)
+        return self._run(input_ids, meta)
+
+    def execute(self, step: dict) -> torch.Tensor | None:
+        """`execute_logits` returned as float32 cpu logits [N, V] on the last stage's tp rank 0
+        (N = sequences for logits_indices="last", new tokens for "all"); None elsewhere."""
+        logits = self.execute_logits(step)
+        return logits.float().cpu() if self._returns(logits) else None
+
+    def kv_blocks_fit(self, block_size: int, memory: int | None = None) -> int:
+        """How many KV blocks of `block_size` tokens this stage can hold in `memory` bytes, or by
+        default: on cuda 90% of the free memory less a reserve for activations, on cpu 256 MiB."""
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        per_token = sum(2 * a.num_kv_heads * a.head_dim for a in layers)
+        per_block = max(
+            1, per_token * block_size * torch.empty((), dtype=self.dtype).element_size()
+        )
+        if memory is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                memory = int(free * 0.9) - (2 << 30)
+            else:
+                memory = 256 << 20
+        return max(0, memory // per_block)
+
+    @torch.inference_mode()
+    def sample_step(self, step: dict) -> dict | None:
+        """Run one step of `energon.step.step_message` and sample the rows it marks. Returns
+        {"step_id", "token_ids", "logprobs"} on the last stage's tp rank 0, None elsewhere."""
+        bs = self.block_size or 1
+        tables = step["block_tables"]
+        rows = tables.tolist() if isinstance(tables, torch.Tensor) else tables
+        trimmed = [row[: -(-c // bs)] for row, c in zip(rows, step["context_lens"], strict=True)]
+        logits = self.execute_logits({**step, "block_tables": trimmed, "logits_indices": "last"})
+        if not self._returns(logits):
+            return None
+        picked = [i for i, flag in enumerate(step["sample"]) if flag]
+        if not picked:
+            return {"step_id": step["step_id"], "token_ids": [], "logprobs": None}
+        if len(picked) < logits.shape[0]:
+            logits = logits[torch.tensor(picked, device=logits.device)]
+        token_ids, logprobs = self.sampler.sample(logits, step["params"], step["steps"])
+        return {"step_id": step["step_id"], "token_ids": token_ids.tolist(), "logprobs": logprobs}
+
+    # -- facts -------------------------------------------------------------------------------
+
+    def load_report(self) -> dict:
+        """What this rank read: {"source", "tensors", "bytes", "reads": [[tensor, file, index, bytes]]}."""
+        return self.report.to_dict()
+
+    def info(self) -> dict:
+        """This rank's place and share: rank, stage, tp_rank, layers [start, stop), device, dtype."""
+        s = self.state
+        return {
+            "rank": s.rank,
+            "stage": s.stage,
+            "tp_rank": s.tp_rank,
+            "layers": [self.layer_range.start, self.layer_range.stop],
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "vocab_size": self.spec.config.get("vocab_size"),
+        }
+
+    def memory(self) -> dict:
+        """Bytes held: parameters, KV cache, and (on cuda) the allocator's allocated/reserved."""
+        params = {id(p): p.numel() * p.element_size() for p in self.model.parameters()}
+        out = {"param_bytes": sum(params.values()), "kv_cache_bytes": self.kv_cache_bytes}
+        if self.device.type == "cuda":
+            out["allocated_bytes"] = torch.cuda.memory_allocated(self.device)
+            out["reserved_bytes"] = torch.cuda.memory_reserved(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            out["free_bytes"], out["total_bytes"] = free, total
+        return out
+
+    def close(self) -> None:
+        """Leave the process group (call on every rank)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def hidden_size_of(config: dict) -> int:
+    """The width of activations between stages, under the names HF configs use."""
+    for key in ("hidden_size", "n_embd", "d_model", "n_embed"):
+        if key in config:
+            return config[key]
+    raise ValueError("config names no hidden size (hidden_size / n_embd / d_model)")
+
+
+__all__ = ["LoadReport", "ModelRunner"]

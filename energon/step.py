@@ -1,0 +1,45 @@
+"""A scheduled step as the message every worker receives (see ModelRunner.sample_step).
+
+Token ids travel as one int64 tensor frame and block tables as one padded int32 tensor frame, so
+a decode step of hundreds of sequences costs a few small frames, not a large msgpack header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from energon.scheduler import StepPlan
+
+_GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None, "logprobs": 0}
+
+
+def step_message(plan: StepPlan, requests: Mapping) -> dict:
+    """The wire form of `plan`: {"step_id", "input_ids" [T] int64, "query_lens", "context_lens",
+    "block_tables" [B, max_blocks] int32 (-1 padded), "sample" (row flags), "params" and "steps"
+    (one per sampled row: SamplingParams.to_wire() and tokens generated so far)}."""
+    ids: list[int] = []
+    query_lens, context_lens, sample, params, steps = [], [], [], [], []
+    width = max(len(s.block_table) for s in plan.seqs)
+    tables = torch.full((len(plan.seqs), width), -1, dtype=torch.int32)
+    for row, s in enumerate(plan.seqs):
+        ids.extend(s.token_ids)
+        query_lens.append(s.num_new_tokens)
+        context_lens.append(s.context_len)
+        tables[row, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        sample.append(bool(s.sample))
+        if s.sample:
+            req = requests.get(s.seq_id)
+            params.append(req.params.to_wire() if req is not None else _GREEDY)
+            steps.append(s.seq.num_output_tokens)
+    return {
+        "step_id": plan.step_id,
+        "input_ids": torch.tensor(ids, dtype=torch.int64),
+        "query_lens": query_lens,
+        "context_lens": context_lens,
+        "block_tables": tables,
+        "sample": sample,
+        "params": params,
+        "steps": steps,
+    }

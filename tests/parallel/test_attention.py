@@ -1,0 +1,150 @@
+"""Attention over packed sequences equals an explicit per-sequence float64 softmax."""
+
+import math
+
+import pytest
+import torch
+
+from energon.parallel.attention import Attention, alibi_slopes
+from energon.parallel.packing import BatchMeta
+
+H, HKV, D = 4, 2, 8
+
+
+def reference(q, k, v, slopes=None):
+    """One sequence: q [Lq, H, D] at the last Lq positions of k/v [Lk, Hkv, D]; float64 loops."""
+    q, k, v = q.double(), k.double(), v.double()
+    lq, lk = q.shape[0], k.shape[0]
+    out = torch.zeros_like(q)
+    for h in range(q.shape[1]):
+        kh = h // (q.shape[1] // k.shape[1])
+        for i in range(lq):
+            pos = lk - lq + i
+            scores = torch.tensor(
+                [
+                    (q[i, h] @ k[j, kh]).item() / math.sqrt(D)
+                    + (0.0 if slopes is None else slopes[h].item() * (j - pos))
+                    for j in range(pos + 1)
+                ],
+                dtype=torch.float64,
+            )
+            out[i, h] = torch.softmax(scores, 0) @ v[: pos + 1, kh]
+    return out
+
+
+def random_seqs(lengths, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(n, H, D, generator=g, dtype=dtype),
+            torch.randn(n, HKV, D, generator=g, dtype=dtype),
+            torch.randn(n, HKV, D, generator=g, dtype=dtype),
+        )
+        for n in lengths
+    ]
+
+
+def packed(seqs, lo=0, hi=None):
+    """Concatenate rows lo:hi of each sequence's q, k, v into packed [T, heads*D] tensors."""
+    return [torch.cat([s[i][lo:hi].flatten(1) for s in seqs]) for i in range(3)]
+
+
+def assert_matches_reference(out, seqs, lo=0, slopes=None, atol=1e-10):
+    start = 0
+    for q, k, v in seqs:
+        n = q.shape[0] - lo
+        expected = reference(q[lo:], k, v, slopes).flatten(1)
+        torch.testing.assert_close(out[start : start + n].double(), expected, atol=atol, rtol=0)
+        start += n
+
+
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["rope-style", "alibi"])
+def test_packed_prefill_equals_per_sequence_softmax(use_alibi):
+    lengths = [3, 1, 6]
+    seqs = random_seqs(lengths)
+    slopes = alibi_slopes(H) if use_alibi else None
+    attn = Attention(H, HKV, D, D**-0.5, alibi_slopes=slopes)
+    out = attn(*packed(seqs), BatchMeta.for_prefill(lengths))
+    assert_matches_reference(out, seqs, slopes=slopes)
+
+
+def test_padded_baseline_equals_reference_on_real_tokens():
+    lengths = [3, 5]
+    seqs = random_seqs(lengths, seed=1)
+    width = max(lengths)
+    padded = [
+        tuple(torch.cat([x, x.new_zeros(width - x.shape[0], *x.shape[1:])]) for x in s)
+        for s in seqs
+    ]
+    attn = Attention(H, HKV, D, D**-0.5)
+    out = attn(*packed(padded), BatchMeta.for_padded(len(lengths), width))
+    real = torch.cat([out[b * width : b * width + n] for b, n in enumerate(lengths)])
+    assert_matches_reference(real, seqs)
+
+
+def paged_attention(block_size=4, num_blocks=16):
+    attn = Attention(H, HKV, D, D**-0.5)
+    attn.kv_cache = torch.zeros(2, num_blocks, block_size, HKV, D, dtype=torch.float64)
+    return attn
+
+
+def test_prefill_then_decode_through_paged_cache_equals_reference():
+    lengths = [5, 2, 9]
+    seqs = random_seqs(lengths, seed=2)
+    tables = [[7, 3], [0], [15, 1, 9]]  # deliberately scattered blocks
+    attn = paged_attention()
+    prompt = [n - 1 for n in lengths]
+    meta = BatchMeta.for_step(prompt, prompt, tables, block_size=4)
+    out = attn(*packed(seqs, 0, -1), meta)
+    assert_matches_reference(out, [tuple(x[:-1] for x in s) for s in seqs])
+    meta = BatchMeta.for_step([1, 1, 1], lengths, tables, block_size=4)
+    out = attn(*packed(seqs, -1), meta)
+    start = 0
+    for q, k, v in seqs:
+        expected = reference(q[-1:], k, v).flatten(1)
+        torch.testing.assert_close(out[start : start + 1], expected, atol=1e-10, rtol=0)
+        start += 1
+
+
+def test_chunked_prefill_sees_cached_prefix():
+    seqs = random_seqs([7], seed=3)
+    attn = paged_attention(block_size=2)
+    tables = [[5, 2, 8, 0]]
+    attn(*packed(seqs, 0, 3), BatchMeta.for_step([3], [3], tables, block_size=2))
+    out = attn(*packed(seqs, 3), BatchMeta.for_step([4], [7], tables, block_size=2))
+    q, k, v = seqs[0]
+    torch.testing.assert_close(out, reference(q[3:], k, v).flatten(1), atol=1e-10, rtol=0)
+
+
+def test_cache_write_lands_at_slot_mapping():
+    seqs = random_seqs([3], seed=4)
+    attn = paged_attention(block_size=2)
+    attn(*packed(seqs), BatchMeta.for_step([3], [3], [[4, 1]], block_size=2))
+    _, k, v = seqs[0]
+    torch.testing.assert_close(attn.kv_cache[0, 4], k[:2])
+    torch.testing.assert_close(attn.kv_cache[0, 1, 0], k[2])
+    torch.testing.assert_close(attn.kv_cache[1, 1, 0], v[2])
+
+
+def test_alibi_slopes_match_bloom_recipe():
+    # powers of two: 2^(-8/n * (i+1)); BLOOM interleaves extra slopes for other head counts
+    torch.testing.assert_close(alibi_slopes(4), torch.tensor([2**-2, 2**-4, 2**-6, 2**-8]))
+    six = alibi_slopes(6)
+    torch.testing.assert_close(six[:4], alibi_slopes(4))
+    torch.testing.assert_close(six[4:], torch.tensor([2**-1, 2**-3]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_paged_attention_equals_reference(dtype):
+    lengths = [5, 1, 9]
+    seqs = random_seqs(lengths, seed=5)
+    attn = Attention(H, HKV, D, D**-0.5).cuda()
+    attn.kv_cache = torch.zeros(2, 16, 4, HKV, D, dtype=dtype, device="cuda")
+    tables = [[7, 3], [0], [15, 1, 9]]
+    meta = BatchMeta.for_step(lengths, lengths, tables, block_size=4, device="cuda")
+    q, k, v = (x.to("cuda", dtype) for x in packed(seqs))
+    out = attn(q, k, v, meta).cpu()
+    tol = 1e-4 if dtype == torch.float32 else 5e-3
+    assert_matches_reference(out, seqs, atol=tol)

@@ -28,8 +28,8 @@ from energon.request import Request
 from energon.sampling import Completion, SamplingParams, StreamPiece
 from energon.scheduler import Scheduler, StepPlan
 from energon.sequence import Sequence as SchedSequence
+from energon.startup import StartupProgress, engine_tokenizer
 from energon.step import step_message
-from energon.tokenizer import load_tokenizer
 
 log = logging.getLogger("energon")
 
@@ -104,6 +104,7 @@ class Engine:
         heartbeat_timeout: float = 10.0,
         start_timeout: float = 600.0,
         worker_env: dict[str, str] | None = None,
+        progress: bool | None = None,
     ):
         if not isinstance(model, str | os.PathLike) or not str(model):
             raise InvalidRequest(
@@ -133,10 +134,13 @@ class Engine:
         self.max_steps_in_flight = _positive(
             "max_steps_in_flight", max_steps_in_flight if max_steps_in_flight is not None else pp
         )
-        self.seed = seed
+        self.seed = _positive("seed", seed, low=0)
         self.heartbeat_timeout = heartbeat_timeout
         self.start_timeout = start_timeout
         self.worker_env = dict(worker_env or {})
+        if progress not in (None, True, False):
+            raise InvalidRequest("progress", f"must be None (auto), True or False (got {progress!r})")
+        self.progress = progress  # a bar on stderr; None: only when stderr is a terminal
 
         self.group: ActorGroup | None = None
         self.scheduler: Scheduler | None = None
@@ -153,23 +157,57 @@ class Engine:
     # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> Engine:
-        """Spawns the workers, loads the shards in parallel, sizes the KV cache. Returns self;
-        raises the worker's error (RemoteError / WorkerFailed) if any worker fails to start."""
+        """Spawns the workers, loads their shards in parallel and sizes the KV cache, showing
+        each phase (a bar on a terminal, log lines otherwise). Returns self. Raises
+        CheckpointError for an unusable model, the worker's RemoteError if a rank fails to
+        build or load, WorkerFailed if a worker dies or does not start in `start_timeout`
+        seconds; no worker process is left behind then."""
         if self._started:
             return self
+        if self._closed:
+            raise EnergonError("this Engine was shut down; create a new one")
         t0 = time.perf_counter()
         spec = resolve(self.model)
         self.config = spec.config
         self.vocab_size = int(spec.config["vocab_size"])
-        self.tokenizer = load_tokenizer(spec.folder, self.vocab_size)
+        self.tokenizer = engine_tokenizer(spec.folder, self.vocab_size)
         world = self.tp * self.pp
-        log.info(
-            "energon: starting %d worker(s) for %s (tp=%d, pp=%d)",
-            world,
-            self.model,
-            self.tp,
-            self.pp,
+        progress = StartupProgress(2 * world + 1, bar=self.progress)
+        try:
+            progress.phase(
+                "spawning workers",
+                f"spawning {world} worker(s) for {self.model} "
+                f"(tp={self.tp}, pp={self.pp}, device={self.device}, dtype={self.dtype})",
+            )
+            await self._spawn()
+            progress.advance(f"{world} worker(s) up in {time.perf_counter() - t0:.1f} s", world)
+            progress.phase("loading shards", f"loading shards on {world} worker(s) in parallel")
+            await asyncio.wait_for(self._load_shards(progress), self.start_timeout)
+            progress.phase("sizing the KV cache", "sizing the KV cache")
+            await asyncio.wait_for(self._start_cache(), self.start_timeout)
+            progress.advance(
+                f"KV cache of {self.scheduler.blocks.num_blocks} blocks of {self.block_size} "
+                "tokens on every worker"
+            )
+        except BaseException as exc:
+            progress.fail()
+            if self.group is not None:
+                await self.group.shutdown()
+                self.group = None
+            if isinstance(exc, asyncio.TimeoutError):
+                raise EnergonError(
+                    f"the workers did not finish loading within start_timeout={self.start_timeout}s"
+                ) from None
+            raise
+        self.group.add_failure_callback(self._on_worker_failed)
+        self._started = True
+        progress.finish(
+            f"ready in {time.perf_counter() - t0:.1f} s: {self.model}, {world} worker(s), "
+            f"{self.scheduler.blocks.capacity_tokens} KV-cache tokens"
         )
+        return self
+
+    async def _spawn(self) -> None:
         env = {
             "NCCL_NVLS_ENABLE": "0",
             "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -177,8 +215,8 @@ class Engine:
             **self.worker_env,
         }
         self.group = await ActorGroup.spawn(
-            "energon.runner:ModelRunner",
-            world,
+            "energon.staged_runner:StagedRunner",
+            self.tp * self.pp,
             kwargs=dict(
                 model=self.model,
                 tp=self.tp,
@@ -193,26 +231,33 @@ class Engine:
             heartbeat_timeout=self.heartbeat_timeout,
             start_timeout=self.start_timeout,
         )
+
+    async def _load_shards(self, progress: StartupProgress) -> None:
+        """Every rank loads at once (they meet in the process-group rendezvous); each one's
+        report advances the progress as it arrives. Raises the first rank's error."""
+        calls = [self.group[rank].call("load") for rank in range(self.group.world_size)]
         try:
-            await self._start_cache()
-        except BaseException:
-            await self.group.shutdown()
-            raise
-        self.group.add_failure_callback(self._on_worker_failed)
-        self._started = True
-        log.info(
-            "energon: ready in %.1f s (%d KV blocks of %d tokens)",
-            time.perf_counter() - t0,
-            self.scheduler.blocks.num_blocks,
-            self.block_size,
-        )
-        return self
+            for next_done in asyncio.as_completed(calls):
+                r = await next_done
+                progress.advance(
+                    f"worker {r['rank']} loaded layers {r['layers'][0]}-{r['layers'][1] - 1} "
+                    f"({r['tensors']} tensors, {r['bytes'] / 2**20:.1f} MiB) in {r['seconds']:.1f} s"
+                )
+        finally:
+            for call in calls:
+                if not call.done():
+                    call.cancel()
+                elif not call.cancelled():
+                    call.exception()  # retrieved: only the first error is raised
 
     async def _start_cache(self) -> None:
         fits = await self.group.broadcast("kv_blocks_fit", self.block_size, self.kv_cache_memory)
         num_blocks = min(fits)
         if num_blocks < 1:
-            raise InvalidRequest("kv_cache_memory", "leaves no room for a single KV block")
+            raise InvalidRequest(
+                "kv_cache_memory",
+                f"leaves no room for a single KV block of {self.block_size} tokens",
+            )
         await self.group.broadcast("init_kv_cache", num_blocks, self.block_size)
         limit = self.max_model_len or _context_window(self.config)
         self.scheduler = Scheduler(
@@ -286,8 +331,12 @@ class Engine:
         if not isinstance(token_lists, Sequence) or not token_lists:
             raise InvalidRequest("token_lists", "must be a non-empty list of token id lists")
         lists = [self._check_ids("token_lists", ids) for ids in token_lists]
-        results = await self.group.broadcast("forward", lists)
-        logits = next(r for r in results if r is not None)
+        # Shielded: a caller that gives up must not cancel the call on some ranks only (the
+        # others would wait in a collective forever); the workers finish it either way.
+        call = self.group.broadcast("forward", lists)
+        call.add_done_callback(_retrieve)
+        results = await asyncio.shield(call)
+        logits = results[self._reply_rank]
         out, start = [], 0
         for ids in lists:
             out.append(logits[start : start + len(ids)])
@@ -341,7 +390,7 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequest("prompt", "must not be empty")
-            ids = self.tokenizer.encode(prompt)
+            ids = self._check_ids("prompt", self.tokenizer.encode(prompt))
         else:
             ids = self._check_ids("prompt", prompt)
         seq_id = next(self._ids)
@@ -375,50 +424,77 @@ class Engine:
             self._steps.add(task)
             task.add_done_callback(self._steps.discard)
 
+    @property
+    def _reply_rank(self) -> int:
+        """The rank that answers steps and forwards: the last stage's tp rank 0."""
+        return (self.pp - 1) * self.tp
+
     async def _run_step(self, plan: StepPlan) -> None:
         try:
-            await self._finish_step(plan)
+            msg = step_message(plan, self._requests)
+            replies = await self.group.broadcast("sample_step", msg)
+        except asyncio.CancelledError:
+            raise  # only shutdown cancels steps
+        except BaseException as exc:  # a worker died or the step raised on some rank
+            self._fail_step(plan, exc)
+        else:
+            self._apply_step(plan, replies[self._reply_rank])
         finally:
             # This step no longer occupies a slot: the next ones may go out now.
             self._steps.discard(asyncio.current_task())
         self._kick()
 
-    async def _finish_step(self, plan: StepPlan) -> None:
-        msg = step_message(plan, self._requests)
-        try:
-            replies = await self.group.broadcast("sample_step", msg)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # a worker died or the step raised: fail its requests
-            for s in plan.seqs:
-                self.scheduler.abort(s.seq_id)
-                req = self._requests.get(s.seq_id)
-                if req is not None:
-                    req.abort(exc if isinstance(exc, EnergonError) else EnergonError(repr(exc)))
-            self.scheduler.complete(plan, {})
-            if isinstance(exc, WorkerFailed):
-                self._on_worker_failed(exc)
-            return
-        reply = next(r for r in replies if r is not None)
+    def _apply_step(self, plan: StepPlan, reply: dict) -> None:
+        """Hand each sampled token to its request; finish the sequences that are done."""
         sampled_ids = [s.seq_id for s in plan.seqs if s.sample]
         tokens = dict(zip(sampled_ids, reply["token_ids"], strict=True))
-        logprobs = reply.get("logprobs") or [None] * len(sampled_ids)
-        row_of = {sid: i for i, sid in enumerate(sampled_ids)}
+        logprobs = dict(zip(sampled_ids, reply.get("logprobs") or [], strict=False))
         for seq in self.scheduler.complete(plan, tokens):
             req = self._requests.get(seq.seq_id)
-            if req is None:
-                self.scheduler.finish(seq.seq_id)
-                continue
-            if req.on_token(tokens[seq.seq_id], logprobs[row_of[seq.seq_id]]):
+            try:
+                done = req is None or req.on_token(tokens[seq.seq_id], logprobs.get(seq.seq_id))
+            except Exception as exc:  # e.g. the tokenizer cannot decode the token
+                req.abort(EnergonError(f"request failed while decoding its output: {exc!r}"))
+                done = True
+            if done:
                 self.scheduler.finish(seq.seq_id)
 
-    def _on_worker_failed(self, exc: WorkerFailed) -> None:
-        if self._failure is not None:
+    def _fail_step(self, plan: StepPlan, exc: BaseException) -> None:
+        """A step did not come back: its requests fail with the error. With more than one
+        worker the others may now wait in a collective that never completes, so the Engine
+        fails as a whole rather than hang."""
+        error = exc if isinstance(exc, EnergonError) else EnergonError(f"step failed: {exc!r}")
+        for s in plan.seqs:
+            self.scheduler.abort(s.seq_id)
+            req = self._requests.get(s.seq_id)
+            if req is not None:
+                req.abort(error)
+        if any(p is plan for p in self.scheduler.in_flight):
+            self.scheduler.complete(plan, {})
+        if isinstance(exc, WorkerFailed):
+            self._on_worker_failed(exc)
+        elif self.tp * self.pp > 1:
+            self._on_worker_failed(
+                EnergonError(
+                    f"a step failed on the workers, which may now be out of step ({error}); "
+                    "shut this Engine down and start a new one"
+                )
+            )
+
+    def _on_worker_failed(self, exc: EnergonError) -> None:
+        """The Engine cannot go on: every request fails with `exc`, and so does every call."""
+        if self._failure is not None or self._closed:
             return
         self._failure = exc
         log.error("energon: %s; failing every request", exc)
         for req in list(self._requests.values()):
             req.abort(exc)
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    """Marks a future's exception as seen (its caller may have stopped waiting)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _context_window(config: dict) -> int | None:

@@ -92,9 +92,11 @@ class Request:
             self._finish("abort")
 
     def _finish(self, reason: str, tail: str = "") -> bool:
-        if tail:
+        if tail:  # text held back until now (an unfinished character) may complete a stop string
             check = self._stops.check(self._text + tail, len(self._text))
             self._text = check.text
+            if check.stopped:
+                reason = "stop"
         self.finish_reason = reason
         self._emit(len(self._text), reason)
         return True

@@ -212,13 +212,17 @@ class ActorGroup:
             self._fail(rank, f"process exited with code {proc.exitcode}")
 
     async def _start(self, target: str, args: Sequence, kwargs: dict | None, timeout: float):
-        try:
-            await asyncio.wait_for(asyncio.gather(*self._joined), timeout)
-        except asyncio.TimeoutError:
+        _, pending = await asyncio.wait(
+            self._joined, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION
+        )
+        for joined in self._joined:
+            if joined.done() and joined.exception() is not None:
+                raise joined.exception()
+        if pending:
             missing = [r for r, f in enumerate(self._joined) if not f.done()]
             raise WorkerFailed(
                 missing[0], f"ranks {missing} did not connect to {self.address} within {timeout}s"
-            ) from None
+            )
         meta = {
             "target": target,
             "args": list(args),

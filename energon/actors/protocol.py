@@ -189,7 +189,8 @@ def decode(frames: list, limits: Limits) -> Message:
         obj = msgpack.unpackb(
             _buffer(head), ext_hook=hook, raw=False, strict_map_key=True, use_list=True
         )
-    except ProtocolError:
+    except ProtocolError as exc:  # a bad payload spec: say which message it was if we can
+        exc.msg_id, exc.kind = _identify(head)
         raise
     except Exception as exc:  # msgpack raises a zoo of types for garbage input
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
@@ -201,6 +202,18 @@ def decode(frames: list, limits: Limits) -> Message:
         err.msg_id, err.kind = msg.id, msg.kind
         raise err
     return msg
+
+
+def _identify(head) -> tuple[int | None, str | None]:
+    """(id, kind) of a header whose payload specs are bad, or (None, None) if unreadable."""
+    try:
+        obj = msgpack.unpackb(_buffer(head), ext_hook=lambda code, data: None, raw=False)
+        msg_id, kind = obj["id"], obj["kind"]
+    except Exception:
+        return None, None
+    if type(msg_id) is int and 0 <= msg_id <= MAX_ID and kind in KINDS:
+        return msg_id, kind
+    return None, None
 
 
 def _buffer(frame):

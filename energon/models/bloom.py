@@ -129,7 +129,7 @@ class BloomForCausalLM(nn.Module):
         config = {**config, "n_layer": config.get("n_layer", config.get("num_hidden_layers"))}
         config["n_head"] = config.get("n_head", config.get("num_attention_heads"))
         tp = current_parallel().tp_size
-        divide(config["n_head"], tp, "n_head")  # each rank runs whole heads
+        divide(config["n_head"], tp, "n_head")  # every rank runs whole heads
         divide(config["vocab_size"], tp, "vocab_size")
         self.config = config
         self.hidden_size = bloom_hidden_size(config)

@@ -150,7 +150,7 @@ class GPT2LMHeadModel(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         tp = current_parallel().tp_size
-        divide(config["n_head"], tp, "n_head")  # each rank runs whole heads
+        divide(config["n_head"], tp, "n_head")  # every rank runs whole heads
         divide(config["vocab_size"], tp, "vocab_size")
         self.config = config
         self.hidden_size = config["n_embd"]

@@ -120,9 +120,8 @@ class OPTForCausalLM(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         tp = current_parallel().tp_size
-        divide(
-            config["num_attention_heads"], tp, "num_attention_heads"
-        )  # each rank runs whole heads
+        # every rank runs whole heads
+        divide(config["num_attention_heads"], tp, "num_attention_heads")
         divide(config["vocab_size"], tp, "vocab_size")
         self.config = config
         self.hidden_size = config["hidden_size"]

@@ -11,7 +11,7 @@ import uvloop
 def pytest_asyncio_loop_factories(config, item):
     if getattr(item.module, "BOTH_LOOPS", False):
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-    return None
+    return {"asyncio": asyncio.new_event_loop}
 
 
 def process_gone(pid: int) -> bool:

@@ -1,0 +1,265 @@
+"""The HTTP door (aiohttp): OpenAI-compatible /v1/completions and /v1/chat/completions (with SSE
+streaming and usage), /v1/models, /health and /metrics.
+
+Embed it in an existing aiohttp app with `add_routes(app, frontend)`, or run it on its own with
+`HttpDoor(frontend, host, port)`. A client that disconnects mid-request aborts it: its stream's
+next write fails, or (standalone door) aiohttp cancels the handler; either closes the Engine
+stream, which frees the request's KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+from energon.errors import EnergonError, InvalidRequest
+from energon.server.frontend import Frontend, Generation
+from energon.server.messages import NotFound, ServerError, TooLarge, describe_error
+from energon.server.openai_schema import (
+    OpenAIRequest,
+    chunk,
+    error_body,
+    new_id,
+    parse_chat,
+    parse_completion,
+    response,
+)
+
+DOOR = "http"
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+DONE = b"data: [DONE]\n\n"
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def error_response(exc: BaseException) -> web.Response:
+    """The OpenAI error object for `exc`, with its status code."""
+    status, kind, field, message = describe_error(exc)
+    return web.Response(
+        status=status, body=_dumps(error_body(status, kind, field, message)), content_type="application/json"
+    )
+
+
+async def read_json(request: web.Request, limit: int) -> dict:
+    """The request body as a JSON object. Raises TooLarge over `limit` bytes, InvalidRequest for
+    bad JSON or a non-object."""
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"request body is {request.content_length} bytes; the limit is {limit}")
+    body = bytearray()
+    async for part in request.content.iter_any():
+        body += part
+        if len(body) > limit:
+            raise TooLarge(f"request body is over the limit of {limit} bytes")
+    try:
+        value = json.loads(body)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise InvalidRequest("body", f"is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("body", f"must be a JSON object (got {type(value).__name__})")
+    return value
+
+
+class OpenAIHandlers:
+    """Request handlers bound to one Frontend."""
+
+    def __init__(self, frontend: Frontend):
+        self.fe = frontend
+        self.created = int(time.time())
+
+    def authorize(self, request: web.Request) -> None:
+        """Raises Unauthorized unless the bearer token is the API key (when one is set)."""
+        if self.fe.api_key is None:
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        self.fe.check_key(token.strip() if scheme.lower() == "bearer" and token else None)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def models(self, request: web.Request) -> web.Response:
+        try:
+            self.authorize(request)
+        except ServerError as exc:
+            self.fe.refuse(DOOR, exc)
+            return error_response(exc)
+        engine = self.fe.engine
+        card = {"id": self.fe.model_name, "object": "model", "created": self.created, "owned_by": "energon"}
+        if getattr(engine, "scheduler", None) is not None and engine.scheduler.max_model_len:
+            card["max_model_len"] = engine.scheduler.max_model_len
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        failure = getattr(self.fe.engine, "_failure", None)
+        if failure is not None:
+            return web.json_response({"status": "failed", "reason": str(failure)}, status=503)
+        if not self.fe.accepting:
+            return web.json_response({"status": "draining"}, status=503)
+        return web.json_response({"status": "ok", "model": self.fe.model_name})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        try:
+            self.authorize(request)
+        except ServerError as exc:
+            self.fe.refuse(DOOR, exc)
+            return error_response(exc)
+        body, content_type = self.fe.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    # ------------------------------------------------------------------------------ generation
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        fe = self.fe
+        try:
+            self.authorize(request)
+            body = await read_json(request, fe.limits.max_request_bytes)
+            if chat:
+                parsed = parse_chat(body, fe.limits, fe.model_name, fe.engine.tokenizer)
+            else:
+                parsed = parse_completion(body, fe.limits, fe.model_name)
+            gens = [fe.generation(p, parsed.params, DOOR) for p in parsed.prompts]
+        except (ServerError, InvalidRequest) as exc:
+            fe.refuse(DOOR, exc)
+            return error_response(exc)
+        req_id = new_id(chat)
+        if parsed.stream:
+            return await self._stream(request, req_id, parsed, gens[0])
+        try:
+            results = await _gather_all(_collect(g) for g in gens)
+        except EnergonError as exc:
+            return error_response(exc)
+        usage = gens[0].usage
+        for g in gens[1:]:
+            usage.prompt_tokens += g.usage.prompt_tokens
+            usage.completion_tokens += g.usage.completion_tokens
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        return web.json_response(
+            response(req_id, fe.model_name, chat, results, usage), dumps=_json_str
+        )
+
+    async def _stream(
+        self, request: web.Request, req_id: str, parsed: OpenAIRequest, gen: Generation
+    ) -> web.StreamResponse:
+        model, chat = self.fe.model_name, parsed.chat
+        pieces = gen.__aiter__()
+        try:
+            # The Engine checks the prompt (length, Overloaded) at the first step: answer those
+            # with a proper status before the 200 of the stream goes out.
+            piece = await pieces.__anext__()
+        except EnergonError as exc:
+            return error_response(exc)
+        resp = web.StreamResponse(headers=SSE_HEADERS)
+        try:
+            await resp.prepare(request)
+            first = True
+            while True:
+                if piece.text or piece.finish_reason is not None or first:
+                    data = chunk(req_id, model, chat, piece.text, piece.finish_reason, first=first)
+                    await resp.write(b"data: " + _dumps(data) + b"\n\n")
+                    first = False
+                if piece.finish_reason is not None:
+                    break
+                piece = await pieces.__anext__()
+            if parsed.include_usage:
+                data = chunk(req_id, model, chat, None, usage=gen.usage)
+                await resp.write(b"data: " + _dumps(data) + b"\n\n")
+            await resp.write(DONE)
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the client went away: closing `pieces` below aborts the request
+        except EnergonError as exc:  # e.g. a worker failed mid-stream: say so, then end
+            status, kind, field, message = describe_error(exc)
+            await resp.write(b"data: " + _dumps(error_body(status, kind, field, message)) + b"\n\n")
+            await resp.write(DONE)
+        finally:
+            await pieces.aclose()
+        return resp
+
+
+def _json_str(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+async def _collect(gen: Generation) -> tuple[str, str]:
+    parts = []
+    async for piece in gen:
+        parts.append(piece.text)
+    return "".join(parts), gen.finish_reason or "abort"
+
+
+async def _gather_all(coros) -> list:
+    """Like asyncio.gather, but the first failure cancels the others."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def add_routes(app: web.Application, frontend: Frontend, prefix: str = "") -> OpenAIHandlers:
+    """Mount the OpenAI routes, /health and /metrics on an existing aiohttp app."""
+    h = OpenAIHandlers(frontend)
+    app.router.add_post(prefix + "/v1/completions", h.completions)
+    app.router.add_post(prefix + "/v1/chat/completions", h.chat_completions)
+    app.router.add_get(prefix + "/v1/models", h.models)
+    app.router.add_get(prefix + "/health", h.health)
+    app.router.add_get(prefix + "/metrics", h.metrics)
+    return h
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler):
+    """aiohttp's own 404 / 405 / 413 as OpenAI error objects."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        err = NotFound(exc.reason) if exc.status == 404 else ServerError(exc.reason)
+        err.status, err.kind = exc.status, exc.reason.lower().replace(" ", "_")
+        return error_response(err)
+
+
+def make_app(frontend: Frontend) -> web.Application:
+    """A standalone aiohttp app serving `frontend`."""
+    app = web.Application(
+        client_max_size=frontend.limits.max_request_bytes, middlewares=[json_errors]
+    )
+    add_routes(app, frontend)
+    return app
+
+
+class HttpDoor:
+    """The HTTP door on host:port (port 0 picks a free one). `start()` returns the URL."""
+
+    def __init__(self, frontend: Frontend, host: str = "127.0.0.1", port: int = 8000):
+        self.frontend = frontend
+        self.host, self.port = host, port
+        # handler_cancellation: a client that disconnects cancels its handler (and request).
+        self.runner = web.AppRunner(
+            make_app(frontend), handler_cancellation=True, access_log=None, shutdown_timeout=2.0
+        )
+        self.url: str | None = None
+
+    async def start(self) -> str:
+        """Listen; returns 'http://host:port'. Raises OSError if the address is taken."""
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.host, self.port, backlog=1024)
+        await site.start()
+        host, port = self.runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+        return self.url
+
+    async def close(self) -> None:
+        """Stop listening and close connections (after the Frontend drained its requests)."""
+        await self.runner.cleanup()

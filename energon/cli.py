@@ -12,6 +12,9 @@ SUBCOMMANDS = {
     "run": ("energon.commands.run", "generate text from a prompt with a model or preset"),
     "bench": ("energon.bench.cli", "measure Energon against its baselines and the hardware limit"),
     "worker": ("energon.actors.launch", "start one worker that joins a controller over tcp://"),
+    "serve": ("energon.server.serve", "serve a model over ZeroMQ and OpenAI-compatible HTTP"),
+    "client": ("energon.server.client_cli", "send prompts to `energon serve --zmq ...`"),
+    "keygen": ("energon.server.keys", "make a CURVE key pair and an API key for `energon serve`"),
 }
 
 

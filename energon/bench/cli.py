@@ -7,6 +7,7 @@ import importlib
 
 SCENARIOS = {
     "actors": "energon.bench.actors",
+    "serve": "energon.bench.serve",
 }
 
 

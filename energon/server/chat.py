@@ -62,7 +62,9 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
         )
     except InvalidRequest:
         raise
-    except Exception as exc:  # jinja2 raises TemplateError subclasses and whatever the template does
+    except (
+        Exception
+    ) as exc:  # jinja2 raises TemplateError subclasses and whatever the template does
         raise InvalidRequest("messages", f"were rejected by the chat template: {exc}") from None
 
 

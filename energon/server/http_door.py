@@ -41,7 +41,9 @@ def error_response(exc: BaseException) -> web.Response:
     """The OpenAI error object for `exc`, with its status code."""
     status, kind, field, message = describe_error(exc)
     return web.Response(
-        status=status, body=_dumps(error_body(status, kind, field, message)), content_type="application/json"
+        status=status,
+        body=_dumps(error_body(status, kind, field, message)),
+        content_type="application/json",
     )
 
 
@@ -92,7 +94,12 @@ class OpenAIHandlers:
             self.fe.refuse(DOOR, exc)
             return error_response(exc)
         engine = self.fe.engine
-        card = {"id": self.fe.model_name, "object": "model", "created": self.created, "owned_by": "energon"}
+        card = {
+            "id": self.fe.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "energon",
+        }
         if getattr(engine, "scheduler", None) is not None and engine.scheduler.max_model_len:
             card["max_model_len"] = engine.scheduler.max_model_len
         return web.json_response({"object": "list", "data": [card]})

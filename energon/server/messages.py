@@ -90,7 +90,9 @@ def describe_error(exc: BaseException) -> tuple[int, str, str | None, str]:
 def error_from_reply(status: int, kind: str, field: str | None, message: str) -> EnergonError:
     """The exception a client raises for an error reply (the inverse of `describe_error`)."""
     if kind == "invalid_request":
-        problem = message[len(field) + 1 :] if field and message.startswith(field + " ") else message
+        problem = (
+            message[len(field) + 1 :] if field and message.startswith(field + " ") else message
+        )
         return InvalidRequest(field or "request", problem)
     if kind == "overloaded":
         return Overloaded(message)
@@ -147,7 +149,9 @@ def params_from_dict(value: Any) -> SamplingParams:
         raise InvalidRequest("params", f"must be a map of SamplingParams fields (got {value!r})")
     unknown = sorted(str(k) for k in value if k not in _PARAM_FIELDS)
     if unknown:
-        raise InvalidRequest("params", f"has unknown field(s) {unknown}; known: {sorted(_PARAM_FIELDS)}")
+        raise InvalidRequest(
+            "params", f"has unknown field(s) {unknown}; known: {sorted(_PARAM_FIELDS)}"
+        )
     try:
         return SamplingParams(**value)
     except InvalidRequest:
@@ -204,8 +208,10 @@ def _prompt(msg: dict) -> str | list[int]:
             raise InvalidRequest("prompt", "must be a non-empty string")
         return msg["prompt"]
     ids = msg["token_ids"]
-    if not isinstance(ids, list) or not ids or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in ids
+    if (
+        not isinstance(ids, list)
+        or not ids
+        or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
     ):
         raise InvalidRequest("token_ids", "must be a non-empty list of ints")
     return ids

@@ -6,8 +6,14 @@ and KV-block use are read from `engine.stats()` when /metrics is scraped, so not
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client import generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 
 # Seconds. Tiny CPU runs sit at the low end, big models on GPUs at the high end.
@@ -26,12 +32,28 @@ class EngineCollector:
         used = stats.get("num_used_blocks", 0)
         total = used + stats.get("num_free_blocks", 0)
         gauges = (
-            ("energon_queue_depth", "Requests waiting to be scheduled", stats.get("num_waiting", 0)),
-            ("energon_running_sequences", "Sequences holding KV blocks", stats.get("num_running", 0)),
-            ("energon_steps_in_flight", "Engine steps sent and not answered", stats.get("steps_in_flight", 0)),
+            (
+                "energon_queue_depth",
+                "Requests waiting to be scheduled",
+                stats.get("num_waiting", 0),
+            ),
+            (
+                "energon_running_sequences",
+                "Sequences holding KV blocks",
+                stats.get("num_running", 0),
+            ),
+            (
+                "energon_steps_in_flight",
+                "Engine steps sent and not answered",
+                stats.get("steps_in_flight", 0),
+            ),
             ("energon_kv_blocks_used", "KV-cache blocks in use", used),
             ("energon_kv_blocks_total", "KV-cache blocks in all", total),
-            ("energon_kv_block_usage", "Fraction of KV-cache blocks in use", used / total if total else 0.0),
+            (
+                "energon_kv_block_usage",
+                "Fraction of KV-cache blocks in use",
+                used / total if total else 0.0,
+            ),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)

@@ -86,13 +86,17 @@ def _check_model(body: dict, model_name: str) -> None:
     if not isinstance(model, str):
         raise InvalidRequest("model", f"must be a string (got {type(model).__name__})")
     if model != model_name:
-        raise NotFound(f"model {model!r} is not served here; this server serves {model_name!r}", "model")
+        raise NotFound(
+            f"model {model!r} is not served here; this server serves {model_name!r}", "model"
+        )
 
 
 def _prompts(value, limits: Limits) -> list[str | list[int]]:
     def is_ids(v) -> bool:
-        return isinstance(v, list) and bool(v) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in v
+        return (
+            isinstance(v, list)
+            and bool(v)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
         )
 
     if isinstance(value, str):
@@ -176,7 +180,9 @@ def usage_dict(usage: Usage) -> dict:
     }
 
 
-def response(req_id: str, model: str, chat: bool, choices: list[tuple[str, str]], usage: Usage) -> dict:
+def response(
+    req_id: str, model: str, chat: bool, choices: list[tuple[str, str]], usage: Usage
+) -> dict:
     """A whole (non-streamed) response; `choices` are (text, finish_reason) in prompt order."""
     if chat:
         rows = [

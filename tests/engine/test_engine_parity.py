@@ -1,0 +1,83 @@
+"""Greedy generation through the Engine equals Hugging Face `generate`, token for token, for every
+family of tests/models/conftest.py at every tp/pp layout.
+
+Each (family, layout) starts its own Engine (a checkpoint folder without tokenizer.json, so
+prompts are token ids) and generates for all PROMPTS at once: continuous batching, the paged KV
+cache and the non-blocking pipeline all take part. The reference runs each prompt alone in HF.
+
+Starting 28 Engines takes ~1.5 minutes on 2 cores, so a plain run covers llama at every layout
+and each other family at one multi-worker layout (every layout appears for several families);
+ENERGON_SLOW_TESTS=1 runs the whole table (the runner-level logits of every family at every
+layout are checked on every run by tests/models/test_parity.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from engine_helpers import (
+    CHECKPOINT_MAKERS,
+    LAYOUTS,
+    WORKER_ENV,
+    assert_greedy_equal,
+    hf_greedy,
+)
+
+from energon import Engine, SamplingParams
+
+pytestmark = pytest.mark.timeout(120)
+
+PROMPTS = [[5, 9, 3, 7, 11, 2], [42], [3, 12, 13, 14, 15, 16, 17, 100, 127, 8, 9], [64, 8, 8]]
+NEW_TOKENS = [10, 14, 6, 12]
+
+
+# family -> the multi-worker layout it is checked at on a plain run
+DEFAULT_LAYOUT = {
+    "mistral": (2, 2),
+    "qwen2": (2, 1),
+    "gpt2": (1, 2),
+    "opt": (2, 1),
+    "opt_350m": (1, 2),
+    "bloom": (2, 2),
+}
+FULL = os.environ.get("ENERGON_SLOW_TESTS") == "1"
+
+
+def cases():
+    for family in CHECKPOINT_MAKERS:
+        for tp, pp in LAYOUTS:
+            plain = family == "llama" or DEFAULT_LAYOUT.get(family) == (tp, pp)
+            marks = () if plain else (pytest.mark.slow,)
+            if not plain and not FULL:
+                marks += (pytest.mark.skip(reason="set ENERGON_SLOW_TESTS=1 for every layout"),)
+            yield pytest.param(family, tp, pp, marks=marks, id=f"{family}-tp{tp}pp{pp}")
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict:
+    """family → (checkpoint folder, [HF greedy Reference per prompt])."""
+    out = {}
+    for family, maker in CHECKPOINT_MAKERS.items():
+        folder = tmp_path_factory.mktemp(family)
+        hf = maker(folder)
+        refs = [hf_greedy(hf, p, n) for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)]
+        out[family] = (folder, refs)
+    return out
+
+
+@pytest.mark.parametrize("family,tp,pp", list(cases()))
+async def test_greedy_generation_equals_transformers(references, family, tp, pp):
+    folder, refs = references[family]
+    async with Engine(str(folder), tp=tp, pp=pp, device="cpu", worker_env=WORKER_ENV) as engine:
+        done = await asyncio.gather(
+            *(
+                engine.infer(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+                for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)
+            )
+        )
+    compared = [assert_greedy_equal(c.token_ids, r) for c, r in zip(done, refs, strict=True)]
+    assert sum(compared) >= 0.8 * sum(NEW_TOKENS)  # near-ties cut off little of the comparison
+    for c, n in zip(done, NEW_TOKENS, strict=True):
+        assert (c.finish_reason, len(c.token_ids), c.text) == ("length", n, "")

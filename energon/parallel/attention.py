@@ -14,6 +14,7 @@ The padded baseline (`meta.padded_shape`) skips the scatter and uses SDPA's caus
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -21,6 +22,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from energon.parallel.packing import BatchMeta
+
+try:  # Flash-attention over packed sequences (torch >= 2.10, CUDA, fp16/bf16)
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_ARGS = set(inspect.signature(_varlen_attn).parameters)
+except ImportError:  # older torch: the SDPA grid path below serves every case
+    _varlen_attn, _VARLEN_ARGS = None, set()
+
+
+def _causal_kwargs() -> dict:
+    """How this torch's varlen_attn is told to be causal (bottom-right aligned)."""
+    if "window_size" in _VARLEN_ARGS:
+        return {"window_size": (-1, 0)}
+    return {"is_causal": True}
+
+
+def flash_usable(q: torch.Tensor, alibi: bool, cached: bool) -> bool:
+    """Whether the flash varlen kernel can run this call: CUDA, half precision, no ALiBi, and for
+    a paged cache a torch whose varlen_attn takes block tables."""
+    if (
+        _varlen_attn is None
+        or alibi
+        or not q.is_cuda
+        or q.dtype not in (torch.float16, torch.bfloat16)
+    ):
+        return False
+    return not cached or {"block_table", "seqused_k"} <= _VARLEN_ARGS
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -60,6 +88,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.alibi_slopes = alibi_slopes  # plain attribute: never a checkpoint tensor
         self.kv_cache: torch.Tensor | None = None
+        self.use_flash = True  # tests turn it off to compare against the SDPA grid path
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: BatchMeta
@@ -74,6 +103,12 @@ class Attention(nn.Module):
             self._write_cache(k, v, meta.slot_mapping)
         if meta.padded_shape is not None and not cached:
             out = self._padded(q, k, v, meta)
+        elif self.use_flash and flash_usable(q, self.alibi_slopes is not None, cached):
+            try:
+                out = self._flash(q, k, v, meta, cached)
+            except RuntimeError:  # e.g. a page size this flash build refuses: use the grid path
+                self.use_flash = False
+                out = self._varlen(q, k, v, meta, cached)
         else:
             out = self._varlen(q, k, v, meta, cached)
         return out.reshape(T, self.num_heads * self.head_dim)
@@ -95,6 +130,27 @@ class Attention(nn.Module):
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return out.transpose(1, 2)
+
+    def _flash(self, q, k, v, meta, cached):
+        """Flash varlen attention straight on the packed tokens: no grid, no mask, no pads."""
+        cu_q = meta.cu_seqlens.to(torch.int32)
+        extra = {"scale": self.scale, "enable_gqa": self.num_kv_heads != self.num_heads}
+        extra.update(_causal_kwargs())
+        if cached:
+            extra["block_table"] = meta.block_tables.to(torch.int32)
+            extra["seqused_k"] = meta.context_lens.to(torch.int32)
+            keys, values = self.kv_cache[0], self.kv_cache[1]
+            return _varlen_attn(
+                q,
+                keys.to(q.dtype),
+                values.to(q.dtype),
+                cu_q,
+                None,
+                meta.max_seqlen_q,
+                meta.max_context_len,
+                **extra,
+            )
+        return _varlen_attn(q, k, v, cu_q, cu_q, meta.max_seqlen_q, meta.max_seqlen_q, **extra)
 
     def _mask(self, q_pos, k_pos, allowed, dtype):
         """Boolean mask, or a float one carrying the ALiBi bias; [B, 1 or H, Lq, Lk]."""

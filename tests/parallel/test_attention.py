@@ -148,3 +148,52 @@ def test_cuda_paged_attention_equals_reference(dtype):
     out = attn(q, k, v, meta).cpu()
     tol = 1e-4 if dtype == torch.float32 else 5e-3
     assert_matches_reference(out, seqs, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_cuda_flash_path_equals_reference_prefill_then_decode(dtype, block_size):
+    # Prefill without a cache (packed flash), then the same sequences through the paged cache:
+    # prefill of all but the last token, then one decode token each; every output matches the
+    # float64 per-sequence reference.
+    lengths = [5, 1, 9, 33]
+    seqs = random_seqs(lengths, seed=6)
+    q, k, v = (x.to("cuda", dtype) for x in packed(seqs))
+    tol = 1e-2 if dtype == torch.bfloat16 else 5e-3
+    attn = Attention(H, HKV, D, D**-0.5).cuda()
+    out = attn(q, k, v, BatchMeta.for_prefill(lengths, device="cuda")).cpu()
+    assert_matches_reference(out, seqs, atol=tol)
+    grid = Attention(H, HKV, D, D**-0.5).cuda()
+    grid.use_flash = False
+    torch.testing.assert_close(
+        out, grid(q, k, v, BatchMeta.for_prefill(lengths, device="cuda")).cpu(), atol=tol, rtol=0
+    )
+
+    attn.kv_cache = torch.zeros(2, 8, block_size, HKV, D, dtype=dtype, device="cuda")
+    tables = [[5], [2], [7], [0, 3] if block_size == 16 else [0]]
+    cut = [n - 1 if n > 1 else 1 for n in lengths]
+    first = [[seq[i][: cut[b]] for i in range(3)] for b, seq in enumerate(seqs)]
+    meta = BatchMeta.for_step(cut, cut, tables, block_size=block_size, device="cuda")
+    pieces = attn(*(x.to("cuda", dtype) for x in packed(first)), meta).cpu()
+    decode_rows = [b for b, n in enumerate(lengths) if n > 1]
+    last = [[seqs[b][i][-1:] for i in range(3)] for b in decode_rows]
+    meta = BatchMeta.for_step(
+        [1] * len(decode_rows),
+        [lengths[b] for b in decode_rows],
+        [tables[b] for b in decode_rows],
+        block_size=block_size,
+        device="cuda",
+    )
+    tail = attn(*(x.to("cuda", dtype) for x in packed(last)), meta).cpu()
+    start = 0
+    for b, n in enumerate(cut):
+        q_b, k_b, v_b = (x[:n] for x in seqs[b])
+        expected = reference(q_b, k_b, v_b).flatten(1)
+        torch.testing.assert_close(pieces[start : start + n].double(), expected, atol=tol, rtol=0)
+        start += n
+    for j, b in enumerate(decode_rows):
+        q_b, k_b, v_b = seqs[b]
+        expected = reference(q_b[-1:], k_b, v_b).flatten(1)[0]
+        torch.testing.assert_close(tail[j].double(), expected, atol=tol, rtol=0)

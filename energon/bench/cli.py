@@ -7,6 +7,7 @@ import importlib
 
 SCENARIOS = {
     "actors": "energon.bench.actors",
+    "forward": "energon.bench.forward",
     "serve": "energon.bench.serve",
 }
 

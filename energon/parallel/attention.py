@@ -106,7 +106,7 @@ class Attention(nn.Module):
         elif self.use_flash and flash_usable(q, self.alibi_slopes is not None, cached):
             try:
                 out = self._flash(q, k, v, meta, cached)
-            except RuntimeError:  # e.g. a page size this flash build refuses: use the grid path
+            except (RuntimeError, TypeError):  # a page size or argument this build refuses
                 self.use_flash = False
                 out = self._varlen(q, k, v, meta, cached)
         else:
@@ -134,8 +134,15 @@ class Attention(nn.Module):
     def _flash(self, q, k, v, meta, cached):
         """Flash varlen attention straight on the packed tokens: no grid, no mask, no pads."""
         cu_q = meta.cu_seqlens.to(torch.int32)
-        extra = {"scale": self.scale, "enable_gqa": self.num_kv_heads != self.num_heads}
-        extra.update(_causal_kwargs())
+        extra = {"scale": self.scale, **_causal_kwargs()}
+        if self.num_kv_heads != self.num_heads:
+            if "enable_gqa" in _VARLEN_ARGS:
+                extra["enable_gqa"] = True
+            elif cached:  # an older varlen_attn: the grid path handles grouped heads
+                return self._varlen(q, k, v, meta, cached)
+            else:
+                groups = self.num_heads // self.num_kv_heads
+                k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         if cached:
             extra["block_table"] = meta.block_tables.to(torch.int32)
             extra["seqused_k"] = meta.context_lens.to(torch.int32)

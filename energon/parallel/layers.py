@@ -101,7 +101,9 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _all_reduce(F.linear(x, self.weight), self.group if self.tp_size > 1 else None)
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)  # bias fused into the GEMM epilogue
+        y = _all_reduce(F.linear(x, self.weight), self.group)
         return y if self.bias is None else y + self.bias
 
 

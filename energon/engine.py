@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import numbers
 import os
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 
 from energon.actors import ActorGroup
-from energon.errors import EnergonError, InvalidRequest, WorkerFailed
+from energon.errors import CheckpointError, EnergonError, InvalidRequest, RemoteError, WorkerFailed
 from energon.models.registry import resolve
 from energon.request import Request
 from energon.sampling import Completion, SamplingParams, StreamPiece
@@ -105,6 +106,8 @@ class Engine:
         start_timeout: float = 600.0,
         worker_env: dict[str, str] | None = None,
         progress: bool | None = None,
+        pool: str | None = None,
+        gpu_memory_budget: int | str | None = None,
     ):
         if not isinstance(model, str | os.PathLike) or not str(model):
             raise InvalidRequest(
@@ -139,8 +142,11 @@ class Engine:
         self.start_timeout = start_timeout
         self.worker_env = dict(worker_env or {})
         if progress not in (None, True, False):
-            raise InvalidRequest("progress", f"must be None (auto), True or False (got {progress!r})")
+            raise InvalidRequest(
+                "progress", f"must be None (auto), True or False (got {progress!r})"
+            )
         self.progress = progress  # a bar on stderr; None: only when stderr is a terminal
+        self._init_pool(pool, gpu_memory_budget)  # peer memory pooling (energon/pool)
 
         self.group: ActorGroup | None = None
         self.scheduler: Scheduler | None = None
@@ -151,6 +157,7 @@ class Engine:
         self._ids = itertools.count()
         self._steps: set[asyncio.Task] = set()
         self._failure: EnergonError | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._closed = False
 
@@ -160,19 +167,22 @@ class Engine:
         """Spawns the workers, loads their shards in parallel and sizes the KV cache, showing
         each phase (a bar on a terminal, log lines otherwise). Returns self. Raises
         CheckpointError for an unusable model, the worker's RemoteError if a rank fails to
-        build or load, WorkerFailed if a worker dies or does not start in `start_timeout`
-        seconds; no worker process is left behind then."""
+        build or load (CheckpointError when the checkpoint is the problem), WorkerFailed if a
+        worker dies or does not start in `start_timeout` seconds; no worker process is left
+        behind then."""
         if self._started:
             return self
         if self._closed:
             raise EnergonError("this Engine was shut down; create a new one")
         t0 = time.perf_counter()
-        spec = resolve(self.model)
+        # Reading config.json and tokenizer.json (megabytes for large vocabularies) is file I/O:
+        # a thread does it, so the loop of a server the Engine starts in keeps serving.
+        spec = await asyncio.to_thread(resolve, self.model)
         self.config = spec.config
         self.vocab_size = int(spec.config["vocab_size"])
-        self.tokenizer = engine_tokenizer(spec.folder, self.vocab_size)
+        self.tokenizer = await asyncio.to_thread(engine_tokenizer, spec.folder, self.vocab_size)
         world = self.tp * self.pp
-        progress = StartupProgress(2 * world + 1, bar=self.progress)
+        progress = StartupProgress(2 * world + 1, bar=self.progress, start=t0)
         try:
             progress.phase(
                 "spawning workers",
@@ -183,6 +193,7 @@ class Engine:
             progress.advance(f"{world} worker(s) up in {time.perf_counter() - t0:.1f} s", world)
             progress.phase("loading shards", f"loading shards on {world} worker(s) in parallel")
             await asyncio.wait_for(self._load_shards(progress), self.start_timeout)
+            await asyncio.wait_for(self._start_pool(), self.start_timeout)
             progress.phase("sizing the KV cache", "sizing the KV cache")
             await asyncio.wait_for(self._start_cache(), self.start_timeout)
             progress.advance(
@@ -198,8 +209,12 @@ class Engine:
                 raise EnergonError(
                     f"the workers did not finish loading within start_timeout={self.start_timeout}s"
                 ) from None
+            if isinstance(exc, RemoteError) and exc.remote_type.endswith("CheckpointError"):
+                # The checkpoint is unusable: say so with the type users catch, not as a remote bug.
+                raise CheckpointError(f"worker {exc.rank}: {exc.message}") from exc
             raise
         self.group.add_failure_callback(self._on_worker_failed)
+        self._loop = asyncio.get_running_loop()
         self._started = True
         progress.finish(
             f"ready in {time.perf_counter() - t0:.1f} s: {self.model}, {world} worker(s), "
@@ -212,6 +227,7 @@ class Engine:
             "NCCL_NVLS_ENABLE": "0",
             "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1",
+            **self._cpu_threads_env(),
             **self.worker_env,
         }
         self.group = await ActorGroup.spawn(
@@ -226,11 +242,24 @@ class Engine:
                 init_method=f"tcp://127.0.0.1:{_free_port()}",
                 stage_splits=self.stage_splits,
                 seed=self.seed,
+                pool=self._pool_options(),
             ),
             env=env,
             heartbeat_timeout=self.heartbeat_timeout,
             start_timeout=self.start_timeout,
         )
+
+    def _cpu_threads_env(self) -> dict[str, str]:
+        """On cpu, each worker's share of the cores for torch's intra-op threads: by default
+        every process would use them all, and world_size processes that meet in collectives
+        every layer then fight over them (several times slower). An OMP_NUM_THREADS the user
+        set, in os.environ or worker_env, wins."""
+        import torch  # already loaded with energon.step
+
+        on_cpu = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
+        if not on_cpu or "OMP_NUM_THREADS" in os.environ:
+            return {}
+        return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // (self.tp * self.pp)))}
 
     async def _load_shards(self, progress: StartupProgress) -> None:
         """Every rank loads at once (they meet in the process-group rendezvous); each one's
@@ -280,6 +309,7 @@ class Engine:
         self._requests.clear()
         for task in list(self._steps):
             task.cancel()
+        await self._close_pool()
         if self.group is not None:
             await self.group.shutdown()
 
@@ -288,6 +318,43 @@ class Engine:
 
     async def __aexit__(self, *exc_info) -> None:
         await self.shutdown()
+
+    # ---------------------------------------------------------------- peer memory pooling
+    # Weights that exceed a worker's budget live in memory lent by peer GPUs or pinned host
+    # memory (energon/pool); the runner prefetches them layer by layer behind compute.
+
+    def _init_pool(self, pool: str | None, gpu_memory_budget: int | str | None) -> None:
+        if pool not in ("auto", "peer", "host", None):
+            raise InvalidRequest("pool", f"must be 'auto', 'peer', 'host' or None (got {pool!r})")
+        self.pool_mode = pool
+        self.gpu_memory_budget = parse_bytes("gpu_memory_budget", gpu_memory_budget)
+        if pool is None and gpu_memory_budget is not None:
+            raise InvalidRequest("gpu_memory_budget", "needs a pool ('auto', 'peer' or 'host')")
+        self.pool = None
+
+    def _pool_options(self) -> dict | None:
+        """What each runner needs to decide which layers' weights it pools."""
+        if self.pool_mode is None:
+            return None
+        return {
+            "mode": self.pool_mode,
+            "budget": self.gpu_memory_budget,
+            "reserve": self.kv_cache_memory,
+        }
+
+    async def _start_pool(self) -> None:
+        if self.pool_mode is not None:
+            from energon.pool.allocator import pool_weights
+
+            self.pool = await pool_weights(self.group, self.pool_mode, self.kv_cache_memory)
+
+    async def _close_pool(self) -> None:
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 10.0)
+            except (asyncio.TimeoutError, EnergonError) as exc:
+                log.warning("energon: returning pooled memory failed: %r", exc)
 
     # ------------------------------------------------------------------------------ requests
 
@@ -368,16 +435,27 @@ class Engine:
             raise EnergonError(
                 "the Engine is not running: use `await engine.start()` or `async with Engine(...)`"
             )
+        if asyncio.get_running_loop() is not self._loop:
+            raise EnergonError(
+                "the Engine serves only the event loop it was started in; call it from there "
+                "(from another thread: asyncio.run_coroutine_threadsafe(..., that_loop))"
+            )
 
     def _check_ids(self, field: str, ids) -> list[int]:
-        if isinstance(ids, str | bytes) or not isinstance(ids, Sequence) or not ids:
+        """`ids` as a list of Python ints (numpy integers accepted); raises InvalidRequest(field)
+        unless it is a non-empty sequence of ids in [0, vocab_size)."""
+        if isinstance(ids, str | bytes) or not isinstance(ids, Sequence) or not len(ids):
             raise InvalidRequest(field, "must be a non-empty list of token ids")
         for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+            if (
+                isinstance(t, bool)
+                or not isinstance(t, numbers.Integral)
+                or not 0 <= t < self.vocab_size
+            ):
                 raise InvalidRequest(
                     field, f"must hold token ids in [0, {self.vocab_size}) (got {t!r})"
                 )
-        return list(ids)
+        return [int(t) for t in ids]
 
     def _submit(self, prompt, params: SamplingParams | None) -> Request:
         self._check_running()
@@ -409,10 +487,13 @@ class Engine:
             self._kick()
 
     def _kick(self) -> None:
-        """Send as many steps as may be in flight. Never blocks: each step is its own task."""
-        if self._failure is not None or self._closed:
-            return
-        while len(self._steps) < self.max_steps_in_flight:
+        """Send as many steps as may be in flight. Never blocks: each step is sent now, in the
+        order planned (so every worker receives steps in that order), and awaited by a task."""
+        while (
+            len(self._steps) < self.max_steps_in_flight
+            and self._failure is None
+            and not self._closed
+        ):
             plan = self.scheduler.schedule()
             if plan is None:
                 return
@@ -420,7 +501,12 @@ class Engine:
                 req = self._requests.get(s.seq_id)
                 if req is not None:
                     req.on_scheduled()
-            task = asyncio.ensure_future(self._run_step(plan))
+            try:
+                replies = self.group.broadcast("sample_step", step_message(plan, self._requests))
+            except Exception as exc:  # the step could not be encoded or sent
+                self._fail_step(plan, exc)
+                continue
+            task = asyncio.ensure_future(self._run_step(plan, replies))
             self._steps.add(task)
             task.add_done_callback(self._steps.discard)
 
@@ -429,16 +515,16 @@ class Engine:
         """The rank that answers steps and forwards: the last stage's tp rank 0."""
         return (self.pp - 1) * self.tp
 
-    async def _run_step(self, plan: StepPlan) -> None:
+    async def _run_step(self, plan: StepPlan, replies: asyncio.Future) -> None:
+        """Waits for one step's replies (the last stage answers last) and applies them."""
         try:
-            msg = step_message(plan, self._requests)
-            replies = await self.group.broadcast("sample_step", msg)
+            results = await replies
         except asyncio.CancelledError:
             raise  # only shutdown cancels steps
         except BaseException as exc:  # a worker died or the step raised on some rank
             self._fail_step(plan, exc)
         else:
-            self._apply_step(plan, replies[self._reply_rank])
+            self._apply_step(plan, results[self._reply_rank])
         finally:
             # This step no longer occupies a slot: the next ones may go out now.
             self._steps.discard(asyncio.current_task())

@@ -18,6 +18,7 @@ from energon.parallel.attention import Attention
 from energon.parallel.packing import BatchMeta, pack, pad
 from energon.parallel.pipeline import cut_stages, recv_activation, send_activation
 from energon.parallel.topology import ParallelState, Topology, init_parallel, use_parallel
+from energon.pool.offload import OffloadMember
 from energon.sampler import Sampler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -78,13 +79,19 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> N
 
 
 def build_stage(
-    spec: ModelSpec, state: ParallelState, dtype: torch.dtype, stage_splits: list[int] | None = None
+    spec: ModelSpec,
+    state: ParallelState,
+    dtype: torch.dtype,
+    stage_splits: list[int] | None = None,
+    host_layers=None,
 ) -> tuple[nn.Module, range]:
     """This rank's stage of the model, built on meta then materialised (uninitialised) on
     `state.device` in `dtype`; returns (model, the range of layers it owns).
 
     Layers of other stages become nn.Identity (names of kept ones stay as in the checkpoint);
     `first_stage_modules` / `last_stage_modules` are dropped (None) off their stage.
+    `host_layers(model, layers) -> [index]` (pooled weights, energon/pool/offload.py) names
+    layers materialised on the cpu instead, to be moved into pooled memory after loading.
     Raises CheckpointError when tp does not divide a split dimension, ValueError on a bad cut.
     """
     with use_parallel(state), torch.device("meta"):
@@ -99,12 +106,23 @@ def build_stage(
     if not state.is_last_stage:
         for path in model.last_stage_modules:
             drop_module(model, path)
+    # pooled layers: materialised on the cpu (energon/pool/offload.py moves them after loading)
+    on_host = {i: model.layers[i] for i in (host_layers(model, layers) if host_layers else ())}
+    for i in on_host:
+        model.layers[i] = nn.Identity()
     materialize(model, state.device, dtype)
+    for i, layer in on_host.items():
+        materialize(layer, torch.device("cpu"), dtype)
+        model.layers[i] = layer
     return model.eval(), layers
 
 
-class ModelRunner:
-    """One worker's share of a model. Every public method is called on all ranks, in order."""
+class ModelRunner(OffloadMember):
+    """One worker's share of a model. Every public method is called on all ranks, in order.
+
+    `pool` (the Engine's pool options, energon/pool/offload.py) lets a stage whose weights
+    exceed its budget keep some layers' weights in pooled memory; OffloadMember adds the
+    pool_* methods the controller's pool service calls."""
 
     def __init__(
         self,
@@ -117,6 +135,7 @@ class ModelRunner:
         stage_splits: list[int] | None = None,
         seed: int = 0,
         rank: int | None = None,
+        pool: dict | None = None,
     ):
         if rank is None:
             from energon.actors import actor_context
@@ -126,11 +145,14 @@ class ModelRunner:
         self.device = pick_device(device, rank)
         self.dtype = pick_dtype(dtype, self.spec.config, self.device)
         self.state = init_parallel(Topology(tp, pp), rank, init_method, self.device)
-        self.model, self.layer_range = build_stage(self.spec, self.state, self.dtype, stage_splits)
+        self.model, self.layer_range = build_stage(
+            self.spec, self.state, self.dtype, stage_splits, self._offload_planner(pool)
+        )
         if self.spec.is_preset:
             self.report = random_init(self.model, seed)
         else:
             self.report = load_weights(self.model, self.spec.folder, self.state)
+        self._prepare_offload()  # staging buffers for pooled layers, if any (OffloadMember)
         self.hidden_size = getattr(self.model, "hidden_size", None) or hidden_size_of(
             self.spec.config
         )

@@ -15,6 +15,7 @@ from energon.sampling import Completion, SamplingParams, StreamPiece, Timings, U
 
 __all__ = [
     "CheckpointError",
+    "Client",
     "Completion",
     "Engine",
     "EnergonError",
@@ -37,4 +38,8 @@ def __getattr__(name: str):
         from energon.engine import Engine
 
         return Engine
+    if name == "Client":
+        from energon.server.client import Client
+
+        return Client
     raise AttributeError(f"module 'energon' has no attribute {name!r}")

@@ -19,6 +19,7 @@ from energon.errors import EnergonError, InvalidRequest
 from energon.server.frontend import Frontend, Generation
 from energon.server.messages import NotFound, ServerError, TooLarge, describe_error
 from energon.server.openai_schema import (
+    DeltaTemplate,
     OpenAIRequest,
     chunk,
     error_body,
@@ -166,15 +167,16 @@ class OpenAIHandlers:
         resp = web.StreamResponse(headers=SSE_HEADERS)
         try:
             await resp.prepare(request)
-            first = True
-            while True:
-                if piece.text or piece.finish_reason is not None or first:
-                    data = chunk(req_id, model, chat, piece.text, piece.finish_reason, first=first)
-                    await resp.write(b"data: " + _dumps(data) + b"\n\n")
-                    first = False
-                if piece.finish_reason is not None:
-                    break
+            middle = DeltaTemplate(req_id, model, chat)
+            data = chunk(req_id, model, chat, piece.text, piece.finish_reason, first=True)
+            await resp.write(b"data: " + _dumps(data) + b"\n\n")
+            while piece.finish_reason is None:
                 piece = await pieces.__anext__()
+                if piece.finish_reason is not None:
+                    data = chunk(req_id, model, chat, piece.text, piece.finish_reason)
+                    await resp.write(b"data: " + _dumps(data) + b"\n\n")
+                elif piece.text:
+                    await resp.write(middle.render(piece.text))
             if parsed.include_usage:
                 data = chunk(req_id, model, chat, None, usage=gen.usage)
                 await resp.write(b"data: " + _dumps(data) + b"\n\n")

@@ -103,9 +103,10 @@ def start_server(*extra: str, env: dict | None = None) -> ServerProcess:
     return ServerProcess(proc, doors["http"], doors["zmq"], lines=lines)
 
 
-def stop_server(server: ServerProcess, timeout: float = 30.0) -> int:
-    """SIGTERM, then wait; returns the exit code (kills it after `timeout`)."""
-    if server.proc.poll() is None:
+def stop_server(server: ServerProcess, timeout: float = 30.0, signal_it: bool = True) -> int:
+    """SIGTERM (unless the test signalled it already), then wait; returns the exit code (kills
+    it after `timeout`)."""
+    if signal_it and server.proc.poll() is None:
         server.proc.send_signal(signal.SIGTERM)
     try:
         out, _ = server.proc.communicate(timeout=timeout)

@@ -43,7 +43,7 @@ async def test_token_id_prompt_equals_text_prompt(server):
 
 
 async def test_replies_come_out_of_order_on_one_client(server):
-    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    long = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
     short = SamplingParams(max_tokens=1, temperature=0.0)
     order = []
     async with Client(server.zmq) as client:

@@ -1,0 +1,189 @@
+"""The HTTP door: OpenAI routes with aiohttp as the client, SSE, limits, errors, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import pytest
+
+from energon import SamplingParams
+from energon.server.client import Client
+
+BODY = {"model": "tiny", "prompt": "Hello", "max_tokens": 8, "temperature": 0}
+
+
+async def post(server, path: str, body, **kwargs) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes | str) else json.dumps(body)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(server.http + path, data=data, **kwargs) as resp:
+            return resp.status, await resp.json()
+
+
+async def sse(server, path: str, body) -> list[dict]:
+    """The stream's events (parsed), up to and excluding [DONE], which must end it."""
+    events = []
+    async with aiohttp.ClientSession() as s:
+        async with s.post(server.http + path, json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            async for line in resp.content:
+                line = line.decode().strip()
+                if not line:
+                    continue
+                assert line.startswith("data: ")
+                if line == "data: [DONE]":
+                    return events
+                events.append(json.loads(line[6:]))
+    raise AssertionError(f"stream ended without [DONE] after {events}")
+
+
+async def test_completion_equals_the_zmq_doors_result(server):
+    status, body = await post(server, "/v1/completions", BODY)
+    assert status == 200
+    async with Client(server.zmq) as client:
+        ref = await client.infer("Hello", SamplingParams(max_tokens=8, temperature=0.0))
+    (choice,) = body["choices"]
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+    assert choice["text"] == ref.text and choice["finish_reason"] == ref.finish_reason
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": len(ref.token_ids),
+        "total_tokens": 5 + len(ref.token_ids),
+    }
+
+
+async def test_streamed_completion_concatenates_to_the_whole_one(server):
+    _, whole = await post(server, "/v1/completions", BODY)
+    events = await sse(
+        server,
+        "/v1/completions",
+        {**BODY, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    texts = [e["choices"][0]["text"] for e in events[:-1]]
+    assert "".join(texts) == whole["choices"][0]["text"]
+    assert events[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+
+
+async def test_a_list_of_prompts_gives_one_choice_each_in_order(server):
+    _, one = await post(server, "/v1/completions", {**BODY, "prompt": "b"})
+    status, body = await post(server, "/v1/completions", {**BODY, "prompt": ["a", "b", [99]]})
+    assert status == 200
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert body["choices"][1]["text"] == one["choices"][0]["text"]
+    assert body["usage"]["prompt_tokens"] == 3
+
+
+async def test_chat_uses_the_fallback_template_and_streams(server):
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}
+    chat["temperature"] = 0
+    status, body = await post(server, "/v1/chat/completions", chat)
+    assert status == 200 and body["object"] == "chat.completion"
+    message = body["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    # tiny has no chat template: "user: Hi\nassistant:" is the prompt
+    assert body["usage"]["prompt_tokens"] == len(b"user: Hi\nassistant:")
+    events = await sse(server, "/v1/chat/completions", {**chat, "stream": True})
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    assert streamed == message["content"]
+    assert events[-1]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
+
+
+async def test_models_health_and_metrics(server):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(server.http + "/v1/models") as resp:
+            models = await resp.json()
+        async with s.get(server.http + "/health") as resp:
+            assert resp.status == 200 and (await resp.json())["status"] == "ok"
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    await post(server, "/v1/completions", BODY)
+    m = await server.metrics()
+    for name in (
+        'energon_requests_total{door="http",outcome="ok"}',
+        "energon_generation_tokens_total",
+        "energon_prompt_tokens_total",
+        "energon_queue_depth",
+        "energon_kv_blocks_used",
+        "energon_kv_blocks_total",
+        "energon_time_to_first_token_seconds_count",
+        "energon_time_per_output_token_seconds_count",
+    ):
+        assert name in m, name
+    assert m["energon_time_to_first_token_seconds_count"] >= 1
+    assert m["energon_kv_blocks_total"] > 0
+
+
+async def test_a_client_that_disconnects_mid_stream_aborts_its_request(server):
+    before = (await server.metrics()).get(
+        'energon_requests_total{door="http",outcome="aborted"}', 0
+    )
+    body = {**BODY, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(server.http + "/v1/completions", json=body) as resp:
+            async for line in resp.content:
+                if line.startswith(b"data: "):
+                    break
+            assert (await server.metrics())["energon_kv_blocks_used"] > 0
+            resp.close()  # drop the connection mid-stream
+    m = await server.wait_idle()
+    assert m['energon_requests_total{door="http",outcome="aborted"}'] == before + 1
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({**BODY, "max_tokens": "8"}, "max_tokens"),
+        ({**BODY, "max_tokens": 0}, "max_tokens"),
+        ({**BODY, "max_tokens": 100_000}, "max_tokens"),
+        ({**BODY, "temperature": "hot"}, "temperature"),
+        ({**BODY, "prompt": 5}, "prompt"),
+        ({**BODY, "prompt": ""}, "prompt"),
+        ({**BODY, "prompt": [1, "a"]}, "prompt"),
+        ({**BODY, "stream": "yes"}, "stream"),
+        ({**BODY, "n": 2}, "n"),
+        ({**BODY, "stop": [1]}, "stop"),
+        ({**BODY, "prompt": [999]}, "prompt"),
+        ({**BODY, "presence_penalty": 1.0}, "presence_penalty"),
+        ([1, 2], "body"),
+    ],
+)
+async def test_wrong_values_get_400_naming_the_param(server, body, param):
+    status, reply = await post(server, "/v1/completions", body)
+    assert status == 400, reply
+    assert reply["error"]["param"] == param and reply["error"]["message"]
+    assert reply["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [None, [], ["hi"], [{"role": "robot", "content": "x"}], [{"role": "user", "content": 3}]],
+)
+async def test_malformed_chat_messages_get_400(server, messages):
+    body = {"model": "tiny", "messages": messages}
+    status, reply = await post(server, "/v1/chat/completions", body)
+    assert status == 400 and reply["error"]["param"] == "messages"
+
+
+async def test_malformed_json_gets_400_and_the_server_keeps_serving(server):
+    status, reply = await post(
+        server, "/v1/completions", b'{"prompt": "x", ', headers={"Content-Type": "application/json"}
+    )
+    assert status == 400 and "not valid JSON" in reply["error"]["message"]
+    status, _ = await post(server, "/v1/completions", BODY)
+    assert status == 200
+
+
+async def test_oversize_body_gets_413(server):
+    status, reply = await post(server, "/v1/completions", {**BODY, "prompt": "x" * (2 << 20)})
+    assert status == 413 and "limit" in reply["error"]["message"]
+    status, _ = await post(server, "/v1/completions", BODY)
+    assert status == 200
+
+
+async def test_unknown_model_gets_404_and_unknown_route_json_404(server):
+    status, reply = await post(server, "/v1/completions", {**BODY, "model": "gpt-5"})
+    assert status == 404 and "tiny" in reply["error"]["message"]
+    status, reply = await post(server, "/v1/nothing", BODY)
+    assert status == 404 and reply["error"]["message"]

@@ -1,0 +1,56 @@
+"""The openai Python package as a real client of the HTTP door."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+
+@pytest.fixture
+async def oai(server):
+    client = openai.AsyncOpenAI(base_url=server.http + "/v1", api_key="unused", max_retries=0)
+    yield client
+    await client.close()
+
+
+async def test_completions_create(oai):
+    done = await oai.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0)
+    assert done.choices[0].finish_reason in ("length", "stop")
+    assert done.usage.prompt_tokens == 5 and 0 < done.usage.completion_tokens <= 8
+    streamed = await oai.completions.create(
+        model="tiny", prompt="Hello", max_tokens=8, temperature=0, stream=True
+    )
+    text = "".join([c.choices[0].text async for c in streamed])
+    assert text == done.choices[0].text
+
+
+async def test_chat_completions_create_and_stream(oai):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    done = await oai.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, temperature=0
+    )
+    assert done.choices[0].message.role == "assistant"
+    stream = await oai.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == done.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+
+
+async def test_models_list(oai):
+    assert [m.id async for m in oai.models.list()] == ["tiny"]
+
+
+async def test_errors_raise_the_openai_exceptions(oai):
+    with pytest.raises(openai.BadRequestError) as info:
+        await oai.completions.create(model="tiny", prompt="x", max_tokens=0)
+    assert "max_tokens" in str(info.value)
+    with pytest.raises(openai.NotFoundError):
+        await oai.completions.create(model="nope", prompt="x", max_tokens=2)

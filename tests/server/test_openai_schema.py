@@ -1,0 +1,95 @@
+"""OpenAI request parsing and chat rendering, without a server."""
+
+from __future__ import annotations
+
+import pytest
+
+from energon import InvalidRequest
+from energon.server.chat import parse_messages, render_chat
+from energon.server.frontend import Limits
+from energon.server.messages import NotFound
+from energon.server.openai_schema import chunk, parse_chat, parse_completion
+
+LIMITS = Limits()
+
+
+class TemplatedTokenizer:
+    chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+
+
+class PlainTokenizer:
+    chat_template = None
+
+
+def test_completion_fields_map_to_sampling_params():
+    req = parse_completion(
+        {"prompt": "x", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "stop": "\n", "seed": 3},
+        LIMITS,
+        "tiny",
+    )
+    p = req.params
+    assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.seed) == (7, 0.5, 0.9, ("\n",), 3)
+    assert req.prompts == ["x"] and not req.stream and not req.chat
+
+
+def test_completion_defaults_to_16_tokens_and_accepts_token_ids():
+    req = parse_completion({"prompt": [1, 2, 3]}, LIMITS, "tiny")
+    assert req.prompts == [[1, 2, 3]] and req.params.max_tokens == 16
+
+
+def test_a_model_other_than_the_served_one_is_not_found():
+    with pytest.raises(NotFound, match="'tiny'"):
+        parse_completion({"prompt": "x", "model": "gpt-4"}, LIMITS, "tiny")
+
+
+def test_too_many_prompts_are_refused():
+    with pytest.raises(InvalidRequest, match="limit is 64"):
+        parse_completion({"prompt": ["a"] * 65}, LIMITS, "tiny")
+
+
+def test_streaming_several_prompts_is_refused():
+    with pytest.raises(InvalidRequest) as info:
+        parse_completion({"prompt": ["a", "b"], "stream": True}, LIMITS, "tiny")
+    assert info.value.field == "prompt"
+
+
+def test_max_completion_tokens_wins_and_is_named_in_errors():
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}
+    with pytest.raises(InvalidRequest) as info:
+        parse_chat(body, LIMITS, "tiny", PlainTokenizer())
+    assert info.value.field == "max_completion_tokens"
+
+
+def test_chat_template_renders_with_the_generation_prompt():
+    tok = TemplatedTokenizer()
+    messages = parse_messages(
+        [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": [{"type": "text", "text": "U"}]},
+        ]
+    )
+    assert render_chat(tok, messages) == "<|system|>S<|user|>U<|assistant|>"
+
+
+def test_chat_without_template_uses_role_lines():
+    messages = [{"role": "user", "content": "Hi"}]
+    assert render_chat(PlainTokenizer(), messages) == "user: Hi\nassistant:"
+
+
+def test_a_template_that_raises_is_a_400_on_messages():
+    tok = TemplatedTokenizer()
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(InvalidRequest, match="roles must alternate") as info:
+        render_chat(tok, [{"role": "user", "content": "x"}])
+    assert info.value.field == "messages"
+
+
+def test_chat_stream_chunks_carry_role_first_then_content():
+    first = chunk("id", "tiny", True, "", first=True)
+    later = chunk("id", "tiny", True, "ab", "length")
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert later["choices"][0]["delta"] == {"content": "ab"}
+    assert later["choices"][0]["finish_reason"] == "length"

@@ -17,7 +17,7 @@ from energon.runner import ModelRunner
 class StagedRunner(ModelRunner):
     """`StagedRunner(**ModelRunner kwargs)`, then `load()` on every rank."""
 
-    def __init__(self, **kwargs):  # noqa: D107 - the real construction is load()
+    def __init__(self, **kwargs):  # the real construction is load()
         self._kwargs = kwargs
 
     def load(self) -> dict:

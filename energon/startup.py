@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -33,16 +34,23 @@ REDRAW_S = 0.25  # how often the bar's clock is redrawn on a terminal
 class StartupProgress:
     """Progress of the start-up phases. `total` counts every unit of work (a rank spawned, a
     rank loaded, the cache sized); `phase(name)` starts a phase, `advance(detail)` completes one
-    unit, `finish(summary)` ends the display. `bar` None picks: a bar if `stream` is a terminal."""
+    unit, `finish(summary)` ends the display. `bar` None picks: a bar if `stream` is a terminal
+    (then nothing is logged), else log lines. `start`: the perf_counter() time start-up began."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, bar: bool | None = None):
+    def __init__(
+        self,
+        total: int,
+        stream: TextIO | None = None,
+        bar: bool | None = None,
+        start: float | None = None,
+    ):
         self.total = total
         self.stream = stream if stream is not None else sys.stderr
         isatty = getattr(self.stream, "isatty", None)
         self.bar = bool(isatty and isatty()) if bar is None else bar
         self.done = 0
         self.name = ""
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() if start is None else start  # a perf_counter() time
         self._detail = ""
         self._timer: asyncio.TimerHandle | None = None
 
@@ -63,12 +71,13 @@ class StartupProgress:
             log.info("energon: %s", detail)
 
     def finish(self, summary: str) -> None:
-        """End the display (the bar's line is replaced by `summary`), logging `summary`."""
+        """End the display: the bar's line is replaced by `summary`, or `summary` is logged."""
         self._stop_clock()
         if self.bar:
             self.stream.write(f"\r\x1b[2Kenergon: {summary}\n")
             self.stream.flush()
-        log.info("energon: %s", summary)
+        else:
+            log.info("energon: %s", summary)
 
     def fail(self) -> None:
         """Stop drawing after an error; the bar's line is left as it was, ended."""
@@ -86,7 +95,8 @@ class StartupProgress:
         return f"energon [{bar}] {self.done}/{self.total} {self.name}{tail} {elapsed:.1f}s"
 
     def _draw(self, detail: str = "") -> None:
-        self.stream.write("\r\x1b[2K" + self.render(detail))
+        width = shutil.get_terminal_size().columns - 1  # a wrapped line could not be redrawn
+        self.stream.write("\r\x1b[2K" + self.render(detail)[:width])
         self.stream.flush()
         self._detail = detail
         if self._timer is None:

@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -30,12 +31,22 @@ CHECKPOINT_MAKERS = models_conftest.CHECKPOINT_MAKERS
 LAYOUTS = models_conftest.LAYOUTS
 make_llama = models_conftest.make_llama
 
-# Workers on a 2-core CI box: one intra-op thread each, or tp=2 x pp=2 fight for the cores.
-WORKER_ENV = {"OMP_NUM_THREADS": "1"}
 # A greedy token is compared only where HF's top-2 logit gap exceeds this: Energon's logits
 # differ from HF's by ~1e-7 on these models (1e-4 is what tests/models/test_parity.py bounds),
 # and the random models' logits have a spread of ~0.08, so a gap below 1e-5 is a near-tie.
 MIN_MARGIN = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """HF references in this process run on one intra-op thread while the Engine's workers
+    compute beside it: tiny models gain nothing from more, and on a 2-core box threads that
+    oversubscribe the cores make everything many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 CORPUS = [
     "the cat sat on the mat",
@@ -142,3 +153,19 @@ def assert_greedy_equal(got: list[int], ref: Reference) -> int:
     else:
         assert got[:k] == ref.tokens[:k]
     return k
+
+
+def reference_sample(hf, prompt: list[int], params) -> list[int]:
+    """What a seeded request must generate: at step n, HF's logits of the tokens so far, drawn
+    from with `energon.sampler.Sampler` (the worker's sampler) for step n. `params` must have a
+    seed and ignore_eos (the reference knows no EOS)."""
+    from energon.sampler import Sampler
+
+    assert params.seed is not None and params.ignore_eos
+    sampler = Sampler("cpu", seed=12345)  # seeded rows never touch the shared generator
+    tokens: list[int] = []
+    for n in range(params.max_tokens):
+        logits = hf_logits_of(hf, prompt + tokens)[-1:]
+        token, _ = sampler.sample(logits, [params.to_wire()], [n])
+        tokens.append(int(token[0]))
+    return tokens

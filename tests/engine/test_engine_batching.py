@@ -1,0 +1,196 @@
+"""Continuous batching through the Engine: many requests at once, requests joining a running
+batch, pp micro-batches in flight, preemption under a tiny KV cache, admission control, EOS.
+
+The checkpoint is a tiny random Llama without tokenizer.json (prompts are token ids) whose EOS
+is set to a token its greedy continuations often produce, so stopping at EOS is exercised too.
+Each request's expected tokens are Hugging Face `generate` on that prompt alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+
+import pytest
+import pytest_asyncio
+from engine_helpers import (
+    Reference,
+    assert_greedy_equal,
+    hf_greedy,
+    make_llama,
+    one_torch_thread,  # noqa: F401 (autouse)
+    random_prompts,
+    reference_sample,
+)
+
+from energon import Engine, InvalidRequest, Overloaded, SamplingParams
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
+
+PROMPTS = random_prompts(200, vocab=128, seed=0, new=(1, 16))  # (prompt, max_tokens)
+MAX_WAITING = 8
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def with_eos(ref: Reference, eos: int) -> Reference:
+    """What greedy generation with EOS gives: the same tokens, up to and including the first
+    EOS (greedy decoding does not depend on where it will stop)."""
+    if eos not in ref.tokens:
+        return ref
+    n = ref.tokens.index(eos) + 1
+    return Reference(ref.tokens[:n], ref.margins[:n])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """(folder, hf_model, eos, {i: Reference without EOS}) with EOS set, in config.json and
+    generation_config.json, to a token that ends some but not most of PROMPTS' continuations."""
+    folder = tmp_path_factory.mktemp("llama-ids")
+    hf = make_llama(folder)
+    refs = [hf_greedy(hf, p, n) for p, n in PROMPTS]
+    seen = Counter(t for r in refs for t in set(r.tokens))
+    eos = next(t for t, c in seen.most_common() if c <= len(PROMPTS) // 5)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((folder / name).read_text())
+        config["eos_token_id"] = eos
+        (folder / name).write_text(json.dumps(config))
+    return folder, hf, eos, refs
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def pp_engine(model):
+    """Two pipeline stages: two micro-batches in flight."""
+    async with Engine(str(model[0]), pp=2, device="cpu") as engine:
+        yield engine
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def small_engine(model):
+    """Two stages and a KV cache of a few 4-token blocks; at most MAX_WAITING wait."""
+    async with Engine(
+        str(model[0]),
+        pp=2,
+        device="cpu",
+        block_size=4,
+        kv_cache_memory=12 * 4096,  # stage 0 holds 2 layers: 4 KiB per block of 4 tokens
+        max_waiting=MAX_WAITING,
+    ) as engine:
+        yield engine
+
+
+async def test_200_concurrent_requests_each_equal_their_solo_result(pp_engine, model):
+    _, _, eos, refs = model
+    done = await asyncio.gather(
+        *(pp_engine.infer(p, SamplingParams(max_tokens=n, temperature=0)) for p, n in PROMPTS)
+    )
+    compared = 0
+    for c, ref in zip(done, refs, strict=True):
+        expected = with_eos(ref, eos)
+        compared += assert_greedy_equal(c.token_ids, expected)
+        if len(c.token_ids) == len(expected.tokens):
+            stopped = expected.tokens[-1] == eos
+            assert c.finish_reason == ("stop" if stopped else "length")
+    assert compared >= 0.95 * sum(len(with_eos(r, eos).tokens) for r in refs)
+    assert sum(c.finish_reason == "stop" for c in done) >= 10  # EOS did end some of them
+    assert pp_engine.stats()["num_used_blocks"] == 0
+
+
+async def test_generation_stops_at_the_checkpoint_eos_unless_ignore_eos(pp_engine, model):
+    _, _, eos, refs = model
+    i = next(i for i, r in enumerate(refs) if eos in r.tokens[:-1])
+    prompt, n = PROMPTS[i]
+    stopped = await pp_engine.infer(prompt, SamplingParams(max_tokens=n, temperature=0))
+    ignored = await pp_engine.infer(prompt, SamplingParams(max_tokens=n, **GREEDY))
+    assert_greedy_equal(stopped.token_ids, with_eos(refs[i], eos))
+    assert (stopped.finish_reason, stopped.token_ids[-1]) == ("stop", eos)
+    assert_greedy_equal(ignored.token_ids, refs[i])
+    assert (ignored.finish_reason, len(ignored.token_ids)) == ("length", n)
+
+
+async def test_pipeline_keeps_pp_micro_batches_in_flight(pp_engine, model):
+    refs = model[3]
+    tasks = [
+        asyncio.ensure_future(pp_engine.infer(p, SamplingParams(max_tokens=n, **GREEDY)))
+        for p, n in PROMPTS[:3]
+    ]
+    await asyncio.sleep(0)  # each submit sent what it could: step 2 went before step 1 returned
+    assert pp_engine.stats()["steps_in_flight"] == 2
+    for task, ref in zip(tasks, refs[:3], strict=True):
+        assert_greedy_equal((await task).token_ids, ref)
+
+
+async def test_new_request_joins_the_running_batch_at_the_next_step(pp_engine, model):
+    refs = model[3]
+    long_prompt, short_prompt = PROMPTS[0][0], PROMPTS[1][0]
+    long_tokens: list[int] = []
+    started = asyncio.Event()
+
+    async def consume_long():
+        params = SamplingParams(max_tokens=100, **GREEDY)
+        async for piece in pp_engine.stream(long_prompt, params):
+            long_tokens.extend(piece.token_ids)
+            started.set()
+
+    long_task = asyncio.ensure_future(consume_long())
+    await started.wait()
+    at_submit = len(long_tokens)
+    n = PROMPTS[1][1]
+    short = await pp_engine.infer(short_prompt, SamplingParams(max_tokens=n, **GREEDY))
+    # The short request ran its n steps beside the long one, which was not held up either.
+    assert len(long_tokens) <= at_submit + n + 2
+    assert not long_task.done()
+    assert_greedy_equal(short.token_ids, refs[1])
+    await long_task
+    assert len(long_tokens) == 100
+
+
+async def test_preemption_under_a_tiny_kv_cache_gives_identical_outputs(small_engine, model):
+    _, hf, _, refs = model
+    capacity = small_engine.stats()["num_free_blocks"] * 4
+    picked = [i for i, (p, n) in enumerate(PROMPTS) if 12 <= len(p) + n <= capacity][:8]
+    assert sum(len(PROMPTS[i][0]) + PROMPTS[i][1] for i in picked) > 2 * capacity
+    sampled = SamplingParams(max_tokens=16, temperature=1.0, seed=5, ignore_eos=True)
+    sampled_prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    done = await asyncio.gather(
+        *(
+            small_engine.infer(PROMPTS[i][0], SamplingParams(max_tokens=PROMPTS[i][1], **GREEDY))
+            for i in picked
+        ),
+        small_engine.infer(sampled_prompt, sampled),
+    )
+    stats = small_engine.stats()
+    assert stats["num_preemptions"] > 0  # the cache was too small for them all at once
+    for c, i in zip(done, picked, strict=False):
+        assert_greedy_equal(c.token_ids, refs[i])
+    assert done[-1].token_ids == reference_sample(hf, sampled_prompt, sampled)
+    assert stats["num_used_blocks"] == 0
+
+
+async def test_requests_past_max_waiting_are_refused_at_once_with_overloaded(small_engine, model):
+    refs = model[3]
+    capacity = small_engine.stats()["num_free_blocks"] * 4
+    picked = [i for i, (p, n) in enumerate(PROMPTS) if len(p) + n <= capacity][:20]
+    tasks = {
+        i: asyncio.ensure_future(
+            small_engine.infer(PROMPTS[i][0], SamplingParams(max_tokens=PROMPTS[i][1], **GREEDY))
+        )
+        for i in picked
+    }
+    await asyncio.sleep(0)  # every infer ran up to its first wait; no step has come back
+    stats = small_engine.stats()
+    refused = [i for i, t in tasks.items() if t.done()]
+    assert stats["num_waiting"] == MAX_WAITING
+    assert len(refused) == 20 - MAX_WAITING - stats["num_running"]
+    for i in refused:
+        with pytest.raises(Overloaded, match="max_waiting"):
+            tasks[i].result()
+    for i, t in tasks.items():
+        if i not in refused:
+            assert_greedy_equal((await t).token_ids, refs[i])
+
+
+async def test_text_prompt_without_tokenizer_json_is_an_invalid_request(pp_engine):
+    with pytest.raises(InvalidRequest, match="tokenizer.json") as info:
+        await pp_engine.infer("hello")
+    assert info.value.field == "prompt"

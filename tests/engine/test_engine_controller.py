@@ -1,0 +1,177 @@
+"""The Engine's controller logic against stand-in workers, with no process: the test decides
+when (and in which order) each step's reply comes back, and what it says.
+
+The stand-in "model" continues every sequence with (last token fed) + 1, so each request's
+expected output is known exactly, and is only produced if every step feeds each sequence its own
+last token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import energon.engine
+from energon import EnergonError, Engine, RemoteError, SamplingParams
+
+pytestmark = pytest.mark.timeout(30)
+
+VOCAB = 260  # the `tiny` preset's
+
+
+class Handle:
+    def __init__(self, group, rank):
+        self.group, self.rank = group, rank
+
+    def call(self, method, *args):
+        assert method == "load"
+        fut = self.group.loop.create_future()
+        fut.set_result(
+            {"rank": self.rank, "layers": [0, 4], "tensors": 1, "bytes": 0, "seconds": 0}
+        )
+        return fut
+
+
+class StandInWorkers:
+    """Answers start-up calls at once; holds every sample_step until the test replies to it."""
+
+    def __init__(self, world_size: int):
+        self.loop = asyncio.get_running_loop()
+        self.world_size = world_size
+        self.pending: list[tuple[dict, asyncio.Future]] = []  # (step message, its future)
+
+    def __getitem__(self, rank):
+        return Handle(self, rank)
+
+    def broadcast(self, method, *args):
+        fut = self.loop.create_future()
+        if method == "kv_blocks_fit":
+            fut.set_result([64] * self.world_size)
+        elif method == "init_kv_cache":
+            fut.set_result([None] * self.world_size)
+        else:
+            assert method == "sample_step"
+            self.pending.append((args[0], fut))
+        return fut
+
+    def add_failure_callback(self, callback):
+        pass
+
+    async def shutdown(self):
+        for _, fut in self.pending:
+            fut.cancel()
+
+    def reply(self, index: int) -> None:
+        """Answer pending step `index` (0 = oldest) as the last stage would: next = last + 1."""
+        msg, fut = self.pending.pop(index)
+        ids, start, tokens = msg["input_ids"].tolist(), 0, []
+        for n, sample in zip(msg["query_lens"], msg["sample"], strict=True):
+            if sample:
+                tokens.append((ids[start + n - 1] + 1) % VOCAB)
+            start += n
+        replies = [None] * self.world_size
+        replies[-1 if self.world_size > 1 else 0] = {
+            "step_id": msg["step_id"],
+            "token_ids": tokens,
+            "logprobs": None,
+        }
+        fut.set_result(replies)
+
+    def fail(self, index: int, error: BaseException) -> None:
+        _, fut = self.pending.pop(index)
+        fut.set_exception(error)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """Makes Engine.start build StandInWorkers instead of spawning processes."""
+    made = []
+
+    class Actors:
+        @staticmethod
+        async def spawn(target, world_size, **kwargs):
+            made.append(StandInWorkers(world_size))
+            return made[0]
+
+    monkeypatch.setattr(energon.engine, "ActorGroup", Actors)
+    return made
+
+
+def expected(prompt: list[int], n: int) -> list[int]:
+    return [(prompt[-1] + i) % VOCAB for i in range(1, n + 1)]
+
+
+async def test_steps_replied_to_out_of_order_each_resolve_their_own_requests(stand_in):
+    async with Engine("tiny", tp=1, pp=2, pool=None, device="cpu") as engine:
+        workers = stand_in[0]
+        a = asyncio.ensure_future(engine.infer([10], SamplingParams(max_tokens=4)))
+        b = asyncio.ensure_future(engine.infer([50, 51], SamplingParams(max_tokens=6)))
+        await asyncio.sleep(0)
+        assert len(workers.pending) == 2  # step 1 went out before step 0 came back
+        while not (a.done() and b.done()):
+            if workers.pending:
+                workers.reply(len(workers.pending) - 1)  # always the newest step first
+            await asyncio.sleep(0)
+        assert (await a).token_ids == expected([10], 4)
+        assert (await b).token_ids == expected([50, 51], 6)
+
+
+async def test_a_step_that_fails_on_the_only_worker_fails_just_its_requests(stand_in):
+    async with Engine("tiny", pool=None, device="cpu") as engine:
+        workers = stand_in[0]
+        doomed = asyncio.ensure_future(engine.infer([10], SamplingParams(max_tokens=4)))
+        await asyncio.sleep(0)
+        workers.fail(0, RemoteError("RuntimeError", "out of memory", rank=0))
+        with pytest.raises(RemoteError, match="out of memory"):
+            await doomed
+        fine = asyncio.ensure_future(engine.infer([20], SamplingParams(max_tokens=2)))
+        await asyncio.sleep(0)
+        while not fine.done():
+            if workers.pending:
+                workers.reply(0)
+            await asyncio.sleep(0)
+        assert (await fine).token_ids == expected([20], 2)
+        assert engine.stats()["num_used_blocks"] == 0
+
+
+async def test_a_step_that_fails_with_several_workers_fails_the_engine_instead_of_hanging(
+    stand_in,
+):
+    async with Engine("tiny", tp=2, pool=None, device="cpu") as engine:
+        workers = stand_in[0]
+        first = asyncio.ensure_future(engine.infer([10], SamplingParams(max_tokens=4)))
+        waiting = asyncio.ensure_future(engine.infer([30], SamplingParams(max_tokens=4)))
+        await asyncio.sleep(0)
+        workers.fail(0, RemoteError("RuntimeError", "bad step", rank=1))
+        with pytest.raises(RemoteError):
+            await first
+        with pytest.raises(EnergonError, match="out of step"):
+            await waiting  # the other rank may wait in a collective forever: no silent hang
+        with pytest.raises(EnergonError, match="out of step"):
+            await engine.infer([1])
+
+
+async def test_calls_from_another_event_loop_are_refused_with_a_clear_error(stand_in):
+    async with Engine("tiny", pool=None, device="cpu") as engine:
+
+        def elsewhere():
+            return asyncio.run(engine.infer([1]))
+
+        with pytest.raises(EnergonError, match="event loop it was started in"):
+            await asyncio.to_thread(elsewhere)
+
+
+async def test_tiny_preset_reads_and_writes_text_with_the_byte_tokenizer(stand_in):
+    async with Engine("tiny", pool=None, device="cpu") as engine:
+        workers = stand_in[0]
+        task = asyncio.ensure_future(engine.infer("hé!", SamplingParams(max_tokens=3)))
+        await asyncio.sleep(0)
+        while not task.done():
+            if workers.pending:
+                workers.reply(0)
+            await asyncio.sleep(0)
+        done = await task
+    # "hé!" is the UTF-8 bytes 104, 195, 169, 33; the stand-in continues 34, 35, 36: '"#$'.
+    assert done.usage.prompt_tokens == 4
+    assert (done.token_ids, done.text) == ([34, 35, 36], '"#$')

@@ -1,0 +1,697 @@
+"""`energon bench generate`: the Engine end to end, against HF transformers and the bandwidth floor.
+
+For each tp the bench starts an `Engine` (random-weight preset, default `opt-13b` in fp16) and
+measures, from the user's side of the API:
+
+- decode latency at batch 1: one request, a seeded `--prompt-len` token-id prompt, `--gen-len` new
+  tokens, greedy, ignore_eos; ms per output token = `Completion.timings.per_output_token_s`
+  (first token to last, over gen_len - 1 gaps), median of `--repeat` requests. Floor = (weight
+  bytes per GPU + KV bytes read at the mean decode context) / the copy bandwidth measured in the
+  same run.
+- throughput: `--batch` such requests at once through `asyncio.gather(engine.infer(...))`; output
+  tokens / wall time from submission to the last completion, median of `--batch-repeat`. Ceiling =
+  batch * gen_len / (prefill floor + the sum over decode steps of (weights + KV bytes read) /
+  bandwidth).
+- time to first token at batch 1 (extra), floor max(2 * matmul params * prompt / matmul rate,
+  weights / bandwidth).
+
+Baseline: Hugging Face `AutoModelForCausalLM.from_config` with the preset's config, built on the
+same GPU in the same dtype, weights drawn N(0, 0.02) on the GPU (not Energon's values: timing does
+not depend on them), `generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)`: per-token time
+= (time(gen_len new) - time(1 new)) / (gen_len - 1) at batch 1; tokens/s = batch * gen_len /
+time(gen_len new) at batch `--batch` (equal-length prompts, so left padding adds no pads).
+
+Where the time goes: the workers are `TimedStagedRunner`s (a bench subclass of the Engine's own
+`StagedRunner`), which log the wall time of each `sample_step` (ended by a device synchronise) and
+the gap until the next one arrives; with pp=1 steps run one at a time, so per decode step
+`controller period ~= worker busy + worker idle gap` (the gap is the ZeroMQ round trip, the
+controller's scheduling, reply handling and the next step message). `--profile` runs one more
+decode step of each batch size under torch.profiler for the device kernel time.
+
+Warm-up (`--warmup full`, the default): one full-length request and one full batch, for Energon
+and HF alike, before anything is timed; on H200 a first 128-token pass ran 2-4x slower in both
+while the allocator grew to each new context length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from energon.bench.limits import copy_bandwidth, matmul_rate, synchronize
+from energon.bench.record import Record, card_name, torch_version, write_results
+from energon.engine import Engine
+from energon.models.registry import resolve
+from energon.parallel.attention import Attention
+from energon.runner import pick_dtype
+from energon.sampling import SamplingParams
+from energon.staged_runner import StagedRunner
+
+SCENARIO = "generate"
+ENGINE_ACTOR = "energon.staged_runner:StagedRunner"
+TIMED_ACTOR = "energon.bench.generate:TimedStagedRunner"
+# NVLink multicast stays off on shared machines (BENCHMARKS.md), in every child process too.
+CHILD_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="opt-13b", help="preset (default opt-13b)")
+    parser.add_argument("--dtype", default="auto", help="auto: the preset's (fp16) on cuda")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--tp", default="1,2", help="comma-separated tp sizes (default 1,2)")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--gen-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=64, help="concurrent requests (throughput)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed batch-1 requests")
+    parser.add_argument("--batch-repeat", type=int, default=2, help="timed batches")
+    parser.add_argument("--seed", type=int, default=0, help="weights and prompt token ids")
+    parser.add_argument("--hf", default="on", choices=["on", "off"], help="HF generate baseline")
+    parser.add_argument("--hf-repeat", type=int, default=2, help="timed HF generate calls each")
+    parser.add_argument(
+        "--warmup", default="full", choices=["full", "short"], help="untimed run length"
+    )
+    parser.add_argument("--profile", action="store_true", help="profile one decode step per batch")
+    parser.add_argument("--matmul-size", type=int, default=0, help="0: 8192 on cuda, 512 on cpu")
+    parser.add_argument("--copy-mib", type=int, default=0, help="0: 1024 on cuda, 64 on cpu")
+    parser.add_argument(
+        "--time-budget", type=float, default=0, help="seconds; skip a later tp past it (0: none)"
+    )
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    parser.add_argument("--raw", default=None, help="also write every raw figure to this JSON file")
+
+
+# ------------------------------------------------------------------------------ worker side
+
+
+class TimedStagedRunner(StagedRunner):
+    """The Engine's worker actor plus a log of its steps: (start, end, seqs, tokens) per
+    `sample_step`, perf_counter seconds, the end taken after a device synchronise."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._log: list[tuple[float, float, int, int]] = []
+        self._profile_next: int | None = None  # profile the next decode step of this batch
+        self._profile: dict | None = None
+
+    def sample_step(self, step: dict) -> dict | None:
+        seqs, tokens = len(step["query_lens"]), int(sum(step["query_lens"]))
+        if self._profile_next is not None and tokens == seqs == self._profile_next:
+            self._profile_next = None
+            return self._profiled_step(step)
+        t0 = time.perf_counter()
+        out = super().sample_step(step)
+        synchronize(self.device)
+        self._log.append((t0, time.perf_counter(), seqs, tokens))
+        return out
+
+    def step_log(self) -> list[tuple[float, float, int, int]]:
+        """The steps since the last call (and forget them)."""
+        log, self._log = self._log, []
+        return log
+
+    def bench_facts(self) -> dict:
+        """This rank's card, versions, parameter counts and attention path."""
+        from energon.parallel import attention
+
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        card = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        return {
+            "rank": self.state.rank,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "card": card or card_name(),
+            "torch": torch_version(),
+            "matmul_params": sum(
+                p.numel()
+                for i in self.layer_range
+                for p in self.model.layers[i].parameters()
+                if p.dim() >= 2
+            ),
+            "varlen_attn": attention._varlen_attn is not None,
+            "varlen_args": sorted(attention._VARLEN_ARGS),
+            "flash_paged": {"block_table", "seqused_k"} <= attention._VARLEN_ARGS,
+            "use_flash": all(m.use_flash for m in layers),
+        }
+
+    def arm_profile(self, batch: int) -> None:
+        """Run the next decode step of `batch` sequences under torch.profiler."""
+        self._profile_next, self._profile = batch, None
+
+    def profile_result(self) -> dict | None:
+        return self._profile
+
+    def _profiled_step(self, step: dict) -> dict | None:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            out = super().sample_step(step)
+            synchronize(self.device)
+            wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        # kernels only: an op's self device time repeats the kernels it launched
+        kernel_us = (
+            sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+            if cuda
+            else None
+        )
+        self._profile = {
+            "batch": len(step["query_lens"]),
+            "wall_s": wall,
+            "device_kernel_s": kernel_us / 1e6 if kernel_us is not None else None,
+            "top": [
+                {"op": e.key, "us": getattr(e, key), "calls": e.count}
+                for e in sorted(events, key=lambda e: -getattr(e, key))[:12]
+            ],
+        }
+        return out
+
+
+class TimedEngine(Engine):
+    """An Engine whose workers are TimedStagedRunner: the bench's timing, not the engine's.
+    If the Engine no longer spawns ENGINE_ACTOR, its own actor runs and `timed` stays False."""
+
+    timed = False
+
+    async def _spawn(self) -> None:
+        import energon.engine as engine_module
+
+        real = engine_module.ActorGroup
+        outer = self
+
+        class Swap:
+            @staticmethod
+            async def spawn(actor, *args, **kwargs):
+                if actor == ENGINE_ACTOR:
+                    actor, outer.timed = TIMED_ACTOR, True
+                return await real.spawn(actor, *args, **kwargs)
+
+        engine_module.ActorGroup = Swap
+        try:
+            await super()._spawn()
+        finally:
+            engine_module.ActorGroup = real
+
+
+# ------------------------------------------------------------------------------ controller side
+
+
+def make_prompts(vocab: int, count: int, length: int, seed: int) -> list[list[int]]:
+    """`count` seeded prompts of `length` token ids in [4, vocab)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(4, vocab) for _ in range(length)] for _ in range(count)]
+
+
+def visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def kv_bytes_per_token(config: dict, dtype: torch.dtype) -> int | None:
+    """K and V bytes one token adds to the cache of the whole model (tp=1), from an HF config."""
+    layers = config.get("num_hidden_layers") or config.get("n_layer")
+    heads = config.get("num_attention_heads") or config.get("n_head")
+    hidden = config.get("hidden_size") or config.get("n_embd")
+    if not (layers and heads and hidden):
+        return None
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    return layers * 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def measure_limits(device: str, gpus: int, matmul_size: int, copy_bytes: int, dtype) -> list[dict]:
+    """Each card's matmul rate (FLOP/s) and copy bandwidth (bytes/s), in this process."""
+    devices = [torch.device("cuda", i) for i in range(gpus)] if device == "cuda" else ["cpu"]
+    out = []
+    for dev in map(torch.device, devices):
+        out.append(
+            {
+                "device": str(dev),
+                "matmul_flops": matmul_rate(dev, dtype, matmul_size),
+                "copy_bytes_per_s": copy_bandwidth(dev, copy_bytes),
+            }
+        )
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def summarize_log(log: list, batch: int) -> dict:
+    """Decode steps of `batch` sequences: worker busy time, the idle gap before the next one and
+    the period from one step's start to the next (medians, plus means and p90 where slow
+    outliers matter)."""
+    decode = [(t0, t1) for t0, t1, seqs, tokens in log if seqs == tokens == batch]
+    busy = [t1 - t0 for t0, t1 in decode]
+    pairs = list(zip(decode, decode[1:], strict=False))
+    gaps = [b[0] - a[1] for a, b in pairs]
+    periods = [b[0] - a[0] for a, b in pairs]
+
+    def median(xs):
+        return statistics.median(xs) if xs else None
+
+    return {
+        "steps": len(log),
+        "decode_steps": len(decode),
+        "busy_s": median(busy),
+        "gap_s": median(gaps),
+        "period_s": median(periods),
+        "busy_mean_s": statistics.fmean(busy) if busy else None,
+        "period_mean_s": statistics.fmean(periods) if periods else None,
+        "period_p90_s": sorted(periods)[int(0.9 * (len(periods) - 1))] if periods else None,
+        "prefill_busy_s": sum(t1 - t0 for t0, t1, seqs, tokens in log if tokens > seqs),
+    }
+
+
+async def measure_engine(args, tp: int, device: str, dtype: str, prompts, kv_memory) -> dict:
+    """One Engine: batch-1 latency, batched throughput, worker step logs (and profiles)."""
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.gen_len, **greedy)
+    short = SamplingParams(max_tokens=min(4, args.gen_len), **greedy)
+    engine = TimedEngine(
+        args.model,
+        tp=tp,
+        device=device,
+        dtype=dtype,
+        seed=args.seed,
+        kv_cache_memory=kv_memory,
+        max_num_seqs=max(256, args.batch),
+        max_batch_tokens=max(8192, args.batch * args.prompt_len),
+        progress=False,
+    )
+    t0 = time.perf_counter()
+    async with engine:
+        start_s = time.perf_counter() - t0
+        group = engine.group
+        rank = (engine.pp - 1) * engine.tp  # the rank that answers steps
+        facts = await group.broadcast("bench_facts") if engine.timed else None
+        memory = await group.broadcast("memory")
+        # warm-up: both batch shapes at full length, so kernels exist and the allocator holds
+        # blocks of every size the timed runs need (a first 128-token pass ran 2-4x slower
+        # on H200, in HF alike, while the allocator grew to each new context length)
+        warm = params if args.warmup == "full" else short
+        await engine.infer(prompts[0], warm)
+        await asyncio.gather(*(engine.infer(p, warm) for p in prompts))
+
+        async def logs():
+            return (await group.broadcast("step_log"))[rank] if engine.timed else []
+
+        await logs()
+        single = []
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            done = await engine.infer(prompts[0], params)
+            wall = time.perf_counter() - t
+            single.append(
+                {
+                    "per_token_s": done.timings.per_output_token_s,
+                    "first_token_s": done.timings.first_token_s,
+                    "wall_s": wall,
+                    "tokens": len(done.token_ids),
+                    "token_ids_head": done.token_ids[:8],
+                    "worker": summarize_log(await logs(), 1),
+                }
+            )
+        batched = []
+        for _ in range(args.batch_repeat):
+            t = time.perf_counter()
+            dones = await asyncio.gather(*(engine.infer(p, params) for p in prompts))
+            wall = time.perf_counter() - t
+            batched.append(
+                {
+                    "wall_s": wall,
+                    "tokens": sum(len(d.token_ids) for d in dones),
+                    "per_token_s": statistics.median(d.timings.per_output_token_s for d in dones),
+                    "worker": summarize_log(await logs(), len(prompts)),
+                }
+            )
+        profiles = {}
+        if args.profile and engine.timed:
+            for n in (1, len(prompts)):
+                await group.broadcast("arm_profile", n)
+                await asyncio.gather(*(engine.infer(p, short) for p in prompts[:n]))
+                profiles[n] = (await group.broadcast("profile_result"))[rank]
+        after = (await group.broadcast("bench_facts"))[rank] if engine.timed else None
+        stats = {
+            "num_blocks": engine.scheduler.blocks.num_blocks,
+            "block_size": engine.block_size,
+        }
+    return {
+        "tp": tp,
+        "start_s": start_s,
+        "facts": facts,
+        "facts_after": after,
+        "memory": memory,
+        "cache": stats,
+        "single": single,
+        "batched": batched,
+        "profiles": profiles,
+    }
+
+
+def hf_model(config: dict, device: torch.device, dtype: torch.dtype, seed: int):
+    """The HF model of the preset's config on `device` in `dtype`, weights ~ N(0, 0.02) (biases
+    0, norms 1), drawn there."""
+    import transformers
+
+    cfg = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype", "dtype")}
+    hf_config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device(device):
+        net = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    net.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, 0.0, 0.02, generator=g)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+    return net
+
+
+def measure_hf(args, config: dict, device: torch.device, dtype: torch.dtype, prompts) -> dict:
+    """HF generate: seconds for 1 and gen_len new tokens at batch 1 and at batch len(prompts).
+    The model is freed (and the allocator's cache emptied) before returning."""
+    import transformers
+
+    pad = config.get("pad_token_id") or 0
+    out = {"transformers": transformers.__version__}
+    t0 = time.perf_counter()
+    net = hf_model(config, device, dtype, args.seed)
+    synchronize(device)
+    out["build_s"] = time.perf_counter() - t0
+
+    def run(net, batch: list[list[int]], new: int) -> float:
+        ids = torch.tensor(batch, device=device)
+        mask = torch.ones_like(ids)
+        synchronize(device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            res = net.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        synchronize(device)
+        assert res.shape[1] == ids.shape[1] + new, res.shape
+        return time.perf_counter() - t
+
+    try:
+        for batch in ([prompts[0]], prompts):
+            run(net, batch, args.gen_len if args.warmup == "full" else min(4, args.gen_len))
+            one = [run(net, batch, 1) for _ in range(args.hf_repeat)]
+            full = [run(net, batch, args.gen_len) for _ in range(args.hf_repeat)]
+            out[len(batch)] = {"one_s": one, "full_s": full}
+    finally:
+        del net
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[Record]:
+    """Decode latency (batch 1), throughput (batch B), first-token time and the card's limits."""
+    tp, B, L, G = run["tp"], args.batch, args.prompt_len, args.gen_len
+    used = limits[:tp] if limits[0]["device"].startswith("cuda") else limits
+    bandwidth = min(x["copy_bytes_per_s"] for x in used)
+    rate = min(x["matmul_flops"] for x in used)
+    facts = (run["facts"] or [{}])[0]
+    weights = max(m["param_bytes"] for m in run["memory"])
+    kv_bytes = max(m["kv_cache_bytes"] for m in run["memory"])
+    kv_tok = kv_bytes / (run["cache"]["num_blocks"] * run["cache"]["block_size"])
+    mparams = max(f["matmul_params"] for f in run["facts"]) if run["facts"] else weights / 2
+
+    # batch 1: mean decode context L + G/2 (contexts L+1 .. L+G-1)
+    decode_floor = (weights + kv_tok * (L + G / 2)) / bandwidth
+    prefill_floor = max(2 * mparams * L / rate, weights / bandwidth)
+    per_tok = [s["per_token_s"] for s in run["single"]]
+    first = [s["first_token_s"] for s in run["single"]]
+    per_tok_s, first_s = statistics.median(per_tok), statistics.median(first)
+    # batch B: one prefill of B*L tokens, then G-1 decode steps of B sequences
+    floor_total = max(2 * mparams * B * L / rate, weights / bandwidth) + sum(
+        (weights + B * kv_tok * (L + k)) / bandwidth for k in range(1, G)
+    )
+    ceiling = B * G / floor_total
+    rates = [b["tokens"] / b["wall_s"] for b in run["batched"]]
+    rate_tok = statistics.median(rates)
+
+    hf1 = hf.get(1) if hf else None
+    hfb = hf.get(B) if hf else None
+    hf_tok = hf_first = hf_rate = None
+    if hf1:
+        hf_first = statistics.median(hf1["one_s"])
+        hf_tok = (statistics.median(hf1["full_s"]) - hf_first) / (G - 1)
+    if hfb:
+        hf_rate = B * G / statistics.median(hfb["full_s"])
+    hf_name = f"HF transformers {hf['transformers']} generate, 1 GPU" if hf else None
+
+    on_cuda = str(facts.get("device", "")).startswith("cuda")
+    common = dict(
+        scenario=SCENARIO,
+        model=args.model,
+        dtype=facts.get("dtype"),
+        tp=tp,
+        pp=1,
+        prompt_len=L,
+        gen_len=G,
+        card=facts.get("card", card_name()),
+        n_gpus=tp if on_cuda else 0,
+        torch=facts.get("torch", torch_version()),
+    )
+
+    def worker_split(entries: list[dict]) -> str:
+        w = [e["worker"] for e in entries if e["worker"]["busy_s"] is not None]
+        if not w:
+            return "worker timing unavailable"
+        busy = statistics.median(x["busy_s"] for x in w)
+        gaps = [x["gap_s"] for x in w if x["gap_s"] is not None]
+        gap = statistics.median(gaps) if gaps else float("nan")
+        return (
+            f"worker-side per decode step (replying rank, median): sample_step {busy * 1e3:.2f} ms "
+            f"busy (to a device sync), {gap * 1e3:.2f} ms idle before the next step arrives "
+            f"(ZeroMQ round trip + controller reply handling, scheduling, step message)"
+        )
+
+    attn = (
+        f"attention: flash varlen {'paged' if facts.get('flash_paged') else 'unpaged only'}"
+        f" (varlen_attn args {facts.get('varlen_args')}), use_flash after run "
+        f"{(run['facts_after'] or {}).get('use_flash')}"
+        if facts
+        else ""
+    )
+    hf_note = "no HF baseline"
+    if hf1:
+        hf_note = f"HF: time(1 new) {hf1['one_s']}, time({G} new) {hf1['full_s']} s at batch 1" + (
+            f"; batch {B}: time({G} new) {hfb['full_s']} s" if hfb else ""
+        )
+    records = [
+        Record(
+            metric="decode_latency_b1",
+            unit="ms/token",
+            value=per_tok_s * 1e3,
+            batch=1,
+            baseline_name=hf_name and hf_name + f" (t({G}) - t(1)) / {G - 1}",
+            baseline_value=hf_tok and hf_tok * 1e3,
+            ratio=hf_tok / per_tok_s if hf_tok else None,
+            limit_value=decode_floor * 1e3,
+            of_limit=decode_floor / per_tok_s,
+            notes=f"Engine.infer of one {L}-token prompt, {G} new tokens greedy, ignore_eos; "
+            f"Completion.timings.per_output_token_s, median of {len(per_tok)} "
+            f"({', '.join(f'{x * 1e3:.2f}' for x in per_tok)} ms); floor = ({weights / 1e9:.3f} GB "
+            f"weights per GPU + {kv_tok / 1e3:.1f} kB KV per token per GPU x {L + G / 2:.0f} "
+            f"mean context) / {bandwidth / 1e9:.0f} GB/s copy bandwidth; "
+            f"{worker_split(run['single'])}; {attn}; {hf_note}; engine start {run['start_s']:.1f} s",
+            **common,
+        ),
+        Record(
+            metric="throughput",
+            unit="tokens/s",
+            value=rate_tok,
+            batch=B,
+            baseline_name=hf_name and hf_name + f", batch {B}",
+            baseline_value=hf_rate,
+            ratio=rate_tok / hf_rate if hf_rate else None,
+            limit_value=ceiling,
+            of_limit=rate_tok / ceiling,
+            notes=f"{B} concurrent Engine.infer ({L}-token prompts, {G} new tokens greedy, "
+            f"ignore_eos) via asyncio.gather; output tokens / wall time from submission to the "
+            f"last completion, prefill included, median of {len(rates)} "
+            f"({', '.join(f'{x:.0f}' for x in rates)} tokens/s); ceiling = {B * G} tokens / "
+            f"floor time {floor_total * 1e3:.1f} ms (prefill max(2 * {mparams} params * {B * L} "
+            f"tokens / matmul rate, weights / bandwidth) + {G - 1} decode steps of (weights + "
+            f"{B} x context x KV per token) / bandwidth); per-request median ms/token "
+            f"{statistics.median(b['per_token_s'] for b in run['batched']) * 1e3:.2f}; "
+            f"{worker_split(run['batched'])}",
+            **common,
+        ),
+        Record(
+            metric="first_token_latency_b1",
+            unit="ms",
+            value=first_s * 1e3,
+            batch=1,
+            baseline_name=hf_name and hf_name + " time(1 new token)",
+            baseline_value=hf_first and hf_first * 1e3,
+            ratio=hf_first / first_s if hf_first else None,
+            limit_value=prefill_floor * 1e3,
+            of_limit=prefill_floor / first_s,
+            notes=f"Completion.timings.first_token_s of the batch-1 requests ({L}-token prompt), "
+            f"median; floor = max(2 * {mparams} matmul params * {L} / matmul rate, weights / "
+            f"bandwidth)",
+            **common,
+        ),
+        Record(
+            metric="matmul_rate",
+            unit="TFLOP/s",
+            value=rate / 1e12,
+            notes=f"slowest of {len(used)} card(s), {args.matmul_size or 'default'} square, "
+            "measured by the bench process",
+            **common,
+        ),
+        Record(
+            metric="copy_bandwidth",
+            unit="GB/s",
+            value=bandwidth / 1e9,
+            notes="device-to-device, bytes read + written; slowest card",
+            **common,
+        ),
+    ]
+    return records
+
+
+def print_table(records: list[Record]) -> None:
+    print(
+        f"\n{'tp':>3} {'metric':<24} {'energon':>10} {'baseline':>10} {'ratio':>6} "
+        f"{'limit':>10} {'of_limit':>8}  unit"
+    )
+    for r in records:
+        if r.metric in ("matmul_rate", "copy_bandwidth"):
+            print(
+                f"{r.tp:>3} {r.metric:<24} {r.value:>10.4g} {'':>10} {'':>6} {'':>10} {'':>8}  {r.unit}"
+            )
+            continue
+        base = f"{r.baseline_value:>10.4g}" if r.baseline_value is not None else f"{'-':>10}"
+        ratio = f"{r.ratio:>6.2f}" if r.ratio is not None else f"{'-':>6}"
+        print(
+            f"{r.tp:>3} {r.metric:<24} {r.value:>10.4g} {base} {ratio} "
+            f"{r.limit_value:>10.4g} {r.of_limit:>8.3f}  {r.unit}"
+        )
+
+
+def _run_async(coro):
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    if getattr(uvloop, "run", None) is None:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main(args: argparse.Namespace) -> int:
+    os.environ.update(CHILD_ENV)
+    t_start = time.perf_counter()
+    device = args.device
+    gpus = visible_gpus()
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    spec = resolve(args.model)
+    config = spec.config
+    dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    dtype = pick_dtype(args.dtype, config, dev)
+    dtype_name = str(dtype).removeprefix("torch.")
+    prompts = make_prompts(config["vocab_size"], args.batch, args.prompt_len, args.seed)
+    tps = [int(t) for t in args.tp.split(",")]
+    if device == "cuda":
+        skipped = [t for t in tps if t > gpus]
+        tps = [t for t in tps if t <= gpus]
+        for t in skipped:
+            print(f"skip tp={t}: {gpus} GPU(s) visible", flush=True)
+    per_tok = kv_bytes_per_token(config, dtype)
+    blocks = args.batch * -(-(args.prompt_len + args.gen_len) // 16)
+    kv_memory = int(1.5 * per_tok * 16 * blocks) + (64 << 20) if per_tok else None
+    print(
+        f"energon bench generate: {args.model} ({dtype_name}) on {device} ({gpus} GPU(s)), "
+        f"prompt {args.prompt_len}, {args.gen_len} new tokens, batch 1 and {args.batch}, "
+        f"tp {tps}, KV cache {kv_memory and kv_memory / 2**30:.2f} GiB",
+        flush=True,
+    )
+    size = args.matmul_size or (8192 if device == "cuda" else 512)
+    copy_bytes = (args.copy_mib or (1024 if device == "cuda" else 64)) << 20
+    limits = measure_limits(device, max(tps, default=1), size, copy_bytes, dtype)
+    print(f"limits: {limits}", flush=True)
+
+    raw: dict = {"limits": limits, "runs": [], "hf": None, "args": vars(args)}
+    out_dir = Path(args.out) if args.out else None
+    records: list[Record] = []
+
+    def save() -> Path:
+        if args.raw:
+            Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.raw).write_text(json.dumps(raw, indent=1, default=str) + "\n")
+        return write_results(SCENARIO, records, out_dir)
+
+    hf = None
+    for i, tp in enumerate(tps):
+        elapsed = time.perf_counter() - t_start
+        if i and args.time_budget and elapsed > args.time_budget:
+            print(f"skip tp={tp}: {elapsed:.0f} s elapsed, over --time-budget", flush=True)
+            continue
+        print(f"tp={tp}: starting the Engine at {elapsed:.0f} s", flush=True)
+        try:
+            run = _run_async(measure_engine(args, tp, device, dtype_name, prompts, kv_memory))
+        except Exception as exc:  # noqa: BLE001 - keep what earlier tp sizes measured
+            print(f"tp={tp} failed: {exc!r}", flush=True)
+            raw["runs"].append({"tp": tp, "error": repr(exc)})
+            if records:
+                save()
+            continue
+        raw["runs"].append(run)
+        print(
+            f"tp={tp}: done at {time.perf_counter() - t_start:.0f} s: "
+            f"{json.dumps(run, default=str)[:2500]}",
+            flush=True,
+        )
+        if hf is None and args.hf == "on":  # after the Engine let go of the card
+            try:
+                hf = measure_hf(args, config, dev, dtype, prompts)
+            except Exception as exc:  # noqa: BLE001 - the Engine's figures still count
+                print(f"HF baseline failed: {exc!r}", flush=True)
+                hf = {"error": repr(exc), "transformers": "?"}
+            raw["hf"] = hf
+            print(f"hf: {hf}", flush=True)
+        hf_ok = hf if hf and "error" not in hf else None
+        records = [r for r in records if r.tp != tp]
+        records += build_records(args, run, hf_ok, limits)
+        save()
+    if not records:
+        print("nothing measured", file=sys.stderr)
+        return 1
+    print_table(records)
+    for r in records:
+        if r.metric in ("decode_latency_b1", "throughput"):
+            print(f"tp={r.tp} {r.metric}: {r.notes}")
+    path = save()
+    print(f"wrote {path} ({time.perf_counter() - t_start:.0f} s)")
+    return 0

@@ -1,0 +1,102 @@
+"""`energon bench generate` on CPU with the tiny preset: what it writes, not how fast it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from energon.bench import generate
+from energon.bench.cli import SCENARIOS
+
+FIELDS = {
+    "scenario", "model", "dtype", "tp", "pp", "batch", "prompt_len", "gen_len", "metric", "unit",
+    "value", "baseline_name", "baseline_value", "ratio", "limit_value", "of_limit", "card",
+    "n_gpus", "torch", "git_sha",
+}  # fmt: skip
+POINTS = {"decode_latency_b1", "throughput", "first_token_latency_b1"}
+
+
+def parse(argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    generate.add_arguments(parser)
+    return parser.parse_args(argv.split())
+
+
+def test_generate_is_a_bench_scenario():
+    assert SCENARIOS["generate"] == "energon.bench.generate"
+
+
+def test_prompts_are_seeded_token_ids_of_the_asked_length():
+    a = generate.make_prompts(260, 3, 10, seed=1)
+    assert a == generate.make_prompts(260, 3, 10, seed=1)
+    assert a != generate.make_prompts(260, 3, 10, seed=2)
+    assert [len(p) for p in a] == [10, 10, 10]
+    assert all(4 <= t < 260 for p in a for t in p)
+
+
+def test_worker_log_summary_splits_decode_steps_into_busy_and_idle():
+    log = [(0.0, 1.0, 2, 20), (1.5, 2.0, 2, 2), (2.5, 3.0, 2, 2), (3.5, 4.0, 2, 2)]
+    s = generate.summarize_log(log, 2)
+    assert s["steps"] == 4 and s["decode_steps"] == 3
+    assert s["busy_s"] == pytest.approx(0.5)
+    assert s["gap_s"] == pytest.approx(0.5)
+    assert s["period_s"] == pytest.approx(1.0)
+    assert s["prefill_busy_s"] == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[list[dict], dict]:
+    out = tmp_path_factory.mktemp("results")
+    raw = out.parent / "generate-raw.json"
+    args = parse(
+        f"--model tiny --device cpu --tp 1 --prompt-len 8 --gen-len 4 --batch 3 --repeat 1 "
+        f"--batch-repeat 1 --hf-repeat 1 --profile --out {out} --raw {raw}"
+    )
+    assert generate.main(args) == 0
+    (path,) = out.iterdir()
+    assert path.name.endswith("-generate.json")
+    return json.loads(path.read_text()), json.loads(raw.read_text())
+
+
+def test_every_record_has_the_benchmark_fields(run):
+    records, _ = run
+    assert {r["metric"] for r in records} == POINTS | {"matmul_rate", "copy_bandwidth"}
+    for r in records:
+        assert FIELDS <= r.keys()
+        assert r["scenario"] == "generate" and r["model"] == "tiny"
+        assert r["tp"] == 1 and r["pp"] == 1 and r["n_gpus"] == 0
+        assert r["prompt_len"] == 8 and r["gen_len"] == 4
+        assert r["value"] > 0 and r["card"] and r["torch"]
+
+
+def test_measured_points_carry_baseline_ratio_and_limit(run):
+    records, _ = run
+    by_metric = {r["metric"]: r for r in records}
+    assert by_metric["decode_latency_b1"]["batch"] == 1
+    assert by_metric["throughput"]["batch"] == 3
+    for metric in POINTS:
+        r = by_metric[metric]
+        assert r["baseline_name"].startswith("HF transformers")
+        assert r["baseline_value"] > 0 and r["ratio"] > 0
+        assert r["limit_value"] > 0 and 0 < r["of_limit"]
+        assert r["notes"]
+    # ratio > 1 means Energon wins: baseline time / Energon time, or Energon rate / baseline rate
+    d, t = by_metric["decode_latency_b1"], by_metric["throughput"]
+    assert d["ratio"] == pytest.approx(d["baseline_value"] / d["value"])
+    assert t["ratio"] == pytest.approx(t["value"] / t["baseline_value"])
+    assert d["of_limit"] == pytest.approx(d["limit_value"] / d["value"])
+    assert t["of_limit"] == pytest.approx(t["value"] / t["limit_value"])
+
+
+def test_raw_figures_hold_worker_timing_and_profiles(run):
+    _, raw = run
+    (engine,) = raw["runs"]
+    assert engine["facts"][0]["rank"] == 0
+    single = engine["single"][0]
+    assert single["tokens"] == 4
+    assert single["worker"]["decode_steps"] == 3 and single["worker"]["busy_s"] > 0
+    assert engine["batched"][0]["tokens"] == 12
+    assert set(engine["profiles"]) == {"1", "3"}
+    assert raw["hf"]["1"]["full_s"] and raw["hf"]["3"]["full_s"]

@@ -8,6 +8,8 @@ import importlib
 SCENARIOS = {
     "actors": "energon.bench.actors",
     "forward": "energon.bench.forward",
+    "generate": "energon.bench.generate",
+    "pool": "energon.bench.pool",
     "serve": "energon.bench.serve",
 }
 

@@ -22,6 +22,7 @@ A layer whose copy was not issued (a step that failed half-way) is copied when i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -148,6 +149,7 @@ class OffloadedStage:
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.ready = [torch.cuda.Event() if cuda else None for _ in range(self.num_buffers)]
         self.free = [torch.cuda.Event() if cuda else None for _ in range(self.num_buffers)]
+        self.peer_streams: dict[int, torch.cuda.Stream] = {}  # side streams of lenders' GPUs
 
     @property
     def pooled_bytes(self) -> int:
@@ -200,7 +202,7 @@ class OffloadedStage:
         if self.stream is None:
             self.staging[b][:size].copy_(region[:size])
         else:
-            with torch.cuda.stream(self.stream):
+            with torch.cuda.stream(self.stream), self._source_stream(region):
                 self.stream.wait_event(self.free[b])
                 self.staging[b][:size].copy_(region[:size], non_blocking=True)
                 self.ready[b].record(self.stream)
@@ -208,6 +210,16 @@ class OffloadedStage:
         self.copies += 1
         if self.trace is not None:
             self.trace.append(("copy", self.indices[j]))
+
+    def _source_stream(self, region: torch.Tensor):
+        """torch runs a copy from another GPU on the *source* device's current stream; make that
+        a side stream too, or the copies land on the lender GPU's legacy default stream."""
+        if region.device.type != "cuda" or region.device == self.device:
+            return contextlib.nullcontext()
+        index = region.device.index
+        if index not in self.peer_streams:
+            self.peer_streams[index] = torch.cuda.Stream(region.device)
+        return torch.cuda.stream(self.peer_streams[index])
 
     def _before(self, j: int, module, args) -> None:
         b = j % self.num_buffers
@@ -251,6 +263,8 @@ class OffloadedStage:
         """Drops every view of the pooled regions; a later step raises LeaseRevoked."""
         if self.stream is not None:
             self.stream.synchronize()
+        for stream in self.peer_streams.values():
+            stream.synchronize()
         self.regions = [None] * len(self.layers)
         self.holds = [-1] * self.num_buffers
         self.revoked = True

@@ -1,8 +1,9 @@
 """ZeroMQ sockets driven by an asyncio loop without polling: one ROUTER, DEALERs, a drain-on-ready reader.
 
 A ZeroMQ socket's file descriptor is edge-triggered and also resets when the socket itself processes
-commands during a send. So the reader drains every ready message when the descriptor fires, and
-`kick()` schedules one more drain after this side has sent (cheap: one EVENTS read).
+commands during a send. So the reader drains every ready message when the descriptor fires (until
+a receive finds none), and `kick()` makes sure there is one more look after this side has sent:
+one per turn of the loop, however many messages were sent in it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import asyncio
 from collections.abc import Callable
 
 import zmq
+import zmq.backend
 
 POLLIN = int(zmq.POLLIN)
 EVENTS = int(zmq.EVENTS)
 RCVMORE = int(zmq.RCVMORE)
 SNDMORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
+# pyzmq's Socket.send less its Python wrapper (which only handles RADIO groups / SERVER routing ids)
+_send = zmq.backend.Socket.send
 # Frames below this are copied into ZeroMQ (cheaper than pinning a Python buffer); larger ones
 # are sent straight from their own memory.
 ZERO_COPY_MIN = 64 * 1024
@@ -26,7 +30,17 @@ def send(sock: zmq.Socket, frames: list) -> None:
     """Sends frames as one multipart message; large frames without a copy."""
     last = len(frames) - 1
     for i, frame in enumerate(frames):
-        sock.send(frame, SNDMORE if i < last else 0, copy=len(frame) < ZERO_COPY_MIN)
+        _send(sock, frame, SNDMORE if i < last else 0, len(frame) < ZERO_COPY_MIN)
+
+
+def send_to(sock: zmq.Socket, ident: bytes, frames: list) -> None:
+    """Sends frames to the ROUTER peer named ident; raises zmq.ZMQError (EHOSTUNREACH) before
+    anything is queued if no such peer is connected."""
+    _send(sock, ident, SNDMORE)
+    if len(frames) == 1 and len(frames[0]) < ZERO_COPY_MIN:
+        _send(sock, frames[0])
+    else:
+        send(sock, frames)
 
 
 def recv(sock: zmq.Socket, flags: int = 0, head: int = 1) -> list:
@@ -36,6 +50,12 @@ def recv(sock: zmq.Socket, flags: int = 0, head: int = 1) -> list:
     frames = [sock.recv(flags)]
     while sock.getsockopt(RCVMORE):
         frames.append(sock.recv(flags, copy=len(frames) < head))
+    return frames
+
+
+def _recv_rest(sock: zmq.Socket, frames: list, head: int) -> list:
+    while sock.getsockopt(RCVMORE):
+        frames.append(sock.recv(0, copy=len(frames) < head))
     return frames
 
 
@@ -89,32 +109,58 @@ class LoopReader:
         self.fd = sock.getsockopt(zmq.FD)
         self._scheduled = False
         self._closed = False
-        loop.add_reader(self.fd, self.drain)
+        loop.add_reader(self.fd, self._on_readable)
         self._scheduled = True
         loop.call_soon(self.drain)
 
+    def _on_readable(self) -> None:
+        # Handle the first message at once, then let the callers its handler woke run before
+        # looking for more: the look (one EVENTS read) then also covers their sends (kick()).
+        if self._closed:
+            return
+        try:
+            first = self.sock.recv(NOBLOCK)
+        except zmq.Again:  # this receive re-armed the descriptor
+            return
+        self._handle(_recv_rest(self.sock, [first], self.head))
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._look)
+
     def kick(self) -> None:
         """Call after sending on the socket: a send can swallow the descriptor's edge, so look
-        (cheaply) whether a message is already waiting and, if so, drain on the next turn."""
-        if not self._scheduled and not self._closed and self.sock.getsockopt(EVENTS) & POLLIN:
+        whether a message is already waiting once this turn of the loop is over."""
+        if not self._scheduled and not self._closed:
             self._scheduled = True
-            self.loop.call_soon(self.drain)
+            self.loop.call_soon(self._look)
+
+    def _look(self) -> None:
+        self._scheduled = False
+        if not self._closed and self.sock.getsockopt(EVENTS) & POLLIN:
+            self.drain()
 
     def drain(self) -> None:
+        """Handles every message waiting (up to DRAIN_BATCH; then continues on a later turn)."""
         self._scheduled = False
-        sock, handler = self.sock, self.handler
+        sock, head, again = self.sock, self.head, zmq.Again
         for _ in range(DRAIN_BATCH):
-            if self._closed or not sock.getsockopt(EVENTS) & POLLIN:
+            if self._closed:
                 return
-            frames = recv(sock, NOBLOCK, self.head)
             try:
-                handler(frames)
-            except Exception as exc:  # a handler bug must not stop the drain and wedge the socket
-                self.loop.call_exception_handler(
-                    {"message": "energon.actors: message handler raised", "exception": exc}
-                )
+                first = sock.recv(NOBLOCK)
+            except again:  # none left; this receive also re-armed the descriptor
+                return
+            self._handle(_recv_rest(sock, [first], head))
         self._scheduled = True  # more are waiting: continue after other callbacks had their turn
         self.loop.call_soon(self.drain)
+
+    def _handle(self, frames: list) -> None:
+        try:
+            self.handler(frames)
+        except Exception as exc:  # a handler bug must not stop the drain and wedge the socket
+            self.loop.call_exception_handler(
+                {"message": "energon.actors: message handler raised", "exception": exc}
+            )
 
     def close(self) -> None:
         if not self._closed:

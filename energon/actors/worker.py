@@ -22,7 +22,7 @@ import traceback
 
 import zmq
 
-from energon.actors import context, protocol, transport
+from energon.actors import context, protocol, shm, transport
 from energon.errors import ProtocolError
 
 STATS_METHOD = "__energon_stats__"
@@ -62,9 +62,9 @@ def _error_frames(msg_id: int, exc: BaseException) -> list:
     return protocol.encode("error", msg_id, None, protocol.error_meta(exc, tb))
 
 
-def _reply_frames(msg_id: int, result) -> list:
+def _reply_frames(msg_id: int, result, out: shm.SegmentWriter | None) -> list:
     try:
-        return protocol.encode("reply", msg_id, None, {"result": result})
+        return protocol.encode_reply(msg_id, result, out)
     except Exception as exc:  # the result cannot travel: say so instead of replying nothing
         return _error_frames(msg_id, exc)
 
@@ -84,27 +84,37 @@ class SyncChannel:
         sock.send(protocol.encode("hello", 0, None, w.hello_meta("sync"))[0])
         try:
             while True:
-                frames = transport.recv(sock)
-                try:
-                    msg = protocol.decode(frames, w.limits)
-                except ProtocolError as exc:
-                    w.count("invalid")
-                    if getattr(exc, "kind", None) in ("call", "init"):
-                        transport.send(sock, _error_frames(exc.msg_id, exc))
-                    continue
-                if msg.kind == "call":
-                    self._call(msg)
-                elif msg.kind == "init":
-                    self._init(msg)
-                elif msg.kind == "shutdown":
+                # _handle returns after dropping the message, so the shared-memory blocks of its
+                # arguments are already free when the reply reaches the controller
+                reply = self._handle(transport.recv(sock))
+                if reply is _STOP:
                     break
-                else:
-                    w.count("dropped")
+                if reply is not None:
+                    transport.send(sock, reply)
         finally:
             sock.close(linger=1000)
             w.loop.call_soon_threadsafe(w.sync_finished)
 
-    def _init(self, msg: protocol.Message) -> None:
+    def _handle(self, frames: list) -> list | None:
+        """The frames to answer a message with (None: no answer, _STOP: leave)."""
+        w = self.worker
+        try:
+            msg = protocol.decode(frames, w.limits, w.shm_in)
+        except ProtocolError as exc:
+            w.count("invalid")
+            if getattr(exc, "kind", None) in ("call", "init"):
+                return _error_frames(exc.msg_id, exc)
+            return None
+        if msg.kind == "call":
+            return self._call(msg)
+        if msg.kind == "init":
+            return self._init(msg)
+        if msg.kind == "shutdown":
+            return _STOP
+        w.count("dropped")
+        return None
+
+    def _init(self, msg: protocol.Message) -> list:
         w, meta = self.worker, msg.meta
         try:
             cls = resolve_target(meta["target"])
@@ -115,18 +125,21 @@ class SyncChannel:
             actor = cls(*meta["args"], **meta["kwargs"])
             table = method_table(actor)
         except BaseException as exc:
-            transport.send(self.sock, _error_frames(msg.id, exc))
-            return
+            return _error_frames(msg.id, exc)
+        link = shm.accept(meta["shm"])
+        if link is not None:
+            w.shm_in, w.shm_out = link.reader, link.writer
         self.methods = {n: getattr(actor, n) for n, is_async in table.items() if not is_async}
         w.async_methods = {n: getattr(actor, n) for n, is_async in table.items() if is_async}
-        transport.send(self.sock, protocol.encode("ready", msg.id, None, {"methods": table}))
+        ready = {"methods": table, "shm": link is not None}
+        return protocol.encode("ready", msg.id, None, ready)
 
-    def _call(self, msg: protocol.Message) -> None:
+    def _call(self, msg: protocol.Message) -> list | None:
         cancelled = self.worker.cancelled
         if cancelled:
             if msg.id in cancelled:
                 cancelled.discard(msg.id)
-                return
+                return None
             if len(cancelled) > 64:  # ids only grow: older entries name calls already done
                 cancelled.difference_update([i for i in list(cancelled) if i < msg.id])
         self.last_id = msg.id
@@ -134,14 +147,19 @@ class SyncChannel:
         try:
             if fn is None:
                 raise AttributeError(f"actor has no public sync method {msg.method!r}")
-            frames = _reply_frames(msg.id, fn(*msg.meta["args"], **msg.meta["kwargs"]))
+            return _reply_frames(
+                msg.id, fn(*msg.meta["args"], **msg.meta["kwargs"]), self.worker.shm_out
+            )
         except BaseException as exc:
-            frames = _error_frames(msg.id, exc)
-            if not isinstance(exc, Exception):  # SystemExit / KeyboardInterrupt: end the worker
-                transport.send(self.sock, frames)
-                self.worker.loop.call_soon_threadsafe(self.worker.stop, EXIT_ACTOR_EXIT)
-                return
-        transport.send(self.sock, frames)
+            if isinstance(exc, Exception):
+                return _error_frames(msg.id, exc)
+            # SystemExit / KeyboardInterrupt: answer, then end the worker
+            transport.send(self.sock, _error_frames(msg.id, exc))
+            self.worker.loop.call_soon_threadsafe(self.worker.stop, EXIT_ACTOR_EXIT)
+            return None
+
+
+_STOP: list = []
 
 
 class Worker:
@@ -153,6 +171,8 @@ class Worker:
         self.limits = limits
         self.connect_timeout = connect_timeout
         self.async_methods: dict = {}
+        self.shm_in: shm.SegmentReader | None = None  # set at init if shared memory works
+        self.shm_out: shm.SegmentWriter | None = None
         self.tasks: dict[int, asyncio.Task] = {}
         self.cancelled: set[int] = set()
         self.counters = {"invalid": 0, "dropped": 0}
@@ -227,7 +247,7 @@ class Worker:
     def _on_message(self, frames: list) -> None:
         self.last_rx = time.monotonic()
         try:
-            msg = protocol.decode(frames, self.limits)
+            msg = protocol.decode(frames, self.limits, self.shm_in)
         except ProtocolError as exc:
             self.count("invalid")
             if getattr(exc, "kind", None) == "call":
@@ -253,7 +273,9 @@ class Worker:
         fn = self.async_methods.get(msg.method)
         if fn is None:
             if msg.method == STATS_METHOD:
-                self._send(_reply_frames(msg.id, dict(self.counters)))
+                out = self.shm_out
+                stats = dict(self.counters, shm_fallbacks=out.fallbacks if out else 0)
+                self._send(_reply_frames(msg.id, stats, None))
                 return
             err = AttributeError(f"actor has no public async method {msg.method!r}")
             self._send(_error_frames(msg.id, err))
@@ -267,7 +289,7 @@ class Worker:
 
     async def _run_async(self, msg_id: int, coro) -> None:
         try:
-            frames = _reply_frames(msg_id, await coro)
+            frames = _reply_frames(msg_id, await coro, self.shm_out)
         except asyncio.CancelledError:
             return  # cancelled by the controller (or shutdown): nobody waits for a reply
         except Exception as exc:

@@ -78,12 +78,19 @@ async def measure_energon(sizes: dict[str, int], n: int, n_large: int, window: i
 
 
 def memcpy_seconds(size: int, reps: int = 10) -> float:
-    """Median time of one plain copy of size bytes (torch, this machine)."""
+    """Median time of one plain copy of size bytes on this machine: the faster of torch's copy_
+    (multi-threaded) and numpy's copyto (one thread, memcpy), so the limit is the tighter one."""
+    import numpy as np
     import torch
 
     src, dst = torch.randn(size // 4), torch.empty(size // 4)
+    a, b = src.numpy(), dst.numpy()
     dst.copy_(src)
-    return statistics.median(baselines.timed(lambda: dst.copy_(src), reps))
+    np.copyto(b, a)
+    return min(
+        statistics.median(baselines.timed(lambda: dst.copy_(src), reps)),
+        statistics.median(baselines.timed(lambda: np.copyto(b, a), reps)),
+    )
 
 
 def run_energon(args, sizes, n, n_large, window, rounds) -> dict:
@@ -181,7 +188,7 @@ def build_records(runs: dict, copy_s: float, args) -> list[Record]:
     rate = moved / e["64 MiB median"] / 1e9
     limit = moved / (2 * copy_s) / 1e9
     records.append(Record(SCENARIO, "64 MiB echo throughput (bytes there and back / time)", "GB/s", rate,
-                          baseline_name="plain memory copy (torch copy_)", baseline_value=limit,
+                          baseline_name="plain memory copy (best of torch copy_, numpy copyto)", baseline_value=limit,
                           ratio=rate / limit, limit_value=limit, of_limit=rate / limit, notes=note))  # fmt: skip
     return records
 

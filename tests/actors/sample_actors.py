@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 
 from energon.actors import actor_context
+
+
+def mapping_of(address: int) -> str:
+    """The path of this process's memory mapping that holds address ("" if anonymous / none)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5].strip() if len(fields) > 5 else ""
+    return ""
+
+
+def digest(t) -> str:
+    """sha256 of a tensor's dtype, shape and values (row-major bytes)."""
+    import torch
+
+    raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return hashlib.sha256(f"{t.dtype}{list(t.shape)}".encode() + raw).hexdigest()
 
 
 class Echo:
@@ -16,6 +36,7 @@ class Echo:
         self.tag = tag
         self.scale = scale
         self.records: list = []
+        self.held: list = []
         self.cancelled = 0
         self._cancel_seen = asyncio.Event()
 
@@ -64,6 +85,22 @@ class Echo:
     def _private(self):
         return "secret"
 
+    def digest(self, t):
+        """What arrived, as a digest, and which mapping it views."""
+        return {"digest": digest(t), "mapping": mapping_of(t.data_ptr())}
+
+    def random_tensor(self, dtype: str, shape: list, seed: int):
+        import torch
+
+        return random_bits(getattr(torch, dtype), shape, seed)
+
+    def hold(self, t):
+        self.held.append(t)
+        return None
+
+    def held_digests(self):
+        return [digest(t) for t in self.held]
+
     async def aecho(self, value, delay=0.0):
         await asyncio.sleep(delay)
         return value
@@ -97,3 +134,17 @@ class Echo:
 class FailsToStart:
     def __init__(self, message):
         raise RuntimeError(message)
+
+
+def random_bits(dtype, shape, seed: int):
+    """A tensor of arbitrary bit patterns (NaNs included) of dtype and shape."""
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape) * dtype.itemsize
+    bits = torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
+    if dtype == torch.bool:
+        bits &= 1  # a bool byte other than 0/1 is not a value torch keeps through a copy
+    return bits.view(dtype).reshape(shape)

@@ -62,7 +62,7 @@ async def test_attached_worker_exits_when_the_controller_goes_silent():
         "actors.sample_actors:Echo", 1, address=address, heartbeat_timeout=1.0, start_timeout=30
     )
     try:
-        group._timer.cancel()  # the controller stops heartbeating, as if it had hung or died
+        group._liveness.stop_heartbeats()  # the controller stops heartbeating, as if it had hung or died
         assert await asyncio.wait_for(worker.wait(), 10) == 3
     finally:
         await group.shutdown(timeout=0.5)

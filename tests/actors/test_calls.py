@@ -164,7 +164,8 @@ async def test_unsendable_result_raises_remote_type_error(group):
 async def test_cancelling_the_awaiting_task_cancels_the_remote_call(group):
     before = await group[0].call("cancellations", 0, 0)
     task = asyncio.ensure_future(group[0].call("wait_forever"))
-    await group[0].call("ping")  # the call has arrived
+    # on the same (io) channel, so wait_forever is already running when this one answers
+    await group[0].call("aecho", None)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -193,7 +194,7 @@ async def test_reply_of_a_cancelled_running_call_is_dropped_and_counted(group):
 async def test_broadcast_cancel_cancels_every_rank(group):
     before = await group.broadcast("cancellations", 0, 0)
     fut = group.broadcast("wait_forever")
-    await group.broadcast("ping")
+    await group.broadcast("aecho", None)  # same channel: wait_forever runs on every rank
     fut.cancel()
     got = await asyncio.gather(
         *(group[r].call("cancellations", before[r] + 1, 5.0) for r in range(2))

@@ -55,6 +55,9 @@ def start_worker(
 
 def _worker_entry(address, rank, parent_pid, env, max_message_bytes, connect_timeout, loop):
     die_with_parent(parent_pid)
+    # Ctrl-C in a terminal reaches the whole process group: the controller owns a spawned
+    # worker's life (it drains requests, then shuts workers down), so the worker ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(env)
     from energon.actors.worker import run_worker
 

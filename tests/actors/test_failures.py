@@ -52,6 +52,16 @@ async def test_worker_killed_mid_call_fails_its_calls_within_the_bound():
         assert await group[0].call("echo", "still here") == "still here"
 
 
+async def test_spawned_worker_ignores_sigint_so_the_controller_decides_when_it_stops():
+    # Ctrl-C in a terminal signals the whole process group; the workers must outlive it so
+    # the controller can drain in-flight requests before shutting them down.
+    async with await spawn(1) as group:
+        pid = await group[0].call("pid")
+        os.kill(pid, signal.SIGINT)
+        assert await group[0].call("echo", "after SIGINT") == "after SIGINT"
+        assert group.is_alive(0)
+
+
 async def test_silent_worker_is_failed_after_heartbeat_timeout_and_killed():
     async with await spawn() as group:
         pid = await group[0].call("pid")

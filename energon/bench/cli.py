@@ -9,6 +9,7 @@ SCENARIOS = {
     "actors": "energon.bench.actors",
     "forward": "energon.bench.forward",
     "generate": "energon.bench.generate",
+    "paged-attention": "energon.bench.paged_attention",
     "pool": "energon.bench.pool",
     "serve": "energon.bench.serve",
 }

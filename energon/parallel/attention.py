@@ -10,10 +10,16 @@ runs with a mask that is causal by position and cut at each context length. On C
 memory-efficient kernel; on CPU the same code is the reference-checked path. The grid wastes
 compute only inside attention and only on ragged edges; linear layers never see a pad.
 The padded baseline (`meta.padded_shape`) skips the scatter and uses SDPA's causal kernel.
+
+Faster paths come first where they apply: flash varlen attention (CUDA, fp16/bf16, no ALiBi;
+over the paged cache only where torch's varlen_attn takes block tables), then for decode-like
+steps over the cache the Triton kernel of `energon.parallel.paged_attention`, which reads K/V
+from the cache pages in place instead of gathering them into the grid.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -49,6 +55,27 @@ def flash_usable(q: torch.Tensor, alibi: bool, cached: bool) -> bool:
     ):
         return False
     return not cached or {"block_table", "seqused_k"} <= _VARLEN_ARGS
+
+
+@functools.cache
+def _paged_kernels():
+    """energon.parallel.paged_attention, imported on first CUDA use; None without triton."""
+    try:
+        from energon.parallel import paged_attention
+    except ImportError:
+        return None
+    return paged_attention
+
+
+def paged_usable(q: torch.Tensor, meta: BatchMeta, num_heads: int, num_kv_heads: int) -> bool:
+    """Whether the Triton paged kernel can run this cached step: triton installed, CUDA,
+    fp16/bf16 and a decode-like query side (few new tokens per sequence)."""
+    if not q.is_cuda or meta.block_tables is None:
+        return False
+    kernels = _paged_kernels()
+    return kernels is not None and kernels.supports(
+        q, meta.max_seqlen_q, num_heads, num_kv_heads, q.shape[-1]
+    )
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -88,7 +115,8 @@ class Attention(nn.Module):
         self.scale = scale
         self.alibi_slopes = alibi_slopes  # plain attribute: never a checkpoint tensor
         self.kv_cache: torch.Tensor | None = None
-        self.use_flash = True  # tests turn it off to compare against the SDPA grid path
+        self.use_flash = True  # tests turn these off to compare against the SDPA grid path
+        self.use_paged = True
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: BatchMeta
@@ -109,6 +137,8 @@ class Attention(nn.Module):
             except (RuntimeError, TypeError):  # a page size or argument this build refuses
                 self.use_flash = False
                 out = self._varlen(q, k, v, meta, cached)
+        elif cached and self.use_paged and paged_usable(q, meta, self.num_heads, self.num_kv_heads):
+            out = self._paged(q, meta)
         else:
             out = self._varlen(q, k, v, meta, cached)
         return out.reshape(T, self.num_heads * self.head_dim)
@@ -158,6 +188,30 @@ class Attention(nn.Module):
                 **extra,
             )
         return _varlen_attn(q, k, v, cu_q, cu_q, meta.max_seqlen_q, meta.max_seqlen_q, **extra)
+
+    def _paged(self, q, meta):
+        """Decode-like step: the Triton kernel reads K/V through the block tables, no gather."""
+        return _paged_kernels().paged_attention(
+            q,
+            self.kv_cache,
+            meta.block_tables,
+            meta.context_lens,
+            meta.cu_seqlens,
+            meta.max_seqlen_q,
+            meta.max_context_len,
+            self.scale,
+            alibi_slopes=self._device_slopes(q.device),
+        )
+
+    def _device_slopes(self, device):
+        """The ALiBi slopes on `device`, copied there once (no host copy every step)."""
+        if self.alibi_slopes is None:
+            return None
+        source, copy = getattr(self, "_slopes_copy", (None, None))
+        if source is not self.alibi_slopes or copy.device != device:
+            copy = self.alibi_slopes.to(device, torch.float32)
+            self._slopes_copy = (self.alibi_slopes, copy)
+        return copy
 
     def _mask(self, q_pos, k_pos, allowed, dtype):
         """Boolean mask, or a float one carrying the ALiBi bias; [B, 1 or H, Lq, Lk]."""

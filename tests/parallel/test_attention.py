@@ -161,7 +161,7 @@ def test_cuda_flash_path_equals_reference_prefill_then_decode(dtype, block_size)
     lengths = [5, 1, 9, 33]
     seqs = random_seqs(lengths, seed=6)
     q, k, v = (x.to("cuda", dtype) for x in packed(seqs))
-    tol = 1e-2 if dtype == torch.bfloat16 else 5e-3
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3  # bf16 keeps 8 mantissa bits
     attn = Attention(H, HKV, D, D**-0.5).cuda()
     out = attn(q, k, v, BatchMeta.for_prefill(lengths, device="cuda")).cpu()
     assert_matches_reference(out, seqs, atol=tol)
@@ -172,7 +172,7 @@ def test_cuda_flash_path_equals_reference_prefill_then_decode(dtype, block_size)
     )
 
     attn.kv_cache = torch.zeros(2, 8, block_size, HKV, D, dtype=dtype, device="cuda")
-    tables = [[5], [2], [7], [0, 3] if block_size == 16 else [0]]
+    tables = [[5], [2], [7], [0, 3, 4] if block_size == 16 else [0]]  # 33 tokens: 3 x 16
     cut = [n - 1 if n > 1 else 1 for n in lengths]
     first = [[seq[i][: cut[b]] for i in range(3)] for b, seq in enumerate(seqs)]
     meta = BatchMeta.for_step(cut, cut, tables, block_size=block_size, device="cuda")

@@ -1,0 +1,321 @@
+"""Decode attention straight over the paged KV cache: a Triton kernel (flash-decoding style).
+
+`Attention` uses it for decode-like steps (every sequence has at most `MAX_QUERY_LEN` new tokens)
+on CUDA in fp16/bf16 when the flash varlen kernel cannot read the paged cache. Instead of
+gathering every sequence's keys into a dense grid, each program walks one sequence's block table
+and reads K/V tiles from the cache pages where they lie.
+
+One program per (sequence, KV head, context split). Its rows are that KV head's query heads
+(GQA) times the sequence's new tokens, padded to a tensor-core tile of at least 16 rows; the keys
+go by in tiles of `BLOCK_N` with an online softmax in fp32 (scores in the log2 domain). A query
+at position p sees keys 0..p, so several new tokens per sequence stay causal; ALiBi adds
+slope * (key_pos - query_pos). When the batch has too few (sequence, KV head) pairs to fill the
+GPU, the context is cut into splits, each program writes its partial output and log-sum-exp, and
+a second kernel combines them.
+
+Works with triton 3.6+ and in the interpreter (TRITON_INTERPRET=1 set before this module is
+imported: the tests run the kernels on CPU tensors that way).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_QUERY_LEN = 8  # new tokens per sequence up to which a step counts as decode-like
+MAX_ROWS = 128  # query rows of one program: heads per KV head x new tokens
+MIN_SPLIT_LEN = 256  # keys per split at least, when the context is split
+MAX_SPLITS = 16
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_attn_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    OutPart,
+    LsePart,
+    BlockTables,
+    ContextLens,
+    CuSeqlens,
+    Slopes,
+    qk_scale,  # softmax scale * log2(e)
+    split_len,  # keys per split, a multiple of BLOCK_N
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_ps,
+    stride_pt,
+    stride_ph,
+    stride_ls,
+    stride_lt,
+    HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr,  # query heads per KV head
+    PAGE: tl.constexpr,  # cache block size
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
+    SPLIT: tl.constexpr,  # write partials for the combine kernel instead of Out
+    IEEE: tl.constexpr,  # fp32 inputs: full-precision dots, not tf32
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ContextLens + seq)
+    q_start = tl.load(CuSeqlens + seq)
+    q_len = tl.load(CuSeqlens + seq + 1) - q_start
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = rows // GROUP  # which new token of the sequence
+    head = kvh * GROUP + rows % GROUP
+    row_ok = tok < q_len
+    q_pos = ctx - q_len + tok  # absolute position of each row's query
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+
+    q_ptrs = Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if USE_ALIBI:
+        slope = tl.load(Slopes + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    start = split * split_len
+    end = tl.minimum(start + split_len, ctx)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        page = tl.load(BlockTables + seq * stride_bt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+        slot = n % PAGE
+        k_ptrs = K + page[None, :] * stride_kb + slot[None, :] * stride_ks + kvh * stride_kh
+        k = tl.load(k_ptrs + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        k = k.to(q.dtype)  # [BLOCK_D, BLOCK_N]
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * qk_scale
+        if USE_ALIBI:
+            s += slope[:, None] * (n[None, :] - q_pos[:, None]).to(tl.float32)
+        s = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v_ptrs = V + page[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
+        v = tl.load(v_ptrs + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = v.to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    o_mask = row_ok[:, None] & d_ok[None, :]
+    if SPLIT:
+        p_ptrs = OutPart + split * stride_ps + (q_start + tok)[:, None] * stride_pt
+        tl.store(p_ptrs + head[:, None] * stride_ph + d[None, :], out, mask=o_mask)
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        l_ptrs = LsePart + split * stride_ls + (q_start + tok) * stride_lt + head
+        tl.store(l_ptrs, lse, mask=row_ok)
+    else:
+        o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh
+        tl.store(o_ptrs + d[None, :], out.to(Out.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _combine_kernel(
+    OutPart,
+    LsePart,
+    Out,
+    num_splits,
+    stride_ps,
+    stride_pt,
+    stride_ph,
+    stride_ls,
+    stride_lt,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Out[t, h] = the splits' partial outputs weighted by their share of the softmax mass."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < num_splits
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    lse = tl.load(LsePart + s * stride_ls + t * stride_lt + h, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits weigh 0
+    part_ptrs = OutPart + s[:, None] * stride_ps + t * stride_pt + h * stride_ph + d[None, :]
+    part = tl.load(part_ptrs, mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(Out + t * stride_ot + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=d_ok)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(
+    num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device
+) -> int:
+    """Split the context only while (sequence, KV head) programs cannot fill the GPU, aiming at
+    about two programs per SM and at least MIN_SPLIT_LEN keys per split."""
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
+    programs = num_seqs * num_kv_heads
+    if programs >= sms:
+        return 1
+    want = triton.cdiv(2 * sms, programs)
+    return max(1, min(want, triton.cdiv(max_context_len, MIN_SPLIT_LEN), MAX_SPLITS))
+
+
+def supports(
+    q: torch.Tensor, max_seqlen_q: int, num_heads: int, num_kv_heads: int, head_dim: int
+) -> bool:
+    """Whether `paged_attention` takes this call on a GPU: CUDA, fp16/bf16, a decode-like step."""
+    group = num_heads // num_kv_heads
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and max_seqlen_q <= MAX_QUERY_LEN
+        and max_seqlen_q * group <= MAX_ROWS
+        and head_dim <= 256
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen_q: int,
+    max_context_len: int,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Causal attention of packed queries over the paged cache; returns [T, H, D] in q's dtype.
+
+    q [T, H, D] (the new tokens, sequence after sequence as `cu_seqlens` [B+1] says); kv_cache
+    [2, num_blocks, block_size, Hkv, D] already holding the new tokens' keys and values;
+    block_tables int [B, max_blocks]; context_lens int [B] (keys visible to each sequence, new
+    ones included: its queries sit at the last positions); alibi_slopes float [H] or None.
+    `max_seqlen_q`/`max_context_len` are host ints (nothing is read back from the device).
+    """
+    T, H, D = q.shape
+    _, _, page, Hkv, Dk = kv_cache.shape
+    if Dk != D or H % Hkv:
+        raise ValueError(f"q {tuple(q.shape)} does not fit kv_cache {tuple(kv_cache.shape)}")
+    group = H // Hkv
+    B = context_lens.shape[0]
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    keys, values = kv_cache[0], kv_cache[1]
+    if keys.stride(-1) != 1:
+        raise ValueError("kv_cache needs a contiguous head_dim")
+    out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    if T == 0:
+        return out
+
+    block_m = max(16, triton.next_power_of_2(max_seqlen_q * group))
+    block_d = max(16, triton.next_power_of_2(D))
+    block_n = block_n or (64 if block_d <= 128 else 32)
+    if num_splits is None:
+        num_splits = default_num_splits(B, Hkv, max_context_len, q.device)
+    split_len = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max(max_context_len, 1), split_len)
+    split = num_splits > 1
+    if split:
+        out_part = torch.empty(num_splits, T, H, D, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(num_splits, T, H, dtype=torch.float32, device=q.device)
+    else:
+        out_part = lse_part = out  # unused
+    slopes = alibi_slopes.to(q.device, torch.float32) if alibi_slopes is not None else out
+
+    _paged_attn_kernel[(B, Hkv, num_splits)](
+        q,
+        keys,
+        values,
+        out,
+        out_part,
+        lse_part,
+        block_tables,
+        context_lens,
+        cu_seqlens,
+        slopes,
+        scale * LOG2E,
+        split_len,
+        q.stride(0),
+        q.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        out_part.stride(0) if split else 0,
+        out_part.stride(1) if split else 0,
+        out_part.stride(2) if split else 0,
+        lse_part.stride(0) if split else 0,
+        lse_part.stride(1) if split else 0,
+        HEAD_DIM=D,
+        GROUP=group,
+        PAGE=page,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        USE_ALIBI=alibi_slopes is not None,
+        SPLIT=split,
+        IEEE=q.dtype == torch.float32,
+        num_warps=num_warps,
+    )
+    if split:
+        _combine_kernel[(T, H)](
+            out_part,
+            lse_part,
+            out,
+            num_splits,
+            out_part.stride(0),
+            out_part.stride(1),
+            out_part.stride(2),
+            lse_part.stride(0),
+            lse_part.stride(1),
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=D,
+            BLOCK_D=block_d,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        )
+    return out

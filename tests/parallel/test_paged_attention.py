@@ -1,0 +1,280 @@
+"""The Triton paged decode-attention kernel equals a float64 softmax over the cached keys.
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors. The interpreter must be
+chosen before triton is first imported, and torch imports triton early, so the interpreted calls
+go to one spawned worker process that starts with TRITON_INTERPRET=1: the variable never reaches
+this test process or any other test. With CUDA the same cases run the compiled kernels on the
+GPU. Everything skips where triton is not installed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+
+import pytest
+import torch
+
+from energon.parallel.attention import Attention, alibi_slopes
+from energon.parallel.packing import BatchMeta
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _paged_attention(kwargs):
+    """Runs in the kernels' process: the interpreter worker, or this one on CUDA."""
+    from energon.parallel.paged_attention import paged_attention
+
+    return paged_attention(**kwargs)
+
+
+class Kernels:
+    """Calls paged_attention compiled on CUDA, else interpreted in a worker process."""
+
+    def __init__(self, pool=None):
+        self.pool = pool
+        self.device = "cpu" if pool else "cuda"
+
+    def paged_attention(self, **kwargs):
+        if self.pool is None:
+            return _paged_attention(kwargs)
+        return self.pool.apply(_paged_attention, (kwargs,))
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        yield Kernels()
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the worker, which starts right here
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(1)
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    try:
+        yield Kernels(pool)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def make_case(
+    query_lens,
+    context_lens,
+    heads=4,
+    kv_heads=2,
+    head_dim=64,
+    block_size=16,
+    dtype=torch.float32,
+    device="cpu",
+    seed=0,
+):
+    """Random q and a cache whose blocks are scattered over the pool (a shuffled block list);
+    returns (q [T, H, D], kv_cache, meta, per-sequence (k, v) [ctx, Hkv, D])."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-c // block_size) for c in context_lens]
+    num_blocks = sum(need) + 3  # a few blocks nobody owns
+    pool = list(range(num_blocks))
+    rng.shuffle(pool)
+    tables, at = [], 0
+    for n in need:
+        tables.append(pool[at : at + n])
+        at += n
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g)
+    q = torch.randn(sum(query_lens), heads, head_dim, generator=g)
+    meta = BatchMeta.for_step(query_lens, context_lens, tables, block_size, device=device)
+    cache, q = cache.to(device, dtype), q.to(device, dtype)
+    flat = cache.flatten(1, 2).cpu()
+    kv = []
+    for table, c in zip(tables, context_lens, strict=True):
+        slots = torch.tensor(
+            [table[j // block_size] * block_size + j % block_size for j in range(c)]
+        )
+        kv.append((flat[0][slots], flat[1][slots]))
+    return q, cache, meta, kv
+
+
+def reference(q, kv, query_lens, scale, slopes=None):
+    """float64: each sequence's queries sit at its last positions and see keys 0..position."""
+    out, start = [], 0
+    for (k, v), n in zip(kv, query_lens, strict=True):
+        qs = q[start : start + n].cpu().double()  # [n, H, D]
+        start += n
+        group = qs.shape[1] // k.shape[1]
+        k = k.double().repeat_interleave(group, 1)
+        v = v.double().repeat_interleave(group, 1)
+        ctx = k.shape[0]
+        q_pos = torch.arange(ctx - n, ctx)[:, None]
+        k_pos = torch.arange(ctx)[None, :]
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
+        if slopes is not None:
+            scores = scores + slopes.double()[:, None, None] * (k_pos - q_pos)
+        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        out.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
+    return torch.cat(out)
+
+
+def run_kernel(kernels, q, cache, meta, scale, slopes=None, **kwargs):
+    if slopes is not None:
+        slopes = slopes.to(q.device)
+    return kernels.paged_attention(
+        q=q,
+        kv_cache=cache,
+        block_tables=meta.block_tables,
+        context_lens=meta.context_lens,
+        cu_seqlens=meta.cu_seqlens,
+        max_seqlen_q=meta.max_seqlen_q,
+        max_context_len=meta.max_context_len,
+        scale=scale,
+        alibi_slopes=slopes,
+        **kwargs,
+    )
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa2", "mqa"])
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["no-alibi", "alibi"])
+def test_decode_equals_reference(kernels, use_alibi, kv_heads, block_size, head_dim, dtype):
+    query_lens, context_lens = [1, 1, 1, 1], [1, 37, 70, 16]
+    q, cache, meta, kv = make_case(
+        query_lens, context_lens, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+        dtype=dtype, device=kernels.device, seed=block_size + head_dim + kv_heads,
+    )  # fmt: skip
+    slopes = alibi_slopes(4) if use_alibi else None
+    scale = head_dim**-0.5
+    out = run_kernel(kernels, q, cache, meta, scale, slopes)
+    assert out.dtype == dtype and out.shape == q.shape
+    expected = reference(q, kv, query_lens, scale, slopes)
+    torch.testing.assert_close(out.double(), expected, atol=TOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 5])
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["no-alibi", "alibi"])
+def test_split_context_equals_reference(kernels, num_splits, use_alibi):
+    # 5 splits of a 150-key context leave the short sequences' later splits empty
+    query_lens, context_lens = [1, 1, 1], [150, 3, 64]
+    q, cache, meta, kv = make_case(query_lens, context_lens, device=kernels.device, seed=num_splits)
+    slopes = alibi_slopes(4) if use_alibi else None
+    out = run_kernel(kernels, q, cache, meta, 0.125, slopes, num_splits=num_splits, block_n=16)
+    expected = reference(q, kv, query_lens, 0.125, slopes)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_few_new_tokens_per_sequence_stay_causal(kernels, num_splits):
+    query_lens, context_lens = [1, 3, 2], [20, 45, 2]
+    q, cache, meta, kv = make_case(query_lens, context_lens, device=kernels.device, seed=7)
+    slopes = alibi_slopes(4)
+    out = run_kernel(kernels, q, cache, meta, 0.125, slopes, num_splits=num_splits, block_n=16)
+    expected = reference(q, kv, query_lens, 0.125, slopes)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_multi_head_and_odd_head_dim(kernels):
+    query_lens, context_lens = [1, 1], [33, 9]
+    q, cache, meta, kv = make_case(
+        query_lens, context_lens, kv_heads=4, head_dim=40, device=kernels.device, seed=8
+    )
+    out = run_kernel(kernels, q, cache, meta, 40**-0.5)
+    expected = reference(q, kv, query_lens, 40**-0.5)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_reference_matches_attention_tests_loop_reference():
+    """This file's vectorised reference equals test_attention's per-score loop."""
+    from test_attention import reference as loop_reference
+
+    query_lens, context_lens = [1, 2], [5, 7]
+    q, _, _, kv = make_case(query_lens, context_lens, head_dim=8, dtype=torch.float64)
+    slopes = alibi_slopes(4)
+    ours = reference(q, kv, query_lens, 8**-0.5, slopes)
+    theirs = torch.cat(
+        [
+            loop_reference(q[0:1], *kv[0], slopes),
+            loop_reference(q[1:3], *kv[1], slopes),
+        ]
+    )
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+
+
+def test_split_heuristic_fills_small_batches_only():
+    pytest.importorskip("triton")
+    from energon.parallel.paged_attention import MAX_SPLITS, default_num_splits
+
+    cpu = torch.device("cpu")  # 132 SMs assumed off CUDA
+    assert default_num_splits(64, 40, 2048, cpu) == 1
+    assert default_num_splits(1, 40, 2048, cpu) == 7
+    assert default_num_splits(1, 40, 300, cpu) == 2  # at least MIN_SPLIT_LEN keys each
+    assert default_num_splits(1, 1, 100_000, cpu) == MAX_SPLITS
+
+
+# --- compiled kernels on the GPU --------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["no-alibi", "alibi"])
+def test_cuda_kernel_equals_reference(kernels, dtype, use_alibi):
+    query_lens, context_lens = [1, 1, 2, 1], [1, 300, 129, 1000]
+    for block_size, head_dim, kv_heads in [(16, 128, 2), (32, 64, 1)]:
+        q, cache, meta, kv = make_case(
+            query_lens, context_lens, kv_heads=kv_heads, head_dim=head_dim,
+            block_size=block_size, dtype=dtype, device="cuda", seed=block_size,
+        )  # fmt: skip
+        slopes = alibi_slopes(4) if use_alibi else None
+        expected = reference(q, kv, query_lens, head_dim**-0.5, slopes)
+        for num_splits in (None, 1):  # None: the default, 4 splits here (few programs)
+            out = run_kernel(kernels, q, cache, meta, head_dim**-0.5, slopes, num_splits=num_splits)
+            torch.testing.assert_close(out.cpu().double(), expected, atol=TOL[dtype], rtol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["no-alibi", "alibi"])
+def test_cuda_attention_decode_takes_paged_kernel(kernels, monkeypatch, use_alibi):
+    """Prefill through the grid path, then decode through the kernel: both equal the reference
+    and the decode step never reaches the grid path."""
+    heads, kv_heads, head_dim, block_size = 8, 2, 64, 16
+    lengths = [40, 7, 130]
+    g = torch.Generator().manual_seed(3)
+    seqs = [
+        [torch.randn(n, h, head_dim, generator=g) for h in (heads, kv_heads, kv_heads)]
+        for n in lengths
+    ]
+    slopes = alibi_slopes(heads) if use_alibi else None
+    attn = Attention(heads, kv_heads, head_dim, head_dim**-0.5, alibi_slopes=slopes)
+    attn.use_flash = False  # a torch whose varlen_attn reads block tables would go there first
+    attn.kv_cache = torch.zeros(2, 32, block_size, kv_heads, head_dim, device="cuda").half()
+    pool = list(range(32))
+    random.Random(0).shuffle(pool)
+    tables, at = [], 0
+    for n in lengths:
+        tables.append(pool[at : at + -(-n // block_size)])
+        at += len(tables[-1])
+
+    def packed(lo, hi):
+        return [torch.cat([s[i][lo:hi].flatten(1) for s in seqs]).cuda().half() for i in range(3)]
+
+    prompt = [n - 1 for n in lengths]
+    meta = BatchMeta.for_step(prompt, prompt, tables, block_size, device="cuda")
+    attn(*packed(0, -1), meta)  # prefill: not decode-like, the grid path
+    monkeypatch.setattr(attn, "_varlen", lambda *a: pytest.fail("decode took the grid path"))
+    meta = BatchMeta.for_step([1] * 3, lengths, tables, block_size, device="cuda")
+    out = attn(*packed(-1, None), meta).view(3, heads, head_dim)
+    kv = [(s[1].half(), s[2].half()) for s in seqs]
+    q = torch.stack([s[0][-1].half() for s in seqs])
+    expected = reference(q, kv, [1, 1, 1], head_dim**-0.5, slopes)
+    torch.testing.assert_close(out.cpu().double(), expected, atol=5e-3, rtol=0)

@@ -1,6 +1,6 @@
 """Energon: serve large transformer language models from asyncio, on one GPU or many.
 
-    from energon import Engine, SamplingParams
+from energon import Engine, SamplingParams
 """
 
 from energon.errors import (

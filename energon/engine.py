@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Sequence
 from energon.actors import ActorGroup
 from energon.errors import CheckpointError, EnergonError, InvalidRequest, RemoteError, WorkerFailed
 from energon.models.registry import resolve
+from energon.parallel.topology import NO_MULTICAST_ENV
 from energon.request import Request
 from energon.sampling import Completion, SamplingParams, StreamPiece
 from energon.scheduler import Scheduler, StepPlan
@@ -224,9 +225,7 @@ class Engine:
 
     async def _spawn(self) -> None:
         env = {
-            "NCCL_NVLS_ENABLE": "0",
-            "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-            "NVSHMEM_DISABLE_NVLS": "1",
+            **NO_MULTICAST_ENV,
             **self._cpu_threads_env(),
             **self.worker_env,
         }

@@ -26,7 +26,9 @@ class Overloaded(EnergonError):
 class RemoteError(EnergonError):
     """A worker method raised; carries the remote exception's type name, message and traceback."""
 
-    def __init__(self, remote_type: str, message: str, traceback: str = "", rank: int | None = None):
+    def __init__(
+        self, remote_type: str, message: str, traceback: str = "", rank: int | None = None
+    ):
         self.remote_type = remote_type
         self.message = message
         self.traceback = traceback

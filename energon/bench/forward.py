@@ -22,15 +22,11 @@ import sys
 
 from energon.bench.record import Record, write_results
 from energon.models.registry import resolve
+from energon.parallel.topology import NO_MULTICAST_ENV
 
 SCENARIO = "forward"
 ACTOR = "energon.bench.timed_runner:TimedRunner"
-# NVLink multicast stays off on shared machines (BENCHMARKS.md), in every child process too.
-CHILD_ENV = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
+CHILD_ENV = NO_MULTICAST_ENV  # NVLink multicast off, in every child process too
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -53,6 +53,7 @@ from energon.bench.record import Record, card_name, torch_version, write_results
 from energon.engine import Engine
 from energon.models.registry import resolve
 from energon.parallel.attention import Attention
+from energon.parallel.topology import NO_MULTICAST_ENV
 from energon.runner import pick_dtype
 from energon.sampling import SamplingParams
 from energon.staged_runner import StagedRunner
@@ -60,12 +61,7 @@ from energon.staged_runner import StagedRunner
 SCENARIO = "generate"
 ENGINE_ACTOR = "energon.staged_runner:StagedRunner"
 TIMED_ACTOR = "energon.bench.generate:TimedStagedRunner"
-# NVLink multicast stays off on shared machines (BENCHMARKS.md), in every child process too.
-CHILD_ENV = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
+CHILD_ENV = NO_MULTICAST_ENV  # NVLink multicast off, in every child process too
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

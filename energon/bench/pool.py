@@ -36,15 +36,12 @@ import time
 
 from energon.bench.record import Record, card_name, write_results
 from energon.models.registry import resolve
+from energon.parallel.topology import NO_MULTICAST_ENV
 from energon.pool.member import PoolMember
 
 SCENARIO = "pool"
 ACTOR = "energon.bench.pool:PoolBenchWorker"
-CHILD_ENV = {  # NVLink multicast stays off on shared machines (BENCHMARKS.md), children too
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
+CHILD_ENV = NO_MULTICAST_ENV  # NVLink multicast off, in every child process too
 MODES = ("resident", "peer", "host", "accelerate")
 GiB = 1 << 30
 

@@ -16,6 +16,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+# NVLink multicast stays off in every worker process: on shared hosts a program that uses it can
+# put the GPUs out of service (NCCL NVLS, torch symmetric memory, NVSHMEM).
+NO_MULTICAST_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
 
 @dataclass(frozen=True)
 class Topology:

@@ -174,7 +174,9 @@ frames_strategy = st.lists(
 
 @pytest.mark.timeout(120)
 async def test_fuzzed_frames_to_workers_and_controller_are_counted_and_harmless():
-    async with await spawn(1) as group:
+    # hypothesis runs its examples synchronously, holding the controller's loop (and so its
+    # heartbeats) for as long as they take on a busy machine: a long timeout keeps the worker.
+    async with await ActorGroup.spawn(Echo, 1, heartbeat_timeout=60.0) as group:
         rogue = group._ctx.socket(transport.zmq.DEALER)  # a stranger connecting to the controller
         rogue.setsockopt(transport.zmq.IDENTITY, b"stranger")
         rogue.connect(group.address)

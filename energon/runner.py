@@ -219,7 +219,7 @@ class ModelRunner(OffloadMember):
         meta = BatchMeta.for_step(
             list(step["query_lens"]),
             list(step["context_lens"]),
-            [list(t) for t in step["block_tables"]],
+            step["block_tables"],  # lists, or the step message's padded tensor
             self.block_size,
             step.get("logits_indices", "last"),
             self.device,
@@ -263,11 +263,7 @@ class ModelRunner(OffloadMember):
     def sample_step(self, step: dict) -> dict | None:
         """Run one step of `energon.step.step_message` and sample the rows it marks. Returns
         {"step_id", "token_ids", "logprobs"} on the last stage's tp rank 0, None elsewhere."""
-        bs = self.block_size or 1
-        tables = step["block_tables"]
-        rows = tables.tolist() if isinstance(tables, torch.Tensor) else tables
-        trimmed = [row[: -(-c // bs)] for row, c in zip(rows, step["context_lens"], strict=True)]
-        logits = self.execute_logits({**step, "block_tables": trimmed, "logits_indices": "last"})
+        logits = self.execute_logits({**step, "logits_indices": "last"})
         if not self._returns(logits):
             return None
         picked = [i for i, flag in enumerate(step["sample"]) if flag]

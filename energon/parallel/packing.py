@@ -48,14 +48,15 @@ class BatchMeta:
         cls,
         query_lens: list[int],
         context_lens: list[int],
-        block_tables: list[list[int]] | None = None,
+        block_tables: list[list[int]] | torch.Tensor | None = None,
         block_size: int | None = None,
         logits_indices: str | list[int] | None = None,
         device: torch.device | str = "cpu",
     ) -> BatchMeta:
         """Meta for `query_lens[b]` new tokens of sequence b, which then has `context_lens[b]`.
 
-        With `block_tables` (and `block_size`) new tokens get cache slots. `logits_indices` is
+        With `block_tables` (lists, or an int tensor [B, width] padded with -1, as the step
+        message carries them) and `block_size` new tokens get cache slots. `logits_indices` is
         "last" (last new token of each sequence), "all"/None (every row) or explicit rows.
         Raises ValueError on inconsistent lengths.
         """
@@ -78,15 +79,7 @@ class BatchMeta:
         if block_tables is not None:
             if block_size is None:
                 raise ValueError("block_size is required with block_tables")
-            width = max(len(t) for t in block_tables)
-            for t, c in zip(block_tables, context_lens, strict=True):
-                if len(t) * block_size < c:
-                    raise ValueError(
-                        f"block table of {len(t)} blocks cannot hold {c} tokens of block_size {block_size}"
-                    )
-            tables = torch.tensor(
-                [t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64
-            )
+            tables = _padded_tables(block_tables, c_lens, block_size)
             blocks = tables[seq_of_token, positions // block_size]
             slots = blocks * block_size + positions % block_size
 
@@ -145,3 +138,26 @@ def pad(
     real = torch.tensor([b * width + i for b, s in enumerate(seqs) for i in range(len(s))])
     meta = BatchMeta.for_padded(len(seqs), width, device)
     return ids.flatten().to(device), meta, real.to(device)
+
+
+def _padded_tables(
+    block_tables: list[list[int]] | torch.Tensor, context_lens: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Block tables as an int64 [B, width] tensor, padding set to block 0 (never read: keys past a
+    sequence's context_len are masked). Raises ValueError when a table cannot hold its context."""
+    need = -(-context_lens // block_size)  # blocks each sequence's context fills
+    if isinstance(block_tables, torch.Tensor):
+        tables = block_tables.to(torch.int64)
+        have = (tables >= 0).sum(1) if tables.shape[1] else torch.zeros_like(need)
+    else:
+        have = torch.tensor([len(t) for t in block_tables], dtype=torch.int64)
+        width = int(have.max())
+        tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables])
+    short = (have < need).nonzero()
+    if len(short):
+        b = int(short[0])
+        raise ValueError(
+            f"block table of {int(have[b])} blocks cannot hold {int(context_lens[b])} tokens "
+            f"of block_size {block_size}"
+        )
+    return tables.clamp_min(0)

@@ -21,6 +21,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 
 from energon.actors import ActorGroup
 from energon.errors import CheckpointError, EnergonError, InvalidRequest, RemoteError, WorkerFailed
@@ -363,22 +364,24 @@ class Engine:
         """Generates a completion. Raises InvalidRequest / Overloaded at once, WorkerFailed if a
         worker dies. Cancelling the awaiting task aborts the request and frees its blocks."""
         req = self._submit(prompt, params)
-        try:
-            while True:
-                piece = await req.pieces.get()
-                if isinstance(piece, BaseException):
-                    raise piece
-                if piece.finish_reason is not None:
-                    return req.completion()
-        finally:
-            self._drop(req)
+        async with aclosing(self._pieces(req)) as pieces:
+            async for _ in pieces:
+                pass
+        return req.completion()
 
     async def stream(
         self, prompt: str | Sequence[int], params: SamplingParams | None = None
     ) -> AsyncIterator[StreamPiece]:
         """Yields pieces with the text and token ids new since the previous one; the last carries
         finish_reason. Raises like `infer`; closing or cancelling the iteration aborts it."""
-        req = self._submit(prompt, params)
+        # aclosing: closing this stream closes the inner one now, which drops the request
+        async with aclosing(self._pieces(self._submit(prompt, params))) as pieces:
+            async for piece in pieces:
+                yield piece
+
+    async def _pieces(self, req: Request) -> AsyncIterator[StreamPiece]:
+        """A request's pieces up to and including the last; raises what the request failed with.
+        However it ends (done, error, cancelled, closed), the request is dropped."""
         try:
             while True:
                 piece = await req.pieces.get()

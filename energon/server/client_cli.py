@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+from energon.commands.options import add_sampling_arguments, sampling_params
 from energon.server.keys import API_KEY_ENV, SERVER_KEY_ENV, resolve_api_key
 
 
@@ -36,12 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="progress bar on stderr (default: when stderr is a terminal and prompts > 1)",
     )
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    add_sampling_arguments(parser, max_tokens=64)
 
 
 class ProgressBar:
@@ -140,17 +136,9 @@ def _print(record: dict, as_json: bool) -> None:
 
 
 async def _run(args: argparse.Namespace, prompts: list[str]) -> int:
-    from energon.sampling import SamplingParams
     from energon.server.client import Client
 
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=tuple(args.stop),
-    )
+    params = sampling_params(args)
     server_key = args.server_key or os.environ.get(SERVER_KEY_ENV) or None
     async with Client(
         args.connect, api_key=resolve_api_key(args.api_key), server_key=server_key

@@ -17,21 +17,15 @@ import logging
 import signal
 import sys
 
+from energon.commands.options import add_engine_arguments, engine_kwargs
 from energon.server.keys import CURVE_SECRET_ENV, resolve_api_key
 
 log = logging.getLogger("energon.server")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="checkpoint folder or preset")
+    add_engine_arguments(parser)
     parser.add_argument("--served-model-name", default=None, help="the model id clients use")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"]
-    )
-    parser.add_argument("--kv-cache-memory", default=None, help="per worker, e.g. 1GiB")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-waiting", type=int, default=4096)
     parser.add_argument(
@@ -116,11 +110,7 @@ async def serve(args: argparse.Namespace, ready=None) -> int:
 
     engine = Engine(
         args.model,
-        tp=args.tp,
-        pp=args.pp,
-        device=args.device,
-        dtype=args.dtype,
-        kv_cache_memory=args.kv_cache_memory,
+        **engine_kwargs(args),
         max_num_seqs=args.max_num_seqs,
         max_waiting=args.max_waiting,
     )

@@ -20,6 +20,7 @@ import random
 import statistics
 import sys
 
+from energon.bench.options import add_model_arguments
 from energon.bench.record import Record, write_results
 from energon.models.registry import resolve
 from energon.parallel.topology import NO_MULTICAST_ENV
@@ -30,19 +31,14 @@ CHILD_ENV = NO_MULTICAST_ENV  # NVLink multicast off, in every child process too
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="opt-13b", help="preset or checkpoint (default opt-13b)")
-    parser.add_argument("--dtype", default="auto", help="auto: the preset's (fp16) on cuda")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--tp", default="1,2", help="comma-separated tp sizes (default 1,2)")
+    add_model_arguments(parser, tp="1,2")
     parser.add_argument("--seqs", type=int, default=32, help="sequences in the batch")
     parser.add_argument("--min-len", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0, help="weights, lengths and token ids")
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes of each path")
     parser.add_argument("--repeat", type=int, default=7, help="timed passes of each path")
-    parser.add_argument("--matmul-size", type=int, default=0, help="0: 8192 on cuda, 512 on cpu")
     parser.add_argument("--profile", action="store_true", help="print a profile of each path")
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
 
 
 def make_batch(vocab: int, seqs: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:

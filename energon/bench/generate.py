@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from energon.bench.limits import copy_bandwidth, matmul_rate, synchronize
+from energon.bench.options import add_model_arguments
 from energon.bench.record import Record, card_name, torch_version, write_results
 from energon.engine import Engine
 from energon.models.registry import resolve
@@ -65,10 +66,7 @@ CHILD_ENV = NO_MULTICAST_ENV  # NVLink multicast off, in every child process too
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="opt-13b", help="preset (default opt-13b)")
-    parser.add_argument("--dtype", default="auto", help="auto: the preset's (fp16) on cuda")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--tp", default="1,2", help="comma-separated tp sizes (default 1,2)")
+    add_model_arguments(parser, tp="1,2")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=64, help="concurrent requests (throughput)")
@@ -81,12 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup", default="full", choices=["full", "short"], help="untimed run length"
     )
     parser.add_argument("--profile", action="store_true", help="profile one decode step per batch")
-    parser.add_argument("--matmul-size", type=int, default=0, help="0: 8192 on cuda, 512 on cpu")
     parser.add_argument("--copy-mib", type=int, default=0, help="0: 1024 on cuda, 64 on cpu")
     parser.add_argument(
         "--time-budget", type=float, default=0, help="seconds; skip a later tp past it (0: none)"
     )
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     parser.add_argument("--raw", default=None, help="also write every raw figure to this JSON file")
 
 

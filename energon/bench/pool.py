@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 
+from energon.bench.options import add_model_arguments
 from energon.bench.record import Record, card_name, write_results
 from energon.models.registry import resolve
 from energon.parallel.topology import NO_MULTICAST_ENV
@@ -511,9 +512,7 @@ def _hf_random_cache(hf, batch: int, context: int, device, seed: int):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="opt-13b", help="preset or checkpoint (default opt-13b)")
-    parser.add_argument("--dtype", default="auto", help="auto: the preset's (fp16) on cuda")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    add_model_arguments(parser, tp=None)
     parser.add_argument(
         "--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}"
     )
@@ -535,9 +534,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--hf-prefill-seqs", type=int, default=0, help="accelerate prefill batch (0: the same)"
     )
     parser.add_argument("--link-bytes", type=int, default=0, help="0: 1 GiB on cuda, 64 MiB cpu")
-    parser.add_argument("--matmul-size", type=int, default=0, help="0: 8192 on cuda, 512 on cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
 
 
 def make_prompts(vocab: int, seqs: int, length: int, seed: int) -> list[list[int]]:

@@ -22,12 +22,12 @@ def step_message(plan: StepPlan, requests: Mapping) -> dict:
     ids: list[int] = []
     query_lens, context_lens, sample, params, steps = [], [], [], [], []
     width = max(len(s.block_table) for s in plan.seqs)
-    tables = torch.full((len(plan.seqs), width), -1, dtype=torch.int32)
-    for row, s in enumerate(plan.seqs):
+    rows: list[list[int]] = []
+    for s in plan.seqs:
         ids.extend(s.token_ids)
         query_lens.append(s.num_new_tokens)
         context_lens.append(s.context_len)
-        tables[row, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        rows.append([*s.block_table, *([-1] * (width - len(s.block_table)))])
         sample.append(bool(s.sample))
         if s.sample:
             req = requests.get(s.seq_id)
@@ -38,7 +38,7 @@ def step_message(plan: StepPlan, requests: Mapping) -> dict:
         "input_ids": torch.tensor(ids, dtype=torch.int64),
         "query_lens": query_lens,
         "context_lens": context_lens,
-        "block_tables": tables,
+        "block_tables": torch.tensor(rows, dtype=torch.int32),
         "sample": sample,
         "params": params,
         "steps": steps,

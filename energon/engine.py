@@ -524,13 +524,27 @@ class Engine:
         except asyncio.CancelledError:
             raise  # only shutdown cancels steps
         except BaseException as exc:  # a worker died or the step raised on some rank
-            self._fail_step(plan, exc)
+            self._fail_step(plan, await self._name_dead_peer(exc))
         else:
             self._apply_step(plan, results[self._reply_rank])
         finally:
             # This step no longer occupies a slot: the next ones may go out now.
             self._steps.discard(asyncio.current_task())
         self._kick()
+
+    async def _name_dead_peer(self, exc: BaseException) -> BaseException:
+        """A rank whose peer died fails its collective (gloo: "connection reset") and may
+        answer before the dead process is noticed (a local one within milliseconds, by its
+        sentinel). With several workers, a step error waits a moment for the liveness monitor
+        to name a dead worker, so that requests fail with WorkerFailed, which says which."""
+        if isinstance(exc, WorkerFailed) or self.tp * self.pp == 1:
+            return exc
+        try:
+            return await asyncio.wait_for(
+                self.group.wait_failed(), timeout=min(_PEER_FAILURE_GRACE, self.heartbeat_timeout)
+            )
+        except TimeoutError:
+            return exc  # every worker is alive: the step itself raised
 
     def _apply_step(self, plan: StepPlan, reply: dict) -> None:
         """Hand each sampled token to its request; finish the sequences that are done."""
@@ -577,6 +591,9 @@ class Engine:
         log.error("energon: %s; failing every request", exc)
         for req in list(self._requests.values()):
             req.abort(exc)
+
+
+_PEER_FAILURE_GRACE = 1.0  # seconds a failed step waits for a dead peer to be named
 
 
 def _retrieve(fut: asyncio.Future) -> None:

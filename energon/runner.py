@@ -10,8 +10,11 @@ tp rank 0 returns the logits, every other rank returns None.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from energon.decode_graphs import DecodeGraphs
+from energon.models.llama import rope_parameters
 from energon.models.loader import LoadReport, load_weights, random_init
 from energon.models.registry import ModelSpec, resolve
 from energon.parallel.attention import Attention
@@ -21,6 +24,7 @@ from energon.parallel.topology import ParallelState, Topology, init_parallel, us
 from energon.pool.offload import OffloadMember
 from energon.sampler import Sampler
 
+DEFAULT_GRAPH_CONTEXT = 4096  # decode graphs' context when the config names no window
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -136,6 +140,7 @@ class ModelRunner(OffloadMember):
         seed: int = 0,
         rank: int | None = None,
         pool: dict | None = None,
+        decode_graphs: str = "auto",
     ):
         if rank is None:
             from energon.actors import actor_context
@@ -160,6 +165,23 @@ class ModelRunner(OffloadMember):
         self.kv_cache_bytes = 0
         # Every tp rank of the last stage holds the same logits; rank 0 samples and replies.
         self.sampler = Sampler(self.device, seed)
+        self.decode_graphs = self._graph_mode(decode_graphs)
+        self.graphs: DecodeGraphs | None = None
+
+    def _graph_mode(self, mode: str) -> str:
+        """ "capture" (CUDA graphs of decode steps), "static" (their static-buffer path run
+        eagerly: tests on cpu) or "off". "auto" captures on cuda unless something per step
+        would be frozen into the graph: pooled layers (prefetch hooks) or dynamic-NTK RoPE
+        (which depends on each step's longest context)."""
+        if mode not in ("auto", "capture", "static", "off"):
+            raise ValueError(f"decode_graphs must be auto, capture, static or off (got {mode!r})")
+        dynamic_rope = rope_parameters(self.spec.config)["rope_type"] == "dynamic"
+        frozen = self.offload is not None or dynamic_rope
+        if mode == "auto":
+            mode = "capture" if self.device.type == "cuda" and not frozen else "off"
+        if mode == "capture" and self.device.type != "cuda":
+            raise ValueError("decode_graphs='capture' needs a cuda device")
+        return "off" if frozen else mode
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -168,16 +190,27 @@ class ModelRunner(OffloadMember):
         """This stage's share of one step; the last stage returns logits on every tp rank."""
         s = self.state
         if s.is_first_stage:
-            hidden = self.model.embed(input_ids, meta)
+            x = input_ids
         else:
             shape = (meta.num_tokens, self.hidden_size)
-            hidden = recv_activation(shape, self.dtype, s.prev_rank, self.device)
+            x = recv_activation(shape, self.dtype, s.prev_rank, self.device)
+        return self._pass_on(self._stage(x, meta))
+
+    def _stage(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+        """The stage's body: token ids (first stage) or activations in, activations or (last
+        stage) logits out. Decode graphs capture exactly this."""
+        s = self.state
+        hidden = self.model.embed(x, meta) if s.is_first_stage else x
         for i in self.layer_range:
             hidden = self.model.layers[i](hidden, meta)
-        if not s.is_last_stage:
-            send_activation(hidden, s.next_rank)
-            return None
-        return self.model.head(hidden, meta)
+        return self.model.head(hidden, meta) if s.is_last_stage else hidden
+
+    def _pass_on(self, out: torch.Tensor) -> torch.Tensor | None:
+        """Sends a stage's activations downstream (None), or returns the last stage's logits."""
+        if self.state.is_last_stage:
+            return out
+        send_activation(out, self.state.next_rank)
+        return None
 
     def _returns(self, logits: torch.Tensor | None) -> bool:
         return logits is not None and self.state.tp_rank == 0
@@ -198,17 +231,43 @@ class ModelRunner(OffloadMember):
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> dict:
         """Allocate this stage's paged KV cache ([2, blocks, block_size, kv_heads, head_dim] per
-        layer, zeroed); returns {"layers", "bytes"}. Replaces any earlier cache."""
+        layer, zeroed); returns {"layers", "bytes", "graphs"}. Replaces any earlier cache.
+
+        With decode graphs the cache has one more block, a scratch block for the graphs' pad
+        rows that no sequence is ever given, and the graphs are captured here."""
         self.block_size = block_size
         self.kv_cache_bytes = 0
+        self.graphs = None
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for attn in layers:
             attn.kv_cache = None
+        scratch = 0 if self.decode_graphs == "off" else 1
         for attn in layers:
-            shape = (2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+            shape = (2, num_blocks + scratch, block_size, attn.num_kv_heads, attn.head_dim)
             attn.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.kv_cache_bytes += attn.kv_cache.numel() * attn.kv_cache.element_size()
-        return {"layers": len(layers), "bytes": self.kv_cache_bytes}
+        if scratch:
+            self._build_graphs(scratch_block=num_blocks)
+        return {
+            "layers": len(layers),
+            "bytes": self.kv_cache_bytes,
+            "graphs": len(self.graphs.graphs) if self.graphs else 0,
+        }
+
+    @torch.inference_mode()
+    def _build_graphs(self, scratch_block: int) -> None:
+        window = context_window(self.spec.config) or DEFAULT_GRAPH_CONTEXT
+        self.graphs = DecodeGraphs(
+            self._stage,
+            first_stage=self.state.is_first_stage,
+            hidden_size=self.hidden_size,
+            dtype=self.dtype,
+            device=self.device,
+            block_size=self.block_size,
+            scratch_block=scratch_block,
+            max_blocks=-(-window // self.block_size),
+            capture=self.decode_graphs == "capture",
+        )
 
     def step_meta(self, step: dict) -> tuple[torch.Tensor, BatchMeta]:
         """(input_ids on device, BatchMeta) of a step dict; raises ValueError when malformed."""
@@ -233,9 +292,42 @@ class ModelRunner(OffloadMember):
     def execute_logits(self, step: dict) -> torch.Tensor | None:
         """One cached prefill/decode step; logits stay on the device (last stage, every tp rank).
 
-        Writes the new tokens' K/V into the cache. No host sync beyond the host→device copies."""
+        Writes the new tokens' K/V into the cache. No host sync beyond the host→device copies.
+        Decode steps that fit a graph replay it."""
+        if self.graphs is not None and self.block_size is not None:
+            tables = step["block_tables"]
+            if isinstance(tables, torch.Tensor) and step.get("logits_indices", "last") in (
+                "last",
+                "all",
+                None,
+            ):
+                query_lens = list(step["query_lens"])
+                if self.graphs.takes(query_lens, tables.shape[1]):
+                    return self._graph_step(step, tables)
         input_ids, meta = self.step_meta(step)
         return self._run(input_ids, meta)
+
+    @torch.inference_mode()
+    def _graph_step(self, step: dict, tables: torch.Tensor) -> torch.Tensor | None:
+        s = self.state
+        context_lens = list(step["context_lens"])
+        if len(context_lens) != len(step["query_lens"]) or tables.shape[0] != len(context_lens):
+            raise ValueError("need one context_len and one block table per query_len")
+        if s.is_first_stage:
+            ids = step["input_ids"]
+            ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.int64)
+            if ids.shape[0] != len(context_lens):
+                raise ValueError(
+                    f"input_ids has {ids.shape[0]} tokens but query_lens sum to {len(context_lens)}"
+                )
+            out = self.graphs.run(ids.to(torch.int64), context_lens, tables)
+        else:
+            out = self.graphs.run(
+                None, context_lens, tables, receive=lambda buf: dist.recv(buf, s.prev_rank)
+            )
+        # The graph's output buffer is overwritten by the next replay while a queued send may
+        # still read it: what goes downstream is a copy the allocator keeps alive for the send.
+        return self._pass_on(out if s.is_last_stage else out.clone())
 
     def execute(self, step: dict) -> torch.Tensor | None:
         """`execute_logits` returned as float32 cpu logits [N, V] on the last stage's tp rank 0
@@ -251,13 +343,14 @@ class ModelRunner(OffloadMember):
         per_block = max(
             1, per_token * block_size * torch.empty((), dtype=self.dtype).element_size()
         )
+        scratch = 0 if self.decode_graphs == "off" else 1  # the decode graphs' pad block
         if memory is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
                 memory = int(free * 0.9) - (2 << 30)
             else:
                 memory = 256 << 20
-        return max(0, memory // per_block)
+        return max(0, memory // per_block - scratch)
 
     @torch.inference_mode()
     def sample_step(self, step: dict) -> dict | None:
@@ -291,6 +384,8 @@ class ModelRunner(OffloadMember):
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "vocab_size": self.spec.config.get("vocab_size"),
+            "decode_graphs": self.decode_graphs,
+            "graph_steps": self.graphs.steps if self.graphs else 0,
         }
 
     def memory(self) -> dict:
@@ -310,6 +405,14 @@ class ModelRunner(OffloadMember):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def context_window(config: dict) -> int | None:
+    """The longest sequence the checkpoint was trained for, under the names HF configs use."""
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
 
 
 def hidden_size_of(config: dict) -> int:

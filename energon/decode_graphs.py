@@ -1,0 +1,197 @@
+"""CUDA graphs of one stage's decode step, one per batch-size bucket.
+
+At batch 1 a decode step of a 13B model is ~40 layers x ~30 kernel launches, and Python plus the
+launches take longer than the GPU needs to read the weights. `DecodeGraphs` captures the stage's
+body (embedding / layers / head, not the stage-to-stage send and receive) once per bucket of batch
+sizes and replays it: one launch per step.
+
+A graph reads its inputs from static buffers, so a step of B sequences is written into the
+buffers of the smallest bucket >= B and the rows past B are padding: position 0, one visible key,
+and their K/V written to a scratch block that no sequence owns (the runner allocates the KV cache
+one block larger for it). Pad rows never mix with real ones (attention is per sequence, every
+other op per row), and their outputs are dropped.
+
+A graph is captured for a fixed block-table width (the model's context window) and launches the
+attention kernel for that longest context: shorter sequences end their loops early. Steps that do
+not fit (a prefill, more sequences than the largest bucket, a wider block table) run eagerly.
+`capture=False` runs the same static-buffer path eagerly: the cpu tests check the padding with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from energon.parallel.packing import BatchMeta
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+Body = Callable[[torch.Tensor, BatchMeta], torch.Tensor]
+
+
+class DecodeGraphs:
+    """Replays `body(x, meta)` for decode steps (one new token per sequence).
+
+    `x` is the stage's input: int64 token ids [B] on the first stage, activations [B, hidden] of
+    `dtype` elsewhere. `block_size` / `scratch_block` describe the KV cache; `max_blocks` is the
+    block-table width graphs are captured for.
+    """
+
+    def __init__(
+        self,
+        body: Body,
+        *,
+        first_stage: bool,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        block_size: int,
+        scratch_block: int,
+        max_blocks: int,
+        buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+        capture: bool = True,
+    ):
+        if not buckets or min(buckets) < 1:
+            raise ValueError(f"buckets must be positive batch sizes (got {buckets})")
+        self.body = body
+        self.device = device
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.max_blocks = max_blocks
+        self.buckets = tuple(sorted(set(buckets)))
+        self.max_batch = self.buckets[-1]
+        n = self.max_batch
+        if first_stage:
+            self.x = torch.zeros(n, dtype=torch.int64, device=device)
+        else:
+            self.x = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slots = torch.zeros(n, dtype=torch.int64, device=device)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.tables = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=device)
+        self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
+        pinned = device.type == "cuda"
+        self._host_i64 = torch.zeros(3, n, dtype=torch.int64, pin_memory=pinned)
+        self._host_tables = torch.zeros(n, max_blocks, dtype=torch.int32, pin_memory=pinned)
+        self._copied = torch.cuda.Event() if pinned else None  # staging free to refill
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.captured = capture
+        self.steps = 0  # decode steps that took this path
+        if capture:
+            self._capture_all()
+
+    # ----------------------------------------------------------------------------- stepping
+
+    def takes(self, query_lens: list[int], width: int) -> bool:
+        """Whether a step with these query lengths and block-table width can be replayed."""
+        return (
+            0 < len(query_lens) <= self.max_batch
+            and width <= self.max_blocks
+            and all(q == 1 for q in query_lens)
+        )
+
+    def run(
+        self,
+        x: torch.Tensor | None,
+        context_lens: list[int],
+        block_tables: torch.Tensor,
+        receive: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """The body's output rows [B, ...] for one decode step of B = len(context_lens) sequences.
+
+        `x`: the token ids [B] (first stage) or None with `receive(buffer)` filling the
+        activations [B, hidden] in place (a later stage's receive). `block_tables`: int [B, width]
+        padded with -1, as the step message carries it. The result is a view of a static buffer,
+        valid until the next call.
+        """
+        B = len(context_lens)
+        bucket = next(b for b in self.buckets if b >= B)
+        self._stage_inputs(x, context_lens, block_tables, bucket)
+        self.steps += 1
+        if receive is not None:
+            receive(self.x[:B])
+        if self.captured:
+            self.graphs[bucket].replay()
+            return self.outputs[bucket][:B]
+        return self.body(self.x[:bucket], self._meta(bucket))[:B]
+
+    def _stage_inputs(self, x, context_lens, block_tables, bucket: int) -> None:
+        """Writes the step (and its pad rows) into the static buffers, through pinned staging."""
+        B, width = len(context_lens), block_tables.shape[1]
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copies have left the staging buffers
+        ctx = torch.tensor(context_lens, dtype=torch.int64)
+        pos = ctx - 1
+        tables = block_tables.to(torch.int64)
+        short = ((tables >= 0).sum(1) < (ctx + self.block_size - 1) // self.block_size).nonzero()
+        if len(short) or int(ctx.min()) < 1:
+            b = int(short[0]) if len(short) else int(ctx.argmin())
+            raise ValueError(
+                f"block table of sequence {b} cannot hold its {context_lens[b]} tokens "
+                f"of block_size {self.block_size}"
+            )
+        tables = tables.clamp_min(0)
+        host = self._host_i64
+        host[0, :B] = pos
+        host[0, B:bucket] = 0
+        host[1, :B] = tables[torch.arange(B), pos // self.block_size] * self.block_size
+        host[1, :B] += pos % self.block_size
+        host[1, B:bucket] = self.scratch_block * self.block_size
+        host[2, :B] = ctx
+        host[2, B:bucket] = 1
+        self._host_tables[:B, :width] = tables
+        self._host_tables[B:bucket, 0] = self.scratch_block
+        nb = self._copied is not None
+        self.positions[:bucket].copy_(host[0, :bucket], non_blocking=nb)
+        self.slots[:bucket].copy_(host[1, :bucket], non_blocking=nb)
+        self.context_lens[:bucket].copy_(host[2, :bucket], non_blocking=nb)
+        self.tables[:bucket, :width].copy_(self._host_tables[:bucket, :width], non_blocking=nb)
+        if x is not None:
+            self.x[:B].copy_(x, non_blocking=nb)
+        if self._copied is not None:
+            self._copied.record()
+
+    def _meta(self, bucket: int) -> BatchMeta:
+        """The BatchMeta of a bucket: views of the static buffers, one new token per sequence."""
+        return BatchMeta(
+            cu_seqlens=self.cu_seqlens[: bucket + 1],
+            positions=self.positions[:bucket],
+            context_lens=self.context_lens[:bucket],
+            max_seqlen_q=1,
+            max_context_len=self.max_blocks * self.block_size,
+            block_tables=self.tables[:bucket],
+            slot_mapping=self.slots[:bucket],
+            logits_indices=None,  # one token per sequence: every row is a last token
+        )
+
+    # ------------------------------------------------------------------------------ capture
+
+    def _capture_all(self) -> None:
+        """Largest bucket first, all in one memory pool (smaller graphs reuse its blocks)."""
+        self._reset_pads(self.max_batch)
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for bucket in reversed(self.buckets):
+                meta = self._meta(bucket)
+                for _ in range(2):  # compile kernels and settle allocator/library state
+                    self.body(self.x[:bucket], meta)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(
+                    graph, pool=pool, stream=side, capture_error_mode="thread_local"
+                ):
+                    self.outputs[bucket] = self.body(self.x[:bucket], meta)
+                self.graphs[bucket] = graph
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+
+    def _reset_pads(self, n: int) -> None:
+        """Every row a pad: what the capture runs on (it writes only the scratch block)."""
+        self.positions[:n].zero_()
+        self.slots[:n].fill_(self.scratch_block * self.block_size)
+        self.context_lens[:n].fill_(1)
+        self.tables[:n].fill_(self.scratch_block)
+        self.x[:n].zero_()

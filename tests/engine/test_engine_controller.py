@@ -58,6 +58,10 @@ class StandInWorkers:
     def add_failure_callback(self, callback):
         pass
 
+    async def wait_failed(self):
+        """No stand-in worker dies: a failed step's wait for a dead peer runs out."""
+        await asyncio.Event().wait()
+
     async def shutdown(self):
         for _, fut in self.pending:
             fut.cancel()

@@ -11,8 +11,10 @@ memory-efficient kernel; on CPU the same code is the reference-checked path. The
 compute only inside attention and only on ragged edges; linear layers never see a pad.
 The padded baseline (`meta.padded_shape`) skips the scatter and uses SDPA's causal kernel.
 
-Faster paths come first where they apply: flash varlen attention (CUDA, fp16/bf16, no ALiBi;
-over the paged cache only where torch's varlen_attn takes block tables), then for decode-like
+A fresh prefill (no sequence has cached tokens, `meta.fresh`) writes its K/V to the cache and
+attends to the new tokens directly, as without a cache. Faster paths come first where they apply:
+flash varlen attention (CUDA, fp16/bf16, no ALiBi; over the paged cache only where torch's
+varlen_attn takes block tables), then for decode-like
 steps over the cache the Triton kernel of `energon.parallel.paged_attention`, which reads K/V
 from the cache pages in place instead of gathering them into the grid.
 """
@@ -129,6 +131,9 @@ class Attention(nn.Module):
         cached = self.kv_cache is not None and meta.slot_mapping is not None
         if cached:
             self._write_cache(k, v, meta.slot_mapping)
+            # A fresh prefill's keys are exactly its new tokens: attend to them directly (flash
+            # needs no paged-cache support then), the cache only keeps them for later steps.
+            cached = not meta.fresh
         if meta.padded_shape is not None and not cached:
             out = self._padded(q, k, v, meta)
         elif self.use_flash and flash_usable(q, self.alibi_slopes is not None, cached):

@@ -29,6 +29,7 @@ class BatchMeta:
     slot_mapping: torch.Tensor | None = None  # int64 [T]: flat cache slot per new token
     logits_indices: torch.Tensor | None = None  # int64 [N]: rows the LM head computes; None = all
     padded_shape: tuple[int, int] | None = None  # (B, L) on the padded baseline path, else None
+    fresh: bool = False  # no sequence has cached tokens: its keys are exactly the step's new ones
 
     @property
     def num_seqs(self) -> int:
@@ -102,6 +103,7 @@ class BatchMeta:
             block_tables=dev(tables, torch.int32),
             slot_mapping=dev(slots, torch.int64),
             logits_indices=dev(rows, torch.int64),
+            fresh=all(q == c for q, c in zip(query_lens, context_lens, strict=True)),
         )
 
     @classmethod

@@ -106,6 +106,13 @@ def test_prefill_then_decode_through_paged_cache_equals_reference():
         start += 1
 
 
+def test_a_step_is_fresh_only_when_no_sequence_has_cached_tokens():
+    assert BatchMeta.for_prefill([3, 1]).fresh
+    assert BatchMeta.for_step([3, 2], [3, 2], [[0], [1]], block_size=4).fresh
+    assert not BatchMeta.for_step([3, 1], [3, 2], [[0], [1]], block_size=4).fresh
+    assert not BatchMeta.for_step([1], [5], [[0, 1]], block_size=4).fresh
+
+
 def test_chunked_prefill_sees_cached_prefix():
     seqs = random_seqs([7], seed=3)
     attn = paged_attention(block_size=2)

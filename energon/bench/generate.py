@@ -79,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup", default="full", choices=["full", "short"], help="untimed run length"
     )
     parser.add_argument("--profile", action="store_true", help="profile one decode step per batch")
+    parser.add_argument(
+        "--graphs",
+        default="auto",
+        help="comma-separated decode_graphs modes of the workers, each a run (auto, off)",
+    )
     parser.add_argument("--copy-mib", type=int, default=0, help="0: 1024 on cuda, 64 on cpu")
     parser.add_argument(
         "--time-budget", type=float, default=0, help="seconds; skip a later tp past it (0: none)"
@@ -137,6 +142,8 @@ class TimedStagedRunner(StagedRunner):
             "varlen_args": sorted(attention._VARLEN_ARGS),
             "flash_paged": {"block_table", "seqused_k"} <= attention._VARLEN_ARGS,
             "use_flash": all(m.use_flash for m in layers),
+            "decode_graphs": self.decode_graphs,
+            "graph_steps": self.graphs.steps if self.graphs else 0,
         }
 
     def arm_profile(self, batch: int) -> None:
@@ -182,6 +189,7 @@ class TimedEngine(Engine):
     If the Engine no longer spawns ENGINE_ACTOR, its own actor runs and `timed` stays False."""
 
     timed = False
+    decode_graphs = "auto"  # the workers' ModelRunner decode_graphs
 
     async def _spawn(self) -> None:
         import energon.engine as engine_module
@@ -194,6 +202,7 @@ class TimedEngine(Engine):
             async def spawn(actor, *args, **kwargs):
                 if actor == ENGINE_ACTOR:
                     actor, outer.timed = TIMED_ACTOR, True
+                    kwargs["kwargs"] = {**kwargs["kwargs"], "decode_graphs": outer.decode_graphs}
                 return await real.spawn(actor, *args, **kwargs)
 
         engine_module.ActorGroup = Swap
@@ -271,7 +280,9 @@ def summarize_log(log: list, batch: int) -> dict:
     }
 
 
-async def measure_engine(args, tp: int, device: str, dtype: str, prompts, kv_memory) -> dict:
+async def measure_engine(
+    args, tp: int, device: str, dtype: str, prompts, kv_memory, graphs: str = "auto"
+) -> dict:
     """One Engine: batch-1 latency, batched throughput, worker step logs (and profiles)."""
     greedy = dict(temperature=0.0, ignore_eos=True)
     params = SamplingParams(max_tokens=args.gen_len, **greedy)
@@ -287,6 +298,7 @@ async def measure_engine(args, tp: int, device: str, dtype: str, prompts, kv_mem
         max_batch_tokens=max(8192, args.batch * args.prompt_len),
         progress=False,
     )
+    engine.decode_graphs = graphs
     t0 = time.perf_counter()
     async with engine:
         start_s = time.perf_counter() - t0
@@ -346,6 +358,7 @@ async def measure_engine(args, tp: int, device: str, dtype: str, prompts, kv_mem
         }
     return {
         "tp": tp,
+        "graphs": graphs,
         "start_s": start_s,
         "facts": facts,
         "facts_after": after,
@@ -426,6 +439,8 @@ def measure_hf(args, config: dict, device: torch.device, dtype: torch.dtype, pro
 def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[Record]:
     """Decode latency (batch 1), throughput (batch B), first-token time and the card's limits."""
     tp, B, L, G = run["tp"], args.batch, args.prompt_len, args.gen_len
+    mode = run.get("graphs", "auto")
+    suffix = "" if mode == "auto" else f"_graphs_{mode}"  # an ablation: the default is "auto"
     used = limits[:tp] if limits[0]["device"].startswith("cuda") else limits
     bandwidth = min(x["copy_bytes_per_s"] for x in used)
     rate = min(x["matmul_flops"] for x in used)
@@ -486,6 +501,11 @@ def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[
             f"(ZeroMQ round trip + controller reply handling, scheduling, step message)"
         )
 
+    after = run["facts_after"] or {}
+    graph_note = (
+        f"decode graphs {after.get('decode_graphs')} ({after.get('graph_steps')} decode steps "
+        f"replayed on the replying rank, run {mode!r})"
+    )
     attn = (
         f"attention: flash varlen {'paged' if facts.get('flash_paged') else 'unpaged only'}"
         f" (varlen_attn args {facts.get('varlen_args')}), use_flash after run "
@@ -500,7 +520,7 @@ def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[
         )
     records = [
         Record(
-            metric="decode_latency_b1",
+            metric="decode_latency_b1" + suffix,
             unit="ms/token",
             value=per_tok_s * 1e3,
             batch=1,
@@ -514,11 +534,12 @@ def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[
             f"({', '.join(f'{x * 1e3:.2f}' for x in per_tok)} ms); floor = ({weights / 1e9:.3f} GB "
             f"weights per GPU + {kv_tok / 1e3:.1f} kB KV per token per GPU x {L + G / 2:.0f} "
             f"mean context) / {bandwidth / 1e9:.0f} GB/s copy bandwidth; "
-            f"{worker_split(run['single'])}; {attn}; {hf_note}; engine start {run['start_s']:.1f} s",
+            f"{worker_split(run['single'])}; {graph_note}; {attn}; {hf_note}; "
+            f"engine start {run['start_s']:.1f} s",
             **common,
         ),
         Record(
-            metric="throughput",
+            metric="throughput" + suffix,
             unit="tokens/s",
             value=rate_tok,
             batch=B,
@@ -535,11 +556,11 @@ def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[
             f"tokens / matmul rate, weights / bandwidth) + {G - 1} decode steps of (weights + "
             f"{B} x context x KV per token) / bandwidth); per-request median ms/token "
             f"{statistics.median(b['per_token_s'] for b in run['batched']) * 1e3:.2f}; "
-            f"{worker_split(run['batched'])}",
+            f"{worker_split(run['batched'])}; {graph_note}",
             **common,
         ),
         Record(
-            metric="first_token_latency_b1",
+            metric="first_token_latency_b1" + suffix,
             unit="ms",
             value=first_s * 1e3,
             batch=1,
@@ -645,17 +666,20 @@ def main(args: argparse.Namespace) -> int:
         return write_results(SCENARIO, records, out_dir)
 
     hf = None
-    for i, tp in enumerate(tps):
+    modes = [m.strip() for m in args.graphs.split(",") if m.strip()]
+    for i, (tp, graphs) in enumerate((t, m) for t in tps for m in modes):
         elapsed = time.perf_counter() - t_start
         if i and args.time_budget and elapsed > args.time_budget:
-            print(f"skip tp={tp}: {elapsed:.0f} s elapsed, over --time-budget", flush=True)
+            print(f"skip tp={tp} graphs={graphs}: {elapsed:.0f} s elapsed, over --time-budget")
             continue
-        print(f"tp={tp}: starting the Engine at {elapsed:.0f} s", flush=True)
+        print(f"tp={tp} graphs={graphs}: starting the Engine at {elapsed:.0f} s", flush=True)
         try:
-            run = _run_async(measure_engine(args, tp, device, dtype_name, prompts, kv_memory))
+            run = _run_async(
+                measure_engine(args, tp, device, dtype_name, prompts, kv_memory, graphs)
+            )
         except Exception as exc:  # noqa: BLE001 - keep what earlier tp sizes measured
-            print(f"tp={tp} failed: {exc!r}", flush=True)
-            raw["runs"].append({"tp": tp, "error": repr(exc)})
+            print(f"tp={tp} graphs={graphs} failed: {exc!r}", flush=True)
+            raw["runs"].append({"tp": tp, "graphs": graphs, "error": repr(exc)})
             if records:
                 save()
             continue
@@ -674,15 +698,18 @@ def main(args: argparse.Namespace) -> int:
             raw["hf"] = hf
             print(f"hf: {hf}", flush=True)
         hf_ok = hf if hf and "error" not in hf else None
-        records = [r for r in records if r.tp != tp]
-        records += build_records(args, run, hf_ok, limits)
+        new = build_records(args, run, hf_ok, limits)
+        if graphs != "auto":  # an ablation adds its own three figures, not the card's again
+            new = [r for r in new if r.metric.endswith(f"_graphs_{graphs}")]
+        names = {(r.tp, r.metric) for r in new}
+        records = [r for r in records if (r.tp, r.metric) not in names] + new
         save()
     if not records:
         print("nothing measured", file=sys.stderr)
         return 1
     print_table(records)
     for r in records:
-        if r.metric in ("decode_latency_b1", "throughput"):
+        if r.metric.startswith(("decode_latency_b1", "throughput")):
             print(f"tp={r.tp} {r.metric}: {r.notes}")
     path = save()
     print(f"wrote {path} ({time.perf_counter() - t_start:.0f} s)")

@@ -52,7 +52,7 @@ def run(tmp_path_factory) -> tuple[list[dict], dict]:
     raw = out.parent / "generate-raw.json"
     args = parse(
         f"--model tiny --device cpu --tp 1 --prompt-len 8 --gen-len 4 --batch 3 --repeat 1 "
-        f"--batch-repeat 1 --hf-repeat 1 --profile --out {out} --raw {raw}"
+        f"--batch-repeat 1 --hf-repeat 1 --profile --graphs auto,static --out {out} --raw {raw}"
     )
     assert generate.main(args) == 0
     (path,) = out.iterdir()
@@ -62,7 +62,8 @@ def run(tmp_path_factory) -> tuple[list[dict], dict]:
 
 def test_every_record_has_the_benchmark_fields(run):
     records, _ = run
-    assert {r["metric"] for r in records} == POINTS | {"matmul_rate", "copy_bandwidth"}
+    ablation = {p + "_graphs_static" for p in POINTS}
+    assert {r["metric"] for r in records} == POINTS | ablation | {"matmul_rate", "copy_bandwidth"}
     for r in records:
         assert FIELDS <= r.keys()
         assert r["scenario"] == "generate" and r["model"] == "tiny"
@@ -92,7 +93,7 @@ def test_measured_points_carry_baseline_ratio_and_limit(run):
 
 def test_raw_figures_hold_worker_timing_and_profiles(run):
     _, raw = run
-    (engine,) = raw["runs"]
+    engine, static = raw["runs"]
     assert engine["facts"][0]["rank"] == 0
     single = engine["single"][0]
     assert single["tokens"] == 4
@@ -100,3 +101,9 @@ def test_raw_figures_hold_worker_timing_and_profiles(run):
     assert engine["batched"][0]["tokens"] == 12
     assert set(engine["profiles"]) == {"1", "3"}
     assert raw["hf"]["1"]["full_s"] and raw["hf"]["3"]["full_s"]
+    # on cpu "auto" runs eagerly; the "static" run took the decode-graph buffers for decode steps
+    assert engine["facts_after"]["decode_graphs"] == "off"
+    assert engine["facts_after"]["graph_steps"] == 0
+    assert static["graphs"] == "static" and static["facts_after"]["decode_graphs"] == "static"
+    decode_steps = 3 * (1 + 1 + 1) + 3 * 1  # warm-up, timed single, profile at 1; batches of 3
+    assert static["facts_after"]["graph_steps"] >= decode_steps

@@ -118,8 +118,9 @@ class Scheduler:
     `max_num_seqs` and `max_batch_tokens` bound one step (micro-batch); `max_running_seqs`
     (default `max_num_seqs`; use pp * max_num_seqs with pp micro-batches) bounds admitted
     sequences; `max_waiting` bounds the waiting queue (admission control); `max_model_len`
-    (default None: no bound but the cache's) bounds prompt + max_tokens. Raises InvalidRequest
-    for a bound < 1.
+    (default None: no bound but the cache's) bounds prompt + max_tokens. With `micro_batches`
+    > 1 (the steps the Engine keeps in flight) a step takes at most an even share of the
+    sequences that could run. Raises InvalidRequest for a bound < 1.
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class Scheduler:
         max_waiting: int = 4096,
         max_model_len: int | None = None,
         max_running_seqs: int | None = None,
+        micro_batches: int = 1,
     ):
         self.blocks = BlockManager(num_blocks, block_size)
         self.max_model_len = max_model_len  # None: only the cache bounds a sequence
@@ -139,12 +141,14 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_waiting = max_waiting
         self.max_running_seqs = max_num_seqs if max_running_seqs is None else max_running_seqs
+        self.micro_batches = micro_batches
         for name in (
             "max_num_seqs",
             "max_batch_tokens",
             "max_waiting",
             "max_model_len",
             "max_running_seqs",
+            "micro_batches",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -248,13 +252,14 @@ class Scheduler:
         The returned plan's sequences are marked in flight until `complete(plan, ...)`.
         """
         budget = self.max_batch_tokens
+        max_seqs = self._fair_share()
         chosen: list[ScheduledSeq] = []
         ready = [s for s in self._running if not s.in_flight]
         decodes = [s for s in ready if s.num_uncomputed_tokens == 1]
         prefills = [s for s in ready if s.num_uncomputed_tokens > 1]
         short_of_blocks = False  # a running sequence preempted others or sat out for blocks
         for seq in decodes + prefills:
-            if budget == 0 or len(chosen) == self.max_num_seqs:
+            if budget == 0 or len(chosen) == max_seqs:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
@@ -275,7 +280,7 @@ class Scheduler:
             not short_of_blocks
             and self._waiting
             and budget > 0
-            and len(chosen) < self.max_num_seqs
+            and len(chosen) < max_seqs
             and len(self._running) < self.max_running_seqs
         ):
             seq = self._waiting[0]
@@ -293,6 +298,15 @@ class Scheduler:
         self._next_step += 1
         self._in_flight[plan.step_id] = plan
         return plan
+
+    def _fair_share(self) -> int:
+        """Sequences one step may take: with several micro-batches, an even share of every
+        sequence that could run, so that a burst of requests fills all of them instead of the
+        first (which would leave the other pipeline stages idle)."""
+        if self.micro_batches == 1:
+            return self.max_num_seqs
+        active = min(len(self._running) + len(self._waiting), self.max_running_seqs)
+        return max(1, min(self.max_num_seqs, -(-active // self.micro_batches)))
 
     def _take(self, seq: Sequence, n: int) -> ScheduledSeq:
         start = seq.num_computed_tokens

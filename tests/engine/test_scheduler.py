@@ -451,3 +451,30 @@ def test_random_workload_finishes_every_request_without_leaking_blocks(workload,
             assert finished[seq_id] == [expected_token(seq_id, p) for p in positions]
     assert not sched.has_unfinished()
     assert sched.blocks.num_free_blocks == config["num_blocks"]
+
+
+def test_a_burst_is_shared_evenly_between_micro_batches():
+    sched = Scheduler(4096, 4, max_num_seqs=64, max_running_seqs=4 * 64, micro_batches=4)
+    for i in range(64):
+        sched.add(make_seq(i, 5))
+    plans = [sched.schedule() for _ in range(4)]
+    assert [len(p.seqs) for p in plans] == [16, 16, 16, 16]
+    ids = [s.seq_id for p in plans for s in p.seqs]
+    assert sorted(ids) == list(range(64))  # disjoint, and nobody left out
+    assert sched.schedule() is None  # every sequence is in flight
+    # as sequences finish, each step's share shrinks with them
+    for p in plans:
+        for seq in sched.complete(p, sample_all(p)):
+            if seq.seq_id < 32:
+                sched.finish(seq.seq_id)
+    assert [len(sched.schedule().seqs) for _ in range(4)] == [8, 8, 8, 8]
+
+
+def test_one_micro_batch_takes_every_sequence_it_can():
+    sched = Scheduler(4096, 4, max_num_seqs=64)
+    for i in range(40):
+        sched.add(make_seq(i, 5))
+    assert len(sched.schedule().seqs) == 40
+    with pytest.raises(InvalidRequest) as info:
+        Scheduler(16, 4, micro_batches=0)
+    assert info.value.field == "micro_batches"

@@ -9,6 +9,8 @@ tp rank 0 returns the logits, every other rank returns None.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -167,6 +169,10 @@ class ModelRunner(OffloadMember):
         self.sampler = Sampler(self.device, seed)
         self.decode_graphs = self._graph_mode(decode_graphs)
         self.graphs: DecodeGraphs | None = None
+        # Called with "received" once a later stage's input is here and "output" once a stage's
+        # output is computed, before it goes downstream (the bench's stage timeline); None: no
+        # calls.
+        self.on_io: Callable[[str], None] | None = None
 
     def _graph_mode(self, mode: str) -> str:
         """ "capture" (CUDA graphs of decode steps), "static" (their static-buffer path run
@@ -194,6 +200,8 @@ class ModelRunner(OffloadMember):
         else:
             shape = (meta.num_tokens, self.hidden_size)
             x = recv_activation(shape, self.dtype, s.prev_rank, self.device)
+            if self.on_io is not None:
+                self.on_io("received")
         return self._pass_on(self._stage(x, meta))
 
     def _stage(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
@@ -205,10 +213,17 @@ class ModelRunner(OffloadMember):
             hidden = self.model.layers[i](hidden, meta)
         return self.model.head(hidden, meta) if s.is_last_stage else hidden
 
+    def _receive_into(self, buffer: torch.Tensor) -> None:
+        dist.recv(buffer, self.state.prev_rank)
+        if self.on_io is not None:
+            self.on_io("received")
+
     def _pass_on(self, out: torch.Tensor) -> torch.Tensor | None:
         """Sends a stage's activations downstream (None), or returns the last stage's logits."""
         if self.state.is_last_stage:
             return out
+        if self.on_io is not None:
+            self.on_io("output")
         send_activation(out, self.state.next_rank)
         return None
 
@@ -322,9 +337,7 @@ class ModelRunner(OffloadMember):
                 )
             out = self.graphs.run(ids.to(torch.int64), context_lens, tables)
         else:
-            out = self.graphs.run(
-                None, context_lens, tables, receive=lambda buf: dist.recv(buf, s.prev_rank)
-            )
+            out = self.graphs.run(None, context_lens, tables, receive=self._receive_into)
         # The graph's output buffer is overwritten by the next replay while a queued send may
         # still read it: what goes downstream is a copy the allocator keeps alive for the send.
         return self._pass_on(out if s.is_last_stage else out.clone())

@@ -10,6 +10,7 @@ SCENARIOS = {
     "forward": "energon.bench.forward",
     "generate": "energon.bench.generate",
     "paged-attention": "energon.bench.paged_attention",
+    "pipeline": "energon.bench.pipeline",
     "pool": "energon.bench.pool",
     "serve": "energon.bench.serve",
 }

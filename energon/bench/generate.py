@@ -101,6 +101,10 @@ class TimedStagedRunner(StagedRunner):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._log: list[tuple[float, float, int, int]] = []
+        # (start, input received, output computed) per step: a later stage's wait for its input,
+        # then its work (the send downstream is not work)
+        self._trace: list[tuple[float, float, float]] = []
+        self._io: dict[str, float] = {}
         self._profile_next: int | None = None  # profile the next decode step of this batch
         self._profile: dict | None = None
 
@@ -109,11 +113,26 @@ class TimedStagedRunner(StagedRunner):
         if self._profile_next is not None and tokens == seqs == self._profile_next:
             self._profile_next = None
             return self._profiled_step(step)
+        self.on_io, self._io = self._mark_io, {}
         t0 = time.perf_counter()
         out = super().sample_step(step)
         synchronize(self.device)
-        self._log.append((t0, time.perf_counter(), seqs, tokens))
+        t1 = time.perf_counter()
+        self._log.append((t0, t1, seqs, tokens))
+        self._trace.append((t0, self._io.get("received", t0), self._io.get("output", t1)))
         return out
+
+    def _mark_io(self, kind: str) -> None:
+        """The stage's input is here / its output is computed (on cuda after a sync, so that
+        the time is the data's, not the call's)."""
+        synchronize(self.device)
+        self._io[kind] = time.perf_counter()
+
+    def step_trace(self) -> list[tuple[float, float, float]]:
+        """(start, input received, output computed or end) perf_counter seconds of each step
+        since the last call."""
+        trace, self._trace = self._trace, []
+        return trace
 
     def step_log(self) -> list[tuple[float, float, int, int]]:
         """The steps since the last call (and forget them)."""

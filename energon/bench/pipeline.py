@@ -1,0 +1,260 @@
+"""`energon bench pipeline`: throughput at pp = 1, 2, 4, non-blocking against blocking, a timeline.
+
+Each pp size is one Engine (`max_steps_in_flight = pp`, the default) serving `--requests` prompts
+of `--prompt-len` tokens for `--gen-len` new tokens, all submitted at once; throughput is output
+tokens over the wall time from submission to the last completion (prefill included). The largest
+pp runs again with one step in flight (blocking: the controller waits for each step before
+sending the next), the baseline of the non-blocking pipeline. Records:
+
+- `throughput` at each pp, against pp=1 of the same run (ratio = the speed-up); ceiling = the
+  step-wise roofline of one card (prefill FLOPs / matmul rate, then each decode step's weights
+  and KV bytes / bandwidth) times the cards the run uses (1 on cpu: the stages share it);
+- `nonblocking_vs_blocking` at the largest pp: the non-blocking rate against the blocking one.
+
+`--trace PNG` draws each stage's waiting and working spans over a steady window of the largest
+pp's non-blocking and blocking runs (energon/bench/trace.py) and records how much of each run
+two stages worked at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from energon.bench.generate import (
+    CHILD_ENV,
+    TimedEngine,
+    _run_async,
+    kv_bytes_per_token,
+    make_prompts,
+    measure_limits,
+    visible_gpus,
+)
+from energon.bench.options import add_model_arguments
+from energon.bench.record import Record, card_name, torch_version, write_results
+from energon.bench.trace import overlap_fraction, timeline_png
+from energon.models.registry import resolve
+from energon.runner import pick_dtype
+from energon.sampling import SamplingParams
+
+SCENARIO = "pipeline"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, tp=None)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every run")
+    parser.add_argument("--pp", default="1,2,4", help="comma-separated pipeline sizes")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--gen-len", type=int, default=128)
+    parser.add_argument("--max-batch-tokens", type=int, default=16384, help="per step")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per Engine (median)")
+    parser.add_argument("--seed", type=int, default=0, help="weights and prompt token ids")
+    parser.add_argument(
+        "--blocking", default="on", choices=["on", "off"], help="also the largest pp, blocking"
+    )
+    parser.add_argument("--trace", default=None, help="write the stage timeline PNG here")
+    parser.add_argument("--copy-mib", type=int, default=0, help="0: 1024 on cuda, 64 on cpu")
+    parser.add_argument("--raw", default=None, help="also write every raw figure to this JSON file")
+
+
+async def measure_pipeline(args, pp: int, in_flight: int, device, dtype, prompts, kv) -> dict:
+    """One Engine: a short warm-up, then `repeat` timed runs of every prompt at once."""
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    engine = TimedEngine(
+        args.model,
+        tp=args.tp,
+        pp=pp,
+        device=device,
+        dtype=dtype,
+        seed=args.seed,
+        kv_cache_memory=kv,
+        max_num_seqs=len(prompts),
+        max_batch_tokens=args.max_batch_tokens,
+        max_steps_in_flight=in_flight,
+        progress=False,
+    )
+    t0 = time.perf_counter()
+    async with engine:
+        start_s = time.perf_counter() - t0
+        group = engine.group
+        short = SamplingParams(max_tokens=2, **greedy)
+        await asyncio.gather(*(engine.infer(p, short) for p in prompts))  # warm-up
+        infos = await group.broadcast("info")
+        memory = await group.broadcast("memory")
+        facts = await group.broadcast("bench_facts") if engine.timed else None
+        await group.broadcast("step_trace") if engine.timed else None
+        params = SamplingParams(max_tokens=args.gen_len, **greedy)
+        runs, traces = [], None
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            dones = await asyncio.gather(*(engine.infer(p, params) for p in prompts))
+            wall = time.perf_counter() - t
+            runs.append({"wall_s": wall, "tokens": sum(len(d.token_ids) for d in dones)})
+            traces = await group.broadcast("step_trace") if engine.timed else None
+    stages = None
+    if traces is not None:  # the last run's trace of each stage's tp rank 0
+        stages = [traces[i] for i, info in enumerate(infos) if info["tp_rank"] == 0]
+    return {
+        "pp": pp,
+        "in_flight": in_flight,
+        "start_s": start_s,
+        "runs": runs,
+        "rate": statistics.median(r["tokens"] / r["wall_s"] for r in runs),
+        "memory": memory,
+        "facts": facts,
+        "stage_traces": stages,
+        "overlap": overlap_fraction(stages) if stages else None,
+    }
+
+
+def roofline_rate(args, run: dict, limit: dict, cards: int, kv_tok: int) -> float:
+    """Output tokens/s if every step ran at its floor on `cards` cards of this `limit`: the
+    prefill's FLOPs / matmul rate (or one weight read), then gen_len - 1 decode steps of the
+    whole batch, each reading the weights and the batch's KV / bandwidth."""
+    B, L, G = args.requests, args.prompt_len, args.gen_len
+    weights = sum(m["param_bytes"] for m in run["memory"])
+    mparams = sum(f["matmul_params"] for f in run["facts"]) if run["facts"] else weights / 2
+    bw, rate = limit["copy_bytes_per_s"], limit["matmul_flops"]
+    prefill = max(2 * mparams * B * L / rate, weights / bw)
+    decode = sum((weights + B * kv_tok * (L + k)) / bw for k in range(1, G))
+    return cards * B * G / (prefill + decode)
+
+
+def build_records(
+    args, runs: list[dict], blocking: dict | None, limits: list[dict], on_cuda: bool, kv_tok: int
+) -> list[Record]:
+    """The throughput of each pp against pp=1, and non-blocking against blocking."""
+    base = next((r for r in runs if r["pp"] == 1), None)
+    facts = ((runs[0]["facts"] or [{}]) if runs else [{}])[0]
+    common = dict(
+        scenario=SCENARIO,
+        model=args.model,
+        dtype=facts.get("dtype"),
+        tp=args.tp,
+        batch=args.requests,
+        prompt_len=args.prompt_len,
+        gen_len=args.gen_len,
+        card=facts.get("card", card_name()),
+        torch=facts.get("torch", torch_version()),
+    )
+    limit = min(limits, key=lambda x: x["copy_bytes_per_s"])
+    records = []
+    for run in runs:
+        cards = args.tp * run["pp"] if on_cuda else 1
+        ceiling = roofline_rate(args, run, limit, cards, kv_tok)
+        rates = ", ".join(f"{r['tokens'] / r['wall_s']:.0f}" for r in run["runs"])
+        records.append(
+            Record(
+                metric="throughput",
+                unit="tokens/s",
+                value=run["rate"],
+                pp=run["pp"],
+                baseline_name=base and f"Energon pp=1, tp={args.tp}, same run",
+                baseline_value=base and base["rate"],
+                ratio=base and run["rate"] / base["rate"],
+                limit_value=ceiling,
+                of_limit=run["rate"] / ceiling,
+                n_gpus=cards if on_cuda else 0,
+                notes=f"{args.requests} concurrent Engine.infer ({args.prompt_len}-token prompts, "
+                f"{args.gen_len} new tokens greedy, ignore_eos), {run['in_flight']} steps in "
+                f"flight; output tokens / wall time, median of {len(run['runs'])} ({rates} "
+                f"tokens/s); ceiling = {cards} card(s) x the step-wise roofline of one; stages "
+                f"working at once {_pct(run['overlap'])} of the run; engine start "
+                f"{run['start_s']:.1f} s",
+                **common,
+            )
+        )
+    if blocking is not None:
+        nb = next(r for r in runs if r["pp"] == blocking["pp"])
+        cards = args.tp * nb["pp"] if on_cuda else 1
+        ceiling = roofline_rate(args, nb, limit, cards, kv_tok)
+        records.append(
+            Record(
+                metric="nonblocking_vs_blocking",
+                unit="tokens/s",
+                value=nb["rate"],
+                pp=nb["pp"],
+                baseline_name=f"blocking pipeline (1 step in flight), pp={nb['pp']}, same run",
+                baseline_value=blocking["rate"],
+                ratio=nb["rate"] / blocking["rate"],
+                limit_value=ceiling,
+                of_limit=nb["rate"] / ceiling,
+                n_gpus=cards if on_cuda else 0,
+                notes=f"stages working at once: non-blocking {_pct(nb['overlap'])}, blocking "
+                f"{_pct(blocking['overlap'])} of the run",
+                **common,
+            )
+        )
+    return records
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def main(args: argparse.Namespace) -> int:
+    os.environ.update(CHILD_ENV)
+    gpus = visible_gpus()
+    device = args.device if args.device != "auto" else ("cuda" if gpus else "cpu")
+    on_cuda = device == "cuda"
+    config = resolve(args.model).config
+    dev = torch.device("cuda", 0) if on_cuda else torch.device("cpu")
+    dtype = pick_dtype(args.dtype, config, dev)
+    dtype_name = str(dtype).removeprefix("torch.")
+    pps = [int(p) for p in args.pp.split(",")]
+    if on_cuda:
+        for p in [p for p in pps if args.tp * p > gpus]:
+            print(f"skip pp={p}: tp*pp > {gpus} GPU(s) visible", flush=True)
+        pps = [p for p in pps if args.tp * p <= gpus]
+    if not pps:
+        print("nothing to measure", file=sys.stderr)
+        return 1
+    prompts = make_prompts(config["vocab_size"], args.requests, args.prompt_len, args.seed)
+    per_tok = kv_bytes_per_token(config, dtype)
+    tokens = args.requests * (args.prompt_len + args.gen_len + 16)
+    kv = int(1.3 * per_tok * tokens) + (64 << 20) if per_tok else None
+    copy_bytes = (args.copy_mib or (1024 if on_cuda else 64)) << 20
+    size = args.matmul_size or (8192 if on_cuda else 512)
+    limits = measure_limits(device, args.tp * max(pps) if on_cuda else 1, size, copy_bytes, dtype)
+    print(f"energon bench pipeline: {args.model} ({dtype_name}) on {device}, pp {pps}", flush=True)
+
+    runs = []
+    for pp in pps:
+        print(f"pp={pp}: {pp} steps in flight", flush=True)
+        runs.append(_run_async(measure_pipeline(args, pp, pp, device, dtype_name, prompts, kv)))
+        print(f"pp={pp}: {runs[-1]['rate']:.1f} tokens/s", flush=True)
+    blocking = None
+    if args.blocking == "on" and max(pps) > 1:
+        pp = max(pps)
+        print(f"pp={pp}: 1 step in flight (blocking)", flush=True)
+        blocking = _run_async(measure_pipeline(args, pp, 1, device, dtype_name, prompts, kv))
+        print(f"pp={pp} blocking: {blocking['rate']:.1f} tokens/s", flush=True)
+
+    records = build_records(args, runs, blocking, limits, on_cuda, per_tok or 0)
+    path = write_results(SCENARIO, records, Path(args.out) if args.out else None)
+    if args.raw:
+        raw = {"args": vars(args), "limits": limits, "runs": runs, "blocking": blocking}
+        Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.raw).write_text(json.dumps(raw, indent=1, default=str) + "\n")
+    if args.trace:
+        top = next(r for r in runs if r["pp"] == max(pps))
+        panels = [(f"pp={top['pp']}, non-blocking ({top['pp']} steps in flight)", top)]
+        if blocking is not None:
+            panels.append((f"pp={blocking['pp']}, blocking (1 step in flight)", blocking))
+        panels = [(title, run["stage_traces"]) for title, run in panels if run["stage_traces"]]
+        if panels:
+            print(f"wrote {timeline_png(panels, args.trace)}", flush=True)
+    for r in records:
+        print(f"pp={r.pp} {r.metric}: {r.value:.1f} {r.unit}, ratio {r.ratio}, of_limit "
+              f"{r.of_limit:.3f}; {r.notes}")  # fmt: skip
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,76 @@
+"""`energon bench pipeline` on CPU with the tiny preset, and the stage-overlap measure it reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from energon.bench import pipeline
+from energon.bench.cli import SCENARIOS
+from energon.bench.trace import overlap_fraction, steady_window
+
+
+def test_overlap_counts_the_time_two_stages_work_at_once():
+    # stage 0 works 0-2 and 4-6; stage 1 waits for its input, then works 1-3 and 5-7
+    stage0 = [(0.0, 0.0, 2.0), (4.0, 4.0, 6.0)]
+    stage1 = [(0.0, 1.0, 3.0), (3.5, 5.0, 7.0)]
+    assert overlap_fraction([stage0, stage1]) == pytest.approx(2.0 / 7.0)
+    # one after the other (a blocking pipeline): no overlap, waiting does not count as work
+    stage1 = [(0.0, 2.0, 3.0), (3.0, 6.0, 7.0)]
+    assert overlap_fraction([stage0, stage1]) == 0.0
+    assert overlap_fraction([stage0]) == 0.0
+    assert overlap_fraction([[], []]) == 0.0
+
+
+def test_the_timeline_window_is_taken_from_the_middle_of_the_last_stage():
+    last = [(float(i), float(i), i + 0.5) for i in range(100)]
+    assert steady_window([[], last], steps=10) == (45.0, 54.5)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    raw, png = out.parent / "pipeline-raw.json", out.parent / "trace.png"
+    parser = argparse.ArgumentParser()
+    pipeline.add_arguments(parser)
+    args = parser.parse_args(
+        f"--model tiny --device cpu --pp 1,2 --requests 4 --prompt-len 8 --gen-len 4 "
+        f"--out {out} --raw {raw} --trace {png}".split()
+    )
+    assert pipeline.main(args) == 0
+    (path,) = out.iterdir()
+    assert path.name.endswith("-pipeline.json")
+    return json.loads(path.read_text()), json.loads(raw.read_text()), png
+
+
+def test_pipeline_is_a_bench_scenario():
+    assert SCENARIOS["pipeline"] == "energon.bench.pipeline"
+
+
+def test_each_pp_is_measured_against_pp1_and_blocking(run):
+    records, raw, _ = run
+    by = {(r["metric"], r["pp"]): r for r in records}
+    assert set(by) == {("throughput", 1), ("throughput", 2), ("nonblocking_vs_blocking", 2)}
+    rates = {run["pp"]: run["rate"] for run in raw["runs"]}
+    assert by["throughput", 2]["ratio"] == pytest.approx(rates[2] / rates[1])
+    nb = by["nonblocking_vs_blocking", 2]
+    assert nb["value"] == pytest.approx(rates[2])
+    assert nb["baseline_value"] == pytest.approx(raw["blocking"]["rate"])
+    for r in records:
+        assert r["scenario"] == "pipeline" and r["batch"] == 4 and r["n_gpus"] == 0
+        assert 0 < r["of_limit"] and r["limit_value"] > 0 and r["notes"]
+    for run_ in raw["runs"]:
+        assert run_["runs"][0]["tokens"] == 4 * 4  # every request ran to its length
+
+
+def test_the_trace_has_every_stage_and_steps_of_one_in_flight_never_overlap(run):
+    _, raw, png = run
+    pp2 = next(r for r in raw["runs"] if r["pp"] == 2)
+    assert len(pp2["stage_traces"]) == 2 and raw["blocking"]["in_flight"] == 1
+    first, second = raw["blocking"]["stage_traces"]
+    # the later stage waits for each input; one step in flight: the stages take turns
+    assert all(t_in >= t0 for t0, t_in, _ in second)
+    assert raw["blocking"]["overlap"] < 0.02
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,12 +1,15 @@
-"""`energon bench pipeline`: throughput at pp = 1, 2, 4, non-blocking against blocking, a timeline.
+"""`energon bench pipeline`: throughput at pp = 1, 2, 4 (or any tp x pp layouts), non-blocking
+against blocking, a timeline.
 
-Each pp size is one Engine (`max_steps_in_flight = pp`, the default) serving `--requests` prompts
+Each layout is one Engine (`max_steps_in_flight = pp`, the default) serving `--requests` prompts
 of `--prompt-len` tokens for `--gen-len` new tokens, all submitted at once; throughput is output
 tokens over the wall time from submission to the last completion (prefill included). The largest
 pp runs again with one step in flight (blocking: the controller waits for each step before
-sending the next), the baseline of the non-blocking pipeline. Records:
+sending the next), the baseline of the non-blocking pipeline. `--layouts 8x1,4x2,2x4,1x8` (tp x pp)
+replaces `--tp`/`--pp`: the 8-GPU table of the scaling issue. Records:
 
-- `throughput` at each pp, against pp=1 of the same run (ratio = the speed-up); ceiling = the
+- `throughput` of each layout, against the first layout of the same run (pp=1 by default; ratio =
+  the speed-up); ceiling = the
   step-wise roofline of one card (prefill FLOPs / matmul rate, then each decode step's weights
   and KV bytes / bandwidth) times the cards the run uses (1 on cpu: the stages share it);
 - `nonblocking_vs_blocking` at the largest pp: the non-blocking rate against the blocking one.
@@ -52,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, tp=None)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every run")
     parser.add_argument("--pp", default="1,2,4", help="comma-separated pipeline sizes")
+    parser.add_argument(
+        "--layouts", default=None, help="comma-separated TPxPP layouts (replace --tp and --pp)"
+    )
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--gen-len", type=int, default=128)
@@ -66,12 +72,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", default=None, help="also write every raw figure to this JSON file")
 
 
-async def measure_pipeline(args, pp: int, in_flight: int, device, dtype, prompts, kv) -> dict:
+def parse_layouts(args) -> list[tuple[int, int]]:
+    """(tp, pp) of each run: `--layouts` "TPxPP,..." or `--tp` with each of `--pp`."""
+    if not args.layouts:
+        return [(args.tp, int(p)) for p in args.pp.split(",")]
+    layouts = []
+    for item in args.layouts.split(","):
+        tp, _, pp = item.strip().lower().partition("x")
+        if not (tp.isdigit() and pp.isdigit() and int(tp) > 0 and int(pp) > 0):
+            raise SystemExit(f"--layouts: {item!r} is not TPxPP (e.g. 2x4)")
+        layouts.append((int(tp), int(pp)))
+    return layouts
+
+
+async def measure_pipeline(
+    args, tp: int, pp: int, in_flight: int, device, dtype, prompts, kv
+) -> dict:
     """One Engine: a short warm-up, then `repeat` timed runs of every prompt at once."""
     greedy = dict(temperature=0.0, ignore_eos=True)
     engine = TimedEngine(
         args.model,
-        tp=args.tp,
+        tp=tp,
         pp=pp,
         device=device,
         dtype=dtype,
@@ -104,6 +125,7 @@ async def measure_pipeline(args, pp: int, in_flight: int, device, dtype, prompts
     if traces is not None:  # the last run's trace of each stage's tp rank 0
         stages = [traces[i] for i, info in enumerate(infos) if info["tp_rank"] == 0]
     return {
+        "tp": tp,
         "pp": pp,
         "in_flight": in_flight,
         "start_s": start_s,
@@ -133,13 +155,12 @@ def build_records(
     args, runs: list[dict], blocking: dict | None, limits: list[dict], on_cuda: bool, kv_tok: int
 ) -> list[Record]:
     """The throughput of each pp against pp=1, and non-blocking against blocking."""
-    base = next((r for r in runs if r["pp"] == 1), None)
+    base = runs[0] if runs else None
     facts = ((runs[0]["facts"] or [{}]) if runs else [{}])[0]
     common = dict(
         scenario=SCENARIO,
         model=args.model,
         dtype=facts.get("dtype"),
-        tp=args.tp,
         batch=args.requests,
         prompt_len=args.prompt_len,
         gen_len=args.gen_len,
@@ -149,7 +170,7 @@ def build_records(
     limit = min(limits, key=lambda x: x["copy_bytes_per_s"])
     records = []
     for run in runs:
-        cards = args.tp * run["pp"] if on_cuda else 1
+        cards = run["tp"] * run["pp"] if on_cuda else 1
         ceiling = roofline_rate(args, run, limit, cards, kv_tok)
         rates = ", ".join(f"{r['tokens'] / r['wall_s']:.0f}" for r in run["runs"])
         records.append(
@@ -157,8 +178,9 @@ def build_records(
                 metric="throughput",
                 unit="tokens/s",
                 value=run["rate"],
+                tp=run["tp"],
                 pp=run["pp"],
-                baseline_name=base and f"Energon pp=1, tp={args.tp}, same run",
+                baseline_name=base and f"Energon tp={base['tp']} pp={base['pp']}, same run",
                 baseline_value=base and base["rate"],
                 ratio=base and run["rate"] / base["rate"],
                 limit_value=ceiling,
@@ -174,14 +196,15 @@ def build_records(
             )
         )
     if blocking is not None:
-        nb = next(r for r in runs if r["pp"] == blocking["pp"])
-        cards = args.tp * nb["pp"] if on_cuda else 1
+        nb = next(r for r in runs if (r["tp"], r["pp"]) == (blocking["tp"], blocking["pp"]))
+        cards = nb["tp"] * nb["pp"] if on_cuda else 1
         ceiling = roofline_rate(args, nb, limit, cards, kv_tok)
         records.append(
             Record(
                 metric="nonblocking_vs_blocking",
                 unit="tokens/s",
                 value=nb["rate"],
+                tp=nb["tp"],
                 pp=nb["pp"],
                 baseline_name=f"blocking pipeline (1 step in flight), pp={nb['pp']}, same run",
                 baseline_value=blocking["rate"],
@@ -210,12 +233,12 @@ def main(args: argparse.Namespace) -> int:
     dev = torch.device("cuda", 0) if on_cuda else torch.device("cpu")
     dtype = pick_dtype(args.dtype, config, dev)
     dtype_name = str(dtype).removeprefix("torch.")
-    pps = [int(p) for p in args.pp.split(",")]
+    layouts = parse_layouts(args)
     if on_cuda:
-        for p in [p for p in pps if args.tp * p > gpus]:
-            print(f"skip pp={p}: tp*pp > {gpus} GPU(s) visible", flush=True)
-        pps = [p for p in pps if args.tp * p <= gpus]
-    if not pps:
+        for tp, pp in [x for x in layouts if x[0] * x[1] > gpus]:
+            print(f"skip tp={tp} pp={pp}: tp*pp > {gpus} GPU(s) visible", flush=True)
+        layouts = [(tp, pp) for tp, pp in layouts if tp * pp <= gpus]
+    if not layouts:
         print("nothing to measure", file=sys.stderr)
         return 1
     prompts = make_prompts(config["vocab_size"], args.requests, args.prompt_len, args.seed)
@@ -224,20 +247,31 @@ def main(args: argparse.Namespace) -> int:
     kv = int(1.3 * per_tok * tokens) + (64 << 20) if per_tok else None
     copy_bytes = (args.copy_mib or (1024 if on_cuda else 64)) << 20
     size = args.matmul_size or (8192 if on_cuda else 512)
-    limits = measure_limits(device, args.tp * max(pps) if on_cuda else 1, size, copy_bytes, dtype)
-    print(f"energon bench pipeline: {args.model} ({dtype_name}) on {device}, pp {pps}", flush=True)
+    world = max(tp * pp for tp, pp in layouts)
+    limits = measure_limits(device, world if on_cuda else 1, size, copy_bytes, dtype)
+    print(f"energon bench pipeline: {args.model} ({dtype_name}) on {device}, {layouts}", flush=True)
 
     runs = []
-    for pp in pps:
-        print(f"pp={pp}: {pp} steps in flight", flush=True)
-        runs.append(_run_async(measure_pipeline(args, pp, pp, device, dtype_name, prompts, kv)))
-        print(f"pp={pp}: {runs[-1]['rate']:.1f} tokens/s", flush=True)
+    for tp, pp in layouts:
+        print(f"tp={tp} pp={pp}: {pp} steps in flight", flush=True)
+        try:
+            run = measure_pipeline(args, tp, pp, pp, device, dtype_name, prompts, kv)
+            runs.append(_run_async(run))
+        except Exception as exc:  # noqa: BLE001 - e.g. a layout whose shards do not fit
+            print(f"tp={tp} pp={pp} failed: {exc!r}", flush=True)
+            continue
+        print(f"tp={tp} pp={pp}: {runs[-1]['rate']:.1f} tokens/s", flush=True)
+    if not runs:
+        print("no layout ran", file=sys.stderr)
+        return 1
+    top = max(runs, key=lambda r: (r["pp"], -r["tp"]))
     blocking = None
-    if args.blocking == "on" and max(pps) > 1:
-        pp = max(pps)
-        print(f"pp={pp}: 1 step in flight (blocking)", flush=True)
-        blocking = _run_async(measure_pipeline(args, pp, 1, device, dtype_name, prompts, kv))
-        print(f"pp={pp} blocking: {blocking['rate']:.1f} tokens/s", flush=True)
+    if args.blocking == "on" and top["pp"] > 1:
+        tp, pp = top["tp"], top["pp"]
+        print(f"tp={tp} pp={pp}: 1 step in flight (blocking)", flush=True)
+        run = measure_pipeline(args, tp, pp, 1, device, dtype_name, prompts, kv)
+        blocking = _run_async(run)
+        print(f"tp={tp} pp={pp} blocking: {blocking['rate']:.1f} tokens/s", flush=True)
 
     records = build_records(args, runs, blocking, limits, on_cuda, per_tok or 0)
     path = write_results(SCENARIO, records, Path(args.out) if args.out else None)
@@ -246,7 +280,6 @@ def main(args: argparse.Namespace) -> int:
         Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
         Path(args.raw).write_text(json.dumps(raw, indent=1, default=str) + "\n")
     if args.trace:
-        top = next(r for r in runs if r["pp"] == max(pps))
         panels = [(f"pp={top['pp']}, non-blocking ({top['pp']} steps in flight)", top)]
         if blocking is not None:
             panels.append((f"pp={blocking['pp']}, blocking (1 step in flight)", blocking))
@@ -254,7 +287,7 @@ def main(args: argparse.Namespace) -> int:
         if panels:
             print(f"wrote {timeline_png(panels, args.trace)}", flush=True)
     for r in records:
-        print(f"pp={r.pp} {r.metric}: {r.value:.1f} {r.unit}, ratio {r.ratio}, of_limit "
+        print(f"tp={r.tp} pp={r.pp} {r.metric}: {r.value:.1f} {r.unit}, ratio {r.ratio}, of_limit "
               f"{r.of_limit:.3f}; {r.notes}")  # fmt: skip
     print(f"wrote {path}")
     return 0

@@ -36,13 +36,26 @@ def run(tmp_path_factory):
     parser = argparse.ArgumentParser()
     pipeline.add_arguments(parser)
     args = parser.parse_args(
-        f"--model tiny --device cpu --pp 1,2 --requests 4 --prompt-len 8 --gen-len 4 "
+        f"--model tiny --device cpu --layouts 1x1,1x2 --requests 4 --prompt-len 8 --gen-len 4 "
         f"--out {out} --raw {raw} --trace {png}".split()
     )
     assert pipeline.main(args) == 0
     (path,) = out.iterdir()
     assert path.name.endswith("-pipeline.json")
     return json.loads(path.read_text()), json.loads(raw.read_text()), png
+
+
+def layouts_of(argv: str):
+    parser = argparse.ArgumentParser()
+    pipeline.add_arguments(parser)
+    return pipeline.parse_layouts(parser.parse_args(argv.split()))
+
+
+def test_layouts_come_from_tp_and_pp_or_from_layouts():
+    assert layouts_of("--tp 2 --pp 1,4") == [(2, 1), (2, 4)]
+    assert layouts_of("--layouts 8x1,4x2,2X4,1x8") == [(8, 1), (4, 2), (2, 4), (1, 8)]
+    with pytest.raises(SystemExit, match="is not TPxPP"):
+        layouts_of("--layouts 8x0")
 
 
 def test_pipeline_is_a_bench_scenario():
@@ -53,6 +66,7 @@ def test_each_pp_is_measured_against_pp1_and_blocking(run):
     records, raw, _ = run
     by = {(r["metric"], r["pp"]): r for r in records}
     assert set(by) == {("throughput", 1), ("throughput", 2), ("nonblocking_vs_blocking", 2)}
+    assert by["throughput", 2]["baseline_name"] == "Energon tp=1 pp=1, same run"
     rates = {run["pp"]: run["rate"] for run in raw["runs"]}
     assert by["throughput", 2]["ratio"] == pytest.approx(rates[2] / rates[1])
     nb = by["nonblocking_vs_blocking", 2]

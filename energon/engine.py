@@ -25,8 +25,10 @@ from contextlib import aclosing
 
 from energon.actors import ActorGroup
 from energon.errors import CheckpointError, EnergonError, InvalidRequest, RemoteError, WorkerFailed
-from energon.models.registry import resolve
+from energon.launchers import check_launcher, start_remote_workers
+from energon.models.registry import context_window, resolve
 from energon.parallel.topology import NO_MULTICAST_ENV
+from energon.recovery import Recovery
 from energon.request import Request
 from energon.sampling import Completion, SamplingParams, StreamPiece
 from energon.scheduler import Scheduler, StepPlan
@@ -84,7 +86,12 @@ def _free_port() -> int:
 
 class Engine:
     """Serves one model. Construct, then `await start()` (or `async with`); every public coroutine
-    raises `InvalidRequest` for bad arguments before anything is queued."""
+    raises `InvalidRequest` for bad arguments before anything is queued.
+
+    A worker that dies does not end the Engine: the requests it was running fail with
+    WorkerFailed (or, with `retry_on_failure`, those with no output yet run again, once), and the
+    Engine restarts its workers, up to `max_restarts` times in a row, waiting `restart_backoff`
+    seconds (doubling) before each; `health` says "degraded" meanwhile. See energon/recovery.py."""
 
     def __init__(
         self,
@@ -103,6 +110,7 @@ class Engine:
         stage_splits: Sequence[int] | None = None,
         max_steps_in_flight: int | None = None,
         launcher: str = "local",
+        address: str | None = None,
         seed: int = 0,
         heartbeat_timeout: float = 10.0,
         start_timeout: float = 600.0,
@@ -110,6 +118,10 @@ class Engine:
         progress: bool | None = None,
         pool: str | None = None,
         gpu_memory_budget: int | str | None = None,
+        retry_on_failure: bool = False,
+        max_restarts: int = 3,
+        restart_backoff: float = 1.0,
+        decode_graphs: str = "auto",
     ):
         if not isinstance(model, str | os.PathLike) or not str(model):
             raise InvalidRequest(
@@ -124,9 +136,16 @@ class Engine:
             raise InvalidRequest(
                 "dtype", f"must be 'auto', 'float32', 'float16' or 'bfloat16' (got {dtype!r})"
             )
-        if launcher != "local":
-            raise InvalidRequest("launcher", f"must be 'local' (got {launcher!r})")
+        # where the workers come from (energon/launchers): "local", "external" or "ray"; address:
+        # where the controller listens (tcp://HOST:PORT, HOST an address or interface name)
+        check_launcher(launcher, address)
+        self.launcher, self.address = launcher, address
         self.device, self.dtype = device, dtype
+        if decode_graphs not in ("auto", "off"):
+            raise InvalidRequest(
+                "decode_graphs", f"must be 'auto' or 'off' (got {decode_graphs!r})"
+            )
+        self.decode_graphs = decode_graphs  # CUDA graphs of decode steps (energon/decode_graphs.py)
         self.max_num_seqs = _positive("max_num_seqs", max_num_seqs)
         self.max_batch_tokens = _positive("max_batch_tokens", max_batch_tokens)
         self.max_waiting = _positive("max_waiting", max_waiting)
@@ -149,6 +168,12 @@ class Engine:
             )
         self.progress = progress  # a bar on stderr; None: only when stderr is a terminal
         self._init_pool(pool, gpu_memory_budget)  # peer memory pooling (energon/pool)
+        self.recovery = Recovery(  # restarts after a worker failure (energon/recovery.py)
+            self,
+            retry_on_failure=retry_on_failure,
+            max_restarts=max_restarts,
+            restart_backoff=restart_backoff,
+        )
 
         self.group: ActorGroup | None = None
         self.scheduler: Scheduler | None = None
@@ -186,22 +211,7 @@ class Engine:
         world = self.tp * self.pp
         progress = StartupProgress(2 * world + 1, bar=self.progress, start=t0)
         try:
-            progress.phase(
-                "spawning workers",
-                f"spawning {world} worker(s) for {self.model} "
-                f"(tp={self.tp}, pp={self.pp}, device={self.device}, dtype={self.dtype})",
-            )
-            await self._spawn()
-            progress.advance(f"{world} worker(s) up in {time.perf_counter() - t0:.1f} s", world)
-            progress.phase("loading shards", f"loading shards on {world} worker(s) in parallel")
-            await asyncio.wait_for(self._load_shards(progress), self.start_timeout)
-            await asyncio.wait_for(self._start_pool(), self.start_timeout)
-            progress.phase("sizing the KV cache", "sizing the KV cache")
-            await asyncio.wait_for(self._start_cache(), self.start_timeout)
-            progress.advance(
-                f"KV cache of {self.scheduler.blocks.num_blocks} blocks of {self.block_size} "
-                "tokens on every worker"
-            )
+            self.scheduler = self._new_scheduler(await self._bring_up(progress))
         except BaseException as exc:
             progress.fail()
             if self.group is not None:
@@ -215,7 +225,6 @@ class Engine:
                 # The checkpoint is unusable: say so with the type users catch, not as a remote bug.
                 raise CheckpointError(f"worker {exc.rank}: {exc.message}") from exc
             raise
-        self.group.add_failure_callback(self._on_worker_failed)
         self._loop = asyncio.get_running_loop()
         self._started = True
         progress.finish(
@@ -224,7 +233,54 @@ class Engine:
         )
         return self
 
+    async def _bring_up(self, progress: StartupProgress) -> int:
+        """Spawns the workers, loads their shards, borrows pool memory and sizes the KV cache,
+        each phase bounded by start_timeout; returns the KV blocks every worker holds. Start-up
+        and restarts share it. Raises what the phase raised (asyncio.TimeoutError included)."""
+        world = self.tp * self.pp
+        progress.phase(
+            "spawning workers",
+            f"spawning {world} worker(s) for {self.model} "
+            f"(tp={self.tp}, pp={self.pp}, device={self.device}, dtype={self.dtype})",
+        )
+        await self._spawn()
+        self.recovery.watch(self.group)
+        up = time.perf_counter() - progress.start
+        progress.advance(f"{world} worker(s) up in {up:.1f} s", world)
+        progress.phase("loading shards", f"loading shards on {world} worker(s) in parallel")
+        await asyncio.wait_for(self._load_shards(progress), self.start_timeout)
+        await asyncio.wait_for(self._start_pool(), self.start_timeout)
+        progress.phase("sizing the KV cache", "sizing the KV cache")
+        num_blocks = await asyncio.wait_for(self._start_cache(), self.start_timeout)
+        progress.advance(
+            f"KV cache of {num_blocks} blocks of {self.block_size} tokens on every worker"
+        )
+        return num_blocks
+
     async def _spawn(self) -> None:
+        runner_kwargs = dict(  # ModelRunner's (energon/runner.py), but init_method
+            model=self.model,
+            tp=self.tp,
+            pp=self.pp,
+            dtype=self.dtype,
+            device=self.device,
+            stage_splits=self.stage_splits,
+            seed=self.seed,
+            pool=self._pool_options(),
+            decode_graphs=self.decode_graphs,
+        )
+        if self.launcher != "local":  # workers on other hosts, placed by a cluster engine
+            self.group = await start_remote_workers(
+                self.launcher,
+                self.tp,
+                self.pp,
+                runner_kwargs,
+                address=self.address,
+                env={**NO_MULTICAST_ENV, **self.worker_env},
+                heartbeat_timeout=self.heartbeat_timeout,
+                start_timeout=self.start_timeout,
+            )
+            return
         env = {
             **NO_MULTICAST_ENV,
             **self._cpu_threads_env(),
@@ -233,20 +289,11 @@ class Engine:
         self.group = await ActorGroup.spawn(
             "energon.staged_runner:StagedRunner",
             self.tp * self.pp,
-            kwargs=dict(
-                model=self.model,
-                tp=self.tp,
-                pp=self.pp,
-                dtype=self.dtype,
-                device=self.device,
-                init_method=f"tcp://127.0.0.1:{_free_port()}",
-                stage_splits=self.stage_splits,
-                seed=self.seed,
-                pool=self._pool_options(),
-            ),
+            kwargs={**runner_kwargs, "init_method": f"tcp://127.0.0.1:{_free_port()}"},
             env=env,
             heartbeat_timeout=self.heartbeat_timeout,
             start_timeout=self.start_timeout,
+            address=self.address,
         )
 
     def _cpu_threads_env(self) -> dict[str, str]:
@@ -279,7 +326,8 @@ class Engine:
                 elif not call.cancelled():
                     call.exception()  # retrieved: only the first error is raised
 
-    async def _start_cache(self) -> None:
+    async def _start_cache(self) -> int:
+        """Sizes and allocates every worker's KV cache; returns its number of blocks."""
         fits = await self.group.broadcast("kv_blocks_fit", self.block_size, self.kv_cache_memory)
         num_blocks = min(fits)
         if num_blocks < 1:
@@ -288,8 +336,11 @@ class Engine:
                 f"leaves no room for a single KV block of {self.block_size} tokens",
             )
         await self.group.broadcast("init_kv_cache", num_blocks, self.block_size)
-        limit = self.max_model_len or _context_window(self.config)
-        self.scheduler = Scheduler(
+        return num_blocks
+
+    def _new_scheduler(self, num_blocks: int) -> Scheduler:
+        limit = self.max_model_len or context_window(self.config)
+        return Scheduler(
             num_blocks,
             self.block_size,
             max_num_seqs=self.max_num_seqs,
@@ -297,6 +348,7 @@ class Engine:
             max_waiting=self.max_waiting,
             max_model_len=limit,
             max_running_seqs=self.max_num_seqs * self.max_steps_in_flight,
+            micro_batches=self.max_steps_in_flight,
         )
 
     async def shutdown(self) -> None:
@@ -309,6 +361,7 @@ class Engine:
         self._requests.clear()
         for task in list(self._steps):
             task.cancel()
+        await self.recovery.stop()
         await self._close_pool()
         if self.group is not None:
             await self.group.shutdown()
@@ -395,8 +448,12 @@ class Engine:
 
     async def forward(self, token_lists: Sequence[Sequence[int]]) -> list:
         """One padding-free pass over variable-length sequences; returns each sequence's float32
-        logits [len, vocab] (cpu tensors). Raises InvalidRequest for empty or out-of-range ids."""
+        logits [len, vocab] (cpu tensors). Raises InvalidRequest for empty or out-of-range ids;
+        while the workers restart it waits for them."""
         self._check_running()
+        if self.recovery.restarting:
+            await self.recovery.wait()
+            self._check_running()
         if not isinstance(token_lists, Sequence) or not token_lists:
             raise InvalidRequest("token_lists", "must be a non-empty list of token id lists")
         lists = [self._check_ids("token_lists", ids) for ids in token_lists]
@@ -422,11 +479,40 @@ class Engine:
         return True
 
     def stats(self) -> dict:
-        """Scheduler and request counters (waiting, running, in-flight steps, KV block use)."""
-        out = {"requests": len(self._requests), "steps_in_flight": len(self._steps)}
+        """Scheduler and request counters (waiting, running, in-flight steps, KV block use),
+        `health` and the recovery counters (restarts, worker failures, failed restarts,
+        retried requests)."""
+        out = {
+            "requests": len(self._requests),
+            "steps_in_flight": len(self._steps),
+            "health": self.health,
+            "restarts": self.recovery.restarts,
+            "worker_failures": self.recovery.worker_failures,
+            "restart_failures": self.recovery.restart_failures,
+            "retried_requests": self.recovery.retried_requests,
+        }
         if self.scheduler is not None:
             out.update(vars(self.scheduler.stats()))
         return out
+
+    @property
+    def health(self) -> str:
+        """The Engine's state: "ok" (serving), "degraded" (restarting failed workers; requests
+        queue), "failed" (gave up: every call raises) or "stopped" (not started, shut down)."""
+        if self._failure is not None:
+            return "failed"
+        if not self._started or self._closed:
+            return "stopped"
+        return "degraded" if self.recovery.restarting else "ok"
+
+    def health_report(self) -> dict:
+        """{"status": `health`, "restarts": n} plus "reason" (the failure) when degraded or
+        failed: what /health answers."""
+        report = {"status": self.health, "restarts": self.recovery.restarts}
+        reason = self._failure or (self.recovery.failure if self.recovery.restarting else None)
+        if reason is not None:
+            report["reason"] = str(reason)
+        return report
 
     # ------------------------------------------------------------------------------ internals
 
@@ -483,6 +569,7 @@ class Engine:
     def _drop(self, req: Request) -> None:
         """Forget a request; if it was still running, abort it in the scheduler."""
         if self._requests.pop(req.seq_id, None) is not None and self.scheduler is not None:
+            self.recovery.forget(req.seq_id)
             self.scheduler.abort(req.seq_id)
             if not req.done:
                 req.abort()
@@ -495,6 +582,7 @@ class Engine:
             len(self._steps) < self.max_steps_in_flight
             and self._failure is None
             and not self._closed
+            and not self.recovery.restarting
         ):
             plan = self.scheduler.schedule()
             if plan is None:
@@ -508,7 +596,7 @@ class Engine:
             except Exception as exc:  # the step could not be encoded or sent
                 self._fail_step(plan, exc)
                 continue
-            task = asyncio.ensure_future(self._run_step(plan, replies))
+            task = asyncio.ensure_future(self._run_step(plan, replies, self.group))
             self._steps.add(task)
             task.add_done_callback(self._steps.discard)
 
@@ -517,22 +605,25 @@ class Engine:
         """The rank that answers steps and forwards: the last stage's tp rank 0."""
         return (self.pp - 1) * self.tp
 
-    async def _run_step(self, plan: StepPlan, replies: asyncio.Future) -> None:
+    async def _run_step(self, plan: StepPlan, replies: asyncio.Future, group: ActorGroup) -> None:
         """Waits for one step's replies (the last stage answers last) and applies them."""
         try:
             results = await replies
         except asyncio.CancelledError:
-            raise  # only shutdown cancels steps
+            raise  # only shutdown and restarts cancel steps
         except BaseException as exc:  # a worker died or the step raised on some rank
-            self._fail_step(plan, await self._name_dead_peer(exc))
+            failure = await self._name_dead_peer(exc, group)
+            if group is self.group and not self.recovery.restarting:
+                self._fail_step(plan, failure)
         else:
+            self.recovery.served()
             self._apply_step(plan, results[self._reply_rank])
         finally:
             # This step no longer occupies a slot: the next ones may go out now.
             self._steps.discard(asyncio.current_task())
         self._kick()
 
-    async def _name_dead_peer(self, exc: BaseException) -> BaseException:
+    async def _name_dead_peer(self, exc: BaseException, group: ActorGroup) -> BaseException:
         """A rank whose peer died fails its collective (gloo: "connection reset") and may
         answer before the dead process is noticed (a local one within milliseconds, by its
         sentinel). With several workers, a step error waits a moment for the liveness monitor
@@ -541,7 +632,7 @@ class Engine:
             return exc
         try:
             return await asyncio.wait_for(
-                self.group.wait_failed(), timeout=min(_PEER_FAILURE_GRACE, self.heartbeat_timeout)
+                group.wait_failed(), timeout=min(_PEER_FAILURE_GRACE, self.heartbeat_timeout)
             )
         except TimeoutError:
             return exc  # every worker is alive: the step itself raised
@@ -562,9 +653,13 @@ class Engine:
                 self.scheduler.finish(seq.seq_id)
 
     def _fail_step(self, plan: StepPlan, exc: BaseException) -> None:
-        """A step did not come back: its requests fail with the error. With more than one
-        worker the others may now wait in a collective that never completes, so the Engine
-        fails as a whole rather than hang."""
+        """A step did not come back. If a worker died, the group is replaced (recovery decides
+        what becomes of its requests). Otherwise the step raised: its requests fail with the
+        error, and with more than one worker (the others may now wait in a collective that
+        never completes) the group is replaced too."""
+        if isinstance(exc, WorkerFailed):
+            self._on_worker_failed(exc)
+            return
         error = exc if isinstance(exc, EnergonError) else EnergonError(f"step failed: {exc!r}")
         for s in plan.seqs:
             self.scheduler.abort(s.seq_id)
@@ -573,17 +668,17 @@ class Engine:
                 req.abort(error)
         if any(p is plan for p in self.scheduler.in_flight):
             self.scheduler.complete(plan, {})
-        if isinstance(exc, WorkerFailed):
-            self._on_worker_failed(exc)
-        elif self.tp * self.pp > 1:
+        if self.tp * self.pp > 1:
             self._on_worker_failed(
-                EnergonError(
-                    f"a step failed on the workers, which may now be out of step ({error}); "
-                    "shut this Engine down and start a new one"
-                )
+                EnergonError(f"a step failed on the workers, which may now be out of step: {error}")
             )
 
     def _on_worker_failed(self, exc: EnergonError) -> None:
+        """The worker group failed: recovery fails or puts back its requests and restarts it,
+        or, out of restarts, fails the Engine for good."""
+        self.recovery.on_failure(exc)
+
+    def _fail_for_good(self, exc: EnergonError) -> None:
         """The Engine cannot go on: every request fails with `exc`, and so does every call."""
         if self._failure is not None or self._closed:
             return
@@ -600,10 +695,3 @@ def _retrieve(fut: asyncio.Future) -> None:
     """Marks a future's exception as seen (its caller may have stopped waiting)."""
     if not fut.cancelled():
         fut.exception()
-
-
-def _context_window(config: dict) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "seq_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None

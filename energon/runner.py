@@ -18,7 +18,7 @@ from torch import nn
 from energon.decode_graphs import DecodeGraphs
 from energon.models.llama import rope_parameters
 from energon.models.loader import LoadReport, load_weights, random_init
-from energon.models.registry import ModelSpec, resolve
+from energon.models.registry import ModelSpec, context_window, resolve
 from energon.parallel.attention import Attention
 from energon.parallel.packing import BatchMeta, pack, pad
 from energon.parallel.pipeline import cut_stages, recv_activation, send_activation
@@ -418,14 +418,6 @@ class ModelRunner(OffloadMember):
 
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def context_window(config: dict) -> int | None:
-    """The longest sequence the checkpoint was trained for, under the names HF configs use."""
-    for key in ("max_position_embeddings", "n_positions", "seq_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None
 
 
 def hidden_size_of(config: dict) -> int:

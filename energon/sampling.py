@@ -20,6 +20,7 @@ from energon.errors import InvalidRequest
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 SEED_LIMIT = 2**63
+TOP_K_LIMIT = 2**63
 GREEDY_BELOW = 1e-5  # a smaller temperature is greedy: dividing by it would overflow float32
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -115,8 +116,11 @@ class SamplingParams:
                 "temperature", f"must be a finite number >= 0, 0 for greedy (got {t!r})"
             )
 
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise InvalidRequest("top_k", f"must be an int >= 0, 0 for off (got {self.top_k!r})")
+        # bounded like the seed: the wire carries it as an int64 (a larger k is simply "off")
+        if not _is_int(self.top_k) or not 0 <= self.top_k < TOP_K_LIMIT:
+            raise InvalidRequest(
+                "top_k", f"must be an int in [0, 2**63), 0 for off (got {self.top_k!r})"
+            )
 
         p = self.top_p
         if not _is_real(p) or not 0.0 < p <= 1.0:  # NaN fails the comparison too

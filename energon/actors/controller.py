@@ -8,6 +8,7 @@ shared memory (actors/shm.py).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import shutil
 import tempfile
@@ -75,6 +76,7 @@ class ActorGroup:
         self._counters = {"invalid": 0, "dropped": 0, "late_replies": 0, "calls": 0}
         self._closed = False
         self._shutdown_task: asyncio.Future | None = None
+        self._on_shutdown: list[Callable[[], Any]] = []
         self._reader = transport.LoopReader(self.loop, self._sock, self._on_message, head=2)
         self._liveness = Liveness(
             self.loop,
@@ -161,13 +163,13 @@ class ActorGroup:
     ) -> ActorGroup:
         """Listens on address (tcp://HOST:PORT) for workers started elsewhere
         (`energon worker --controller tcp://HOST:PORT --rank R`), builds actor on each and
-        returns once all world_size ranks are ready. Workers that turn out to share this host
-        exchange large tensors through shared memory, the others through frames.
+        returns once all world_size ranks are ready: `listen` then `join`. Workers that turn out
+        to share this host exchange large tensors through shared memory, the others through frames.
 
         Raises WorkerFailed naming the missing ranks if they do not connect within start_timeout,
         RemoteError if a constructor raises; connected workers are then told to exit.
         """
-        group = cls(
+        group = cls.listen(
             world_size,
             address,
             heartbeat_timeout=heartbeat_timeout,
@@ -175,12 +177,52 @@ class ActorGroup:
             shm_segment_bytes=shm_segment_bytes,
             shm_min_bytes=shm_min_bytes,
         )
-        try:
-            await group._start(target_name(actor), args, kwargs, start_timeout)
-        except BaseException:
-            await group.shutdown()
-            raise
+        await group.join(actor, args, kwargs, start_timeout=start_timeout)
         return group
+
+    @classmethod
+    def listen(
+        cls,
+        world_size: int,
+        address: str,
+        *,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+        shm_segment_bytes: int = shm.DEFAULT_SEGMENT_BYTES,
+        shm_min_bytes: int = shm.DEFAULT_MIN_BYTES,
+    ) -> ActorGroup:
+        """Binds address (tcp://HOST:PORT; port 0 picks a free one, see `.address`) for workers
+        started elsewhere and returns the group at once, so that a launcher can start them
+        knowing where to send them; `join` then waits for them. Call it from the event loop
+        the group will live on. Raises zmq.ZMQError if address cannot be bound."""
+        return cls(
+            world_size,
+            address,
+            heartbeat_timeout=heartbeat_timeout,
+            max_message_bytes=max_message_bytes,
+            shm_segment_bytes=shm_segment_bytes,
+            shm_min_bytes=shm_min_bytes,
+        )
+
+    async def join(
+        self,
+        actor: type | str,
+        args: Sequence = (),
+        kwargs: dict | None = None,
+        *,
+        start_timeout: float = 300.0,
+    ) -> None:
+        """Waits for every rank of a `listen`ing group to connect, then builds actor on each.
+
+        Raises WorkerFailed naming the ranks that did not connect within start_timeout (also
+        `missing_ranks()`), or a failure reported meanwhile (`fail_worker`); RemoteError if a
+        constructor raises. The group is shut down then (connected workers are told to exit).
+        """
+        try:
+            await self._start(target_name(actor), args, kwargs, start_timeout)
+        except BaseException:
+            await self.shutdown()
+            raise
 
     async def _start(self, target: str, args: Sequence, kwargs: dict | None, timeout: float):
         init = {
@@ -335,6 +377,20 @@ class ActorGroup:
                 fut.set_exception(WorkerFailed(rank, failure.reason))
                 fut.exception()  # retrieved here; awaiting it re-raises all the same
 
+    def fail_worker(self, rank: int, reason: str) -> None:
+        """Declares rank failed, for a launcher that learns of a death first (its in-flight and
+        later calls fail with WorkerFailed(rank, reason)); nothing happens if it already had."""
+        self._liveness.fail(rank, reason)
+
+    def missing_ranks(self) -> list[int]:
+        """The ranks whose worker has not connected (both channels) to this group."""
+        return [r for r, channels in enumerate(self._startup.channels) if len(channels) < 2]
+
+    def on_shutdown(self, callback: Callable[[], Any]) -> None:
+        """Calls callback() (awaited if it returns an awaitable) once the workers are gone at
+        shutdown, in registration order: what a launcher must release with the group."""
+        self._on_shutdown.append(callback)
+
     def add_failure_callback(self, callback: Callable[[WorkerFailed], Any]) -> None:
         """Calls callback(WorkerFailed) on the loop, once for each worker that fails."""
         self._liveness.callbacks.append(callback)
@@ -390,6 +446,15 @@ class ActorGroup:
                 await asyncio.wait(byes, timeout=timeout)
         self._reader.close()
         self._liveness.close()
+        for callback in self._on_shutdown:
+            try:
+                result = callback()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # one launcher's release failing must not keep the rest
+                self.loop.call_exception_handler(
+                    {"message": "energon.actors: a shutdown callback raised", "exception": exc}
+                )
         self._ctx.destroy(linger=0)  # closes every socket of this group's context, then ends it
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)

@@ -1,5 +1,9 @@
 """Starting workers: local processes (spawn context) and `energon worker` for workers started elsewhere.
 
+`energon worker --controller tcp://HOST:PORT` takes its rank from --rank or, when a cluster
+launcher started it (torchrun, srun, mpirun, a Kubernetes Indexed Job), from that launcher's
+environment.
+
 A locally spawned worker dies with its controller: the kernel sends it SIGKILL when the controller
 (the thread that started it) dies (PR_SET_PDEATHSIG), so even a SIGKILLed controller leaves no
 orphans. Workers started elsewhere rely on the heartbeat: a silent controller makes them exit.
@@ -19,6 +23,9 @@ from collections.abc import Callable
 from energon.actors import protocol
 
 PR_SET_PDEATHSIG = 1
+# Set in a worker started by `energon worker` (or Ray) to the controller address it dials, so that
+# what must reach the controller's host again (the rendezvous store) uses the same host name.
+CONTROLLER_ENV = "ENERGON_CONTROLLER"
 
 
 def start_worker(
@@ -87,10 +94,46 @@ def register_exit_hook(hook: Callable[[], None]) -> None:
 
 # ------------------------------------------------------------------------ `energon worker` command
 
+# Where cluster launchers put a process's rank and the number of processes they started, in the
+# order looked at: torchrun (and the Kubeflow PyTorchJob operator), Slurm's srun, Open MPI's
+# mpirun, a Kubernetes Indexed Job (one pod per rank).
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "JOB_COMPLETION_INDEX")
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def _from_env(names: tuple[str, ...], environ) -> tuple[int, str] | None:
+    for name in names:
+        value = environ.get(name, "").strip()
+        if value:
+            try:
+                return int(value), name
+            except ValueError:
+                raise ValueError(f"{name} must be an integer (got {value!r})") from None
+    return None
+
+
+def launcher_rank(environ=os.environ) -> tuple[int, str] | None:
+    """(rank, the variable it came from) as a cluster launcher set it, or None.
+    Raises ValueError if that variable is not an integer."""
+    return _from_env(RANK_VARIABLES, environ)
+
+
+def launcher_world_size(environ=os.environ) -> tuple[int, str] | None:
+    """(number of processes, the variable it came from) as a cluster launcher set it, or None.
+    Raises ValueError if that variable is not an integer."""
+    return _from_env(WORLD_SIZE_VARIABLES, environ)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--controller", required=True, help="tcp://HOST:PORT of the controller")
-    parser.add_argument("--rank", type=int, required=True, help="this worker's rank")
+    parser.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="this worker's rank (default: from the launcher's environment: "
+        + ", ".join(RANK_VARIABLES)
+        + ")",
+    )
     parser.add_argument(
         "--connect-timeout",
         type=float,
@@ -105,12 +148,29 @@ def main(args: argparse.Namespace) -> int:
     """Runs one worker until the controller shuts it down; returns its exit code."""
     from energon.actors.worker import run_worker
 
-    if args.rank < 0:
-        print(f"--rank must be >= 0 (got {args.rank})", file=sys.stderr)
+    rank = args.rank
+    if rank is None:
+        try:
+            found = launcher_rank()
+        except ValueError as exc:
+            print(f"energon worker: {exc}", file=sys.stderr)
+            return 2
+        if found is None:
+            names = ", ".join(RANK_VARIABLES)
+            print(
+                f"energon worker: give --rank, or start it with a launcher that sets one of "
+                f"{names} (torchrun, srun, mpirun, a Kubernetes Indexed Job)",
+                file=sys.stderr,
+            )
+            return 2
+        rank = found[0]
+    if rank < 0:
+        print(f"--rank must be >= 0 (got {rank})", file=sys.stderr)
         return 2
+    os.environ[CONTROLLER_ENV] = args.controller
     return run_worker(
         args.controller,
-        args.rank,
+        rank,
         connect_timeout=args.connect_timeout,
         max_message_bytes=args.max_message_bytes,
         loop=args.loop,

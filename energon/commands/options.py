@@ -6,7 +6,8 @@ import argparse
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model --tp --pp --device --dtype --kv-cache-memory, read back by `engine_kwargs`."""
+    """--model --tp --pp --device --dtype --kv-cache-memory --launcher --address
+    --decode-graphs --max-restarts --retry-on-failure, read back by `engine_kwargs`."""
     parser.add_argument(
         "--model", default="tiny", help="checkpoint folder or preset (default tiny)"
     )
@@ -17,6 +18,32 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"]
     )
     parser.add_argument("--kv-cache-memory", default=None, help="per worker, e.g. 1GiB")
+    parser.add_argument(
+        "--launcher",
+        default="local",
+        choices=["local", "external", "ray"],
+        help="where the workers come from (docs/multinode.md)",
+    )
+    parser.add_argument(
+        "--address", default=None, help="tcp://HOST:PORT the controller listens on (multi-host)"
+    )
+    parser.add_argument(
+        "--decode-graphs",
+        default="auto",
+        choices=["auto", "off"],
+        help="CUDA graphs of decode steps (auto: on cuda)",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="worker-group restarts in a row after a worker dies (0: fail for good)",
+    )
+    parser.add_argument(
+        "--retry-on-failure",
+        action="store_true",
+        help="run again (once) the requests a dead worker took before any output",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -27,6 +54,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         device=args.device,
         dtype=args.dtype,
         kv_cache_memory=args.kv_cache_memory,
+        launcher=args.launcher,
+        address=args.address,
+        decode_graphs=args.decode_graphs,
+        max_restarts=args.max_restarts,
+        retry_on_failure=args.retry_on_failure,
     )
 
 

@@ -173,3 +173,11 @@ def resolve(model: str | Path) -> ModelSpec:
         raise CheckpointError(f"config of {name!r} names no architectures (e.g. LlamaForCausalLM)")
     architecture = architectures[0]
     return ModelSpec(name, config, architecture, family_of(architecture), folder)
+
+
+def context_window(config: dict) -> int | None:
+    """The longest sequence the checkpoint was trained for, under the names HF configs use."""
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None

@@ -84,7 +84,9 @@ class Frontend:
     def generation(self, prompt: str | Sequence[int], params: SamplingParams, door: str):
         """A Generation to iterate. Raises Unavailable while draining and InvalidRequest for a
         max_tokens over the limit or an empty prompt (not counted: the door calls `refuse`).
-        The Engine's own checks (prompt length, Overloaded) raise at the first iteration."""
+        The Engine's own checks (prompt length, Overloaded) raise at the first iteration.
+        A prompt that is not valid Unicode (JSON may carry a lone surrogate) is an
+        InvalidRequest too."""
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry on another server")
         if params.max_tokens > self.limits.max_tokens:
@@ -96,6 +98,7 @@ class Frontend:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequest("prompt", "must not be empty")
+            _check_unicode(prompt)
             ids = self.engine.tokenizer.encode(prompt)
             if not ids:
                 raise InvalidRequest("prompt", "encodes to no tokens")
@@ -129,6 +132,17 @@ class Frontend:
         except asyncio.TimeoutError:
             pass
         return self._in_flight
+
+
+def _check_unicode(prompt: str) -> None:
+    """Raises InvalidRequest for text no tokenizer can take: a lone surrogate ("\\ud800"), which
+    JSON can spell but UTF-8 cannot."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            "prompt", f"is not valid Unicode: {exc.reason} at character {exc.start}"
+        ) from None
 
 
 class Generation:

@@ -106,12 +106,17 @@ class OpenAIHandlers:
         return web.json_response({"object": "list", "data": [card]})
 
     async def health(self, request: web.Request) -> web.Response:
-        failure = getattr(self.fe.engine, "_failure", None)
-        if failure is not None:
-            return web.json_response({"status": "failed", "reason": str(failure)}, status=503)
+        """200 {"status": "ok"} while serving; 503 with "failed" (the Engine gave up),
+        "draining" (shutting down), "degraded" (restarting failed workers: requests queue
+        meanwhile) or "stopped", and the reason."""
+        report = self.fe.engine.health_report()
+        if report["status"] == "failed":
+            return web.json_response(report, status=503)
         if not self.fe.accepting:
-            return web.json_response({"status": "draining"}, status=503)
-        return web.json_response({"status": "ok", "model": self.fe.model_name})
+            return web.json_response({**report, "status": "draining"}, status=503)
+        if report["status"] != "ok":
+            return web.json_response(report, status=503)
+        return web.json_response({**report, "model": self.fe.model_name})
 
     async def metrics(self, request: web.Request) -> web.Response:
         try:

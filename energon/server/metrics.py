@@ -1,7 +1,8 @@
 """Prometheus metrics of a served Engine (prometheus_client), one registry per server.
 
-Counters and histograms are fed by the Frontend as requests pass; queue depth, running sequences
-and KV-block use are read from `engine.stats()` when /metrics is scraped, so nothing polls.
+Counters and histograms are fed by the Frontend as requests pass; queue depth, running sequences,
+KV-block use, health and the recovery counters (worker failures, restarts, retried requests) are
+read from `engine.stats()` when /metrics is scraped, so nothing polls.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # Seconds. Tiny CPU runs sit at the low end, big models on GPUs at the high end.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+HEALTH_STATES = ("ok", "degraded", "failed", "stopped")  # Engine.health
 
 
 class EngineCollector:
@@ -57,6 +59,28 @@ class EngineCollector:
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
+        counters = (
+            ("energon_worker_restarts", "Restarts of the worker group after a failure", "restarts"),
+            ("energon_worker_failures", "Failures of the serving worker group", "worker_failures"),
+            (
+                "energon_worker_restart_failures",
+                "Restarts of the worker group that failed (each is retried, up to max_restarts)",
+                "restart_failures",
+            ),
+            (
+                "energon_retried_requests",
+                "Requests run again after a worker failure (retry_on_failure)",
+                "retried_requests",
+            ),
+        )
+        for name, doc, key in counters:
+            yield CounterMetricFamily(name, doc, value=stats.get(key, 0))
+        health = GaugeMetricFamily(
+            "energon_health", "1 for the Engine's current state, 0 for the others", labels=["state"]
+        )
+        for state in HEALTH_STATES:
+            health.add_metric([state], 1.0 if stats.get("health") == state else 0.0)
+        yield health
 
     def describe(self):
         return []  # unknown until the engine starts; describe nothing so registration is lazy-safe

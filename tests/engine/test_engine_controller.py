@@ -142,7 +142,7 @@ async def test_a_step_that_fails_on_the_only_worker_fails_just_its_requests(stan
 async def test_a_step_that_fails_with_several_workers_fails_the_engine_instead_of_hanging(
     stand_in,
 ):
-    async with Engine("tiny", tp=2, pool=None, device="cpu") as engine:
+    async with Engine("tiny", tp=2, pool=None, device="cpu", max_restarts=0) as engine:
         workers = stand_in[0]
         first = asyncio.ensure_future(engine.infer([10], SamplingParams(max_tokens=4)))
         waiting = asyncio.ensure_future(engine.infer([30], SamplingParams(max_tokens=4)))

@@ -1,5 +1,6 @@
-"""The Engine's life: start-up (progress, errors), a worker killed mid-generation, shutdown, and
-living inside someone else's server (aiohttp on uvloop). Each test owns its Engine."""
+"""The Engine's life: start-up (progress, errors), a worker killed mid-generation with restarts
+turned off, shutdown, and living inside someone else's server (aiohttp on uvloop). Each test owns
+its Engine. Recovery (restarts after a worker dies) is tests/engine/test_recovery.py."""
 
 from __future__ import annotations
 
@@ -100,6 +101,12 @@ async def test_unknown_model_fails_start_before_any_process_starts():
         ("kv_cache_memory", {"kv_cache_memory": "lots"}),
         ("max_num_seqs", {"max_num_seqs": 0}),
         ("launcher", {"launcher": "slurm"}),
+        ("decode_graphs", {"decode_graphs": "always"}),
+        ("max_restarts", {"max_restarts": -1}),
+        ("max_restarts", {"max_restarts": 1.5}),
+        ("retry_on_failure", {"retry_on_failure": "yes"}),
+        ("restart_backoff", {"restart_backoff": -1.0}),
+        ("restart_backoff", {"restart_backoff": float("nan")}),
     ],
 )
 def test_bad_engine_arguments_raise_invalid_request_naming_the_field(field, kwargs):
@@ -111,9 +118,9 @@ def test_bad_engine_arguments_raise_invalid_request_naming_the_field(field, kwar
 # ---------------------------------------------------------------------------- failures
 
 
-async def test_sigkilled_worker_fails_in_flight_requests_with_worker_failed(llama):
+async def test_without_restarts_a_sigkilled_worker_fails_the_engine_for_good(llama):
     before = workers()
-    engine = await Engine(str(llama[0]), pp=2, device="cpu").start()
+    engine = await Engine(str(llama[0]), pp=2, device="cpu", max_restarts=0).start()
     try:
         stage0 = next(p for p in workers() - before if p.name == "energon-worker-0")
         stream = engine.stream(PROMPT, SamplingParams(max_tokens=1000, **GREEDY))
@@ -131,6 +138,7 @@ async def test_sigkilled_worker_fails_in_flight_requests_with_worker_failed(llam
         assert time.monotonic() - t0 < 5.0  # the process sentinel, not a heartbeat timeout
         assert info.value.rank == 0
         assert all(isinstance(e, WorkerFailed) for e in failed)
+        assert engine.health == "failed" and engine.stats()["restarts"] == 0
         with pytest.raises(WorkerFailed):  # and later requests fail at once
             await engine.infer(PROMPT)
     finally:

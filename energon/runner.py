@@ -9,6 +9,7 @@ tp rank 0 returns the logits, every other rank returns None.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,8 @@ from energon.parallel.pipeline import cut_stages, recv_activation, send_activati
 from energon.parallel.topology import ParallelState, Topology, init_parallel, use_parallel
 from energon.pool.offload import OffloadMember
 from energon.sampler import Sampler
+
+log = logging.getLogger("energon")
 
 DEFAULT_GRAPH_CONTEXT = 4096  # decode graphs' context when the config names no window
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -169,6 +172,7 @@ class ModelRunner(OffloadMember):
         self.sampler = Sampler(self.device, seed)
         self.decode_graphs = self._graph_mode(decode_graphs)
         self.graphs: DecodeGraphs | None = None
+        self.graph_error: str | None = None  # why capturing failed, if it did
         # Called with "received" once a later stage's input is here and "output" once a stage's
         # output is computed, before it goes downstream (the bench's stage timeline); None: no
         # calls.
@@ -271,8 +275,21 @@ class ModelRunner(OffloadMember):
 
     @torch.inference_mode()
     def _build_graphs(self, scratch_block: int) -> None:
+        """The decode graphs of this stage. A capture that fails (a kernel or collective this
+        torch cannot capture) leaves the runner eager, with a warning and the reason in
+        `info()["graph_error"]`: graphs are a speed-up, never a reason not to serve."""
+        try:
+            self.graphs = self._decode_graphs(scratch_block)
+        except Exception as exc:
+            if self.decode_graphs != "capture":
+                raise  # the static path runs the eager code: its errors are bugs
+            self.graphs, self.decode_graphs = None, "off"
+            self.graph_error = f"{type(exc).__name__}: {exc}"
+            log.warning("energon: decode graphs not captured, running eagerly (%s)", exc)
+
+    def _decode_graphs(self, scratch_block: int) -> DecodeGraphs:
         window = context_window(self.spec.config) or DEFAULT_GRAPH_CONTEXT
-        self.graphs = DecodeGraphs(
+        return DecodeGraphs(
             self._stage,
             first_stage=self.state.is_first_stage,
             hidden_size=self.hidden_size,
@@ -399,6 +416,7 @@ class ModelRunner(OffloadMember):
             "vocab_size": self.spec.config.get("vocab_size"),
             "decode_graphs": self.decode_graphs,
             "graph_steps": self.graphs.steps if self.graphs else 0,
+            "graph_error": self.graph_error,
         }
 
     def memory(self) -> dict:

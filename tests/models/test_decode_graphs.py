@@ -173,3 +173,27 @@ def test_static_decode_path_at_tp2_pp2_equals_transformers(tmp_path):
     for b, (seq_logits, p) in enumerate(zip(full, prompt_lens, strict=True)):
         got = torch.stack([r[b] for r in rows])
         torch.testing.assert_close(got, seq_logits[p - 1 : p - 1 + len(rows)], rtol=0, atol=1e-4)
+
+
+def test_a_capture_that_fails_leaves_the_runner_eager_with_the_reason(tmp_path, monkeypatch):
+    import energon.runner as runner_module
+
+    class Uncapturable:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    make_llama(tmp_path)
+    runner = ModelRunner(str(tmp_path), rank=0, decode_graphs="static")
+    eager = ModelRunner(str(tmp_path), rank=0, decode_graphs="off")
+    monkeypatch.setattr(runner_module, "DecodeGraphs", Uncapturable)
+    with pytest.raises(RuntimeError, match="stream is capturing"):  # static: a bug, raised
+        runner.init_kv_cache(16, 4)
+    runner.decode_graphs = "capture"  # what "auto" picks on cuda
+    prompt_lens = [len(s) - DECODE for s in SEQS]
+    steps, num_blocks, block_size = decode_steps(SEQS, prompt_lens)
+    steps = tensor_tables(steps)
+    got = run_steps(runner, steps, num_blocks, block_size)
+    assert runner.graphs is None and runner.decode_graphs == "off"
+    assert "stream is capturing" in runner.info()["graph_error"]
+    for g, w in zip(got, run_steps(eager, steps, num_blocks, block_size), strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)

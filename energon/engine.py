@@ -35,6 +35,7 @@ from energon.scheduler import Scheduler, StepPlan
 from energon.sequence import Sequence as SchedSequence
 from energon.startup import StartupProgress, engine_tokenizer
 from energon.step import step_message
+from energon.tokenizer import require_unicode
 
 log = logging.getLogger("energon")
 
@@ -556,7 +557,7 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequest("prompt", "must not be empty")
-            ids = self._check_ids("prompt", self.tokenizer.encode(prompt))
+            ids = self._check_ids("prompt", self.tokenizer.encode(require_unicode(prompt)))
         else:
             ids = self._check_ids("prompt", prompt)
         seq_id = next(self._ids)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from energon.errors import CheckpointError
+from energon.errors import CheckpointError, InvalidRequest
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -244,3 +244,15 @@ class StopChecker:
                     best = n
                     break
         return best
+
+
+def require_unicode(text: str, field: str = "prompt") -> str:
+    """Returns `text`, or raises InvalidRequest (naming `field`) for text no tokenizer can take:
+    a lone surrogate ("\\ud800"), which JSON and Python strings can hold but UTF-8 cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            field, f"is not valid Unicode: {exc.reason} at character {exc.start}"
+        ) from None
+    return text

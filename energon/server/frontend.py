@@ -20,6 +20,7 @@ from energon.errors import InvalidRequest
 from energon.sampling import SamplingParams, StreamPiece, Timings, Usage
 from energon.server.messages import Unauthorized, Unavailable, describe_error
 from energon.server.metrics import Metrics
+from energon.tokenizer import require_unicode
 
 _OUTCOME = {
     400: "invalid",
@@ -98,7 +99,7 @@ class Frontend:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequest("prompt", "must not be empty")
-            _check_unicode(prompt)
+            require_unicode(prompt)
             ids = self.engine.tokenizer.encode(prompt)
             if not ids:
                 raise InvalidRequest("prompt", "encodes to no tokens")
@@ -132,17 +133,6 @@ class Frontend:
         except asyncio.TimeoutError:
             pass
         return self._in_flight
-
-
-def _check_unicode(prompt: str) -> None:
-    """Raises InvalidRequest for text no tokenizer can take: a lone surrogate ("\\ud800"), which
-    JSON can spell but UTF-8 cannot."""
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidRequest(
-            "prompt", f"is not valid Unicode: {exc.reason} at character {exc.start}"
-        ) from None
 
 
 class Generation:

@@ -13,7 +13,7 @@ import asyncio
 import pytest
 
 import energon.engine
-from energon import EnergonError, Engine, RemoteError, SamplingParams
+from energon import EnergonError, Engine, InvalidRequest, RemoteError, SamplingParams
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -164,6 +164,14 @@ async def test_calls_from_another_event_loop_are_refused_with_a_clear_error(stan
 
         with pytest.raises(EnergonError, match="event loop it was started in"):
             await asyncio.to_thread(elsewhere)
+
+
+async def test_a_prompt_that_is_not_unicode_is_refused_naming_the_prompt(stand_in):
+    async with Engine("tiny", pool=None, device="cpu") as engine:
+        with pytest.raises(InvalidRequest, match="not valid Unicode") as info:
+            await engine.infer("ok \ud800", SamplingParams(max_tokens=2))
+        assert info.value.field == "prompt"
+        assert engine.stats()["requests"] == 0 and not stand_in[0].pending  # nothing queued
 
 
 async def test_tiny_preset_reads_and_writes_text_with_the_byte_tokenizer(stand_in):

@@ -143,11 +143,15 @@ class Liveness:
                 await asyncio.wait([f for f in self.exited if not f.done()], timeout=2.0)
 
     def close(self) -> None:
-        """Stops watching; processes that survived SIGKILL are left to the kernel."""
+        """Stops watching and releases each exited process's handles (its sentinel pipe) at once
+        rather than at garbage collection; processes that survived SIGKILL are left to the
+        kernel."""
         self.stop_heartbeats()
         for proc, exited in zip(self.processes, self.exited, strict=True):
             if not exited.done():
                 self.loop.remove_reader(proc.sentinel)
+            elif proc.exitcode is not None:
+                proc.close()
         _live.discard(self)
 
 

@@ -115,6 +115,27 @@ async def test_shutdown_leaves_no_process_and_fails_later_calls():
         await group[0].call("ping")
 
 
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
+async def test_shutdown_releases_every_descriptor_without_waiting_for_the_garbage_collector():
+    import gc
+
+    await (await spawn()).shutdown()  # a first group: the loop and zmq set up what they keep
+    gc.collect()
+    before = open_fds()
+    gc.disable()  # what is released must be released by shutdown itself
+    try:
+        group = await spawn(3)
+        await group.broadcast("ping")
+        await group.shutdown()
+        assert open_fds() - before == set()
+    finally:
+        gc.enable()
+
+
 async def test_shutdown_with_a_stuck_sync_call_fails_it_and_still_ends_the_process():
     group = await spawn(1)
     pid = await group[0].call("pid")

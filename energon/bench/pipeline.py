@@ -154,9 +154,10 @@ def roofline_rate(args, run: dict, limit: dict, cards: int, kv_tok: int) -> floa
 def build_records(
     args, runs: list[dict], blocking: dict | None, limits: list[dict], on_cuda: bool, kv_tok: int
 ) -> list[Record]:
-    """The throughput of each pp against pp=1, and non-blocking against blocking."""
-    base = runs[0] if runs else None
-    facts = ((runs[0]["facts"] or [{}]) if runs else [{}])[0]
+    """The throughput of each layout against the first (`runs` is not empty), and non-blocking
+    against blocking."""
+    base = runs[0]
+    facts = (base["facts"] or [{}])[0]
     common = dict(
         scenario=SCENARIO,
         model=args.model,
@@ -168,53 +169,53 @@ def build_records(
         torch=facts.get("torch", torch_version()),
     )
     limit = min(limits, key=lambda x: x["copy_bytes_per_s"])
-    records = []
-    for run in runs:
+
+    def rate_record(run: dict, metric: str, baseline: str, baseline_rate: float, notes: str):
+        """A tokens/s point of `run` against `baseline_rate`, its ceiling on the run's cards."""
         cards = run["tp"] * run["pp"] if on_cuda else 1
         ceiling = roofline_rate(args, run, limit, cards, kv_tok)
+        return Record(
+            metric=metric,
+            unit="tokens/s",
+            value=run["rate"],
+            tp=run["tp"],
+            pp=run["pp"],
+            baseline_name=baseline,
+            baseline_value=baseline_rate,
+            ratio=run["rate"] / baseline_rate,
+            limit_value=ceiling,
+            of_limit=run["rate"] / ceiling,
+            n_gpus=cards if on_cuda else 0,
+            notes=f"{notes}; ceiling = {cards} card(s) x the step-wise roofline of one",
+            **common,
+        )
+
+    records = []
+    for run in runs:
         rates = ", ".join(f"{r['tokens'] / r['wall_s']:.0f}" for r in run["runs"])
         records.append(
-            Record(
-                metric="throughput",
-                unit="tokens/s",
-                value=run["rate"],
-                tp=run["tp"],
-                pp=run["pp"],
-                baseline_name=base and f"Energon tp={base['tp']} pp={base['pp']}, same run",
-                baseline_value=base and base["rate"],
-                ratio=base and run["rate"] / base["rate"],
-                limit_value=ceiling,
-                of_limit=run["rate"] / ceiling,
-                n_gpus=cards if on_cuda else 0,
-                notes=f"{args.requests} concurrent Engine.infer ({args.prompt_len}-token prompts, "
+            rate_record(
+                run,
+                "throughput",
+                f"Energon tp={base['tp']} pp={base['pp']}, same run",
+                base["rate"],
+                f"{args.requests} concurrent Engine.infer ({args.prompt_len}-token prompts, "
                 f"{args.gen_len} new tokens greedy, ignore_eos), {run['in_flight']} steps in "
                 f"flight; output tokens / wall time, median of {len(run['runs'])} ({rates} "
-                f"tokens/s); ceiling = {cards} card(s) x the step-wise roofline of one; stages "
-                f"working at once {_pct(run['overlap'])} of the run; engine start "
-                f"{run['start_s']:.1f} s",
-                **common,
+                f"tokens/s); stages working at once {_pct(run['overlap'])} of the run; engine "
+                f"start {run['start_s']:.1f} s",
             )
         )
     if blocking is not None:
         nb = next(r for r in runs if (r["tp"], r["pp"]) == (blocking["tp"], blocking["pp"]))
-        cards = nb["tp"] * nb["pp"] if on_cuda else 1
-        ceiling = roofline_rate(args, nb, limit, cards, kv_tok)
         records.append(
-            Record(
-                metric="nonblocking_vs_blocking",
-                unit="tokens/s",
-                value=nb["rate"],
-                tp=nb["tp"],
-                pp=nb["pp"],
-                baseline_name=f"blocking pipeline (1 step in flight), pp={nb['pp']}, same run",
-                baseline_value=blocking["rate"],
-                ratio=nb["rate"] / blocking["rate"],
-                limit_value=ceiling,
-                of_limit=nb["rate"] / ceiling,
-                n_gpus=cards if on_cuda else 0,
-                notes=f"stages working at once: non-blocking {_pct(nb['overlap'])}, blocking "
+            rate_record(
+                nb,
+                "nonblocking_vs_blocking",
+                f"blocking pipeline (1 step in flight), pp={nb['pp']}, same run",
+                blocking["rate"],
+                f"stages working at once: non-blocking {_pct(nb['overlap'])}, blocking "
                 f"{_pct(blocking['overlap'])} of the run",
-                **common,
             )
         )
     return records

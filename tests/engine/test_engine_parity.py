@@ -81,3 +81,37 @@ async def test_greedy_generation_equals_transformers(references, family, tp, pp)
     assert sum(compared) >= 0.8 * sum(NEW_TOKENS)  # near-ties cut off little of the comparison
     for c, n in zip(done, NEW_TOKENS, strict=True):
         assert (c.finish_reason, len(c.token_ids), c.text) == ("length", n, "")
+
+
+def gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("family,tp,pp", [("llama", 2, 1), ("mistral", 1, 2), ("opt", 2, 1)])
+@pytest.mark.parametrize("decode_graphs", ["auto", "off"])
+async def test_cuda_engine_with_and_without_decode_graphs_equals_transformers(
+    references, family, tp, pp, decode_graphs
+):
+    """On GPUs "auto" captures decode graphs (NCCL all-reduces inside them at tp=2; the stage
+    send/receive outside them at pp=2); float32 keeps the comparison with HF exact enough."""
+    folder, refs = references[family]
+    engine = Engine(
+        str(folder), tp=tp, pp=pp, device="cuda", dtype="float32", decode_graphs=decode_graphs
+    )
+    async with engine:
+        done = await asyncio.gather(
+            *(
+                engine.infer(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+                for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)
+            )
+        )
+        infos = await engine.group.broadcast("info")
+    want = "capture" if decode_graphs == "auto" else "off"
+    assert all(i["decode_graphs"] == want and i["graph_error"] is None for i in infos)
+    assert all(i["graph_steps"] > 0 for i in infos) == (want == "capture")
+    compared = [assert_greedy_equal(c.token_ids, r) for c, r in zip(done, refs, strict=True)]
+    assert sum(compared) >= 0.8 * sum(NEW_TOKENS)

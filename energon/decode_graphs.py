@@ -66,14 +66,17 @@ class DecodeGraphs:
             self.x = torch.zeros(n, dtype=torch.int64, device=device)
         else:
             self.x = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        # Every row starts as a pad (what the capture runs on: it writes only the scratch block).
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slots = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slots = torch.full((n,), scratch_block * block_size, dtype=torch.int64, device=device)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.tables = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
         pinned = device.type == "cuda"
         self._host_i64 = torch.zeros(3, n, dtype=torch.int64, pin_memory=pinned)
         self._host_tables = torch.zeros(n, max_blocks, dtype=torch.int32, pin_memory=pinned)
+        # a pad row: position 0, its K/V in the scratch block's first slot, one visible key
+        self._pads = torch.tensor([[0], [scratch_block * block_size], [1]]).expand(3, n)
         self._copied = torch.cuda.Event() if pinned else None  # staging free to refill
         self.outputs: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -118,30 +121,18 @@ class DecodeGraphs:
         return self.body(self.x[:bucket], self._meta(bucket))[:B]
 
     def _stage_inputs(self, x, context_lens, block_tables, bucket: int) -> None:
-        """Writes the step (and its pad rows) into the static buffers, through pinned staging."""
+        """Writes the step (and its pad rows) into the static buffers, through pinned staging.
+        Positions, slots and the checks come from `BatchMeta.for_step`, built on the host."""
         B, width = len(context_lens), block_tables.shape[1]
+        step = BatchMeta.for_step([1] * B, context_lens, block_tables, self.block_size)
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copies have left the staging buffers
-        ctx = torch.tensor(context_lens, dtype=torch.int64)
-        pos = ctx - 1
-        tables = block_tables.to(torch.int64)
-        short = ((tables >= 0).sum(1) < (ctx + self.block_size - 1) // self.block_size).nonzero()
-        if len(short) or int(ctx.min()) < 1:
-            b = int(short[0]) if len(short) else int(ctx.argmin())
-            raise ValueError(
-                f"block table of sequence {b} cannot hold its {context_lens[b]} tokens "
-                f"of block_size {self.block_size}"
-            )
-        tables = tables.clamp_min(0)
         host = self._host_i64
-        host[0, :B] = pos
-        host[0, B:bucket] = 0
-        host[1, :B] = tables[torch.arange(B), pos // self.block_size] * self.block_size
-        host[1, :B] += pos % self.block_size
-        host[1, B:bucket] = self.scratch_block * self.block_size
-        host[2, :B] = ctx
-        host[2, B:bucket] = 1
-        self._host_tables[:B, :width] = tables
+        host[0, :B] = step.positions
+        host[1, :B] = step.slot_mapping
+        host[2, :B] = step.context_lens
+        host[:, B:bucket] = self._pads[:, : bucket - B]
+        self._host_tables[:B, :width] = step.block_tables
         self._host_tables[B:bucket, 0] = self.scratch_block
         nb = self._copied is not None
         self.positions[:bucket].copy_(host[0, :bucket], non_blocking=nb)
@@ -170,7 +161,6 @@ class DecodeGraphs:
 
     def _capture_all(self) -> None:
         """Largest bucket first, all in one memory pool (smaller graphs reuse its blocks)."""
-        self._reset_pads(self.max_batch)
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -187,11 +177,3 @@ class DecodeGraphs:
                 self.graphs[bucket] = graph
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
-
-    def _reset_pads(self, n: int) -> None:
-        """Every row a pad: what the capture runs on (it writes only the scratch block)."""
-        self.positions[:n].zero_()
-        self.slots[:n].fill_(self.scratch_block * self.block_size)
-        self.context_lens[:n].fill_(1)
-        self.tables[:n].fill_(self.scratch_block)
-        self.x[:n].zero_()

@@ -305,8 +305,6 @@ class ModelRunner(OffloadMember):
         """(input_ids on device, BatchMeta) of a step dict; raises ValueError when malformed."""
         if self.block_size is None:
             raise ValueError("call init_kv_cache(num_blocks, block_size) before execute")
-        ids = step["input_ids"]
-        ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.int64)
         meta = BatchMeta.for_step(
             list(step["query_lens"]),
             list(step["context_lens"]),
@@ -315,18 +313,15 @@ class ModelRunner(OffloadMember):
             step.get("logits_indices", "last"),
             self.device,
         )
-        if ids.shape[0] != meta.num_tokens:
-            raise ValueError(
-                f"input_ids has {ids.shape[0]} tokens but query_lens sum to {meta.num_tokens}"
-            )
-        return ids.to(self.device, torch.int64, non_blocking=True), meta
+        ids = _input_ids(step, meta.num_tokens)
+        return ids.to(self.device, non_blocking=True), meta
 
     def execute_logits(self, step: dict) -> torch.Tensor | None:
         """One cached prefill/decode step; logits stay on the device (last stage, every tp rank).
 
         Writes the new tokens' K/V into the cache. No host sync beyond the host→device copies.
         Decode steps that fit a graph replay it."""
-        if self.graphs is not None and self.block_size is not None:
+        if self.graphs is not None:
             tables = step["block_tables"]
             if isinstance(tables, torch.Tensor) and step.get("logits_indices", "last") in (
                 "last",
@@ -346,13 +341,7 @@ class ModelRunner(OffloadMember):
         if len(context_lens) != len(step["query_lens"]) or tables.shape[0] != len(context_lens):
             raise ValueError("need one context_len and one block table per query_len")
         if s.is_first_stage:
-            ids = step["input_ids"]
-            ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.int64)
-            if ids.shape[0] != len(context_lens):
-                raise ValueError(
-                    f"input_ids has {ids.shape[0]} tokens but query_lens sum to {len(context_lens)}"
-                )
-            out = self.graphs.run(ids.to(torch.int64), context_lens, tables)
+            out = self.graphs.run(_input_ids(step, len(context_lens)), context_lens, tables)
         else:
             out = self.graphs.run(None, context_lens, tables, receive=self._receive_into)
         # The graph's output buffer is overwritten by the next replay while a queued send may
@@ -436,6 +425,14 @@ class ModelRunner(OffloadMember):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _input_ids(step: dict, num_tokens: int) -> torch.Tensor:
+    """The step's token ids as an int64 tensor (host); ValueError unless there are num_tokens."""
+    ids = torch.as_tensor(step["input_ids"], dtype=torch.int64)
+    if ids.shape[0] != num_tokens:
+        raise ValueError(f"input_ids has {ids.shape[0]} tokens but query_lens sum to {num_tokens}")
+    return ids
 
 
 def hidden_size_of(config: dict) -> int:

@@ -82,6 +82,15 @@ class OpenAIHandlers:
         scheme, _, token = header.partition(" ")
         self.fe.check_key(token.strip() if scheme.lower() == "bearer" and token else None)
 
+    def refusal(self, request: web.Request) -> web.Response | None:
+        """The error response (counted as refused) when the request lacks the key, else None."""
+        try:
+            self.authorize(request)
+        except ServerError as exc:
+            self.fe.refuse(DOOR, exc)
+            return error_response(exc)
+        return None
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
 
@@ -89,11 +98,8 @@ class OpenAIHandlers:
         return await self._generate(request, chat=True)
 
     async def models(self, request: web.Request) -> web.Response:
-        try:
-            self.authorize(request)
-        except ServerError as exc:
-            self.fe.refuse(DOOR, exc)
-            return error_response(exc)
+        if (refused := self.refusal(request)) is not None:
+            return refused
         engine = self.fe.engine
         card = {
             "id": self.fe.model_name,
@@ -119,11 +125,8 @@ class OpenAIHandlers:
         return web.json_response({**report, "model": self.fe.model_name})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        try:
-            self.authorize(request)
-        except ServerError as exc:
-            self.fe.refuse(DOOR, exc)
-            return error_response(exc)
+        if (refused := self.refusal(request)) is not None:
+            return refused
         body, content_type = self.fe.metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
 

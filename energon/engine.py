@@ -348,7 +348,6 @@ class Engine:
             max_batch_tokens=self.max_batch_tokens,
             max_waiting=self.max_waiting,
             max_model_len=limit,
-            max_running_seqs=self.max_num_seqs * self.max_steps_in_flight,
             micro_batches=self.max_steps_in_flight,
         )
 

@@ -3,7 +3,7 @@
 The Engine owns one `Scheduler` and drives it from its event loop:
 
     sched = Scheduler(num_blocks, block_size, max_num_seqs=64, max_batch_tokens=2048,
-                      max_waiting=1024, max_model_len=4096, max_running_seqs=64 * pp)
+                      max_waiting=1024, max_model_len=4096, micro_batches=pp)
     sched.add(Sequence(seq_id, prompt_ids, max_tokens))   # InvalidRequest | Overloaded, at once
     plan = sched.schedule()          # StepPlan | None; its sequences are now "in flight"
     ...send plan to the workers; with pp > 1 call schedule() again (up to pp plans in flight)...
@@ -116,7 +116,7 @@ class Scheduler:
     """Continuous batching over a paged KV cache of `num_blocks` blocks of `block_size` tokens.
 
     `max_num_seqs` and `max_batch_tokens` bound one step (micro-batch); `max_running_seqs`
-    (default `max_num_seqs`; use pp * max_num_seqs with pp micro-batches) bounds admitted
+    (default `max_num_seqs` per micro-batch) bounds admitted
     sequences; `max_waiting` bounds the waiting queue (admission control); `max_model_len`
     (default None: no bound but the cache's) bounds prompt + max_tokens. With `micro_batches`
     > 1 (the steps the Engine keeps in flight) a step takes at most an even share of the
@@ -140,15 +140,17 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
         self.max_waiting = max_waiting
-        self.max_running_seqs = max_num_seqs if max_running_seqs is None else max_running_seqs
         self.micro_batches = micro_batches
+        self.max_running_seqs = (
+            max_num_seqs * micro_batches if max_running_seqs is None else max_running_seqs
+        )
         for name in (
             "max_num_seqs",
             "max_batch_tokens",
             "max_waiting",
             "max_model_len",
+            "micro_batches",  # before max_running_seqs, which defaults to a multiple of it
             "max_running_seqs",
-            "micro_batches",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -260,7 +260,7 @@ class ModelRunner(OffloadMember):
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for attn in layers:
             attn.kv_cache = None
-        scratch = 0 if self.decode_graphs == "off" else 1
+        scratch = self._scratch_blocks
         for attn in layers:
             shape = (2, num_blocks + scratch, block_size, attn.num_kv_heads, attn.head_dim)
             attn.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -272,6 +272,11 @@ class ModelRunner(OffloadMember):
             "bytes": self.kv_cache_bytes,
             "graphs": len(self.graphs.graphs) if self.graphs else 0,
         }
+
+    @property
+    def _scratch_blocks(self) -> int:
+        """KV blocks beyond the scheduler's: the decode graphs' pad block, when they are on."""
+        return 0 if self.decode_graphs == "off" else 1
 
     @torch.inference_mode()
     def _build_graphs(self, scratch_block: int) -> None:
@@ -362,14 +367,13 @@ class ModelRunner(OffloadMember):
         per_block = max(
             1, per_token * block_size * torch.empty((), dtype=self.dtype).element_size()
         )
-        scratch = 0 if self.decode_graphs == "off" else 1  # the decode graphs' pad block
         if memory is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
                 memory = int(free * 0.9) - (2 << 30)
             else:
                 memory = 256 << 20
-        return max(0, memory // per_block - scratch)
+        return max(0, memory // per_block - self._scratch_blocks)
 
     @torch.inference_mode()
     def sample_step(self, step: dict) -> dict | None:

@@ -94,6 +94,9 @@ class Engine:
     Engine restarts its workers, up to `max_restarts` times in a row, waiting `restart_backoff`
     seconds (doubling) before each; `health` says "degraded" meanwhile. See energon/recovery.py."""
 
+    # What each local worker hosts (a subclass may time it: energon/bench/generate.py).
+    worker_actor = "energon.staged_runner:StagedRunner"
+
     def __init__(
         self,
         model: str,
@@ -288,7 +291,7 @@ class Engine:
             **self.worker_env,
         }
         self.group = await ActorGroup.spawn(
-            "energon.staged_runner:StagedRunner",
+            self.worker_actor,
             self.tp * self.pp,
             kwargs={**runner_kwargs, "init_method": f"tcp://127.0.0.1:{_free_port()}"},
             env=env,

@@ -49,7 +49,12 @@ from pathlib import Path
 import torch
 
 from energon.bench.limits import copy_bandwidth, matmul_rate, synchronize
-from energon.bench.options import add_model_arguments
+from energon.bench.options import (
+    add_model_arguments,
+    pick_matmul_size,
+    resolve_device,
+    visible_gpus,
+)
 from energon.bench.record import Record, card_name, torch_version, write_results
 from energon.engine import Engine
 from energon.models.registry import resolve
@@ -60,7 +65,6 @@ from energon.sampling import SamplingParams
 from energon.staged_runner import StagedRunner
 
 SCENARIO = "generate"
-ENGINE_ACTOR = "energon.staged_runner:StagedRunner"
 TIMED_ACTOR = "energon.bench.generate:TimedStagedRunner"
 CHILD_ENV = NO_MULTICAST_ENV  # NVLink multicast off, in every child process too
 
@@ -204,29 +208,14 @@ class TimedStagedRunner(StagedRunner):
 
 
 class TimedEngine(Engine):
-    """An Engine whose workers are TimedStagedRunner: the bench's timing, not the engine's.
-    If the Engine no longer spawns ENGINE_ACTOR, its own actor runs and `timed` stays False."""
+    """An Engine whose local workers are TimedStagedRunner: the bench's timing, not the
+    engine's. `timed` is False when its workers come from another launcher."""
 
-    timed = False
+    worker_actor = TIMED_ACTOR
 
-    async def _spawn(self) -> None:
-        import energon.engine as engine_module
-
-        real = engine_module.ActorGroup
-        outer = self
-
-        class Swap:
-            @staticmethod
-            async def spawn(actor, *args, **kwargs):
-                if actor == ENGINE_ACTOR:
-                    actor, outer.timed = TIMED_ACTOR, True
-                return await real.spawn(actor, *args, **kwargs)
-
-        engine_module.ActorGroup = Swap
-        try:
-            await super()._spawn()
-        finally:
-            engine_module.ActorGroup = real
+    @property
+    def timed(self) -> bool:
+        return self.launcher == "local"
 
 
 # ------------------------------------------------------------------------------ controller side
@@ -236,10 +225,6 @@ def make_prompts(vocab: int, count: int, length: int, seed: int) -> list[list[in
     """`count` seeded prompts of `length` token ids in [4, vocab)."""
     rng = random.Random(seed)
     return [[rng.randrange(4, vocab) for _ in range(length)] for _ in range(count)]
-
-
-def visible_gpus() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def kv_bytes_per_token(config: dict, dtype: torch.dtype) -> int | None:
@@ -528,7 +513,7 @@ def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[
     attn = (
         f"attention: flash varlen {'paged' if facts.get('flash_paged') else 'unpaged only'}"
         f" (varlen_attn args {facts.get('varlen_args')}), use_flash after run "
-        f"{(run['facts_after'] or {}).get('use_flash')}"
+        f"{after.get('use_flash')}"
         if facts
         else ""
     )
@@ -644,10 +629,8 @@ def _run_async(coro):
 def main(args: argparse.Namespace) -> int:
     os.environ.update(CHILD_ENV)
     t_start = time.perf_counter()
-    device = args.device
     gpus = visible_gpus()
-    if device == "auto":
-        device = "cuda" if gpus else "cpu"
+    device = resolve_device(args.device, gpus)
     spec = resolve(args.model)
     config = spec.config
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
@@ -669,7 +652,7 @@ def main(args: argparse.Namespace) -> int:
         f"tp {tps}, KV cache {kv_memory and kv_memory / 2**30:.2f} GiB",
         flush=True,
     )
-    size = args.matmul_size or (8192 if device == "cuda" else 512)
+    size = pick_matmul_size(args, device)
     copy_bytes = (args.copy_mib or (1024 if device == "cuda" else 64)) << 20
     limits = measure_limits(device, max(tps, default=1), size, copy_bytes, dtype)
     print(f"limits: {limits}", flush=True)

@@ -14,3 +14,25 @@ def add_model_arguments(parser: argparse.ArgumentParser, tp: str | None = "1,2")
         parser.add_argument("--tp", default=tp, help=f"comma-separated tp sizes (default {tp})")
     parser.add_argument("--matmul-size", type=int, default=0, help="0: 8192 on cuda, 512 on cpu")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process sees (0 without torch or CUDA)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def resolve_device(choice: str, gpus: int) -> str:
+    """--device: "auto" is cuda when `gpus` > 0, else cpu; "cuda" and "cpu" stay."""
+    if choice != "auto":
+        return choice
+    return "cuda" if gpus else "cpu"
+
+
+def pick_matmul_size(args, device: str) -> int:
+    """--matmul-size, or its default on `device` (8192 on cuda, 512 on cpu)."""
+    return args.matmul_size or (8192 if device == "cuda" else 512)

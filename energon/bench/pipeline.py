@@ -39,9 +39,13 @@ from energon.bench.generate import (
     kv_bytes_per_token,
     make_prompts,
     measure_limits,
+)
+from energon.bench.options import (
+    add_model_arguments,
+    pick_matmul_size,
+    resolve_device,
     visible_gpus,
 )
-from energon.bench.options import add_model_arguments
 from energon.bench.record import Record, card_name, torch_version, write_results
 from energon.bench.trace import overlap_fraction, timeline_png
 from energon.models.registry import resolve
@@ -112,7 +116,8 @@ async def measure_pipeline(
         infos = await group.broadcast("info")
         memory = await group.broadcast("memory")
         facts = await group.broadcast("bench_facts") if engine.timed else None
-        await group.broadcast("step_trace") if engine.timed else None
+        if engine.timed:
+            await group.broadcast("step_trace")  # drop the warm-up's steps
         params = SamplingParams(max_tokens=args.gen_len, **greedy)
         runs, traces = [], None
         for _ in range(args.repeat):
@@ -228,7 +233,7 @@ def _pct(x: float | None) -> str:
 def main(args: argparse.Namespace) -> int:
     os.environ.update(CHILD_ENV)
     gpus = visible_gpus()
-    device = args.device if args.device != "auto" else ("cuda" if gpus else "cpu")
+    device = resolve_device(args.device, gpus)
     on_cuda = device == "cuda"
     config = resolve(args.model).config
     dev = torch.device("cuda", 0) if on_cuda else torch.device("cpu")
@@ -247,7 +252,7 @@ def main(args: argparse.Namespace) -> int:
     tokens = args.requests * (args.prompt_len + args.gen_len + 16)
     kv = int(1.3 * per_tok * tokens) + (64 << 20) if per_tok else None
     copy_bytes = (args.copy_mib or (1024 if on_cuda else 64)) << 20
-    size = args.matmul_size or (8192 if on_cuda else 512)
+    size = pick_matmul_size(args, device)
     world = max(tp * pp for tp, pp in layouts)
     limits = measure_limits(device, world if on_cuda else 1, size, copy_bytes, dtype)
     print(f"energon bench pipeline: {args.model} ({dtype_name}) on {device}, {layouts}", flush=True)

@@ -34,7 +34,12 @@ import statistics
 import sys
 import time
 
-from energon.bench.options import add_model_arguments
+from energon.bench.options import (
+    add_model_arguments,
+    pick_matmul_size,
+    resolve_device,
+    visible_gpus,
+)
 from energon.bench.record import Record, card_name, write_results
 from energon.models.registry import resolve
 from energon.parallel.topology import NO_MULTICAST_ENV
@@ -542,15 +547,6 @@ def make_prompts(vocab: int, seqs: int, length: int, seed: int) -> list[list[int
     return [[rng.randrange(4, vocab) for _ in range(length)] for _ in range(seqs)]
 
 
-def visible_gpus() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except ImportError:
-        return 0
-
-
 async def _link(group, mode: str, nbytes: int) -> dict:
     """Borrow `nbytes` for worker 0 in `mode` ("peer" | "host") and time copies over it."""
     from energon.pool.allocator import Pool
@@ -641,7 +637,7 @@ async def measure(args, device: str, say=print) -> dict:
         )
         cuda = device == "cuda"
         link_bytes = args.link_bytes or (GiB if cuda else 64 << 20)
-        raw["matmul_size"] = args.matmul_size or (8192 if cuda else 512)
+        raw["matmul_size"] = pick_matmul_size(args, device)
         raw["limits"] = await group[0].call("limits", plan["dtype"], raw["matmul_size"], link_bytes)
         raw["link_bytes"] = link_bytes
         raw["links"] = {}
@@ -1006,10 +1002,8 @@ def print_table(records: list[Record], raw: dict) -> None:
 
 def main(args: argparse.Namespace) -> int:
     os.environ.update(CHILD_ENV)
-    device = args.device
     gpus = visible_gpus()
-    if device == "auto":
-        device = "cuda" if gpus else "cpu"
+    device = resolve_device(args.device, gpus)
     if device == "cuda" and gpus < 2:
         print(f"note: {gpus} GPU(s) visible; the peer rows need 2", file=sys.stderr)
         if gpus < 1:

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
+from bench_helpers import FIELDS, parse
 
 from energon.bench import forward
 from energon.bench.cli import SCENARIOS
 from energon.bench.timed_runner import TimedRunner
-
-FIELDS = {
-    "scenario", "model", "dtype", "tp", "pp", "batch", "prompt_len", "gen_len", "metric", "unit",
-    "value", "baseline_name", "baseline_value", "ratio", "limit_value", "of_limit", "card",
-    "n_gpus", "torch", "git_sha",
-}  # fmt: skip
-
-
-def parse(argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    forward.add_arguments(parser)
-    return parser.parse_args(argv.split())
 
 
 def test_forward_is_a_bench_scenario():
@@ -50,8 +38,9 @@ def test_both_timed_paths_give_the_last_token_logits_of_a_plain_forward():
 def records(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("results")
     args = parse(
+        forward,
         f"--model tiny --device cpu --tp 1 --seqs 4 --min-len 8 --max-len 32 "
-        f"--warmup 1 --repeat 2 --out {out}"
+        f"--warmup 1 --repeat 2 --out {out}",
     )
     assert forward.main(args) == 0
     (path,) = out.iterdir()

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
+from bench_helpers import FIELDS, parse
 
 from energon.bench import generate
 from energon.bench.cli import SCENARIOS
 
-FIELDS = {
-    "scenario", "model", "dtype", "tp", "pp", "batch", "prompt_len", "gen_len", "metric", "unit",
-    "value", "baseline_name", "baseline_value", "ratio", "limit_value", "of_limit", "card",
-    "n_gpus", "torch", "git_sha",
-}  # fmt: skip
 POINTS = {"decode_latency_b1", "throughput", "first_token_latency_b1"}
-
-
-def parse(argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    generate.add_arguments(parser)
-    return parser.parse_args(argv.split())
 
 
 def test_generate_is_a_bench_scenario():
@@ -51,8 +40,9 @@ def run(tmp_path_factory) -> tuple[list[dict], dict]:
     out = tmp_path_factory.mktemp("results")
     raw = out.parent / "generate-raw.json"
     args = parse(
+        generate,
         f"--model tiny --device cpu --tp 1 --prompt-len 8 --gen-len 4 --batch 3 --repeat 1 "
-        f"--batch-repeat 1 --hf-repeat 1 --profile --graphs auto,static --out {out} --raw {raw}"
+        f"--batch-repeat 1 --hf-repeat 3 --profile --graphs auto,static --out {out} --raw {raw}",
     )
     assert generate.main(args) == 0
     (path,) = out.iterdir()

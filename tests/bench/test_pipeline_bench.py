@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
+from bench_helpers import parse
 
 from energon.bench import pipeline
 from energon.bench.cli import SCENARIOS
@@ -33,11 +33,10 @@ def test_the_timeline_window_is_taken_from_the_middle_of_the_last_stage():
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     raw, png = out.parent / "pipeline-raw.json", out.parent / "trace.png"
-    parser = argparse.ArgumentParser()
-    pipeline.add_arguments(parser)
-    args = parser.parse_args(
+    args = parse(
+        pipeline,
         f"--model tiny --device cpu --layouts 1x1,1x2 --requests 4 --prompt-len 8 --gen-len 4 "
-        f"--out {out} --raw {raw} --trace {png}".split()
+        f"--out {out} --raw {raw} --trace {png}",
     )
     assert pipeline.main(args) == 0
     (path,) = out.iterdir()
@@ -46,9 +45,7 @@ def run(tmp_path_factory):
 
 
 def layouts_of(argv: str):
-    parser = argparse.ArgumentParser()
-    pipeline.add_arguments(parser)
-    return pipeline.parse_layouts(parser.parse_args(argv.split()))
+    return pipeline.parse_layouts(parse(pipeline, argv))
 
 
 def test_layouts_come_from_tp_and_pp_or_from_layouts():

@@ -3,28 +3,17 @@ fast it runs."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import pytest
+from bench_helpers import FIELDS, parse
 
 from energon.bench import pool
 from energon.bench.cli import SCENARIOS
 from energon.pool.messages import SHM_PREFIX
 
 pytestmark = pytest.mark.timeout(180)
-FIELDS = {
-    "scenario", "model", "dtype", "tp", "pp", "batch", "prompt_len", "gen_len", "metric", "unit",
-    "value", "baseline_name", "baseline_value", "ratio", "limit_value", "of_limit", "card",
-    "n_gpus", "torch", "git_sha",
-}  # fmt: skip
-
-
-def parse(argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    pool.add_arguments(parser)
-    return parser.parse_args(argv.split())
 
 
 def segments() -> set[str]:
@@ -42,9 +31,10 @@ def records(tmp_path_factory) -> list[dict]:
     # tiny's embedding and head are a third of it: at 0.8 of its weights three of four layers
     # are pooled (two of them in staging buffers at a time)
     args = parse(
+        pool,
         "--model tiny --device cpu --modes resident,peer,host,accelerate --budget-fraction 0.8 "
         "--prefill-seqs 3 --prefill-len 16 --decode-seqs 3 --context 20 --block-size 4 "
-        f"--warmup 1 --repeat 2 --decode-repeat 2 --hf-repeat 1 --out {out}"
+        f"--warmup 1 --repeat 2 --decode-repeat 2 --hf-repeat 1 --out {out}",
     )
     assert pool.main(args) == 0
     assert segments() - before == set(), "the bench left shared-memory segments behind"

@@ -18,12 +18,12 @@ import itertools
 import logging
 import numbers
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 
 from energon.actors import ActorGroup
+from energon.actors.transport import free_port
 from energon.errors import CheckpointError, EnergonError, InvalidRequest, RemoteError, WorkerFailed
 from energon.launchers import check_launcher, start_remote_workers
 from energon.models.registry import context_window, resolve
@@ -77,12 +77,6 @@ def _positive(field: str, value, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise InvalidRequest(field, f"must be an int >= {low} (got {value!r})")
     return value
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Engine:
@@ -293,7 +287,7 @@ class Engine:
         self.group = await ActorGroup.spawn(
             self.worker_actor,
             self.tp * self.pp,
-            kwargs={**runner_kwargs, "init_method": f"tcp://127.0.0.1:{_free_port()}"},
+            kwargs={**runner_kwargs, "init_method": f"tcp://127.0.0.1:{free_port()}"},
             env=env,
             heartbeat_timeout=self.heartbeat_timeout,
             start_timeout=self.start_timeout,

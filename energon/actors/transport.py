@@ -9,6 +9,7 @@ one per turn of the loop, however many messages were sent in it.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 
 import zmq
@@ -166,3 +167,10 @@ class LoopReader:
         if not self._closed:
             self._closed = True
             self.loop.remove_reader(self.fd)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (for a rendezvous or a test server to bind next)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

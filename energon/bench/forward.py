@@ -20,6 +20,7 @@ import random
 import statistics
 import sys
 
+from energon.actors.transport import free_port
 from energon.bench.options import (
     add_model_arguments,
     pick_matmul_size,
@@ -51,14 +52,6 @@ def make_batch(vocab: int, seqs: int, min_len: int, max_len: int, seed: int) -> 
     rng = random.Random(seed)
     lengths = [rng.randint(min_len, max_len) for _ in range(seqs)]
     return [[rng.randrange(4, vocab) for _ in range(n)] for n in lengths]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def measure(args, tp: int, device: str, batch: list[list[int]]) -> dict:

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 from energon.actors import ActorGroup
+from energon.actors.transport import free_port
 from energon.errors import WorkerFailed
 
 pytestmark = pytest.mark.timeout(60)
 TESTS = str(Path(__file__).parents[1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def start_worker(address: str, rank: int) -> asyncio.subprocess.Process:

@@ -8,12 +8,13 @@ random checkpoint there and returns the Hugging Face model it came from (in eval
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+
+from energon.actors.transport import free_port
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
 VOCAB = 128
@@ -132,12 +133,6 @@ def hf_logits(hf_model, seqs: list[list[int]]) -> torch.Tensor:
     """Hugging Face logits of each sequence run alone, packed: float32 [sum of lengths, vocab]."""
     with torch.no_grad():
         return torch.cat([hf_model(torch.tensor([s])).logits[0].float() for s in seqs])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RunnerGroup:

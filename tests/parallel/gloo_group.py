@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import traceback
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from energon.actors.transport import free_port
 from energon.parallel.topology import Topology, init_parallel, use_parallel
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(fn, rank, tp, pp, port, args, queue):

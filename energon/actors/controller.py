@@ -36,7 +36,6 @@ class ActorGroup:
         address: str | None,
         *,
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
-        heartbeat_interval: float | None = None,
         max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
         shm_segment_bytes: int = shm.DEFAULT_SEGMENT_BYTES,
         shm_min_bytes: int = shm.DEFAULT_MIN_BYTES,
@@ -48,7 +47,7 @@ class ActorGroup:
         self.loop = asyncio.get_running_loop()
         self.world_size = world_size
         self.heartbeat_timeout = heartbeat_timeout
-        self.heartbeat_interval = heartbeat_interval or heartbeat_timeout / 5
+        self.heartbeat_interval = heartbeat_timeout / 5
         self.limits = protocol.Limits(max_message_bytes)
         self.shm_segment_bytes = shm_segment_bytes
         self.shm_min_bytes = shm_min_bytes

@@ -23,7 +23,7 @@ def process_gone(pid: int) -> bool:
         return True
 
 
-async def eventually(predicate, timeout: float) -> bool:
+async def eventually(predicate, timeout: float = 5.0) -> bool:
     """Polls predicate (state of other processes, which sends no event) until true or timeout."""
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import multiprocessing
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,11 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def workers() -> set:
+    """This process's live Engine worker processes (launcher="local")."""
+    return {p for p in multiprocessing.active_children() if p.name.startswith("energon-worker")}
+
+
 CORPUS = [
     "the cat sat on the mat",
     "the dog sat on the log",
@@ -56,9 +62,9 @@ CORPUS = [
 ] * 20
 
 
-def train_bpe(vocab_multiple: int = 4) -> RustTokenizer:
-    """A byte-level BPE trained on CORPUS; <s>=0, </s>=1, padded with unused specials to a
-    multiple of `vocab_multiple` (so tp=2/4 divide the model's vocabulary)."""
+def train_bpe(vocab_multiple: int = 4, corpus: list[str] = CORPUS) -> RustTokenizer:
+    """A byte-level BPE trained on corpus; <s>=0, </s>=1, padded with unused specials to a
+    multiple of `vocab_multiple` (so tp=2/4 divide the model's vocabulary; 1: no padding)."""
     tok = RustTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -68,7 +74,7 @@ def train_bpe(vocab_multiple: int = 4) -> RustTokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     size = tok.get_vocab_size(with_added_tokens=True)
     tok.add_special_tokens([f"<unused{i}>" for i in range(-size % vocab_multiple)])
     return tok

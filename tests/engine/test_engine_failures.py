@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import multiprocessing
 import os
 import signal
 import time
@@ -18,6 +17,7 @@ from engine_helpers import (  # noqa: F401 (one_torch_thread: autouse)
     hf_greedy,
     make_llama,
     one_torch_thread,
+    workers,
 )
 
 from energon import CheckpointError, Engine, InvalidRequest, SamplingParams, WorkerFailed
@@ -34,10 +34,6 @@ def llama(tmp_path_factory):
     """(folder, hf_model) of a tiny random Llama without tokenizer.json."""
     folder = tmp_path_factory.mktemp("llama")
     return folder, make_llama(folder)
-
-
-def workers() -> set:
-    return {p for p in multiprocessing.active_children() if p.name.startswith("energon-worker")}
 
 
 # ---------------------------------------------------------------------------- start-up

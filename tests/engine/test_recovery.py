@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import os
 import signal
 import tempfile
@@ -20,6 +19,7 @@ from engine_helpers import (  # noqa: F401 (one_torch_thread: autouse)
     hf_logits_of,
     make_llama,
     one_torch_thread,
+    workers,
 )
 
 from energon import Engine, SamplingParams, WorkerFailed
@@ -43,10 +43,6 @@ def ipc_dir(tmp_path, monkeypatch):
     """The folder where this test's worker groups put their ipc sockets."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     return tmp_path
-
-
-def workers() -> set:
-    return {p for p in multiprocessing.active_children() if p.name.startswith("energon-worker")}
 
 
 def kill(rank: int) -> int:

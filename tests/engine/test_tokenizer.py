@@ -3,10 +3,11 @@
 import json
 
 import pytest
+from engine_helpers import train_bpe
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as RustTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers
 
 from energon.errors import CheckpointError
 from energon.tokenizer import (
@@ -25,16 +26,7 @@ TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 @pytest.fixture(scope="module")
 def bpe_folder(tmp_path_factory):
     """A byte-level BPE trained on a tiny English corpus, saved as a checkpoint's tokenizer."""
-    tok = RustTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok = train_bpe(vocab_multiple=1, corpus=CORPUS)
     folder = tmp_path_factory.mktemp("bpe")
     tok.save(str(folder / "tokenizer.json"))
     config = {

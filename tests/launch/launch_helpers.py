@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,12 +56,6 @@ def worker_command(controller: str, rank: int | None = None) -> list[str]:
     """`energon worker --controller ...` (rank from the environment when rank is None)."""
     cmd = [sys.executable, "-m", "energon.cli", "worker", "--controller", controller]
     return cmd if rank is None else [*cmd, "--rank", str(rank)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(procs: list[subprocess.Popen], timeout: float = 10.0) -> list[int | None]:

@@ -5,21 +5,28 @@ its rank from the launcher's environment."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 import pytest
-from launch_helpers import free_port, generate_all, worker_command, worker_env
+from launch_helpers import generate_all, worker_command, worker_env
 
 from energon import Engine, RemoteError, WorkerFailed
+from energon.actors.transport import free_port
 
 pytestmark = pytest.mark.timeout(90)
 
 
-async def kill(proc: asyncio.subprocess.Process) -> None:
-    """Test cleanup: ends proc if it still runs."""
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
+@contextlib.asynccontextmanager
+async def running(*cmd: str, env: dict[str, str]):
+    """The process of cmd for the body of the block; killed at the end if it still runs."""
+    proc = await asyncio.create_subprocess_exec(*cmd, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_workers_started_by_torchrun_generate_what_one_host_generates(llama, one_host):
@@ -29,12 +36,12 @@ async def test_workers_started_by_torchrun_generate_what_one_host_generates(llam
     # the address they were given.
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    torchrun = await asyncio.create_subprocess_exec(
+    torchrun = running(
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
         "-m", *worker_command(address)[2:],
         env=worker_env(),
     )  # fmt: skip
-    try:
+    async with torchrun as proc:
         engine = Engine(
             str(llama[0]),
             tp=2,
@@ -47,17 +54,14 @@ async def test_workers_started_by_torchrun_generate_what_one_host_generates(llam
         )
         async with engine:
             assert await generate_all(engine) == one_host
-        assert await asyncio.wait_for(torchrun.wait(), 30) == 0  # every worker exited cleanly
-    finally:
-        await kill(torchrun)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0  # every worker exited cleanly
 
 
 async def test_a_launcher_that_started_another_number_of_workers_is_told_so(llama):
     address = f"tcp://127.0.0.1:{free_port()}"
-    worker = await asyncio.create_subprocess_exec(
+    async with running(
         *worker_command(address), env=worker_env(RANK="0", WORLD_SIZE="3")
-    )
-    try:
+    ) as worker:
         engine = Engine(
             str(llama[0]),
             device="cpu",
@@ -72,16 +76,13 @@ async def test_a_launcher_that_started_another_number_of_workers_is_told_so(llam
         ):
             await engine.start()
         assert await asyncio.wait_for(worker.wait(), 10) == 0
-    finally:
-        await kill(worker)
 
 
 async def test_missing_ranks_are_named_after_the_start_timeout(llama):
     address = f"tcp://127.0.0.1:{free_port()}"
-    worker = await asyncio.create_subprocess_exec(
+    async with running(
         *worker_command(address), env=worker_env(RANK="1", WORLD_SIZE="2")
-    )
-    try:
+    ) as worker:
         engine = Engine(
             str(llama[0]),
             tp=2,
@@ -98,5 +99,3 @@ async def test_missing_ranks_are_named_after_the_start_timeout(llama):
         assert f"ranks [0] of 2 did not connect to {address} within 2s" in message
         assert f"energon worker --controller {address}" in message
         assert await asyncio.wait_for(worker.wait(), 10) == 0  # the one that came is let go
-    finally:
-        await kill(worker)

@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import pytest
+from actors.conftest import eventually  # noqa: F401 (test_deaths imports it from here)
 
 from pool.pool_actors import shm_names
-
-
-async def eventually(predicate, timeout: float = 5.0) -> bool:
-    """Polls predicate (state of other processes, which sends no event) until true or timeout."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,10 @@ device, `energon.runner.ModelRunner`) receive step descriptions in the same orde
 ordered ZeroMQ connections and meet in collectives; the last pipeline stage samples and only
 token ids come back. With pp > 1 up to `max_steps_in_flight` (default pp) micro-batches of
 disjoint sequences are in flight: step k+1 is sent without waiting for step k, and each step's
-future resolves when its reply arrives, whatever the order.
+future resolves when its reply arrives, whatever the order. With one micro-batch (pp=1) and
+`lookahead` on, the next decode step is sent before the last one returns, its tokens fed on the
+workers from the last step's samples (energon/scheduler.py), so the controller's round trip
+between steps is hidden behind the GPU.
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ class Engine:
         max_restarts: int = 3,
         restart_backoff: float = 1.0,
         decode_graphs: str = "auto",
+        lookahead: bool = True,
     ):
         if not isinstance(model, str | os.PathLike) or not str(model):
             raise InvalidRequest(
@@ -156,6 +160,11 @@ class Engine:
         self.max_steps_in_flight = _positive(
             "max_steps_in_flight", max_steps_in_flight if max_steps_in_flight is not None else pp
         )
+        if lookahead not in (True, False):
+            raise InvalidRequest("lookahead", f"must be True or False (got {lookahead!r})")
+        # Chained decode steps: one micro-batch only (at pp > 1 the first stage, which embeds,
+        # does not hold the last stage's sampled tokens; the micro-batches overlap instead).
+        self.lookahead = lookahead and pp == 1 and self.max_steps_in_flight == 1
         self.seed = _positive("seed", seed, low=0)
         self.heartbeat_timeout = heartbeat_timeout
         self.start_timeout = start_timeout
@@ -346,6 +355,7 @@ class Engine:
             max_waiting=self.max_waiting,
             max_model_len=limit,
             micro_batches=self.max_steps_in_flight,
+            lookahead=self.lookahead,
         )
 
     async def shutdown(self) -> None:
@@ -576,7 +586,7 @@ class Engine:
         """Send as many steps as may be in flight. Never blocks: each step is sent now, in the
         order planned (so every worker receives steps in that order), and awaited by a task."""
         while (
-            len(self._steps) < self.max_steps_in_flight
+            len(self._steps) < self.max_steps_in_flight + self.lookahead
             and self._failure is None
             and not self._closed
             and not self.recovery.restarting

@@ -170,6 +170,10 @@ class ModelRunner(OffloadMember):
         self.kv_cache_bytes = 0
         # Every tp rank of the last stage holds the same logits; rank 0 samples and replies.
         self.sampler = Sampler(self.device, seed)
+        # (step_id, rows sampled, their token ids on tp rank 0 / None) of the last sample_step:
+        # what the next step's chained rows feed (lookahead, energon/scheduler.py)
+        self._sampled: tuple[int, int, torch.Tensor | None] | None = None
+        self.chained_steps = 0  # steps that fed sampled tokens on the device
         self.decode_graphs = self._graph_mode(decode_graphs)
         self.graphs: DecodeGraphs | None = None
         self.graph_error: str | None = None  # why capturing failed, if it did
@@ -318,8 +322,54 @@ class ModelRunner(OffloadMember):
             step.get("logits_indices", "last"),
             self.device,
         )
-        ids = _input_ids(step, meta.num_tokens)
-        return ids.to(self.device, non_blocking=True), meta
+        return self._step_ids(step, meta.num_tokens), meta
+
+    def _step_ids(self, step: dict, num_tokens: int) -> torch.Tensor:
+        """The step's input ids on the device. A chained step's rows (lookahead) get the tokens
+        the previous sample_step sampled, on the device: the controller does not know them yet."""
+        ids = _input_ids(step, num_tokens).to(self.device, non_blocking=True)
+        chain = step.get("chain")
+        if chain is None:
+            return ids
+        if len(chain) != len(step["query_lens"]):
+            raise ValueError("need one chain entry per query_len")
+        tokens = self._chained_tokens(step["chain_from"])
+        self.chained_steps += 1
+        offsets = [0]
+        for q in step["query_lens"][:-1]:
+            offsets.append(offsets[-1] + q)
+        rows = [r for r in range(len(chain)) if chain[r] >= 0]
+        src = [chain[r] for r in rows]
+        if any(step["query_lens"][r] != 1 for r in rows) or any(j >= len(tokens) for j in src):
+            raise ValueError("a chained row must feed one token sampled by the step it chains")
+        dst = [offsets[r] for r in rows]
+        if dst == src == list(range(len(src))):  # the usual case: the same batch again
+            ids[: len(src)] = tokens[: len(src)]
+        else:
+            ids[torch.tensor(dst, device=self.device)] = tokens[
+                torch.tensor(src, device=self.device)
+            ]
+        return ids
+
+    def _chained_tokens(self, chain_from: int) -> torch.Tensor:
+        """The tokens that step `chain_from`, the last one sampled, sampled (every tp rank gets
+        them from rank 0); ValueError if that is not the last step sampled here."""
+        s = self.state
+        if not (s.is_first_stage and s.is_last_stage):
+            raise ValueError("chained steps need one pipeline stage (pp=1)")
+        last = self._sampled
+        if last is None or last[0] != chain_from:
+            got = "none" if last is None else last[0]
+            raise ValueError(f"step chains step {chain_from}, but the last sampled here is {got}")
+        _, count, tokens = last
+        if tokens is None and s.tp_rank == 0:
+            raise ValueError(f"step {chain_from} sampled no tokens here")
+        if s.tp_size > 1:
+            if tokens is None:
+                tokens = torch.empty(count, dtype=torch.int64, device=self.device)
+            root = s.topology.rank_of(s.stage, 0)
+            dist.broadcast(tokens, root, group=s.tp_group)
+        return tokens
 
     def execute_logits(self, step: dict) -> torch.Tensor | None:
         """One cached prefill/decode step; logits stay on the device (last stage, every tp rank).
@@ -346,7 +396,7 @@ class ModelRunner(OffloadMember):
         if len(context_lens) != len(step["query_lens"]) or tables.shape[0] != len(context_lens):
             raise ValueError("need one context_len and one block table per query_len")
         if s.is_first_stage:
-            out = self.graphs.run(_input_ids(step, len(context_lens)), context_lens, tables)
+            out = self.graphs.run(self._step_ids(step, len(context_lens)), context_lens, tables)
         else:
             out = self.graphs.run(None, context_lens, tables, receive=self._receive_into)
         # The graph's output buffer is overwritten by the next replay while a queued send may
@@ -380,14 +430,16 @@ class ModelRunner(OffloadMember):
         """Run one step of `energon.step.step_message` and sample the rows it marks. Returns
         {"step_id", "token_ids", "logprobs"} on the last stage's tp rank 0, None elsewhere."""
         logits = self.execute_logits({**step, "logits_indices": "last"})
+        picked = [i for i, flag in enumerate(step["sample"]) if flag]
+        self._sampled = (step["step_id"], len(picked), None)
         if not self._returns(logits):
             return None
-        picked = [i for i, flag in enumerate(step["sample"]) if flag]
         if not picked:
             return {"step_id": step["step_id"], "token_ids": [], "logprobs": None}
         if len(picked) < logits.shape[0]:
             logits = logits[torch.tensor(picked, device=logits.device)]
         token_ids, logprobs = self.sampler.sample(logits, step["params"], step["steps"])
+        self._sampled = (step["step_id"], len(picked), token_ids)
         return {"step_id": step["step_id"], "token_ids": token_ids.tolist(), "logprobs": logprobs}
 
     # -- facts -------------------------------------------------------------------------------
@@ -410,6 +462,7 @@ class ModelRunner(OffloadMember):
             "decode_graphs": self.decode_graphs,
             "graph_steps": self.graphs.steps if self.graphs else 0,
             "graph_error": self.graph_error,
+            "chained_steps": self.chained_steps,
         }
 
     def memory(self) -> dict:

@@ -34,6 +34,15 @@ their steps come back (no one is admitted while it waits, and every sequence has
 
 A finished or aborted sequence frees its blocks at once, or, if a step that runs it is in flight,
 when that step completes (the workers may still be writing those blocks); its result is ignored.
+
+Lookahead (`lookahead=True`, one micro-batch): `schedule()` may be called while the last plan is
+in flight. The new plan then also *chains* the sequences that plan samples: their next decode
+step, at the position of the token being sampled, whose id the plan cannot know yet. The workers
+feed it on the device from the previous step's sampled tokens (`ScheduledSeq.chained`), so the
+next step is queued before the last one returns and the controller's round trip leaves the
+critical path. A sequence is chained only if the pending token cannot be its last by length;
+if it turns out to be the last (a stop token or string), the chained step's token is ignored
+like that of any sequence finished while in flight. Chained plans complete in order.
 """
 
 from __future__ import annotations
@@ -59,6 +68,10 @@ class ScheduledSeq:
     positions), writes their K/V into `block_table`, attends over `context_len` tokens and, if
     `sample`, samples the token after them (the step reaches the end of the known tokens: the end
     of a prompt, a decode, or the end of a recompute).
+
+    `chain_row` (lookahead): this is a decode of the token that the plan `StepPlan.chains` samples
+    for this sequence, as that step's `chain_row`-th sampled row; its id is unknown when the plan
+    is made (the workers take it from that step's output). None: the token ids are known.
     """
 
     seq: Sequence
@@ -67,6 +80,11 @@ class ScheduledSeq:
     context_len: int  # start + num_new_tokens: tokens cached after the step
     block_table: tuple[int, ...]
     sample: bool
+    chain_row: int | None = None
+
+    @property
+    def chained(self) -> bool:
+        return self.chain_row is not None
 
     @property
     def seq_id(self) -> Hashable:
@@ -74,7 +92,8 @@ class ScheduledSeq:
 
     @property
     def token_ids(self) -> list[int]:
-        """The tokens this step feeds (stable until the plan completes)."""
+        """The tokens this step feeds (stable until the plan completes); a chained step's one
+        token is not known yet, so it gives []."""
         return self.seq.token_ids[self.start : self.context_len]
 
     @property
@@ -84,10 +103,12 @@ class ScheduledSeq:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """A micro-batch: what one step runs. `step_id` counts plans from 0."""
+    """A micro-batch: what one step runs. `step_id` counts plans from 0; `chains`: the step_id
+    of the plan whose sampled tokens its chained rows feed (lookahead), or None."""
 
     step_id: int
     seqs: tuple[ScheduledSeq, ...]
+    chains: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -120,7 +141,8 @@ class Scheduler:
     sequences; `max_waiting` bounds the waiting queue (admission control); `max_model_len`
     (default None: no bound but the cache's) bounds prompt + max_tokens. With `micro_batches`
     > 1 (the steps the Engine keeps in flight) a step takes at most an even share of the
-    sequences that could run. Raises InvalidRequest for a bound < 1.
+    sequences that could run. `lookahead` chains decode steps (module docstring). Raises
+    InvalidRequest for a bound < 1.
     """
 
     def __init__(
@@ -134,6 +156,7 @@ class Scheduler:
         max_model_len: int | None = None,
         max_running_seqs: int | None = None,
         micro_batches: int = 1,
+        lookahead: bool = False,
     ):
         self.blocks = BlockManager(num_blocks, block_size)
         self.max_model_len = max_model_len  # None: only the cache bounds a sequence
@@ -141,6 +164,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_waiting = max_waiting
         self.micro_batches = micro_batches
+        self.lookahead = lookahead  # chain the last in-flight plan's samples (module docstring)
         self.max_running_seqs = (
             max_num_seqs * micro_batches if max_running_seqs is None else max_running_seqs
         )
@@ -242,7 +266,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.RUNNING:
             self._running.remove(seq)
         seq.status = SequenceStatus.FINISHED
-        if not seq.in_flight:  # else: complete() frees it when the step returns
+        if not seq.in_flight:  # else: complete() frees it when its last step returns
             self.blocks.free(seq)
             del self._seqs[seq.seq_id]
 
@@ -256,17 +280,19 @@ class Scheduler:
         budget = self.max_batch_tokens
         max_seqs = self._fair_share()
         chosen: list[ScheduledSeq] = []
-        ready = [s for s in self._running if not s.in_flight]
-        decodes = [s for s in ready if s.num_uncomputed_tokens == 1]
-        prefills = [s for s in ready if s.num_uncomputed_tokens > 1]
+        chain = self._chainable()  # seq -> where its pending token goes (lookahead)
+        ready = [s for s in self._running if not s.in_flight or s in chain]
+        decodes = [s for s in ready if s in chain or s.num_uncomputed_tokens == 1]
+        prefills = [s for s in ready if s not in chain and s.num_uncomputed_tokens > 1]
         short_of_blocks = False  # a running sequence preempted others or sat out for blocks
         for seq in decodes + prefills:
             if budget == 0 or len(chosen) == max_seqs:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
-            need = seq.num_computed_tokens + n
+            start, row = chain.get(seq, (seq.num_computed_tokens, None))
+            n = 1 if seq in chain else min(seq.num_uncomputed_tokens, budget)
+            need = start + n
             while not self.blocks.can_allocate(seq, need):
                 victim = self._newest_preemptable(newer_than=seq)
                 if victim is None:
@@ -276,7 +302,7 @@ class Scheduler:
             if not self.blocks.can_allocate(seq, need):
                 short_of_blocks = True
                 continue  # sits this step out, keeping its blocks
-            chosen.append(self._take(seq, n))
+            chosen.append(self._take(seq, n, start, chain_row=row))
             budget -= n
         while (
             not short_of_blocks
@@ -292,11 +318,12 @@ class Scheduler:
             del self._waiting[0]
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self._running, seq, key=_by_arrival)
-            chosen.append(self._take(seq, n))
+            chosen.append(self._take(seq, n, seq.num_computed_tokens))
             budget -= n
         if not chosen:
             return None
-        plan = StepPlan(self._next_step, tuple(chosen))
+        chains = self._next_step - 1 if any(s.chained for s in chosen) else None
+        plan = StepPlan(self._next_step, tuple(chosen), chains)
         self._next_step += 1
         self._in_flight[plan.step_id] = plan
         return plan
@@ -310,17 +337,36 @@ class Scheduler:
         active = min(len(self._running) + len(self._waiting), self.max_running_seqs)
         return max(1, min(self.max_num_seqs, -(-active // self.micro_batches)))
 
-    def _take(self, seq: Sequence, n: int) -> ScheduledSeq:
-        start = seq.num_computed_tokens
+    def _chainable(self) -> dict[Sequence, tuple[int, int]]:
+        """With lookahead: the sequences the last plan samples that may run their next decode
+        step before it returns, each with (that step's position: the last plan's context_len,
+        its row among the last plan's sampled rows). Not chained: a sequence in another step
+        too, or whose pending token is its last by length (max_tokens)."""
+        last = self._in_flight.get(self._next_step - 1) if self.lookahead else None
+        if last is None:
+            return {}
+        sampled = [item for item in last.seqs if item.sample]
+        return {
+            item.seq: (item.context_len, row)
+            for row, item in enumerate(sampled)
+            if item.seq.in_flight == 1
+            and item.seq.status is SequenceStatus.RUNNING
+            and item.seq.num_output_tokens + 1 < item.seq.max_tokens
+        }
+
+    def _take(
+        self, seq: Sequence, n: int, start: int, chain_row: int | None = None
+    ) -> ScheduledSeq:
         self.blocks.allocate(seq, start + n)
-        seq.in_flight = True
+        seq.in_flight += 1
         return ScheduledSeq(
             seq=seq,
             start=start,
             num_new_tokens=n,
             context_len=start + n,
             block_table=tuple(seq.block_table),
-            sample=start + n == seq.num_tokens,
+            sample=chain_row is not None or start + n == seq.num_tokens,
+            chain_row=chain_row,
         )
 
     def _newest_preemptable(self, newer_than: Sequence) -> Sequence | None:
@@ -344,27 +390,29 @@ class Scheduler:
         """Record that `plan`'s step came back with `sampled` tokens (seq_id -> token id).
 
         Advances each sequence's `num_computed_tokens`, appends the sampled token where the step
-        sampled, clears the in-flight marks and frees sequences finished or aborted meanwhile.
-        Returns the live sequences that got a new token, in plan order. Raises ValueError (and
-        changes nothing) if the plan is not in flight or a sampling sequence has no token.
+        sampled, clears the in-flight marks and frees sequences finished or aborted meanwhile
+        (once no other step runs them). Returns the live sequences that got a new token, in plan
+        order. Raises ValueError (and changes nothing) if the plan is not in flight, a sampling
+        sequence has no token, or a chained step comes back before the step it chains.
         """
         if self._in_flight.get(plan.step_id) is not plan:
             raise ValueError(f"step {plan.step_id} is not in flight (completed twice?)")
-        missing = [
-            s.seq_id
-            for s in plan.seqs
-            if s.sample and not s.seq.is_finished and s.seq_id not in sampled
-        ]
+        live = [s for s in plan.seqs if not s.seq.is_finished]
+        missing = [s.seq_id for s in live if s.sample and s.seq_id not in sampled]
         if missing:
             raise ValueError(f"step {plan.step_id} returned no sampled token for {missing}")
+        early = [s.seq_id for s in live if s.chained and s.seq.num_tokens != s.context_len]
+        if early:
+            raise ValueError(f"step {plan.step_id} came back before the step it chains for {early}")
         del self._in_flight[plan.step_id]
         got: list[Sequence] = []
         for item in plan.seqs:
             seq = item.seq
-            seq.in_flight = False
+            seq.in_flight -= 1
             if seq.is_finished:  # finished or aborted while in flight: free it now
-                self.blocks.free(seq)
-                del self._seqs[seq.seq_id]
+                if not seq.in_flight:
+                    self.blocks.free(seq)
+                    del self._seqs[seq.seq_id]
                 continue
             seq.num_computed_tokens = item.context_len
             if item.sample:

@@ -63,7 +63,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []  # cache block ids; block i holds tokens [i*bs, (i+1)*bs)
-        self.in_flight = False  # part of a step that has not come back yet
+        self.in_flight = 0  # steps that run it and have not come back yet (2: a chained one)
         self.arrival = -1  # FCFS order, set by Scheduler.add; larger is newer
 
     @property
@@ -105,5 +105,5 @@ class Sequence:
         return (
             f"Sequence({self.seq_id!r}, {self.status.value}, tokens={self.num_tokens} "
             f"(prompt {self.num_prompt_tokens}), computed={self.num_computed_tokens}, "
-            f"blocks={self.block_table}{', in flight' if self.in_flight else ''})"
+            f"blocks={self.block_table}{', in flight' * bool(self.in_flight)})"
         )

@@ -12,19 +12,24 @@ import torch
 
 from energon.scheduler import StepPlan
 
+_PENDING = [0]  # a chained row's input id: the workers write the sampled token over it
 _GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None, "logprobs": 0}
 
 
 def step_message(plan: StepPlan, requests: Mapping) -> dict:
     """The wire form of `plan`: {"step_id", "input_ids" [T] int64, "query_lens", "context_lens",
     "block_tables" [B, max_blocks] int32 (-1 padded), "sample" (row flags), "params" and "steps"
-    (one per sampled row: SamplingParams.to_wire() and tokens generated so far)}."""
+    (one per sampled row: SamplingParams.to_wire() and tokens generated so far)}.
+
+    A plan that chains another (lookahead) adds "chain_from" (that step's id) and "chain": per
+    row, the row of that step's sampled tokens whose token it feeds (its input id travels as 0,
+    a placeholder), or -1."""
     ids: list[int] = []
     query_lens, context_lens, sample, params, steps = [], [], [], [], []
     width = max(len(s.block_table) for s in plan.seqs)
     rows: list[list[int]] = []
     for s in plan.seqs:
-        ids.extend(s.token_ids)
+        ids.extend(_PENDING if s.chained else s.token_ids)
         query_lens.append(s.num_new_tokens)
         context_lens.append(s.context_len)
         rows.append([*s.block_table, *([-1] * (width - len(s.block_table)))])
@@ -32,8 +37,8 @@ def step_message(plan: StepPlan, requests: Mapping) -> dict:
         if s.sample:
             req = requests.get(s.seq_id)
             params.append(req.params.to_wire() if req is not None else _GREEDY)
-            steps.append(s.seq.num_output_tokens)
-    return {
+            steps.append(s.seq.num_output_tokens + s.chained)  # + the pending token
+    message = {
         "step_id": plan.step_id,
         "input_ids": torch.tensor(ids, dtype=torch.int64),
         "query_lens": query_lens,
@@ -43,3 +48,7 @@ def step_message(plan: StepPlan, requests: Mapping) -> dict:
         "params": params,
         "steps": steps,
     }
+    if plan.chains is not None:
+        message["chain_from"] = plan.chains
+        message["chain"] = [-1 if s.chain_row is None else s.chain_row for s in plan.seqs]
+    return message

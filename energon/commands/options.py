@@ -7,7 +7,8 @@ import argparse
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """--model --tp --pp --device --dtype --kv-cache-memory --launcher --address
-    --decode-graphs --max-restarts --retry-on-failure, read back by `engine_kwargs`."""
+    --decode-graphs --no-lookahead --max-restarts --retry-on-failure, read back by
+    `engine_kwargs`."""
     parser.add_argument(
         "--model", default="tiny", help="checkpoint folder or preset (default tiny)"
     )
@@ -34,6 +35,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="CUDA graphs of decode steps (auto: on cuda)",
     )
     parser.add_argument(
+        "--no-lookahead",
+        dest="lookahead",
+        action="store_false",
+        help="wait for each decode step before sending the next (pp=1; default: chain them)",
+    )
+    parser.add_argument(
         "--max-restarts",
         type=int,
         default=3,
@@ -57,6 +64,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         launcher=args.launcher,
         address=args.address,
         decode_graphs=args.decode_graphs,
+        lookahead=args.lookahead,
         max_restarts=args.max_restarts,
         retry_on_failure=args.retry_on_failure,
     )

@@ -194,3 +194,68 @@ async def test_text_prompt_without_tokenizer_json_is_an_invalid_request(pp_engin
     with pytest.raises(InvalidRequest, match="tokenizer.json") as info:
         await pp_engine.infer("hello")
     assert info.value.field == "prompt"
+
+
+# ---- lookahead (pp=1): the next decode step goes out before the last one returns ------------
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def lookahead_engine(model):
+    """One stage, lookahead on (the default), a KV cache small enough to preempt."""
+    async with Engine(
+        str(model[0]), device="cpu", block_size=4, kv_cache_memory=40 * 8192
+    ) as engine:
+        yield engine
+
+
+async def chained_steps(engine: Engine) -> int:
+    return (await engine.group.broadcast("info"))[0]["chained_steps"]
+
+
+async def test_lookahead_keeps_two_steps_in_flight_and_equals_solo_results(lookahead_engine, model):
+    _, hf, eos, refs = model
+    before = await chained_steps(lookahead_engine)
+    sampled = SamplingParams(max_tokens=16, temperature=1.0, seed=9, ignore_eos=True)
+    sampled_prompt = [2, 7, 1, 8, 2, 8]
+    tasks = [
+        asyncio.ensure_future(
+            lookahead_engine.infer(p, SamplingParams(max_tokens=n, temperature=0))
+        )
+        for p, n in PROMPTS
+    ]
+    tasks.append(asyncio.ensure_future(lookahead_engine.infer(sampled_prompt, sampled)))
+    await asyncio.sleep(0)  # the first step, then the one chained to it, went out at once
+    assert lookahead_engine.stats()["steps_in_flight"] == 2
+    done = await asyncio.gather(*tasks)
+    compared = 0
+    for c, ref in zip(done, refs, strict=False):
+        expected = with_eos(ref, eos)
+        compared += assert_greedy_equal(c.token_ids, expected)
+        if len(c.token_ids) == len(expected.tokens):
+            assert c.finish_reason == ("stop" if expected.tokens[-1] == eos else "length")
+    assert compared >= 0.95 * sum(len(with_eos(r, eos).tokens) for r in refs)
+    assert sum(c.finish_reason == "stop" for c in done) >= 10  # stops while a step was chained
+    assert done[-1].token_ids == reference_sample(hf, sampled_prompt, sampled)
+    stats = lookahead_engine.stats()
+    assert stats["num_preemptions"] > 0
+    assert stats["num_used_blocks"] == 0
+    assert await chained_steps(lookahead_engine) - before > 50
+
+
+async def test_without_lookahead_one_step_is_in_flight_and_none_is_chained(model):
+    refs = model[3]
+    async with Engine(str(model[0]), device="cpu", lookahead=False) as engine:
+        tasks = [
+            asyncio.ensure_future(engine.infer(p, SamplingParams(max_tokens=n, **GREEDY)))
+            for p, n in PROMPTS[:4]
+        ]
+        await asyncio.sleep(0)
+        assert engine.stats()["steps_in_flight"] == 1
+        for task, ref in zip(tasks, refs[:4], strict=True):
+            assert_greedy_equal((await task).token_ids, ref)
+        assert await chained_steps(engine) == 0
+
+
+async def test_lookahead_must_be_a_bool():
+    with pytest.raises(InvalidRequest, match="lookahead"):
+        Engine("tiny", lookahead="yes")

@@ -349,20 +349,35 @@ class FakeWorkers:
         block = block_table[position // self.block_size]
         return block * self.block_size + position % self.block_size
 
+        self.last: tuple[int, list[int]] | None = None  # (step_id, tokens) of the last step
+
     def run(self, plan: StepPlan) -> dict[int, int]:
         sampled = {}
         for item in plan.seqs:
             seq = item.seq
             assert len(item.block_table) == -(-item.context_len // self.block_size)
-            assert item.context_len <= seq.num_tokens
-            for position, token in zip(item.positions, item.token_ids, strict=True):
+            tokens = item.token_ids
+            if item.chained:  # lookahead: the token the chained step sampled, fed here
+                assert self.last is not None and self.last[0] == plan.chains
+                tokens = [self.last[1][item.chain_row]]
+                assert item.num_new_tokens == 1 and item.context_len == seq.num_tokens + 1
+            else:
+                assert item.context_len <= seq.num_tokens
+            for position, token in zip(item.positions, tokens, strict=True):
                 self.cache[self.slot(item.block_table, position)] = (seq.seq_id, position, token)
             for position in range(item.context_len):
                 got = self.cache[self.slot(item.block_table, position)]
-                assert got == (seq.seq_id, position, seq.token_ids[position])
+                assert got == (seq.seq_id, position, expected_or_prompt(seq, position))
             if item.sample:
                 sampled[seq.seq_id] = expected_token(seq.seq_id, item.context_len)
+        self.last = (plan.step_id, [sampled[s.seq_id] for s in plan.seqs if s.sample])
         return sampled
+
+
+def expected_or_prompt(seq: Sequence, position: int) -> int:
+    if position < seq.num_prompt_tokens:
+        return seq.token_ids[position]
+    return expected_token(seq.seq_id, position)
 
 
 def check_invariants(sched: Scheduler, seqs: list[Sequence], in_flight: list[StepPlan]) -> None:
@@ -451,6 +466,103 @@ def test_random_workload_finishes_every_request_without_leaking_blocks(workload,
             assert finished[seq_id] == [expected_token(seq_id, p) for p in positions]
     assert not sched.has_unfinished()
     assert sched.blocks.num_free_blocks == config["num_blocks"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(workloads(), st.randoms(use_true_random=False))
+def test_lookahead_chains_decodes_and_loses_or_leaks_nothing(workload, rng):
+    """One micro-batch with lookahead, as the Engine runs pp=1: a plan is scheduled while the last
+    is in flight, replies come back in order, and sequences also stop early at random (a stop
+    token): the chained step's token is then ignored."""
+    config, _, requests = workload
+    sched = Scheduler(
+        config["num_blocks"],
+        config["block_size"],
+        max_num_seqs=config["max_num_seqs"],
+        max_batch_tokens=config["max_batch_tokens"],
+        lookahead=True,
+    )
+    workers = FakeWorkers(config["block_size"])
+    seqs: dict[int, Sequence] = {}
+    in_flight: list[tuple[StepPlan, dict[int, int]]] = []
+    finished: dict[int, list[int]] = {}
+    aborted: set[int] = set()
+    tick = 0
+    while len(finished) + len(aborted) < len(requests) or in_flight:
+        assert tick < 5000, "no progress"
+        for seq_id, prompt_len, max_tokens, arrival, abort_at in requests:
+            if arrival == tick:
+                seqs[seq_id] = make_seq(seq_id, prompt_len, max_tokens)
+                sched.add(seqs[seq_id])
+            if abort_at == tick and arrival <= tick and seq_id not in finished:
+                assert sched.abort(seq_id)
+                aborted.add(seq_id)
+        while len(in_flight) < 2 and (plan := sched.schedule()) is not None:
+            assert len(plan.seqs) <= config["max_num_seqs"]
+            assert plan.num_tokens <= config["max_batch_tokens"]
+            in_flight.append((plan, workers.run(plan)))
+            assert all(s.in_flight <= 2 for s in seqs.values())
+        if not in_flight:
+            assert not sched.has_unfinished(), "live sequences but nothing scheduled"
+        else:
+            plan, sampled = in_flight.pop(0)  # in order, as one worker group replies
+            for seq in sched.complete(plan, sampled):
+                assert seq.num_output_tokens <= seq.max_tokens
+                if seq.num_output_tokens == seq.max_tokens or rng.random() < 0.1:
+                    finished[seq.seq_id] = sched.finish(seq.seq_id).output_token_ids
+        tick += 1
+    for seq_id, prompt_len, _, _, _ in requests:
+        if seq_id not in aborted:
+            out = finished[seq_id]
+            positions = range(prompt_len, prompt_len + len(out))
+            assert out == [expected_token(seq_id, p) for p in positions]
+    assert not sched.has_unfinished()
+    assert sched.blocks.num_free_blocks == config["num_blocks"]
+
+
+def test_lookahead_plan_chains_the_last_plans_samples():
+    sched = Scheduler(64, 4, max_num_seqs=8, max_batch_tokens=64, lookahead=True)
+    sched.add(make_seq(0, 5, max_tokens=4))
+    sched.add(make_seq(1, 3, max_tokens=1))
+    first = sched.schedule()
+    assert shares(first) == [(0, 5), (1, 3)] and first.chains is None
+    sched.add(make_seq(2, 6))
+    second = sched.schedule()  # the first is still in flight
+    assert second.chains == first.step_id
+    # 0 and 1 decode the tokens the first step samples; 1's would be its last: not chained
+    assert shares(second) == [(0, 1), (2, 6)]
+    chained = second.seqs[0]
+    assert chained.chained and chained.chain_row == 0 and chained.token_ids == []
+    assert (chained.start, chained.context_len, chained.sample) == (5, 6, True)
+    assert len(chained.block_table) == 2  # position 5 opens block 1
+    assert sched.get(0).in_flight == 2
+    with pytest.raises(ValueError, match="before the step it chains"):
+        sched.complete(second, sample_all(second))
+    assert [s.seq_id for s in sched.complete(first, {0: 10, 1: 11})] == [0, 1]
+    sched.finish(1)
+    assert [s.seq_id for s in sched.complete(second, {0: 12, 2: 13})] == [0, 2]
+    assert sched.get(0).output_token_ids == [10, 12]
+    assert sched.get(0).num_computed_tokens == 6 and not sched.get(0).in_flight
+
+
+def test_lookahead_finish_while_chained_frees_after_the_chained_step():
+    sched = Scheduler(8, 4, max_num_seqs=8, max_batch_tokens=64, lookahead=True)
+    sched.add(make_seq(0, 4, max_tokens=8))
+    first = sched.schedule()
+    second = sched.schedule()
+    assert second.seqs[0].chained and sched.blocks.num_used_blocks == 2
+    sched.complete(first, {0: 1})
+    sched.finish(0)  # a stop token: the chained step is still running on the workers
+    assert sched.blocks.num_used_blocks == 2  # they may still write its blocks
+    assert sched.complete(second, {}) == []  # its token is ignored
+    assert sched.blocks.num_used_blocks == 0 and not sched.has_unfinished()
+
+
+def test_without_lookahead_a_plan_in_flight_is_not_chained():
+    sched = Scheduler(64, 4, max_num_seqs=8, max_batch_tokens=64)
+    sched.add(make_seq(0, 5))
+    sched.schedule()
+    assert sched.schedule() is None
 
 
 def test_a_burst_is_shared_evenly_between_micro_batches():

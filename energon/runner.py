@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from energon.actors.deferred import Deferred
 from energon.decode_graphs import DecodeGraphs
 from energon.models.llama import rope_parameters
 from energon.models.loader import LoadReport, load_weights, random_init
@@ -426,9 +427,13 @@ class ModelRunner(OffloadMember):
         return max(0, memory // per_block - self._scratch_blocks)
 
     @torch.inference_mode()
-    def sample_step(self, step: dict) -> dict | None:
+    def sample_step(self, step: dict) -> dict | Deferred | None:
         """Run one step of `energon.step.step_message` and sample the rows it marks. Returns
-        {"step_id", "token_ids", "logprobs"} on the last stage's tp rank 0, None elsewhere."""
+        {"step_id", "token_ids", "logprobs"} on the last stage's tp rank 0, None elsewhere.
+
+        On cuda the reply is a `Deferred`: the token ids are copied to pinned memory behind the
+        step, and the worker starts the next step (already waiting, with lookahead) before it
+        waits for them, so the GPU goes from step to step without a gap."""
         logits = self.execute_logits({**step, "logits_indices": "last"})
         picked = [i for i, flag in enumerate(step["sample"]) if flag]
         self._sampled = (step["step_id"], len(picked), None)
@@ -439,8 +444,18 @@ class ModelRunner(OffloadMember):
         if len(picked) < logits.shape[0]:
             logits = logits[torch.tensor(picked, device=logits.device)]
         token_ids, logprobs = self.sampler.sample(logits, step["params"], step["steps"])
-        self._sampled = (step["step_id"], len(picked), token_ids)
-        return {"step_id": step["step_id"], "token_ids": token_ids.tolist(), "logprobs": logprobs}
+        step_id = step["step_id"]
+        self._sampled = (step_id, len(picked), token_ids)
+        if self.device.type != "cuda" or logprobs is not None:  # logprobs synced already
+            return {"step_id": step_id, "token_ids": token_ids.tolist(), "logprobs": logprobs}
+        host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+        host.copy_(token_ids, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return Deferred(
+            lambda: {"step_id": step_id, "token_ids": host.tolist(), "logprobs": None},
+            copied.synchronize,
+        )
 
     # -- facts -------------------------------------------------------------------------------
 

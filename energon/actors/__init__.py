@@ -10,5 +10,6 @@ No model code here, and no torch at import time (only where a tensor frame is en
 
 from energon.actors.context import ActorContext, actor_context
 from energon.actors.controller import ActorGroup, ActorHandle
+from energon.actors.deferred import Deferred
 
-__all__ = ["ActorContext", "ActorGroup", "ActorHandle", "actor_context"]
+__all__ = ["ActorContext", "ActorGroup", "ActorHandle", "Deferred", "actor_context"]

@@ -4,8 +4,10 @@ Two ZeroMQ channels per worker (see protocol.identity):
 - io: an asyncio loop that runs `async def` methods concurrently, answers heartbeats and cancels,
   and watches the controller; it never runs user code that blocks.
 - sync: a dedicated thread that constructs the actor and runs plain methods one at a time in
-  arrival order, replying on its own socket. While it blocks (seconds in a collective), the io
-  loop keeps heartbeating.
+  arrival order, replying on its own socket, in the same order. While it blocks (seconds in a
+  collective), the io loop keeps heartbeating. A method may return a `Deferred` (a result the
+  device is still computing): a helper thread waits for it while the sync thread starts the
+  calls already waiting, and the reply goes out when it is ready (energon/actors/deferred.py).
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ import asyncio
 import importlib
 import inspect
 import os
+import queue
 import socket
 import sys
 import threading
 import time
 import traceback
+from collections import deque
 
 import zmq
 
 from energon.actors import context, protocol, shm, transport
+from energon.actors.deferred import Deferred
 from energon.errors import ProtocolError
 
 STATS_METHOD = "__energon_stats__"
@@ -70,30 +75,69 @@ def _reply_frames(msg_id: int, result, out: shm.SegmentWriter | None) -> list:
 
 
 class SyncChannel:
-    """The thread that builds the actor and runs its sync methods in arrival order."""
+    """The thread that builds the actor and runs its sync methods in arrival order, replying in
+    the same order; `Deferred` results are waited for by a helper thread (`Completions`)."""
 
     def __init__(self, worker: Worker, sock: zmq.Socket):
         self.worker = worker
         self.sock = sock
         self.methods: dict = {}
         self.last_id = 0
+        # replies not sent yet, in call order: frames, or (msg_id, Deferred) still computing
+        self.pending: deque = deque()
+        self.completions = Completions(worker.ctx)
         self.thread = threading.Thread(target=self._run, name="energon-sync", daemon=True)
 
     def _run(self) -> None:
         w, sock = self.worker, self.sock
         sock.send(protocol.encode("hello", 0, None, w.hello_meta("sync"))[0])
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self.completions.rx, zmq.POLLIN)
         try:
             while True:
+                if self.pending and sock not in dict(poller.poll()):
+                    self._send_ready(self.completions.take())  # a deferred result is ready
+                    continue
                 # _handle returns after dropping the message, so the shared-memory blocks of its
                 # arguments are already free when the reply reaches the controller
                 reply = self._handle(transport.recv(sock))
                 if reply is _STOP:
+                    while self.pending:  # answer what was started before leaving
+                        self._send_ready(self.completions.take())
                     break
                 if reply is not None:
-                    transport.send(sock, reply)
+                    self._answer(reply)
         finally:
+            self.completions.close()
             sock.close(linger=1000)
             w.loop.call_soon_threadsafe(w.sync_finished)
+
+    def _answer(self, reply) -> None:
+        """Sends frames now, unless earlier replies are still computing; queues a deferred."""
+        if isinstance(reply, tuple):
+            self.completions.wait_for(reply[1])
+        elif not self.pending:
+            transport.send(self.sock, reply)
+            return
+        self.pending.append(reply)
+
+    def _send_ready(self, done: int) -> None:
+        """Sends the replies at the head of the queue that are ready, `done` more deferred
+        results having completed (the helper finishes them in order)."""
+        while self.pending:
+            reply = self.pending[0]
+            if isinstance(reply, tuple):
+                if not done:
+                    return
+                done -= 1
+                msg_id, deferred = reply
+                try:
+                    reply = _reply_frames(msg_id, deferred.reply(), self.worker.shm_out)
+                except Exception as exc:
+                    reply = _error_frames(msg_id, exc)
+            self.pending.popleft()
+            transport.send(self.sock, reply)
 
     def _handle(self, frames: list) -> list | None:
         """The frames to answer a message with (None: no answer, _STOP: leave)."""
@@ -147,9 +191,10 @@ class SyncChannel:
         try:
             if fn is None:
                 raise AttributeError(f"actor has no public sync method {msg.method!r}")
-            return _reply_frames(
-                msg.id, fn(*msg.meta["args"], **msg.meta["kwargs"]), self.worker.shm_out
-            )
+            result = fn(*msg.meta["args"], **msg.meta["kwargs"])
+            if isinstance(result, Deferred):
+                return (msg.id, result)
+            return _reply_frames(msg.id, result, self.worker.shm_out)
         except BaseException as exc:
             if isinstance(exc, Exception):
                 return _error_frames(msg.id, exc)
@@ -160,6 +205,55 @@ class SyncChannel:
 
 
 _STOP: list = []
+
+
+class Completions:
+    """A helper thread that waits for deferred results, in order, and counts each one done on
+    an inproc socket (`rx`) that the sync thread polls beside its own."""
+
+    def __init__(self, ctx: zmq.Context):
+        address = f"inproc://energon-completions-{id(self)}"
+        self.rx = ctx.socket(zmq.PULL)
+        self.rx.bind(address)
+        self.tx = ctx.socket(zmq.PUSH)  # used by the helper thread only, after this
+        self.tx.connect(address)
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+
+    def wait_for(self, deferred: Deferred) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="energon-wait", daemon=True)
+            self.thread.start()
+        self.queue.put(deferred)
+
+    def take(self) -> int:
+        """Blocks until at least one more deferred result is ready; returns how many are."""
+        done = 0
+        while True:
+            try:
+                self.rx.recv(0 if not done else zmq.NOBLOCK)
+            except zmq.Again:
+                return done
+            done += 1
+
+    def _run(self) -> None:
+        while (deferred := self.queue.get()) is not None:
+            if deferred.wait is not None:
+                try:
+                    deferred.wait()
+                except BaseException as exc:
+                    deferred.error = exc
+            self.tx.send(b"")
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join(timeout=1.0)
+            if self.thread.is_alive():  # stuck in a wait (a hung device): leave its socket be
+                self.rx.close(linger=0)
+                return
+        self.tx.close(linger=0)
+        self.rx.close(linger=0)
 
 
 class Worker:

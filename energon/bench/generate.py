@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from energon.actors import Deferred
 from energon.bench.limits import copy_bandwidth, matmul_rate, synchronize
 from energon.bench.options import (
     add_model_arguments,
@@ -120,10 +121,24 @@ class TimedStagedRunner(StagedRunner):
         self.on_io, self._io = self._mark_io, {}
         t0 = time.perf_counter()
         out = super().sample_step(step)
+        io = self._io
+
+        def done() -> None:  # the step's end: its device work is finished
+            t1 = time.perf_counter()
+            self._log.append((t0, t1, seqs, tokens))
+            self._trace.append((t0, io.get("received", t0), io.get("output", t1)))
+
+        if isinstance(out, Deferred):  # ends when the worker's helper thread sees it ready
+            wait = out.wait
+
+            def timed_wait() -> None:
+                wait()
+                done()
+
+            out.wait = timed_wait
+            return out
         synchronize(self.device)
-        t1 = time.perf_counter()
-        self._log.append((t0, t1, seqs, tokens))
-        self._trace.append((t0, self._io.get("received", t0), self._io.get("output", t1)))
+        done()
         return out
 
     def _mark_io(self, kind: str) -> None:
@@ -258,13 +273,14 @@ def measure_limits(device: str, gpus: int, matmul_size: int, copy_bytes: int, dt
 
 def summarize_log(log: list, batch: int) -> dict:
     """Decode steps of `batch` sequences: worker busy time, the idle gap before the next one and
-    the period from one step's start to the next (medians, plus means and p90 where slow
+    the period from one step's end to the next (medians, plus means and p90 where slow
     outliers matter)."""
     decode = [(t0, t1) for t0, t1, seqs, tokens in log if seqs == tokens == batch]
-    busy = [t1 - t0 for t0, t1 in decode]
     pairs = list(zip(decode, decode[1:], strict=False))
-    gaps = [b[0] - a[1] for a, b in pairs]
-    periods = [b[0] - a[0] for a, b in pairs]
+    # A step queued behind the last (a Deferred reply, lookahead) starts work when that ends.
+    busy = [t1 - t0 for t0, t1 in decode[:1]] + [b[1] - max(b[0], a[1]) for a, b in pairs]
+    gaps = [max(0.0, b[0] - a[1]) for a, b in pairs]
+    periods = [b[1] - a[1] for a, b in pairs]
 
     def median(xs):
         return statistics.median(xs) if xs else None

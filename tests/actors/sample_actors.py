@@ -148,3 +148,55 @@ def random_bits(dtype, shape, seed: int):
     if dtype == torch.bool:
         bits &= 1  # a bool byte other than 0/1 is not a value torch keeps through a copy
     return bits.view(dtype).reshape(shape)
+
+
+class Later:
+    """Sync methods whose results are `Deferred`: `launch(i)` returns a result that is ready
+    only once `launch(i + 1)` has started (or after `patience` seconds, recorded as a stall) —
+    what a GPU step looks like when the worker queues the next step behind it."""
+
+    def __init__(self, patience: float = 5.0):
+        import threading
+
+        self.patience = patience
+        self.started: dict[int, threading.Event] = {}
+        self.stalls: list[int] = []
+        self.order: list[str] = []
+
+    def _event(self, i: int):
+        import threading
+
+        return self.started.setdefault(i, threading.Event())
+
+    def launch(self, i: int, last: bool = False):
+        from energon.actors import Deferred
+
+        self.order.append(f"start {i}")
+        self._event(i).set()
+
+        def wait():
+            if not last and not self._event(i + 1).wait(self.patience):
+                self.stalls.append(i)
+
+        def result():
+            self.order.append(f"reply {i}")
+            return i
+
+        return Deferred(result, wait)
+
+    def failing(self, where: str):
+        from energon.actors import Deferred
+
+        def boom():
+            raise ValueError(f"failed in {where}")
+
+        if where == "wait":
+            return Deferred(lambda: "unreachable", boom)
+        return Deferred(boom)
+
+    def now(self, value):
+        self.order.append(f"now {value}")
+        return value
+
+    def log(self):
+        return {"order": list(self.order), "stalls": list(self.stalls)}

@@ -89,6 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="comma-separated decode_graphs modes of the workers, each a run (auto, off)",
     )
+    parser.add_argument(
+        "--lookahead",
+        default="on",
+        help="comma-separated: on (chained decode steps, the Engine's default), off; each a run",
+    )
     parser.add_argument("--copy-mib", type=int, default=0, help="0: 1024 on cuda, 64 on cpu")
     parser.add_argument(
         "--time-budget", type=float, default=0, help="seconds; skip a later tp past it (0: none)"
@@ -182,6 +187,7 @@ class TimedStagedRunner(StagedRunner):
             "use_flash": all(m.use_flash for m in layers),
             "decode_graphs": self.decode_graphs,
             "graph_steps": self.graphs.steps if self.graphs else 0,
+            "chained_steps": self.chained_steps,
         }
 
     def arm_profile(self, batch: int) -> None:
@@ -299,7 +305,14 @@ def summarize_log(log: list, batch: int) -> dict:
 
 
 async def measure_engine(
-    args, tp: int, device: str, dtype: str, prompts, kv_memory, graphs: str = "auto"
+    args,
+    tp: int,
+    device: str,
+    dtype: str,
+    prompts,
+    kv_memory,
+    graphs: str = "auto",
+    lookahead: bool = True,
 ) -> dict:
     """One Engine: batch-1 latency, batched throughput, worker step logs (and profiles)."""
     greedy = dict(temperature=0.0, ignore_eos=True)
@@ -315,6 +328,7 @@ async def measure_engine(
         max_num_seqs=max(256, args.batch),
         max_batch_tokens=max(8192, args.batch * args.prompt_len),
         progress=False,
+        lookahead=lookahead,
     )
     engine.decode_graphs = graphs  # also "static" (cpu tests), which Engine's argument refuses
     t0 = time.perf_counter()
@@ -377,6 +391,7 @@ async def measure_engine(
     return {
         "tp": tp,
         "graphs": graphs,
+        "lookahead": lookahead,
         "start_s": start_s,
         "facts": facts,
         "facts_after": after,
@@ -456,11 +471,30 @@ def measure_hf(args, config: dict, device: torch.device, dtype: torch.dtype, pro
     return out
 
 
+def variants(args) -> list[tuple[str, bool]]:
+    """(decode_graphs, lookahead) of each run per tp: the defaults, then each ablation asked
+    for alone (one setting off the default at a time)."""
+    graphs = [m.strip() for m in args.graphs.split(",") if m.strip()]
+    lookahead = {m.strip() for m in args.lookahead.split(",") if m.strip()}
+    if not lookahead <= {"on", "off"}:
+        raise SystemExit(f"--lookahead takes on and/or off (got {args.lookahead!r})")
+    out = [("auto", True)] if "auto" in graphs and "on" in lookahead else []
+    out += [(g, True) for g in graphs if g != "auto"]
+    out += [("auto", False)] if "off" in lookahead else []
+    return out
+
+
+def variant_suffix(graphs: str, lookahead: bool) -> str:
+    """The metric suffix of an ablation run ("" for the defaults: graphs auto, lookahead on)."""
+    return ("" if graphs == "auto" else f"_graphs_{graphs}") + (
+        "" if lookahead else "_lookahead_off"
+    )
+
+
 def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[Record]:
     """Decode latency (batch 1), throughput (batch B), first-token time and the card's limits."""
     tp, B, L, G = run["tp"], args.batch, args.prompt_len, args.gen_len
-    mode = run.get("graphs", "auto")
-    suffix = "" if mode == "auto" else f"_graphs_{mode}"  # an ablation: the default is "auto"
+    suffix = variant_suffix(run.get("graphs", "auto"), run.get("lookahead", True))
     used = limits[:tp] if limits[0]["device"].startswith("cuda") else limits
     bandwidth = min(x["copy_bytes_per_s"] for x in used)
     rate = min(x["matmul_flops"] for x in used)
@@ -517,14 +551,17 @@ def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[
         gap = statistics.median(gaps) if gaps else float("nan")
         return (
             f"worker-side per decode step (replying rank, median): sample_step {busy * 1e3:.2f} ms "
-            f"busy (to a device sync), {gap * 1e3:.2f} ms idle before the next step arrives "
+            f"busy (from its start, or the previous step's end if queued behind it, to its "
+            f"device work's end), {gap * 1e3:.2f} ms idle before the next step arrives "
             f"(ZeroMQ round trip + controller reply handling, scheduling, step message)"
         )
 
     after = run["facts_after"] or {}
     graph_note = (
         f"decode graphs {after.get('decode_graphs')} ({after.get('graph_steps')} decode steps "
-        f"replayed on the replying rank, run {mode!r})"
+        f"replayed on the replying rank, run {run.get('graphs', 'auto')!r}); lookahead "
+        f"{'on' if run.get('lookahead', True) else 'off'} ({after.get('chained_steps')} "
+        f"chained steps)"
     )
     attn = (
         f"attention: flash varlen {'paged' if facts.get('flash_paged') else 'unpaged only'}"
@@ -684,20 +721,23 @@ def main(args: argparse.Namespace) -> int:
         return write_results(SCENARIO, records, out_dir)
 
     hf = None
-    modes = [m.strip() for m in args.graphs.split(",") if m.strip()]
-    for i, (tp, graphs) in enumerate((t, m) for t in tps for m in modes):
+    runs = [(t, g, la) for t in tps for g, la in variants(args)]
+    for i, (tp, graphs, lookahead) in enumerate(runs):
+        name = f"tp={tp} graphs={graphs} lookahead={'on' if lookahead else 'off'}"
         elapsed = time.perf_counter() - t_start
         if i and args.time_budget and elapsed > args.time_budget:
-            print(f"skip tp={tp} graphs={graphs}: {elapsed:.0f} s elapsed, over --time-budget")
+            print(f"skip {name}: {elapsed:.0f} s elapsed, over --time-budget")
             continue
-        print(f"tp={tp} graphs={graphs}: starting the Engine at {elapsed:.0f} s", flush=True)
+        print(f"{name}: starting the Engine at {elapsed:.0f} s", flush=True)
         try:
             run = _run_async(
-                measure_engine(args, tp, device, dtype_name, prompts, kv_memory, graphs)
+                measure_engine(args, tp, device, dtype_name, prompts, kv_memory, graphs, lookahead)
             )
         except Exception as exc:  # noqa: BLE001 - keep what earlier tp sizes measured
-            print(f"tp={tp} graphs={graphs} failed: {exc!r}", flush=True)
-            raw["runs"].append({"tp": tp, "graphs": graphs, "error": repr(exc)})
+            print(f"{name} failed: {exc!r}", flush=True)
+            raw["runs"].append(
+                {"tp": tp, "graphs": graphs, "lookahead": lookahead, "error": repr(exc)}
+            )
             if records:
                 save()
             continue
@@ -717,8 +757,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"hf: {hf}", flush=True)
         hf_ok = hf if hf and "error" not in hf else None
         new = build_records(args, run, hf_ok, limits)
-        if graphs != "auto":  # an ablation adds its own three figures, not the card's again
-            new = [r for r in new if r.metric.endswith(f"_graphs_{graphs}")]
+        suffix = variant_suffix(graphs, lookahead)
+        if suffix:  # an ablation adds its own three figures, not the card's again
+            new = [r for r in new if r.metric.endswith(suffix)]
         names = {(r.tp, r.metric) for r in new}
         records = [r for r in records if (r.tp, r.metric) not in names] + new
         save()

@@ -42,7 +42,7 @@ def run(tmp_path_factory) -> tuple[list[dict], dict]:
     args = parse(
         generate,
         f"--model tiny --device cpu --tp 1 --prompt-len 8 --gen-len 4 --batch 3 --repeat 1 "
-        f"--batch-repeat 1 --hf-repeat 3 --profile --graphs auto,static --out {out} --raw {raw}",
+        f"--batch-repeat 1 --hf-repeat 3 --profile --graphs auto,static --lookahead on,off --out {out} --raw {raw}",
     )
     assert generate.main(args) == 0
     (path,) = out.iterdir()
@@ -52,7 +52,7 @@ def run(tmp_path_factory) -> tuple[list[dict], dict]:
 
 def test_every_record_has_the_benchmark_fields(run):
     records, _ = run
-    ablation = {p + "_graphs_static" for p in POINTS}
+    ablation = {p + s for p in POINTS for s in ("_graphs_static", "_lookahead_off")}
     assert {r["metric"] for r in records} == POINTS | ablation | {"matmul_rate", "copy_bandwidth"}
     for r in records:
         assert FIELDS <= r.keys()
@@ -83,7 +83,7 @@ def test_measured_points_carry_baseline_ratio_and_limit(run):
 
 def test_raw_figures_hold_worker_timing_and_profiles(run):
     _, raw = run
-    engine, static = raw["runs"]
+    engine, static, sequential = raw["runs"]
     assert engine["facts"][0]["rank"] == 0
     single = engine["single"][0]
     assert single["tokens"] == 4
@@ -97,3 +97,6 @@ def test_raw_figures_hold_worker_timing_and_profiles(run):
     assert static["graphs"] == "static" and static["facts_after"]["decode_graphs"] == "static"
     decode_steps = 3 * (1 + 1 + 1) + 3 * 1  # warm-up, timed single, profile at 1; batches of 3
     assert static["facts_after"]["graph_steps"] >= decode_steps
+    # lookahead (the default) chained decode steps; the ablation without it did not
+    assert engine["lookahead"] and engine["facts_after"]["chained_steps"] > 0
+    assert not sequential["lookahead"] and sequential["facts_after"]["chained_steps"] == 0

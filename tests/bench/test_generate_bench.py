@@ -26,13 +26,23 @@ def test_prompts_are_seeded_token_ids_of_the_asked_length():
 
 
 def test_worker_log_summary_splits_decode_steps_into_busy_and_idle():
-    log = [(0.0, 1.0, 2, 20), (1.5, 2.0, 2, 2), (2.5, 3.0, 2, 2), (3.5, 4.0, 2, 2)]
+    log = [(0.0, 1.0, 2, 20, 20), (1.5, 2.0, 2, 2, 22), (2.5, 3.0, 2, 2, 24), (3.5, 4.0, 2, 2, 26)]
     s = generate.summarize_log(log, 2)
     assert s["steps"] == 4 and s["decode_steps"] == 3
     assert s["busy_s"] == pytest.approx(0.5)
     assert s["gap_s"] == pytest.approx(0.5)
     assert s["period_s"] == pytest.approx(1.0)
     assert s["prefill_busy_s"] == pytest.approx(1.0)
+    assert s["executed"] == [[20, 20], [2, 22], [2, 24], [2, 26]]
+
+
+def test_worker_log_summary_of_steps_queued_behind_the_last():
+    # lookahead: each step was launched 0.2 s before the last one's device work ended
+    log = [(0.0, 1.0, 1, 1, 5), (0.8, 2.0, 1, 1, 6), (1.8, 3.5, 1, 1, 7)]
+    s = generate.summarize_log(log, 1)
+    assert s["busy_s"] == pytest.approx(1.0)  # from the previous end: 1.0, 1.0, 1.5
+    assert s["gap_s"] == 0.0
+    assert s["period_s"] == pytest.approx(1.25)  # end to end: 1.0, 1.5
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from energon.kernels.norms import LayerNorm
 from energon.parallel.attention import Attention
 from energon.parallel.layers import (
     ColumnParallelLinear,
@@ -93,17 +94,17 @@ class BloomBlock(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         hidden, eps = bloom_hidden_size(config), config.get("layer_norm_epsilon", 1e-5)
-        self.input_layernorm = nn.LayerNorm(hidden, eps=eps)
+        self.input_layernorm = LayerNorm(hidden, eps=eps)
         self.self_attention = BloomAttention(config)
-        self.post_attention_layernorm = nn.LayerNorm(hidden, eps=eps)
+        self.post_attention_layernorm = LayerNorm(hidden, eps=eps)
         self.mlp = BloomMLP(config)
         self.residual_from_norm = config.get("apply_residual_connection_post_layernorm", False)
 
     def forward(self, hidden: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         normed = self.input_layernorm(hidden)
         residual = normed if self.residual_from_norm else hidden
-        hidden = residual + self.self_attention(normed, meta)
-        normed = self.post_attention_layernorm(hidden)
+        attn_out = self.self_attention(normed, meta)
+        normed, hidden = self.post_attention_layernorm.add_norm(attn_out, residual)
         residual = normed if self.residual_from_norm else hidden
         return residual + self.mlp(normed)
 
@@ -113,9 +114,9 @@ class BloomModel(nn.Module):
         super().__init__()
         hidden, eps = bloom_hidden_size(config), config.get("layer_norm_epsilon", 1e-5)
         self.word_embeddings = VocabParallelEmbedding(config["vocab_size"], hidden)
-        self.word_embeddings_layernorm = nn.LayerNorm(hidden, eps=eps)
+        self.word_embeddings_layernorm = LayerNorm(hidden, eps=eps)
         self.h = nn.ModuleList(BloomBlock(config) for _ in range(config["n_layer"]))
-        self.ln_f = nn.LayerNorm(hidden, eps=eps)
+        self.ln_f = LayerNorm(hidden, eps=eps)
 
 
 class BloomForCausalLM(nn.Module):

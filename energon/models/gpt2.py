@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from energon.errors import CheckpointError
+from energon.kernels.norms import LayerNorm
 from energon.parallel.attention import Attention
 from energon.parallel.layers import (
     ColumnParallelLinear,
@@ -121,14 +122,14 @@ class GPT2Block(nn.Module):
     def __init__(self, config: dict, layer_idx: int):
         super().__init__()
         hidden, eps = config["n_embd"], config.get("layer_norm_epsilon", 1e-5)
-        self.ln_1 = nn.LayerNorm(hidden, eps=eps)
+        self.ln_1 = LayerNorm(hidden, eps=eps)
         self.attn = GPT2Attention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(hidden, eps=eps)
+        self.ln_2 = LayerNorm(hidden, eps=eps)
         self.mlp = GPT2MLP(config)
 
     def forward(self, hidden: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
-        hidden = hidden + self.attn(self.ln_1(hidden), meta)
-        return hidden + self.mlp(self.ln_2(hidden))
+        normed, hidden = self.ln_2.add_norm(self.attn(self.ln_1(hidden), meta), hidden)
+        return hidden + self.mlp(normed)
 
 
 class GPT2Model(nn.Module):
@@ -138,7 +139,7 @@ class GPT2Model(nn.Module):
         self.wte = VocabParallelEmbedding(config["vocab_size"], hidden)
         self.wpe = nn.Embedding(config.get("n_positions", 1024), hidden)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config["n_layer"]))
-        self.ln_f = nn.LayerNorm(hidden, eps=config.get("layer_norm_epsilon", 1e-5))
+        self.ln_f = LayerNorm(hidden, eps=config.get("layer_norm_epsilon", 1e-5))
 
 
 class GPT2LMHeadModel(nn.Module):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from energon.kernels.norms import RMSNorm
 from energon.parallel.attention import Attention
 from energon.parallel.layers import (
     ColumnParallelLinear,
@@ -119,18 +120,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, config: dict, rope: RotaryEmbedding):
         super().__init__()
@@ -186,8 +175,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config["hidden_size"], eps)
 
     def forward(self, hidden: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        attn_out = self.self_attn(self.input_layernorm(hidden), meta)
+        normed, hidden = self.post_attention_layernorm.add_norm(attn_out, hidden)
+        return hidden + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from energon.kernels.norms import LayerNorm
 from energon.parallel.attention import Attention
 from energon.parallel.layers import (
     ColumnParallelLinear,
@@ -37,8 +38,8 @@ ACTIVATIONS = {
 POSITION_OFFSET = 2
 
 
-def layer_norm(config: dict, dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, elementwise_affine=config.get("layer_norm_elementwise_affine", True))
+def layer_norm(config: dict, dim: int) -> LayerNorm:
+    return LayerNorm(dim, elementwise_affine=config.get("layer_norm_elementwise_affine", True))
 
 
 class OPTAttention(nn.Module):
@@ -73,11 +74,13 @@ class OPTDecoderLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         if self.do_layer_norm_before:  # OPT-125m, 1.3b, ..., 175b
-            hidden = hidden + self.self_attn(self.self_attn_layer_norm(hidden), meta)
-            return hidden + self.fc2(self.act(self.fc1(self.final_layer_norm(hidden))))
+            attn_out = self.self_attn(self.self_attn_layer_norm(hidden), meta)
+            normed, hidden = self.final_layer_norm.add_norm(attn_out, hidden)
+            return hidden + self.fc2(self.act(self.fc1(normed)))
         # OPT-350m: each residual sum is normalised after the sublayer
-        hidden = self.self_attn_layer_norm(hidden + self.self_attn(hidden, meta))
-        return self.final_layer_norm(hidden + self.fc2(self.act(self.fc1(hidden))))
+        hidden, _ = self.self_attn_layer_norm.add_norm(self.self_attn(hidden, meta), hidden)
+        hidden, _ = self.final_layer_norm.add_norm(self.fc2(self.act(self.fc1(hidden))), hidden)
+        return hidden
 
 
 class OPTDecoder(nn.Module):

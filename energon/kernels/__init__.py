@@ -1,0 +1,6 @@
+"""Triton kernels for the small per-layer ops of a decode step, each behind a module that falls
+back to the eager torch ops off CUDA or without triton.
+
+norms.py         LayerNorm / RMSNorm modules with `add_norm` (residual add fused into the norm)
+norm_kernels.py  their Triton kernel (imported only on CUDA, only when triton is installed)
+"""

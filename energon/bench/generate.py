@@ -123,13 +123,17 @@ class TimedStagedRunner(StagedRunner):
         # then its work (the send downstream is not work)
         self._trace: list[tuple[float, float, float]] = []
         self._io: dict[str, float] = {}
-        self._profile_next: int | None = None  # profile the next decode step of this batch
+        # profile the next decode step of this batch, or (True) the next prefill of one prompt
+        self._profile_next: int | None = None
+        self._profile_prefill = False
         self._profile: dict | None = None
 
     def sample_step(self, step: dict) -> dict | None:
         seqs, tokens = len(step["query_lens"]), int(sum(step["query_lens"]))
         context = int(sum(step["context_lens"]))
-        if self._profile_next is not None and tokens == seqs == self._profile_next:
+        armed = self._profile_next
+        shape = (seqs == 1 and tokens > 1) if self._profile_prefill else tokens == seqs == armed
+        if armed is not None and shape:
             self._profile_next = None
             return self._profiled_step(step)
         self.on_io, self._io = self._mark_io, {}
@@ -199,9 +203,10 @@ class TimedStagedRunner(StagedRunner):
             "chained_steps": self.chained_steps,
         }
 
-    def arm_profile(self, batch: int) -> None:
-        """Run the next decode step of `batch` sequences under torch.profiler."""
-        self._profile_next, self._profile = batch, None
+    def arm_profile(self, batch: int, prefill: bool = False) -> None:
+        """Run the next decode step of `batch` sequences (prefill: the next one-prompt prefill)
+        under torch.profiler."""
+        self._profile_next, self._profile, self._profile_prefill = batch, None, prefill
 
     def profile_result(self) -> dict | None:
         return self._profile
@@ -394,6 +399,9 @@ async def measure_engine(
                 await group.broadcast("arm_profile", n)
                 await asyncio.gather(*(engine.infer(p, short) for p in prompts[:n]))
                 profiles[n] = (await group.broadcast("profile_result"))[rank]
+            await group.broadcast("arm_profile", 1, True)
+            await engine.infer(prompts[0], short)
+            profiles["prefill"] = (await group.broadcast("profile_result"))[rank]
         after = (await group.broadcast("bench_facts"))[rank] if engine.timed else None
         stats = {
             "num_blocks": engine.scheduler.blocks.num_blocks,

@@ -99,7 +99,8 @@ def test_raw_figures_hold_worker_timing_and_profiles(run):
     assert single["tokens"] == 4
     assert single["worker"]["decode_steps"] == 3 and single["worker"]["busy_s"] > 0
     assert engine["batched"][0]["tokens"] == 12
-    assert set(engine["profiles"]) == {"1", "3"}
+    assert set(engine["profiles"]) == {"1", "3", "prefill"}
+    assert engine["profiles"]["prefill"]["batch"] == 1 and engine["profiles"]["prefill"]["top"]
     assert raw["hf"]["1"]["full_s"] and raw["hf"]["3"]["full_s"]
     # on cpu "auto" runs eagerly; the "static" run took the decode-graph buffers for decode steps
     assert engine["facts_after"]["decode_graphs"] == "off"

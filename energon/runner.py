@@ -21,6 +21,7 @@ from energon.decode_graphs import DecodeGraphs
 from energon.models.llama import rope_parameters
 from energon.models.loader import LoadReport, load_weights, random_init
 from energon.models.registry import ModelSpec, context_window, resolve
+from energon.parallel.allreduce import enable_fast_all_reduce
 from energon.parallel.attention import Attention
 from energon.parallel.packing import BatchMeta, pack, pad
 from energon.parallel.pipeline import cut_stages, recv_activation, send_activation
@@ -156,6 +157,9 @@ class ModelRunner(OffloadMember):
         self.device = pick_device(device, rank)
         self.dtype = pick_dtype(dtype, self.spec.config, self.device)
         self.state = init_parallel(Topology(tp, pp), rank, init_method, self.device)
+        # one-shot all-reduce over NVLink for small messages (ENERGON_ALL_REDUCE=nccl: off);
+        # a line saying what the tp group's all-reduces use
+        self.all_reduce = enable_fast_all_reduce(self.state)
         self.model, self.layer_range = build_stage(
             self.spec, self.state, self.dtype, stage_splits, self._offload_planner(pool)
         )
@@ -164,6 +168,10 @@ class ModelRunner(OffloadMember):
         else:
             self.report = load_weights(self.model, self.spec.folder, self.state)
         self._prepare_offload()  # staging buffers for pooled layers, if any (OffloadMember)
+        if self.offload is None:  # pooled layers' weights move later: they keep their layout
+            for module in self.model.modules():
+                if (after_load := getattr(module, "after_load", None)) is not None:
+                    after_load()  # e.g. merge q/k/v weights for one GEMM (layers.merge_columns)
         self.hidden_size = getattr(self.model, "hidden_size", None) or hidden_size_of(
             self.spec.config
         )
@@ -478,6 +486,7 @@ class ModelRunner(OffloadMember):
             "graph_steps": self.graphs.steps if self.graphs else 0,
             "graph_error": self.graph_error,
             "chained_steps": self.chained_steps,
+            "all_reduce": self.all_reduce,
         }
 
     def memory(self) -> dict:

@@ -7,6 +7,7 @@ import importlib
 
 SCENARIOS = {
     "actors": "energon.bench.actors",
+    "allreduce": "energon.bench.allreduce",
     "forward": "energon.bench.forward",
     "generate": "energon.bench.generate",
     "paged-attention": "energon.bench.paged_attention",

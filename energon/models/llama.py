@@ -23,6 +23,8 @@ from energon.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     divide,
+    merge_columns,
+    merged,
 )
 from energon.parallel.packing import BatchMeta
 from energon.parallel.topology import current_parallel
@@ -141,12 +143,16 @@ class LlamaAttention(nn.Module):
         self.rope = rope
         self.attn = Attention(self.heads, self.kv_heads, self.head_dim, self.head_dim**-0.5)
 
+    def after_load(self) -> None:
+        merge_columns(self.q_proj, self.k_proj, self.v_proj)  # then one GEMM for q, k, v
+
     def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)
+        q, k, v = merged(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(T, self.heads, self.head_dim)
+        k = k.view(T, self.kv_heads, self.head_dim)
         q, k = self.rope(q, k, meta.positions, meta)
-        out = self.attn(q.reshape(T, -1), k.reshape(T, -1), self.v_proj(x), meta)
+        out = self.attn(q.reshape(T, -1), k.reshape(T, -1), v, meta)
         return self.o_proj(out)
 
 
@@ -161,8 +167,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inner, hidden, bias=bias)
         self.act = ACTIVATIONS[config.get("hidden_act", "silu")]
 
+    def after_load(self) -> None:
+        merge_columns(self.gate_proj, self.up_proj)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = merged(x, self.gate_proj, self.up_proj)
+        return self.down_proj(self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -20,6 +20,8 @@ from energon.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     divide,
+    merge_columns,
+    merged,
 )
 from energon.parallel.packing import BatchMeta
 from energon.parallel.topology import current_parallel
@@ -55,8 +57,11 @@ class OPTAttention(nn.Module):
         self.out_proj = RowParallelLinear(hidden, hidden, bias=bias)
         self.attn = Attention(heads // tp, heads // tp, head_dim, head_dim**-0.5)
 
+    def after_load(self) -> None:
+        merge_columns(self.q_proj, self.k_proj, self.v_proj)  # then one GEMM for q, k, v
+
     def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = merged(x, self.q_proj, self.k_proj, self.v_proj)
         return self.out_proj(self.attn(q, k, v, meta))
 
 
@@ -76,10 +81,10 @@ class OPTDecoderLayer(nn.Module):
         if self.do_layer_norm_before:  # OPT-125m, 1.3b, ..., 175b
             attn_out = self.self_attn(self.self_attn_layer_norm(hidden), meta)
             normed, hidden = self.final_layer_norm.add_norm(attn_out, hidden)
-            return hidden + self.fc2(self.act(self.fc1(normed)))
+            return hidden + self.fc2(self.fc1(normed, self.act))
         # OPT-350m: each residual sum is normalised after the sublayer
         hidden, _ = self.self_attn_layer_norm.add_norm(self.self_attn(hidden, meta), hidden)
-        hidden, _ = self.final_layer_norm.add_norm(self.fc2(self.act(self.fc1(hidden))), hidden)
+        hidden, _ = self.final_layer_norm.add_norm(self.fc2(self.fc1(hidden, self.act)), hidden)
         return hidden
 
 

@@ -11,6 +11,8 @@ from energon.parallel.layers import (
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
+    merge_columns,
+    merged,
 )
 from energon.parallel.topology import Topology, init_parallel, use_parallel
 
@@ -110,6 +112,57 @@ def test_single_device_layers_are_plain_linear():
     embedding = VocabParallelEmbedding(16, 8)
     load(embedding, emb)
     torch.testing.assert_close(embedding(ids), emb["weight"][ids])
+
+
+def test_column_parallel_applies_its_activation():
+    x, lin, _, _, _, _ = references()
+    col = ColumnParallelLinear(8, 12)
+    load(col, lin)
+    expected = nn.functional.relu(nn.functional.linear(x, lin["weight"], lin["bias"]))
+    assert torch.equal(col(x, nn.functional.relu), expected)
+    gelu = nn.functional.gelu(nn.functional.linear(x, lin["weight"], lin["bias"]))
+    assert torch.equal(col(x, nn.functional.gelu), gelu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_relu_fused_into_the_gemm_epilogue_equals_linear_then_relu(dtype):
+    torch.manual_seed(0)
+    col = ColumnParallelLinear(512, 1024).to("cuda", dtype)
+    with torch.no_grad():
+        col.weight.normal_(0, 0.05)
+        col.bias.normal_(0, 0.5)
+    for rows in (1, 7, 64):
+        x = torch.randn(rows, 512, device="cuda", dtype=dtype)
+        fused = col(x, nn.functional.relu)
+        separate = nn.functional.relu(nn.functional.linear(x, col.weight, col.bias))
+        assert (fused == 0).sum() > 0  # the ReLU did cut
+        torch.testing.assert_close(fused, separate, rtol=1e-2, atol=1e-2)
+
+
+def test_merged_columns_run_as_one_gemm_with_the_same_parameters():
+    torch.manual_seed(0)
+    parts = [ColumnParallelLinear(8, n) for n in (12, 4, 4)]
+    for lin in parts:
+        with torch.no_grad():
+            lin.weight.normal_()
+            lin.bias.normal_()
+    before = [(lin.weight.clone(), lin.bias.clone()) for lin in parts]
+    x = torch.randn(5, 8)
+    separate = merged(x, *parts)  # not merged yet: one linear each
+    merge_columns(*parts)
+    fused = merged(x, *parts)
+    assert [t.shape for t in fused] == [(5, 12), (5, 4), (5, 4)]
+    for lin, (w, b) in zip(parts, before, strict=True):
+        assert torch.equal(lin.weight, w) and torch.equal(lin.bias, b)
+        assert lin.weight.untyped_storage().data_ptr() == parts[0].merged[0].data_ptr()
+    for got, want, lin in zip(fused, separate, parts, strict=True):
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, nn.functional.linear(x, lin.weight, lin.bias))
+    mixed = [ColumnParallelLinear(8, 4), ColumnParallelLinear(8, 4, bias=False)]
+    with pytest.raises(ValueError, match="all linears with a bias or all without"):
+        merge_columns(*mixed)
 
 
 def test_tp_not_dividing_out_features_names_it():

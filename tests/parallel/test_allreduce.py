@@ -1,0 +1,388 @@
+"""The tp all-reduce (energon/parallel/allreduce.py): NCCL / gloo fallback on cpu, and on 2 GPUs
+the one-shot path against NCCL, eagerly and replayed from CUDA graphs.
+
+On cpu the one-shot kernels are replaced by gloo stand-ins (`GlooKernels`), so the routing, the
+staging, casting and padding around the kernels, and the layers' use of it run in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from gloo_group import run_in_gloo_group
+
+from energon.bench.allreduce import run_ranks
+from energon.parallel import allreduce
+from energon.parallel.allreduce import (
+    OneShotAllReduce,
+    _Vote,
+    enable_fast_all_reduce,
+    install_all_reduce,
+    set_up_one_shot,
+)
+from energon.parallel.layers import RowParallelLinear, VocabParallelEmbedding, _all_reduce
+from energon.parallel.topology import NO_MULTICAST_ENV, ParallelState
+
+WORLD = 2
+
+
+def seeded(rank: int, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Rank `rank`'s message: seeded, so any rank can compute every rank's."""
+    g = torch.Generator().manual_seed(1000 + rank)
+    return torch.randn(shape, generator=g).to(dtype=dtype, device=device)
+
+
+def reference_sum(shape, dtype, world: int = WORLD) -> torch.Tensor:
+    """The sum of every rank's message in float64, rounded once to `dtype`: what any sum of two
+    operands gives."""
+    return sum(seeded(r, shape, dtype).double() for r in range(world)).to(dtype)
+
+
+class GlooKernels(OneShotAllReduce):
+    """OneShotAllReduce with gloo in place of the two CUDA kernels; logs which one ran."""
+
+    def __init__(self, group, max_bytes: int, float16_in_float32: bool = True):
+        buf, scratch = (torch.zeros(2 * max_bytes, dtype=torch.uint8) for _ in range(2))
+        cpu = torch.device("cpu")
+        super().__init__(group, cpu, max_bytes, buf, scratch, None, float16_in_float32)
+        self.kernels: list[tuple[str, torch.dtype, int]] = []
+
+    def _copy_and_sum(self, symm, x):
+        symm.copy_(x)
+        dist.all_reduce(symm, group=self.group)
+        x.copy_(symm)
+        self.kernels.append(("copy_and_sum", symm.dtype, symm.numel()))
+
+    def _sum(self, symm, out):
+        out.copy_(symm)
+        dist.all_reduce(out, group=self.group)
+        self.kernels.append(("sum", symm.dtype, symm.numel()))
+
+
+class FailingKernels(GlooKernels):
+    def _sum(self, symm, out):
+        raise RuntimeError("one_shot_all_reduce: not implemented for this input")
+
+
+# --------------------------------------------------------------------------------- cpu (gloo)
+
+
+def host(t: torch.Tensor) -> tuple[str, list]:
+    """(dtype, values) of a result: plain Python, so the spawned rank can exit before the
+    parent reads it (tensors would go through shared file descriptors)."""
+    return str(t.dtype), t.double().tolist()
+
+
+def cpu_checks(state: ParallelState) -> dict:
+    rank, group = state.rank, state.tp_group
+    out = {"enable": enable_fast_all_reduce(state), "installed": state.all_reduce}
+    out["fallback"] = host(_all_reduce(seeded(rank, (3, 8)), group))
+
+    vote = _Vote(group, torch.device("cpu"))
+    out["vote_all_ok"] = vote("probe", None)
+    out["vote_one_fails"] = vote("probe", "boom" if rank == 1 else None)
+
+    fast = GlooKernels(group, max_bytes=64)
+    install_all_reduce(state, fast)
+    messages = {
+        "f32_64B": seeded(rank, (16,)),  # at the threshold, 16-byte rows: one kernel
+        "f32_68B": seeded(rank, (17,)),  # over it: gloo
+        "f32_odd": seeded(rank, (3,)),  # 12 bytes: staged, padded to 16
+        "bf16_2d": seeded(rank, (2, 16), torch.bfloat16),  # summed in bf16, one kernel
+        "f16": seeded(rank, (5,), torch.float16),  # summed in float32: staged
+        "f32_strided": seeded(rank, (4, 4)).t(),  # not contiguous: staged
+        "f64": seeded(rank, (4,), torch.float64),  # no kernel for it: gloo
+    }
+    sums = {}
+    for name, m in messages.items():
+        before = len(fast.kernels)
+        sums[name] = (host(_all_reduce(m, group)), fast.kernels[before:])
+    out["sums"] = sums
+    out["counts"] = (fast.one_shot_calls, fast.nccl_calls)
+
+    no_f16 = GlooKernels(group, max_bytes=64, float16_in_float32=False)
+    out["default_f16"] = (no_f16.takes(seeded(rank, (5,), torch.float16)), no_f16.describe())
+
+    failing = FailingKernels(group, max_bytes=64)
+    install_all_reduce(state, failing)
+    out["after_failure"] = host(_all_reduce(seeded(rank, (3,)), group))
+    out["failing"] = (failing.max_bytes, failing.error, failing.nccl_calls, failing.describe())
+
+    install_all_reduce(state, None)
+    out["uninstalled"] = (state.all_reduce, group in allreduce._FAST_BY_GROUP)
+    return out
+
+
+def layer_outputs(state: ParallelState) -> dict:
+    """A row-parallel linear and a vocab-parallel embedding, with gloo and with GlooKernels."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(8, 12, generator=g), torch.randn(8, generator=g)
+    emb = torch.randn(16, 8, generator=g)
+    x, ids = torch.randn(5, 12, generator=g), torch.tensor([0, 7, 8, 15, 3])
+    row = RowParallelLinear(12, 8)
+    row.weight.data.copy_(w[:, state.tp_rank * 6 : (state.tp_rank + 1) * 6])
+    row.bias.data.copy_(b)
+    embedding = VocabParallelEmbedding(16, 8)
+    embedding.weight.data.copy_(emb[state.tp_rank * 8 : (state.tp_rank + 1) * 8])
+    my_x = x[:, state.tp_rank * 6 : (state.tp_rank + 1) * 6].contiguous()
+    plain = [host(row(my_x.clone())), host(embedding(ids))]
+    fast = GlooKernels(state.tp_group, max_bytes=1024)
+    install_all_reduce(state, fast)
+    through_fast = [host(row(my_x.clone())), host(embedding(ids))]
+    install_all_reduce(state, None)
+    return {"plain": plain, "fast": through_fast, "one_shot_calls": fast.one_shot_calls}
+
+
+@pytest.fixture(scope="module")
+def cpu_results():
+    return run_in_gloo_group(cpu_checks, WORLD, 1)
+
+
+def test_on_cpu_enabling_keeps_gloo_and_says_why(cpu_results):
+    for r in cpu_results:
+        assert r["enable"] == "gloo: one-shot needs cuda (device cpu)"
+        assert r["installed"] is None
+
+
+def test_the_fallback_equals_the_sum_over_ranks(cpu_results):
+    for r in cpu_results:
+        assert r["fallback"] == host(reference_sum((3, 8), torch.float32))
+
+
+def test_a_step_counts_only_when_every_rank_managed_it(cpu_results):
+    assert [r["vote_all_ok"] for r in cpu_results] == [None, None]
+    assert [r["vote_one_fails"] for r in cpu_results] == [
+        "probe failed on tp rank(s) [1]",
+        "probe: boom",
+    ]
+
+
+def test_small_messages_take_the_kernels_and_the_rest_gloo(cpu_results):
+    f32, bf16 = torch.float32, torch.bfloat16
+    expected_kernels = {
+        "f32_64B": [("copy_and_sum", f32, 16)],
+        "f32_68B": [],
+        "f32_odd": [("sum", f32, 4)],
+        "bf16_2d": [("copy_and_sum", bf16, 32)],
+        "f16": [("sum", f32, 8)],
+        "f32_strided": [("sum", f32, 16)],
+        "f64": [],
+    }
+    for r in cpu_results:
+        assert {k: v[1] for k, v in r["sums"].items()} == expected_kernels
+        assert r["counts"] == (5, 2)
+
+
+def test_float16_goes_to_gloo_unless_asked_for(cpu_results):
+    for r in cpu_results:
+        assert r["default_f16"] == (
+            False,
+            "one-shot (torch symmetric memory) up to 64 bytes of bfloat16, float32; "
+            "nccl for the rest",
+        )
+
+
+def test_every_path_gives_the_sum_over_ranks(cpu_results):
+    shapes = {
+        "f32_64B": ((16,), torch.float32),
+        "f32_68B": ((17,), torch.float32),
+        "f32_odd": ((3,), torch.float32),
+        "bf16_2d": ((2, 16), torch.bfloat16),
+        "f16": ((5,), torch.float16),
+        "f32_strided": ((4, 4), torch.float32),
+        "f64": ((4,), torch.float64),
+    }
+    for r in cpu_results:
+        for name, (shape, dtype) in shapes.items():
+            want = reference_sum(shape, dtype)
+            if name == "f32_strided":
+                want = want.t()
+            assert r["sums"][name][0] == host(want), name
+
+
+def test_a_kernel_that_refuses_its_input_turns_the_fast_path_off(cpu_results):
+    for r in cpu_results:
+        assert r["after_failure"] == host(reference_sum((3,), torch.float32))
+        max_bytes, error, nccl_calls, line = r["failing"]
+        assert (max_bytes, nccl_calls) == (0, 1)
+        assert error == "RuntimeError: one_shot_all_reduce: not implemented for this input"
+        assert line.startswith("nccl: one-shot turned off after set-up")
+        assert r["uninstalled"] == (None, False)
+
+
+def test_layers_give_the_same_outputs_through_the_fast_path():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(8, 12, generator=g), torch.randn(8, generator=g)
+    emb = torch.randn(16, 8, generator=g)
+    x, ids = torch.randn(5, 12, generator=g), torch.tensor([0, 7, 8, 15, 3])
+    full = (torch.nn.functional.linear(x, w, b), emb[ids])
+    for r in run_in_gloo_group(layer_outputs, WORLD, 1):
+        assert r["one_shot_calls"] == 2
+        for plain, fast, want in zip(r["plain"], r["fast"], full, strict=True):
+            assert plain == fast
+            torch.testing.assert_close(torch.tensor(fast[1], dtype=torch.float32), want)
+
+
+def test_modes_are_checked_and_tp1_needs_nothing(monkeypatch):
+    state = ParallelState()
+    with pytest.raises(ValueError, match="ENERGON_ALL_REDUCE must be one of auto, nccl"):
+        enable_fast_all_reduce(state, "fast")
+    monkeypatch.setenv("ENERGON_ALL_REDUCE", "nvls")
+    with pytest.raises(ValueError, match="got 'nvls'"):
+        enable_fast_all_reduce(state)
+    monkeypatch.setenv("ENERGON_ALL_REDUCE", "nccl")
+    assert enable_fast_all_reduce(state) == "none: tp=1"
+    assert enable_fast_all_reduce(state, "auto") == "none: tp=1"
+
+
+# ------------------------------------------------------------------------------ gpu (nccl)
+
+
+def nccl_sum(x: torch.Tensor, group) -> torch.Tensor:
+    y = x.contiguous().clone()  # NCCL wants contiguous tensors
+    dist.all_reduce(y, group=group)
+    return y
+
+
+SIZES = [1, 7, 8, 1000, 1001, 5120, 65539]  # elements: odd, aligned, decode-sized, unaligned
+
+
+def progress(rank: int, step: str) -> None:
+    """A line on stderr per step (pytest shows it when the test fails or hangs)."""
+    print(f"rank {rank}: {step}", file=sys.stderr, flush=True)
+
+
+def gpu_checks(state: ParallelState) -> dict:
+    """Every gpu check on one rank (collective); plain Python values for the tests below."""
+    rank, group, dev = state.rank, state.tp_group, state.device
+    progress(rank, "set-up")
+    out = {"line": enable_fast_all_reduce(state, "auto")}
+    out["env"] = {k: os.environ.get(k) for k in NO_MULTICAST_ENV}
+    if state.all_reduce is None:
+        return out
+    out["takes_f16"] = state.all_reduce.takes(torch.zeros(8, dtype=torch.float16, device=dev))
+    # float16 too (summed in float32), so that every path runs below
+    fast, out["line_f16"] = set_up_one_shot(group, dev, float16_in_float32=True)
+    install_all_reduce(state, fast)
+    out["multicast_ptr"] = getattr(fast.handle, "multicast_ptr", 0)
+    progress(rank, "eager sums")
+    mismatches = []
+
+    def compare(name, x):
+        want = nccl_sum(x, group)
+        got = fast(x.clone())
+        if not torch.equal(got, want):
+            mismatches.append((name, (got.float() - want.float()).abs().max().item()))
+
+    limit = fast.max_bytes
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        size = torch.empty((), dtype=dtype).element_size()
+        for n in [*SIZES, limit // size, limit // size + 1]:  # at and over the threshold
+            compare(f"{dtype} {n}", seeded(rank, (n,), dtype, dev))
+        compare(f"{dtype} 3x5120", seeded(rank, (3, 5120), dtype, dev))
+        compare(f"{dtype} strided", seeded(rank, (64, 40), dtype, dev).t())
+        compare(f"{dtype} offset", seeded(rank, (2, 5120), dtype, dev)[1])  # 16-byte aligned
+        compare(f"{dtype} odd offset", seeded(rank, (2, 5121), dtype, dev)[1])  # not aligned
+    out["eager_mismatches"] = mismatches
+    out["eager_counts"] = (fast.one_shot_calls, fast.nccl_calls)
+
+    progress(rank, "graph")  # two one-shot sizes and one over the threshold (NCCL in the graph)
+    shapes = [((1, 5120), torch.float16), ((4, 5120), torch.bfloat16), ((limit,), torch.float16)]
+    static = [torch.zeros(s, dtype=d, device=dev) for s, d in shapes]
+    for x in static:  # warm up on a side stream, as the decode graphs do
+        fast(x)
+    torch.cuda.synchronize(dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        results = [fast(x) for x in static]
+    graph_mismatches = []
+    for round_ in range(3):
+        inputs = [seeded(rank + 10 * round_, s, d, dev) for s, d in shapes]
+        for x, v in zip(static, inputs, strict=True):
+            x.copy_(v)
+        graph.replay()
+        for i, (got, v) in enumerate(zip(results, inputs, strict=True)):
+            want = nccl_sum(v, group)
+            if not torch.equal(got, want):
+                graph_mismatches.append((round_, i))
+    out["graph_mismatches"] = graph_mismatches
+
+    progress(rank, "layer")  # a row-parallel layer: the same output through either path
+    row = RowParallelLinear(1024, 512).to(device=dev, dtype=torch.float16)
+    row.weight.data.copy_(seeded(rank, (512, 512), torch.float16, dev) / 16)
+    row.bias.data.copy_(seeded(7, (512,), torch.float16, dev))
+    x = seeded(rank, (4, 512), torch.float16, dev)
+    with torch.inference_mode():
+        calls = fast.one_shot_calls
+        with_fast = row(x)
+        out["layer_took_one_shot"] = fast.one_shot_calls == calls + 1
+        install_all_reduce(state, None)
+        with_nccl = row(x)
+    out["layer_equal"] = torch.equal(with_fast, with_nccl)
+    out["nccl_mode"] = (enable_fast_all_reduce(state, "nccl"), state.all_reduce)
+    progress(rank, "done")
+    return out
+
+
+def gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+two_gpus = pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA GPUs")
+
+
+@pytest.fixture(scope="module")
+def gpu_results():
+    """gpu_checks on cuda:0 and cuda:1; a rank that has not answered in 90 s fails the tests
+    (with the ranks' progress lines) instead of hanging them."""
+    return run_ranks(gpu_checks, WORLD, "cuda", timeout=90)
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_one_shot_is_set_up_on_both_ranks_without_multicast(gpu_results):
+    for r in gpu_results:
+        assert r["line"] == (
+            "one-shot (torch symmetric memory) up to 524288 bytes of bfloat16, float32; "
+            "nccl for the rest"
+        )
+        assert r["takes_f16"] is False
+        assert r["line_f16"].endswith(
+            "of bfloat16, float32, float16 (float16 summed in float32); nccl for the rest"
+        )
+        assert all(r["env"].get(k) == v for k, v in NO_MULTICAST_ENV.items())
+        assert r["multicast_ptr"] == 0
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_one_shot_equals_nccl_for_every_dtype_and_size(gpu_results):
+    for r in gpu_results:
+        assert r["eager_mismatches"] == []
+        # 3 dtypes x (7 sizes + at the threshold + 4 shapes) one-shot, 3 over the threshold
+        assert r["eager_counts"] == (36, 3)
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_one_shot_replayed_from_a_cuda_graph_equals_nccl(gpu_results):
+    for r in gpu_results:
+        assert r["graph_mismatches"] == []
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_a_row_parallel_layer_is_unchanged_by_the_fast_path(gpu_results):
+    for r in gpu_results:
+        assert r["layer_took_one_shot"] and r["layer_equal"]
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_nccl_mode_turns_the_fast_path_off(gpu_results):
+    for r in gpu_results:
+        assert r["nccl_mode"] == ("nccl: check: ENERGON_ALL_REDUCE=nccl", None)

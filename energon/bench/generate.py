@@ -238,6 +238,11 @@ class TimedStagedRunner(StagedRunner):
                 {"op": e.key, "us": getattr(e, key), "calls": e.count}
                 for e in sorted(events, key=lambda e: -getattr(e, key))[:12]
             ],
+            # where the host's time goes (launch-bound steps: eager prefill)
+            "top_host": [
+                {"op": e.key, "us": e.self_cpu_time_total, "calls": e.count}
+                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
+            ],
         }
         return out
 

@@ -134,6 +134,21 @@ class Attention(nn.Module):
             # A fresh prefill's keys are exactly its new tokens: attend to them directly (flash
             # needs no paged-cache support then), the cache only keeps them for later steps.
             cached = not meta.fresh
+        if cached and meta.fresh_tail is not None:  # decodes first, then fresh prompts
+            t, head, tail = meta.fresh_tail
+            out = torch.cat(
+                (
+                    self._attend(q[:t], k[:t], v[:t], head, cached=True),
+                    self._attend(q[t:], k[t:], v[t:], tail, cached=False),
+                )
+            )
+        else:
+            out = self._attend(q, k, v, meta, cached)
+        return out.reshape(T, self.num_heads * self.head_dim)
+
+    def _attend(self, q, k, v, meta: BatchMeta, cached: bool) -> torch.Tensor:
+        """q [T, H, D] of `meta`'s tokens (k/v [T, Hkv, D]) → [T, H, D], reading the cache
+        when `cached`, by the fastest path this call allows."""
         if meta.padded_shape is not None and not cached:
             out = self._padded(q, k, v, meta)
         elif self.use_flash and flash_usable(q, self.alibi_slopes is not None, cached):
@@ -146,7 +161,7 @@ class Attention(nn.Module):
             out = self._paged(q, meta)
         else:
             out = self._varlen(q, k, v, meta, cached)
-        return out.reshape(T, self.num_heads * self.head_dim)
+        return out
 
     def _write_cache(self, k, v, slot_mapping):
         cache = self.kv_cache.flatten(1, 2)  # [2, num_blocks * block_size, Hkv, D], a view

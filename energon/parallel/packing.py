@@ -30,6 +30,10 @@ class BatchMeta:
     logits_indices: torch.Tensor | None = None  # int64 [N]: rows the LM head computes; None = all
     padded_shape: tuple[int, int] | None = None  # (B, L) on the padded baseline path, else None
     fresh: bool = False  # no sequence has cached tokens: its keys are exactly the step's new ones
+    # A step whose last sequences are fresh prompts after cached ones (decodes, later chunks):
+    # (tokens of the cached ones, their BatchMeta, the fresh ones' BatchMeta), so that attention
+    # runs each part its own way (the fresh prompts need no cache read). None otherwise.
+    fresh_tail: tuple[int, BatchMeta, BatchMeta] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -94,6 +98,16 @@ class BatchMeta:
         def dev(t, dtype):
             return None if t is None else t.to(dtype).to(device, non_blocking=True)
 
+        fresh = [q == c for q, c in zip(query_lens, context_lens, strict=True)]
+        tail = None
+        if tables is not None and not all(fresh) and fresh[-1]:
+            first = len(fresh) - fresh[::-1].index(False)  # the fresh suffix starts here
+            cached_part = cls.for_step(
+                query_lens[:first], context_lens[:first], tables[:first], block_size, None, device
+            )
+            fresh_part = cls.for_step(query_lens[first:], context_lens[first:], device=device)
+            tail = (int(cu[first]), cached_part, fresh_part)
+
         return cls(
             cu_seqlens=dev(cu, torch.int32),
             positions=dev(positions, torch.int64),
@@ -103,7 +117,8 @@ class BatchMeta:
             block_tables=dev(tables, torch.int32),
             slot_mapping=dev(slots, torch.int64),
             logits_indices=dev(rows, torch.int64),
-            fresh=all(q == c for q, c in zip(query_lens, context_lens, strict=True)),
+            fresh=all(fresh),
+            fresh_tail=tail,
         )
 
     @classmethod

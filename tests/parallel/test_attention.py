@@ -1,5 +1,6 @@
 """Attention over packed sequences equals an explicit per-sequence float64 softmax."""
 
+import dataclasses
 import math
 
 import pytest
@@ -121,6 +122,41 @@ def test_chunked_prefill_sees_cached_prefix():
     out = attn(*packed(seqs, 3), BatchMeta.for_step([4], [7], tables, block_size=2))
     q, k, v = seqs[0]
     torch.testing.assert_close(out, reference(q[3:], k, v).flatten(1), atol=1e-10, rtol=0)
+
+
+def test_mixed_step_of_decodes_then_fresh_prompts_attends_each_part_its_own_way():
+    """Continuous batching: two sequences decode while two new prompts start in the same step.
+    The fresh prompts (a suffix of the step) attend to their own new tokens, the decodes read
+    the cache; every row equals the float64 reference."""
+    old = random_seqs([5, 3], seed=5)
+    new = random_seqs([4, 2], seed=6)
+    tables = [[7, 3], [0], [12, 9], [4]]
+    attn = paged_attention()
+    attn(*packed(old, 0, -1), BatchMeta.for_step([4, 2], [4, 2], tables[:2], block_size=4))
+    q = torch.cat([old[0][0][-1:], old[1][0][-1:], new[0][0], new[1][0]]).flatten(1)
+    k = torch.cat([old[0][1][-1:], old[1][1][-1:], new[0][1], new[1][1]]).flatten(1)
+    v = torch.cat([old[0][2][-1:], old[1][2][-1:], new[0][2], new[1][2]]).flatten(1)
+    meta = BatchMeta.for_step([1, 1, 4, 2], [5, 3, 4, 2], tables, block_size=4)
+    assert not meta.fresh
+    t, head, tail = meta.fresh_tail
+    assert t == 2 and head.num_seqs == 2 and tail.num_seqs == 2 and tail.fresh
+    out = attn(q, k, v, meta)
+    expected = [reference(s[0][-1:], s[1], s[2]) for s in old]
+    expected += [reference(*s) for s in new]
+    torch.testing.assert_close(out, torch.cat(expected).flatten(1), atol=1e-10, rtol=0)
+    # the same step without the split (one path for every row) agrees
+    attn_again = paged_attention()
+    attn_again.kv_cache.copy_(attn.kv_cache)
+    whole = attn_again(q, k, v, dataclasses.replace(meta, fresh_tail=None))
+    torch.testing.assert_close(out, whole, atol=1e-10, rtol=0)
+
+
+def test_a_step_splits_only_at_a_suffix_of_fresh_prompts():
+    tables = [[0], [1], [2]]
+    assert BatchMeta.for_step([1, 2, 2], [3, 2, 2], tables, block_size=4).fresh_tail[0] == 1
+    assert BatchMeta.for_step([2, 1, 2], [2, 3, 2], tables, block_size=4).fresh_tail[0] == 3
+    assert BatchMeta.for_step([2, 2, 1], [2, 2, 3], tables, block_size=4).fresh_tail is None
+    assert BatchMeta.for_step([2, 2], [2, 2], tables[:2], block_size=4).fresh_tail is None
 
 
 def test_cache_write_lands_at_slot_mapping():

@@ -31,7 +31,9 @@ from energon.sampler import Sampler
 
 log = logging.getLogger("energon")
 
-DEFAULT_GRAPH_CONTEXT = 4096  # decode graphs' context when the config names no window
+# Decode graphs launch attention for their longest context: at most this many tokens (and no
+# more than the KV cache holds); longer decode steps run eagerly.
+MAX_GRAPH_CONTEXT = 4096
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -306,7 +308,11 @@ class ModelRunner(OffloadMember):
             log.warning("energon: decode graphs not captured, running eagerly (%s)", exc)
 
     def _decode_graphs(self, scratch_block: int) -> DecodeGraphs:
-        window = context_window(self.spec.config) or DEFAULT_GRAPH_CONTEXT
+        window = min(
+            context_window(self.spec.config) or MAX_GRAPH_CONTEXT,
+            MAX_GRAPH_CONTEXT,
+            scratch_block * self.block_size,  # the scratch block's id is the cache's block count
+        )
         return DecodeGraphs(
             self._stage,
             first_stage=self.state.is_first_stage,

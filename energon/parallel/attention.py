@@ -134,13 +134,13 @@ class Attention(nn.Module):
             # A fresh prefill's keys are exactly its new tokens: attend to them directly (flash
             # needs no paged-cache support then), the cache only keeps them for later steps.
             cached = not meta.fresh
-        if cached and meta.fresh_tail is not None:  # decodes first, then fresh prompts
-            t, head, tail = meta.fresh_tail
+        if cached and meta.parts is not None:  # decodes, prompt chunks, fresh prompts
+            ends = [start for start, _, _ in meta.parts[1:]] + [T]
             out = torch.cat(
-                (
-                    self._attend(q[:t], k[:t], v[:t], head, cached=True),
-                    self._attend(q[t:], k[t:], v[t:], tail, cached=False),
-                )
+                [
+                    self._attend(q[a:b], k[a:b], v[a:b], part, reads_cache)
+                    for (a, part, reads_cache), b in zip(meta.parts, ends, strict=True)
+                ]
             )
         else:
             out = self._attend(q, k, v, meta, cached)

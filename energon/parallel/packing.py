@@ -30,10 +30,11 @@ class BatchMeta:
     logits_indices: torch.Tensor | None = None  # int64 [N]: rows the LM head computes; None = all
     padded_shape: tuple[int, int] | None = None  # (B, L) on the padded baseline path, else None
     fresh: bool = False  # no sequence has cached tokens: its keys are exactly the step's new ones
-    # A step whose last sequences are fresh prompts after cached ones (decodes, later chunks):
-    # (tokens of the cached ones, their BatchMeta, the fresh ones' BatchMeta), so that attention
-    # runs each part its own way (the fresh prompts need no cache read). None otherwise.
-    fresh_tail: tuple[int, BatchMeta, BatchMeta] | None = None
+    # A cached step that mixes kinds of sequences (decodes, later prompt chunks, fresh prompts,
+    # in runs as the scheduler orders them): per run (first token, its BatchMeta, whether it
+    # reads the cache), so that attention runs each its own way (decodes through the paged
+    # kernel, fresh prompts straight on their new tokens). None: one kind.
+    parts: tuple[tuple[int, BatchMeta, bool], ...] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -99,14 +100,25 @@ class BatchMeta:
             return None if t is None else t.to(dtype).to(device, non_blocking=True)
 
         fresh = [q == c for q, c in zip(query_lens, context_lens, strict=True)]
-        tail = None
-        if tables is not None and not all(fresh) and fresh[-1]:
-            first = len(fresh) - fresh[::-1].index(False)  # the fresh suffix starts here
-            cached_part = cls.for_step(
-                query_lens[:first], context_lens[:first], tables[:first], block_size, None, device
+        kinds = [0 if f else 1 if q == 1 else 2 for f, q in zip(fresh, query_lens, strict=True)]
+        parts = None
+        if tables is not None and len(set(kinds)) > 1:
+            starts = [b for b in range(len(kinds)) if b == 0 or kinds[b] != kinds[b - 1]]
+            parts = tuple(
+                (
+                    int(cu[a]),
+                    cls.for_step(
+                        query_lens[a:b],
+                        context_lens[a:b],
+                        None if kinds[a] == 0 else tables[a:b],
+                        block_size,
+                        None,
+                        device,
+                    ),
+                    kinds[a] != 0,
+                )
+                for a, b in zip(starts, [*starts[1:], len(kinds)], strict=True)
             )
-            fresh_part = cls.for_step(query_lens[first:], context_lens[first:], device=device)
-            tail = (int(cu[first]), cached_part, fresh_part)
 
         return cls(
             cu_seqlens=dev(cu, torch.int32),
@@ -118,7 +130,7 @@ class BatchMeta:
             slot_mapping=dev(slots, torch.int64),
             logits_indices=dev(rows, torch.int64),
             fresh=all(fresh),
-            fresh_tail=tail,
+            parts=parts,
         )
 
     @classmethod

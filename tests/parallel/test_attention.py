@@ -138,8 +138,8 @@ def test_mixed_step_of_decodes_then_fresh_prompts_attends_each_part_its_own_way(
     v = torch.cat([old[0][2][-1:], old[1][2][-1:], new[0][2], new[1][2]]).flatten(1)
     meta = BatchMeta.for_step([1, 1, 4, 2], [5, 3, 4, 2], tables, block_size=4)
     assert not meta.fresh
-    t, head, tail = meta.fresh_tail
-    assert t == 2 and head.num_seqs == 2 and tail.num_seqs == 2 and tail.fresh
+    (t0, decodes, cached), (t1, prompts, fresh) = meta.parts
+    assert (t0, decodes.num_seqs, cached, t1, prompts.num_seqs, fresh) == (0, 2, True, 2, 2, False)
     out = attn(q, k, v, meta)
     expected = [reference(s[0][-1:], s[1], s[2]) for s in old]
     expected += [reference(*s) for s in new]
@@ -147,16 +147,24 @@ def test_mixed_step_of_decodes_then_fresh_prompts_attends_each_part_its_own_way(
     # the same step without the split (one path for every row) agrees
     attn_again = paged_attention()
     attn_again.kv_cache.copy_(attn.kv_cache)
-    whole = attn_again(q, k, v, dataclasses.replace(meta, fresh_tail=None))
+    whole = attn_again(q, k, v, dataclasses.replace(meta, parts=None))
     torch.testing.assert_close(out, whole, atol=1e-10, rtol=0)
 
 
-def test_a_step_splits_only_at_a_suffix_of_fresh_prompts():
-    tables = [[0], [1], [2]]
-    assert BatchMeta.for_step([1, 2, 2], [3, 2, 2], tables, block_size=4).fresh_tail[0] == 1
-    assert BatchMeta.for_step([2, 1, 2], [2, 3, 2], tables, block_size=4).fresh_tail[0] == 3
-    assert BatchMeta.for_step([2, 2, 1], [2, 2, 3], tables, block_size=4).fresh_tail is None
-    assert BatchMeta.for_step([2, 2], [2, 2], tables[:2], block_size=4).fresh_tail is None
+def test_a_mixed_step_splits_into_runs_of_one_kind():
+    tables = [[0, 1], [2], [3], [4]]
+
+    def runs(query_lens, context_lens):
+        meta = BatchMeta.for_step(query_lens, context_lens, tables, block_size=4)
+        if meta.parts is None:
+            return None
+        return [(start, part.num_seqs, cached) for start, part, cached in meta.parts]
+
+    # decodes, a later prompt chunk, fresh prompts: as the scheduler orders a step
+    assert runs([1, 1, 3, 2], [6, 2, 4, 2]) == [(0, 2, True), (2, 1, True), (5, 1, False)]
+    assert runs([1, 2, 2, 2], [5, 2, 2, 2]) == [(0, 1, True), (1, 3, False)]
+    assert runs([1, 1, 1, 1], [5, 2, 3, 2]) is None  # decodes only
+    assert runs([2, 2, 2, 2], [2, 2, 2, 2]) is None  # fresh only
 
 
 def test_cache_write_lands_at_slot_mapping():

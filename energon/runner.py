@@ -218,7 +218,7 @@ class ModelRunner(OffloadMember):
             x = input_ids
         else:
             shape = (meta.num_tokens, self.hidden_size)
-            x = recv_activation(shape, self.dtype, s.prev_rank, self.device)
+            x = recv_activation(shape, self.dtype, s.prev_rank, self.device, s.prev_group)
             if self.on_io is not None:
                 self.on_io("received")
         return self._pass_on(self._stage(x, meta))
@@ -233,7 +233,7 @@ class ModelRunner(OffloadMember):
         return self.model.head(hidden, meta) if s.is_last_stage else hidden
 
     def _receive_into(self, buffer: torch.Tensor) -> None:
-        dist.recv(buffer, self.state.prev_rank)
+        dist.recv(buffer, self.state.prev_rank, group=self.state.prev_group)
         if self.on_io is not None:
             self.on_io("received")
 
@@ -243,7 +243,7 @@ class ModelRunner(OffloadMember):
             return out
         if self.on_io is not None:
             self.on_io("output")
-        send_activation(out, self.state.next_rank)
+        send_activation(out, self.state.next_rank, self.state.next_group)
         return None
 
     def _returns(self, logits: torch.Tensor | None) -> bool:

@@ -2,7 +2,10 @@
 
 Every worker receives step descriptions in the same order, so stage s's k-th send meets stage
 s+1's k-th receive; the shape [T, hidden] is known to both sides from the step itself, so no
-shape travels. Each tp rank sends its (replicated) activation to the same tp rank downstream.
+shape travels. Each tp rank sends its (replicated) activation to the same tp rank downstream,
+over a process group of its own for that pair (`ParallelState.next_group` / `prev_group`): on
+one communicator NCCL runs a rank's sends and receives one after another, so a stage's send of
+micro-batch k would hold up its receive of k+1.
 """
 
 from __future__ import annotations
@@ -34,15 +37,16 @@ def cut_stages(num_layers: int, pp: int, splits: list[int] | None = None) -> lis
     return ranges
 
 
-def send_activation(h: torch.Tensor, dst_rank: int) -> None:
-    """Send `h` to `dst_rank` (blocking until the peer takes it on gloo; queued on NCCL)."""
-    dist.send(h.contiguous(), dst_rank)
+def send_activation(h: torch.Tensor, dst_rank: int, group=None) -> None:
+    """Send `h` to `dst_rank` (a global rank) over `group` (None: the default group); blocking
+    until the peer takes it on gloo, queued on NCCL."""
+    dist.send(h.contiguous(), dst_rank, group=group)
 
 
 def recv_activation(
-    shape: tuple[int, ...], dtype: torch.dtype, src_rank: int, device: torch.device
+    shape: tuple[int, ...], dtype: torch.dtype, src_rank: int, device: torch.device, group=None
 ) -> torch.Tensor:
-    """Receive a tensor of `shape`/`dtype` from `src_rank`; returns it."""
+    """Receive a tensor of `shape`/`dtype` from `src_rank` (a global rank) over `group`."""
     h = torch.empty(shape, dtype=dtype, device=device)
-    dist.recv(h, src_rank)
+    dist.recv(h, src_rank, group=group)
     return h

@@ -65,6 +65,9 @@ class ParallelState:
     tp_group: dist.ProcessGroup | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # the groups of this rank and its peer on the previous / next stage (activations; pp > 1)
+    prev_group: dist.ProcessGroup | None = None
+    next_group: dist.ProcessGroup | None = None
 
     @property
     def stage(self) -> int:
@@ -139,7 +142,16 @@ def init_parallel(
         group = dist.new_group(topology.stage_ranks(stage)) if topology.tp > 1 else None
         if stage == topology.stage_of(rank):
             tp_group = group
-    return ParallelState(topology, rank, tp_group, device)
+    state = ParallelState(topology, rank, tp_group, device)
+    for stage in range(topology.pp - 1):  # one group per pair of neighbouring stages' tp ranks
+        for tp_rank in range(topology.tp):
+            pair = [topology.rank_of(stage, tp_rank), topology.rank_of(stage + 1, tp_rank)]
+            group = dist.new_group(pair)
+            if rank == pair[0]:
+                state.next_group = group
+            elif rank == pair[1]:
+                state.prev_group = group
+    return state
 
 
 _current: contextvars.ContextVar[ParallelState | None] = contextvars.ContextVar(

@@ -3,7 +3,8 @@ when (and in which order) each step's reply comes back, and what it says.
 
 The stand-in "model" continues every sequence with (last token fed) + 1, so each request's
 expected output is known exactly, and is only produced if every step feeds each sequence its own
-last token.
+last token. Like real workers, it runs steps in the order they arrive (at pp=1 the Engine chains
+decode steps: a chained row's token is the one an earlier step sampled, fed on the worker).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class StandInWorkers:
     def __init__(self, world_size: int):
         self.loop = asyncio.get_running_loop()
         self.world_size = world_size
-        self.pending: list[tuple[dict, asyncio.Future]] = []  # (step message, its future)
+        # (step message, its future, the tokens it samples), in arrival order
+        self.pending: list[tuple[dict, asyncio.Future, list[int]]] = []
+        self.sampled: dict[int, list[int]] = {}  # step_id -> its tokens (what chains read)
 
     def __getitem__(self, rank):
         return Handle(self, rank)
@@ -52,8 +55,21 @@ class StandInWorkers:
             fut.set_result([None] * self.world_size)
         else:
             assert method == "sample_step"
-            self.pending.append((args[0], fut))
+            self.pending.append((args[0], fut, self._run(args[0])))
         return fut
+
+    def _run(self, msg: dict) -> list[int]:
+        """The tokens a step samples: next = last token fed + 1, a chained row's token being
+        the one the step it chains sampled for it."""
+        ids, start, tokens = msg["input_ids"].tolist(), 0, []
+        chain = msg.get("chain") or [-1] * len(msg["query_lens"])
+        for n, sample, row in zip(msg["query_lens"], msg["sample"], chain, strict=True):
+            last = ids[start + n - 1] if row < 0 else self.sampled[msg["chain_from"]][row]
+            if sample:
+                tokens.append((last + 1) % VOCAB)
+            start += n
+        self.sampled[msg["step_id"]] = tokens
+        return tokens
 
     def add_failure_callback(self, callback):
         pass
@@ -63,17 +79,12 @@ class StandInWorkers:
         await asyncio.Event().wait()
 
     async def shutdown(self):
-        for _, fut in self.pending:
+        for _, fut, _ in self.pending:
             fut.cancel()
 
     def reply(self, index: int) -> None:
         """Answer pending step `index` (0 = oldest) as the last stage would: next = last + 1."""
-        msg, fut = self.pending.pop(index)
-        ids, start, tokens = msg["input_ids"].tolist(), 0, []
-        for n, sample in zip(msg["query_lens"], msg["sample"], strict=True):
-            if sample:
-                tokens.append((ids[start + n - 1] + 1) % VOCAB)
-            start += n
+        msg, fut, tokens = self.pending.pop(index)
         replies = [None] * self.world_size
         replies[-1 if self.world_size > 1 else 0] = {
             "step_id": msg["step_id"],
@@ -83,7 +94,7 @@ class StandInWorkers:
         fut.set_result(replies)
 
     def fail(self, index: int, error: BaseException) -> None:
-        _, fut = self.pending.pop(index)
+        _, fut, _ = self.pending.pop(index)
         fut.set_exception(error)
 
 

@@ -40,16 +40,26 @@ def test_outside_use_parallel_is_single_device():
 
 
 def relay(state):
-    """Stage 0 sends a tensor, stage 1 receives it; returns what each rank saw."""
+    """Stage 0 sends a tensor, stage 1 receives it, over their pair's own group; returns what
+    each rank saw (and the pair group's members)."""
+    import torch.distributed as dist
+
     if state.is_first_stage:
-        send_activation(torch.arange(6.0).view(2, 3) + state.tp_rank, state.next_rank)
-        return (state.stage, state.tp_rank, state.next_rank, None)
-    got = recv_activation((2, 3), torch.float32, state.prev_rank, state.device)
-    return (state.stage, state.tp_rank, state.prev_rank, got)
+        assert state.prev_group is None
+        send_activation(
+            torch.arange(6.0).view(2, 3) + state.tp_rank, state.next_rank, state.next_group
+        )
+        pair = dist.get_process_group_ranks(state.next_group)
+        return (state.stage, state.tp_rank, state.next_rank, None, pair)
+    assert state.next_group is None
+    got = recv_activation((2, 3), torch.float32, state.prev_rank, state.device, state.prev_group)
+    pair = dist.get_process_group_ranks(state.prev_group)
+    return (state.stage, state.tp_rank, state.prev_rank, got, pair)
 
 
 def test_activation_reaches_same_tp_rank_of_next_stage():
     results = run_in_gloo_group(relay, 2, 2)
     assert [r[:3] for r in results] == [(0, 0, 2), (0, 1, 3), (1, 0, 0), (1, 1, 1)]
+    assert [r[4] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     torch.testing.assert_close(results[2][3], torch.arange(6.0).view(2, 3))
     torch.testing.assert_close(results[3][3], torch.arange(6.0).view(2, 3) + 1)

@@ -420,6 +420,17 @@ def workloads(draw):
     return config, draw(st.integers(1, 4)), requests
 
 
+def arrive_and_abort(sched, requests, tick: int, seqs: dict, finished: dict, aborted: set) -> None:
+    """Adds the workload's requests that arrive at `tick`; aborts those due then, unfinished."""
+    for seq_id, prompt_len, max_tokens, arrival, abort_at in requests:
+        if arrival == tick:
+            seqs[seq_id] = make_seq(seq_id, prompt_len, max_tokens)
+            sched.add(seqs[seq_id])
+        if abort_at == tick and arrival <= tick and seq_id not in finished:
+            assert sched.abort(seq_id)
+            aborted.add(seq_id)
+
+
 @settings(max_examples=300, deadline=None)
 @given(workloads(), st.randoms(use_true_random=False))
 def test_random_workload_finishes_every_request_without_leaking_blocks(workload, rng):
@@ -432,25 +443,19 @@ def test_random_workload_finishes_every_request_without_leaking_blocks(workload,
         max_batch_tokens=config["max_batch_tokens"],
     )
     workers = FakeWorkers(config["block_size"])
-    seqs: list[Sequence] = []
+    seqs: dict[int, Sequence] = {}
     in_flight: list[tuple[StepPlan, dict[int, int]]] = []
     finished: dict[int, list[int]] = {}
     aborted: set[int] = set()
     tick = 0
     while len(finished) + len(aborted) < len(requests) or in_flight:
         assert tick < 5000, "no progress"
-        for seq_id, prompt_len, max_tokens, arrival, abort_at in requests:
-            if arrival == tick:
-                seqs.append(make_seq(seq_id, prompt_len, max_tokens))
-                sched.add(seqs[-1])
-            if abort_at == tick and arrival <= tick and seq_id not in finished:
-                assert sched.abort(seq_id)
-                aborted.add(seq_id)
+        arrive_and_abort(sched, requests, tick, seqs, finished, aborted)
         while len(in_flight) < pp and (plan := sched.schedule()) is not None:
             assert len(plan.seqs) <= config["max_num_seqs"]
             assert plan.num_tokens <= config["max_batch_tokens"]
             in_flight.append((plan, workers.run(plan)))
-            check_invariants(sched, seqs, [p for p, _ in in_flight])
+            check_invariants(sched, list(seqs.values()), [p for p, _ in in_flight])
         if not in_flight:
             assert not sched.has_unfinished(), "live sequences but nothing scheduled"
         else:  # the replies come back in any order
@@ -458,7 +463,7 @@ def test_random_workload_finishes_every_request_without_leaking_blocks(workload,
             for seq in sched.complete(plan, sampled):
                 if seq.num_output_tokens == seq.max_tokens:
                     finished[seq.seq_id] = sched.finish(seq.seq_id).output_token_ids
-            check_invariants(sched, seqs, [p for p, _ in in_flight])
+            check_invariants(sched, list(seqs.values()), [p for p, _ in in_flight])
         tick += 1
     for seq_id, prompt_len, max_tokens, _, _ in requests:
         if seq_id not in aborted:
@@ -490,13 +495,7 @@ def test_lookahead_chains_decodes_and_loses_or_leaks_nothing(workload, rng):
     tick = 0
     while len(finished) + len(aborted) < len(requests) or in_flight:
         assert tick < 5000, "no progress"
-        for seq_id, prompt_len, max_tokens, arrival, abort_at in requests:
-            if arrival == tick:
-                seqs[seq_id] = make_seq(seq_id, prompt_len, max_tokens)
-                sched.add(seqs[seq_id])
-            if abort_at == tick and arrival <= tick and seq_id not in finished:
-                assert sched.abort(seq_id)
-                aborted.add(seq_id)
+        arrive_and_abort(sched, requests, tick, seqs, finished, aborted)
         while len(in_flight) < 2 and (plan := sched.schedule()) is not None:
             assert len(plan.seqs) <= config["max_num_seqs"]
             assert plan.num_tokens <= config["max_batch_tokens"]

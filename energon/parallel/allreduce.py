@@ -52,7 +52,7 @@ _FAST_BY_GROUP: dict[dist.ProcessGroup, OneShotAllReduce] = {}
 def all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Sums `x` over `group` in place and returns it: the group's one-shot path when one is
     enabled and takes `x`, else `dist.all_reduce`."""
-    fast = _FAST_BY_GROUP.get(group)
+    fast = fast_all_reduce(group)
     if fast is not None:
         return fast(x)
     dist.all_reduce(x, group=group)
@@ -330,8 +330,8 @@ def enable_fast_all_reduce(
     max_bytes: int = DEFAULT_MAX_BYTES,
     float16_in_float32: bool = False,
 ) -> str:
-    """Sets up the one-shot all-reduce of `state`'s tp group for the layers (and in
-    `state.all_reduce`). Collective over the tp group on cuda: call it on every rank, once,
+    """Sets up the one-shot all-reduce of `state`'s tp group for the layers (`fast_all_reduce`
+    then returns it). Collective over the tp group on cuda: call it on every rank, once,
     after `init_parallel`, with the same arguments. `mode`: "auto" tries it, "nccl" keeps NCCL;
     None reads env ENERGON_ALL_REDUCE (default auto). `float16_in_float32`: float16 messages
     too (see the module's docstring). Returns one line on what all-reduces use, and logs a
@@ -356,11 +356,14 @@ def enable_fast_all_reduce(
 
 
 def install_all_reduce(state: ParallelState, fast: OneShotAllReduce | None) -> None:
-    """Makes `fast` the all-reduce of `state`'s tp group, for its layers and in
-    `state.all_reduce`; None goes back to NCCL / gloo (buffers are freed once no graph holds
-    them)."""
+    """Makes `fast` the all-reduce of `state`'s tp group, for its layers; None goes back to
+    NCCL / gloo (buffers are freed once no graph holds them)."""
     if fast is None:
         _FAST_BY_GROUP.pop(state.tp_group, None)
     else:
         _FAST_BY_GROUP[state.tp_group] = fast
-    state.all_reduce = fast
+
+
+def fast_all_reduce(group: dist.ProcessGroup | None) -> OneShotAllReduce | None:
+    """The one-shot all-reduce the layers use for `group`, or None (NCCL / gloo)."""
+    return _FAST_BY_GROUP.get(group)

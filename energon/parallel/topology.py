@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -55,16 +55,12 @@ class Topology:
 
 @dataclass
 class ParallelState:
-    """One rank's place in a topology, with its tensor-parallel process group (None when tp=1).
-
-    `all_reduce` is the tp group's one-shot all-reduce once `enable_fast_all_reduce`
-    (energon/parallel/allreduce.py) set one up; None: NCCL / gloo."""
+    """One rank's place in a topology, with its tensor-parallel process group (None when tp=1)."""
 
     topology: Topology = field(default_factory=Topology)
     rank: int = 0
     tp_group: dist.ProcessGroup | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     # the groups of this rank and its peer on the previous / next stage (activations; pp > 1)
     prev_group: dist.ProcessGroup | None = None
     next_group: dist.ProcessGroup | None = None

@@ -21,6 +21,7 @@ from energon.parallel.allreduce import (
     OneShotAllReduce,
     _Vote,
     enable_fast_all_reduce,
+    fast_all_reduce,
     install_all_reduce,
     set_up_one_shot,
 )
@@ -79,7 +80,7 @@ def host(t: torch.Tensor) -> tuple[str, list]:
 
 def cpu_checks(state: ParallelState) -> dict:
     rank, group = state.rank, state.tp_group
-    out = {"enable": enable_fast_all_reduce(state), "installed": state.all_reduce}
+    out = {"enable": enable_fast_all_reduce(state), "installed": fast_all_reduce(state.tp_group)}
     out["fallback"] = host(_all_reduce(seeded(rank, (3, 8)), group))
 
     vote = _Vote(group, torch.device("cpu"))
@@ -113,7 +114,7 @@ def cpu_checks(state: ParallelState) -> dict:
     out["failing"] = (failing.max_bytes, failing.error, failing.nccl_calls, failing.describe())
 
     install_all_reduce(state, None)
-    out["uninstalled"] = (state.all_reduce, group in allreduce._FAST_BY_GROUP)
+    out["uninstalled"] = (fast_all_reduce(group), group in allreduce._FAST_BY_GROUP)
     return out
 
 
@@ -262,9 +263,9 @@ def gpu_checks(state: ParallelState) -> dict:
     progress(rank, "set-up")
     out = {"line": enable_fast_all_reduce(state, "auto")}
     out["env"] = {k: os.environ.get(k) for k in NO_MULTICAST_ENV}
-    if state.all_reduce is None:
+    if fast_all_reduce(group) is None:
         return out
-    out["takes_f16"] = state.all_reduce.takes(torch.zeros(8, dtype=torch.float16, device=dev))
+    out["takes_f16"] = fast_all_reduce(group).takes(torch.zeros(8, dtype=torch.float16, device=dev))
     # float16 too (summed in float32), so that every path runs below
     fast, out["line_f16"] = set_up_one_shot(group, dev, float16_in_float32=True)
     install_all_reduce(state, fast)
@@ -323,7 +324,7 @@ def gpu_checks(state: ParallelState) -> dict:
         install_all_reduce(state, None)
         with_nccl = row(x)
     out["layer_equal"] = torch.equal(with_fast, with_nccl)
-    out["nccl_mode"] = (enable_fast_all_reduce(state, "nccl"), state.all_reduce)
+    out["nccl_mode"] = (enable_fast_all_reduce(state, "nccl"), fast_all_reduce(state.tp_group))
     progress(rank, "done")
     return out
 

@@ -343,21 +343,21 @@ class ModelRunner(OffloadMember):
         """The step's input ids on the device. A chained step's rows (lookahead) get the tokens
         the previous sample_step sampled, on the device: the controller does not know them yet."""
         ids = _input_ids(step, num_tokens).to(self.device, non_blocking=True)
-        chain = step.get("chain")
-        if chain is None:
+        if "chain_from" not in step:
             return ids
-        if len(chain) != len(step["query_lens"]):
-            raise ValueError("need one chain entry per query_len")
         tokens = self._chained_tokens(step["chain_from"])
         self.chained_steps += 1
-        offsets = [0]
-        for q in step["query_lens"][:-1]:
-            offsets.append(offsets[-1] + q)
-        rows = [r for r in range(len(chain)) if chain[r] >= 0]
-        src = [chain[r] for r in rows]
-        if any(step["query_lens"][r] != 1 for r in rows) or any(j >= len(tokens) for j in src):
-            raise ValueError("a chained row must feed one token sampled by the step it chains")
-        dst = [offsets[r] for r in rows]
+        dst, src = list(step["chain_tokens"]), list(step["chain_rows"])
+        if len(dst) != len(src) or (
+            dst
+            and not (
+                0 <= min(dst) <= max(dst) < num_tokens and 0 <= min(src) <= max(src) < len(tokens)
+            )
+        ):
+            raise ValueError(
+                "chain_tokens and chain_rows must pair tokens of this step with rows the step "
+                f"it chains sampled ({num_tokens} tokens, {len(tokens)} rows)"
+            )
         if dst == src == list(range(len(src))):  # the usual case: the same batch again
             ids[: len(src)] = tokens[: len(src)]
         else:

@@ -21,14 +21,18 @@ def step_message(plan: StepPlan, requests: Mapping) -> dict:
     "block_tables" [B, max_blocks] int32 (-1 padded), "sample" (row flags), "params" and "steps"
     (one per sampled row: SamplingParams.to_wire() and tokens generated so far)}.
 
-    A plan that chains another (lookahead) adds "chain_from" (that step's id) and "chain": per
-    row, the row of that step's sampled tokens whose token it feeds (its input id travels as 0,
-    a placeholder), or -1."""
+    A plan that chains another (lookahead) adds "chain_from" (that step's id), "chain_tokens"
+    (the positions in input_ids of its chained rows' tokens, which travel as 0, a placeholder)
+    and "chain_rows" (for each, the row of that step's sampled tokens that goes there)."""
     ids: list[int] = []
     query_lens, context_lens, sample, params, steps = [], [], [], [], []
     width = max(len(s.block_table) for s in plan.seqs)
     rows: list[list[int]] = []
+    chain_tokens, chain_rows = [], []
     for s in plan.seqs:
+        if s.chained:
+            chain_tokens.append(len(ids))
+            chain_rows.append(s.chain_row)
         ids.extend(_PENDING if s.chained else s.token_ids)
         query_lens.append(s.num_new_tokens)
         context_lens.append(s.context_len)
@@ -50,5 +54,6 @@ def step_message(plan: StepPlan, requests: Mapping) -> dict:
     }
     if plan.chains is not None:
         message["chain_from"] = plan.chains
-        message["chain"] = [-1 if s.chain_row is None else s.chain_row for s in plan.seqs]
+        message["chain_tokens"] = chain_tokens
+        message["chain_rows"] = chain_rows
     return message

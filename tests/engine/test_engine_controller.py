@@ -62,9 +62,12 @@ class StandInWorkers:
         """The tokens a step samples: next = last token fed + 1, a chained row's token being
         the one the step it chains sampled for it."""
         ids, start, tokens = msg["input_ids"].tolist(), 0, []
-        chain = msg.get("chain") or [-1] * len(msg["query_lens"])
-        for n, sample, row in zip(msg["query_lens"], msg["sample"], chain, strict=True):
-            last = ids[start + n - 1] if row < 0 else self.sampled[msg["chain_from"]][row]
+        if "chain_from" in msg:
+            fed = self.sampled[msg["chain_from"]]
+            for at, row in zip(msg["chain_tokens"], msg["chain_rows"], strict=True):
+                ids[at] = fed[row]
+        for n, sample in zip(msg["query_lens"], msg["sample"], strict=True):
+            last = ids[start + n - 1]
             if sample:
                 tokens.append((last + 1) % VOCAB)
             start += n

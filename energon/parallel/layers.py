@@ -79,6 +79,8 @@ class ColumnParallelLinear(nn.Module):
             set_shard(self.bias, 0, self.tp_rank, self.tp_size)
         else:
             self.register_parameter("bias", None)
+        # (weight, bias, rows per linear) of the linears merge_columns merged, on the first one
+        self.merged: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None
 
     def forward(self, x: torch.Tensor, activation=None) -> torch.Tensor:
         """x @ W.T + b, then `activation` (a function of one tensor) if given. ReLU after a
@@ -118,7 +120,7 @@ def merge_columns(*linears: ColumnParallelLinear) -> None:
 def merged(x: torch.Tensor, *linears: ColumnParallelLinear) -> tuple[torch.Tensor, ...]:
     """(lin(x) for lin in linears): one GEMM once `merge_columns(*linears)` ran, else one each.
     The outputs are column slices of one [T, sum] tensor then (strided rows)."""
-    fused = getattr(linears[0], "merged", None)
+    fused = linears[0].merged
     if fused is None:
         return tuple(lin(x) for lin in linears)
     weight, bias, splits = fused

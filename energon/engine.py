@@ -335,7 +335,14 @@ class Engine:
 
     async def _start_cache(self) -> int:
         """Sizes and allocates every worker's KV cache; returns its number of blocks."""
-        fits = await self.group.broadcast("kv_blocks_fit", self.block_size, self.kv_cache_memory)
+        try:
+            fits = await self.group.broadcast(
+                "kv_blocks_fit", self.block_size, self.kv_cache_memory
+            )
+        except RemoteError as exc:
+            if exc.remote_type != "ValueError":
+                raise
+            raise InvalidRequest("kv_cache_memory", exc.message) from exc  # more than fits
         num_blocks = min(fits)
         if num_blocks < 1:
             raise InvalidRequest(

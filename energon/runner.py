@@ -426,19 +426,31 @@ class ModelRunner(OffloadMember):
 
     def kv_blocks_fit(self, block_size: int, memory: int | None = None) -> int:
         """How many KV blocks of `block_size` tokens this stage can hold in `memory` bytes, or by
-        default: on cuda 90% of the free memory less a reserve for activations, on cpu 256 MiB."""
+        default in all the room the device has for them (`_kv_room`), on cpu 256 MiB. Raises
+        ValueError when `memory` is more than that room: the cache could not be allocated."""
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         per_token = sum(2 * a.num_kv_heads * a.head_dim for a in layers)
         per_block = max(
             1, per_token * block_size * torch.empty((), dtype=self.dtype).element_size()
         )
+        room = self._kv_room()
         if memory is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                memory = int(free * 0.9) - (2 << 30)
-            else:
-                memory = 256 << 20
+            memory = 256 << 20 if room is None else room
+        elif room is not None and memory > room:
+            raise ValueError(
+                f"is {memory} bytes, more than the {max(room, 0)} bytes worker "
+                f"{self.state.rank} has room for (90% of its free memory less 2 GiB for "
+                f"activations); ask for less or leave it unset"
+            )
         return max(0, memory // per_block - self._scratch_blocks)
+
+    def _kv_room(self) -> int | None:
+        """Bytes the device can give the KV cache: on cuda 90% of its free memory less a reserve
+        for activations; None on cpu (no bound but the host's)."""
+        if self.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(free * 0.9) - (2 << 30)
 
     @torch.inference_mode()
     def sample_step(self, step: dict) -> dict | Deferred | None:

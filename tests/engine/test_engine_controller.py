@@ -37,6 +37,8 @@ class Handle:
 class StandInWorkers:
     """Answers start-up calls at once; holds every sample_step until the test replies to it."""
 
+    refuse_kv: str | None = None  # what kv_blocks_fit raises (a ValueError on the worker)
+
     def __init__(self, world_size: int):
         self.loop = asyncio.get_running_loop()
         self.world_size = world_size
@@ -49,7 +51,9 @@ class StandInWorkers:
 
     def broadcast(self, method, *args):
         fut = self.loop.create_future()
-        if method == "kv_blocks_fit":
+        if method == "kv_blocks_fit" and self.refuse_kv is not None:
+            fut.set_exception(RemoteError("ValueError", self.refuse_kv, rank=0))
+        elif method == "kv_blocks_fit":
             fut.set_result([64] * self.world_size)
         elif method == "init_kv_cache":
             fut.set_result([None] * self.world_size)
@@ -201,3 +205,13 @@ async def test_tiny_preset_reads_and_writes_text_with_the_byte_tokenizer(stand_i
     # "hé!" is the UTF-8 bytes 104, 195, 169, 33; the stand-in continues 34, 35, 36: '"#$'.
     assert done.usage.prompt_tokens == 4
     assert (done.token_ids, done.text) == ([34, 35, 36], '"#$')
+
+
+async def test_a_kv_cache_the_workers_have_no_room_for_is_an_invalid_request(stand_in, monkeypatch):
+    refusal = "is 99 bytes, more than the 10 bytes worker 0 has room for"
+    monkeypatch.setattr(StandInWorkers, "refuse_kv", refusal)
+    engine = Engine("tiny", pool=None, device="cpu", kv_cache_memory=99)
+    with pytest.raises(InvalidRequest, match="kv_cache_memory is 99 bytes") as info:
+        await engine.start()
+    assert info.value.field == "kv_cache_memory"
+    await engine.shutdown()

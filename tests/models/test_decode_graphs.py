@@ -104,6 +104,15 @@ def test_the_scratch_block_is_not_offered_to_the_scheduler(tmp_path):
     eager = ModelRunner(str(tmp_path), rank=0, decode_graphs="off")
     memory = 1 << 20
     assert static.kv_blocks_fit(4, memory) == eager.kv_blocks_fit(4, memory) - 1
+
+
+def test_a_kv_cache_larger_than_the_device_has_room_for_is_refused(tmp_path, monkeypatch):
+    make_llama(tmp_path)
+    runner = ModelRunner(str(tmp_path), rank=0, decode_graphs="off")
+    monkeypatch.setattr(runner, "_kv_room", lambda: 1 << 20)  # a device with 1 MiB to spare
+    assert runner.kv_blocks_fit(4, 1 << 20) == runner.kv_blocks_fit(4) > 0
+    with pytest.raises(ValueError, match="more than the 1048576 bytes worker 0 has room for"):
+        runner.kv_blocks_fit(4, (1 << 20) + 1)
     with pytest.raises(ValueError, match="decode_graphs must be"):
         ModelRunner(str(tmp_path), rank=0, decode_graphs="sometimes")
     with pytest.raises(ValueError, match="needs a cuda device"):

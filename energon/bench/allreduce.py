@@ -28,23 +28,20 @@ graphs, no one-shot: Energon's path is the fallback), for the tests.
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import os
 import statistics
 import sys
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from energon.actors.transport import free_port
 from energon.bench.limits import copy_bandwidth
 from energon.bench.options import visible_gpus
 from energon.bench.record import Record, card_name, torch_version, write_results
 from energon.parallel.allreduce import set_up_one_shot, symmetric_memory
-from energon.parallel.topology import NO_MULTICAST_ENV, Topology, init_parallel, use_parallel
+from energon.parallel.ranks import run_ranks
+from energon.parallel.topology import NO_MULTICAST_ENV, Topology
 
 SCENARIO = "allreduce"
 DEFAULT_SIZES = "1K,2K,4K,8K,10K,16K,32K,64K,128K,256K,512K,1M,2M,4M"
@@ -252,65 +249,6 @@ def measure_rank(state, opts: dict) -> dict:
     }
 
 
-def _rank_entry(fn, rank, world, port, device, args, queue, timeout: float) -> None:
-    os.environ.update(NO_MULTICAST_ENV)
-    # a rank still running just before the parent gives up prints where each thread is
-    faulthandler.dump_traceback_later(max(timeout - 5, 1))
-    try:
-        dev = f"cuda:{rank}" if device == "cuda" else "cpu"
-        state = init_parallel(Topology(world), rank, f"tcp://127.0.0.1:{port}", dev)
-        with use_parallel(state):
-            message = (rank, "ok", fn(state, *args))
-    except BaseException:  # report to the parent
-        message = (rank, "error", traceback.format_exc())
-    queue.put(message)
-    # delivered before the teardown: a rank whose store (on rank 0) is gone can hang in it
-    queue.close()
-    queue.join_thread()
-    faulthandler.cancel_dump_traceback_later()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def run_ranks(fn, world: int, device: str, args: tuple = (), timeout: float = 300.0) -> list:
-    """fn(state, *args) on `world` spawned ranks (NCCL on cuda:rank, or gloo on cpu, NVLink
-    multicast off); their results (plain Python values) in rank order. Raises RuntimeError with
-    the remote traceback when a rank fails, or when some rank has not answered within
-    `timeout` seconds; the ranks are killed then, and when their teardown hangs."""
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [
-        ctx.Process(
-            target=_rank_entry,
-            args=(fn, r, world, port, device, args, queue, timeout),
-            daemon=True,
-        )
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    results = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(results) < world:
-            try:
-                rank, status, value = queue.get(timeout=max(deadline - time.monotonic(), 0.1))
-            except Exception as exc:  # queue.Empty: a rank hangs, or died without a word
-                missing = sorted(set(range(world)) - set(results))
-                raise RuntimeError(
-                    f"rank(s) {missing} did not answer within {timeout:.0f} s"
-                ) from exc
-            if status == "error":
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world)]
-
-
 # ------------------------------------------------------------------------------- records
 
 
@@ -444,7 +382,7 @@ def main(args: argparse.Namespace) -> int:
     )
     t0 = time.perf_counter()
     try:
-        result = run_ranks(measure_rank, world, device, (opts,), args.timeout)[0]
+        result = run_ranks(measure_rank, Topology(world), device, (opts,), args.timeout)[0]
     except RuntimeError as exc:
         print(f"energon bench allreduce failed: {exc}", file=sys.stderr)
         return 1

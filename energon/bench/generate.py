@@ -22,10 +22,11 @@ not depend on them), `generate(max_new_tokens=N, min_new_tokens=N, do_sample=Fal
 time(gen_len new) at batch `--batch` (equal-length prompts, so left padding adds no pads).
 
 Where the time goes: the workers are `TimedStagedRunner`s (a bench subclass of the Engine's own
-`StagedRunner`), which log the wall time of each `sample_step` (ended by a device synchronise) and
-the gap until the next one arrives; with pp=1 steps run one at a time, so per decode step
-`controller period ~= worker busy + worker idle gap` (the gap is the ZeroMQ round trip, the
-controller's scheduling, reply handling and the next step message). `--profile` runs one more
+`StagedRunner`), which log when the device began and finished each `sample_step`'s work (CUDA
+events, energon/bench/device_clock.py: nothing waits for the device, so timed workers queue steps
+as untimed ones do) and so the device's idle gap before the next step; per decode step
+`controller period ~= device busy + idle gap` (a gap is the part of the ZeroMQ round trip, the
+controller's scheduling, reply handling and the next step message that lookahead did not hide). `--profile` runs one more
 decode step of each batch size under torch.profiler for the device kernel time.
 
 Warm-up (`--warmup full`, the default): one full-length request and one full batch, for Energon
@@ -49,6 +50,7 @@ from pathlib import Path
 import torch
 
 from energon.actors import Deferred
+from energon.bench.device_clock import DeviceClock
 from energon.bench.limits import copy_bandwidth, matmul_rate, synchronize
 from energon.bench.options import (
     add_model_arguments,
@@ -113,22 +115,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 class TimedStagedRunner(StagedRunner):
     """The Engine's worker actor plus a log of its steps: (start, end, seqs, tokens, context)
-    per `sample_step` (perf_counter seconds, the end once its device work is done; context: the
-    KV tokens it attends over, summed over its sequences)."""
+    per `sample_step`, in perf_counter seconds of when the device began and finished the step's
+    work (context: the KV tokens it attends over, summed over its sequences). The times are
+    device marks (energon/bench/device_clock.py): timing never holds the host back, so steps
+    queue behind each other as they do in an untimed worker."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        self.clock: DeviceClock | None = None  # load() picks the device
+        # per step: (start, input received, output computed, end) marks and its shape; a later
+        # stage first waits for its input, then works (the send downstream is not work)
+        self._marks: list[tuple[dict, int, int, int]] = []
         self._log: list[tuple[float, float, int, int, int]] = []
-        # (start, input received, output computed) per step: a later stage's wait for its input,
-        # then its work (the send downstream is not work)
         self._trace: list[tuple[float, float, float]] = []
-        self._io: dict[str, float] = {}
+        self._io: dict = {}
         # profile the next decode step of this batch, or (True) the next prefill of one prompt
         self._profile_next: int | None = None
         self._profile_prefill = False
         self._profile: dict | None = None
 
-    def sample_step(self, step: dict) -> dict | None:
+    def sample_step(self, step: dict) -> dict | Deferred | None:
         seqs, tokens = len(step["query_lens"]), int(sum(step["query_lens"]))
         context = int(sum(step["context_lens"]))
         armed = self._profile_next
@@ -136,43 +142,44 @@ class TimedStagedRunner(StagedRunner):
         if armed is not None and shape:
             self._profile_next = None
             return self._profiled_step(step)
-        self.on_io, self._io = self._mark_io, {}
-        t0 = time.perf_counter()
+        self.clock = self.clock or DeviceClock(self.device)
+        self.on_io, self._io = self._mark_io, {"start": self.clock.mark()}
         out = super().sample_step(step)
-        io = self._io
-
-        def done() -> None:  # the step's end: its device work is finished
-            t1 = time.perf_counter()
-            self._log.append((t0, t1, seqs, tokens, context))
-            self._trace.append((t0, io.get("received", t0), io.get("output", t1)))
-
-        if isinstance(out, Deferred):  # ends when the worker's helper thread sees it ready
-            wait = out.wait
-
-            def timed_wait() -> None:
-                wait()
-                done()
-
-            out.wait = timed_wait
-            return out
-        synchronize(self.device)
-        done()
+        self._io["end"] = self.clock.mark()
+        self._marks.append((self._io, seqs, tokens, context))
         return out
 
     def _mark_io(self, kind: str) -> None:
-        """The stage's input is here / its output is computed (on cuda after a sync, so that
-        the time is the data's, not the call's)."""
-        synchronize(self.device)
-        self._io[kind] = time.perf_counter()
+        """The stage's input is here / its output is computed."""
+        self._io[kind] = self.clock.mark()
+
+    def _resolve(self) -> None:
+        """Turns the marks of every step so far into seconds (waits for the device)."""
+        steps, self._marks = self._marks, []
+        if not steps:
+            return
+        order = ("start", "received", "output", "end")
+        flat = [
+            io.get(k, io["start"] if k == "received" else io["end"])
+            for io, *_ in steps
+            for k in order
+        ]
+        times = iter(self.clock.seconds(flat))
+        for _, seqs, tokens, context in steps:
+            t0, t_in, t_out, t1 = (next(times) for _ in order)
+            self._log.append((t0, t1, seqs, tokens, context))
+            self._trace.append((t0, t_in, t_out))
 
     def step_trace(self) -> list[tuple[float, float, float]]:
         """(start, input received, output computed or end) perf_counter seconds of each step
         since the last call."""
+        self._resolve()
         trace, self._trace = self._trace, []
         return trace
 
     def step_log(self) -> list[tuple[float, float, int, int, int]]:
         """The steps since the last call (and forget them)."""
+        self._resolve()
         log, self._log = self._log, []
         return log
 
@@ -302,7 +309,7 @@ def summarize_log(log: list, batch: int) -> dict:
     outliers matter)."""
     decode = [(t0, t1) for t0, t1, seqs, tokens, _ in log if seqs == tokens == batch]
     pairs = list(zip(decode, decode[1:], strict=False))
-    # A step queued behind the last (a Deferred reply, lookahead) starts work when that ends.
+    # starts are device marks: a step queued behind the last starts when that one ends
     busy = [t1 - t0 for t0, t1 in decode[:1]] + [b[1] - max(b[0], a[1]) for a, b in pairs]
     gaps = [max(0.0, b[0] - a[1]) for a, b in pairs]
     periods = [b[1] - a[1] for a, b in pairs]

@@ -275,6 +275,7 @@ class Engine:
             seed=self.seed,
             pool=self._pool_options(),
             decode_graphs=self.decode_graphs,
+            cpu_threads="auto",
         )
         if self.launcher != "local":  # workers on other hosts, placed by a cluster engine
             self.group = await start_remote_workers(
@@ -288,11 +289,7 @@ class Engine:
                 start_timeout=self.start_timeout,
             )
             return
-        env = {
-            **NO_MULTICAST_ENV,
-            **self._cpu_threads_env(),
-            **self.worker_env,
-        }
+        env = {**NO_MULTICAST_ENV, **self.worker_env}
         self.group = await ActorGroup.spawn(
             self.worker_actor,
             self.tp * self.pp,
@@ -302,18 +299,6 @@ class Engine:
             start_timeout=self.start_timeout,
             address=self.address,
         )
-
-    def _cpu_threads_env(self) -> dict[str, str]:
-        """On cpu, each worker's share of the cores for torch's intra-op threads: by default
-        every process would use them all, and world_size processes that meet in collectives
-        every layer then fight over them (several times slower). An OMP_NUM_THREADS the user
-        set, in os.environ or worker_env, wins."""
-        import torch  # already loaded with energon.step
-
-        on_cpu = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
-        if not on_cpu or "OMP_NUM_THREADS" in os.environ:
-            return {}
-        return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // (self.tp * self.pp)))}
 
     async def _load_shards(self, progress: StartupProgress) -> None:
         """Every rank loads at once (they meet in the process-group rendezvous); each one's

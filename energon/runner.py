@@ -184,7 +184,7 @@ class ModelRunner(OffloadMember):
         self.state = init_parallel(Topology(tp, pp), rank, init_method, self.device)
         # one-shot all-reduce over NVLink for small messages (ENERGON_ALL_REDUCE=nccl: off);
         # a line saying what the tp group's all-reduces use
-        self.all_reduce = enable_fast_all_reduce(self.state)
+        self.all_reduce = enable_fast_all_reduce(self.state, dtype=self.dtype)
         self.model, self.layer_range = build_stage(
             self.spec, self.state, self.dtype, stage_splits, self._offload_planner(pool)
         )

@@ -17,6 +17,11 @@ go to `dist.all_reduce`.
 - A one-shot kernel whose peer never arrives waits forever, so `set_up_one_shot` turns the fast
   path on only when every rank of the group has allocated, mapped and checked it (eagerly and in a
   captured graph); each step ends in a vote over the group. Otherwise every rank uses NCCL.
+- On 4 H100s a set-up check's kernels once never finished (every rank waited at the barrier
+  after a clean rendezvous and vote, one time in three when a second Engine started in the same
+  program): the checks wait for the device at most `CHECK_TIMEOUT` seconds and then raise
+  `OneShotStuck`, which names the way around it, instead of hanging the start-up. A model whose
+  activations are float16 skips the set-up (`dtype`): the kernels would not take its messages.
 - Layers call `all_reduce(x, group)`; `enable_fast_all_reduce` registers the group's fast path,
   which lives as long as the process (torch's symmetric memory is per process and group, too).
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 
 import torch
@@ -46,7 +52,14 @@ SUM_DTYPE = {
 }
 _ALIGN = 16  # bytes: the kernels' widest vector; the fused copy needs it on both tensors
 
+CHECK_TIMEOUT = 30.0  # seconds a set-up check waits for its kernels
+
 _FAST_BY_GROUP: dict[dist.ProcessGroup, OneShotAllReduce] = {}
+
+
+class OneShotStuck(RuntimeError):
+    """A set-up check's one-shot kernels did not finish: the device is stuck in them for good,
+    so this process cannot go on (nor vote, behind them); never caught by the set-up."""
 
 
 def all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -201,12 +214,27 @@ class _Vote:
 
 
 def _attempt(fn, *args) -> str | None:
-    """None when fn(*args) ran, else why it raised."""
+    """None when fn(*args) ran, else why it raised (OneShotStuck goes on up)."""
     try:
         fn(*args)
+    except OneShotStuck:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure means NCCL, with the reason kept
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def wait_until(done, timeout: float, what: str) -> None:
+    """Returns once `done()` is true; raises OneShotStuck after `timeout` seconds. Polls every
+    millisecond: it runs once, at start-up, on a worker's own thread."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise OneShotStuck(
+                f"{what} did not finish in {timeout:.0f} s: the GPU waits at a symmetric-memory "
+                f"barrier for a peer that never arrives; start again, or set {MODE_ENV}=nccl"
+            )
+        time.sleep(1e-3)
 
 
 def _pattern(n: int, dtype: torch.dtype, rank: int, device: torch.device) -> torch.Tensor:
@@ -221,8 +249,11 @@ def _probes(fast: OneShotAllReduce, rank: int) -> list[torch.Tensor]:
 
 
 def _check_sums(probes: list[torch.Tensor], size: int) -> None:
-    """Raises RuntimeError unless each reduced probe holds the sum over `size` ranks."""
-    torch.cuda.synchronize(probes[0].device)
+    """Raises RuntimeError unless each reduced probe holds the sum over `size` ranks;
+    OneShotStuck when their kernels do not finish in CHECK_TIMEOUT seconds."""
+    finished = torch.cuda.Event()
+    finished.record()
+    wait_until(finished.query, CHECK_TIMEOUT, "the one-shot all-reduce check")
     total = size * (size + 1) // 2
     for x in probes:
         if not torch.equal(x, _pattern(x.numel(), x.dtype, 0, x.device) * total):
@@ -329,13 +360,16 @@ def enable_fast_all_reduce(
     mode: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     float16_in_float32: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> str:
     """Sets up the one-shot all-reduce of `state`'s tp group for the layers (`fast_all_reduce`
     then returns it). Collective over the tp group on cuda: call it on every rank, once,
     after `init_parallel`, with the same arguments. `mode`: "auto" tries it, "nccl" keeps NCCL;
     None reads env ENERGON_ALL_REDUCE (default auto). `float16_in_float32`: float16 messages
-    too (see the module's docstring). Returns one line on what all-reduces use, and logs a
-    warning when "auto" fell back to NCCL. Raises ValueError for another mode.
+    too (see the module's docstring). `dtype`: the activations' dtype, when known; float16
+    ones (without float16_in_float32) skip the set-up. Returns one line on what all-reduces
+    use, and logs a warning when "auto" fell back to NCCL. Raises ValueError for another mode,
+    OneShotStuck when a check's kernels never finish.
     """
     mode = mode or os.environ.get(MODE_ENV) or "auto"
     if mode not in MODES:
@@ -343,6 +377,8 @@ def enable_fast_all_reduce(
     group = state.tp_group
     if group is None:
         return "none: tp=1"
+    if dtype == torch.float16 and not float16_in_float32:
+        return f"{dist.get_backend(group)}: float16 activations (one-shot sums bfloat16, float32)"
     if state.device.type != "cuda":
         return f"{dist.get_backend(group)}: one-shot needs cuda (device {state.device})"
     refuse = f"{MODE_ENV}=nccl" if mode == "nccl" else None

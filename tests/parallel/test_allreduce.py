@@ -81,6 +81,7 @@ def host(t: torch.Tensor) -> tuple[str, list]:
 def cpu_checks(state: ParallelState) -> dict:
     rank, group = state.rank, state.tp_group
     out = {"enable": enable_fast_all_reduce(state), "installed": fast_all_reduce(state.tp_group)}
+    out["enable_f16"] = enable_fast_all_reduce(state, dtype=torch.float16)
     out["fallback"] = host(_all_reduce(seeded(rank, (3, 8)), group))
 
     vote = _Vote(group, torch.device("cpu"))
@@ -146,6 +147,7 @@ def cpu_results():
 def test_on_cpu_enabling_keeps_gloo_and_says_why(cpu_results):
     for r in cpu_results:
         assert r["enable"] == "gloo: one-shot needs cuda (device cpu)"
+        assert r["enable_f16"] == "gloo: float16 activations (one-shot sums bfloat16, float32)"
         assert r["installed"] is None
 
 
@@ -226,6 +228,31 @@ def test_layers_give_the_same_outputs_through_the_fast_path():
         for plain, fast, want in zip(r["plain"], r["fast"], full, strict=True):
             assert plain == fast
             torch.testing.assert_close(torch.tensor(fast[1], dtype=torch.float32), want)
+
+
+def test_a_check_that_never_finishes_raises_instead_of_hanging(monkeypatch):
+    monkeypatch.setattr(allreduce.time, "sleep", lambda s: None)
+    clock = iter(range(100))
+    monkeypatch.setattr(allreduce.time, "monotonic", lambda: next(clock))
+    with pytest.raises(
+        allreduce.OneShotStuck, match="did not finish in 5 s.*ENERGON_ALL_REDUCE=nccl"
+    ):
+        allreduce.wait_until(lambda: False, 5, "the check")
+    polls = iter([False, False, True])
+    allreduce.wait_until(lambda: next(polls), 5, "the check")  # returns once done
+    assert next(polls, None) is None
+
+
+def test_a_stuck_check_is_not_taken_for_a_failed_step():
+    """A failed step falls back to NCCL after a vote; a stuck one cannot vote (the collective
+    would queue behind the stuck kernel), so it goes up and start-up fails with its reason."""
+
+    def stuck():
+        raise allreduce.OneShotStuck("stuck")
+
+    assert allreduce._attempt(lambda: 1 / 0) == "ZeroDivisionError: division by zero"
+    with pytest.raises(allreduce.OneShotStuck):
+        allreduce._attempt(stuck)
 
 
 def test_modes_are_checked_and_tp1_needs_nothing(monkeypatch):

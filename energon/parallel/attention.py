@@ -46,6 +46,23 @@ def _causal_kwargs() -> dict:
     return {"is_causal": True}
 
 
+def kv_pair(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """k and v [T, Hkv, D] as one [T, 2, Hkv, D] view when v starts right after k in each row
+    of the same buffer (rows dense inside); None otherwise."""
+    T, heads, dim = k.shape
+    if (
+        v.shape != k.shape
+        or v.dtype != k.dtype
+        or v.stride() != k.stride()
+        or k.stride()[1:] != (dim, 1)
+        or v.data_ptr() - k.data_ptr() != heads * dim * k.element_size()
+        or (T > 1 and k.stride(0) < 2 * heads * dim)
+        or v.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+    ):
+        return None
+    return k.as_strided((T, 2, heads, dim), (k.stride(0), heads * dim, dim, 1))
+
+
 def flash_usable(q: torch.Tensor, alibi: bool, cached: bool) -> bool:
     """Whether the flash varlen kernel can run this call: CUDA, half precision, no ALiBi, and for
     a paged cache a torch whose varlen_attn takes block tables."""
@@ -164,7 +181,13 @@ class Attention(nn.Module):
         return out
 
     def _write_cache(self, k, v, slot_mapping):
+        """k/v [T, Hkv, D] into their slots: one kernel when v follows k in each row of one
+        buffer (the merged q/k/v GEMM's output), else one each."""
         cache = self.kv_cache.flatten(1, 2)  # [2, num_blocks * block_size, Hkv, D], a view
+        pair = kv_pair(k, v)
+        if pair is not None and pair.dtype == cache.dtype:
+            cache.transpose(0, 1).index_copy_(0, slot_mapping, pair)
+            return
         cache[0].index_copy_(0, slot_mapping, k.to(cache.dtype))
         cache[1].index_copy_(0, slot_mapping, v.to(cache.dtype))
 

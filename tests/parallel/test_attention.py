@@ -248,3 +248,26 @@ def test_cuda_flash_path_equals_reference_prefill_then_decode(dtype, block_size)
         q_b, k_b, v_b = seqs[b]
         expected = reference(q_b[-1:], k_b, v_b).flatten(1)[0]
         torch.testing.assert_close(tail[j].double(), expected, atol=tol, rtol=0)
+
+
+def test_k_and_v_of_one_merged_projection_go_into_the_cache_as_one_pair():
+    """The merged q/k/v output holds k and v side by side in each row: one index_copy_ writes
+    both, into exactly the slots two separate copies fill; separate tensors take two copies."""
+    from energon.parallel.attention import kv_pair
+
+    T, H, num_blocks, block_size = 5, 4, 6, 4
+    qkv = torch.randn(T, (H + 2 * HKV) * D, dtype=torch.float64)
+    _, k, v = qkv.split([H * D, HKV * D, HKV * D], dim=-1)
+    k, v = k.view(T, HKV, D), v.view(T, HKV, D)
+    pair = kv_pair(k, v)
+    assert pair is not None and torch.equal(pair[:, 0], k) and torch.equal(pair[:, 1], v)
+    assert kv_pair(k.clone(), v.clone()) is None  # two buffers
+    assert kv_pair(v, k) is None  # v before k
+    slots = torch.tensor([9, 0, 23, 4, 12])
+    want = torch.zeros(2, num_blocks * block_size, HKV, D, dtype=torch.float64)
+    want[0, slots], want[1, slots] = k, v
+    for keys, values in ((k, v), (k.clone(), v.clone())):
+        attn = Attention(H, HKV, D, scale=D**-0.5)
+        attn.kv_cache = torch.zeros(2, num_blocks, block_size, HKV, D, dtype=torch.float64)
+        attn._write_cache(keys, values, slots)
+        assert torch.equal(attn.kv_cache.flatten(1, 2), want)

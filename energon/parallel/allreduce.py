@@ -17,11 +17,11 @@ go to `dist.all_reduce`.
 - A one-shot kernel whose peer never arrives waits forever, so `set_up_one_shot` turns the fast
   path on only when every rank of the group has allocated, mapped and checked it (eagerly and in a
   captured graph); each step ends in a vote over the group. Otherwise every rank uses NCCL.
-- On 4 H100s a set-up check's kernels once never finished (every rank waited at the barrier
-  after a clean rendezvous and vote, one time in three when a second Engine started in the same
-  program): the checks wait for the device at most `CHECK_TIMEOUT` seconds and then raise
-  `OneShotStuck`, which names the way around it, instead of hanging the start-up. A model whose
-  activations are float16 skips the set-up (`dtype`): the kernels would not take its messages.
+- On 4 H100s a set-up check's kernels sometimes never finished (every rank waited at the
+  barrier after a clean rendezvous and vote; three of four times that a second or third Engine
+  started in one program): the checks wait for the device at most `CHECK_TIMEOUT` seconds, then
+  raise `OneShotStuck`, which names the way around it, instead of hanging the start-up. A model
+  whose activations are float16 skips the set-up (`dtype`): the kernels would not take them.
 - Layers call `all_reduce(x, group)`; `enable_fast_all_reduce` registers the group's fast path,
   which lives as long as the process (torch's symmetric memory is per process and group, too).
 """

@@ -12,7 +12,9 @@ replaces `--tp`/`--pp`: the 8-GPU table of the scaling issue. Records:
   the speed-up); ceiling = the
   step-wise roofline of one card (prefill FLOPs / matmul rate, then each decode step's weights
   and KV bytes / bandwidth) times the cards the run uses (1 on cpu: the stages share it);
-- `nonblocking_vs_blocking` at the largest pp: the non-blocking rate against the blocking one.
+- `nonblocking_vs_blocking` at the largest pp: the non-blocking rate against the blocking one;
+- `throughput_{N}_in_flight` for each `--more-in-flight K`: the largest pp with N = pp + K steps
+  (micro-batches) in flight, against the first layout.
 
 `--trace PNG` draws each stage's waiting and working spans over a steady window of the largest
 pp's non-blocking and blocking runs (energon/bench/trace.py) and records how much of each run
@@ -70,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="weights and prompt token ids")
     parser.add_argument(
         "--blocking", default="on", choices=["on", "off"], help="also the largest pp, blocking"
+    )
+    parser.add_argument(
+        "--more-in-flight",
+        default="",
+        help="comma-separated K: the largest pp also runs with pp + K steps in flight (micro-"
+        "batches beyond the stages hide the controller's turnaround); each a record",
     )
     parser.add_argument("--trace", default=None, help="write the stage timeline PNG here")
     parser.add_argument("--copy-mib", type=int, default=0, help="0: 1024 on cuda, 64 on cpu")
@@ -157,10 +165,17 @@ def roofline_rate(args, run: dict, limit: dict, cards: int, kv_tok: int) -> floa
 
 
 def build_records(
-    args, runs: list[dict], blocking: dict | None, limits: list[dict], on_cuda: bool, kv_tok: int
+    args,
+    runs: list[dict],
+    blocking: dict | None,
+    limits: list[dict],
+    on_cuda: bool,
+    kv_tok: int,
+    more: list[dict] = (),
 ) -> list[Record]:
-    """The throughput of each layout against the first (`runs` is not empty), and non-blocking
-    against blocking."""
+    """The throughput of each layout against the first (`runs` is not empty), non-blocking
+    against blocking, and each of `more` (the largest pp with more steps in flight) against the
+    first layout as `throughput_{N}_in_flight`."""
     base = runs[0]
     facts = (base["facts"] or [{}])[0]
     common = dict(
@@ -209,6 +224,17 @@ def build_records(
                 f"flight; output tokens / wall time, median of {len(run['runs'])} ({rates} "
                 f"tokens/s); stages working at once {_pct(run['overlap'])} of the run; engine "
                 f"start {run['start_s']:.1f} s",
+            )
+        )
+    for run in more:
+        records.append(
+            rate_record(
+                run,
+                f"throughput_{run['in_flight']}_in_flight",
+                f"Energon tp={base['tp']} pp={base['pp']}, same run",
+                base["rate"],
+                f"as throughput, with {run['in_flight']} steps in flight (micro-batches); stages "
+                f"working at once {_pct(run['overlap'])} of the run",
             )
         )
     if blocking is not None:
@@ -281,10 +307,18 @@ def main(args: argparse.Namespace) -> int:
         blocking = _run_async(run)
         print(f"tp={tp} pp={pp} blocking: {blocking['rate']:.1f} tokens/s", flush=True)
 
-    records = build_records(args, runs, blocking, limits, on_cuda, per_tok or 0)
+    more = []
+    for extra in [int(k) for k in args.more_in_flight.split(",") if k.strip()]:
+        tp, pp, n = top["tp"], top["pp"], top["pp"] + extra
+        print(f"tp={tp} pp={pp}: {n} steps in flight", flush=True)
+        more.append(_run_async(measure_pipeline(args, tp, pp, n, device, dtype_name, prompts, kv)))
+        print(f"tp={tp} pp={pp} with {n} in flight: {more[-1]['rate']:.1f} tokens/s", flush=True)
+
+    records = build_records(args, runs, blocking, limits, on_cuda, per_tok or 0, more)
     path = write_results(SCENARIO, records, Path(args.out) if args.out else None)
     if args.raw:
         raw = {"args": vars(args), "limits": limits, "runs": runs, "blocking": blocking}
+        raw["more_in_flight"] = more
         Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
         Path(args.raw).write_text(json.dumps(raw, indent=1, default=str) + "\n")
     if args.trace:

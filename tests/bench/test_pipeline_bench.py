@@ -36,7 +36,7 @@ def run(tmp_path_factory):
     args = parse(
         pipeline,
         f"--model tiny --device cpu --layouts 1x1,1x2 --requests 4 --prompt-len 8 --gen-len 4 "
-        f"--out {out} --raw {raw} --trace {png}",
+        f"--out {out} --raw {raw} --trace {png} --more-in-flight 1",
     )
     assert pipeline.main(args) == 0
     (path,) = out.iterdir()
@@ -62,10 +62,18 @@ def test_pipeline_is_a_bench_scenario():
 def test_each_pp_is_measured_against_pp1_and_blocking(run):
     records, raw, _ = run
     by = {(r["metric"], r["pp"]): r for r in records}
-    assert set(by) == {("throughput", 1), ("throughput", 2), ("nonblocking_vs_blocking", 2)}
+    assert set(by) == {
+        ("throughput", 1),
+        ("throughput", 2),
+        ("nonblocking_vs_blocking", 2),
+        ("throughput_3_in_flight", 2),  # --more-in-flight 1 at the largest pp
+    }
     assert by["throughput", 2]["baseline_name"] == "Energon tp=1 pp=1, same run"
     rates = {run["pp"]: run["rate"] for run in raw["runs"]}
     assert by["throughput", 2]["ratio"] == pytest.approx(rates[2] / rates[1])
+    (more,) = raw["more_in_flight"]
+    assert more["in_flight"] == 3 and more["runs"][0]["tokens"] == 4 * 4
+    assert by["throughput_3_in_flight", 2]["ratio"] == pytest.approx(more["rate"] / rates[1])
     nb = by["nonblocking_vs_blocking", 2]
     assert nb["value"] == pytest.approx(rates[2])
     assert nb["baseline_value"] == pytest.approx(raw["blocking"]["rate"])

@@ -615,10 +615,11 @@ class Engine:
             if group is self.group and not self.recovery.restarting:
                 self._fail_step(plan, failure)
         else:
+            # This step no longer occupies a slot: _apply_step sends the next ones.
+            self._steps.discard(asyncio.current_task())
             self.recovery.served()
             self._apply_step(plan, results[self._reply_rank])
         finally:
-            # This step no longer occupies a slot: the next ones may go out now.
             self._steps.discard(asyncio.current_task())
         self._kick()
 
@@ -637,19 +638,38 @@ class Engine:
             return exc  # every worker is alive: the step itself raised
 
     def _apply_step(self, plan: StepPlan, reply: dict) -> None:
-        """Hand each sampled token to its request; finish the sequences that are done."""
+        """Hand each sampled token to its request; finish the sequences that are done.
+
+        The next steps go out as soon as the scheduler knows the tokens and the sequences that
+        end by count or stop token (cheap), before the requests detokenize and stream theirs:
+        with pipeline stages that work is otherwise a gap on every stage. A sequence that
+        turns out to end on a stop string is finished after that; a step already sent with it
+        computes one token that is ignored, as with lookahead."""
         sampled_ids = [s.seq_id for s in plan.seqs if s.sample]
         tokens = dict(zip(sampled_ids, reply["token_ids"], strict=True))
         logprobs = dict(zip(sampled_ids, reply.get("logprobs") or [], strict=False))
-        for seq in self.scheduler.complete(plan, tokens):
+        got = self.scheduler.complete(plan, tokens)
+        ended = {seq.seq_id for seq in got if self._ends_here(seq, tokens[seq.seq_id])}
+        for seq_id in ended:
+            self.scheduler.finish(seq_id)
+        self._kick()
+        for seq in got:
             req = self._requests.get(seq.seq_id)
             try:
                 done = req is None or req.on_token(tokens[seq.seq_id], logprobs.get(seq.seq_id))
             except Exception as exc:  # e.g. the tokenizer cannot decode the token
                 req.abort(EnergonError(f"request failed while decoding its output: {exc!r}"))
                 done = True
-            if done:
+            if done and seq.seq_id not in ended:
                 self.scheduler.finish(seq.seq_id)
+
+    def _ends_here(self, seq, token_id: int) -> bool:
+        """Whether the sequence's request ends with this token whatever its text says: gone,
+        at max_tokens, or a stop token (what Request.on_token ends on, but stop strings)."""
+        req = self._requests.get(seq.seq_id)
+        if req is None:
+            return True
+        return len(req.token_ids) + 1 >= req.params.max_tokens or req.stops_on(token_id)
 
     def _fail_step(self, plan: StepPlan, exc: BaseException) -> None:
         """A step did not come back. If a worker died, the group is replaced (recovery decides

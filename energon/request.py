@@ -59,6 +59,10 @@ class Request:
         if self.first_scheduled is None:
             self.first_scheduled = time.perf_counter()
 
+    def stops_on(self, token_id: int) -> bool:
+        """Whether this token ends the request by itself (a stop token id, EOS included)."""
+        return token_id in self._stop_ids
+
     def on_token(self, token_id: int, logprob: dict | None = None) -> bool:
         """Take one sampled token; stream what became final. Returns True when the request is
         finished (stop token, stop string or max_tokens), after putting its last piece."""
@@ -68,7 +72,7 @@ class Request:
         self.token_ids.append(token_id)
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(TokenLogprob.from_wire(logprob))
-        if token_id in self._stop_ids:
+        if self.stops_on(token_id):
             return self._finish("stop", self._detok.finish())
         checked = len(self._text)
         self._text += self._detok.add(token_id)

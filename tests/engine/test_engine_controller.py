@@ -215,3 +215,41 @@ async def test_a_kv_cache_the_workers_have_no_room_for_is_an_invalid_request(sta
         await engine.start()
     assert info.value.field == "kv_cache_memory"
     await engine.shutdown()
+
+
+async def test_the_next_step_goes_out_before_a_token_is_detokenized_and_a_stop_string_wins(
+    stand_in, monkeypatch
+):
+    """With pipeline stages the next step is sent as soon as the scheduler has the tokens (the
+    requests' detokenizing would otherwise be a gap on every stage). A stop string found after
+    that ends the request at once; the step already sent with it computes a token nobody gets,
+    and its blocks come back when that step returns."""
+    from energon.request import Request
+
+    pending_at_token = []
+    on_token = Request.on_token
+
+    def spy(self, token_id, logprob=None):
+        pending_at_token.append((token_id, len(stand_in[0].pending)))
+        return on_token(self, token_id, logprob)
+
+    monkeypatch.setattr(Request, "on_token", spy)
+    async with Engine("tiny", tp=1, pp=2, pool=None, device="cpu") as engine:
+        workers = stand_in[0]
+        free = engine.stats()["num_free_blocks"]
+        # "a" is byte 97; the stand-in continues 98 "b", 99 "c", 100 "d", ...
+        task = asyncio.ensure_future(engine.infer("a", SamplingParams(max_tokens=10, stop=["c"])))
+        await asyncio.sleep(0)
+        workers.reply(0)  # step 0 samples "b"
+        for _ in range(3):  # the step's task resumes
+            await asyncio.sleep(0)
+        assert pending_at_token == [(98, 1)]  # step 1 went out before "b" reached the request
+        workers.reply(0)  # step 1 samples "c": step 2 goes out, then the stop string ends it
+        done = await task
+        assert (done.text, done.finish_reason, done.token_ids) == ("b", "stop", [98, 99])
+        assert len(workers.pending) == 1 and engine.stats()["num_free_blocks"] < free
+        workers.reply(0)  # step 2 comes back: its token is dropped, the blocks are free
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert engine.stats()["num_free_blocks"] == free and not workers.pending
+    assert [token for token, _ in pending_at_token] == [98, 99]

@@ -615,7 +615,8 @@ class Engine:
             if group is self.group and not self.recovery.restarting:
                 self._fail_step(plan, failure)
         else:
-            # This step no longer occupies a slot: _apply_step sends the next ones.
+            # This step no longer occupies a slot (on the other paths: finally, below), so that
+            # _apply_step can send the next ones.
             self._steps.discard(asyncio.current_task())
             self.recovery.served()
             self._apply_step(plan, results[self._reply_rank])

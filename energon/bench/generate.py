@@ -26,8 +26,9 @@ Where the time goes: the workers are `TimedStagedRunner`s (a bench subclass of t
 events, energon/bench/device_clock.py: nothing waits for the device, so timed workers queue steps
 as untimed ones do) and so the device's idle gap before the next step; per decode step
 `controller period ~= device busy + idle gap` (a gap is the part of the ZeroMQ round trip, the
-controller's scheduling, reply handling and the next step message that lookahead did not hide). `--profile` runs one more
-decode step of each batch size under torch.profiler for the device kernel time.
+controller's scheduling, reply handling and the next step message that lookahead did not hide).
+`--profile` runs one more decode step of each batch size under torch.profiler for the device
+kernel time.
 
 Warm-up (`--warmup full`, the default): one full-length request and one full batch, for Energon
 and HF alike, before anything is timed; on H200 a first 128-token pass ran 2-4x slower in both

@@ -1,9 +1,9 @@
 """Per-stage timelines of a pipelined run: how much the stages overlap, and a PNG that shows it.
 
-Each worker logs (start, input received, end) per step (`TimedStagedRunner.step_trace`; when the
-device got there, energon/bench/device_clock.py): a later
-stage first waits for its input, then works. A span is "work" from the input's arrival to the end
-(for the first stage, from the start). Stages overlap when two of them work at the same time.
+Each worker logs (start, input received, end) per step (`TimedStagedRunner.step_trace`): when its
+device got to each point (energon/bench/device_clock.py). A later stage first waits for its
+input, then works. A span is "work" from the input's arrival to the end (for the first stage,
+from the start). Stages overlap when two of them work at the same time.
 """
 
 from __future__ import annotations

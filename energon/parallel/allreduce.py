@@ -17,9 +17,9 @@ go to `dist.all_reduce`.
 - A one-shot kernel whose peer never arrives waits forever, so `set_up_one_shot` turns the fast
   path on only when every rank of the group has allocated, mapped and checked it (eagerly and in a
   captured graph); each step ends in a vote over the group. Otherwise every rank uses NCCL.
-- On 4 H100s a set-up check's kernels sometimes never finished (every rank waited at the
-  barrier after a clean rendezvous and vote; three of four times that a second or third Engine
-  started in one program): the checks wait for the device at most `CHECK_TIMEOUT` seconds, then
+- On 4 H100s a set-up check's kernels sometimes never finished (every rank waited for them
+  after a clean rendezvous and vote; three of four times that a second or third Engine started
+  in one program): the checks wait for the device at most `CHECK_TIMEOUT` seconds, then
   raise `OneShotStuck`, which names the way around it, instead of hanging the start-up. A model
   whose activations are float16 skips the set-up (`dtype`): the kernels would not take them.
 - Layers call `all_reduce(x, group)`; `enable_fast_all_reduce` registers the group's fast path,
@@ -231,8 +231,9 @@ def wait_until(done, timeout: float, what: str) -> None:
     while not done():
         if time.monotonic() > deadline:
             raise OneShotStuck(
-                f"{what} did not finish in {timeout:.0f} s: the GPU waits at a symmetric-memory "
-                f"barrier for a peer that never arrives; start again, or set {MODE_ENV}=nccl"
+                f"{what} did not finish in {timeout:.0f} s: the GPU is stuck in its one-shot "
+                f"kernels (at their barrier, waiting for a peer); start again, or set "
+                f"{MODE_ENV}=nccl"
             )
         time.sleep(1e-3)
 

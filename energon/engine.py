@@ -650,9 +650,12 @@ class Engine:
         tokens = dict(zip(sampled_ids, reply["token_ids"], strict=True))
         logprobs = dict(zip(sampled_ids, reply.get("logprobs") or [], strict=False))
         got = self.scheduler.complete(plan, tokens)
-        ended = {seq.seq_id for seq in got if self._ends_here(seq, tokens[seq.seq_id])}
-        for seq_id in ended:
-            self.scheduler.finish(seq_id)
+        ended = set()
+        for seq in got:
+            req = self._requests.get(seq.seq_id)
+            if req is None or req.ends_with(tokens[seq.seq_id]):
+                self.scheduler.finish(seq.seq_id)
+                ended.add(seq.seq_id)
         self._kick()
         for seq in got:
             req = self._requests.get(seq.seq_id)
@@ -663,14 +666,6 @@ class Engine:
                 done = True
             if done and seq.seq_id not in ended:
                 self.scheduler.finish(seq.seq_id)
-
-    def _ends_here(self, seq, token_id: int) -> bool:
-        """Whether the sequence's request ends with this token whatever its text says: gone,
-        at max_tokens, or a stop token (what Request.on_token ends on, but stop strings)."""
-        req = self._requests.get(seq.seq_id)
-        if req is None:
-            return True
-        return len(req.token_ids) + 1 >= req.params.max_tokens or req.stops_on(token_id)
 
     def _fail_step(self, plan: StepPlan, exc: BaseException) -> None:
         """A step did not come back. If a worker died, the group is replaced (recovery decides

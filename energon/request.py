@@ -59,9 +59,10 @@ class Request:
         if self.first_scheduled is None:
             self.first_scheduled = time.perf_counter()
 
-    def stops_on(self, token_id: int) -> bool:
-        """Whether this token ends the request by itself (a stop token id, EOS included)."""
-        return token_id in self._stop_ids
+    def ends_with(self, token_id: int) -> bool:
+        """Whether this token, taken next, ends the request whatever the text says: a stop token
+        id (EOS included) or the last of max_tokens. Only a stop string ends one otherwise."""
+        return token_id in self._stop_ids or len(self.token_ids) + 1 >= self.params.max_tokens
 
     def on_token(self, token_id: int, logprob: dict | None = None) -> bool:
         """Take one sampled token; stream what became final. Returns True when the request is
@@ -72,7 +73,7 @@ class Request:
         self.token_ids.append(token_id)
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(TokenLogprob.from_wire(logprob))
-        if self.stops_on(token_id):
+        if token_id in self._stop_ids:
             return self._finish("stop", self._detok.finish())
         checked = len(self._text)
         self._text += self._detok.add(token_id)

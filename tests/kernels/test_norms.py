@@ -12,9 +12,6 @@ checked on CUDA only. Kernel tests skip where triton is not installed.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-
 import pytest
 import torch
 
@@ -195,32 +192,12 @@ def _norm_rows(calls):
     return [norm_rows(**kwargs) for kwargs in calls]
 
 
-@pytest.fixture(scope="module")
-def interpreter():
-    """A one-process pool whose worker imports triton with TRITON_INTERPRET=1."""
-    pytest.importorskip("triton")
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the worker, which starts right here
-    try:
-        pool = multiprocessing.get_context("spawn").Pool(1)
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    try:
-        yield pool
-    finally:
-        pool.terminate()
-        pool.join()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("add", [False, True], ids=["norm", "add_norm"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_interpreted_kernel_equals_float64_reference(interpreter, kind, add, dtype):
+def test_interpreted_kernel_equals_float64_reference(triton_interpreter, kind, add, dtype):
     cases = [make_inputs(kind, rows, width, dtype, add) for rows, width in CASES]
-    results = interpreter.apply(_norm_rows, (cases,))
+    results = triton_interpreter.apply(_norm_rows, (cases,))
     for inputs, (normed, summed) in zip(cases, results, strict=True):
         if not add:  # summed came back through a pipe: a copy of x, not x itself
             assert torch.equal(summed, inputs["x"])
@@ -228,29 +205,29 @@ def test_interpreted_kernel_equals_float64_reference(interpreter, kind, add, dty
         assert_matches_reference(normed, summed, inputs)
 
 
-def test_interpreted_kernel_keeps_leading_dims_and_takes_zero_rows(interpreter):
+def test_interpreted_kernel_keeps_leading_dims_and_takes_zero_rows(triton_interpreter):
     inputs = make_inputs("rms_norm", 6, 100, torch.float32, add=True)
     inputs["x"], inputs["residual"] = (
         inputs["x"].reshape(2, 3, 100),
         inputs["residual"].view(2, 3, 100),
     )
     empty = make_inputs("layer_norm", 0, 64, torch.float32, add=True)
-    (normed, summed), (none, nothing) = interpreter.apply(_norm_rows, ([inputs, empty],))
+    (normed, summed), (none, nothing) = triton_interpreter.apply(_norm_rows, ([inputs, empty],))
     assert_matches_reference(normed, summed, inputs)
     assert none.shape == nothing.shape == (0, 64)
 
 
 @pytest.mark.parametrize("case", HAND_CASES)
-def test_interpreted_kernel_gives_the_hand_computed_rows(interpreter, case):
+def test_interpreted_kernel_gives_the_hand_computed_rows(triton_interpreter, case):
     _, inputs, expected = hand_case(case)
-    [(normed, _)] = interpreter.apply(_norm_rows, ([inputs],))
+    [(normed, _)] = triton_interpreter.apply(_norm_rows, ([inputs],))
     assert torch.equal(normed, expected)
 
 
-def test_kernel_refuses_rows_wider_than_its_registers_hold(interpreter):
+def test_kernel_refuses_rows_wider_than_its_registers_hold(triton_interpreter):
     inputs = make_inputs("layer_norm", 1, 16385, torch.float32, add=False)
     with pytest.raises(ValueError, match="at most 16384"):
-        interpreter.apply(_norm_rows, ([inputs],))
+        triton_interpreter.apply(_norm_rows, ([inputs],))
 
 
 # --- the compiled kernel on the GPU -------------------------------------------------------------

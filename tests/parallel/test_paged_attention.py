@@ -9,8 +9,6 @@ GPU. Everything skips where triton is not installed.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import random
 
 import pytest
@@ -43,25 +41,12 @@ class Kernels:
 
 
 @pytest.fixture(scope="module")
-def kernels():
+def kernels(request):
+    """Compiled on CUDA, else the Triton-interpreter worker (tests/conftest.py)."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
-        yield Kernels()
-        return
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the worker, which starts right here
-    try:
-        pool = multiprocessing.get_context("spawn").Pool(1)
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    try:
-        yield Kernels(pool)
-    finally:
-        pool.terminate()
-        pool.join()
+        return Kernels()
+    return Kernels(request.getfixturevalue("triton_interpreter"))
 
 
 def make_case(

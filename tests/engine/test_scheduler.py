@@ -431,6 +431,41 @@ def arrive_and_abort(sched, requests, tick: int, seqs: dict, finished: dict, abo
             aborted.add(seq_id)
 
 
+def simulate(sched, config, requests, *, in_flight, next_reply, ends, check):
+    """Runs the workload's requests through `sched` with FakeWorkers until every one finished or
+    was aborted: at most `in_flight` plans out at once, `next_reply(plans)` the index of the one
+    that comes back next, `ends(seq)` whether a sequence finishes with the token it just got,
+    `check(seqs, plans)` after every schedule and completion. Ends with nothing left to run and
+    every block free; returns (finished: seq_id -> output tokens, aborted seq_ids)."""
+    workers = FakeWorkers(config["block_size"])
+    seqs: dict[int, Sequence] = {}
+    out: list[tuple[StepPlan, dict[int, int]]] = []
+    finished: dict[int, list[int]] = {}
+    aborted: set[int] = set()
+    tick = 0
+    while len(finished) + len(aborted) < len(requests) or out:
+        assert tick < 5000, "no progress"
+        arrive_and_abort(sched, requests, tick, seqs, finished, aborted)
+        while len(out) < in_flight and (plan := sched.schedule()) is not None:
+            assert len(plan.seqs) <= config["max_num_seqs"]
+            assert plan.num_tokens <= config["max_batch_tokens"]
+            out.append((plan, workers.run(plan)))
+            check(list(seqs.values()), [p for p, _ in out])
+        if not out:
+            assert not sched.has_unfinished(), "live sequences but nothing scheduled"
+        else:
+            plan, sampled = out.pop(next_reply([p for p, _ in out]))
+            for seq in sched.complete(plan, sampled):
+                assert seq.num_output_tokens <= seq.max_tokens
+                if ends(seq):
+                    finished[seq.seq_id] = sched.finish(seq.seq_id).output_token_ids
+            check(list(seqs.values()), [p for p, _ in out])
+        tick += 1
+    assert not sched.has_unfinished()
+    assert sched.blocks.num_free_blocks == config["num_blocks"]
+    return finished, aborted
+
+
 @settings(max_examples=300, deadline=None)
 @given(workloads(), st.randoms(use_true_random=False))
 def test_random_workload_finishes_every_request_without_leaking_blocks(workload, rng):
@@ -442,35 +477,19 @@ def test_random_workload_finishes_every_request_without_leaking_blocks(workload,
         max_running_seqs=pp * config["max_num_seqs"],
         max_batch_tokens=config["max_batch_tokens"],
     )
-    workers = FakeWorkers(config["block_size"])
-    seqs: dict[int, Sequence] = {}
-    in_flight: list[tuple[StepPlan, dict[int, int]]] = []
-    finished: dict[int, list[int]] = {}
-    aborted: set[int] = set()
-    tick = 0
-    while len(finished) + len(aborted) < len(requests) or in_flight:
-        assert tick < 5000, "no progress"
-        arrive_and_abort(sched, requests, tick, seqs, finished, aborted)
-        while len(in_flight) < pp and (plan := sched.schedule()) is not None:
-            assert len(plan.seqs) <= config["max_num_seqs"]
-            assert plan.num_tokens <= config["max_batch_tokens"]
-            in_flight.append((plan, workers.run(plan)))
-            check_invariants(sched, list(seqs.values()), [p for p, _ in in_flight])
-        if not in_flight:
-            assert not sched.has_unfinished(), "live sequences but nothing scheduled"
-        else:  # the replies come back in any order
-            plan, sampled = in_flight.pop(rng.randrange(len(in_flight)))
-            for seq in sched.complete(plan, sampled):
-                if seq.num_output_tokens == seq.max_tokens:
-                    finished[seq.seq_id] = sched.finish(seq.seq_id).output_token_ids
-            check_invariants(sched, list(seqs.values()), [p for p, _ in in_flight])
-        tick += 1
+    finished, aborted = simulate(
+        sched,
+        config,
+        requests,
+        in_flight=pp,
+        next_reply=lambda plans: rng.randrange(len(plans)),  # the replies come back in any order
+        ends=lambda seq: seq.num_output_tokens == seq.max_tokens,
+        check=lambda seqs, plans: check_invariants(sched, seqs, plans),
+    )
     for seq_id, prompt_len, max_tokens, _, _ in requests:
         if seq_id not in aborted:
             positions = range(prompt_len, prompt_len + max_tokens)
             assert finished[seq_id] == [expected_token(seq_id, p) for p in positions]
-    assert not sched.has_unfinished()
-    assert sched.blocks.num_free_blocks == config["num_blocks"]
 
 
 @settings(max_examples=300, deadline=None)
@@ -487,36 +506,24 @@ def test_lookahead_chains_decodes_and_loses_or_leaks_nothing(workload, rng):
         max_batch_tokens=config["max_batch_tokens"],
         lookahead=True,
     )
-    workers = FakeWorkers(config["block_size"])
-    seqs: dict[int, Sequence] = {}
-    in_flight: list[tuple[StepPlan, dict[int, int]]] = []
-    finished: dict[int, list[int]] = {}
-    aborted: set[int] = set()
-    tick = 0
-    while len(finished) + len(aborted) < len(requests) or in_flight:
-        assert tick < 5000, "no progress"
-        arrive_and_abort(sched, requests, tick, seqs, finished, aborted)
-        while len(in_flight) < 2 and (plan := sched.schedule()) is not None:
-            assert len(plan.seqs) <= config["max_num_seqs"]
-            assert plan.num_tokens <= config["max_batch_tokens"]
-            in_flight.append((plan, workers.run(plan)))
-            assert all(s.in_flight <= 2 for s in seqs.values())
-        if not in_flight:
-            assert not sched.has_unfinished(), "live sequences but nothing scheduled"
-        else:
-            plan, sampled = in_flight.pop(0)  # in order, as one worker group replies
-            for seq in sched.complete(plan, sampled):
-                assert seq.num_output_tokens <= seq.max_tokens
-                if seq.num_output_tokens == seq.max_tokens or rng.random() < 0.1:
-                    finished[seq.seq_id] = sched.finish(seq.seq_id).output_token_ids
-        tick += 1
+
+    def at_most_two_steps_each(seqs, plans):
+        assert all(s.in_flight <= 2 for s in seqs)
+
+    finished, aborted = simulate(
+        sched,
+        config,
+        requests,
+        in_flight=2,
+        next_reply=lambda plans: 0,  # in order, as one worker group replies
+        ends=lambda seq: seq.num_output_tokens == seq.max_tokens or rng.random() < 0.1,
+        check=at_most_two_steps_each,
+    )
     for seq_id, prompt_len, _, _, _ in requests:
         if seq_id not in aborted:
             out = finished[seq_id]
             positions = range(prompt_len, prompt_len + len(out))
             assert out == [expected_token(seq_id, p) for p in positions]
-    assert not sched.has_unfinished()
-    assert sched.blocks.num_free_blocks == config["num_blocks"]
 
 
 def test_lookahead_plan_chains_the_last_plans_samples():

@@ -38,7 +38,13 @@ import torch.distributed as dist
 
 from energon.bench.limits import copy_bandwidth
 from energon.bench.options import visible_gpus
-from energon.bench.record import Record, card_name, torch_version, write_results
+from energon.bench.record import (
+    Record,
+    card_name,
+    print_records,
+    torch_version,
+    write_results,
+)
 from energon.parallel.allreduce import set_up_one_shot, symmetric_memory
 from energon.parallel.ranks import run_ranks
 from energon.parallel.topology import NO_MULTICAST_ENV, Topology
@@ -329,23 +335,6 @@ def build_records(result: dict) -> list[Record]:
     return records
 
 
-def print_table(records: list[Record]) -> None:
-    print(
-        f"\n{'dtype':>9} {'metric':<28} {'energon us':>10} {'base us':>9} {'ratio':>6} "
-        f"{'floor us':>9} {'of_limit':>8}"
-    )
-    for r in records:
-        if r.unit != "us":
-            print(f"{'':>9} {r.metric:<28} {r.value:>10.1f} {r.unit}")
-            continue
-        floor = f"{r.limit_value:>9.3f}" if r.limit_value is not None else f"{'-':>9}"
-        of = f"{r.of_limit:>8.4f}" if r.of_limit is not None else f"{'-':>8}"
-        print(
-            f"{r.dtype:>9} {r.metric:<28} {r.value:>10.2f} {r.baseline_value:>9.2f} "
-            f"{r.ratio:>6.2f} {floor} {of}"
-        )
-
-
 def main(args: argparse.Namespace) -> int:
     os.environ.update(NO_MULTICAST_ENV)  # inherited by the ranks
     try:
@@ -388,7 +377,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     print(f"all-reduce path: {result['line']}")
     records = build_records(result)
-    print_table(records)
+    print_records(records, "dtype")
     path = write_results(SCENARIO, records, args.out)
     print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -59,7 +59,13 @@ from energon.bench.options import (
     resolve_device,
     visible_gpus,
 )
-from energon.bench.record import Record, card_name, torch_version, write_results
+from energon.bench.record import (
+    Record,
+    card_name,
+    print_records,
+    torch_version,
+    write_results,
+)
 from energon.engine import Engine
 from energon.models.registry import resolve
 from energon.parallel.attention import Attention
@@ -702,25 +708,6 @@ def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[
     return records
 
 
-def print_table(records: list[Record]) -> None:
-    print(
-        f"\n{'tp':>3} {'metric':<24} {'energon':>10} {'baseline':>10} {'ratio':>6} "
-        f"{'limit':>10} {'of_limit':>8}  unit"
-    )
-    for r in records:
-        if r.metric in ("matmul_rate", "copy_bandwidth"):
-            print(
-                f"{r.tp:>3} {r.metric:<24} {r.value:>10.4g} {'':>10} {'':>6} {'':>10} {'':>8}  {r.unit}"
-            )
-            continue
-        base = f"{r.baseline_value:>10.4g}" if r.baseline_value is not None else f"{'-':>10}"
-        ratio = f"{r.ratio:>6.2f}" if r.ratio is not None else f"{'-':>6}"
-        print(
-            f"{r.tp:>3} {r.metric:<24} {r.value:>10.4g} {base} {ratio} "
-            f"{r.limit_value:>10.4g} {r.of_limit:>8.3f}  {r.unit}"
-        )
-
-
 def _run_async(coro):
     try:
         import uvloop
@@ -818,7 +805,7 @@ def main(args: argparse.Namespace) -> int:
     if not records:
         print("nothing measured", file=sys.stderr)
         return 1
-    print_table(records)
+    print_records(records, "tp")
     for r in records:
         if r.metric.startswith(("decode_latency_b1", "throughput")):
             print(f"tp={r.tp} {r.metric}: {r.notes}")

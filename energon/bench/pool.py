@@ -40,7 +40,7 @@ from energon.bench.options import (
     resolve_device,
     visible_gpus,
 )
-from energon.bench.record import Record, card_name, write_results
+from energon.bench.record import Record, card_name, print_records, write_results
 from energon.models.registry import resolve
 from energon.parallel.topology import NO_MULTICAST_ENV
 from energon.pool.member import PoolMember
@@ -977,20 +977,7 @@ def build_records(args, raw: dict) -> list[Record]:
 
 
 def print_table(records: list[Record], raw: dict) -> None:
-    print(
-        f"\n{'metric':<46} {'value':>10} {'unit':<8} {'baseline':<19} {'b. value':>10} "
-        f"{'ratio':>7} {'limit':>10} {'of_limit':>8}"
-    )
-
-    def f(x, spec=".4g"):
-        return f"{x:{spec}}" if isinstance(x, (int, float)) else "-"
-
-    for r in records:
-        print(
-            f"{r.metric:<46} {f(r.value):>10} {r.unit:<8} {r.baseline_name or '-':<19} "
-            f"{f(r.baseline_value):>10} {f(r.ratio, '.3f'):>7} {f(r.limit_value):>10} "
-            f"{f(r.of_limit, '.3f'):>8}"
-        )
+    print_records(records)
     for what, why in raw["skipped"].items():
         print(f"skipped {what}: {why}")
     print(

@@ -100,3 +100,26 @@ def write_results(scenario: str, records: list[Record], out_dir: Path | None = N
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([asdict(r) for r in records], indent=2) + "\n")
     return path
+
+
+def print_records(records: list[Record], lead: str | None = None) -> None:
+    """The records as a console table, one line each: the `lead` field when given (e.g. "tp"),
+    metric, value, unit, baseline value, ratio, limit and of_limit ("-" where a record has none)."""
+
+    def num(x, spec=".4g") -> str:
+        return f"{x:{spec}}" if isinstance(x, (int, float)) else "-"
+
+    head = f"{lead:>9} " if lead else ""
+    print(
+        f"\n{head}{'metric':<40} {'value':>10} {'unit':<9} {'baseline':>10} {'ratio':>7} "
+        f"{'limit':>10} {'of_limit':>8}"
+    )
+    for r in records:
+        first = ""
+        if lead:
+            value = getattr(r, lead)
+            first = f"{'-' if value is None else str(value):>9} "
+        print(
+            f"{first}{r.metric:<40} {num(r.value):>10} {r.unit:<9} {num(r.baseline_value):>10} "
+            f"{num(r.ratio, '.3f'):>7} {num(r.limit_value):>10} {num(r.of_limit, '.3f'):>8}"
+        )

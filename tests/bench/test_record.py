@@ -1,0 +1,21 @@
+"""The benches' shared console table (energon.bench.record.print_records)."""
+
+from __future__ import annotations
+
+from energon.bench.record import Record, print_records
+
+
+def test_the_table_has_a_line_per_record_with_dashes_where_a_field_is_missing(capsys):
+    measured = Record(
+        "generate", "throughput", "tokens/s", 3812.5, tp=2, baseline_value=2438.0, ratio=1.5637,
+        limit_value=4468.0, of_limit=0.8533, card="card", torch="t", git_sha="s",
+    )  # fmt: skip
+    limit = Record("generate", "copy_bandwidth", "GB/s", 2950.5, dtype=None, card="c")
+    print_records([measured, limit], lead="tp")
+    print_records([limit], lead="dtype")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    head, first, second, head2, third = lines
+    assert head.split() == "tp metric value unit baseline ratio limit of_limit".split()
+    assert first.split() == "2 throughput 3812 tokens/s 2438 1.564 4468 0.853".split()
+    assert second.split() == "1 copy_bandwidth 2950 GB/s - - - -".split()
+    assert head2.split()[0] == "dtype" and third.split()[0] == "-"

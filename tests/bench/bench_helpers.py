@@ -1,9 +1,12 @@
-"""Shared by the bench tests: the fields every BENCHMARKS.md record carries, and a scenario's
-command line parsed as `energon bench SCENARIO` would parse it."""
+"""Shared by the bench tests: the fields every BENCHMARKS.md record carries, a scenario's
+command line parsed as `energon bench SCENARIO` would parse it, and a scenario run to its
+results file."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from types import ModuleType
 
 FIELDS = {
@@ -18,3 +21,12 @@ def parse(scenario: ModuleType, argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     scenario.add_arguments(parser)
     return parser.parse_args(argv.split())
+
+
+def run_scenario(scenario: ModuleType, argv: str, out: Path) -> list[dict]:
+    """Runs `scenario` on `argv` with `--out out`; checks that it succeeded and wrote exactly
+    one results file, named for the scenario, into `out` (empty before); returns its records."""
+    assert scenario.main(parse(scenario, f"{argv} --out {out}")) == 0
+    (path,) = out.iterdir()
+    assert path.name.endswith(f"-{scenario.SCENARIO}.json")
+    return json.loads(path.read_text())

@@ -3,10 +3,8 @@ what it writes, not how fast it runs."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from bench_helpers import FIELDS, parse
+from bench_helpers import FIELDS, parse, run_scenario
 
 from energon.bench import allreduce
 from energon.bench.cli import SCENARIOS
@@ -42,14 +40,9 @@ def test_bad_options_are_refused_before_anything_starts(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("results")
-    args = parse(
-        allreduce,
-        f"--device cpu --sizes 1K,10K --dtypes float16 --iters 3 --repeat 2 --out {out}",
+    return run_scenario(
+        allreduce, "--device cpu --sizes 1K,10K --dtypes float16 --iters 3 --repeat 2", out
     )
-    assert allreduce.main(args) == 0
-    (path,) = out.iterdir()
-    assert path.name.endswith("-allreduce.json")
-    return json.loads(path.read_text())
 
 
 def test_every_record_has_the_benchmarks_md_fields(records):

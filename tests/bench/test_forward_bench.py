@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from bench_helpers import FIELDS, parse
+from bench_helpers import FIELDS, run_scenario
 
 from energon.bench import forward
 from energon.bench.cli import SCENARIOS
@@ -37,15 +35,11 @@ def test_both_timed_paths_give_the_last_token_logits_of_a_plain_forward():
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("results")
-    args = parse(
+    return run_scenario(
         forward,
-        f"--model tiny --device cpu --tp 1 --seqs 4 --min-len 8 --max-len 32 "
-        f"--warmup 1 --repeat 2 --out {out}",
+        "--model tiny --device cpu --tp 1 --seqs 4 --min-len 8 --max-len 32 --warmup 1 --repeat 2",
+        out,
     )
-    assert forward.main(args) == 0
-    (path,) = out.iterdir()
-    assert path.name.endswith("-forward.json")
-    return json.loads(path.read_text())
 
 
 def test_every_record_has_the_benchmarks_md_fields(records):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from bench_helpers import FIELDS, parse
+from bench_helpers import FIELDS, run_scenario
 
 from energon.bench import generate
 from energon.bench.cli import SCENARIOS
@@ -49,15 +49,14 @@ def test_worker_log_summary_of_steps_queued_behind_the_last():
 def run(tmp_path_factory) -> tuple[list[dict], dict]:
     out = tmp_path_factory.mktemp("results")
     raw = out.parent / "generate-raw.json"
-    args = parse(
+    records = run_scenario(
         generate,
         f"--model tiny --device cpu --tp 1 --prompt-len 8 --gen-len 4 --batch 3 --repeat 1 "
-        f"--batch-repeat 1 --hf-repeat 3 --profile --graphs auto,static --lookahead on,off --out {out} --raw {raw}",
+        f"--batch-repeat 1 --hf-repeat 3 --profile --graphs auto,static --lookahead on,off "
+        f"--raw {raw}",
+        out,
     )
-    assert generate.main(args) == 0
-    (path,) = out.iterdir()
-    assert path.name.endswith("-generate.json")
-    return json.loads(path.read_text()), json.loads(raw.read_text())
+    return records, json.loads(raw.read_text())
 
 
 def test_every_record_has_the_benchmark_fields(run):

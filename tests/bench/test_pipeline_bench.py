@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from bench_helpers import parse
+from bench_helpers import parse, run_scenario
 
 from energon.bench import pipeline
 from energon.bench.cli import SCENARIOS
@@ -33,15 +33,13 @@ def test_the_timeline_window_is_taken_from_the_middle_of_the_last_stage():
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     raw, png = out.parent / "pipeline-raw.json", out.parent / "trace.png"
-    args = parse(
+    records = run_scenario(
         pipeline,
         f"--model tiny --device cpu --layouts 1x1,1x2 --requests 4 --prompt-len 8 --gen-len 4 "
-        f"--out {out} --raw {raw} --trace {png} --more-in-flight 1",
+        f"--raw {raw} --trace {png} --more-in-flight 1",
+        out,
     )
-    assert pipeline.main(args) == 0
-    (path,) = out.iterdir()
-    assert path.name.endswith("-pipeline.json")
-    return json.loads(path.read_text()), json.loads(raw.read_text()), png
+    return records, json.loads(raw.read_text()), png
 
 
 def layouts_of(argv: str):

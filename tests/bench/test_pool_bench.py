@@ -3,11 +3,10 @@ fast it runs."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
-from bench_helpers import FIELDS, parse
+from bench_helpers import FIELDS, run_scenario
 
 from energon.bench import pool
 from energon.bench.cli import SCENARIOS
@@ -30,17 +29,15 @@ def records(tmp_path_factory) -> list[dict]:
     before = segments()
     # tiny's embedding and head are a third of it: at 0.8 of its weights three of four layers
     # are pooled (two of them in staging buffers at a time)
-    args = parse(
+    records = run_scenario(
         pool,
         "--model tiny --device cpu --modes resident,peer,host,accelerate --budget-fraction 0.8 "
         "--prefill-seqs 3 --prefill-len 16 --decode-seqs 3 --context 20 --block-size 4 "
-        f"--warmup 1 --repeat 2 --decode-repeat 2 --hf-repeat 1 --out {out}",
+        "--warmup 1 --repeat 2 --decode-repeat 2 --hf-repeat 1",
+        out,
     )
-    assert pool.main(args) == 0
     assert segments() - before == set(), "the bench left shared-memory segments behind"
-    (path,) = out.iterdir()
-    assert path.name.endswith("-pool.json")
-    return json.loads(path.read_text())
+    return records
 
 
 def by_metric(records, metric: str, baseline: str | None = None) -> dict:

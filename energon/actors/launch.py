@@ -39,7 +39,10 @@ def start_worker(
 ) -> multiprocessing.Process:
     """Starts one worker process that connects to address as rank; returns the started Process.
 
-    The child inherits os.environ, updated with env before any user code is imported.
+    The child inherits os.environ, updated with env before the worker's own modules are
+    imported. Spawning re-imports the parent's __main__ module first, so a variable that a
+    library reads as it is imported (torch reads OMP_NUM_THREADS) can arrive too late: the
+    Engine's workers set their threads themselves (energon.runner.worker_threads).
     """
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(

@@ -28,7 +28,8 @@ as untimed ones do) and so the device's idle gap before the next step; per decod
 `controller period ~= device busy + idle gap` (a gap is the part of the ZeroMQ round trip, the
 controller's scheduling, reply handling and the next step message that lookahead did not hide).
 `--profile` runs one more decode step of each batch size under torch.profiler for the device
-kernel time.
+kernel time; `--profile-dir` also writes every rank's chrome trace of those steps (the replying
+rank's summary alone cannot show a tp peer that holds the group's collectives back).
 
 Warm-up (`--warmup full`, the default): one full-length request and one full batch, for Energon
 and HF alike, before anything is timed; on H200 a first 128-token pass ran 2-4x slower in both
@@ -101,6 +102,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--profile", action="store_true", help="profile one decode step per batch")
     parser.add_argument(
+        "--profile-dir",
+        default=None,
+        help="with --profile: write each rank's chrome trace of each profiled step here",
+    )
+    parser.add_argument(
         "--graphs",
         default="auto",
         help="comma-separated decode_graphs modes of the workers, each a run (auto, off)",
@@ -140,6 +146,7 @@ class TimedStagedRunner(StagedRunner):
         self._profile_next: int | None = None
         self._profile_prefill = False
         self._profile: dict | None = None
+        self._profile_trace: str | None = None  # chrome trace path prefix, or None
 
     def sample_step(self, step: dict) -> dict | Deferred | None:
         seqs, tokens = len(step["query_lens"]), int(sum(step["query_lens"]))
@@ -217,10 +224,11 @@ class TimedStagedRunner(StagedRunner):
             "chained_steps": self.chained_steps,
         }
 
-    def arm_profile(self, batch: int, prefill: bool = False) -> None:
+    def arm_profile(self, batch: int, prefill: bool = False, trace: str | None = None) -> None:
         """Run the next decode step of `batch` sequences (prefill: the next one-prompt prefill)
-        under torch.profiler."""
+        under torch.profiler; `trace`: also write its chrome trace to `{trace}-rank{r}.json`."""
         self._profile_next, self._profile, self._profile_prefill = batch, None, prefill
+        self._profile_trace = trace
 
     def profile_result(self) -> dict | None:
         return self._profile
@@ -236,6 +244,8 @@ class TimedStagedRunner(StagedRunner):
             out = super().sample_step(step)
             synchronize(self.device)
             wall = time.perf_counter() - t0
+        if self._profile_trace is not None:
+            prof.export_chrome_trace(f"{self._profile_trace}-rank{self.state.rank}.json")
         events = prof.key_averages()
         key = "self_device_time_total" if cuda else "self_cpu_time_total"
         # kernels only: an op's self device time repeats the kernels it launched
@@ -414,11 +424,15 @@ async def measure_engine(
             )
         profiles = {}
         if args.profile and engine.timed:
+            base = None
+            if args.profile_dir:
+                os.makedirs(args.profile_dir, exist_ok=True)
+                base = os.path.join(args.profile_dir, f"tp{tp}-{graphs}-lookahead{lookahead}")
             for n in (1, len(prompts)):
-                await group.broadcast("arm_profile", n)
+                await group.broadcast("arm_profile", n, False, base and f"{base}-decode{n}")
                 await asyncio.gather(*(engine.infer(p, short) for p in prompts[:n]))
                 profiles[n] = (await group.broadcast("profile_result"))[rank]
-            await group.broadcast("arm_profile", 1, True)
+            await group.broadcast("arm_profile", 1, True, base and f"{base}-prefill")
             await engine.infer(prompts[0], short)
             profiles["prefill"] = (await group.broadcast("profile_result"))[rank]
         after = (await group.broadcast("bench_facts"))[rank] if engine.timed else None

@@ -1,29 +1,31 @@
 """The tensor-parallel all-reduce: one-shot over NVLink peer memory for small messages, NCCL above.
 
-A decode step at small batch all-reduces a few KB twice per layer, and NCCL takes ~15 us for that
+A decode step at small batch all-reduces a few KB twice per layer, and NCCL takes ~13 us for that
 even inside a CUDA graph. `OneShotAllReduce` keeps one buffer in torch's symmetric memory: every
-rank of the tp group maps every peer's copy, so one kernel (`torch.ops.symm_mem.one_shot_all_reduce*`)
-puts this rank's message in its buffer, waits at a barrier on the peers' signal pads, reads all
-peers' messages over NVLink and sums them. Larger messages (prefill), other dtypes and other devices
-go to `dist.all_reduce`.
+rank of the tp group maps every peer's copy, so one kernel puts this rank's message in its
+buffer, meets the peers on flags in their buffers, reads all peers' messages over NVLink and sums
+them. Larger messages (prefill), other dtypes and other devices go to `dist.all_reduce`.
 
-- torch's reduce kernels take bfloat16 and float32 only. float16 messages can be summed in
-  float32 (`float16_in_float32`: cast into the buffer, one-shot, cast back: two more kernels; for
-  two ranks the float16 sum NCCL gives), but on 2 H100s that was no faster than NCCL inside a
-  graph and slower eagerly, so by default float16 goes to NCCL (`energon bench allreduce`).
+- float16 (the presets' dtype) goes to energon's kernel (energon/kernels/one_shot.py): one
+  meeting per call instead of torch's two, the row-parallel bias added in the same float32 sum
+  (one rounding). On 2 H100s in a CUDA graph: 7.4 us per 10 KB message against NCCL's 13.5
+  (`energon bench allreduce`). bfloat16 and float32 go to torch's kernels
+  (`torch.ops.symm_mem.one_shot_all_reduce*`, 9.5 us): they take no float16, which they can
+  only sum in float32 (`float16_in_float32`: cast in, one-shot, cast back), the way taken when
+  triton is missing.
 - Nothing on the fast path allocates or synchronises, so it can be captured in a CUDA graph (the
-  decode graphs). Every rank must then replay the same graphs the same number of times, which the
-  decode graphs do: they run the same steps on every rank.
+  decode graphs). Every rank must then issue the same calls in the same order, which the decode
+  graphs do: they run the same steps on every rank.
 - A one-shot kernel whose peer never arrives waits forever, so `set_up_one_shot` turns the fast
   path on only when every rank of the group has allocated, mapped and checked it (eagerly and in a
   captured graph); each step ends in a vote over the group. Otherwise every rank uses NCCL.
-- On 4 H100s a set-up check's kernels sometimes never finished (every rank waited for them
-  after a clean rendezvous and vote; three of four times that a second or third Engine started
-  in one program): the checks wait for the device at most `CHECK_TIMEOUT` seconds, then
-  raise `OneShotStuck`, which names the way around it, instead of hanging the start-up. A model
-  whose activations are float16 skips the set-up (`dtype`): the kernels would not take them.
-- Layers call `all_reduce(x, group)`; `enable_fast_all_reduce` registers the group's fast path,
-  which lives as long as the process (torch's symmetric memory is per process and group, too).
+- The set-up used to hang at random (every rank stuck in its checks; on 4 H100s three of four
+  times): it probed one message per dtype in the order of a Python set of dtypes, which differs
+  between processes, so rank 0's float32 probe met rank 1's bfloat16 one. Probes now go in
+  SUM_DTYPE's order. Should a check's kernels still not finish, the checks wait for the device
+  at most `CHECK_TIMEOUT` seconds, then raise `OneShotStuck`, which names the way around it.
+- Layers call `all_reduce(x, group, bias)`; `enable_fast_all_reduce` registers the group's fast
+  path, which lives as long as the process (torch's symmetric memory is per process and group).
 """
 
 from __future__ import annotations
@@ -62,24 +64,29 @@ class OneShotStuck(RuntimeError):
     so this process cannot go on (nor vote, behind them); never caught by the set-up."""
 
 
-def all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Sums `x` over `group` in place and returns it: the group's one-shot path when one is
-    enabled and takes `x`, else `dist.all_reduce`."""
+def all_reduce(
+    x: torch.Tensor, group: dist.ProcessGroup, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sums `x` over `group` in place, adds `bias` (broadcast over the last dimension) and
+    returns it: the group's one-shot path when one is enabled and takes `x`, else
+    `dist.all_reduce`."""
     fast = fast_all_reduce(group)
     if fast is not None:
-        return fast(x)
+        return fast(x, bias)
     dist.all_reduce(x, group=group)
-    return x
+    return x if bias is None else x.add_(bias)
 
 
 class OneShotAllReduce:
-    """Sum over one tp group: bfloat16 and float32 messages (and float16 ones, summed in float32,
-    when `float16_in_float32`) of at most `max_bytes` on `device` go through symmetric memory
-    (`buffer`, rendezvoused over `group`), the rest to `dist.all_reduce`.
+    """Sum over one tp group: messages of at most `max_bytes` on `device` go through symmetric
+    memory (`buffer`, rendezvoused over `group`), the rest to `dist.all_reduce`. bfloat16 and
+    float32 by torch's kernels; float16 by energon's kernel when given its arguments (`peers`,
+    from `own_kernel_args`), else summed in float32 by torch's when `float16_in_float32`.
 
-    `buffer` and `scratch` are byte tensors of 2 * max_bytes (room for a float16 message summed
-    in float32); `scratch` is ordinary memory for the staged path's output; `handle` is the
-    buffer's rendezvous. Build it with `set_up_one_shot`, which checks it on every rank first.
+    `scratch` is ordinary memory of 2 * max_bytes (a multiple of 16; room for a float16 message
+    summed in float32) for the staged paths; `buffer` starts with as many bytes for torch's
+    kernels, followed by energon's kernel's part when it has one; `handle` is the buffer's
+    rendezvous. Build it with `set_up_one_shot`, which checks it on every rank first.
     """
 
     def __init__(
@@ -91,11 +98,13 @@ class OneShotAllReduce:
         scratch: torch.Tensor,
         handle=None,
         float16_in_float32: bool = False,
+        peers: tuple | None = None,
     ):
-        if buffer.numel() < 2 * max_bytes or scratch.numel() < buffer.numel():
+        torch_bytes = scratch.numel()  # torch's kernels use the buffer's first bytes
+        if torch_bytes < 2 * max_bytes or buffer.numel() < torch_bytes or torch_bytes % _ALIGN:
             raise ValueError(
-                f"buffer and scratch need {2 * max_bytes} bytes (got {buffer.numel()}, "
-                f"{scratch.numel()})"
+                f"buffer and scratch need {2 * max_bytes} bytes, scratch a multiple of {_ALIGN} "
+                f"(got {buffer.numel()}, {torch_bytes})"
             )
         self.group = group
         self.group_name = group.group_name
@@ -104,9 +113,14 @@ class OneShotAllReduce:
         self.buffer = buffer
         self.handle = handle  # torch's mapping of the peers' buffers, kept with the buffer
         wide = set(SUM_DTYPE.values())
-        self._symm = {d: buffer.view(d) for d in wide}
+        self._symm = {d: buffer[:torch_bytes].view(d) for d in wide}
         self._scratch = {d: scratch.view(d) for d in wide}
-        self.dtypes = set(SUM_DTYPE) if float16_in_float32 else wide  # the messages it takes
+        # float16 goes to energon's kernel (energon/kernels/one_shot.py) given its arguments
+        # (`peers`, from `own_kernel_args`)
+        self.own_kernel = peers is not None
+        self._peers = peers
+        self._half = scratch.view(torch.float16)
+        self.dtypes = set(SUM_DTYPE) if float16_in_float32 or self.own_kernel else wide
         self._fused = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
         self.one_shot_calls = 0  # calls issued (a captured call counts once, at capture)
         self.nccl_calls = 0
@@ -120,11 +134,12 @@ class OneShotAllReduce:
             and x.device == self.device
         )
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Sums `x` over the group in place (as `dist.all_reduce` does) and returns it."""
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Sums `x` over the group in place (as `dist.all_reduce` does), adds `bias` (broadcast
+        over the last dimension; energon's kernel fuses it) and returns it."""
         if self.takes(x):
             try:
-                self.one_shot(x)
+                self.one_shot(x, bias)
                 self.one_shot_calls += 1
                 return x
             except RuntimeError as exc:
@@ -133,14 +148,30 @@ class OneShotAllReduce:
                 self._turn_off(exc)
         dist.all_reduce(x, group=self.group)
         self.nccl_calls += 1
-        return x
+        return x if bias is None else x.add_(bias)
 
-    def one_shot(self, x: torch.Tensor) -> None:
-        """The fast path for a message of a dtype in SUM_DTYPE and at most `max_bytes`: `x`
-        becomes the sum over the group.
+    def one_shot(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """The fast path for a message of a dtype in `dtypes` and at most `max_bytes`: `x`
+        becomes the sum over the group (+ bias).
 
-        One kernel when `x` is contiguous, 16-byte aligned and summed in its own dtype; else `x`
-        is staged into the buffer (cast where needed), summed into scratch and copied back."""
+        float16 with `own_kernel`: one kernel, bias included (`x` staged through scratch when
+        not contiguous). Else torch's: one kernel when `x` is contiguous, 16-byte aligned and
+        summed in its own dtype; else `x` is staged into the buffer (cast where needed), summed
+        into scratch and copied back; then the bias is added."""
+        if self.own_kernel and x.dtype == torch.float16:
+            if x.is_contiguous():
+                self._own_sum(x, x, bias)
+            else:
+                staged = self._half[: x.numel()].view(x.shape)
+                staged.copy_(x)
+                self._own_sum(staged, staged, bias)
+                x.copy_(staged)
+            return
+        self._torch_one_shot(x)
+        if bias is not None:
+            x.add_(bias)
+
+    def _torch_one_shot(self, x: torch.Tensor) -> None:
         n = x.numel()
         wide = SUM_DTYPE[x.dtype]
         size = wide.itemsize
@@ -172,6 +203,13 @@ class OneShotAllReduce:
         """One kernel: barrier, out = the sum of every rank's symm."""
         torch.ops.symm_mem.one_shot_all_reduce_out(symm, "sum", self.group_name, out)
 
+    def _own_sum(self, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Energon's kernel: out = the sum of every rank's x (+ bias)."""
+        from energon.kernels.one_shot import one_shot_sum
+
+        table, *layout = self._peers
+        one_shot_sum(x, out, table.data_ptr(), *layout, bias=bias)
+
     def _turn_off(self, exc: Exception) -> None:
         self.error = f"{type(exc).__name__}: {exc}"
         self.max_bytes = 0
@@ -182,12 +220,26 @@ class OneShotAllReduce:
         if self.max_bytes == 0:
             return f"nccl: one-shot turned off after set-up ({self.error})"
         names = ", ".join(str(d).removeprefix("torch.") for d in SUM_DTYPE if d in self.dtypes)
-        if torch.float16 in self.dtypes:
+        if self.own_kernel:
+            names += " (float16 by energon's kernel)"
+        elif torch.float16 in self.dtypes:
             names += " (float16 summed in float32)"
         return (
             f"one-shot (torch symmetric memory) up to {self.max_bytes} bytes of {names}; "
             f"nccl for the rest"
         )
+
+
+def own_kernel_args(handle, buffer: torch.Tensor, data_offset: int, half_bytes: int) -> tuple:
+    """(table of buffer addresses, rank, world size, data_offset, half_bytes) for energon's
+    kernel: the peers' buffers as torch maps them (checked to start where this rank's `buffer`
+    does), their addresses in a device tensor."""
+    world, rank = handle.world_size, handle.rank
+    starts = [handle.get_buffer(r, (buffer.numel(),), torch.uint8).data_ptr() for r in range(world)]
+    if starts[rank] != buffer.data_ptr():
+        raise RuntimeError("symmetric buffer mapped at an offset: energon's kernel cannot use it")
+    table = torch.tensor(starts, dtype=torch.int64, device=buffer.device)
+    return table, rank, world, data_offset, half_bytes
 
 
 # ------------------------------------------------------------------------------------ set-up
@@ -245,8 +297,11 @@ def _pattern(n: int, dtype: torch.dtype, rank: int, device: torch.device) -> tor
 
 
 def _probes(fast: OneShotAllReduce, rank: int) -> list[torch.Tensor]:
-    """Messages that take each path: fused (aligned) and staged (odd length), per dtype."""
-    return [_pattern(n, d, rank, fast.device) for d in fast.dtypes for n in (4096, 1001)]
+    """Messages that take each path: fused (aligned) and staged (odd length), per dtype, in the
+    same order on every rank (SUM_DTYPE's: a set of dtypes iterates in an order that differs
+    between processes, and every rank must issue the same collectives in the same order)."""
+    dtypes = [d for d in SUM_DTYPE if d in fast.dtypes]
+    return [_pattern(n, d, rank, fast.device) for d in dtypes for n in (4096, 1001)]
 
 
 def _check_sums(probes: list[torch.Tensor], size: int) -> None:
@@ -302,6 +357,17 @@ def _unsupported(device: torch.device) -> str | None:
     return None
 
 
+def _import_own_kernel() -> None:
+    """Raises ImportError when energon's kernel (triton) cannot load here."""
+    import energon.kernels.one_shot  # noqa: F401
+
+
+def _own_kernel_bytes(half_bytes: int, world: int) -> int:
+    from energon.kernels.one_shot import control_bytes
+
+    return control_bytes(half_bytes, world)
+
+
 def _map_buffer(group: dist.ProcessGroup, device: torch.device, nbytes: int, into: list) -> None:
     """Appends (symmetric buffer, handle) to `into`: allocated, zeroed, rendezvoused."""
     symm_mem = symmetric_memory()
@@ -336,16 +402,26 @@ def set_up_one_shot(
     rank, size = vote.rank, vote.size
     if why := vote("check", refuse or _unsupported(device)):
         return None, why
-    nbytes = 2 * (-(-max_bytes // _ALIGN) * _ALIGN)
+    half = -(-max_bytes // _ALIGN) * _ALIGN
+    own = vote("energon's kernel", _attempt(_import_own_kernel)) is None
+    # torch's kernels' part of the buffer, then (own) energon's kernel's, zeroed alike
+    nbytes = 2 * half + (_own_kernel_bytes(half, size) if own else 0)
     made: list = []
-    why = _attempt(lambda: made.append(torch.empty(nbytes, dtype=torch.uint8, device=device)))
+    why = _attempt(lambda: made.append(torch.empty(2 * half, dtype=torch.uint8, device=device)))
     if why := vote("scratch", why):
         return None, why
     why = _attempt(_map_buffer, group, device, nbytes, made)
     if why := vote("rendezvous", why):
         return None, why
     scratch, (buffer, handle) = made
-    fast = OneShotAllReduce(group, device, max_bytes, buffer, scratch, handle, float16_in_float32)
+    peers: list = []
+    if own:
+        why = _attempt(lambda: peers.append(own_kernel_args(handle, buffer, 2 * half, half)))
+        if why := vote("peer addresses", why):
+            return None, why
+    fast = OneShotAllReduce(
+        group, device, max_bytes, buffer, scratch, handle, float16_in_float32, *peers
+    )
     if why := vote("eager check", _attempt(_check_eagerly, fast, rank, size)):
         return None, why
     graph, probes = torch.cuda.CUDAGraph(), _probes(fast, rank)
@@ -367,8 +443,8 @@ def enable_fast_all_reduce(
     then returns it). Collective over the tp group on cuda: call it on every rank, once,
     after `init_parallel`, with the same arguments. `mode`: "auto" tries it, "nccl" keeps NCCL;
     None reads env ENERGON_ALL_REDUCE (default auto). `float16_in_float32`: float16 messages
-    too (see the module's docstring). `dtype`: the activations' dtype, when known; float16
-    ones (without float16_in_float32) skip the set-up. Returns one line on what all-reduces
+    in float32 when energon's kernel cannot load. `dtype`: the activations' dtype, when known;
+    float16 ones skip the set-up when neither can sum them. Returns one line on what all-reduces
     use, and logs a warning when "auto" fell back to NCCL. Raises ValueError for another mode,
     OneShotStuck when a check's kernels never finish.
     """
@@ -378,8 +454,8 @@ def enable_fast_all_reduce(
     group = state.tp_group
     if group is None:
         return "none: tp=1"
-    if dtype == torch.float16 and not float16_in_float32:
-        return f"{dist.get_backend(group)}: float16 activations (one-shot sums bfloat16, float32)"
+    if dtype == torch.float16 and not float16_in_float32 and _attempt(_import_own_kernel):
+        return f"{dist.get_backend(group)}: float16 activations and no triton for energon's kernel"
     if state.device.type != "cuda":
         return f"{dist.get_backend(group)}: one-shot needs cuda (device {state.device})"
     refuse = f"{MODE_ENV}=nccl" if mode == "nccl" else None

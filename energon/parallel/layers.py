@@ -57,10 +57,12 @@ def set_shard(param: nn.Parameter, shard_dim: int | None, tp_rank: int, tp_size:
     param.weight_loader = default_weight_loader
 
 
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    """The sum of `x` over the tp group, in place: one-shot for small messages once
+def _all_reduce(x: torch.Tensor, group, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The sum of `x` over the tp group (+ bias), in place: one-shot for small messages once
     `enable_fast_all_reduce` set it up for the group, else NCCL / gloo."""
-    return x if group is None else all_reduce(x, group)
+    if group is None:
+        return x if bias is None else x + bias
+    return all_reduce(x, group, bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -147,8 +149,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return F.linear(x, self.weight, self.bias)  # bias fused into the GEMM epilogue
-        y = _all_reduce(F.linear(x, self.weight), self.group)
-        return y if self.bias is None else y + self.bias
+        return _all_reduce(F.linear(x, self.weight), self.group, self.bias)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -26,7 +26,7 @@ from energon.parallel.allreduce import (
     set_up_one_shot,
 )
 from energon.parallel.layers import RowParallelLinear, VocabParallelEmbedding, _all_reduce
-from energon.parallel.topology import NO_MULTICAST_ENV, ParallelState
+from energon.parallel.topology import NO_MULTICAST_ENV, ParallelState, Topology
 
 WORLD = 2
 
@@ -46,10 +46,11 @@ def reference_sum(shape, dtype, world: int = WORLD) -> torch.Tensor:
 class GlooKernels(OneShotAllReduce):
     """OneShotAllReduce with gloo in place of the two CUDA kernels; logs which one ran."""
 
-    def __init__(self, group, max_bytes: int, float16_in_float32: bool = True):
+    def __init__(self, group, max_bytes: int, float16_in_float32: bool = True, own=False):
         buf, scratch = (torch.zeros(2 * max_bytes, dtype=torch.uint8) for _ in range(2))
         cpu = torch.device("cpu")
-        super().__init__(group, cpu, max_bytes, buf, scratch, None, float16_in_float32)
+        peers = ("gloo stands in for the peers",) if own else None
+        super().__init__(group, cpu, max_bytes, buf, scratch, None, float16_in_float32, peers)
         self.kernels: list[tuple[str, torch.dtype, int]] = []
 
     def _copy_and_sum(self, symm, x):
@@ -62,6 +63,15 @@ class GlooKernels(OneShotAllReduce):
         out.copy_(symm)
         dist.all_reduce(out, group=self.group)
         self.kernels.append(("sum", symm.dtype, symm.numel()))
+
+    def _own_sum(self, x, out, bias):
+        """Energon's kernel's arithmetic: float32 sum over ranks (+ bias), rounded once."""
+        total = x.float()
+        dist.all_reduce(total, group=self.group)
+        if bias is not None:
+            total += bias.float()
+        out.copy_(total)
+        self.kernels.append(("own", x.dtype, x.numel(), bias is not None, x.is_contiguous()))
 
 
 class FailingKernels(GlooKernels):
@@ -89,6 +99,7 @@ def cpu_checks(state: ParallelState) -> dict:
     out["vote_one_fails"] = vote("probe", "boom" if rank == 1 else None)
 
     fast = GlooKernels(group, max_bytes=64)
+    out["probe_order"] = [str(p.dtype) for p in allreduce._probes(fast, rank)]
     install_all_reduce(state, fast)
     messages = {
         "f32_64B": seeded(rank, (16,)),  # at the threshold, 16-byte rows: one kernel
@@ -105,6 +116,18 @@ def cpu_checks(state: ParallelState) -> dict:
         sums[name] = (host(_all_reduce(m, group)), fast.kernels[before:])
     out["sums"] = sums
     out["counts"] = (fast.one_shot_calls, fast.nccl_calls)
+
+    own = GlooKernels(group, max_bytes=64, float16_in_float32=False, own=True)
+    install_all_reduce(state, own)
+    bias16, bias32 = seeded(5, (4,), torch.float16), seeded(5, (4,))
+    out["own"] = {
+        "f16_bias": host(_all_reduce(seeded(rank, (2, 4), torch.float16), group, bias16)),
+        "f16_strided": host(_all_reduce(seeded(rank, (4, 2), torch.float16).t(), group)),
+        "f32_bias": host(_all_reduce(seeded(rank, (2, 4)), group, bias32)),
+        "f16_over": host(_all_reduce(seeded(rank, (9, 4), torch.float16), group, bias16)),
+    }
+    out["own_kernels"] = own.kernels
+    out["own_line"] = own.describe()
 
     no_f16 = GlooKernels(group, max_bytes=64, float16_in_float32=False)
     out["default_f16"] = (no_f16.takes(seeded(rank, (5,), torch.float16)), no_f16.describe())
@@ -147,7 +170,7 @@ def cpu_results():
 def test_on_cpu_enabling_keeps_gloo_and_says_why(cpu_results):
     for r in cpu_results:
         assert r["enable"] == "gloo: one-shot needs cuda (device cpu)"
-        assert r["enable_f16"] == "gloo: float16 activations (one-shot sums bfloat16, float32)"
+        assert r["enable_f16"] == "gloo: one-shot needs cuda (device cpu)"
         assert r["installed"] is None
 
 
@@ -162,6 +185,13 @@ def test_a_step_counts_only_when_every_rank_managed_it(cpu_results):
         "probe failed on tp rank(s) [1]",
         "probe: boom",
     ]
+
+
+def test_the_set_up_probes_go_in_one_order_on_every_rank(cpu_results):
+    """Each rank is its own process, where a set of dtypes iterates in its own order: probing
+    in that order made the ranks' one-shot calls pair up wrongly and hang the set-up."""
+    want = [str(d) for d in allreduce.SUM_DTYPE for _ in range(2)]
+    assert [r["probe_order"] for r in cpu_results] == [want, want]
 
 
 def test_small_messages_take_the_kernels_and_the_rest_gloo(cpu_results):
@@ -186,6 +216,39 @@ def test_float16_goes_to_gloo_unless_asked_for(cpu_results):
             False,
             "one-shot (torch symmetric memory) up to 64 bytes of bfloat16, float32; "
             "nccl for the rest",
+        )
+
+
+def test_float16_takes_energons_kernel_with_the_bias_fused(cpu_results):
+    f16 = torch.float16
+    bias16, bias32 = seeded(5, (4,), f16).double(), seeded(5, (4,)).double()
+
+    def want(shape, dtype, bias):
+        total = sum(seeded(r, shape, dtype).double() for r in range(WORLD))
+        return total + bias if bias is not None else total
+
+    for r in cpu_results:
+        assert r["own_kernels"] == [
+            ("own", f16, 8, True, True),
+            ("own", f16, 8, False, True),  # staged: the kernel gets a contiguous copy
+            ("copy_and_sum", torch.float32, 8),  # torch's kernel, then the bias added
+        ]  # f16_over: 72 bytes, past max_bytes: gloo, then the bias
+        assert r["own_line"] == (
+            "one-shot (torch symmetric memory) up to 64 bytes of bfloat16, float32, float16 "
+            "(float16 by energon's kernel); nccl for the rest"
+        )
+        got = r["own"]
+        assert got["f16_bias"] == host(want((2, 4), f16, bias16).to(f16))
+        assert got["f16_strided"] == host(want((4, 2), f16, None).to(f16).t())
+        torch.testing.assert_close(
+            torch.tensor(got["f32_bias"][1], dtype=torch.float64),
+            want((2, 4), torch.float32, bias32),
+        )
+        torch.testing.assert_close(
+            torch.tensor(got["f16_over"][1], dtype=torch.float64),
+            want((9, 4), f16, bias16),
+            atol=1e-2,
+            rtol=1e-3,
         )
 
 
@@ -318,6 +381,13 @@ def gpu_checks(state: ParallelState) -> dict:
     out["eager_mismatches"] = mismatches
     out["eager_counts"] = (fast.one_shot_calls, fast.nccl_calls)
 
+    progress(rank, "bias")  # energon's kernel adds a row-parallel layer's bias in its sum
+    bias = seeded(7, (5120,), torch.float16, dev)
+    out["bias"] = [  # 51 rows: at most max_bytes (one-shot); 64 rows: past it (NCCL)
+        (host(fast(seeded(rank, (rows, 5120), torch.float16, dev), bias)), rows)
+        for rows in (1, 4, 51, 64)
+    ]
+
     progress(rank, "graph")  # two one-shot sizes and one over the threshold (NCCL in the graph)
     shapes = [((1, 5120), torch.float16), ((4, 5120), torch.bfloat16), ((limit,), torch.float16)]
     static = [torch.zeros(s, dtype=d, device=dev) for s, d in shapes]
@@ -339,7 +409,9 @@ def gpu_checks(state: ParallelState) -> dict:
                 graph_mismatches.append((round_, i))
     out["graph_mismatches"] = graph_mismatches
 
-    progress(rank, "layer")  # a row-parallel layer: the same output through either path
+    # a row-parallel layer: through energon's kernel, its partial products summed over the
+    # ranks and its bias added in float32, rounded once; through NCCL, rounded twice
+    progress(rank, "layer")
     row = RowParallelLinear(1024, 512).to(device=dev, dtype=torch.float16)
     row.weight.data.copy_(seeded(rank, (512, 512), torch.float16, dev) / 16)
     row.bias.data.copy_(seeded(7, (512,), torch.float16, dev))
@@ -348,9 +420,13 @@ def gpu_checks(state: ParallelState) -> dict:
         calls = fast.one_shot_calls
         with_fast = row(x)
         out["layer_took_one_shot"] = fast.one_shot_calls == calls + 1
+        partial = torch.nn.functional.linear(x, row.weight).float()
+        dist.all_reduce(partial, group=group)  # exact: two float16 addends
+        once = (partial + row.bias.float()).half()
         install_all_reduce(state, None)
         with_nccl = row(x)
-    out["layer_equal"] = torch.equal(with_fast, with_nccl)
+        twice = (partial.half() + row.bias).half()
+    out["layer_equal"] = (torch.equal(with_fast, once), torch.equal(with_nccl, twice))
     out["nccl_mode"] = (enable_fast_all_reduce(state, "nccl"), fast_all_reduce(state.tp_group))
     progress(rank, "done")
     return out
@@ -367,7 +443,7 @@ two_gpus = pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA GPUs")
 def gpu_results():
     """gpu_checks on cuda:0 and cuda:1; a rank that has not answered in 90 s fails the tests
     (with the ranks' progress lines) instead of hanging them."""
-    return run_ranks(gpu_checks, WORLD, "cuda", timeout=90)
+    return run_ranks(gpu_checks, Topology(WORLD), "cuda", timeout=90)
 
 
 @pytest.mark.gpu
@@ -375,13 +451,11 @@ def gpu_results():
 def test_one_shot_is_set_up_on_both_ranks_without_multicast(gpu_results):
     for r in gpu_results:
         assert r["line"] == (
-            "one-shot (torch symmetric memory) up to 524288 bytes of bfloat16, float32; "
-            "nccl for the rest"
+            "one-shot (torch symmetric memory) up to 524288 bytes of bfloat16, float32, "
+            "float16 (float16 by energon's kernel); nccl for the rest"
         )
-        assert r["takes_f16"] is False
-        assert r["line_f16"].endswith(
-            "of bfloat16, float32, float16 (float16 summed in float32); nccl for the rest"
-        )
+        assert r["takes_f16"] is True
+        assert r["line_f16"] == r["line"]
         assert all(r["env"].get(k) == v for k, v in NO_MULTICAST_ENV.items())
         assert r["multicast_ptr"] == 0
 
@@ -397,6 +471,21 @@ def test_one_shot_equals_nccl_for_every_dtype_and_size(gpu_results):
 
 @pytest.mark.gpu
 @two_gpus
+def test_energons_kernel_adds_the_bias_with_one_rounding_alike_on_every_rank(gpu_results):
+    f16, bias = torch.float16, seeded(7, (5120,), torch.float16).double()
+    assert gpu_results[0]["bias"] == gpu_results[1]["bias"]  # the same bits on both ranks
+    for (dtype, values), rows in gpu_results[0]["bias"]:
+        total = sum(seeded(r, (rows, 5120), f16).double() for r in range(WORLD))
+        if rows * 5120 * 2 <= 524288:  # energon's kernel: one rounding
+            want = (total + bias).to(f16)
+        else:  # NCCL's sum, rounded, then the bias added and rounded again
+            want = (total.to(f16).double() + bias).to(f16)
+        assert dtype == "torch.float16"
+        assert torch.equal(torch.tensor(values, dtype=torch.float64), want.double()), rows
+
+
+@pytest.mark.gpu
+@two_gpus
 def test_one_shot_replayed_from_a_cuda_graph_equals_nccl(gpu_results):
     for r in gpu_results:
         assert r["graph_mismatches"] == []
@@ -404,9 +493,10 @@ def test_one_shot_replayed_from_a_cuda_graph_equals_nccl(gpu_results):
 
 @pytest.mark.gpu
 @two_gpus
-def test_a_row_parallel_layer_is_unchanged_by_the_fast_path(gpu_results):
+def test_a_row_parallel_layer_rounds_once_through_energons_kernel(gpu_results):
     for r in gpu_results:
-        assert r["layer_took_one_shot"] and r["layer_equal"]
+        assert r["layer_took_one_shot"]
+        assert r["layer_equal"] == (True, True)
 
 
 @pytest.mark.gpu

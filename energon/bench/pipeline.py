@@ -1,7 +1,7 @@
 """`energon bench pipeline`: throughput at pp = 1, 2, 4 (or any tp x pp layouts), non-blocking
 against blocking, a timeline.
 
-Each layout is one Engine (`max_steps_in_flight = pp`, the default) serving `--requests` prompts
+Each layout is one Engine (its default steps in flight: pp + 1 at pp > 1) serving `--requests` prompts
 of `--prompt-len` tokens for `--gen-len` new tokens, all submitted at once; throughput is output
 tokens over the wall time from submission to the last completion (prefill included). The largest
 pp runs again with one step in flight (blocking: the controller waits for each step before
@@ -14,7 +14,7 @@ replaces `--tp`/`--pp`: the 8-GPU table of the scaling issue. Records:
   and KV bytes / bandwidth) times the cards the run uses (1 on cpu: the stages share it);
 - `nonblocking_vs_blocking` at the largest pp: the non-blocking rate against the blocking one;
 - `throughput_{N}_in_flight` for each `--more-in-flight K`: the largest pp with N = pp + K steps
-  (micro-batches) in flight, against the first layout.
+  (micro-batches) in flight, against the first layout (K = 0: as many as stages).
 
 `--trace PNG` draws each stage's waiting and working spans over a steady window of the largest
 pp's non-blocking and blocking runs (energon/bench/trace.py) and records how much of each run
@@ -50,6 +50,7 @@ from energon.bench.options import (
 )
 from energon.bench.record import Record, card_name, torch_version, write_results
 from energon.bench.trace import overlap_fraction, timeline_png
+from energon.engine import default_in_flight
 from energon.models.registry import resolve
 from energon.runner import pick_dtype
 from energon.sampling import SamplingParams
@@ -77,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--more-in-flight",
         default="",
         help="comma-separated K: the largest pp also runs with pp + K steps in flight (micro-"
-        "batches beyond the stages hide the controller's turnaround); each a record",
+        "batches beyond the stages hide the controller's turnaround; 0: as many as stages); "
+        "each a record",
     )
     parser.add_argument("--trace", default=None, help="write the stage timeline PNG here")
     parser.add_argument("--copy-mib", type=int, default=0, help="0: 1024 on cuda, 64 on cpu")
@@ -98,9 +100,10 @@ def parse_layouts(args) -> list[tuple[int, int]]:
 
 
 async def measure_pipeline(
-    args, tp: int, pp: int, in_flight: int, device, dtype, prompts, kv
+    args, tp: int, pp: int, in_flight: int | None, device, dtype, prompts, kv
 ) -> dict:
-    """One Engine: a short warm-up, then `repeat` timed runs of every prompt at once."""
+    """One Engine: a short warm-up, then `repeat` timed runs of every prompt at once (None
+    steps in flight: the Engine's default)."""
     greedy = dict(temperature=0.0, ignore_eos=True)
     engine = TimedEngine(
         args.model,
@@ -115,6 +118,7 @@ async def measure_pipeline(
         max_steps_in_flight=in_flight,
         progress=False,
     )
+    in_flight = engine.max_steps_in_flight
     t0 = time.perf_counter()
     async with engine:
         start_s = time.perf_counter() - t0
@@ -287,9 +291,9 @@ def main(args: argparse.Namespace) -> int:
 
     runs = []
     for tp, pp in layouts:
-        print(f"tp={tp} pp={pp}: {pp} steps in flight", flush=True)
+        print(f"tp={tp} pp={pp}: {default_in_flight(pp)} steps in flight", flush=True)
         try:
-            run = measure_pipeline(args, tp, pp, pp, device, dtype_name, prompts, kv)
+            run = measure_pipeline(args, tp, pp, None, device, dtype_name, prompts, kv)
             runs.append(_run_async(run))
         except Exception as exc:  # noqa: BLE001 - e.g. a layout whose shards do not fit
             print(f"tp={tp} pp={pp} failed: {exc!r}", flush=True)
@@ -322,7 +326,7 @@ def main(args: argparse.Namespace) -> int:
         Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
         Path(args.raw).write_text(json.dumps(raw, indent=1, default=str) + "\n")
     if args.trace:
-        panels = [(f"pp={top['pp']}, non-blocking ({top['pp']} steps in flight)", top)]
+        panels = [(f"pp={top['pp']}, non-blocking ({top['in_flight']} steps in flight)", top)]
         if blocking is not None:
             panels.append((f"pp={blocking['pp']}, blocking (1 step in flight)", blocking))
         panels = [(title, run["stage_traces"]) for title, run in panels if run["stage_traces"]]

@@ -36,7 +36,7 @@ def run(tmp_path_factory):
     records = run_scenario(
         pipeline,
         f"--model tiny --device cpu --layouts 1x1,1x2 --requests 4 --prompt-len 8 --gen-len 4 "
-        f"--raw {raw} --trace {png} --more-in-flight 1",
+        f"--raw {raw} --trace {png} --more-in-flight 0",
         out,
     )
     return records, json.loads(raw.read_text()), png
@@ -64,14 +64,15 @@ def test_each_pp_is_measured_against_pp1_and_blocking(run):
         ("throughput", 1),
         ("throughput", 2),
         ("nonblocking_vs_blocking", 2),
-        ("throughput_3_in_flight", 2),  # --more-in-flight 1 at the largest pp
+        ("throughput_2_in_flight", 2),  # --more-in-flight 0: as many as stages
     }
     assert by["throughput", 2]["baseline_name"] == "Energon tp=1 pp=1, same run"
     rates = {run["pp"]: run["rate"] for run in raw["runs"]}
     assert by["throughput", 2]["ratio"] == pytest.approx(rates[2] / rates[1])
+    assert [r["in_flight"] for r in raw["runs"]] == [1, 3]  # the Engine's default: pp + 1
     (more,) = raw["more_in_flight"]
-    assert more["in_flight"] == 3 and more["runs"][0]["tokens"] == 4 * 4
-    assert by["throughput_3_in_flight", 2]["ratio"] == pytest.approx(more["rate"] / rates[1])
+    assert more["in_flight"] == 2 and more["runs"][0]["tokens"] == 4 * 4
+    assert by["throughput_2_in_flight", 2]["ratio"] == pytest.approx(more["rate"] / rates[1])
     nb = by["nonblocking_vs_blocking", 2]
     assert nb["value"] == pytest.approx(rates[2])
     assert nb["baseline_value"] == pytest.approx(raw["blocking"]["rate"])

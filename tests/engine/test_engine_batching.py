@@ -60,7 +60,7 @@ def model(tmp_path_factory):
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def pp_engine(model):
-    """Two pipeline stages: two micro-batches in flight."""
+    """Two pipeline stages: three micro-batches in flight (the default, pp + 1)."""
     async with Engine(str(model[0]), pp=2, device="cpu") as engine:
         yield engine
 
@@ -108,15 +108,16 @@ async def test_generation_stops_at_the_checkpoint_eos_unless_ignore_eos(pp_engin
     assert (ignored.finish_reason, len(ignored.token_ids)) == ("length", n)
 
 
-async def test_pipeline_keeps_pp_micro_batches_in_flight(pp_engine, model):
+async def test_pipeline_keeps_one_micro_batch_more_than_stages_in_flight(pp_engine, model):
     refs = model[3]
+    assert pp_engine.max_steps_in_flight == 3  # pp + 1: one waits while a reply travels back
     tasks = [
         asyncio.ensure_future(pp_engine.infer(p, SamplingParams(max_tokens=n, **GREEDY)))
-        for p, n in PROMPTS[:3]
+        for p, n in PROMPTS[:4]
     ]
-    await asyncio.sleep(0)  # each submit sent what it could: step 2 went before step 1 returned
-    assert pp_engine.stats()["steps_in_flight"] == 2
-    for task, ref in zip(tasks, refs[:3], strict=True):
+    await asyncio.sleep(0)  # each submit sent what it could: steps 2, 3 before step 1 returned
+    assert pp_engine.stats()["steps_in_flight"] == 3
+    for task, ref in zip(tasks, refs[:4], strict=True):
         assert_greedy_equal((await task).token_ids, ref)
 
 

@@ -55,42 +55,30 @@ def _thread_index():
     )
 
 
-@triton.jit
-def _post(slot, value):
-    """Stores `value` in a (peer's) slot, after this program's writes (release, system)."""
-    tl.inline_asm_elementwise(
-        "st.global.release.sys.b32 [$1], $2; mov.u32 $0, 0;",
-        "=r,l,r",
-        [slot, value],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
+# stores `value` in a (peer's) slot, after this program's writes (release, system)
+_POST = tl.constexpr("st.global.release.sys.b32 [$1], $2; mov.u32 $0, 0;")
+# waits until this rank's slot holds `value` or `value + 1` (modulo 2**32), then sees the
+# poster's writes (acquire, system)
+_AWAIT = tl.constexpr(
+    """
+    {
+        .reg .u32 %seen, %ahead;
+        .reg .pred %arrived;
+    poll:
+        ld.global.acquire.sys.b32 %seen, [$1];
+        sub.u32 %ahead, %seen, $2;
+        setp.le.u32 %arrived, %ahead, 1;
+        @!%arrived bra poll;
+        mov.u32 $0, %seen;
+    }
+    """
+)
 
 
 @triton.jit
-def _await(slot, value):
-    """Waits until this rank's slot holds `value` or `value + 1` (modulo 2**32), then sees the
-    poster's writes (acquire, system)."""
-    tl.inline_asm_elementwise(
-        """
-        {
-            .reg .u32 %seen, %ahead;
-            .reg .pred %arrived;
-        poll:
-            ld.global.acquire.sys.b32 %seen, [$1];
-            sub.u32 %ahead, %seen, $2;
-            setp.le.u32 %arrived, %ahead, 1;
-            @!%arrived bra poll;
-            mov.u32 $0, %seen;
-        }
-        """,
-        "=r,l,r",
-        [slot, value],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
+def _on_slot(ASM: tl.constexpr, slot, value):
+    """Runs one of the flag operations above on `slot` (a uint32 pointer) with `value`."""
+    tl.inline_asm_elementwise(ASM, "=r,l,r", [slot, value], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -128,8 +116,8 @@ def _one_shot_kernel(
         if tid == peer:  # thread `peer` posts to rank `peer` and waits for it
             theirs = tl.load(table + peer)
             their_flags = (theirs + data_offset + 2 * half_bytes).to(tl.pointer_type(tl.uint32))
-            _post(their_flags + program * WORLD + RANK, call)
-            _await(flags + program * WORLD + peer, call)
+            _on_slot(_POST, their_flags + program * WORLD + RANK, call)
+            _on_slot(_AWAIT, flags + program * WORLD + peer, call)
     tl.debug_barrier()  # every peer's slice is visible to every thread
 
     total = tl.zeros([BLOCK], dtype=tl.float32)

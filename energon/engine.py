@@ -425,7 +425,7 @@ class Engine:
     ) -> Completion:
         """Generates a completion. Raises InvalidRequest / Overloaded at once, WorkerFailed if a
         worker dies. Cancelling the awaiting task aborts the request and frees its blocks."""
-        req = self._submit(prompt, params)
+        req = self._submit(prompt, params, stream=False)
         async with aclosing(self._pieces(req)) as pieces:
             async for _ in pieces:
                 pass
@@ -554,7 +554,7 @@ class Engine:
                 )
         return [int(t) for t in ids]
 
-    def _submit(self, prompt, params: SamplingParams | None) -> Request:
+    def _submit(self, prompt, params: SamplingParams | None, stream: bool = True) -> Request:
         self._check_running()
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -570,7 +570,7 @@ class Engine:
             ids = self._check_ids("prompt", prompt)
         seq_id = next(self._ids)
         self.scheduler.add(SchedSequence(seq_id, ids, params.max_tokens))  # may raise
-        req = Request(seq_id, ids, params, self.tokenizer)
+        req = Request(seq_id, ids, params, self.tokenizer, stream)
         self._requests[seq_id] = req
         self._kick()
         return req

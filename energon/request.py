@@ -18,7 +18,9 @@ from energon.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 
 class Request:
     """A request's controller-side state. `pieces` is the queue its stream reads from; the last
-    piece put there has a `finish_reason`, and an exception put there is raised to the reader."""
+    piece put there has a `finish_reason`, and an exception put there is raised to the reader.
+    Without `stream` (an `infer` call) only that last piece is put, holding everything: its
+    reader wakes once per request instead of once per token."""
 
     def __init__(
         self,
@@ -26,8 +28,10 @@ class Request:
         prompt_ids: Sequence[int],
         params: SamplingParams,
         tokenizer: Tokenizer,
+        stream: bool = True,
     ):
         self.seq_id = seq_id
+        self.stream = stream
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.token_ids: list[int] = []
@@ -107,6 +111,8 @@ class Request:
         return True
 
     def _emit(self, upto: int, finish_reason: str | None = None) -> None:
+        if finish_reason is None and not self.stream:
+            return
         text = self._text[self._sent_chars : upto]
         ids = self.token_ids[self._sent_tokens :]
         if not text and not ids and finish_reason is None:

@@ -1,0 +1,50 @@
+"""A request's controller-side state (energon/request.py): what its reader is woken with."""
+
+from __future__ import annotations
+
+from energon.request import Request
+from energon.sampling import SamplingParams
+from energon.tokenizer import ByteTokenizer
+
+
+def drain(req: Request) -> list:
+    pieces = []
+    while not req.pieces.empty():
+        pieces.append(req.pieces.get_nowait())
+    return pieces
+
+
+def fed(stream: bool, text: str = "héllo", **params) -> Request:
+    tok = ByteTokenizer()
+    req = Request(0, tok.encode("a"), SamplingParams(max_tokens=32, **params), tok, stream)
+    ids = tok.encode(text)
+    for i, token in enumerate(ids):
+        done = req.on_token(token)
+        assert done == (i == len(ids) - 1 and "stop" in params)
+    return req
+
+
+def test_a_stream_gets_a_piece_per_token_with_text_and_an_infer_call_one_at_the_end():
+    streamed = fed(True, stop=["lo"])
+    pieces = drain(streamed)
+    assert len(pieces) > 3  # "é" is two bytes: one piece waits for the second
+    assert "".join(p.text for p in pieces) == "hél"
+    assert [i for p in pieces for i in p.token_ids] == streamed.token_ids
+    assert [p.finish_reason for p in pieces[-1:]] == ["stop"]
+
+    whole = fed(False, stop=["lo"])
+    (piece,) = drain(whole)  # the reader wakes once
+    assert (piece.text, piece.token_ids, piece.finish_reason) == ("hél", whole.token_ids, "stop")
+    assert whole.completion().text == streamed.completion().text == "hél"
+
+
+def test_an_infer_call_still_ends_at_max_tokens_and_at_a_stop_token():
+    tok = ByteTokenizer()
+    by_length = Request(0, [97], SamplingParams(max_tokens=3), tok, stream=False)
+    assert [by_length.on_token(t) for t in (98, 99, 100)] == [False, False, True]
+    (piece,) = drain(by_length)
+    assert (piece.text, piece.finish_reason) == ("bcd", "length")
+    by_eos = Request(1, [97], SamplingParams(max_tokens=9), tok, stream=False)
+    assert [by_eos.on_token(t) for t in (98, ByteTokenizer.EOS)] == [False, True]
+    (piece,) = drain(by_eos)
+    assert (piece.text, piece.token_ids, piece.finish_reason) == ("b", [98, 257], "stop")

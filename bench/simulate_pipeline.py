@@ -1,0 +1,140 @@
+"""Simulate the pipeline bench's workload through the real Scheduler with a roofline cost model.
+
+A dev tool, not a measurement: it runs `energon.scheduler.Scheduler` as the Engine drives it
+(up to `in_flight` plans out, each completed when its last stage finishes plus the controller's
+turnaround, then scheduled again), and times each stage's step as max(FLOPs / effective matmul
+rate, bytes / effective bandwidth) + a fixed per-step cost. The defaults are opt-13b on H100s,
+calibrated on the 2x H100 run of 2026-11-26 (bench/results/...-pipeline.json, code b75b45a): a
+16,384-token prefill step at 0.82 of the measured matmul rate, batch-1 decode at 0.84 of the copy
+bandwidth, and 10 ms from a step's end on the last stage to the next step on the first (the
+controller's turnaround under this load: with it the model gives 2,062 / 2,834 / 2,996 / 2,758
+tokens/s at pp=1 and pp=2 with 2, 3, 4 in flight, against 1,931 / 2,591 / 2,921 / 2,622
+measured; with 3 ms it would rank 2 in flight first).
+
+    python bench/simulate_pipeline.py --pp 1,2,4 --in-flight 0,1,2
+
+prints tokens/s and stage utilisation per layout; `--balanced` splits the step token budget
+evenly over the micro-batches in flight (so that a prefill chunk does not make one micro-batch's
+step many times longer than the others'); `--turnaround` sets the controller's turnaround.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+
+from energon.scheduler import Scheduler
+from energon.sequence import Sequence
+
+# opt-13b, fp16
+LAYERS, HIDDEN, VOCAB = 40, 5120, 50272
+LAYER_PARAMS = 12 * HIDDEN * HIDDEN  # q, k, v, o + two 4x MLP matrices
+KV_PER_TOKEN = 2 * LAYERS * HIDDEN * 2  # bytes, whole model
+# H100 SXM, measured in the same process as the bench
+MATMUL, BANDWIDTH = 755e12, 2.95e12
+MATMUL_EFF, BANDWIDTH_EFF = 0.82, 0.84
+STEP_COST = 0.3e-3  # s of fixed cost per stage step (launches, small kernels)
+TURNAROUND = 10e-3  # s from a step's end on the last stage to the next step's start on stage 0
+HOP = 0.1e-3  # s to hand activations to the next stage
+
+
+def stage_seconds(plan, pp: int, last: bool) -> float:
+    """One stage's time for a plan: matmuls and attention against weights and KV reads."""
+    layers = LAYERS / pp
+    tokens = plan.num_tokens
+    flops = 2 * LAYER_PARAMS * layers * tokens
+    kv_read = 0
+    for s in plan.seqs:
+        # attention: each new token against the tokens before it and itself
+        flops += 4 * HIDDEN * layers * s.num_new_tokens * (s.start + (s.num_new_tokens + 1) / 2)
+        kv_read += s.context_len
+    weights = 2 * LAYER_PARAMS * layers
+    if last:
+        flops += 2 * VOCAB * HIDDEN * plan.num_samples
+        weights += 2 * VOCAB * HIDDEN
+    bytes_ = weights + KV_PER_TOKEN / pp * kv_read
+    return max(flops / (MATMUL * MATMUL_EFF), bytes_ / (BANDWIDTH * BANDWIDTH_EFF)) + STEP_COST
+
+
+def simulate(pp: int, in_flight: int, kv_bytes_per_stage: float, args) -> dict:
+    """Serves `args.requests` prompts at once; returns tokens/s and per-stage busy fractions."""
+    block = 16
+    blocks = int(kv_bytes_per_stage // (block * KV_PER_TOKEN / pp))
+    budget = args.max_batch_tokens
+    sched = Scheduler(
+        blocks,
+        block,
+        max_num_seqs=args.requests,
+        max_batch_tokens=budget // in_flight if args.balanced else budget,
+        max_model_len=args.prompt_len + args.gen_len,
+        micro_batches=in_flight,
+    )
+    for i in range(args.requests):
+        sched.add(Sequence(i, [1] * args.prompt_len, args.gen_len))
+    # lookahead at pp=1 chains steps: no turnaround between them
+    turnaround = 0.0 if pp == 1 else args.turnaround
+    free = [0.0] * pp  # when each stage is next free
+    busy = [0.0] * pp
+    events: list = []  # (time the controller sees the reply, step id, plan)
+    out = generated = 0
+
+    def send(now: float) -> None:
+        nonlocal out
+        while out < in_flight:
+            plan = sched.schedule()
+            if plan is None:
+                return
+            t = now + turnaround / 2
+            for s in range(pp):
+                start = max(t, free[s])
+                cost = stage_seconds(plan, pp, s == pp - 1)
+                free[s] = start + cost
+                busy[s] += cost
+                t = free[s] + HOP
+            heapq.heappush(events, (free[-1] + turnaround / 2, plan.step_id, plan))
+            out += 1
+
+    send(0.0)
+    now = 0.0
+    while events:
+        now, _, plan = heapq.heappop(events)
+        out -= 1
+        got = sched.complete(plan, {s.seq_id: 1 for s in plan.seqs if s.sample})
+        for seq in got:
+            if seq.num_tokens - seq.num_prompt_tokens >= seq.max_tokens:
+                generated += seq.max_tokens
+                sched.finish(seq.seq_id)
+        send(now)
+    return {"rate": generated / now, "wall": now, "busy": [b / now for b in busy]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pp", default="1,2,4")
+    p.add_argument("--in-flight", default="0,1", help="comma-separated K: pp + K in flight")
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--max-batch-tokens", type=int, default=16384)
+    p.add_argument("--kv-pp1", type=float, default=43.7e9, help="KV bytes at pp=1 (measured)")
+    p.add_argument("--kv-stage", type=float, default=57.3e9, help="KV bytes per stage at pp>1")
+    p.add_argument("--balanced", action="store_true")
+    p.add_argument("--turnaround", type=float, default=TURNAROUND, help="seconds")
+    args = p.parse_args()
+    base = None
+    for pp in (int(v) for v in args.pp.split(",")):
+        extras = [0] if pp == 1 else [int(v) for v in args.in_flight.split(",")]
+        for k in extras:
+            kv = args.kv_pp1 if pp == 1 else args.kv_stage
+            r = simulate(pp, pp + k if pp > 1 else 1, kv, args)
+            base = base or r["rate"]
+            busy = ", ".join(f"{b:.2f}" for b in r["busy"])
+            n = pp + k if pp > 1 else 1
+            print(
+                f"pp={pp} in_flight={n}: {r['rate']:7.0f} tokens/s ({r['rate'] / base:.2f}x pp=1),"
+                f" wall {r['wall']:.2f} s, stages busy {busy}"
+            )
+
+
+if __name__ == "__main__":
+    main()

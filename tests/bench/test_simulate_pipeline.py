@@ -1,0 +1,48 @@
+"""The pipeline simulator (bench/simulate_pipeline.py) drives the real Scheduler to the end."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[2] / "bench" / "simulate_pipeline.py"
+
+
+@pytest.fixture(scope="module")
+def sim():
+    spec = importlib.util.spec_from_file_location("simulate_pipeline", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def args(**kw):
+    base = dict(requests=24, prompt_len=64, gen_len=8, max_batch_tokens=512, balanced=False)
+    base.update(turnaround=0.01, **kw)
+    return argparse.Namespace(**base)
+
+
+def test_every_request_runs_to_its_length_and_micro_batches_overlap_the_stages(sim):
+    one = sim.simulate(1, 1, 4e9, args())
+    blocking = sim.simulate(2, 1, 4e9, args())
+    three = sim.simulate(2, 3, 4e9, args())
+    for r in (one, blocking, three):
+        assert r["rate"] * r["wall"] == pytest.approx(24 * 8)  # every token, once
+        assert all(0 < b <= 1 for b in r["busy"])
+    assert sum(blocking["busy"]) <= 1  # one step in flight: the stages take turns
+    assert three["rate"] > blocking["rate"] and min(three["busy"]) > max(blocking["busy"])
+
+
+def test_a_stage_step_costs_its_weights_or_its_flops_whichever_is_slower(sim):
+    from energon.scheduler import Scheduler
+    from energon.sequence import Sequence
+
+    sched = Scheduler(512, 16, max_num_seqs=4, max_batch_tokens=4096, max_model_len=4096)
+    sched.add(Sequence(0, [1] * 4000, 4))
+    prefill = sched.schedule()
+    t = sim.stage_seconds(prefill, 1, last=False) - sim.STEP_COST
+    flops = 2 * sim.LAYER_PARAMS * sim.LAYERS * 4000
+    assert t >= flops / (sim.MATMUL * sim.MATMUL_EFF)  # compute-bound: at least the matmuls

@@ -22,8 +22,8 @@ from energon.decode_graphs import DecodeGraphs
 from energon.models.llama import rope_parameters
 from energon.models.loader import LoadReport, load_weights, random_init
 from energon.models.registry import ModelSpec, context_window, resolve
-from energon.parallel.allreduce import enable_fast_all_reduce
 from energon.parallel.attention import Attention
+from energon.parallel.one_shot_setup import enable_fast_all_reduce
 from energon.parallel.packing import BatchMeta, pack, pad
 from energon.parallel.pipeline import cut_stages, recv_activation, send_activation
 from energon.parallel.topology import ParallelState, Topology, init_parallel, use_parallel

@@ -3,8 +3,8 @@
 On N GPUs (`--gpus`, default 2), one process each (NCCL, NVLink multicast off), for each dtype of
 `--dtypes` and each message size of `--sizes` (default 1 KiB .. 4 MiB, plus opt-13b's decode
 message at batch 1, 5120 x 2 bytes), the latency of Energon's all-reduce (`OneShotAllReduce`,
-energon/parallel/allreduce.py, its threshold above the largest size so that every size goes
-one-shot) against `dist.all_reduce`. bf16 is torch's one-shot kernel alone (one kernel); fp16 is
+energon/parallel/allreduce.py, set up by one_shot_setup.py with its threshold above the largest
+size so that every size goes one-shot) against `dist.all_reduce`. bf16 is torch's one-shot kernel alone (one kernel); fp16 is
 energon's Triton kernel (energon/kernels/one_shot.py), or without triton, summed in fp32 around
 torch's (cast, kernel, cast back: no faster than NCCL inside a graph on 2 H100s).
 
@@ -45,7 +45,7 @@ from energon.bench.record import (
     torch_version,
     write_results,
 )
-from energon.parallel.allreduce import set_up_one_shot, symmetric_memory
+from energon.parallel.one_shot_setup import set_up_one_shot, symmetric_memory
 from energon.parallel.ranks import run_ranks
 from energon.parallel.topology import NO_MULTICAST_ENV, Topology
 

@@ -1,4 +1,4 @@
-"""The tp all-reduce (energon/parallel/allreduce.py): NCCL / gloo fallback on cpu, and on 2 GPUs
+"""The tp all-reduce (energon/parallel/allreduce.py, one_shot_setup.py): NCCL / gloo fallback on cpu, and on 2 GPUs
 the one-shot path against NCCL, eagerly and replayed from CUDA graphs.
 
 On cpu the one-shot kernels are replaced by gloo stand-ins (`GlooKernels`), so the routing, the
@@ -16,16 +16,10 @@ import torch.distributed as dist
 from gloo_group import run_in_gloo_group
 
 from energon.bench.allreduce import run_ranks
-from energon.parallel import allreduce
-from energon.parallel.allreduce import (
-    OneShotAllReduce,
-    _Vote,
-    enable_fast_all_reduce,
-    fast_all_reduce,
-    install_all_reduce,
-    set_up_one_shot,
-)
+from energon.parallel import allreduce, one_shot_setup
+from energon.parallel.allreduce import OneShotAllReduce, fast_all_reduce, install_all_reduce
 from energon.parallel.layers import RowParallelLinear, VocabParallelEmbedding, _all_reduce
+from energon.parallel.one_shot_setup import _Vote, enable_fast_all_reduce, set_up_one_shot
 from energon.parallel.topology import NO_MULTICAST_ENV, ParallelState, Topology
 
 WORLD = 2
@@ -99,7 +93,7 @@ def cpu_checks(state: ParallelState) -> dict:
     out["vote_one_fails"] = vote("probe", "boom" if rank == 1 else None)
 
     fast = GlooKernels(group, max_bytes=64)
-    out["probe_order"] = [str(p.dtype) for p in allreduce._probes(fast, rank)]
+    out["probe_order"] = [str(p.dtype) for p in one_shot_setup._probes(fast, rank)]
     install_all_reduce(state, fast)
     messages = {
         "f32_64B": seeded(rank, (16,)),  # at the threshold, 16-byte rows: one kernel
@@ -294,15 +288,15 @@ def test_layers_give_the_same_outputs_through_the_fast_path():
 
 
 def test_a_check_that_never_finishes_raises_instead_of_hanging(monkeypatch):
-    monkeypatch.setattr(allreduce.time, "sleep", lambda s: None)
+    monkeypatch.setattr(one_shot_setup.time, "sleep", lambda s: None)
     clock = iter(range(100))
-    monkeypatch.setattr(allreduce.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(one_shot_setup.time, "monotonic", lambda: next(clock))
     with pytest.raises(
-        allreduce.OneShotStuck, match="did not finish in 5 s.*ENERGON_ALL_REDUCE=nccl"
+        one_shot_setup.OneShotStuck, match="did not finish in 5 s.*ENERGON_ALL_REDUCE=nccl"
     ):
-        allreduce.wait_until(lambda: False, 5, "the check")
+        one_shot_setup.wait_until(lambda: False, 5, "the check")
     polls = iter([False, False, True])
-    allreduce.wait_until(lambda: next(polls), 5, "the check")  # returns once done
+    one_shot_setup.wait_until(lambda: next(polls), 5, "the check")  # returns once done
     assert next(polls, None) is None
 
 
@@ -311,11 +305,11 @@ def test_a_stuck_check_is_not_taken_for_a_failed_step():
     would queue behind the stuck kernel), so it goes up and start-up fails with its reason."""
 
     def stuck():
-        raise allreduce.OneShotStuck("stuck")
+        raise one_shot_setup.OneShotStuck("stuck")
 
-    assert allreduce._attempt(lambda: 1 / 0) == "ZeroDivisionError: division by zero"
-    with pytest.raises(allreduce.OneShotStuck):
-        allreduce._attempt(stuck)
+    assert one_shot_setup._attempt(lambda: 1 / 0) == "ZeroDivisionError: division by zero"
+    with pytest.raises(one_shot_setup.OneShotStuck):
+        one_shot_setup._attempt(stuck)
 
 
 def test_modes_are_checked_and_tp1_needs_nothing(monkeypatch):

@@ -58,6 +58,11 @@ def all_reduce(
     fast = fast_all_reduce(group)
     if fast is not None:
         return fast(x, bias)
+    return _nccl(x, group, bias)
+
+
+def _nccl(x: torch.Tensor, group: dist.ProcessGroup, bias: torch.Tensor | None) -> torch.Tensor:
+    """`dist.all_reduce` in place, then the bias."""
     dist.all_reduce(x, group=group)
     return x if bias is None else x.add_(bias)
 
@@ -97,14 +102,16 @@ class OneShotAllReduce:
         self.max_bytes = max_bytes
         self.buffer = buffer
         self.handle = handle  # torch's mapping of the peers' buffers, kept with the buffer
-        wide = set(SUM_DTYPE.values())
-        self._symm = {d: buffer[:torch_bytes].view(d) for d in wide}
-        self._scratch = {d: scratch.view(d) for d in wide}
+        self._symm = {d: buffer[:torch_bytes].view(d) for d in set(SUM_DTYPE.values())}
+        self._scratch = {d: scratch.view(d) for d in SUM_DTYPE}
         # float16 goes to energon's kernel (energon/kernels/one_shot.py) given its arguments
         self.own_kernel = peers is not None
         self._peers = peers
-        self._half = scratch.view(torch.float16)
-        self.dtypes = set(SUM_DTYPE) if float16_in_float32 or self.own_kernel else wide
+        # the messages it takes, in SUM_DTYPE's order: the same on every rank (a set of dtypes
+        # iterates in an order of its own in each process, and the set-up probes in this order)
+        self.dtypes = tuple(
+            d for d in SUM_DTYPE if d is not torch.float16 or float16_in_float32 or self.own_kernel
+        )
         self._fused = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
         self.one_shot_calls = 0  # calls issued (a captured call counts once, at capture)
         self.nccl_calls = 0
@@ -130,9 +137,8 @@ class OneShotAllReduce:
                 # torch's argument checks fail before any launch, alike on every rank (same
                 # shapes and dtypes), so every rank takes NCCL from here on
                 self._turn_off(exc)
-        dist.all_reduce(x, group=self.group)
         self.nccl_calls += 1
-        return x if bias is None else x.add_(bias)
+        return _nccl(x, self.group, bias)
 
     def one_shot(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """The fast path for a message of a dtype in `dtypes` and at most `max_bytes`: `x`
@@ -146,7 +152,7 @@ class OneShotAllReduce:
             if x.is_contiguous():
                 self._own_sum(x, x, bias)
             else:
-                staged = self._half[: x.numel()].view(x.shape)
+                staged = self._scratch[torch.float16][: x.numel()].view(x.shape)
                 staged.copy_(x)
                 self._own_sum(staged, staged, bias)
                 x.copy_(staged)
@@ -203,7 +209,7 @@ class OneShotAllReduce:
         """One line: what goes which way."""
         if self.max_bytes == 0:
             return f"nccl: one-shot turned off after set-up ({self.error})"
-        names = ", ".join(str(d).removeprefix("torch.") for d in SUM_DTYPE if d in self.dtypes)
+        names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
         if self.own_kernel:
             names += " (float16 by energon's kernel)"
         elif torch.float16 in self.dtypes:

@@ -7,8 +7,9 @@ rank launches a kernel that a peer will not join. Any failed step leaves every r
 
 - The set-up used to hang at random (every rank stuck in its checks; on 4 H100s three of four
   times): it probed one message per dtype in the order of a Python set of dtypes, which differs
-  between processes, so rank 0's float32 probe met rank 1's bfloat16 one. Probes now go in
-  SUM_DTYPE's order: every rank must issue the same collectives in the same order.
+  between processes, so rank 0's float32 probe met rank 1's bfloat16 one. A fast path's
+  `dtypes` is now a tuple in SUM_DTYPE's order: every rank issues the same collectives in the
+  same order.
 - Should a check's kernels still not finish, the checks wait for the device at most
   `CHECK_TIMEOUT` seconds, then raise `OneShotStuck`, which names the way around it.
 - `enable_fast_all_reduce(state)` is what a worker calls, once, after `init_parallel`:
@@ -30,7 +31,6 @@ from energon.parallel.allreduce import (
     DEFAULT_MAX_BYTES,
     MODE_ENV,
     MODES,
-    SUM_DTYPE,
     OneShotAllReduce,
     install_all_reduce,
 )
@@ -111,10 +111,9 @@ def _pattern(n: int, dtype: torch.dtype, rank: int, device: torch.device) -> tor
 
 def _probes(fast: OneShotAllReduce, rank: int) -> list[torch.Tensor]:
     """Messages that take each path: fused (aligned) and staged (odd length), per dtype, in the
-    same order on every rank (SUM_DTYPE's: a set of dtypes iterates in an order that differs
-    between processes, and every rank must issue the same collectives in the same order)."""
-    dtypes = [d for d in SUM_DTYPE if d in fast.dtypes]
-    return [_pattern(n, d, rank, fast.device) for d in dtypes for n in (4096, 1001)]
+    same order on every rank (`fast.dtypes` is ordered: every rank must issue the same
+    collectives in the same order)."""
+    return [_pattern(n, d, rank, fast.device) for d in fast.dtypes for n in (4096, 1001)]
 
 
 def _check_sums(probes: list[torch.Tensor], size: int) -> None:

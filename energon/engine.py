@@ -659,23 +659,24 @@ class Engine:
         sampled_ids = [s.seq_id for s in plan.seqs if s.sample]
         tokens = dict(zip(sampled_ids, reply["token_ids"], strict=True))
         logprobs = dict(zip(sampled_ids, reply.get("logprobs") or [], strict=False))
-        got = self.scheduler.complete(plan, tokens)
-        ended = set()
-        for seq in got:
-            req = self._requests.get(seq.seq_id)
-            if req is None or req.ends_with(tokens[seq.seq_id]):
-                self.scheduler.finish(seq.seq_id)
-                ended.add(seq.seq_id)
+        taken = []  # (seq_id, its live request, its token, finished already)
+        for seq in self.scheduler.complete(plan, tokens):
+            seq_id, token = seq.seq_id, tokens[seq.seq_id]
+            req = self._requests.get(seq_id)
+            ended = req is None or req.ends_with(token)
+            if ended:
+                self.scheduler.finish(seq_id)
+            if req is not None:
+                taken.append((seq_id, req, token, ended))
         self._kick()
-        for seq in got:
-            req = self._requests.get(seq.seq_id)
+        for seq_id, req, token, ended in taken:
             try:
-                done = req is None or req.on_token(tokens[seq.seq_id], logprobs.get(seq.seq_id))
+                done = req.on_token(token, logprobs.get(seq_id))
             except Exception as exc:  # e.g. the tokenizer cannot decode the token
                 req.abort(EnergonError(f"request failed while decoding its output: {exc!r}"))
                 done = True
-            if done and seq.seq_id not in ended:
-                self.scheduler.finish(seq.seq_id)
+            if done and not ended:
+                self.scheduler.finish(seq_id)
 
     def _fail_step(self, plan: StepPlan, exc: BaseException) -> None:
         """A step did not come back. If a worker died, the group is replaced (recovery decides

@@ -4,9 +4,10 @@ On N GPUs (`--gpus`, default 2), one process each (NCCL, NVLink multicast off), 
 `--dtypes` and each message size of `--sizes` (default 1 KiB .. 4 MiB, plus opt-13b's decode
 message at batch 1, 5120 x 2 bytes), the latency of Energon's all-reduce (`OneShotAllReduce`,
 energon/parallel/allreduce.py, set up by one_shot_setup.py with its threshold above the largest
-size so that every size goes one-shot) against `dist.all_reduce`. bf16 is torch's one-shot kernel alone (one kernel); fp16 is
-energon's Triton kernel (energon/kernels/one_shot.py), or without triton, summed in fp32 around
-torch's (cast, kernel, cast back: no faster than NCCL inside a graph on 2 H100s).
+size so that every size goes one-shot) against `dist.all_reduce`. bf16 is torch's one-shot kernel
+alone (one kernel); fp16 is energon's Triton kernel (energon/kernels/one_shot.py), or without
+triton, summed in fp32 around torch's (cast, kernel, cast back: no faster than NCCL inside a
+graph on 2 H100s).
 
 - eager: `--iters` calls back to back between two CUDA events, divided by iters (host launch cost
   included, as an eager step pays it);

@@ -53,7 +53,7 @@ import torch
 
 from energon.actors import Deferred
 from energon.bench.device_clock import DeviceClock
-from energon.bench.limits import copy_bandwidth, matmul_rate, synchronize
+from energon.bench.limits import copy_bandwidth, matmul_rate, step_floor, synchronize
 from energon.bench.options import (
     add_model_arguments,
     pick_matmul_size,
@@ -561,24 +561,22 @@ def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[
     kv_tok = kv_bytes / (run["cache"]["num_blocks"] * run["cache"]["block_size"])
     mparams = max(f["matmul_params"] for f in run["facts"]) if run["facts"] else weights / 2
 
+    def floor(tokens: float, attended: float) -> float:
+        return step_floor(tokens, attended, mparams, weights, kv_tok, rate, bandwidth)
+
     # batch 1: mean decode context L + G/2 (contexts L+1 .. L+G-1)
-    decode_floor = (weights + kv_tok * (L + G / 2)) / bandwidth
-    prefill_floor = max(2 * mparams * L / rate, weights / bandwidth)
+    decode_floor = floor(1, L + G / 2)
+    prefill_floor = floor(L, 0)
     per_tok = [s["per_token_s"] for s in run["single"]]
     first = [s["first_token_s"] for s in run["single"]]
     per_tok_s, first_s = statistics.median(per_tok), statistics.median(first)
     # batch B: one prefill of B*L tokens, then G-1 decode steps of B sequences
-    floor_total = max(2 * mparams * B * L / rate, weights / bandwidth) + sum(
-        (weights + B * kv_tok * (L + k)) / bandwidth for k in range(1, G)
-    )
+    floor_total = floor(B * L, 0) + sum(floor(B, B * (L + k)) for k in range(1, G))
     ceiling = B * G / floor_total
     # the step-wise roofline: over the steps the Engine executed (several waves when the
     # KV cache holds fewer than B sequences), max(matmul FLOPs / rate, bytes read / bandwidth)
     executed = [
-        sum(
-            max(2 * mparams * tokens / rate, (weights + kv_tok * context) / bandwidth)
-            for tokens, context in b["worker"].get("executed", [])
-        )
+        sum(floor(tokens, context) for tokens, context in b["worker"].get("executed", []))
         for b in run["batched"]
     ]
     ceiling_all_at_once = ceiling

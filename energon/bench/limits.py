@@ -3,6 +3,7 @@
 `matmul_rate`: a large square matrix product on seeded random data, FLOP/s.
 `copy_bandwidth`: a device-to-device copy, counting bytes read plus bytes written, bytes/s.
 Both warm up first, synchronise around each timed repetition and return the median.
+`step_floor`: the least time one model step can take on a card with those ceilings.
 """
 
 from __future__ import annotations
@@ -50,3 +51,18 @@ def copy_bandwidth(device: torch.device, nbytes: int, warmup: int = 3, repeat: i
     dst = torch.empty_like(src)
     seconds = _median_seconds(lambda: dst.copy_(src), device, warmup, repeat)
     return 2 * nbytes / seconds
+
+
+def step_floor(
+    tokens: float,
+    attended: float,
+    mparams: float,
+    weights: float,
+    kv_tok: float,
+    rate: float,
+    bandwidth: float,
+) -> float:
+    """Seconds one step of `tokens` new tokens attending over `attended` KV tokens takes at
+    least: max(2 * matmul params * tokens / matmul rate, (weight bytes + attended x KV bytes per
+    token) / bandwidth), the step-wise roofline of the benches."""
+    return max(2 * mparams * tokens / rate, (weights + kv_tok * attended) / bandwidth)

@@ -1,10 +1,10 @@
 """`energon bench pipeline`: throughput at pp = 1, 2, 4 (or any tp x pp layouts), non-blocking
 against blocking, a timeline.
 
-Each layout is one Engine (its default steps in flight: pp + 1 at pp > 1) serving `--requests` prompts
-of `--prompt-len` tokens for `--gen-len` new tokens, all submitted at once; throughput is output
-tokens over the wall time from submission to the last completion (prefill included). The largest
-pp runs again with one step in flight (blocking: the controller waits for each step before
+Each layout is one Engine (its default steps in flight: pp + 1 at pp > 1) serving `--requests`
+prompts of `--prompt-len` tokens for `--gen-len` new tokens, all submitted at once; throughput is
+output tokens over the wall time from submission to the last completion (prefill included). The
+largest pp runs again with one step in flight (blocking: the controller waits for each step before
 sending the next), the baseline of the non-blocking pipeline. `--layouts 8x1,4x2,2x4,1x8` (tp x pp)
 replaces `--tp`/`--pp`: the 8-GPU table of the scaling issue. Records:
 
@@ -42,6 +42,7 @@ from energon.bench.generate import (
     make_prompts,
     measure_limits,
 )
+from energon.bench.limits import step_floor
 from energon.bench.options import (
     add_model_arguments,
     pick_matmul_size,
@@ -162,9 +163,9 @@ def roofline_rate(args, run: dict, limit: dict, cards: int, kv_tok: int) -> floa
     B, L, G = args.requests, args.prompt_len, args.gen_len
     weights = sum(m["param_bytes"] for m in run["memory"])
     mparams = sum(f["matmul_params"] for f in run["facts"]) if run["facts"] else weights / 2
-    bw, rate = limit["copy_bytes_per_s"], limit["matmul_flops"]
-    prefill = max(2 * mparams * B * L / rate, weights / bw)
-    decode = sum((weights + B * kv_tok * (L + k)) / bw for k in range(1, G))
+    limits = (mparams, weights, kv_tok, limit["matmul_flops"], limit["copy_bytes_per_s"])
+    prefill = step_floor(B * L, 0, *limits)
+    decode = sum(step_floor(B, B * (L + k), *limits) for k in range(1, G))
     return cards * B * G / (prefill + decode)
 
 

@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 from gloo_group import run_in_gloo_group
 
-from energon.bench.allreduce import run_ranks
 from energon.parallel import allreduce, one_shot_setup
 from energon.parallel.allreduce import OneShotAllReduce, fast_all_reduce, install_all_reduce
 from energon.parallel.layers import RowParallelLinear, VocabParallelEmbedding, _all_reduce
 from energon.parallel.one_shot_setup import _Vote, enable_fast_all_reduce, set_up_one_shot
+from energon.parallel.ranks import run_ranks
 from energon.parallel.topology import NO_MULTICAST_ENV, ParallelState, Topology
 
 WORLD = 2

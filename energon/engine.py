@@ -543,6 +543,8 @@ class Engine:
         unless it is a non-empty sequence of ids in [0, vocab_size)."""
         if isinstance(ids, str | bytes) or not isinstance(ids, Sequence) or not len(ids):
             raise InvalidRequest(field, "must be a non-empty list of token ids")
+        if all(type(t) is int for t in ids) and 0 <= min(ids) and max(ids) < self.vocab_size:
+            return list(ids)  # the common case, checked at C speed
         for t in ids:
             if (
                 isinstance(t, bool)

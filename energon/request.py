@@ -20,7 +20,8 @@ class Request:
     """A request's controller-side state. `pieces` is the queue its stream reads from; the last
     piece put there has a `finish_reason`, and an exception put there is raised to the reader.
     Without `stream` (an `infer` call) only that last piece is put, holding everything: its
-    reader wakes once per request instead of once per token."""
+    reader wakes once per request instead of once per token, and unless it has stop strings to
+    look for, its tokens are decoded once, when it finishes, instead of token by token."""
 
     def __init__(
         self,
@@ -40,6 +41,8 @@ class Request:
         self.pieces: asyncio.Queue = asyncio.Queue()
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self._stops = StopChecker(params.stop)
+        self._text_per_token = stream or bool(self._stops.stop)
+        self.wire_params = params.to_wire()  # what every step carries for it (step.py)
         self._stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             self._stop_ids.update(tokenizer.eos_token_ids)
@@ -78,7 +81,11 @@ class Request:
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(TokenLogprob.from_wire(logprob))
         if token_id in self._stop_ids:
-            return self._finish("stop", self._detok.finish())
+            return self._finish("stop", self._rest())
+        if not self._text_per_token:
+            if len(self.token_ids) >= self.params.max_tokens:
+                return self._finish("length", self._rest())
+            return False
         checked = len(self._text)
         self._text += self._detok.add(token_id)
         check = self._stops.check(self._text, checked)
@@ -98,7 +105,17 @@ class Request:
             self.finish_reason = "abort"
             self.pieces.put_nowait(error)
         else:
-            self._finish("abort")
+            self._finish("abort", "" if self._text_per_token else self._rest())
+
+    def _rest(self) -> str:
+        """The text not yet decoded: what the detokenizer holds back (an unfinished character),
+        or, decoding only at the end, every token's but a stop token's, which adds none."""
+        if self._text_per_token:
+            return self._detok.finish()
+        ids = self.token_ids
+        if ids and ids[-1] in self._stop_ids:
+            ids = ids[:-1]
+        return (self._detok.add(ids) if ids else "") + self._detok.finish()
 
     def _finish(self, reason: str, tail: str = "") -> bool:
         if tail:  # text held back until now (an unfinished character) may complete a stop string

@@ -27,27 +27,29 @@ def step_message(plan: StepPlan, requests: Mapping) -> dict:
     ids: list[int] = []
     query_lens, context_lens, sample, params, steps = [], [], [], [], []
     width = max(len(s.block_table) for s in plan.seqs)
-    rows: list[list[int]] = []
+    pad = [-1] * width
+    tables: list[int] = []  # the padded rows, one after another
     chain_tokens, chain_rows = [], []
     for s in plan.seqs:
         if s.chained:
             chain_tokens.append(len(ids))
             chain_rows.append(s.chain_row)
-        ids.extend(_PENDING if s.chained else s.token_ids)
+        ids.extend(_PENDING if s.chained else s.seq.token_ids[s.start : s.context_len])
         query_lens.append(s.num_new_tokens)
         context_lens.append(s.context_len)
-        rows.append([*s.block_table, *([-1] * (width - len(s.block_table)))])
+        tables.extend(s.block_table)
+        tables.extend(pad[len(s.block_table) :])
         sample.append(bool(s.sample))
         if s.sample:
             req = requests.get(s.seq_id)
-            params.append(req.params.to_wire() if req is not None else _GREEDY)
+            params.append(req.wire_params if req is not None else _GREEDY)
             steps.append(s.seq.num_output_tokens + s.chained)  # + the pending token
     message = {
         "step_id": plan.step_id,
         "input_ids": torch.tensor(ids, dtype=torch.int64),
         "query_lens": query_lens,
         "context_lens": context_lens,
-        "block_tables": torch.tensor(rows, dtype=torch.int32),
+        "block_tables": torch.tensor(tables, dtype=torch.int32).view(len(plan.seqs), width),
         "sample": sample,
         "params": params,
         "steps": steps,

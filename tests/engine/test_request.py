@@ -48,3 +48,35 @@ def test_an_infer_call_still_ends_at_max_tokens_and_at_a_stop_token():
     assert [by_eos.on_token(t) for t in (98, ByteTokenizer.EOS)] == [False, True]
     (piece,) = drain(by_eos)
     assert (piece.text, piece.token_ids, piece.finish_reason) == ("b", [98, 257], "stop")
+
+
+class CountingTokenizer(ByteTokenizer):
+    def __init__(self):
+        super().__init__()
+        self.decodes = 0
+
+    def decode(self, ids, *args, **kwargs):
+        self.decodes += 1
+        return super().decode(ids, *args, **kwargs)
+
+
+def test_an_infer_call_without_stop_strings_decodes_once_at_the_end_to_the_streamed_text():
+    texts = {}
+    for stream in (True, False):
+        tok = CountingTokenizer()
+        req = Request(0, tok.encode("a"), SamplingParams(max_tokens=7), tok, stream)
+        before = tok.decodes
+        ids = tok.encode("héllo") + [0xC3]  # ends on half a character
+        assert [req.on_token(t) for t in ids] == [False] * 6 + [True]
+        texts[stream] = (req.completion().text, tok.decodes - before)
+    assert texts[True][0] == texts[False][0] == "héllo\ufffd"
+    assert texts[True][1] > 7 and texts[False][1] <= 3  # per token, against once (+ its context)
+
+
+def test_an_aborted_infer_call_keeps_the_text_of_the_tokens_it_got():
+    tok = ByteTokenizer()
+    for stream in (True, False):
+        req = Request(0, [97], SamplingParams(max_tokens=9), tok, stream)
+        assert [req.on_token(t) for t in tok.encode("hé")] == [False, False, False]
+        req.abort()
+        assert (req.completion().text, req.finish_reason) == ("hé", "abort")

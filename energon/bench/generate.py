@@ -118,6 +118,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--copy-mib", type=int, default=0, help="0: 1024 on cuda, 64 on cpu")
     parser.add_argument(
+        "--kv-cache",
+        choices=("batch", "all"),
+        default="batch",
+        help="KV cache per worker: batch (1.5x what the whole batch needs, the same at every "
+        "tp), all (the Engine's default: all the room a worker has; for a batch whose KV does "
+        "not fit, which then runs in waves)",
+    )
+    parser.add_argument(
         "--time-budget", type=float, default=0, help="seconds; skip a later tp past it (0: none)"
     )
     parser.add_argument("--raw", default=None, help="also write every raw figure to this JSON file")
@@ -641,7 +649,7 @@ def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[
     hf_note = "no HF baseline"
     if hf1:
         hf_note = f"HF: time(1 new) {hf1['one_s']}, time({G} new) {hf1['full_s']} s at batch 1" + (
-            f"; batch {B}: time({G} new) {hfb['full_s']} s" if hfb else ""
+            f"; batch {HB}: time({G} new) {hfb['full_s']} s" if hfb else ""
         )
     records = [
         Record(
@@ -750,10 +758,13 @@ def main(args: argparse.Namespace) -> int:
     per_tok = kv_bytes_per_token(config, dtype)
     blocks = args.batch * -(-(args.prompt_len + args.gen_len) // 16)
     kv_memory = int(1.5 * per_tok * 16 * blocks) + (64 << 20) if per_tok else None
+    if args.kv_cache == "all":
+        kv_memory = None
     print(
         f"energon bench generate: {args.model} ({dtype_name}) on {device} ({gpus} GPU(s)), "
         f"prompt {args.prompt_len}, {args.gen_len} new tokens, batch 1 and {args.batch}, "
-        f"tp {tps}, KV cache {kv_memory and kv_memory / 2**30:.2f} GiB",
+        f"tp {tps}, KV cache "
+        + (f"{kv_memory / 2**30:.2f} GiB" if kv_memory else "all the room each worker has"),
         flush=True,
     )
     size = pick_matmul_size(args, device)

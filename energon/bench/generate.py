@@ -285,9 +285,33 @@ class TimedEngine(Engine):
 
     worker_actor = TIMED_ACTOR
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # perf_counter seconds (one clock for every process of the host) of each step, by id:
+        # [sent, reply applied from, applied until]
+        self.step_times: dict[int, list[float]] = {}
+
     @property
     def timed(self) -> bool:
         return self.launcher == "local"
+
+    def controller_trace(self) -> list[list[float]]:
+        """[sent, reply in, reply applied] of each step since the last call, in step order
+        (the order every worker ran them), and forget them."""
+        times, self.step_times = self.step_times, {}
+        return [times[k] for k in sorted(times) if len(times[k]) == 3]
+
+    def _kick(self) -> None:
+        super()._kick()
+        if self.scheduler is not None:
+            now = time.perf_counter()
+            for plan in self.scheduler.in_flight:
+                self.step_times.setdefault(plan.step_id, [now])
+
+    def _apply_step(self, plan, reply: dict) -> None:
+        start = time.perf_counter()
+        super()._apply_step(plan, reply)
+        self.step_times.setdefault(plan.step_id, [start]).extend((start, time.perf_counter()))
 
 
 # ------------------------------------------------------------------------------ controller side

@@ -50,7 +50,7 @@ from energon.bench.options import (
     visible_gpus,
 )
 from energon.bench.record import Record, card_name, torch_version, write_results
-from energon.bench.trace import overlap_fraction, timeline_png
+from energon.bench.trace import overlap_fraction, timeline_png, turnaround
 from energon.engine import default_in_flight
 from energon.models.registry import resolve
 from energon.runner import pick_dtype
@@ -131,6 +131,7 @@ async def measure_pipeline(
         facts = await group.broadcast("bench_facts") if engine.timed else None
         if engine.timed:
             await group.broadcast("step_trace")  # drop the warm-up's steps
+            engine.controller_trace()
         params = SamplingParams(max_tokens=args.gen_len, **greedy)
         runs, traces = [], None
         for _ in range(args.repeat):
@@ -139,6 +140,7 @@ async def measure_pipeline(
             wall = time.perf_counter() - t
             runs.append({"wall_s": wall, "tokens": sum(len(d.token_ids) for d in dones)})
             traces = await group.broadcast("step_trace") if engine.timed else None
+            controller = engine.controller_trace()
     stages = None
     if traces is not None:  # the last run's trace of each stage's tp rank 0
         stages = [traces[i] for i, info in enumerate(infos) if info["tp_rank"] == 0]
@@ -153,6 +155,7 @@ async def measure_pipeline(
         "facts": facts,
         "stage_traces": stages,
         "overlap": overlap_fraction(stages) if stages else None,
+        "turnaround": turnaround(stages, controller) if stages else None,
     }
 
 
@@ -211,7 +214,8 @@ def build_records(
             limit_value=ceiling,
             of_limit=run["rate"] / ceiling,
             n_gpus=cards if on_cuda else 0,
-            notes=f"{notes}; ceiling = {cards} card(s) x the step-wise roofline of one",
+            notes=f"{notes}{_turnaround_note(run)}; ceiling = {cards} card(s) x the step-wise "
+            "roofline of one",
             **common,
         )
 
@@ -259,6 +263,23 @@ def build_records(
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0%}"
+
+
+def _turnaround_note(run: dict) -> str:
+    """Where a micro-batch waits between its steps (energon.bench.trace.turnaround)."""
+    t = run.get("turnaround")
+    if not t:
+        return ""
+
+    def ms(key: str) -> str:
+        return "n/a" if t[key] is None else f"{t[key] * 1e3:.2f} ms"
+
+    return (
+        f"; between a micro-batch's steps (medians over {t['steps']} steps): last stage's output "
+        f"-> reply in the controller {ms('reply_s')}, -> next step sent {ms('control_s')} "
+        f"(applying a reply {ms('apply_s')}), sent -> the idle first stage starting it "
+        f"{ms('deliver_s')}; controller applying replies {_pct(t['busy'])} of the run"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -84,3 +84,49 @@ def timeline_png(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def turnaround(
+    stage_traces: Sequence[Sequence[Span]], controller: Sequence[Sequence[float]]
+) -> dict | None:
+    """Where a micro-batch's time between two of its steps goes, medians in seconds, from the
+    first and last stages' traces and the controller's [sent, reply in, reply applied] of the
+    same steps (`TimedEngine.controller_trace`; all in step order, one perf_counter clock):
+
+    reply:   the last stage's output computed -> its reply in the controller's hands (sampling,
+             the copy back, ZeroMQ, and waiting while the controller handles another reply)
+    control: reply in -> the next step sent (the controller's own turnaround)
+    apply:   reply in -> done with it (the next steps sent, then every request's token taken)
+    deliver: step sent -> the first stage starting it, counted when it was sent after that stage
+             was done with the step before (so the stage waited for it)
+    busy:    the controller's share of the run spent applying replies
+
+    None when the traces do not pair up (another count of steps)."""
+    import statistics
+
+    first, last = stage_traces[0], stage_traces[-1]
+    if not controller or len(first) != len(controller) or len(last) != len(controller):
+        return None
+    sent = sorted(c[0] for c in controller)
+    reply, control, apply, deliver = [], [], [], []
+    for i, (t_sent, t_in, t_done) in enumerate(controller):
+        reply.append(t_in - last[i][2])
+        apply.append(t_done - t_in)
+        later = [t for t in sent if t >= t_in]
+        if later:
+            control.append(later[0] - t_in)
+        if i and t_sent > first[i - 1][2]:  # sent after the stage was done: it waited
+            deliver.append(first[i][0] - t_sent)
+    wall = max(c[2] for c in controller) - min(sent)
+
+    def median(xs):
+        return statistics.median(xs) if xs else None
+
+    return {
+        "reply_s": median(reply),
+        "control_s": median(control),
+        "apply_s": median(apply),
+        "deliver_s": median(deliver),
+        "busy": sum(apply) / wall if wall > 0 else None,
+        "steps": len(controller),
+    }

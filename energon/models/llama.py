@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from energon.kernels.norms import RMSNorm
+from energon.kernels.rope import rotary_kernels_for, silu_mul
 from energon.parallel.attention import Attention
 from energon.parallel.layers import (
     ColumnParallelLinear,
@@ -95,9 +96,11 @@ class RotaryEmbedding:
         return 1.0 / (base[:, None] ** self.exponents(device))
 
     def __call__(self, q, k, positions, meta: BatchMeta):
-        """q [T, H, D], k [T, Hkv, D] → rotated (q, k)."""
+        """q [T, H, D], k [T, Hkv, D] → rotated (q, k); on CUDA one kernel, in place."""
         if self.params["rope_type"] == "dynamic" and meta.max_context_len > self.max_positions:
             freqs = positions[:, None].float() * self.dynamic_inv_freq(meta, q.device)
+        elif kernels := rotary_kernels_for(q, k):
+            return kernels.rotate_(q, k, positions, self.inv_freq(q.device))
         else:
             freqs = positions[:, None].float() * self.inv_freq(q.device)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
@@ -165,14 +168,17 @@ class LlamaMLP(nn.Module):
         self.gate_proj = ColumnParallelLinear(hidden, inner, bias=bias)
         self.up_proj = ColumnParallelLinear(hidden, inner, bias=bias)
         self.down_proj = RowParallelLinear(inner, hidden, bias=bias)
-        self.act = ACTIVATIONS[config.get("hidden_act", "silu")]
+        name = config.get("hidden_act", "silu")
+        act = ACTIVATIONS[name]
+        # act(gate) * up; SwiGLU's is one kernel on CUDA
+        self.act_mul = silu_mul if name == "silu" else lambda gate, up: act(gate) * up
 
     def after_load(self) -> None:
         merge_columns(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = merged(x, self.gate_proj, self.up_proj)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act_mul(gate, up))
 
 
 class LlamaDecoderLayer(nn.Module):

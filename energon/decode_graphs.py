@@ -25,6 +25,7 @@ import torch
 
 from energon.parallel.packing import BatchMeta
 
+STAGING = 8  # pinned staging buffers in the ring (see DecodeGraphs.__init__)
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
 Body = Callable[[torch.Tensor, BatchMeta], torch.Tensor]
@@ -73,11 +74,23 @@ class DecodeGraphs:
         self.tables = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
         pinned = device.type == "cuda"
-        self._host_i64 = torch.zeros(3, n, dtype=torch.int64, pin_memory=pinned)
-        self._host_tables = torch.zeros(n, max_blocks, dtype=torch.int32, pin_memory=pinned)
+        # Pinned staging for the host-to-device copies, a ring of STAGING: a step refills one
+        # only once the copies out of it (STAGING steps ago) are done. With one buffer, each
+        # step's host part waited for the step before last to finish on the device; a later
+        # pipeline stage's work waits for its input, so its worker sat blocked there, holding
+        # back the replies of steps already done.
+        count = STAGING if pinned else 1
+        self._host_i64 = [
+            torch.zeros(3, n, dtype=torch.int64, pin_memory=pinned) for _ in range(count)
+        ]
+        self._host_tables = [
+            torch.zeros(n, max_blocks, dtype=torch.int32, pin_memory=pinned) for _ in range(count)
+        ]
         # a pad row: position 0, its K/V in the scratch block's first slot, one visible key
         self._pads = torch.tensor([[0], [scratch_block * block_size], [1]]).expand(3, n)
-        self._copied = torch.cuda.Event() if pinned else None  # staging free to refill
+        # each staging buffer's copies recorded: free to refill once complete
+        self._copied = [torch.cuda.Event() for _ in range(count)] if pinned else None
+        self._next_staging = 0
         self.outputs: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.captured = capture
@@ -125,24 +138,27 @@ class DecodeGraphs:
         Positions, slots and the checks come from `BatchMeta.for_step`, built on the host."""
         B, width = len(context_lens), block_tables.shape[1]
         step = BatchMeta.for_step([1] * B, context_lens, block_tables, self.block_size)
-        if self._copied is not None:
-            self._copied.synchronize()  # the last step's copies have left the staging buffers
-        host = self._host_i64
+        k = self._next_staging
+        self._next_staging = (k + 1) % len(self._host_i64)
+        copied = self._copied[k] if self._copied is not None else None
+        if copied is not None:
+            copied.synchronize()  # this buffer's last copies have left it
+        host, tables = self._host_i64[k], self._host_tables[k]
         host[0, :B] = step.positions
         host[1, :B] = step.slot_mapping
         host[2, :B] = step.context_lens
         host[:, B:bucket] = self._pads[:, : bucket - B]
-        self._host_tables[:B, :width] = step.block_tables
-        self._host_tables[B:bucket, 0] = self.scratch_block
-        nb = self._copied is not None
+        tables[:B, :width] = step.block_tables
+        tables[B:bucket, 0] = self.scratch_block
+        nb = copied is not None
         self.positions[:bucket].copy_(host[0, :bucket], non_blocking=nb)
         self.slots[:bucket].copy_(host[1, :bucket], non_blocking=nb)
         self.context_lens[:bucket].copy_(host[2, :bucket], non_blocking=nb)
-        self.tables[:bucket, :width].copy_(self._host_tables[:bucket, :width], non_blocking=nb)
+        self.tables[:bucket, :width].copy_(tables[:bucket, :width], non_blocking=nb)
         if x is not None:
             self.x[:B].copy_(x, non_blocking=nb)
-        if self._copied is not None:
-            self._copied.record()
+        if copied is not None:
+            copied.record()
 
     def _meta(self, bucket: int) -> BatchMeta:
         """The BatchMeta of a bucket: views of the static buffers, one new token per sequence."""

@@ -96,8 +96,11 @@ class SyncChannel:
         poller.register(self.completions.rx, zmq.POLLIN)
         try:
             while True:
-                if self.pending and sock not in dict(poller.poll()):
-                    self._send_ready(self.completions.take())  # a deferred result is ready
+                # A deferred result that is ready is answered before the next call starts: the
+                # device is done with it, and its caller (with pipeline stages, every stage's
+                # next step) may be waiting for it while calls queue up here.
+                if self.pending and self.completions.rx in dict(poller.poll()):
+                    self._send_ready(self.completions.take())
                     continue
                 # _handle returns after dropping the message, so the shared-memory blocks of its
                 # arguments are already free when the reply reaches the controller

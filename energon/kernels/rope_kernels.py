@@ -127,7 +127,7 @@ def _silu_mul_kernel(
         e = libdevice.exp(-g)
     else:
         e = tl.exp(-g)
-    act = _rounded(g / (1.0 + e), dtype)
+    act = _rounded(tl.math.div_rn(g, 1.0 + e), dtype)  # IEEE division, as torch's
     tl.store(Out + row * stride_o + cols, (act * u).to(dtype), mask=mask)
 
 

@@ -198,5 +198,13 @@ class Later:
         self.order.append(f"now {value}")
         return value
 
+    def pause(self, name: str, seconds: float):
+        """A call that keeps the worker's sync thread busy (a step blocked on its device)."""
+        import time
+
+        self.order.append(f"pause {name}")
+        time.sleep(seconds)
+        return name
+
     def log(self):
         return {"order": list(self.order), "stalls": list(self.stalls)}

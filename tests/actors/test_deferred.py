@@ -49,6 +49,19 @@ async def test_a_plain_call_behind_a_deferred_one_replies_after_it(group):
     assert await asyncio.gather(slow, plain, follow) == [100, "x", 101]
 
 
+async def test_a_ready_deferred_reply_goes_out_before_the_calls_queued_behind_it_run(group):
+    """A pipeline stage's worker gets every micro-batch's step at once: the reply of a step its
+    device finished must not wait until the steps queued behind it have all run."""
+    worker = group[0]
+    ready = worker.call("launch", 200, last=True)  # ready as soon as it is launched
+    pauses = [worker.call("pause", str(k), 0.4) for k in range(3)]
+    assert await ready == 200
+    assert not pauses[-1].done()
+    assert await asyncio.gather(*pauses) == ["0", "1", "2"]
+    order = (await worker.call("log"))["order"]
+    assert order.index("reply 200") < order.index("pause 2")
+
+
 async def test_errors_of_wait_and_result_become_error_replies(group):
     worker = group[0]
     for where in ("wait", "result"):

@@ -49,11 +49,13 @@ def eager_rope(q, k, positions):
     return rope(q, k, positions, meta)
 
 
-def float64_rope(x, positions):
+def float64_rope(x, positions, inv=None):
     """x rotated in float64 with the eager ops' roundings to x's dtype: cos and sin, each product
-    and the sum."""
+    and the sum. `inv`: the float32 inverse frequencies (torch's pow on another device may round
+    them otherwise: at position 4000 one unit in their last place moves the angle 2e-4)."""
     dim, dtype = x.shape[-1], x.dtype
-    inv = 1.0 / (CONFIG["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim))
+    if inv is None:
+        inv = 1.0 / (CONFIG["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim))
     freqs = positions[:, None].float() * inv  # float32, as the models compute them
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :].double()
     cos, sin = emb.cos().to(dtype).double(), emb.sin().to(dtype).double()
@@ -189,7 +191,8 @@ def test_cuda_rotary_and_silu_mul_equal_the_eager_ops(monkeypatch, dtype):
     tol = dict(rtol=0, atol=ULP.get(dtype, 3.2e-2))
     for shape in SHAPES + [(512, 40, 40, 128)]:
         q, k, v, positions = qkv(*shape, dtype, device="cuda")
-        exact_q = float64_rope(q.cpu(), positions.cpu())
+        inv = RotaryEmbedding(CONFIG, shape[3]).inv_freq(q.device).cpu()
+        exact_q = float64_rope(q.cpu(), positions.cpu(), inv)
         monkeypatch.setenv(ENV_SWITCH, "0")
         want_q, want_k = eager_rope(q.clone(), k.clone(), positions)
         monkeypatch.setenv(ENV_SWITCH, "1")
@@ -206,7 +209,8 @@ def test_cuda_rotary_and_silu_mul_equal_the_eager_ops(monkeypatch, dtype):
     got, want = silu_mul(gate, up), F.silu(gate) * up
     rtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 3e-7}[dtype]
     torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5)
-    assert (got == want).float().mean() > 0.99
+    if dtype != torch.float32:  # fp32 keeps the last bits where libdevice's exp and torch's differ
+        assert (got == want).float().mean() > 0.99
 
 
 @pytest.mark.gpu

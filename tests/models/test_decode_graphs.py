@@ -4,6 +4,8 @@ On cpu the same path runs eagerly ("static"): pad rows, the scratch block and th
 all exercised; only the capture itself needs a GPU (the `gpu` tests at the end).
 """
 
+import time
+
 import pytest
 import torch
 from conftest import hf_logits, make_llama, make_mistral, make_opt, make_qwen2
@@ -206,3 +208,34 @@ def test_a_capture_that_fails_leaves_the_runner_eager_with_the_reason(tmp_path, 
     assert "stream is capturing" in runner.info()["graph_error"]
     for g, w in zip(got, run_steps(eager, steps, num_blocks, block_size), strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_staging_a_step_does_not_wait_for_the_device_to_finish_the_steps_before():
+    """A later pipeline stage's steps wait on its device for their input: staging the next
+    ones (while replies of finished steps wait on the same thread) must not block the host."""
+    from energon.decode_graphs import STAGING, DecodeGraphs
+
+    device = torch.device("cuda")
+    graphs = DecodeGraphs(
+        lambda x, meta: x,
+        first_stage=True,
+        hidden_size=8,
+        dtype=torch.float16,
+        device=device,
+        block_size=16,
+        scratch_block=0,
+        max_blocks=4,
+        buckets=(4,),
+        capture=False,
+    )
+    tables = torch.tensor([[1, 2], [3, -1]], dtype=torch.int32)
+    ids = torch.tensor([5, 6], device=device)
+    torch.cuda._sleep(2_000_000_000)  # about a second of device work queued ahead of the copies
+    start = time.perf_counter()
+    for _ in range(STAGING - 1):
+        out = graphs.run(ids, [20, 3], tables)
+    assert time.perf_counter() - start < 0.3  # one buffer: the second step waited ~1 s
+    torch.cuda.synchronize()
+    assert out.tolist() == [5, 6] and graphs.positions[:2].tolist() == [19, 2]

@@ -9,7 +9,7 @@ from bench_helpers import parse, run_scenario
 
 from energon.bench import pipeline
 from energon.bench.cli import SCENARIOS
-from energon.bench.trace import overlap_fraction, steady_window
+from energon.bench.trace import overlap_fraction, steady_window, turnaround
 
 
 def test_overlap_counts_the_time_two_stages_work_at_once():
@@ -27,6 +27,24 @@ def test_overlap_counts_the_time_two_stages_work_at_once():
 def test_the_timeline_window_is_taken_from_the_middle_of_the_last_stage():
     last = [(float(i), float(i), i + 0.5) for i in range(100)]
     assert steady_window([[], last], steps=10) == (45.0, 54.5)
+
+
+def test_turnaround_splits_a_micro_batchs_wait_between_its_steps():
+    """Hand-made timeline (ms): two stages, two steps. Step 0 is sent at 0, the first stage
+    starts it at 1 and hands it on at 3; the last stage outputs at 6; its reply reaches the
+    controller at 8, which sends step 1 at 9 and is done with the reply at 10. The first stage,
+    idle since 3, starts step 1 at 9.5; its last stage outputs at 15, reply in at 16, done 17."""
+    ms = 1e-3
+    first = [(1 * ms, 1 * ms, 3 * ms), (9.5 * ms, 9.5 * ms, 12 * ms)]
+    last = [(1 * ms, 3 * ms, 6 * ms), (9.5 * ms, 12 * ms, 15 * ms)]
+    controller = [[0.0, 8 * ms, 10 * ms], [9 * ms, 16 * ms, 17 * ms]]
+    t = turnaround([first, last], controller)
+    assert t["reply_s"] == pytest.approx(1.5 * ms)  # 8 - 6 and 16 - 15
+    assert t["control_s"] == pytest.approx(1 * ms)  # reply 0 in at 8, step 1 sent at 9
+    assert t["apply_s"] == pytest.approx(1.5 * ms)  # 2 and 1
+    assert t["deliver_s"] == pytest.approx(0.5 * ms)  # step 1 only: sent after the stage idled
+    assert t["busy"] == pytest.approx(3 / 17)
+    assert turnaround([first, last[:1]], controller) is None  # steps that do not pair up
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +85,9 @@ def test_each_pp_is_measured_against_pp1_and_blocking(run):
         ("throughput_2_in_flight", 2),  # --more-in-flight 0: as many as stages
     }
     assert by["throughput", 2]["baseline_name"] == "Energon tp=1 pp=1, same run"
+    pp2 = next(r for r in raw["runs"] if r["pp"] == 2)
+    assert pp2["turnaround"]["steps"] == len(pp2["stage_traces"][0]) > 0
+    assert "-> reply in the controller" in by["throughput", 2]["notes"]
     rates = {run["pp"]: run["rate"] for run in raw["runs"]}
     assert by["throughput", 2]["ratio"] == pytest.approx(rates[2] / rates[1])
     assert [r["in_flight"] for r in raw["runs"]] == [1, 3]  # the Engine's default: pp + 1

@@ -16,6 +16,11 @@ measured; with 3 ms it would rank 2 in flight first).
 prints tokens/s and stage utilisation per layout; `--balanced` splits the step token budget
 evenly over the micro-batches in flight (so that a prefill chunk does not make one micro-batch's
 step many times longer than the others'); `--turnaround` sets the controller's turnaround.
+
+The pipeline bench now measures the turnaround's parts (energon.bench.trace.turnaround): on 4x
+H200 at code 059eca1, ~2.2 ms at pp=4 with 5 in flight (reply 0.46 ms, controller 1.7 ms, the
+first stage starting at once), after a worker fix that took the reply from 12 ms; pass
+`--turnaround 0.0022` to model that.
 """
 
 from __future__ import annotations

@@ -260,7 +260,11 @@ class ActorGroup:
         sync = not self._methods.get(method, True)
         msg_id = next(self._ids)  # one id for every rank: the header is encoded once
         shared = protocol.encode_call(msg_id, method, args, kwargs)
-        per_rank = len(shared) > 1 and any(self._links)  # large tensors: into each rank's shm
+        # a tensor that shared memory takes (shm_min_bytes or more): into each rank's own block,
+        # so those ranks get their own encoding; smaller ones travel in the shared frames
+        per_rank = any(self._links) and any(
+            memoryview(f).nbytes >= self.shm_min_bytes for f in shared[1:]
+        )
         futs = []
         for rank in range(self.world_size):
             fut = CallFuture(loop=self.loop)

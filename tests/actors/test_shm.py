@@ -140,6 +140,26 @@ async def test_broadcast_puts_a_large_tensor_in_each_ranks_segment(group):
     assert [g["mapping"].split(" ")[0] for g in got] == [segment(group, "to", r) for r in range(2)]
 
 
+async def test_broadcast_encodes_a_message_of_small_tensors_once_for_every_rank(group, monkeypatch):
+    """A pipeline step (token ids, block tables: small tensors) goes to every rank each step:
+    only a tensor that shared memory takes needs each rank's own encoding."""
+    encodes = []
+    real = protocol.encode_call
+
+    def counted(*args, **kwargs):
+        encodes.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "encode_call", counted)
+    small = torch.arange(1000, dtype=torch.float32)
+    got = await group.broadcast("echo", {"ids": small, "tables": small.int()})
+    assert [torch.equal(g["tables"], small.int()) for g in got] == [True, True]
+    assert encodes == ["echo"]
+    encodes.clear()
+    await group.broadcast("digest", random_bits(torch.bfloat16, (1024, 1024), 4))
+    assert encodes == ["digest"] * 3  # shared, then one per rank into its segment
+
+
 async def test_full_segment_falls_back_to_frames_and_stays_exact():
     async with await ActorGroup.spawn(Echo, 1, shm_segment_bytes=8 * MIB) as g:
         held = [random_bits(torch.float32, (MIB,), seed) for seed in range(4)]  # 4 MiB each

@@ -3,8 +3,9 @@
 A method that launches work on a GPU and would then block until it finishes (to read the result
 back) can instead return `Deferred(result, wait)`. The worker hands `wait` to a helper thread and
 goes on with the calls already waiting, so the next GPU step is queued behind this one instead of
-after its reply; once `wait()` returns it replies with `result()`. Replies still go out in call
-order, and `result()` runs on the thread that runs the actor's methods.
+after its reply; once `wait()` returns it replies with `result()`, before it starts another call
+that is waiting. Replies still go out in call order, and `result()` runs on the thread that runs
+the actor's methods.
 """
 
 from __future__ import annotations

@@ -8,3 +8,22 @@ rope_kernels.py  their Triton kernels (imported only on CUDA, only when triton i
 one_shot.py      the float16 one-shot all-reduce over NVLink peer memory, bias fused
                  (energon.parallel.allreduce decides when it runs)
 """
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton kernels take
+
+
+@functools.cache
+def triton_module(name: str):
+    """energon.kernels.`name` (a module of Triton kernels), imported on first CUDA use; None
+    where triton is not installed."""
+    try:
+        return importlib.import_module(f"energon.kernels.{name}")
+    except ImportError:
+        return None

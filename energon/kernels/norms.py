@@ -15,24 +15,14 @@ reduction order).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 from torch import nn
 
+from energon.kernels import DTYPES, triton_module
+
 ENV_SWITCH = "ENERGON_TRITON_NORMS"  # "0" keeps every norm on the eager torch ops
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@functools.cache
-def _kernels():
-    """energon.kernels.norm_kernels, imported on first CUDA use; None without triton."""
-    try:
-        from energon.kernels import norm_kernels
-    except ImportError:
-        return None
-    return norm_kernels
 
 
 def kernels_for(x: torch.Tensor, *others: torch.Tensor | None):
@@ -51,7 +41,7 @@ def kernels_for(x: torch.Tensor, *others: torch.Tensor | None):
         return None
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
-    kernels = _kernels()
+    kernels = triton_module("norm_kernels")
     return kernels if kernels is not None and x.shape[-1] <= kernels.MAX_WIDTH else None
 
 

@@ -11,24 +11,14 @@ CUDA tensors (fp16, bf16, fp32, no autograd) when triton imports and ENERGON_TRI
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
 
+from energon.kernels import DTYPES, triton_module
+
 ENV_SWITCH = "ENERGON_TRITON_ROPE"  # "0" keeps rotary and SwiGLU on the eager torch ops
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@functools.cache
-def _kernels():
-    """energon.kernels.rope_kernels, imported on first CUDA use; None without triton."""
-    try:
-        from energon.kernels import rope_kernels
-    except ImportError:
-        return None
-    return rope_kernels
 
 
 def rotary_kernels_for(*tensors: torch.Tensor):
@@ -42,7 +32,7 @@ def rotary_kernels_for(*tensors: torch.Tensor):
         return None
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
-    return _kernels()
+    return triton_module("rope_kernels")
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 import torch
 
@@ -27,3 +28,19 @@ def triton_module(name: str):
         return importlib.import_module(f"energon.kernels.{name}")
     except ImportError:
         return None
+
+
+def triton_kernels_for(name: str, switch: str, x: torch.Tensor, *others: torch.Tensor | None):
+    """Module energon.kernels.`name` when its Triton kernels take this call, else None (run the
+    eager ops): x on CUDA in fp16/bf16/fp32, `others` (None skipped) of x's dtype and device,
+    nothing that needs autograd, triton installed and the environment variable `switch` not "0"."""
+    if not x.is_cuda or x.dtype not in DTYPES or x.dim() == 0:
+        return None
+    present = [t for t in others if t is not None]
+    if any(t.dtype != x.dtype or t.device != x.device for t in present):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *present)):
+        return None
+    if os.environ.get(switch, "1") == "0":
+        return None
+    return triton_module(name)

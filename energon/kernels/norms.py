@@ -15,12 +15,10 @@ reduction order).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
-from energon.kernels import DTYPES, triton_module
+from energon.kernels import triton_kernels_for
 
 ENV_SWITCH = "ENERGON_TRITON_NORMS"  # "0" keeps every norm on the eager torch ops
 
@@ -32,16 +30,7 @@ def kernels_for(x: torch.Tensor, *others: torch.Tensor | None):
     (weight, bias, residual; None skipped) of x's dtype and device, nothing that needs autograd,
     when triton imports and ENERGON_TRITON_NORMS is not "0".
     """
-    if not x.is_cuda or x.dtype not in DTYPES or x.dim() == 0:
-        return None
-    present = [t for t in others if t is not None]
-    if any(t.dtype != x.dtype or t.device != x.device for t in present):
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *present)):
-        return None
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
-    kernels = triton_module("norm_kernels")
+    kernels = triton_kernels_for("norm_kernels", ENV_SWITCH, x, *others)
     return kernels if kernels is not None and x.shape[-1] <= kernels.MAX_WIDTH else None
 
 

@@ -11,28 +11,17 @@ CUDA tensors (fp16, bf16, fp32, no autograd) when triton imports and ENERGON_TRI
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from energon.kernels import DTYPES, triton_module
+from energon.kernels import triton_kernels_for
 
 ENV_SWITCH = "ENERGON_TRITON_ROPE"  # "0" keeps rotary and SwiGLU on the eager torch ops
 
 
-def rotary_kernels_for(*tensors: torch.Tensor):
+def rotary_kernels_for(x: torch.Tensor, *others: torch.Tensor):
     """The Triton kernels module when it takes these activations, else None (run eager ops)."""
-    first = tensors[0]
-    if not first.is_cuda or first.dtype not in DTYPES:
-        return None
-    if any(t.dtype != first.dtype or t.device != first.device for t in tensors):
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
-    return triton_module("rope_kernels")
+    return triton_kernels_for("rope_kernels", ENV_SWITCH, x, *others)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

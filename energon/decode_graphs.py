@@ -79,18 +79,19 @@ class DecodeGraphs:
         # step's host part waited for the step before last to finish on the device; a later
         # pipeline stage's work waits for its input, so its worker sat blocked there, holding
         # back the replies of steps already done.
-        count = STAGING if pinned else 1
-        self._host_i64 = [
-            torch.zeros(3, n, dtype=torch.int64, pin_memory=pinned) for _ in range(count)
+        # Each: (positions / slots / context lens [3, n], block tables [n, max_blocks], the event
+        # recorded after the copies out of them, None off cuda: there the copies are synchronous).
+        self._staging = [
+            (
+                torch.zeros(3, n, dtype=torch.int64, pin_memory=pinned),
+                torch.zeros(n, max_blocks, dtype=torch.int32, pin_memory=pinned),
+                torch.cuda.Event() if pinned else None,
+            )
+            for _ in range(STAGING if pinned else 1)
         ]
-        self._host_tables = [
-            torch.zeros(n, max_blocks, dtype=torch.int32, pin_memory=pinned) for _ in range(count)
-        ]
+        self._next_staging = 0
         # a pad row: position 0, its K/V in the scratch block's first slot, one visible key
         self._pads = torch.tensor([[0], [scratch_block * block_size], [1]]).expand(3, n)
-        # each staging buffer's copies recorded: free to refill once complete
-        self._copied = [torch.cuda.Event() for _ in range(count)] if pinned else None
-        self._next_staging = 0
         self.outputs: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.captured = capture
@@ -138,12 +139,10 @@ class DecodeGraphs:
         Positions, slots and the checks come from `BatchMeta.for_step`, built on the host."""
         B, width = len(context_lens), block_tables.shape[1]
         step = BatchMeta.for_step([1] * B, context_lens, block_tables, self.block_size)
-        k = self._next_staging
-        self._next_staging = (k + 1) % len(self._host_i64)
-        copied = self._copied[k] if self._copied is not None else None
+        host, tables, copied = self._staging[self._next_staging]
+        self._next_staging = (self._next_staging + 1) % len(self._staging)
         if copied is not None:
             copied.synchronize()  # this buffer's last copies have left it
-        host, tables = self._host_i64[k], self._host_tables[k]
         host[0, :B] = step.positions
         host[1, :B] = step.slot_mapping
         host[2, :B] = step.context_lens

@@ -781,9 +781,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"skip tp={t}: {gpus} GPU(s) visible", flush=True)
     per_tok = kv_bytes_per_token(config, dtype)
     blocks = args.batch * -(-(args.prompt_len + args.gen_len) // 16)
-    kv_memory = int(1.5 * per_tok * 16 * blocks) + (64 << 20) if per_tok else None
-    if args.kv_cache == "all":
-        kv_memory = None
+    batch_kv = args.kv_cache == "batch" and per_tok
+    kv_memory = int(1.5 * per_tok * 16 * blocks) + (64 << 20) if batch_kv else None
     print(
         f"energon bench generate: {args.model} ({dtype_name}) on {device} ({gpus} GPU(s)), "
         f"prompt {args.prompt_len}, {args.gen_len} new tokens, batch 1 and {args.batch}, "

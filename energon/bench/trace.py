@@ -102,6 +102,7 @@ def turnaround(
     busy:    the controller's share of the run spent applying replies
 
     None when the traces do not pair up (another count of steps)."""
+    import bisect
     import statistics
 
     first, last = stage_traces[0], stage_traces[-1]
@@ -112,9 +113,9 @@ def turnaround(
     for i, (t_sent, t_in, t_done) in enumerate(controller):
         reply.append(t_in - last[i][2])
         apply.append(t_done - t_in)
-        later = [t for t in sent if t >= t_in]
-        if later:
-            control.append(later[0] - t_in)
+        at = bisect.bisect_left(sent, t_in)  # the first step sent once this reply was in
+        if at < len(sent):
+            control.append(sent[at] - t_in)
         if i and t_sent > first[i - 1][2]:  # sent after the stage was done: it waited
             deliver.append(first[i][0] - t_sent)
     wall = max(c[2] for c in controller) - min(sent)

@@ -38,6 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--alibi", action="store_true", help="ALiBi slopes on (opt-13b: off)")
+    parser.add_argument(
+        "--max-context",
+        type=int,
+        default=0,
+        help="max_context_len given to the kernel (0: the context itself); the Engine's decode "
+        "CUDA graphs give the model's longest context, e.g. 2048",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument(
@@ -117,6 +124,7 @@ def measure_shape(args, timer, batch, context, device, dtype, configs) -> dict:
     q3 = q.view(batch, H, D)
     k3, v3 = (x.view(batch, attn.num_kv_heads, D) for x in (k, v))
     slopes = attn._device_slopes(device)
+    max_context = max(args.max_context, context)
 
     def kernel(block_n=None, num_warps=4, num_splits=None):
         return paged_attention(
@@ -126,7 +134,7 @@ def measure_shape(args, timer, batch, context, device, dtype, configs) -> dict:
             meta.context_lens,
             meta.cu_seqlens,
             meta.max_seqlen_q,
-            meta.max_context_len,
+            max_context,
             attn.scale,
             alibi_slopes=slopes,
             block_n=block_n,
@@ -141,7 +149,7 @@ def measure_shape(args, timer, batch, context, device, dtype, configs) -> dict:
     result = {
         "batch": batch,
         "context": context,
-        "splits": default_num_splits(batch, attn.num_kv_heads, context, device),
+        "splits": default_num_splits(batch, attn.num_kv_heads, max_context, device),
         "kernel_s": timer(kernel),
         "grid_s": timer(grid),
         "max_abs_diff": diff,
@@ -202,7 +210,8 @@ def main(args: argparse.Namespace) -> int:
             notes = (
                 f"one decode step (1 new token per sequence, context {context}), {shape}, "
                 f"{args.dtype}{', ALiBi' if args.alibi else ''}; Triton kernel "
-                f"(block_n 64, 4 warps, {r['splits']} split(s)) vs Attention._varlen grid path, "
+                f"(block_n 64, 4 warps, {r['splits']} split(s), max_context_len "
+                f"{max(args.max_context, context)}) vs Attention._varlen grid path, "
                 f"both without the shared cache write; median CUDA-event time of "
                 f"{args.repeat} single calls, L2 flushed; floor = {r['kv_bytes'] / 1e6:.1f} MB "
                 f"K+V / {bandwidth / 1e9:.0f} GB/s copy bandwidth; max |kernel - grid| "

@@ -10,8 +10,10 @@ One program per (sequence, KV head, context split). Its rows are that KV head's 
 go by in tiles of `BLOCK_N` with an online softmax in fp32 (scores in the log2 domain). A query
 at position p sees keys 0..p, so several new tokens per sequence stay causal; ALiBi adds
 slope * (key_pos - query_pos). When the batch has too few (sequence, KV head) pairs to fill the
-GPU, the context is cut into splits, each program writes its partial output and log-sum-exp, and
-a second kernel combines them.
+GPU, each sequence's context is cut into `num_splits` equal pieces (whole key tiles; the cut is
+made on the device from the sequence's own length, so a CUDA graph captured for the longest
+context still spreads a short one over every split), each program writes its partial output and
+log-sum-exp, and a second kernel combines them.
 
 Works with triton 3.6+ and in the interpreter (TRITON_INTERPRET=1 set before this module is
 imported: the tests run the kernels on CPU tensors that way).
@@ -27,8 +29,9 @@ import triton.language as tl
 
 MAX_QUERY_LEN = 8  # new tokens per sequence up to which a step counts as decode-like
 MAX_ROWS = 128  # query rows of one program: heads per KV head x new tokens
-MIN_SPLIT_LEN = 256  # keys per split at least, when the context is split
+MIN_SPLIT_LEN = 64  # keys per split at least, when the context is split
 MAX_SPLITS = 16
+PROGRAMS_PER_SM = 4  # splits aim at about this many programs per SM
 LOG2E = 1.4426950408889634
 
 
@@ -45,7 +48,6 @@ def _paged_attn_kernel(
     CuSeqlens,
     Slopes,
     qk_scale,  # softmax scale * log2(e)
-    split_len,  # keys per split, a multiple of BLOCK_N
     stride_qt,
     stride_qh,
     stride_kb,
@@ -96,6 +98,8 @@ def _paged_attn_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    # this sequence's context in num_splits pieces of whole key tiles (the last ones may be empty)
+    split_len = tl.cdiv(tl.cdiv(ctx, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, ctx)
     for n0 in range(start, end, BLOCK_N):
@@ -186,13 +190,11 @@ def _sm_count(device_index: int) -> int:
 def default_num_splits(
     num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device
 ) -> int:
-    """Split the context only while (sequence, KV head) programs cannot fill the GPU, aiming at
-    about two programs per SM and at least MIN_SPLIT_LEN keys per split."""
+    """Split the contexts only while (sequence, KV head) programs cannot fill the GPU: aiming at
+    about PROGRAMS_PER_SM programs per SM, with at least MIN_SPLIT_LEN keys per split of the
+    longest context. Each sequence is cut by its own length, so short ones split as finely."""
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
-    programs = num_seqs * num_kv_heads
-    if programs >= sms:
-        return 1
-    want = triton.cdiv(2 * sms, programs)
+    want = triton.cdiv(PROGRAMS_PER_SM * sms, num_seqs * num_kv_heads)
     return max(1, min(want, triton.cdiv(max_context_len, MIN_SPLIT_LEN), MAX_SPLITS))
 
 
@@ -251,8 +253,7 @@ def paged_attention(
     block_n = block_n or (64 if block_d <= 128 else 32)
     if num_splits is None:
         num_splits = default_num_splits(B, Hkv, max_context_len, q.device)
-    split_len = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max(max_context_len, 1), split_len)
+    num_splits = max(1, min(num_splits, triton.cdiv(max_context_len, block_n)))
     split = num_splits > 1
     if split:
         out_part = torch.empty(num_splits, T, H, D, dtype=torch.float32, device=q.device)
@@ -273,7 +274,6 @@ def paged_attention(
         cu_seqlens,
         slopes,
         scale * LOG2E,
-        split_len,
         q.stride(0),
         q.stride(1),
         keys.stride(0),

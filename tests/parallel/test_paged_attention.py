@@ -116,7 +116,7 @@ def run_kernel(kernels, q, cache, meta, scale, slopes=None, **kwargs):
         context_lens=meta.context_lens,
         cu_seqlens=meta.cu_seqlens,
         max_seqlen_q=meta.max_seqlen_q,
-        max_context_len=meta.max_context_len,
+        max_context_len=kwargs.pop("max_context_len", meta.max_context_len),
         scale=scale,
         alibi_slopes=slopes,
         **kwargs,
@@ -153,6 +153,21 @@ def test_split_context_equals_reference(kernels, num_splits, use_alibi):
     q, cache, meta, kv = make_case(query_lens, context_lens, device=kernels.device, seed=num_splits)
     slopes = alibi_slopes(4) if use_alibi else None
     out = run_kernel(kernels, q, cache, meta, 0.125, slopes, num_splits=num_splits, block_n=16)
+    expected = reference(q, kv, query_lens, 0.125, slopes)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_splits", [None, 16])
+def test_splits_follow_each_sequences_own_context(kernels, num_splits):
+    # As a decode CUDA graph calls it: max_context_len is the longest context the graph serves,
+    # far past these; each sequence cuts its own context (16 splits of 3 keys: most are empty)
+    query_lens, context_lens = [1, 1, 2], [100, 3, 33]
+    q, cache, meta, kv = make_case(query_lens, context_lens, device=kernels.device, seed=11)
+    slopes = alibi_slopes(4)
+    out = run_kernel(
+        kernels, q, cache, meta, 0.125, slopes, num_splits=num_splits, block_n=16,
+        max_context_len=2048,
+    )  # fmt: skip
     expected = reference(q, kv, query_lens, 0.125, slopes)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
 
@@ -198,10 +213,11 @@ def test_split_heuristic_fills_small_batches_only():
     pytest.importorskip("triton")
     from energon.parallel.paged_attention import MAX_SPLITS, default_num_splits
 
-    cpu = torch.device("cpu")  # 132 SMs assumed off CUDA
+    cpu = torch.device("cpu")  # 132 SMs assumed off CUDA: aiming at 4 x 132 programs
     assert default_num_splits(64, 40, 2048, cpu) == 1
-    assert default_num_splits(1, 40, 2048, cpu) == 7
-    assert default_num_splits(1, 40, 300, cpu) == 2  # at least MIN_SPLIT_LEN keys each
+    assert default_num_splits(4, 40, 2048, cpu) == 4
+    assert default_num_splits(1, 40, 2048, cpu) == 14
+    assert default_num_splits(1, 40, 300, cpu) == 5  # at least MIN_SPLIT_LEN keys each
     assert default_num_splits(1, 1, 100_000, cpu) == MAX_SPLITS
 
 

@@ -146,6 +146,9 @@ class Attention(nn.Module):
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         cached = self.kv_cache is not None and meta.slot_mapping is not None
+        if cached and not meta.fresh and meta.parts is None and self._takes_paged(q, meta):
+            out = self._paged(q, meta, new_kv=(k, v))  # writes k/v into the cache, then attends
+            return out.reshape(T, self.num_heads * self.head_dim)
         if cached:
             self._write_cache(k, v, meta.slot_mapping)
             # A fresh prefill's keys are exactly its new tokens: attend to them directly (flash
@@ -174,7 +177,7 @@ class Attention(nn.Module):
             except (RuntimeError, TypeError):  # a page size or argument this build refuses
                 self.use_flash = False
                 out = self._varlen(q, k, v, meta, cached)
-        elif cached and self.use_paged and paged_usable(q, meta, self.num_heads, self.num_kv_heads):
+        elif cached and self._takes_paged(q, meta):
             out = self._paged(q, meta)
         else:
             out = self._varlen(q, k, v, meta, cached)
@@ -232,8 +235,16 @@ class Attention(nn.Module):
             )
         return _varlen_attn(q, k, v, cu_q, cu_q, meta.max_seqlen_q, meta.max_seqlen_q, **extra)
 
-    def _paged(self, q, meta):
-        """Decode-like step: the Triton kernel reads K/V through the block tables, no gather."""
+    def _takes_paged(self, q, meta: BatchMeta) -> bool:
+        """Whether a cached call of `meta`'s tokens goes to the Triton paged kernel: flash
+        (where this torch reads a paged cache) comes first, as in `_attend`."""
+        if self.use_flash and flash_usable(q, self.alibi_slopes is not None, True):
+            return False
+        return self.use_paged and paged_usable(q, meta, self.num_heads, self.num_kv_heads)
+
+    def _paged(self, q, meta, new_kv=None):
+        """Decode-like step: the Triton kernel reads K/V through the block tables, no gather;
+        given `new_kv` it writes them into the cache first (no separate cache write)."""
         return _paged_kernels().paged_attention(
             q,
             self.kv_cache,
@@ -244,6 +255,8 @@ class Attention(nn.Module):
             meta.max_context_len,
             self.scale,
             alibi_slopes=self._device_slopes(q.device),
+            new_kv=new_kv,
+            slot_mapping=meta.slot_mapping if new_kv is not None else None,
         )
 
     def _device_slopes(self, device):

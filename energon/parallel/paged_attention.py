@@ -13,7 +13,11 @@ slope * (key_pos - query_pos). When the batch has too few (sequence, KV head) pa
 GPU, each sequence's context is cut into `num_splits` equal pieces (whole key tiles; the cut is
 made on the device from the sequence's own length, so a CUDA graph captured for the longest
 context still spreads a short one over every split), each program writes its partial output and
-log-sum-exp, and a second kernel combines them.
+log-sum-exp, and the last program of a (sequence, KV head) to finish, counted by an atomic
+ticket, combines them. Given the new tokens' k and v the kernel also writes them into their
+cache slots first (each program the new tokens inside its split), so one kernel is a layer's
+whole decode attention: a decode step at batch 1 is latency-bound, and each kernel boundary
+costs a few microseconds in a CUDA graph.
 
 Works with triton 3.6+ and in the interpreter (TRITON_INTERPRET=1 set before this module is
 imported: the tests run the kernels on CPU tensors that way).
@@ -43,6 +47,10 @@ def _paged_attn_kernel(
     Out,
     OutPart,
     LsePart,
+    Tickets,
+    KNew,
+    VNew,
+    SlotMapping,
     BlockTables,
     ContextLens,
     CuSeqlens,
@@ -56,6 +64,8 @@ def _paged_attn_kernel(
     stride_vb,
     stride_vs,
     stride_vh,
+    stride_nt,
+    stride_nh,
     stride_ot,
     stride_oh,
     stride_bt,
@@ -70,24 +80,46 @@ def _paged_attn_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    MAX_Q: tl.constexpr,  # new tokens per sequence at most (a power of two)
     USE_ALIBI: tl.constexpr,
-    SPLIT: tl.constexpr,  # write partials for the combine kernel instead of Out
+    WRITE: tl.constexpr,  # write the new tokens' K/V (KNew, VNew) into the cache first
+    SPLIT: tl.constexpr,  # partials, and the last split of a (sequence, KV head) combines them
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots, not tf32
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
     ctx = tl.load(ContextLens + seq)
     q_start = tl.load(CuSeqlens + seq)
     q_len = tl.load(CuSeqlens + seq + 1) - q_start
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+
+    # this sequence's context in num_splits pieces of whole key tiles (the last ones may be empty)
+    split_len = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, ctx)
+
+    if WRITE:  # the new tokens whose positions fall in this split: into their cache slots
+        j = tl.arange(0, MAX_Q)
+        j_ok = (j < q_len) & (ctx - q_len + j >= start) & (ctx - q_len + j < end)
+        w_slot = tl.load(SlotMapping + q_start + j, mask=j_ok, other=0).to(tl.int64)
+        w_mask = j_ok[:, None] & d_ok[None, :]
+        src = (q_start + j)[:, None] * stride_nt + kvh * stride_nh + d[None, :]
+        k_new = tl.load(KNew + src, mask=w_mask, other=0.0)
+        v_new = tl.load(VNew + src, mask=w_mask, other=0.0)
+        k_dst = (w_slot // PAGE)[:, None] * stride_kb + (w_slot % PAGE)[:, None] * stride_ks
+        v_dst = (w_slot // PAGE)[:, None] * stride_vb + (w_slot % PAGE)[:, None] * stride_vs
+        tl.store(K + k_dst + kvh * stride_kh + d[None, :], k_new.to(K.dtype.element_ty), w_mask)
+        tl.store(V + v_dst + kvh * stride_vh + d[None, :], v_new.to(V.dtype.element_ty), w_mask)
+        tl.debug_barrier()  # the program's own reads below see these slots
 
     rows = tl.arange(0, BLOCK_M)
     tok = rows // GROUP  # which new token of the sequence
     head = kvh * GROUP + rows % GROUP
     row_ok = tok < q_len
     q_pos = ctx - q_len + tok  # absolute position of each row's query
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
 
     q_ptrs = Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -98,10 +130,6 @@ def _paged_attn_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # this sequence's context in num_splits pieces of whole key tiles (the last ones may be empty)
-    split_len = tl.cdiv(tl.cdiv(ctx, tl.num_programs(2)), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, ctx)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
@@ -137,49 +165,60 @@ def _paged_attn_kernel(
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_mask = row_ok[:, None] & d_ok[None, :]
+    o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     if SPLIT:
-        p_ptrs = OutPart + split * stride_ps + (q_start + tok)[:, None] * stride_pt
-        tl.store(p_ptrs + head[:, None] * stride_ph + d[None, :], out, mask=o_mask)
+        part = (q_start + tok)[:, None] * stride_pt + head[:, None] * stride_ph + d[None, :]
+        tl.store(OutPart + split * stride_ps + part, out, mask=o_mask)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-        l_ptrs = LsePart + split * stride_ls + (q_start + tok) * stride_lt + head
-        tl.store(l_ptrs, lse, mask=row_ok)
+        lse_at = (q_start + tok) * stride_lt + head
+        tl.store(LsePart + split * stride_ls + lse_at, lse, mask=row_ok)
+        # The last program of this (sequence, KV head) to arrive sums the splits' partials,
+        # weighted by their share of the softmax mass, and resets the ticket for the next call.
+        tl.debug_barrier()  # every thread's partials are stored before the ticket is taken
+        ticket = tl.atomic_add(Tickets + seq * tl.num_programs(1) + kvh, 1, sem="acq_rel")
+        if ticket == num_splits - 1:
+            m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+            total = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for i in range(num_splits):
+                lse_i = tl.load(
+                    LsePart + i * stride_ls + lse_at, mask=row_ok, other=float("-inf"),
+                    cache_modifier=".cg",
+                )  # fmt: skip
+                part_i = tl.load(
+                    OutPart + i * stride_ps + part, mask=o_mask, other=0.0, cache_modifier=".cg"
+                )
+                m_next = tl.maximum(m_all, lse_i)
+                m_ref = tl.where(m_next == float("-inf"), 0.0, m_next)  # empty splits weigh 0
+                scale_old = tl.exp2(m_all - m_ref)
+                w_i = tl.exp2(lse_i - m_ref)
+                total = total * scale_old[:, None] + w_i[:, None] * part_i
+                w_sum = w_sum * scale_old + w_i
+                m_all = m_next
+            out = total / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+            tl.atomic_xchg(Tickets + seq * tl.num_programs(1) + kvh, 0)
     else:
-        o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh
-        tl.store(o_ptrs + d[None, :], out.to(Out.dtype.element_ty), mask=o_mask)
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
 
 
-@triton.jit
-def _combine_kernel(
-    OutPart,
-    LsePart,
-    Out,
-    num_splits,
-    stride_ps,
-    stride_pt,
-    stride_ph,
-    stride_ls,
-    stride_lt,
-    stride_ot,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    """Out[t, h] = the splits' partial outputs weighted by their share of the softmax mass."""
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.arange(0, BLOCK_S)
-    s_ok = s < num_splits
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    lse = tl.load(LsePart + s * stride_ls + t * stride_lt + h, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits weigh 0
-    part_ptrs = OutPart + s[:, None] * stride_ps + t * stride_pt + h * stride_ph + d[None, :]
-    part = tl.load(part_ptrs, mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    total = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(Out + t * stride_ot + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=d_ok)
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 counter per (sequence, KV head) for the splits' combine: one buffer per
+    device, kept (each call leaves its counters at zero again), grown outside graph capture.
+    Calls on one device must not overlap in time (the workers run one stream)."""
+    buf = _TICKETS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"paged_attention needs {n} split counters while a CUDA graph is captured; "
+                "run the same call once before capturing"
+            )
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _TICKETS[device] = buf
+    return buf
 
 
 @functools.cache
@@ -222,6 +261,8 @@ def paged_attention(
     max_context_len: int,
     scale: float,
     alibi_slopes: torch.Tensor | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    slot_mapping: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
@@ -229,9 +270,11 @@ def paged_attention(
     """Causal attention of packed queries over the paged cache; returns [T, H, D] in q's dtype.
 
     q [T, H, D] (the new tokens, sequence after sequence as `cu_seqlens` [B+1] says); kv_cache
-    [2, num_blocks, block_size, Hkv, D] already holding the new tokens' keys and values;
-    block_tables int [B, max_blocks]; context_lens int [B] (keys visible to each sequence, new
-    ones included: its queries sit at the last positions); alibi_slopes float [H] or None.
+    [2, num_blocks, block_size, Hkv, D]; block_tables int [B, max_blocks]; context_lens int [B]
+    (keys visible to each sequence, new ones included: its queries sit at the last positions);
+    alibi_slopes float [H] or None. With `new_kv` = (k, v) [T, Hkv, D] and `slot_mapping` int [T]
+    the kernel first writes the new tokens' keys and values into their cache slots (one kernel
+    for the whole layer's decode attention); without, the cache already holds them.
     `max_seqlen_q`/`max_context_len` are host ints (nothing is read back from the device).
     """
     T, H, D = q.shape
@@ -244,6 +287,14 @@ def paged_attention(
     keys, values = kv_cache[0], kv_cache[1]
     if keys.stride(-1) != 1:
         raise ValueError("kv_cache needs a contiguous head_dim")
+    if new_kv is not None:
+        k_new, v_new = new_kv
+        if slot_mapping is None or k_new.shape != (T, Hkv, D) or v_new.shape != k_new.shape:
+            raise ValueError(f"new_kv needs k and v [{T}, {Hkv}, {D}] and a slot_mapping")
+        if v_new.stride() != k_new.stride() or k_new.stride(-1) != 1:  # one layout for both
+            k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    else:
+        k_new = v_new = slot_mapping = q  # unused
     out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
     if T == 0:
         return out
@@ -258,8 +309,9 @@ def paged_attention(
     if split:
         out_part = torch.empty(num_splits, T, H, D, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(num_splits, T, H, dtype=torch.float32, device=q.device)
+        tickets = _tickets(q.device, B * Hkv)
     else:
-        out_part = lse_part = out  # unused
+        out_part = lse_part = tickets = out  # unused
     slopes = alibi_slopes.to(q.device, torch.float32) if alibi_slopes is not None else out
 
     _paged_attn_kernel[(B, Hkv, num_splits)](
@@ -269,6 +321,10 @@ def paged_attention(
         out,
         out_part,
         lse_part,
+        tickets,
+        k_new,
+        v_new,
+        slot_mapping,
         block_tables,
         context_lens,
         cu_seqlens,
@@ -282,6 +338,8 @@ def paged_attention(
         values.stride(0),
         values.stride(1),
         values.stride(2),
+        k_new.stride(0),
+        k_new.stride(1),
         out.stride(0),
         out.stride(1),
         block_tables.stride(0),
@@ -296,26 +354,11 @@ def paged_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
+        MAX_Q=max(2, triton.next_power_of_2(max_seqlen_q)),
         USE_ALIBI=alibi_slopes is not None,
+        WRITE=new_kv is not None,
         SPLIT=split,
         IEEE=q.dtype == torch.float32,
         num_warps=num_warps,
     )
-    if split:
-        _combine_kernel[(T, H)](
-            out_part,
-            lse_part,
-            out,
-            num_splits,
-            out_part.stride(0),
-            out_part.stride(1),
-            out_part.stride(2),
-            lse_part.stride(0),
-            lse_part.stride(1),
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=D,
-            BLOCK_D=block_d,
-            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-        )
     return out

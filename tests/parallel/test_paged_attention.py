@@ -27,6 +27,11 @@ def _paged_attention(kwargs):
     return paged_attention(**kwargs)
 
 
+def _paged_attention_and_cache(kwargs):
+    """As _paged_attention, also returning the cache (which a writing call changes)."""
+    return _paged_attention(kwargs), kwargs["kv_cache"]
+
+
 class Kernels:
     """Calls paged_attention compiled on CUDA, else interpreted in a worker process."""
 
@@ -38,6 +43,11 @@ class Kernels:
         if self.pool is None:
             return _paged_attention(kwargs)
         return self.pool.apply(_paged_attention, (kwargs,))
+
+    def paged_attention_and_cache(self, **kwargs):
+        if self.pool is None:
+            return _paged_attention_and_cache(kwargs)
+        return self.pool.apply(_paged_attention_and_cache, (kwargs,))
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +182,30 @@ def test_splits_follow_each_sequences_own_context(kernels, num_splits):
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_new_keys_and_values_are_written_then_attended(kernels, num_splits):
+    # The cache slots of the new tokens hold garbage; the kernel writes k/v (strided views of
+    # one q/k/v-like buffer, as the merged GEMM leaves them) there and attends to them. With 2
+    # splits of sequence 1 (context 40, cut into 32 + 8 keys) its 3 new tokens straddle the cut.
+    query_lens, context_lens = [1, 3, 2], [20, 40, 2]
+    q, cache, meta, kv = make_case(query_lens, context_lens, device=kernels.device, seed=5)
+    expected = reference(q, kv, query_lens, 0.125, None)
+    new = torch.empty(q.shape[0], 3, 2, 64, dtype=cache.dtype, device=cache.device)
+    flat = cache.flatten(1, 2)  # [2, slots, Hkv, D]
+    new[:, 1] = flat[0, meta.slot_mapping]
+    new[:, 2] = flat[1, meta.slot_mapping]
+    want_cache = cache.clone()
+    flat[:, meta.slot_mapping] = 1e3  # garbage where the new tokens go
+    out, cache = kernels.paged_attention_and_cache(
+        q=q, kv_cache=cache, block_tables=meta.block_tables, context_lens=meta.context_lens,
+        cu_seqlens=meta.cu_seqlens, max_seqlen_q=meta.max_seqlen_q,
+        max_context_len=meta.max_context_len, scale=0.125, new_kv=(new[:, 1], new[:, 2]),
+        slot_mapping=meta.slot_mapping, num_splits=num_splits, block_n=16,
+    )  # fmt: skip
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+    assert torch.equal(cache, want_cache)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_few_new_tokens_per_sequence_stay_causal(kernels, num_splits):
     query_lens, context_lens = [1, 3, 2], [20, 45, 2]
@@ -246,8 +280,8 @@ def test_cuda_kernel_equals_reference(kernels, dtype, use_alibi):
 @needs_cuda
 @pytest.mark.parametrize("use_alibi", [False, True], ids=["no-alibi", "alibi"])
 def test_cuda_attention_decode_takes_paged_kernel(kernels, monkeypatch, use_alibi):
-    """Prefill through the grid path, then decode through the kernel: both equal the reference
-    and the decode step never reaches the grid path."""
+    """Prefill through the grid path, then decode through the kernel: both equal the reference,
+    the decode step never reaches the grid path and its kernel writes the new k/v itself."""
     heads, kv_heads, head_dim, block_size = 8, 2, 64, 16
     lengths = [40, 7, 130]
     g = torch.Generator().manual_seed(3)
@@ -273,8 +307,13 @@ def test_cuda_attention_decode_takes_paged_kernel(kernels, monkeypatch, use_alib
     meta = BatchMeta.for_step(prompt, prompt, tables, block_size, device="cuda")
     attn(*packed(0, -1), meta)  # prefill: not decode-like, the grid path
     monkeypatch.setattr(attn, "_varlen", lambda *a: pytest.fail("decode took the grid path"))
+    monkeypatch.setattr(attn, "_write_cache", lambda *a: pytest.fail("a separate cache write"))
     meta = BatchMeta.for_step([1] * 3, lengths, tables, block_size, device="cuda")
-    out = attn(*packed(-1, None), meta).view(3, heads, head_dim)
+    new = packed(-1, None)
+    out = attn(*new, meta).view(3, heads, head_dim)
+    slots = attn.kv_cache.flatten(1, 2)[:, meta.slot_mapping]  # the kernel wrote the new k/v
+    torch.testing.assert_close(slots[0], new[1].view(3, kv_heads, head_dim), atol=0, rtol=0)
+    torch.testing.assert_close(slots[1], new[2].view(3, kv_heads, head_dim), atol=0, rtol=0)
     kv = [(s[1].half(), s[2].half()) for s in seqs]
     q = torch.stack([s[0][-1].half() for s in seqs])
     expected = reference(q, kv, [1, 1, 1], head_dim**-0.5, slopes)

@@ -35,7 +35,7 @@ MAX_QUERY_LEN = 8  # new tokens per sequence up to which a step counts as decode
 MAX_ROWS = 128  # query rows of one program: heads per KV head x new tokens
 MIN_SPLIT_LEN = 64  # keys per split at least, when the context is split
 MAX_SPLITS = 16
-PROGRAMS_PER_SM = 4  # splits aim at about this many programs per SM
+PROGRAMS_PER_SM = 2  # splits aim at about this many programs per SM
 LOG2E = 1.4426950408889634
 
 

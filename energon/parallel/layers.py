@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from energon.errors import CheckpointError
+from energon.kernels.gemv import linear
 from energon.parallel.allreduce import all_reduce
 from energon.parallel.topology import current_parallel
 
@@ -85,17 +86,12 @@ class ColumnParallelLinear(nn.Module):
         self.merged: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None
 
     def forward(self, x: torch.Tensor, activation=None) -> torch.Tensor:
-        """x @ W.T + b, then `activation` (a function of one tensor) if given. ReLU after a
-        bias on a half-precision 2-D cuda input is fused into the GEMM's epilogue."""
-        if activation is F.relu and self.bias is not None and _fusable(x):
-            return torch._addmm_activation(self.bias, x, self.weight.t())
-        y = F.linear(x, self.weight, self.bias)
+        """x @ W.T + b, then `activation` (a function of one tensor) if given. ReLU is fused
+        into the GEMM on half-precision 2-D cuda inputs (energon.kernels.gemv.linear)."""
+        if activation is F.relu:
+            return linear(x, self.weight, self.bias, relu=True)
+        y = linear(x, self.weight, self.bias)
         return y if activation is None else activation(y)
-
-
-def _fusable(x: torch.Tensor) -> bool:
-    """Whether cuBLASLt's bias + ReLU epilogue applies (what torch._addmm_activation fuses)."""
-    return x.is_cuda and x.dim() == 2 and x.dtype in (torch.float16, torch.bfloat16)
 
 
 def merge_columns(*linears: ColumnParallelLinear) -> None:
@@ -126,7 +122,7 @@ def merged(x: torch.Tensor, *linears: ColumnParallelLinear) -> tuple[torch.Tenso
     if fused is None:
         return tuple(lin(x) for lin in linears)
     weight, bias, splits = fused
-    return F.linear(x, weight, bias).split(splits, dim=-1)
+    return linear(x, weight, bias).split(splits, dim=-1)
 
 
 class RowParallelLinear(nn.Module):
@@ -148,8 +144,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)  # bias fused into the GEMM epilogue
-        return _all_reduce(F.linear(x, self.weight), self.group, self.bias)
+            return linear(x, self.weight, self.bias)  # bias fused into the GEMM epilogue
+        return _all_reduce(linear(x, self.weight), self.group, self.bias)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -1,0 +1,44 @@
+"""Linear layers at decode batch sizes: `linear(x, weight, bias, relu)`.
+
+A decode step multiplies a handful of rows by every weight matrix: the GEMM streams the weights
+and its speed is the fraction of HBM bandwidth it holds. On an H200 (opt-13b / llama-2-13b
+shapes, one row, CUDA graphs) cuBLAS held 3.5-3.8 TB/s on fc1 and fc2 and, for the square and
+K-heavy shapes it splits over K, paid a second reduction kernel; the Triton kernel of
+`gemv_kernels` (no split-K, bias and ReLU in its epilogue) held 3.8-4.0 TB/s, 4-5 us less per
+fc1 / fc2 call (docs/benchmarks.md, "Decode GEMV").
+
+So on CUDA, for fp16/bf16 inputs of at most `gemv_kernels.MAX_ROWS` rows (dense rows, weight
+[N, K] with dense rows), with triton installed and ENERGON_TRITON_GEMV not "0", the Triton kernel
+runs; everything else (prefill, large batches, CPU, fp32) goes to cuBLAS as before, ReLU after a
+bias fused into cuBLASLt's epilogue. The two round differently in the last bit (fp32
+accumulation in another order), like any two GEMM kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from energon.kernels import triton_kernels_for
+
+ENV_SWITCH = "ENERGON_TRITON_GEMV"  # "0": every linear on cuBLAS
+
+
+def kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The Triton GEMV module when it takes this call, else None (cuBLAS)."""
+    if x.dim() != 2 or x.dtype == torch.float32 or x.stride(-1) != 1 or weight.stride(-1) != 1:
+        return None
+    kernels = triton_kernels_for("gemv_kernels", ENV_SWITCH, x, weight, bias)
+    return kernels if kernels is not None and x.shape[0] <= kernels.MAX_ROWS else None
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False
+) -> torch.Tensor:
+    """x @ weight.T (+ bias) (then ReLU), by the fastest kernel for its shape."""
+    if kernels := kernels_for(x, weight, bias):
+        return kernels.gemv(x, weight, bias, relu)
+    if relu and bias is not None and x.is_cuda and x.dim() == 2 and x.dtype != torch.float32:
+        return torch._addmm_activation(bias, x, weight.t())  # ReLU in cuBLASLt's epilogue
+    y = F.linear(x, weight, bias)
+    return F.relu(y) if relu else y

@@ -1,0 +1,95 @@
+"""Triton kernel of `energon.kernels.gemv`: y = x @ W.T (+ bias) (then ReLU) for a few rows of x.
+
+A decode step at small batch reads every weight once for a handful of rows: the GEMM is a
+stream of the weight matrix, and what counts is keeping HBM busy. Each program owns BLOCK_N
+output features and walks K in BLOCK_K tiles (Triton pipelines the loads over `num_stages`);
+the rows of x (at most 16) are padded to one tensor-core tile, accumulated in fp32, and the
+bias and activation are applied before the one store. No split-K, so no second reduction
+kernel.
+
+Imported only on CUDA (energon.kernels.triton_module), and by the interpreter tests.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16  # rows of x one call takes (one tensor-core tile)
+
+
+@triton.jit
+def _gemv_kernel(
+    X,
+    W,
+    Bias,
+    Y,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    n_ok = n < N
+    m_ok = m < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :])
+        w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :])
+        acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(Bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    y_ptrs = Y + m[:, None] * stride_ym + n[None, :]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def gemv(
+    x, weight, bias=None, relu=False, block_n=None, block_k=None, num_warps=4, num_stages=None
+):
+    """x [M, K] (M <= MAX_ROWS, rows dense) @ weight[N, K].T (+ bias [N]) (ReLU) -> [M, N] in
+    x's dtype."""
+    import torch
+
+    M, K = x.shape
+    N = weight.shape[0]
+    if M > MAX_ROWS or weight.shape[1] != K or x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"gemv takes x [<= {MAX_ROWS}, K] and weight [N, K], dense rows")
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    # From the H200 sweep (docs/benchmarks.md, "Decode GEMV"): wide tiles while they still
+    # make ~80 programs; deeper pipelines of longer K tiles for the narrower outputs.
+    block_n = block_n or next((b for b in (64, 32) if triton.cdiv(N, b) >= 80), 16)
+    block_k = block_k or (256 if N <= 8192 else 128)
+    num_stages = num_stages or (5 if N <= 8192 else 3)
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        y,
+        M,
+        N,
+        K,
+        x.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        BLOCK_M=MAX_ROWS,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        HAS_BIAS=bias is not None,
+        RELU=relu,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return y

@@ -1,0 +1,105 @@
+"""The decode GEMV (energon/kernels/gemv.py and gemv_kernels.py) equals float64 matrix products.
+
+The kernel runs here in Triton's interpreter on CPU (the `triton_interpreter` worker of
+tests/conftest.py) on float16 inputs whose products are exact in float32 (small integers), so
+the only rounding left is the final one to float16 and the result must equal float64 math
+rounded once. The `gpu` tests run it compiled against cuBLAS and through the parallel layers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from energon.kernels.gemv import ENV_SWITCH, kernels_for, linear
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# (rows, out features, in features, block_n, block_k): ragged tiles on both sides, up to 16 rows
+SHAPES = [(1, 40, 70, 16, 64), (3, 64, 256, 32, 128), (16, 33, 300, 16, 64), (8, 130, 96, 64, 32)]
+
+
+def integer_case(rows, n, k, seed):
+    """x, weight, bias of small integers (every product and partial sum exact in float32)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, (rows, k), generator=g).half()
+    weight = torch.randint(-3, 4, (n, k), generator=g).half()
+    bias = torch.randint(-50, 51, (n,), generator=g).half()
+    return x, weight, bias
+
+
+def _gemv(cases):
+    """Runs in the interpreter worker: gemv_kernels.gemv of each case."""
+    from energon.kernels import gemv_kernels
+
+    return [
+        gemv_kernels.gemv(x, w, b, relu, block_n=bn, block_k=bk) for x, w, b, relu, bn, bk in cases
+    ]
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_interpreted_gemv_equals_float64(triton_interpreter, with_bias, relu):
+    cases, expected = [], []
+    for i, (rows, n, k, bn, bk) in enumerate(SHAPES):
+        x, w, b = integer_case(rows, n, k, seed=i)
+        b = b if with_bias else None
+        want = x.double() @ w.double().T + (b.double() if b is not None else 0)
+        expected.append((want.clamp_min(0) if relu else want).half())
+        cases.append((x, w, b, relu, bn, bk))
+    for got, want in zip(triton_interpreter.apply(_gemv, (cases,)), expected, strict=True):
+        assert got.dtype == torch.float16 and got.shape == want.shape
+        assert torch.equal(got, want)
+
+
+def test_gemv_refuses_more_rows_than_one_tile():
+    from energon.kernels import gemv_kernels
+
+    x, w, _ = integer_case(17, 8, 8, seed=0)
+    with pytest.raises(ValueError, match="<= 16"):
+        gemv_kernels.gemv(x, w)
+
+
+def test_cpu_and_float32_inputs_stay_on_the_eager_ops():
+    x, w, b = integer_case(2, 8, 8, seed=1)
+    assert kernels_for(x, w, b) is None  # cpu
+    assert torch.equal(linear(x.float(), w.float(), b.float(), relu=True),
+                       F.relu(F.linear(x.float(), w.float(), b.float())))  # fmt: skip
+
+
+# --- compiled, on the GPU ----------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_cuda_gemv_agrees_with_cublas(dtype, rows):
+    torch.manual_seed(rows)
+    for n, k in [(5120, 5120), (20480, 5120), (5120, 20480), (3840, 1280), (100, 72)]:
+        x = torch.randn(rows, k, device="cuda", dtype=dtype)
+        w = torch.randn(n, k, device="cuda", dtype=dtype) * k**-0.5
+        b = torch.randn(n, device="cuda", dtype=dtype)
+        assert kernels_for(x, w, b) is not None
+        for relu in (False, True):
+            got = linear(x, w, b, relu=relu)
+            want = x.double() @ w.double().T + b.double()
+            want = want.clamp_min(0) if relu else want
+            theirs = F.linear(x, w, b).double()
+            theirs = theirs.clamp_min(0) if relu else theirs
+            # both within a few units in the last place of the exact product
+            tol = 4 * torch.finfo(dtype).eps * want.abs().clamp_min(1)
+            assert ((got.double() - want).abs() <= tol).all()
+            assert ((theirs - want).abs() <= tol).all()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_gemv_switch_and_large_batches_go_to_cublas(monkeypatch):
+    x = torch.randn(17, 64, device="cuda", dtype=torch.float16)
+    w = torch.randn(32, 64, device="cuda", dtype=torch.float16)
+    assert kernels_for(x, w, None) is None  # more rows than one tile: a prefill or big batch
+    assert kernels_for(x[:16], w, None) is not None
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    assert kernels_for(x[:16], w, None) is None

@@ -9,6 +9,7 @@ SCENARIOS = {
     "actors": "energon.bench.actors",
     "allreduce": "energon.bench.allreduce",
     "forward": "energon.bench.forward",
+    "gemv": "energon.bench.gemv",
     "generate": "energon.bench.generate",
     "paged-attention": "energon.bench.paged_attention",
     "pipeline": "energon.bench.pipeline",

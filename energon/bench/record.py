@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import re
 import subprocess
@@ -32,7 +33,11 @@ def card_name() -> str:
 
 
 def git_sha() -> str:
-    """The current commit, or "unknown" outside a git checkout."""
+    """The current commit: ENERGON_GIT_SHA when set (a copy of a working tree whose .git is
+    another commit's, as on a lent GPU machine), else git's HEAD, or "unknown" outside a
+    checkout."""
+    if sha := os.environ.get("ENERGON_GIT_SHA"):
+        return sha
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -19,3 +19,12 @@ def test_the_table_has_a_line_per_record_with_dashes_where_a_field_is_missing(ca
     assert first.split() == "2 throughput 3812 tokens/s 2438 1.564 4468 0.853".split()
     assert second.split() == "1 copy_bandwidth 2950 GB/s - - - -".split()
     assert head2.split()[0] == "dtype" and third.split()[0] == "-"
+
+
+def test_git_sha_names_the_commit_the_environment_gives(monkeypatch):
+    from energon.bench.record import git_sha
+
+    monkeypatch.setenv("ENERGON_GIT_SHA", "abc1234")
+    assert git_sha() == "abc1234"
+    monkeypatch.delenv("ENERGON_GIT_SHA")
+    assert git_sha() not in ("", "abc1234")

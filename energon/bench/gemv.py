@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", default="1,8", help="comma-separated rows of x (<= 16)")
     parser.add_argument("--tp", default="1,2,4", help="comma-separated tp sizes (shard shapes)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    parser.add_argument("--bytes-per-graph", type=int, default=600, help="MB of weights a graph reads")
+    parser.add_argument(
+        "--bytes-per-graph", type=int, default=600, help="MB of weights a graph reads"
+    )
     parser.add_argument("--copy-mib", type=int, default=1024, help="copy bandwidth buffer")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
 
@@ -78,7 +80,9 @@ def main(args: argparse.Namespace) -> int:
         for tp in (int(t) for t in args.tp.split(",")):
             N, K = (n // tp, k) if split == "N" else (n, k // tp)
             copies = max(4, -(-args.bytes_per_graph * 10**6 // (N * K * 2)))
-            weights = [torch.randn(N, K, device=device, dtype=dtype) * K**-0.5 for _ in range(copies)]
+            weights = [
+                torch.randn(N, K, device=device, dtype=dtype) * K**-0.5 for _ in range(copies)
+            ]
             bias = torch.randn(N, device=device, dtype=dtype) if has_bias else None
             if split == "K" and tp > 1:
                 bias = None  # a row-parallel shard's bias is added after the all-reduce

@@ -22,6 +22,7 @@ from energon.decode_graphs import DecodeGraphs
 from energon.models.llama import rope_parameters
 from energon.models.loader import LoadReport, load_weights, random_init
 from energon.models.registry import ModelSpec, context_window, resolve
+from energon.models.stack import run_layers
 from energon.parallel.attention import Attention
 from energon.parallel.one_shot_setup import enable_fast_all_reduce
 from energon.parallel.packing import BatchMeta, pack, pad
@@ -251,8 +252,7 @@ class ModelRunner(OffloadMember):
         stage) logits out. Decode graphs capture exactly this."""
         s = self.state
         hidden = self.model.embed(x, meta) if s.is_first_stage else x
-        for i in self.layer_range:
-            hidden = self.model.layers[i](hidden, meta)
+        hidden = run_layers((self.model.layers[i] for i in self.layer_range), hidden, meta)
         return self.model.head(hidden, meta) if s.is_last_stage else hidden
 
     def _receive_into(self, buffer: torch.Tensor) -> None:

@@ -60,9 +60,12 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x)
 
     def add_norm(
-        self, x: torch.Tensor, residual: torch.Tensor
+        self, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(layer_norm(x + residual), x + residual), the sum rounded as eager `x + residual`."""
+        """(layer_norm(x + residual), x + residual), the sum rounded as eager `x + residual`;
+        (layer_norm(x), x) when residual is None."""
+        if residual is None:
+            return self(x), x
         if kernels := self._kernels_for(x, residual):
             return kernels.norm_rows(x, self.weight, self.bias, self.eps, False, residual)
         summed = x + residual
@@ -92,9 +95,12 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
     def add_norm(
-        self, x: torch.Tensor, residual: torch.Tensor
+        self, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rms_norm(x + residual), x + residual), the sum rounded as eager `x + residual`."""
+        """(rms_norm(x + residual), x + residual), the sum rounded as eager `x + residual`;
+        (rms_norm(x), x) when residual is None."""
+        if residual is None:
+            return self(x), x
         if kernels := self._kernels_for(x, residual):
             return kernels.norm_rows(x, self.weight, None, self.eps, True, residual)
         summed = x + residual

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from energon.kernels.norms import LayerNorm
+from energon.models.stack import run_layers
 from energon.parallel.attention import Attention
 from energon.parallel.layers import (
     ColumnParallelLinear,
@@ -100,13 +101,14 @@ class BloomBlock(nn.Module):
         self.mlp = BloomMLP(config)
         self.residual_from_norm = config.get("apply_residual_connection_post_layernorm", False)
 
-    def forward(self, hidden: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
-        normed = self.input_layernorm(hidden)
+    def forward(self, hidden: torch.Tensor, meta: BatchMeta, residual=None):
+        """(out, residual): this layer's output is out + residual (energon/models/stack.py)."""
+        normed, hidden = self.input_layernorm.add_norm(hidden, residual)
         residual = normed if self.residual_from_norm else hidden
         attn_out = self.self_attention(normed, meta)
         normed, hidden = self.post_attention_layernorm.add_norm(attn_out, residual)
         residual = normed if self.residual_from_norm else hidden
-        return residual + self.mlp(normed)
+        return self.mlp(normed), residual
 
 
 class BloomModel(nn.Module):
@@ -159,7 +161,5 @@ class BloomForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """The whole model on one device (pp=1): [T] ids -> [N, vocab] logits."""
-        hidden = self.embed(input_ids, meta)
-        for layer in self.layers:
-            hidden = layer(hidden, meta)
+        hidden = run_layers(self.layers, self.embed(input_ids, meta), meta)
         return self.head(hidden, meta)

@@ -15,6 +15,7 @@ from torch import nn
 
 from energon.errors import CheckpointError
 from energon.kernels.norms import LayerNorm
+from energon.models.stack import run_layers
 from energon.parallel.attention import Attention
 from energon.parallel.layers import (
     ColumnParallelLinear,
@@ -127,9 +128,11 @@ class GPT2Block(nn.Module):
         self.ln_2 = LayerNorm(hidden, eps=eps)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, hidden: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
-        normed, hidden = self.ln_2.add_norm(self.attn(self.ln_1(hidden), meta), hidden)
-        return hidden + self.mlp(normed)
+    def forward(self, hidden: torch.Tensor, meta: BatchMeta, residual=None):
+        """(out, residual): this layer's output is out + residual (energon/models/stack.py)."""
+        normed, residual = self.ln_1.add_norm(hidden, residual)
+        normed, residual = self.ln_2.add_norm(self.attn(normed, meta), residual)
+        return self.mlp(normed), residual
 
 
 class GPT2Model(nn.Module):
@@ -178,7 +181,5 @@ class GPT2LMHeadModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """The whole model on one device (pp=1): [T] ids -> [N, vocab] logits."""
-        hidden = self.embed(input_ids, meta)
-        for layer in self.layers:
-            hidden = layer(hidden, meta)
+        hidden = run_layers(self.layers, self.embed(input_ids, meta), meta)
         return self.head(hidden, meta)

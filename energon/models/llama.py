@@ -17,6 +17,7 @@ from torch import nn
 
 from energon.kernels.norms import RMSNorm
 from energon.kernels.rope import rotary_kernels_for, silu_mul
+from energon.models.stack import run_layers
 from energon.parallel.attention import Attention
 from energon.parallel.layers import (
     ColumnParallelLinear,
@@ -190,10 +191,12 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config["hidden_size"], eps)
         self.post_attention_layernorm = RMSNorm(config["hidden_size"], eps)
 
-    def forward(self, hidden: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
-        attn_out = self.self_attn(self.input_layernorm(hidden), meta)
-        normed, hidden = self.post_attention_layernorm.add_norm(attn_out, hidden)
-        return hidden + self.mlp(normed)
+    def forward(self, hidden: torch.Tensor, meta: BatchMeta, residual=None):
+        """(out, residual): this layer's output is out + residual (energon/models/stack.py)."""
+        normed, residual = self.input_layernorm.add_norm(hidden, residual)
+        attn_out = self.self_attn(normed, meta)
+        normed, residual = self.post_attention_layernorm.add_norm(attn_out, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -239,9 +242,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """The whole model on one device (pp=1): [T] ids → [N, vocab] logits."""
-        hidden = self.embed(input_ids, meta)
-        for layer in self.layers:
-            hidden = layer(hidden, meta)
+        hidden = run_layers(self.layers, self.embed(input_ids, meta), meta)
         return self.head(hidden, meta)
 
 

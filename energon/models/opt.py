@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from energon.kernels.norms import LayerNorm
+from energon.models.stack import run_layers
 from energon.parallel.attention import Attention
 from energon.parallel.layers import (
     ColumnParallelLinear,
@@ -77,15 +78,17 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = layer_norm(config, hidden)
         self.act = ACTIVATIONS[config.get("activation_function", "relu")]
 
-    def forward(self, hidden: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, meta: BatchMeta, residual=None):
+        """(out, residual): this layer's output is out + residual (energon/models/stack.py)."""
         if self.do_layer_norm_before:  # OPT-125m, 1.3b, ..., 175b
-            attn_out = self.self_attn(self.self_attn_layer_norm(hidden), meta)
-            normed, hidden = self.final_layer_norm.add_norm(attn_out, hidden)
-            return hidden + self.fc2(self.fc1(normed, self.act))
+            normed, residual = self.self_attn_layer_norm.add_norm(hidden, residual)
+            attn_out = self.self_attn(normed, meta)
+            normed, residual = self.final_layer_norm.add_norm(attn_out, residual)
+            return self.fc2(self.fc1(normed, self.act)), residual
         # OPT-350m: each residual sum is normalised after the sublayer
         hidden, _ = self.self_attn_layer_norm.add_norm(self.self_attn(hidden, meta), hidden)
         hidden, _ = self.final_layer_norm.add_norm(self.fc2(self.fc1(hidden, self.act)), hidden)
-        return hidden
+        return hidden, None
 
 
 class OPTDecoder(nn.Module):
@@ -172,7 +175,5 @@ class OPTForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """The whole model on one device (pp=1): [T] ids -> [N, vocab] logits."""
-        hidden = self.embed(input_ids, meta)
-        for layer in self.layers:
-            hidden = layer(hidden, meta)
+        hidden = run_layers(self.layers, self.embed(input_ids, meta), meta)
         return self.head(hidden, meta)

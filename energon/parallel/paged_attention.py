@@ -202,23 +202,23 @@ def _paged_attn_kernel(
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
 
 
-_TICKETS: dict[torch.device, torch.Tensor] = {}
+_TICKETS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
     """A zeroed int32 counter per (sequence, KV head) for the splits' combine: one buffer per
     device, kept (each call leaves its counters at zero again), grown outside graph capture.
+    A grown buffer never frees the one before it: CUDA graphs captured earlier still use it.
     Calls on one device must not overlap in time (the workers run one stream)."""
-    buf = _TICKETS.get(device)
-    if buf is None or buf.numel() < n:
+    buffers = _TICKETS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 f"paged_attention needs {n} split counters while a CUDA graph is captured; "
                 "run the same call once before capturing"
             )
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _TICKETS[device] = buf
-    return buf
+        buffers.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 @functools.cache

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from energon.bench.limits import copy_bandwidth
-from energon.bench.record import Record, write_results
+from energon.bench.record import Record, copy_bandwidth_record, write_results
 
 SCENARIO = "gemv"
 # (model, layer, N, K, bias, relu) at tp=1; `split` says which side tp divides
@@ -132,16 +132,7 @@ def main(args: argparse.Namespace) -> int:
                     )
                 )
             del weights
-    records.append(
-        Record(
-            scenario=SCENARIO,
-            metric="copy_bandwidth",
-            unit="GB/s",
-            value=bandwidth / 1e9,
-            n_gpus=1,
-            notes="device-to-device, bytes read + written, measured in the same run",
-        )
-    )
+    records.append(copy_bandwidth_record(SCENARIO, bandwidth, n_gpus=1))
     path = write_results(SCENARIO, records, args.out)
     print(f"\nwrote {path}")
     return 0

@@ -24,7 +24,7 @@ import time
 import torch
 
 from energon.bench.limits import copy_bandwidth
-from energon.bench.record import Record, write_results
+from energon.bench.record import Record, copy_bandwidth_record, write_results
 
 SCENARIO = "paged-attention"
 
@@ -244,16 +244,7 @@ def main(args: argparse.Namespace) -> int:
                     notes=notes,
                 )
             )
-    records.append(
-        Record(
-            scenario=SCENARIO,
-            metric="copy_bandwidth",
-            unit="GB/s",
-            value=bandwidth / 1e9,
-            n_gpus=1 if device.type == "cuda" else 0,
-            notes="device-to-device, bytes read + written, measured in the same run",
-        )
-    )
+    records.append(copy_bandwidth_record(SCENARIO, bandwidth, int(device.type == "cuda")))
     path = write_results(SCENARIO, records, args.out)
     print(f"\nwrote {path}")
     return 0

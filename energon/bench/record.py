@@ -90,6 +90,20 @@ class Record:
     notes: str | None = None
 
 
+def copy_bandwidth_record(scenario: str, bytes_per_s: float, n_gpus: int, **fields) -> Record:
+    """The record of a device-to-device copy bandwidth measured in the same run (the floor of a
+    memory-bound scenario)."""
+    return Record(
+        scenario=scenario,
+        metric="copy_bandwidth",
+        unit="GB/s",
+        value=bytes_per_s / 1e9,
+        n_gpus=n_gpus,
+        notes="device-to-device, bytes read + written, measured in the same run",
+        **fields,
+    )
+
+
 def results_path(scenario: str, card: str | None = None, day: datetime.date | None = None) -> Path:
     """bench/results/<YYYY-MM-DD>-<card>-<scenario>.json with the card name made file-safe."""
     day = day or datetime.date.today()

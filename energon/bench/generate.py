@@ -67,6 +67,7 @@ from energon.bench.record import (
     torch_version,
     write_results,
 )
+from energon.bench.trace import median_or_none
 from energon.engine import Engine
 from energon.models.registry import resolve
 from energon.parallel.attention import Attention
@@ -362,16 +363,12 @@ def summarize_log(log: list, batch: int) -> dict:
     busy = [t1 - t0 for t0, t1 in decode[:1]] + [b[1] - max(b[0], a[1]) for a, b in pairs]
     gaps = [max(0.0, b[0] - a[1]) for a, b in pairs]
     periods = [b[1] - a[1] for a, b in pairs]
-
-    def median(xs):
-        return statistics.median(xs) if xs else None
-
     return {
         "steps": len(log),
         "decode_steps": len(decode),
-        "busy_s": median(busy),
-        "gap_s": median(gaps),
-        "period_s": median(periods),
+        "busy_s": median_or_none(busy),
+        "gap_s": median_or_none(gaps),
+        "period_s": median_or_none(periods),
         "busy_mean_s": statistics.fmean(busy) if busy else None,
         "period_mean_s": statistics.fmean(periods) if periods else None,
         "period_p90_s": sorted(periods)[int(0.9 * (len(periods) - 1))] if periods else None,

@@ -86,6 +86,13 @@ def timeline_png(
     return path
 
 
+def median_or_none(xs: Sequence[float]) -> float | None:
+    """The median of xs, None when there are none."""
+    import statistics
+
+    return statistics.median(xs) if xs else None
+
+
 def turnaround(
     stage_traces: Sequence[Sequence[Span]], controller: Sequence[Sequence[float]]
 ) -> dict | None:
@@ -103,7 +110,6 @@ def turnaround(
 
     None when the traces do not pair up (another count of steps)."""
     import bisect
-    import statistics
 
     first, last = stage_traces[0], stage_traces[-1]
     if not controller or len(first) != len(controller) or len(last) != len(controller):
@@ -119,15 +125,11 @@ def turnaround(
         if i and t_sent > first[i - 1][2]:  # sent after the stage was done: it waited
             deliver.append(first[i][0] - t_sent)
     wall = max(c[2] for c in controller) - min(sent)
-
-    def median(xs):
-        return statistics.median(xs) if xs else None
-
     return {
-        "reply_s": median(reply),
-        "control_s": median(control),
-        "apply_s": median(apply),
-        "deliver_s": median(deliver),
+        "reply_s": median_or_none(reply),
+        "control_s": median_or_none(control),
+        "apply_s": median_or_none(apply),
+        "deliver_s": median_or_none(deliver),
         "busy": sum(apply) / wall if wall > 0 else None,
         "steps": len(controller),
     }

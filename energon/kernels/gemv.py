@@ -7,7 +7,7 @@ K-heavy shapes it splits over K, paid a second reduction kernel; the Triton kern
 `gemv_kernels` (no split-K, bias and ReLU in its epilogue) held 3.8-4.0 TB/s, 4-5 us less per
 fc1 / fc2 call (docs/benchmarks.md, "Decode GEMV").
 
-So on CUDA, for fp16/bf16 inputs of at most `gemv_kernels.MAX_ROWS` rows (dense rows, weight
+So on CUDA, for fp16/bf16 inputs of at most `MAX_ROWS` rows (dense rows, weight
 [N, K] with dense rows), with triton installed and ENERGON_TRITON_GEMV not "0", the Triton kernel
 runs; everything else (prefill, large batches, CPU, fp32) goes to cuBLAS as before, ReLU after a
 bias fused into cuBLASLt's epilogue. The two round differently in the last bit (fp32
@@ -22,14 +22,17 @@ import torch.nn.functional as F
 from energon.kernels import triton_kernels_for
 
 ENV_SWITCH = "ENERGON_TRITON_GEMV"  # "0": every linear on cuBLAS
+MAX_ROWS = 16  # rows of x the Triton kernel takes (one tensor-core tile)
 
 
 def kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """The Triton GEMV module when it takes this call, else None (cuBLAS)."""
-    if x.dim() != 2 or x.dtype == torch.float32 or x.stride(-1) != 1 or weight.stride(-1) != 1:
+    """The Triton GEMV module when it takes this call, else None (cuBLAS). The row count is
+    looked at first: a prefill's linears (hundreds of rows) leave at once."""
+    if x.dim() != 2 or x.shape[0] > MAX_ROWS or x.dtype == torch.float32:
         return None
-    kernels = triton_kernels_for("gemv_kernels", ENV_SWITCH, x, weight, bias)
-    return kernels if kernels is not None and x.shape[0] <= kernels.MAX_ROWS else None
+    if x.stride(-1) != 1 or weight.stride(-1) != 1:
+        return None
+    return triton_kernels_for("gemv_kernels", ENV_SWITCH, x, weight, bias)
 
 
 def linear(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-MAX_ROWS = 16  # rows of x one call takes (one tensor-core tile)
+from energon.kernels.gemv import MAX_ROWS
 
 
 @triton.jit

@@ -23,6 +23,7 @@ from energon.models.llama import rope_parameters
 from energon.models.loader import LoadReport, load_weights, random_init
 from energon.models.registry import ModelSpec, context_window, resolve
 from energon.models.stack import run_layers
+from energon.parallel.allreduce import fast_all_reduce
 from energon.parallel.attention import Attention
 from energon.parallel.one_shot_setup import enable_fast_all_reduce
 from energon.parallel.packing import BatchMeta, pack, pad
@@ -515,6 +516,7 @@ class ModelRunner(OffloadMember):
     def info(self) -> dict:
         """This rank's place and share: rank, stage, tp_rank, layers [start, stop), device, dtype."""
         s = self.state
+        fast = fast_all_reduce(s.tp_group)
         return {
             "rank": s.rank,
             "stage": s.stage,
@@ -528,6 +530,8 @@ class ModelRunner(OffloadMember):
             "graph_error": self.graph_error,
             "chained_steps": self.chained_steps,
             "all_reduce": self.all_reduce,
+            # (one-shot sums, of them fused with a norm) issued; a captured one counts once
+            "one_shot_calls": (fast.one_shot_calls, fast.norm_calls) if fast else (0, 0),
             "cpu_threads": torch.get_num_threads(),
         }
 

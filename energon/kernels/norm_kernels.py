@@ -49,10 +49,31 @@ def _norm_kernel(
         r = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
         tl.store(Summed + row * stride_s + cols, x, mask=mask)
+    y = normalise(x, cols, mask, width, eps, Weight, Bias, RMS, HAS_WEIGHT, HAS_BIAS)
+    tl.store(Out + row * stride_o + cols, y.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def normalise(
+    x,  # one row in its dtype, 0 past `width`
+    cols,
+    mask,
+    width,
+    eps,
+    Weight,
+    Bias,
+    RMS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """The normalised row in float32 (weight and bias applied), before its cast to the output
+    dtype; `x` holds it in the input dtype. Also the epilogue of the fused all-reduce
+    (energon/kernels/one_shot_norm.py), so that both round alike."""
+    dtype = x.dtype
     x = x.to(tl.float32)
     if RMS:
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / width + eps)
-        y = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+        y = (x * rstd).to(dtype).to(tl.float32)
     else:
         mean = tl.sum(x, axis=0) / width
         centred = tl.where(mask, x - mean, 0.0)
@@ -62,7 +83,7 @@ def _norm_kernel(
         y = y * tl.load(Weight + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y = y + tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + row * stride_o + cols, y.to(Out.dtype.element_ty), mask=mask)
+    return y
 
 
 def num_warps_for(block: int) -> int:

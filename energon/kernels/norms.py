@@ -4,6 +4,8 @@
 and random init are unchanged) and one more method, `add_norm(x, residual) -> (normed, summed)`:
 summed = x + residual, normed = the norm of summed. A pre-LN layer's residual add and the norm
 after it become one call: `normed, hidden = self.final_layer_norm.add_norm(attn_out, hidden)`.
+`x` may be a row-parallel layer's `PartialSum` (energon/parallel/partial_sum.py): its all-reduce
+then joins the add and the norm in one kernel where that kernel takes it, else it is summed first.
 
 On CUDA tensors (fp16, bf16 or fp32, rows up to 16384 wide, no autograd) each call is one
 Triton kernel (energon/kernels/norm_kernels.py). Elsewhere, without triton, or with
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from energon.kernels import triton_kernels_for
+from energon.parallel.partial_sum import PartialSum
 
 ENV_SWITCH = "ENERGON_TRITON_NORMS"  # "0" keeps every norm on the eager torch ops
 
@@ -64,6 +67,11 @@ class LayerNorm(nn.LayerNorm):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(layer_norm(x + residual), x + residual), the sum rounded as eager `x + residual`;
         (layer_norm(x), x) when residual is None."""
+        if isinstance(x, PartialSum):
+            fused = x.add_norm(residual, self.weight, self.bias, self.eps, rms=False)
+            if fused is not None:
+                return fused
+            x = x.sum()
         if residual is None:
             return self(x), x
         if kernels := self._kernels_for(x, residual):
@@ -99,6 +107,11 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(x + residual), x + residual), the sum rounded as eager `x + residual`;
         (rms_norm(x), x) when residual is None."""
+        if isinstance(x, PartialSum):
+            fused = x.add_norm(residual, self.weight, None, self.eps, rms=True)
+            if fused is not None:
+                return fused
+            x = x.sum()
         if residual is None:
             return self(x), x
         if kernels := self._kernels_for(x, residual):

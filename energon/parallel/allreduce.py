@@ -21,11 +21,16 @@ them. Larger messages (prefill), other dtypes and other devices go to `dist.all_
   (energon/parallel/one_shot_setup.py, `enable_fast_all_reduce`). Otherwise every rank uses NCCL.
 - Layers call `all_reduce(x, group, bias)`; `install_all_reduce` registers the group's fast
   path, which lives as long as the process (torch's symmetric memory is per process and group).
+- A row-parallel layer's sum that goes straight into a residual add and a norm (a
+  `PartialSum`, energon/parallel/partial_sum.py) is summed, added and normalised by one kernel
+  (`add_norm`, energon/kernels/one_shot_norm.py) for float16 batches of up to 64 rows; with
+  ENERGON_ALL_REDUCE_NORM=0 it takes the one-shot kernel and then the norm's.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.distributed as dist
@@ -37,6 +42,7 @@ log = logging.getLogger("energon")
 DEFAULT_MAX_BYTES = 512 << 10
 MODES = ("auto", "nccl")
 MODE_ENV = "ENERGON_ALL_REDUCE"
+NORM_ENV = "ENERGON_ALL_REDUCE_NORM"  # "0": a sum and the norm after it as two kernels
 
 # the dtype each message dtype is summed in by torch's kernels (bfloat16 and float32 only)
 SUM_DTYPE = {
@@ -71,7 +77,8 @@ class OneShotAllReduce:
     """Sum over one tp group: messages of at most `max_bytes` on `device` go through symmetric
     memory (`buffer`, rendezvoused over `group`), the rest to `dist.all_reduce`. bfloat16 and
     float32 by torch's kernels; float16 by energon's kernel when given its arguments (`peers`,
-    from `own_kernel_args`), else summed in float32 by torch's when `float16_in_float32`.
+    from `own_kernel_args`), else summed in float32 by torch's when `float16_in_float32`;
+    `norm_offset`: where the fused all-reduce + norm's region starts (`add_norm`), if any.
 
     `scratch` is ordinary memory of 2 * max_bytes (a multiple of 16; room for a float16 message
     summed in float32) for the staged paths; `buffer` starts with as many bytes for torch's
@@ -89,6 +96,7 @@ class OneShotAllReduce:
         handle=None,
         float16_in_float32: bool = False,
         peers: tuple | None = None,
+        norm_offset: int | None = None,
     ):
         torch_bytes = scratch.numel()  # torch's kernels use the buffer's first bytes
         if torch_bytes < 2 * max_bytes or buffer.numel() < torch_bytes or torch_bytes % ALIGN:
@@ -113,7 +121,11 @@ class OneShotAllReduce:
             d for d in SUM_DTYPE if d is not torch.float16 or float16_in_float32 or self.own_kernel
         )
         self._fused = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
+        # where the region of energon's fused all-reduce + add + norm starts in the buffer
+        # (energon/kernels/one_shot_norm.py), when it has one
+        self.norm_offset = norm_offset if peers is not None else None
         self.one_shot_calls = 0  # calls issued (a captured call counts once, at capture)
+        self.norm_calls = 0  # of them, fused with the norm after them
         self.nccl_calls = 0
         self.error: str | None = None  # why the fast path was turned off after set-up
 
@@ -160,6 +172,59 @@ class OneShotAllReduce:
         self._torch_one_shot(x)
         if bias is not None:
             x.add_(bias)
+
+    def add_norm(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        norm_bias: torch.Tensor | None,
+        eps: float,
+        rms: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(normed, summed) by one kernel: summed = the sum of `x` over the group + bias (+
+        residual), normed = its LayerNorm (RMSNorm when `rms`) by weight and norm_bias. None
+        when that kernel does not take the call (the caller sums and normalises as before):
+        not float16, over 64 rows or `max_bytes`, ENERGON_ALL_REDUCE_NORM=0. The answer
+        depends on shapes and dtypes only, alike on every rank. `x` is left as it was."""
+        if os.environ.get(NORM_ENV, "1") == "0":
+            return None
+        return self.fused_add_norm(x, bias, residual, weight, norm_bias, eps, rms)
+
+    def fused_add_norm(
+        self, x, bias, residual, weight, norm_bias, eps, rms
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`add_norm` whatever ENERGON_ALL_REDUCE_NORM says (the set-up checks it so)."""
+        if self.norm_offset is None or not self.takes(x):
+            return None
+        from energon.kernels import one_shot_norm
+
+        if not one_shot_norm.takes(x, residual, weight, norm_bias, bias):
+            return None
+        result = self._own_add_norm(x, bias, residual, weight, norm_bias, eps, rms)
+        self.one_shot_calls += 1
+        self.norm_calls += 1
+        return result
+
+    def _own_add_norm(self, x, bias, residual, weight, norm_bias, eps, rms):
+        """Energon's fused kernel: (normed, summed)."""
+        from energon.kernels.one_shot_norm import one_shot_add_norm
+
+        table, rank, world, *_ = self._peers
+        return one_shot_add_norm(
+            x,
+            residual,
+            weight,
+            norm_bias,
+            eps,
+            rms,
+            bias,
+            table.data_ptr(),
+            rank,
+            world,
+            self.norm_offset,
+        )
 
     def _torch_one_shot(self, x: torch.Tensor) -> None:
         n = x.numel()
@@ -211,7 +276,8 @@ class OneShotAllReduce:
             return f"nccl: one-shot turned off after set-up ({self.error})"
         names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
         if self.own_kernel:
-            names += " (float16 by energon's kernel)"
+            fused = ", fused with the norm after it" if self.norm_offset is not None else ""
+            names += f" (float16 by energon's kernel{fused})"
         elif torch.float16 in self.dtypes:
             names += " (float16 summed in float32)"
         return (

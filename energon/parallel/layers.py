@@ -16,6 +16,7 @@ from torch import nn
 from energon.errors import CheckpointError
 from energon.kernels.gemv import linear
 from energon.parallel.allreduce import all_reduce
+from energon.parallel.partial_sum import PartialSum
 from energon.parallel.topology import current_parallel
 
 
@@ -126,7 +127,8 @@ def merged(x: torch.Tensor, *linears: ColumnParallelLinear) -> tuple[torch.Tenso
 
 
 class RowParallelLinear(nn.Module):
-    """y = x @ W.T + b with the input features split over tp: partial product, all-reduce, + b."""
+    """y = x @ W.T + b with the input features split over tp: partial product, all-reduce, + b
+    (the all-reduce left to the norm after it: energon/parallel/partial_sum.py)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
@@ -142,10 +144,15 @@ class RowParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | PartialSum:
+        """x @ W.T + b. At tp > 1 the sum over the group is left to whoever uses it: a
+        `PartialSum`, which the norm after it sums in its own kernel (`add_norm`), and which
+        `sum()` or `+` turn into the tensor."""
         if self.tp_size == 1:
             return linear(x, self.weight, self.bias)  # bias fused into the GEMM epilogue
-        return _all_reduce(linear(x, self.weight), self.group, self.bias)
+        if self.group is None:
+            return _all_reduce(linear(x, self.weight), None, self.bias)
+        return PartialSum(linear(x, self.weight), self.bias, self.group)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -128,24 +128,71 @@ def _check_sums(probes: list[torch.Tensor], size: int) -> None:
             raise RuntimeError(f"wrong one-shot sums ({x.dtype}, {x.numel()} elements)")
 
 
+NORM_PROBE = (3, 5120)  # rows, width: a decode step's all-reduce + norm
+
+
+def _norm_probe(fast: OneShotAllReduce, rank: int) -> dict:
+    """Arguments of a fused all-reduce + RMSNorm (`fused_add_norm`), when `fast` has one."""
+    if fast.norm_offset is None:
+        return {}
+    n, dev, f16 = NORM_PROBE[0] * NORM_PROBE[1], fast.device, torch.float16
+    return {
+        "x": _pattern(n, f16, rank, dev).view(NORM_PROBE),
+        "residual": _pattern(n, f16, 0, dev).view(NORM_PROBE),
+        "weight": torch.full(NORM_PROBE[1:], 0.5, dtype=f16, device=dev),
+    }
+
+
+def _run_norm_probe(fast: OneShotAllReduce, probe: dict) -> tuple | None:
+    if not probe:
+        return None
+    args = probe["x"], None, probe["residual"], probe["weight"], None, 1e-6, True
+    out = fast.fused_add_norm(*args)
+    if out is None:
+        raise RuntimeError("the fused all-reduce + norm refused its probe")
+    return out
+
+
+def _check_norm(result: tuple | None, probe: dict, size: int) -> None:
+    """Raises RuntimeError unless the probe's sum is exact and its RMSNorm close to eager's."""
+    if result is None:
+        return
+    normed, summed = result
+    total = size * (size + 1) // 2 + 1  # every rank's x, and the residual
+    want = probe["residual"] * total
+    if not torch.equal(summed, want):
+        raise RuntimeError("wrong sums from the fused all-reduce + norm")
+    h = want.float()
+    eager = probe["weight"] * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).half()
+    if not torch.allclose(normed.float(), eager.float(), rtol=1e-2, atol=1e-2):
+        raise RuntimeError("wrong norms from the fused all-reduce + norm")
+
+
 def _check_eagerly(fast: OneShotAllReduce, rank: int, size: int) -> None:
-    probes = _probes(fast, rank)
+    probes, norm = _probes(fast, rank), _norm_probe(fast, rank)
     for x in probes:
         fast.one_shot(x)
+    normed = _run_norm_probe(fast, norm)
     _check_sums(probes, size)
+    _check_norm(normed, norm, size)
 
 
-def _capture(graph: torch.cuda.CUDAGraph, fast: OneShotAllReduce, probes) -> None:
+def _capture(graph: torch.cuda.CUDAGraph, fast: OneShotAllReduce, probes, norm) -> tuple | None:
+    """Captures the probes' sums and the norm probe's; returns the latter's static outputs."""
     with torch.cuda.graph(graph):
         for x in probes:
             fast.one_shot(x)
+        return _run_norm_probe(fast, norm)
 
 
-def _replay_and_check(graph, probes, rank: int, size: int) -> None:
+def _replay_and_check(graph, probes, norm, normed, rank: int, size: int) -> None:
     for x in probes:
         x.copy_(_pattern(x.numel(), x.dtype, rank, x.device))
+    for out in normed or ():
+        out.zero_()  # so that only the replay can have put the right values there
     graph.replay()
     _check_sums(probes, size)
+    _check_norm(normed, norm, size)
 
 
 def symmetric_memory():
@@ -174,10 +221,14 @@ def _import_own_kernel() -> None:
     import energon.kernels.one_shot  # noqa: F401
 
 
-def _own_kernel_bytes(half_bytes: int, world: int) -> int:
+def _own_kernel_layout(data_offset: int, half_bytes: int, world: int) -> tuple[int, int]:
+    """(where the fused all-reduce + norm's region starts, the buffer's whole size) when
+    energon's one-shot kernel's part starts at `data_offset`: that part, then the region."""
     from energon.kernels.one_shot import control_bytes
+    from energon.kernels.one_shot_norm import region_bytes
 
-    return control_bytes(half_bytes, world)
+    norm_offset = data_offset + -(-control_bytes(half_bytes, world) // ALIGN) * ALIGN
+    return norm_offset, norm_offset + region_bytes(world)
 
 
 def _map_buffer(group: dist.ProcessGroup, device: torch.device, nbytes: int, into: list) -> None:
@@ -216,8 +267,8 @@ def set_up_one_shot(
         return None, why
     half = -(-max_bytes // ALIGN) * ALIGN
     own = vote("energon's kernel", _attempt(_import_own_kernel)) is None
-    # torch's kernels' part of the buffer, then (own) energon's kernel's, zeroed alike
-    nbytes = 2 * half + (_own_kernel_bytes(half, size) if own else 0)
+    # torch's kernels' part of the buffer, then (own) energon's kernels', zeroed alike
+    norm_offset, nbytes = _own_kernel_layout(2 * half, half, size) if own else (None, 2 * half)
     made: list = []
     why = _attempt(lambda: made.append(torch.empty(2 * half, dtype=torch.uint8, device=device)))
     if why := vote("scratch", why):
@@ -232,14 +283,25 @@ def set_up_one_shot(
         if why := vote("peer addresses", why):
             return None, why
     fast = OneShotAllReduce(
-        group, device, max_bytes, buffer, scratch, handle, float16_in_float32, *peers
+        group,
+        device,
+        max_bytes,
+        buffer,
+        scratch,
+        handle,
+        float16_in_float32,
+        peers=peers[0] if peers else None,
+        norm_offset=norm_offset,
     )
     if why := vote("eager check", _attempt(_check_eagerly, fast, rank, size)):
         return None, why
-    graph, probes = torch.cuda.CUDAGraph(), _probes(fast, rank)
-    if why := vote("graph capture", _attempt(_capture, graph, fast, probes)):
+    graph, probes, norm = torch.cuda.CUDAGraph(), _probes(fast, rank), _norm_probe(fast, rank)
+    captured: list = []
+    why = _attempt(lambda: captured.append(_capture(graph, fast, probes, norm)))
+    if why := vote("graph capture", why):
         return None, why
-    if why := vote("graph replay", _attempt(_replay_and_check, graph, probes, rank, size)):
+    replay = _attempt(_replay_and_check, graph, probes, norm, captured[0], rank, size)
+    if why := vote("graph replay", replay):
         return None, why
     return fast, fast.describe()
 

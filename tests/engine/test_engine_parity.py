@@ -116,3 +116,37 @@ async def test_cuda_engine_with_and_without_decode_graphs_equals_transformers(
     assert all(i["graph_steps"] > 0 for i in infos) == (want == "capture")
     compared = [assert_greedy_equal(c.token_ids, r) for c, r in zip(done, refs, strict=True)]
     assert sum(compared) >= 0.8 * sum(NEW_TOKENS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("family", ["llama", "opt"])
+async def test_cuda_float16_tp2_sums_into_the_norms_with_nothing_changed(
+    references, family, monkeypatch
+):
+    """float16 at tp=2: the one-shot all-reduce sums each row-parallel output inside the norm
+    after it (one kernel, decode graphs and eager prefill alike); ENERGON_ALL_REDUCE_NORM=0
+    runs the sum and then the norm as two kernels. Both round alike, so tokens and logprobs
+    agree bit for bit."""
+    from energon.parallel.allreduce import NORM_ENV
+
+    folder, _ = references[family]
+    runs = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(NORM_ENV, switch)
+        async with Engine(str(folder), tp=2, device="cuda", dtype="float16") as engine:
+            done = await asyncio.gather(
+                *(
+                    engine.infer(
+                        p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=2)
+                    )
+                    for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)
+                )
+            )
+            infos = await engine.group.broadcast("info")
+        assert all(i["graph_steps"] > 0 and i["graph_error"] is None for i in infos)
+        runs[switch] = ([(c.token_ids, c.logprobs) for c in done], infos)
+    fused_calls = [i["one_shot_calls"][1] for i in runs["1"][1]]
+    assert all(n > 0 for n in fused_calls), fused_calls
+    assert all(i["one_shot_calls"][1] == 0 and i["one_shot_calls"][0] > 0 for i in runs["0"][1])
+    assert runs["1"][0] == runs["0"][0]

@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_group import run_in_gloo_group
+from gloo_group import GlooKernels, run_in_gloo_group
 
 from energon.parallel import allreduce, one_shot_setup
-from energon.parallel.allreduce import OneShotAllReduce, fast_all_reduce, install_all_reduce
+from energon.parallel.allreduce import fast_all_reduce, install_all_reduce
 from energon.parallel.layers import RowParallelLinear, VocabParallelEmbedding, _all_reduce
 from energon.parallel.one_shot_setup import _Vote, enable_fast_all_reduce, set_up_one_shot
 from energon.parallel.ranks import run_ranks
@@ -35,37 +35,6 @@ def reference_sum(shape, dtype, world: int = WORLD) -> torch.Tensor:
     """The sum of every rank's message in float64, rounded once to `dtype`: what any sum of two
     operands gives."""
     return sum(seeded(r, shape, dtype).double() for r in range(world)).to(dtype)
-
-
-class GlooKernels(OneShotAllReduce):
-    """OneShotAllReduce with gloo in place of the two CUDA kernels; logs which one ran."""
-
-    def __init__(self, group, max_bytes: int, float16_in_float32: bool = True, own=False):
-        buf, scratch = (torch.zeros(2 * max_bytes, dtype=torch.uint8) for _ in range(2))
-        cpu = torch.device("cpu")
-        peers = ("gloo stands in for the peers",) if own else None
-        super().__init__(group, cpu, max_bytes, buf, scratch, None, float16_in_float32, peers)
-        self.kernels: list[tuple[str, torch.dtype, int]] = []
-
-    def _copy_and_sum(self, symm, x):
-        symm.copy_(x)
-        dist.all_reduce(symm, group=self.group)
-        x.copy_(symm)
-        self.kernels.append(("copy_and_sum", symm.dtype, symm.numel()))
-
-    def _sum(self, symm, out):
-        out.copy_(symm)
-        dist.all_reduce(out, group=self.group)
-        self.kernels.append(("sum", symm.dtype, symm.numel()))
-
-    def _own_sum(self, x, out, bias):
-        """Energon's kernel's arithmetic: float32 sum over ranks (+ bias), rounded once."""
-        total = x.float()
-        dist.all_reduce(total, group=self.group)
-        if bias is not None:
-            total += bias.float()
-        out.copy_(total)
-        self.kernels.append(("own", x.dtype, x.numel(), bias is not None, x.is_contiguous()))
 
 
 class FailingKernels(GlooKernels):
@@ -148,10 +117,10 @@ def layer_outputs(state: ParallelState) -> dict:
     embedding = VocabParallelEmbedding(16, 8)
     embedding.weight.data.copy_(emb[state.tp_rank * 8 : (state.tp_rank + 1) * 8])
     my_x = x[:, state.tp_rank * 6 : (state.tp_rank + 1) * 6].contiguous()
-    plain = [host(row(my_x.clone())), host(embedding(ids))]
+    plain = [host(row(my_x.clone()).sum()), host(embedding(ids))]
     fast = GlooKernels(state.tp_group, max_bytes=1024)
     install_all_reduce(state, fast)
-    through_fast = [host(row(my_x.clone())), host(embedding(ids))]
+    through_fast = [host(row(my_x.clone()).sum()), host(embedding(ids))]
     install_all_reduce(state, None)
     return {"plain": plain, "fast": through_fast, "one_shot_calls": fast.one_shot_calls}
 
@@ -403,6 +372,9 @@ def gpu_checks(state: ParallelState) -> dict:
                 graph_mismatches.append((round_, i))
     out["graph_mismatches"] = graph_mismatches
 
+    progress(rank, "fused norm")
+    out["fused_norm"] = fused_norm_checks(fast, rank, dev)
+
     # a row-parallel layer: through energon's kernel, its partial products summed over the
     # ranks and its bias added in float32, rounded once; through NCCL, rounded twice
     progress(rank, "layer")
@@ -423,6 +395,93 @@ def gpu_checks(state: ParallelState) -> dict:
     out["layer_equal"] = (torch.equal(with_fast, once), torch.equal(with_nccl, twice))
     out["nccl_mode"] = (enable_fast_all_reduce(state, "nccl"), fast_all_reduce(state.tp_group))
     progress(rank, "done")
+    return out
+
+
+def norm_case(rank: int, rows: int, width: int, seed: int, dev) -> dict:
+    """A fused all-reduce + norm's arguments: rank `rank`'s partial rows, the rest shared."""
+    f16 = torch.float16
+    return {
+        "x": seeded(rank + seed, (rows, width), f16, dev),
+        "bias": seeded(50 + seed, (width,), f16, dev),
+        "residual": seeded(60 + seed, (rows, width), f16, dev),
+        "weight": seeded(70 + seed, (width,), f16, dev).abs() + 0.5,
+        "norm_bias": seeded(80 + seed, (width,), f16, dev),
+    }
+
+
+def fused(fast, case: dict, rms: bool, residual=True, bias=True):
+    return fast.add_norm(
+        case["x"],
+        case["bias"] if bias else None,
+        case["residual"] if residual else None,
+        case["weight"],
+        case["norm_bias"],
+        1e-5,
+        rms,
+    )
+
+
+def unfused(fast, case: dict, rms: bool, residual=True, bias=True):
+    """The one-shot sum, then the add+norm kernel: what the fused kernel must equal."""
+    from energon.kernels.norm_kernels import norm_rows
+
+    y = fast(case["x"].clone(), case["bias"] if bias else None)
+    res = case["residual"] if residual else None
+    normed, summed = norm_rows(y, case["weight"], case["norm_bias"], 1e-5, rms, res)
+    return normed, summed if residual else y
+
+
+def fused_norm_checks(fast, rank: int, dev) -> dict:
+    """The fused all-reduce + norm against the one-shot sum then the norm kernel (bit for bit),
+    eagerly for several shapes and from a CUDA graph whose calls of 1 and 16 rows follow each
+    other; the float64 sums for the tests."""
+    out, mismatches, calls = {}, [], fast.norm_calls
+    for rows, width in ((1, 5120), (3, 5120), (16, 5120), (48, 5120), (5, 1000), (2, 16384)):
+        for rms in (False, True):
+            for residual, bias in ((True, True), (False, True), (True, False)):
+                case = norm_case(rank, rows, width, rows + width, dev)
+                got = fused(fast, case, rms, residual, bias)
+                want = unfused(fast, case, rms, residual, bias)
+                if got is None or not all(map(torch.equal, got, want)):
+                    mismatches.append((rows, width, rms, residual, bias, got is None))
+    out["eager_mismatches"] = mismatches
+    out["eager_fused_calls"] = fast.norm_calls - calls
+    out["refused"] = [  # past 64 rows, and bfloat16: the caller sums and normalises
+        fused(fast, norm_case(rank, 65, 512, 0, dev), False) is None,
+        fast.add_norm(
+            *(t.bfloat16() for t in (norm_case(rank, 2, 512, 0, dev)["x"],)),
+            None,
+            None,
+            None,
+            None,
+            1e-5,
+            False,
+        )
+        is None,
+    ]
+    case = norm_case(rank, 4, 5120, 0, dev)
+    out["sum_inputs"] = (host(case["x"]), host(case["bias"]), host(case["residual"]))
+    out["sum"] = host(fused(fast, case, rms=False)[1])
+
+    shapes = [(1, 5120), (16, 5120), (1, 5120)]
+    static = [norm_case(rank, r, w, 0, dev) for r, w in shapes]
+    for c in static:  # warm-up, as the decode graphs do
+        fused(fast, c, rms=True)
+    torch.cuda.synchronize(dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        results = [fused(fast, c, rms=True) for c in static]
+    graph_mismatches = []
+    for round_ in range(3):
+        for i, ((r, w), c) in enumerate(zip(shapes, static, strict=True)):
+            for key, value in norm_case(rank, r, w, 100 * round_ + i, dev).items():
+                c[key].copy_(value)
+        graph.replay()
+        for i, (c, got) in enumerate(zip(static, results, strict=True)):
+            if not all(map(torch.equal, got, unfused(fast, c, rms=True))):
+                graph_mismatches.append((round_, i))
+    out["graph_mismatches"] = graph_mismatches
     return out
 
 
@@ -498,3 +557,27 @@ def test_a_row_parallel_layer_rounds_once_through_energons_kernel(gpu_results):
 def test_nccl_mode_turns_the_fast_path_off(gpu_results):
     for r in gpu_results:
         assert r["nccl_mode"] == ("nccl: check: ENERGON_ALL_REDUCE=nccl", None)
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_the_fused_all_reduce_and_norm_equal_the_sum_then_the_norm(gpu_results):
+    """Bit for bit, eagerly (36 cases) and replayed from a CUDA graph; alike on both ranks."""
+    for r in gpu_results:
+        checks = r["fused_norm"]
+        assert checks["eager_mismatches"] == []
+        assert checks["eager_fused_calls"] == 36
+        assert checks["refused"] == [True, True]
+        assert checks["graph_mismatches"] == []
+    assert gpu_results[0]["fused_norm"]["sum"] == gpu_results[1]["fused_norm"]["sum"]
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_the_fused_sum_is_the_float64_sum_rounded_once_then_the_residual_added(gpu_results):
+    f16 = torch.float16
+    checks = [r["fused_norm"] for r in gpu_results]
+    x = [torch.tensor(c["sum_inputs"][0][1], dtype=torch.float64) for c in checks]
+    bias, residual = (torch.tensor(v[1], dtype=torch.float64) for v in checks[0]["sum_inputs"][1:])
+    want = ((x[0] + x[1] + bias).to(f16).double() + residual).to(f16).double()
+    assert torch.equal(torch.tensor(checks[0]["sum"][1], dtype=torch.float64), want)

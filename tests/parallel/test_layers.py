@@ -59,7 +59,9 @@ def sharded_outputs(state):
     return {
         "col": col(x),
         "col_shape": tuple(col.weight.shape),
-        "row": row(row_x[:, state.tp_rank * 6 : (state.tp_rank + 1) * 6]),  # a column output
+        # a column output in; at tp > 1 the sum is left to its user (a PartialSum)
+        "row_type": type(row(row_x[:, :6])).__name__,
+        "row": row(row_x[:, state.tp_rank * 6 : (state.tp_rank + 1) * 6]).sum(),
         "row_shape": tuple(row.weight.shape),
         "emb": embedding(ids),
         "head": head(x),
@@ -85,6 +87,7 @@ def test_row_parallel_all_reduces_to_full_linear(tp2_results):
     full = nn.functional.linear(row_x, row["weight"], row["bias"])
     for result in tp2_results:
         assert result["row_shape"] == (8, 6)
+        assert result["row_type"] == "PartialSum"
         torch.testing.assert_close(result["row"], full)
 
 

@@ -1,0 +1,76 @@
+"""A row-parallel layer's output before its all-reduce, so that the norm after it can sum it.
+
+At tp > 1 a `RowParallelLinear` returns `PartialSum(partial, bias, group)`: this rank's partial
+product and the layer's bias, not yet summed over the tp group. In every decoder layer that sum
+goes straight into a residual add and a norm (`norm.add_norm(attn_out, residual)`, or the next
+layer's first norm), and there the group's one-shot all-reduce sums it, adds the bias and the
+residual and normalises the rows in one kernel where an all-reduce and an add+norm were two
+(energon/kernels/one_shot_norm.py; float16 decode batches on CUDA). Anything else takes the sum:
+`sum()`, or `+` with a tensor, by the all-reduce as before. The model files do not change: a
+layer's output, summed or not, goes where it went.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from energon.parallel.allreduce import all_reduce, fast_all_reduce
+
+
+class PartialSum:
+    """`partial` summed over `group`, plus `bias`: what `sum()` returns (once; the all-reduce
+    runs in place on `partial`, so the sum is kept)."""
+
+    __slots__ = ("partial", "bias", "group", "_sum")
+
+    def __init__(self, partial: torch.Tensor, bias: torch.Tensor | None, group):
+        self.partial, self.bias, self.group = partial, bias, group
+        self._sum: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.partial.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.partial.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.partial.device
+
+    def sum(self) -> torch.Tensor:
+        """The all-reduced tensor (+ bias)."""
+        if self._sum is None:
+            self._sum = all_reduce(self.partial, self.group, self.bias)
+        return self._sum
+
+    def add_norm(
+        self,
+        residual: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        norm_bias: torch.Tensor | None,
+        eps: float,
+        rms: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(normed, summed) by the group's fused all-reduce + norm: summed = this sum (+
+        residual), normed = its LayerNorm (RMSNorm when `rms`). None when that kernel does not
+        take it; the caller then normalises `sum()` (+ residual) itself."""
+        fast = fast_all_reduce(self.group)
+        if self._sum is not None or fast is None:
+            return None
+        return fast.add_norm(self.partial, self.bias, residual, weight, norm_bias, eps, rms)
+
+    def __add__(self, other):
+        return self.sum() + other
+
+    def __radd__(self, other):
+        return other + self.sum()
+
+    def __repr__(self) -> str:
+        return f"PartialSum({tuple(self.shape)}, {self.dtype}, summed={self._sum is not None})"
+
+
+def summed(x: torch.Tensor | PartialSum) -> torch.Tensor:
+    """`x` as a tensor: a PartialSum's sum, any tensor itself."""
+    return x.sum() if isinstance(x, PartialSum) else x

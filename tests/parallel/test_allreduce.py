@@ -384,13 +384,13 @@ def gpu_checks(state: ParallelState) -> dict:
     x = seeded(rank, (4, 512), torch.float16, dev)
     with torch.inference_mode():
         calls = fast.one_shot_calls
-        with_fast = row(x)
+        with_fast = row(x).sum()
         out["layer_took_one_shot"] = fast.one_shot_calls == calls + 1
         partial = torch.nn.functional.linear(x, row.weight).float()
         dist.all_reduce(partial, group=group)  # exact: two float16 addends
         once = (partial + row.bias.float()).half()
         install_all_reduce(state, None)
-        with_nccl = row(x)
+        with_nccl = row(x).sum()
         twice = (partial.half() + row.bias).half()
     out["layer_equal"] = (torch.equal(with_fast, once), torch.equal(with_nccl, twice))
     out["nccl_mode"] = (enable_fast_all_reduce(state, "nccl"), fast_all_reduce(state.tp_group))

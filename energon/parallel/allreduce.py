@@ -190,22 +190,24 @@ class OneShotAllReduce:
         depends on shapes and dtypes only, alike on every rank. `x` is left as it was."""
         if os.environ.get(NORM_ENV, "1") == "0":
             return None
-        return self.fused_add_norm(x, bias, residual, weight, norm_bias, eps, rms)
+        result = self.fused_add_norm(x, bias, residual, weight, norm_bias, eps, rms)
+        if result is not None:
+            self.one_shot_calls += 1
+            self.norm_calls += 1
+        return result
 
     def fused_add_norm(
         self, x, bias, residual, weight, norm_bias, eps, rms
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """`add_norm` whatever ENERGON_ALL_REDUCE_NORM says (the set-up checks it so)."""
+        """`add_norm` whatever ENERGON_ALL_REDUCE_NORM says, not counted (the set-up checks
+        it so)."""
         if self.norm_offset is None or not self.takes(x):
             return None
         from energon.kernels import one_shot_norm
 
         if not one_shot_norm.takes(x, residual, weight, norm_bias, bias):
             return None
-        result = self._own_add_norm(x, bias, residual, weight, norm_bias, eps, rms)
-        self.one_shot_calls += 1
-        self.norm_calls += 1
-        return result
+        return self._own_add_norm(x, bias, residual, weight, norm_bias, eps, rms)
 
     def _own_add_norm(self, x, bias, residual, weight, norm_bias, eps, rms):
         """Energon's fused kernel: (normed, summed)."""

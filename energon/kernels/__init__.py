@@ -9,6 +9,8 @@ gemv.py          `linear` for decode-sized inputs (a few rows): the Triton GEMV,
 gemv_kernels.py  its Triton kernel (no split-K; bias and ReLU in the epilogue)
 one_shot.py      the float16 one-shot all-reduce over NVLink peer memory, bias fused
                  (energon.parallel.allreduce decides when it runs)
+one_shot_norm.py the same all-reduce with the residual add and the norm after it, one program
+                 per row (a row-parallel layer's PartialSum handed to a norm's add_norm)
 """
 
 from __future__ import annotations

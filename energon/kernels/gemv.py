@@ -12,9 +12,16 @@ So on CUDA, for fp16/bf16 inputs of at most `MAX_ROWS` rows (dense rows, weight
 runs; everything else (prefill, large batches, CPU, fp32) goes to cuBLAS as before, ReLU after a
 bias fused into cuBLASLt's epilogue. The two round differently in the last bit (fp32
 accumulation in another order), like any two GEMM kernels.
+
+On Hopper and later the Triton GEMV launches as a programmatic dependent launch (it prefetches
+its first weight tiles while the kernel before it ends; gemv_kernels.py); ENERGON_PDL=0 launches
+it plainly. The results are the same bits either way.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +29,7 @@ import torch.nn.functional as F
 from energon.kernels import triton_kernels_for
 
 ENV_SWITCH = "ENERGON_TRITON_GEMV"  # "0": every linear on cuBLAS
+PDL_SWITCH = "ENERGON_PDL"  # "0": no programmatic dependent launches (gemv_kernels.py)
 MAX_ROWS = 16  # rows of x the Triton kernel takes (one tensor-core tile)
 
 
@@ -35,12 +43,23 @@ def kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return triton_kernels_for("gemv_kernels", ENV_SWITCH, x, weight, bias)
 
 
+def dependent_launch(device: torch.device) -> bool:
+    """Whether the Triton GEMV launches as a programmatic dependent launch on `device`: a
+    Hopper or later GPU, and ENERGON_PDL not "0"."""
+    return os.environ.get(PDL_SWITCH, "1") != "0" and _sm90_or_later(device.index)
+
+
+@functools.cache
+def _sm90_or_later(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False
 ) -> torch.Tensor:
     """x @ weight.T (+ bias) (then ReLU), by the fastest kernel for its shape."""
     if kernels := kernels_for(x, weight, bias):
-        return kernels.gemv(x, weight, bias, relu)
+        return kernels.gemv(x, weight, bias, relu, pdl=dependent_launch(x.device))
     if relu and bias is not None and x.is_cuda and x.dim() == 2 and x.dtype != torch.float32:
         return torch._addmm_activation(bias, x, weight.t())  # ReLU in cuBLASLt's epilogue
     y = F.linear(x, weight, bias)

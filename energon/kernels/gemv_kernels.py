@@ -7,6 +7,14 @@ the rows of x (at most 16) are padded to one tensor-core tile, accumulated in fp
 bias and activation are applied before the one store. No split-K, so no second reduction
 kernel.
 
+With `pdl` (Hopper and later, CUDA only) the kernel is launched as a programmatic dependent
+launch: it may start while the kernel before it still runs (once every program of that one has
+called `gdc_launch_dependents`, as this kernel and the norm, attention and all-reduce kernels do
+first thing), prefetches the first PREFETCH_TILES tiles of its weights into L2, which no kernel
+writes, and only then waits for the kernel before it to finish (`gdc_wait`) and reads x. So the
+weight stream does not pause at a kernel boundary: the previous kernel's tail and this one's launch
+overlap the first weight reads. Nothing is written before the wait.
+
 Imported only on CUDA (energon.kernels.triton_module), and by the interpreter tests.
 """
 
@@ -16,6 +24,22 @@ import triton
 import triton.language as tl
 
 from energon.kernels.gemv import MAX_ROWS
+
+PREFETCH_TILES = tl.constexpr(4)  # weight tiles per program fetched into L2 before waiting for x
+LINE = tl.constexpr(64)  # fp16 / bf16 elements per 128-byte cache line
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Fetches the lines at `ptrs` into L2 (results unused; not removed as dead code)."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; mov.u32 $0, 0;",
+        "=r,l",
+        [ptrs],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
 
 
 @triton.jit
@@ -35,12 +59,19 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     RELU: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     n_ok = n < N
     m_ok = m < M
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        lines = tl.arange(0, PREFETCH_TILES * BLOCK_K // LINE) * LINE
+        rows = tl.minimum(n, N - 1)  # clamped: a prefetch past the end is harmless but pointless
+        _prefetch_l2(W + rows[:, None] * stride_wn + tl.minimum(lines, K - 1)[None, :])
+        tl.extra.cuda.gdc_wait()  # the kernel before has finished: x is ready, y is free
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -57,10 +88,18 @@ def _gemv_kernel(
 
 
 def gemv(
-    x, weight, bias=None, relu=False, block_n=None, block_k=None, num_warps=4, num_stages=None
+    x,
+    weight,
+    bias=None,
+    relu=False,
+    block_n=None,
+    block_k=None,
+    num_warps=4,
+    num_stages=None,
+    pdl=False,
 ):
     """x [M, K] (M <= MAX_ROWS, rows dense) @ weight[N, K].T (+ bias [N]) (ReLU) -> [M, N] in
-    x's dtype."""
+    x's dtype. `pdl`: a programmatic dependent launch (module docstring; CUDA sm_90+ only)."""
     import torch
 
     M, K = x.shape
@@ -89,7 +128,9 @@ def gemv(
         BLOCK_K=block_k,
         HAS_BIAS=bias is not None,
         RELU=relu,
+        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return y

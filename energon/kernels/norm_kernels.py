@@ -40,7 +40,10 @@ def _norm_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
+    TRIGGER: tl.constexpr,  # on cuda: release the next kernel's programmatic dependent launch
 ):
+    if TRIGGER:  # a GEMV launched after this one may start (gemv_kernels.py)
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < width
@@ -148,6 +151,7 @@ def norm_rows(
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None and not rms,
             BLOCK=block,
+            TRIGGER=x.is_cuda,
             num_warps=num_warps_for(block),
         )
     return out.view(x.shape), (summed.view(x.shape) if add else x)

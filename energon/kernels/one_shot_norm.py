@@ -95,6 +95,7 @@ def _one_shot_norm_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    tl.extra.cuda.gdc_launch_dependents()  # a GEMV launched after this one may start
     row = tl.program_id(0)
     dtype = X.dtype.element_ty
     table = buffers.to(tl.pointer_type(tl.uint64))

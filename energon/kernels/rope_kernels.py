@@ -116,7 +116,10 @@ def _silu_mul_kernel(
     width,
     BLOCK: tl.constexpr,
     LIBDEVICE: tl.constexpr,
+    TRIGGER: tl.constexpr,  # on cuda: release the next kernel's programmatic dependent launch
 ):
+    if TRIGGER:  # a GEMV launched after this one may start (gemv_kernels.py)
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
@@ -151,6 +154,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
             width,
             BLOCK=SILU_BLOCK,
             LIBDEVICE=LIBDEVICE,
+            TRIGGER=gate.is_cuda,
             **EXACT,
         )
     return out

@@ -85,7 +85,10 @@ def _paged_attn_kernel(
     WRITE: tl.constexpr,  # write the new tokens' K/V (KNew, VNew) into the cache first
     SPLIT: tl.constexpr,  # partials, and the last split of a (sequence, KV head) combines them
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots, not tf32
+    TRIGGER: tl.constexpr,  # on cuda: release the next kernel's programmatic dependent launch
 ):
+    if TRIGGER:  # the output projection's GEMV may start (energon/kernels/gemv_kernels.py)
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -359,6 +362,7 @@ def paged_attention(
         WRITE=new_kv is not None,
         SPLIT=split,
         IEEE=q.dtype == torch.float32,
+        TRIGGER=q.is_cuda,
         num_warps=num_warps,
     )
     return out

@@ -150,3 +150,32 @@ async def test_cuda_float16_tp2_sums_into_the_norms_with_nothing_changed(
     assert all(n > 0 for n in fused_calls), fused_calls
     assert all(i["one_shot_calls"][1] == 0 and i["one_shot_calls"][0] > 0 for i in runs["0"][1])
     assert runs["1"][0] == runs["0"][0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpus() < 1, reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["llama", "opt"])
+async def test_cuda_float16_dependent_launches_change_nothing(references, family, monkeypatch):
+    """float16 decode steps run the Triton GEMV as programmatic dependent launches (each may
+    start before the kernel before it ends; energon/kernels/gemv_kernels.py), in the decode
+    graphs too; with ENERGON_PDL=0 every launch waits for the one before. Same kernels, same
+    bits: tokens and logprobs agree exactly."""
+    from energon.kernels.gemv import PDL_SWITCH
+
+    folder, _ = references[family]
+    runs = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(PDL_SWITCH, switch)
+        async with Engine(str(folder), device="cuda", dtype="float16") as engine:
+            done = await asyncio.gather(
+                *(
+                    engine.infer(
+                        p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=2)
+                    )
+                    for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)
+                )
+            )
+            infos = await engine.group.broadcast("info")
+        assert all(i["graph_steps"] > 0 and i["graph_error"] is None for i in infos)
+        runs[switch] = [(c.token_ids, c.logprobs) for c in done]
+    assert runs["1"] == runs["0"]

@@ -103,3 +103,62 @@ def test_cuda_gemv_switch_and_large_batches_go_to_cublas(monkeypatch):
     assert kernels_for(x[:16], w, None) is not None
     monkeypatch.setenv(ENV_SWITCH, "0")
     assert kernels_for(x[:16], w, None) is None
+
+
+def chain(x, weights, norm_weight):
+    """A decode layer's shape of kernels: norm, GEMV, GEMV (+ ReLU), GEMV, norm, GEMV; every
+    GEMV reads what the kernel just before it wrote."""
+    from energon.kernels.norm_kernels import norm_rows
+
+    w1, w2, w3, w4 = weights
+    h = norm_rows(x, norm_weight, None, 1e-5, rms=True)[0]
+    h = linear(h, w1)
+    h = linear(h, w2, relu=True)
+    h = linear(h, w3)
+    h = norm_rows(h, norm_weight, None, 1e-5, rms=True)[0]
+    return linear(h, w4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="programmatic dependent launch needs sm_90",
+)
+def test_dependent_launches_replayed_from_a_graph_equal_plain_ones(monkeypatch):
+    """Each GEMV may start before the kernel before it ends and waits for it only before reading
+    x: replayed from a CUDA graph with fresh inputs each time, the chain must give the same bits
+    as with ENERGON_PDL=0 (plain launches). A GEMV that read x before its wait would read the
+    previous replay's values here."""
+    from energon.kernels.gemv import PDL_SWITCH, dependent_launch
+
+    torch.manual_seed(0)
+    dev, f16 = "cuda", torch.float16
+    shapes = [(20480, 5120), (5120, 20480), (5120, 5120), (3840, 5120)]
+    weights = [torch.randn(n, k, device=dev, dtype=f16) * k**-0.5 for n, k in shapes]
+    norm_weight = torch.rand(5120, device=dev, dtype=f16) + 0.5
+    inputs = [torch.randn(rows, 5120, device=dev, dtype=f16) for rows in (1, 1, 1, 4, 4)]
+    assert dependent_launch(inputs[0].device)
+
+    def replayed(rows):
+        static = torch.zeros(rows, 5120, device=dev, dtype=f16)
+        chain(static, weights, norm_weight)  # compile and warm up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(static, weights, norm_weight)
+        results = []
+        for x in inputs:
+            if x.shape[0] == rows:
+                static.copy_(x)
+                graph.replay()
+                results.append(out.clone())
+        return results
+
+    with_pdl = replayed(1) + replayed(4)
+    eager_pdl = [chain(x, weights, norm_weight) for x in inputs]
+    monkeypatch.setenv(PDL_SWITCH, "0")
+    plain = [chain(x, weights, norm_weight) for x in inputs]
+    assert all(map(torch.equal, eager_pdl, plain))
+    assert all(map(torch.equal, with_pdl, plain))
+    assert not all(torch.equal(plain[0], p) for p in plain[1:3])  # the inputs differ

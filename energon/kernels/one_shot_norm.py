@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from energon.kernels.norm_kernels import MAX_WIDTH, normalise, num_warps_for
-from energon.kernels.one_shot import _AWAIT, _POST, _on_slot, _thread_index
+from energon.kernels.one_shot import _thread_index, share_and_sum
 
 MAX_ROWS = 64  # rows of one call: a decode step's batch up to 64 sequences
 ROW_BYTES = MAX_WIDTH * 2  # float16 rows of up to MAX_WIDTH
@@ -99,31 +99,15 @@ def _one_shot_norm_kernel(
     row = tl.program_id(0)
     dtype = X.dtype.element_ty
     table = buffers.to(tl.pointer_type(tl.uint64))
-    mine = tl.load(table + RANK)
-    flags = (mine + offset + 2 * HALF).to(tl.pointer_type(tl.uint32))
-    counters = flags + ROWS * WORLD
+    flags_offset = offset + 2 * HALF
+    counters = (tl.load(table + RANK) + flags_offset).to(tl.pointer_type(tl.uint32))
+    counters += ROWS * WORLD
     call = tl.load(counters + row) + 1  # uint32: wraps
     slot = offset + (call % 2).to(tl.uint64) * HALF + row.to(tl.uint64) * ROW
     cols = tl.arange(0, BLOCK)
     mask = cols < width
-    slot_mine = tl.multiple_of((mine + slot).to(tl.pointer_type(dtype)), 16)
-    tl.store(slot_mine + cols, tl.load(X + row * width + cols, mask=mask), mask=mask)
-
-    tl.debug_barrier()  # the whole row is written before it is announced
-    tid = _thread_index()
-    for peer in tl.static_range(WORLD):
-        if tid == peer:  # thread `peer` posts to rank `peer` and waits for it
-            theirs = tl.load(table + peer)
-            their_flags = (theirs + offset + 2 * HALF).to(tl.pointer_type(tl.uint32))
-            _on_slot(_POST, their_flags + row * WORLD + RANK, call)
-            _on_slot(_AWAIT, flags + row * WORLD + peer, call)
-    tl.debug_barrier()  # every peer's row is visible to every thread
-
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    for rank in tl.static_range(WORLD):
-        theirs = tl.load(table + rank)
-        slot_theirs = tl.multiple_of((theirs + slot).to(tl.pointer_type(dtype)), 16)
-        total += tl.load(slot_theirs + cols, mask=mask, other=0.0).to(tl.float32)
+    X_row = X + row * width
+    total = share_and_sum(X_row, table, slot, flags_offset, row, call, cols, mask, RANK, WORLD)
     if HAS_BIAS:
         total += tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
     summed = total.to(dtype)  # the all-reduce's result, rounded once
@@ -133,7 +117,7 @@ def _one_shot_norm_kernel(
     tl.store(Summed + row * width + cols, summed, mask=mask)
     y = normalise(summed, cols, mask, width, eps, Weight, NormBias, RMS, HAS_WEIGHT, HAS_NORM_BIAS)
     tl.store(Out + row * width + cols, y.to(dtype), mask=mask)
-    if tid == 0:  # every thread read `call` before the barriers above
+    if _thread_index() == 0:  # every thread read `call` before the barriers in share_and_sum
         tl.store(counters + row, call)
 
 

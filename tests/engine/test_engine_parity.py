@@ -118,6 +118,27 @@ async def test_cuda_engine_with_and_without_decode_graphs_equals_transformers(
     assert sum(compared) >= 0.8 * sum(NEW_TOKENS)
 
 
+async def switched_runs(monkeypatch, switch_env: str, folder, **engine_args) -> dict:
+    """switch value ("1", "0") -> ([(token ids, logprobs) per prompt], workers' infos): greedy
+    float16 generation of PROMPTS on CUDA with decode graphs, `switch_env` set to each value."""
+    runs = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(switch_env, switch)
+        async with Engine(str(folder), device="cuda", dtype="float16", **engine_args) as engine:
+            done = await asyncio.gather(
+                *(
+                    engine.infer(
+                        p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=2)
+                    )
+                    for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)
+                )
+            )
+            infos = await engine.group.broadcast("info")
+        assert all(i["graph_steps"] > 0 and i["graph_error"] is None for i in infos)
+        runs[switch] = ([(c.token_ids, c.logprobs) for c in done], infos)
+    return runs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA devices")
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -130,22 +151,7 @@ async def test_cuda_float16_tp2_sums_into_the_norms_with_nothing_changed(
     agree bit for bit."""
     from energon.parallel.allreduce import NORM_ENV
 
-    folder, _ = references[family]
-    runs = {}
-    for switch in ("1", "0"):
-        monkeypatch.setenv(NORM_ENV, switch)
-        async with Engine(str(folder), tp=2, device="cuda", dtype="float16") as engine:
-            done = await asyncio.gather(
-                *(
-                    engine.infer(
-                        p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=2)
-                    )
-                    for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)
-                )
-            )
-            infos = await engine.group.broadcast("info")
-        assert all(i["graph_steps"] > 0 and i["graph_error"] is None for i in infos)
-        runs[switch] = ([(c.token_ids, c.logprobs) for c in done], infos)
+    runs = await switched_runs(monkeypatch, NORM_ENV, references[family][0], tp=2)
     fused_calls = [i["one_shot_calls"][1] for i in runs["1"][1]]
     assert all(n > 0 for n in fused_calls), fused_calls
     assert all(i["one_shot_calls"][1] == 0 and i["one_shot_calls"][0] > 0 for i in runs["0"][1])
@@ -162,20 +168,5 @@ async def test_cuda_float16_dependent_launches_change_nothing(references, family
     bits: tokens and logprobs agree exactly."""
     from energon.kernels.gemv import PDL_SWITCH
 
-    folder, _ = references[family]
-    runs = {}
-    for switch in ("1", "0"):
-        monkeypatch.setenv(PDL_SWITCH, switch)
-        async with Engine(str(folder), device="cuda", dtype="float16") as engine:
-            done = await asyncio.gather(
-                *(
-                    engine.infer(
-                        p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=2)
-                    )
-                    for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)
-                )
-            )
-            infos = await engine.group.broadcast("info")
-        assert all(i["graph_steps"] > 0 and i["graph_error"] is None for i in infos)
-        runs[switch] = [(c.token_ids, c.logprobs) for c in done]
-    assert runs["1"] == runs["0"]
+    runs = await switched_runs(monkeypatch, PDL_SWITCH, references[family][0])
+    assert runs["1"][0] == runs["0"][0]

@@ -117,7 +117,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=128)
-    p.add_argument("--max-batch-tokens", type=int, default=16384)
+    p.add_argument("--max-batch-tokens", type=int, default=8192)  # the Engine's and the bench's
     p.add_argument("--kv-pp1", type=float, default=43.7e9, help="KV bytes at pp=1 (measured)")
     p.add_argument("--kv-stage", type=float, default=57.3e9, help="KV bytes per stage at pp>1")
     p.add_argument("--balanced", action="store_true")

@@ -114,10 +114,12 @@ def fused_group(state) -> dict:
     }
     out["kernels"] = list(fast.kernels)
     out["counts"] = (fast.one_shot_calls, fast.norm_calls)
+    out["line"] = fast.describe()
     os.environ[NORM_ENV] = "0"
     fast.kernels.clear()
     out["switched_off"] = ln.add_norm(row(x), residual)
     out["kernels_off"] = list(fast.kernels)
+    out["line_off"] = fast.describe()
     del os.environ[NORM_ENV]
     install_all_reduce(state, None)
     return out
@@ -153,6 +155,10 @@ def test_the_norms_hand_a_partial_sum_to_the_fused_all_reduce():
         assert torch.equal(r["no_residual"][1], full.to(f16))
         torch.testing.assert_close(r["rms"][0], rms_norm(with_residual, norm_w.to(f16), 1e-6))
         assert torch.equal(r["wide"][1], (full.to(f16).double() + residual).to(f16).repeat(30, 1))
+        assert r["line"].endswith(
+            "(float16 by energon's kernel, fused with the norm after it); nccl for the rest"
+        )
+        assert "the norm after it apart: ENERGON_ALL_REDUCE_NORM=0)" in r["line_off"]
         # switched off: the one-shot sum, then the norm's own kernel (eager here)
         assert r["kernels_off"] == [("own", f16, ROWS * OUT, True, True)]
         assert torch.equal(r["switched_off"][1], with_residual)

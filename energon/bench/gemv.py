@@ -8,6 +8,11 @@ ReLU for opt's fc1) the way the model calls it. Energon: `energon.kernels.gemv_k
 over rotating copies of the weight (600 MB and more, past L2), per call = graph time / calls,
 best of 3 replays. Floor = weight bytes / copy bandwidth (a device-to-device copy measured in the
 same run, bytes read + written; a pure read stream can run a few percent above it).
+
+On sm_90+ each shape also runs as the Engine launches it there, a programmatic dependent launch,
+once per `--pdl-prefetch` value (weight tiles a program fetches into L2 before it waits for the
+kernel before it): records `{layer}_pdl{tiles}_us` against the plain Triton launches of the same
+graph. Each call in the graph waits for the one before, as in a decode step's chain.
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--bytes-per-graph", type=int, default=600, help="MB of weights a graph reads"
     )
     parser.add_argument("--copy-mib", type=int, default=1024, help="copy bandwidth buffer")
+    parser.add_argument(
+        "--pdl-prefetch",
+        default="0,4,16",
+        help="comma-separated weight tiles prefetched per program by the dependent launches "
+        "(sm_90+; '' for none)",
+    )
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
 
 
@@ -70,6 +81,9 @@ def main(args: argparse.Namespace) -> int:
     from energon.kernels import gemv_kernels
 
     device, dtype = torch.device("cuda", 0), getattr(torch, args.dtype)
+    prefetches = [int(t) for t in args.pdl_prefetch.split(",") if t.strip()]
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        prefetches = []  # dependent launches need sm_90
     bandwidth = copy_bandwidth(device, args.copy_mib << 20)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + written)", flush=True)
     print(f"\n{'layer':>22} {'tp':>2} {'rows':>4} {'triton us':>10} {'cublas us':>10} "
@@ -102,6 +116,38 @@ def main(args: argparse.Namespace) -> int:
                 t_cublas = graph_seconds(cublas, weights)
                 floor = N * K * 2 / bandwidth
                 name = f"{model} {layer}"
+                for tiles in prefetches:
+
+                    def dependent(w, x=x, bias=bias, relu=relu, tiles=tiles):
+                        return gemv_kernels.gemv(x, w, bias, relu, pdl=True, prefetch_tiles=tiles)
+
+                    t_pdl = graph_seconds(dependent, weights)
+                    print(f"{name:>22} {tp:>2} {rows:>4} dependent launches, {tiles} tiles "
+                          f"prefetched: {t_pdl * 1e6:.2f} us ({t_triton / t_pdl:.3f}x plain, "
+                          f"{floor / t_pdl:.3f} of floor)", flush=True)  # fmt: skip
+                    records.append(
+                        Record(
+                            scenario=SCENARIO,
+                            metric=f"{layer}_pdl{tiles}_us",
+                            unit="us",
+                            value=t_pdl * 1e6,
+                            model=model,
+                            dtype=args.dtype,
+                            tp=tp,
+                            batch=rows,
+                            baseline_name="the Triton GEMV, plain launches (same graph)",
+                            baseline_value=t_triton * 1e6,
+                            ratio=t_triton / t_pdl,
+                            limit_value=floor * 1e6,
+                            of_limit=floor / t_pdl,
+                            n_gpus=1,
+                            notes=(
+                                f"as {layer}_us, each call a programmatic dependent launch "
+                                f"that fetches {tiles} weight tiles per program into L2 "
+                                "before waiting for the call before"
+                            ),
+                        )
+                    )
                 print(f"{name:>22} {tp:>2} {rows:>4} {t_triton * 1e6:>10.2f} {t_cublas * 1e6:>10.2f} "
                       f"{t_cublas / t_triton:>6.3f} {floor * 1e6:>9.2f} {floor / t_triton:>8.3f} "
                       f"{diff:>9.2e}", flush=True)  # fmt: skip

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from energon.kernels.gemv import MAX_ROWS
 
-PREFETCH_TILES = tl.constexpr(4)  # weight tiles per program fetched into L2 before waiting for x
+PREFETCH_TILES = 4  # weight tiles per program fetched into L2 before waiting for x (default)
 LINE = tl.constexpr(64)  # fp16 / bf16 elements per 128-byte cache line
 
 
@@ -60,6 +60,7 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     RELU: tl.constexpr,
     PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,  # with PDL: weight tiles fetched into L2 before the wait (0: none)
 ):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,9 +69,10 @@ def _gemv_kernel(
     m_ok = m < M
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-        lines = tl.arange(0, PREFETCH_TILES * BLOCK_K // LINE) * LINE
-        rows = tl.minimum(n, N - 1)  # clamped: a prefetch past the end is harmless but pointless
-        _prefetch_l2(W + rows[:, None] * stride_wn + tl.minimum(lines, K - 1)[None, :])
+        if PREFETCH > 0:
+            lines = tl.arange(0, PREFETCH * BLOCK_K // LINE) * LINE
+            rows = tl.minimum(n, N - 1)  # clamped: a prefetch past the end is pointless
+            _prefetch_l2(W + rows[:, None] * stride_wn + tl.minimum(lines, K - 1)[None, :])
         tl.extra.cuda.gdc_wait()  # the kernel before has finished: x is ready, y is free
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -97,15 +99,19 @@ def gemv(
     num_warps=4,
     num_stages=None,
     pdl=False,
+    prefetch_tiles=PREFETCH_TILES,
 ):
     """x [M, K] (M <= MAX_ROWS, rows dense) @ weight[N, K].T (+ bias [N]) (ReLU) -> [M, N] in
-    x's dtype. `pdl`: a programmatic dependent launch (module docstring; CUDA sm_90+ only)."""
+    x's dtype. `pdl`: a programmatic dependent launch (module docstring; CUDA sm_90+ only),
+    fetching `prefetch_tiles` weight tiles (a power of two, or 0) into L2 before it waits."""
     import torch
 
     M, K = x.shape
     N = weight.shape[0]
     if M > MAX_ROWS or weight.shape[1] != K or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError(f"gemv takes x [<= {MAX_ROWS}, K] and weight [N, K], dense rows")
+    if prefetch_tiles < 0 or prefetch_tiles & (prefetch_tiles - 1):
+        raise ValueError(f"prefetch_tiles must be 0 or a power of two (got {prefetch_tiles})")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     # From the H200 sweep (docs/benchmarks.md, "Decode GEMV"): wide tiles while they still
     # make ~80 programs; deeper pipelines of longer K tiles for the narrower outputs.
@@ -129,6 +135,7 @@ def gemv(
         HAS_BIAS=bias is not None,
         RELU=relu,
         PDL=pdl,
+        PREFETCH=prefetch_tiles if pdl else 0,
         num_warps=num_warps,
         num_stages=num_stages,
         **({"launch_pdl": True} if pdl else {}),

@@ -53,6 +53,15 @@ def test_interpreted_gemv_equals_float64(triton_interpreter, with_bias, relu):
         assert torch.equal(got, want)
 
 
+def test_gemv_refuses_a_prefetch_depth_that_is_not_a_power_of_two():
+    from energon.kernels import gemv_kernels
+
+    x, w, _ = integer_case(1, 8, 8, seed=0)
+    for tiles in (3, -1):
+        with pytest.raises(ValueError, match="prefetch_tiles must be 0 or a power of two"):
+            gemv_kernels.gemv(x, w, pdl=True, prefetch_tiles=tiles)
+
+
 def test_gemv_refuses_more_rows_than_one_tile():
     from energon.kernels import gemv_kernels
 

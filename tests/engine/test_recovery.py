@@ -108,6 +108,16 @@ async def test_killed_worker_fails_its_requests_then_the_engine_restarts_and_ser
     assert list(ipc_dir.glob("energon-*")) == []
 
 
+async def until_scheduled(engine: Engine, prompt: list[int], timeout: float = 30.0) -> None:
+    """Returns once the Engine has sent a step with the request of `prompt` (controller state,
+    set in this process by the step loop: checked after each turn of the loop)."""
+    request = next(r for r in engine._requests.values() if r.prompt_ids == prompt and not r.done)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while request.first_scheduled is None:
+        assert asyncio.get_running_loop().time() < deadline, "the request was never scheduled"
+        await asyncio.sleep(0.001)
+
+
 async def test_with_retry_on_failure_a_request_without_output_runs_again_once(llama):
     folder, hf = llama
     ref = hf_greedy(hf, LONG_PROMPT, 4)
@@ -121,6 +131,9 @@ async def test_with_retry_on_failure_a_request_without_output_runs_again_once(ll
         silent = asyncio.ensure_future(engine.infer(LONG_PROMPT, params))
         await asyncio.sleep(0)  # submitted; the long prompt needs 11 steps to prefill
         await talking.__anext__()  # the step after this one runs the long prompt's first chunk
+        # ... once the controller has sent it: only a request some worker has seen is put back
+        # (one not yet scheduled just keeps its place); that send can come after the token
+        await until_scheduled(engine, LONG_PROMPT)
         assert not silent.done()
         kill(0)
         with pytest.raises(WorkerFailed):  # output was streamed: it cannot run again
@@ -132,6 +145,7 @@ async def test_with_retry_on_failure_a_request_without_output_runs_again_once(ll
         # Once only: a request put back fails if the new workers die before it has output.
         again = asyncio.ensure_future(engine.infer(LONG_PROMPT, params))
         await asyncio.sleep(0)
+        await until_scheduled(engine, LONG_PROMPT)
         await kill_and_notice(engine)
         await asyncio.wait_for(engine.recovery.wait(), 120)  # put back, scheduled at once
         assert not again.done() and engine.stats()["retried_requests"] == 2

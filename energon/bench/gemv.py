@@ -18,6 +18,7 @@ graph. Each call in the graph waits for the one before, as in a decode step's ch
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,30 @@ def graph_seconds(fn, weights, reps: int = 3) -> float:
     return best
 
 
+def shape_record(
+    args, model, metric, tp, rows, floor, seconds, baseline, baseline_seconds, notes
+) -> Record:
+    """One shape's point: `seconds` a call against `baseline_seconds`, `floor` the weights'
+    read time at copy bandwidth."""
+    return Record(
+        scenario=SCENARIO,
+        metric=metric,
+        unit="us",
+        value=seconds * 1e6,
+        model=model,
+        dtype=args.dtype,
+        tp=tp,
+        batch=rows,
+        baseline_name=baseline,
+        baseline_value=baseline_seconds * 1e6,
+        ratio=baseline_seconds / seconds,
+        limit_value=floor * 1e6,
+        of_limit=floor / seconds,
+        n_gpus=1,
+        notes=notes,
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("energon bench gemv needs CUDA (CUDA graphs of Triton and cuBLAS kernels)")
@@ -108,75 +133,58 @@ def main(args: argparse.Namespace) -> int:
                         return torch._addmm_activation(bias, x, w.t())
                     return F.linear(x, w, bias)
 
-                def triton(w, x=x, bias=bias, relu=relu):
-                    return gemv_kernels.gemv(x, w, bias, relu)
+                def triton(w, x=x, bias=bias, relu=relu, pdl=False, tiles=0):
+                    return gemv_kernels.gemv(x, w, bias, relu, pdl=pdl, prefetch_tiles=tiles)
 
                 diff = (triton(weights[0]).float() - cublas(weights[0]).float()).abs().max().item()
                 t_triton = graph_seconds(triton, weights)
                 t_cublas = graph_seconds(cublas, weights)
                 floor = N * K * 2 / bandwidth
                 name = f"{model} {layer}"
+                print(f"{name:>22} {tp:>2} {rows:>4} {t_triton * 1e6:>10.2f} {t_cublas * 1e6:>10.2f} "
+                      f"{t_cublas / t_triton:>6.3f} {floor * 1e6:>9.2f} {floor / t_triton:>8.3f} "
+                      f"{diff:>9.2e}", flush=True)  # fmt: skip
+                records.append(
+                    shape_record(
+                        args,
+                        model,
+                        f"{layer}_us",
+                        tp,
+                        rows,
+                        floor,
+                        t_triton,
+                        "cuBLAS (F.linear / torch._addmm_activation)",
+                        t_cublas,
+                        f"x [{rows}, {K}] @ W[{N}, {K}].T{' + bias' if bias is not None else ''}"
+                        f"{' then ReLU' if relu else ''}, {args.dtype}; the shard of one tp={tp} "
+                        f"rank; CUDA graph of {copies} calls on rotating weight copies, best of "
+                        f"3 replays; floor = {N * K * 2 / 1e6:.1f} MB / "
+                        f"{bandwidth / 1e9:.0f} GB/s copy bandwidth; max |triton - cublas| "
+                        f"{diff:.2e}",
+                    )
+                )
                 for tiles in prefetches:
-
-                    def dependent(w, x=x, bias=bias, relu=relu, tiles=tiles):
-                        return gemv_kernels.gemv(x, w, bias, relu, pdl=True, prefetch_tiles=tiles)
-
+                    dependent = functools.partial(triton, pdl=True, tiles=tiles)
                     t_pdl = graph_seconds(dependent, weights)
                     print(f"{name:>22} {tp:>2} {rows:>4} dependent launches, {tiles} tiles "
                           f"prefetched: {t_pdl * 1e6:.2f} us ({t_triton / t_pdl:.3f}x plain, "
                           f"{floor / t_pdl:.3f} of floor)", flush=True)  # fmt: skip
                     records.append(
-                        Record(
-                            scenario=SCENARIO,
-                            metric=f"{layer}_pdl{tiles}_us",
-                            unit="us",
-                            value=t_pdl * 1e6,
-                            model=model,
-                            dtype=args.dtype,
-                            tp=tp,
-                            batch=rows,
-                            baseline_name="the Triton GEMV, plain launches (same graph)",
-                            baseline_value=t_triton * 1e6,
-                            ratio=t_triton / t_pdl,
-                            limit_value=floor * 1e6,
-                            of_limit=floor / t_pdl,
-                            n_gpus=1,
-                            notes=(
-                                f"as {layer}_us, each call a programmatic dependent launch "
-                                f"that fetches {tiles} weight tiles per program into L2 "
-                                "before waiting for the call before"
-                            ),
+                        shape_record(
+                            args,
+                            model,
+                            f"{layer}_pdl{tiles}_us",
+                            tp,
+                            rows,
+                            floor,
+                            t_pdl,
+                            "the Triton GEMV, plain launches (same graph)",
+                            t_triton,
+                            f"as {layer}_us, each call a programmatic dependent launch that "
+                            f"fetches {tiles} weight tiles per program into L2 before waiting for "
+                            "the call before",
                         )
                     )
-                print(f"{name:>22} {tp:>2} {rows:>4} {t_triton * 1e6:>10.2f} {t_cublas * 1e6:>10.2f} "
-                      f"{t_cublas / t_triton:>6.3f} {floor * 1e6:>9.2f} {floor / t_triton:>8.3f} "
-                      f"{diff:>9.2e}", flush=True)  # fmt: skip
-                records.append(
-                    Record(
-                        scenario=SCENARIO,
-                        metric=f"{layer}_us",
-                        unit="us",
-                        value=t_triton * 1e6,
-                        model=model,
-                        dtype=args.dtype,
-                        tp=tp,
-                        batch=rows,
-                        baseline_name="cuBLAS (F.linear / torch._addmm_activation)",
-                        baseline_value=t_cublas * 1e6,
-                        ratio=t_cublas / t_triton,
-                        limit_value=floor * 1e6,
-                        of_limit=floor / t_triton,
-                        n_gpus=1,
-                        notes=(
-                            f"x [{rows}, {K}] @ W[{N}, {K}].T{' + bias' if bias is not None else ''}"
-                            f"{' then ReLU' if relu else ''}, {args.dtype}; the shard of one tp={tp} "
-                            f"rank; CUDA graph of {copies} calls on rotating weight copies, best of "
-                            f"3 replays; floor = {N * K * 2 / 1e6:.1f} MB / "
-                            f"{bandwidth / 1e9:.0f} GB/s copy bandwidth; max |triton - cublas| "
-                            f"{diff:.2e}"
-                        ),
-                    )
-                )
             del weights
     records.append(copy_bandwidth_record(SCENARIO, bandwidth, n_gpus=1))
     path = write_results(SCENARIO, records, args.out)

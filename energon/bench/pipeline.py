@@ -237,9 +237,9 @@ def build_records(
                 base["rate"],
                 f"{args.requests} concurrent Engine.infer ({args.prompt_len}-token prompts, "
                 f"{args.gen_len} new tokens greedy, ignore_eos), {run['in_flight']} steps in "
-                f"flight, {run['max_batch_tokens']} tokens per step; output tokens / wall time, median of {len(run['runs'])} ({rates} "
-                f"tokens/s); stages working at once {_pct(run['overlap'])} of the run; engine "
-                f"start {run['start_s']:.1f} s",
+                f"flight, {run['max_batch_tokens']} tokens per step; output tokens / wall time, "
+                f"median of {len(run['runs'])} ({rates} tokens/s); stages working at once "
+                f"{_pct(run['overlap'])} of the run; engine start {run['start_s']:.1f} s",
             )
         )
     for run in more:

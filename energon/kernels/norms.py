@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from energon.kernels import triton_kernels_for
-from energon.parallel.partial_sum import PartialSum
+from energon.parallel.partial_sum import fused_or_summed
 
 ENV_SWITCH = "ENERGON_TRITON_NORMS"  # "0" keeps every norm on the eager torch ops
 
@@ -67,11 +67,9 @@ class LayerNorm(nn.LayerNorm):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(layer_norm(x + residual), x + residual), the sum rounded as eager `x + residual`;
         (layer_norm(x), x) when residual is None."""
-        if isinstance(x, PartialSum):
-            fused = x.add_norm(residual, self.weight, self.bias, self.eps, rms=False)
-            if fused is not None:
-                return fused
-            x = x.sum()
+        fused, x = fused_or_summed(x, residual, self.weight, self.bias, self.eps, rms=False)
+        if fused is not None:
+            return fused
         if residual is None:
             return self(x), x
         if kernels := self._kernels_for(x, residual):
@@ -107,11 +105,9 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(x + residual), x + residual), the sum rounded as eager `x + residual`;
         (rms_norm(x), x) when residual is None."""
-        if isinstance(x, PartialSum):
-            fused = x.add_norm(residual, self.weight, None, self.eps, rms=True)
-            if fused is not None:
-                return fused
-            x = x.sum()
+        fused, x = fused_or_summed(x, residual, self.weight, None, self.eps, rms=True)
+        if fused is not None:
+            return fused
         if residual is None:
             return self(x), x
         if kernels := self._kernels_for(x, residual):

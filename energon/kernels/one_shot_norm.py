@@ -136,14 +136,12 @@ def one_shot_add_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(normed, summed): summed = the sum over ranks of x (+ bias) (+ residual), normed = its
     LayerNorm (RMSNorm when `rms`; norm_bias ignored then) by weight and norm_bias. Arguments
-    as `takes` accepts them; `buffer_ptrs` is the device address of the ranks' symmetric buffer
-    addresses, this kernel's region at `offset` in each (16-byte aligned). Collective: every rank
-    of the group calls it with the same shapes and the same optional arguments present."""
-    if not takes(x, residual, weight, norm_bias, bias) or offset % ALIGN:
-        raise ValueError(
-            f"one_shot_add_norm takes dense float16 [<= {MAX_ROWS}, <= {MAX_WIDTH}] rows and "
-            f"matching residual / weights (got x {tuple(x.shape)} {x.dtype}, offset {offset})"
-        )
+    as `takes` accepts them (its caller, OneShotAllReduce.fused_add_norm, has asked);
+    `buffer_ptrs` is the device address of the ranks' symmetric buffer addresses, this kernel's
+    region at `offset` in each (16-byte aligned). Collective: every rank of the group calls it
+    with the same shapes and the same optional arguments present."""
+    if offset % ALIGN:
+        raise ValueError(f"one_shot_add_norm's region must be {ALIGN}-byte aligned ({offset})")
     rows, width = x.shape
     summed, out = torch.empty_like(x), torch.empty_like(x)
     block = triton.next_power_of_2(width)

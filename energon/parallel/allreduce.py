@@ -279,10 +279,10 @@ class OneShotAllReduce:
         names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
         if self.own_kernel:
             fused = ""
-            if self.norm_offset is not None and os.environ.get(NORM_ENV, "1") == "0":
-                fused = f", the norm after it apart: {NORM_ENV}=0"
-            elif self.norm_offset is not None:
+            if self.norm_offset is not None:
                 fused = ", fused with the norm after it"
+                if os.environ.get(NORM_ENV, "1") == "0":
+                    fused = f", the norm after it apart: {NORM_ENV}=0"
             names += f" (float16 by energon's kernel{fused})"
         elif torch.float16 in self.dtypes:
             names += " (float16 summed in float32)"

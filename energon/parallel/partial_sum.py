@@ -3,9 +3,10 @@
 At tp > 1 a `RowParallelLinear` returns `PartialSum(partial, bias, group)`: this rank's partial
 product and the layer's bias, not yet summed over the tp group. In every decoder layer that sum
 goes straight into a residual add and a norm (`norm.add_norm(attn_out, residual)`, or the next
-layer's first norm), and there the group's one-shot all-reduce sums it, adds the bias and the
-residual and normalises the rows in one kernel where an all-reduce and an add+norm were two
-(energon/kernels/one_shot_norm.py; float16 decode batches on CUDA). Anything else takes the sum:
+layer's first norm), and there (`fused_or_summed`) the group's one-shot all-reduce sums it, adds
+the bias and the residual and normalises the rows in one kernel where an all-reduce and an
+add+norm were two (energon/kernels/one_shot_norm.py; float16 decode batches on CUDA). Anything
+else takes the sum:
 `sum()`, or `+` with a tensor, by the all-reduce as before. The model files do not change: a
 layer's output, summed or not, goes where it went.
 """
@@ -45,22 +46,6 @@ class PartialSum:
             self._sum = all_reduce(self.partial, self.group, self.bias)
         return self._sum
 
-    def add_norm(
-        self,
-        residual: torch.Tensor | None,
-        weight: torch.Tensor | None,
-        norm_bias: torch.Tensor | None,
-        eps: float,
-        rms: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(normed, summed) by the group's fused all-reduce + norm: summed = this sum (+
-        residual), normed = its LayerNorm (RMSNorm when `rms`). None when that kernel does not
-        take it; the caller then normalises `sum()` (+ residual) itself."""
-        fast = fast_all_reduce(self.group)
-        if self._sum is not None or fast is None:
-            return None
-        return fast.add_norm(self.partial, self.bias, residual, weight, norm_bias, eps, rms)
-
     def __add__(self, other):
         return self.sum() + other
 
@@ -74,3 +59,17 @@ class PartialSum:
 def summed(x: torch.Tensor | PartialSum) -> torch.Tensor:
     """`x` as a tensor: a PartialSum's sum, any tensor itself."""
     return x.sum() if isinstance(x, PartialSum) else x
+
+
+def fused_or_summed(x, residual, weight, norm_bias, eps: float, rms: bool):
+    """What a norm's `add_norm(x, residual)` starts with: ((normed, summed), x) when `x` is a
+    PartialSum that its group's one-shot path sums into this norm in one kernel (summed = the
+    sum + residual; normed = its LayerNorm, RMSNorm when `rms`); else (None, `summed(x)`), for
+    the norm to add and normalise itself."""
+    if isinstance(x, PartialSum) and x._sum is None:
+        fast = fast_all_reduce(x.group)
+        if fast is not None:
+            fused = fast.add_norm(x.partial, x.bias, residual, weight, norm_bias, eps, rms)
+            if fused is not None:
+                return fused, x
+    return None, summed(x)

@@ -4,24 +4,33 @@ At tp > 1 a decoder layer all-reduces twice (after attention's output projection
 MLP's down projection), and each sum goes straight into a residual add and a norm. As two
 kernels (the one-shot all-reduce of energon/kernels/one_shot.py, then the add+norm of
 norm_kernels.py) that is two launches and two round trips through memory per sum, 80 of each in a
-40-layer decode step. Here one program per row does it all:
+40-layer decode step. Here one program per row does it all, and meets the peers without flags:
 
-1. copies its row of `x` (this rank's partial product) into its slot in this rank's symmetric
-   buffer, posts its call count to every peer and waits for theirs (the one-shot protocol of
-   energon/kernels/one_shot.py, with one program per row instead of per 2 KB slice);
-2. sums the row over the ranks in float32 in rank order, adds the bias and rounds once: the
-   one-shot kernel's sum, bit for bit;
-3. adds the residual (float32, rounded once: `x + residual`) and stores that sum, then normalises
+1. pushes its row of `x` (this rank's partial product) into this rank's slot for the row in every
+   rank's symmetric buffer, its own included (plain stores over NVLink: nothing waits for them);
+2. waits until each rank's slot in its own buffer holds a row: a slot no rank has written holds
+   -0.0 in every element (`SENTINEL`), and a pushed row never does (x's -0.0 is pushed as +0.0,
+   which sums alike). Each element proves itself, so no flag, fence or acknowledgement is needed,
+   and what the wait costs is the one-way latency of the slowest peer's stores;
+3. sums the row over the ranks in float32 in rank order, adds the bias and rounds once: the
+   one-shot kernel's sum, bit for bit (but for the sign of an exact zero), and puts SENTINEL back
+   into the slots it read;
+4. adds the residual (float32, rounded once: `x + residual`) and stores that sum, then normalises
    it with the norm kernel's own code (`norm_kernels.normalise`): the add+norm kernel's result,
    bit for bit.
 
-Row `r` always lives at the same place (`ROW_BYTES` apart, whatever the width) and program `r`
-counts its own calls, so calls of any row count may follow each other: a row's half is written
-again only two of that row's calls later, after every peer has posted the call in between (the
-argument of one_shot.py, per row). The region, from `offset` in the symmetric buffer: two halves
-of MAX_ROWS rows, then the flags (MAX_ROWS * world uint32), then the counts (MAX_ROWS uint32),
-zero at first (`region_bytes`). float16 only, like the one-shot kernel's use in
-energon/parallel/allreduce.py, which decides when this runs.
+The one-shot kernel pulls instead: it copies its piece into its own buffer, posts a flag to every
+peer (a system-scope release, which waits for the copy to land), waits for theirs and then reads
+their buffers over NVLink, a round trip more. Pushing takes a slot per rank: each rank's region
+holds, per half, WORLD x MAX_ROWS rows, `ROW_BYTES` apart whatever the width.
+
+Call c of row r uses half c % 2 (program r counts row r's calls), so calls of any row count may
+follow each other. A slot of half c % 2 is written again at call c + 2 of its row; a peer gets
+there only after its call c + 1, which waited for this rank's push of call c + 1, which this rank
+makes after call c (and its putting back of SENTINEL) has ended: kernels on one stream end in
+order. The region, from `offset` in the symmetric buffer: two halves, then the counts (MAX_ROWS
+uint32); the halves hold SENTINEL and the counts zero at first (`prepare_region`). float16 only,
+like the one-shot kernel's use in energon/parallel/allreduce.py, which decides when this runs.
 """
 
 from __future__ import annotations
@@ -31,17 +40,30 @@ import triton
 import triton.language as tl
 
 from energon.kernels.norm_kernels import MAX_WIDTH, normalise, num_warps_for
-from energon.kernels.one_shot import _thread_index, share_and_sum
 
 MAX_ROWS = 64  # rows of one call: a decode step's batch up to 64 sequences
 ROW_BYTES = MAX_WIDTH * 2  # float16 rows of up to MAX_WIDTH
-HALF_BYTES = MAX_ROWS * ROW_BYTES
 ALIGN = 16
+SENTINEL = tl.constexpr(-32768)  # the int16 bits of float16 -0.0: an element not pushed yet
+
+
+def half_bytes(world: int) -> int:
+    """Bytes of one half of the region: a slot per rank and row."""
+    return world * MAX_ROWS * ROW_BYTES
 
 
 def region_bytes(world: int) -> int:
     """Bytes of the symmetric buffer this kernel uses, from its offset."""
-    return 2 * HALF_BYTES + 4 * MAX_ROWS * (world + 1)
+    return 2 * half_bytes(world) + 4 * MAX_ROWS
+
+
+def prepare_region(buffer: torch.Tensor, offset: int, world: int) -> None:
+    """Puts SENTINEL into every slot and zero into the counts of the region at `offset` of this
+    rank's symmetric `buffer` (uint8): before any peer may push (the set-up does it before the
+    rendezvous, and waits for it)."""
+    halves = buffer[offset : offset + 2 * half_bytes(world)]
+    halves.view(torch.int16).fill_(SENTINEL.value)
+    buffer[offset + 2 * half_bytes(world) : offset + region_bytes(world)].zero_()
 
 
 def takes(
@@ -94,31 +116,52 @@ def _one_shot_norm_kernel(
     ROW: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    TRIGGER: tl.constexpr,  # on cuda: release the next kernel's programmatic dependent launch
 ):
-    tl.extra.cuda.gdc_launch_dependents()  # a GEMV launched after this one may start
+    if TRIGGER:  # a GEMV launched after this one may start (gemv_kernels.py)
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     dtype = X.dtype.element_ty
     table = buffers.to(tl.pointer_type(tl.uint64))
-    flags_offset = offset + 2 * HALF
-    counters = (tl.load(table + RANK) + flags_offset).to(tl.pointer_type(tl.uint32))
-    counters += ROWS * WORLD
-    call = tl.load(counters + row) + 1  # uint32: wraps
-    slot = offset + (call % 2).to(tl.uint64) * HALF + row.to(tl.uint64) * ROW
+    mine = tl.load(table + RANK)
+    counters = (mine + offset + 2 * HALF).to(tl.pointer_type(tl.uint32))
+    call = tl.load(counters + row) + 1  # uint32: wraps, keeping its parity
+    half = offset + (call % 2).to(tl.uint64) * HALF
     cols = tl.arange(0, BLOCK)
     mask = cols < width
-    X_row = X + row * width
-    total = share_and_sum(X_row, table, slot, flags_offset, row, call, cols, mask, RANK, WORLD)
+
+    # 1. this rank's row into its slot on every rank, -0.0 as +0.0 (its bits as int16)
+    bits = tl.load(X + row * width + cols, mask=mask, other=0.0).to(tl.int16, bitcast=True)
+    bits = tl.where(bits == SENTINEL, 0, bits)
+    slot_of_mine = half + (RANK * ROWS + row).to(tl.uint64) * ROW
+    for peer in tl.static_range(WORLD):
+        theirs = tl.load(table + peer)
+        slot = tl.multiple_of((theirs + slot_of_mine).to(tl.pointer_type(tl.int16)), 16)
+        tl.store(slot + cols, bits, mask=mask)
+
+    # 2, 3. each rank's row, once every element has come, summed in rank order; the slots
+    # are put back to SENTINEL for the call two later
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for rank in tl.static_range(WORLD):
+        at = (mine + half + (rank * ROWS + row).to(tl.uint64) * ROW).to(tl.pointer_type(tl.int16))
+        slot = tl.multiple_of(at, 16) + cols
+        got = tl.load(slot, mask=mask, other=0, volatile=True)
+        while tl.max(((got == SENTINEL) & mask).to(tl.int32), 0) > 0:
+            got = tl.load(slot, mask=mask, other=0, volatile=True)
+        total += got.to(dtype, bitcast=True).to(tl.float32)
+        tl.store(slot, tl.full([BLOCK], SENTINEL, tl.int16), mask=mask)
     if HAS_BIAS:
         total += tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
     summed = total.to(dtype)  # the all-reduce's result, rounded once
+
+    # 4. the residual add and the norm
     if ADD:
         r = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0)
         summed = (summed.to(tl.float32) + r.to(tl.float32)).to(dtype)
     tl.store(Summed + row * width + cols, summed, mask=mask)
     y = normalise(summed, cols, mask, width, eps, Weight, NormBias, RMS, HAS_WEIGHT, HAS_NORM_BIAS)
     tl.store(Out + row * width + cols, y.to(dtype), mask=mask)
-    if _thread_index() == 0:  # every thread read `call` before the barriers in share_and_sum
-        tl.store(counters + row, call)
+    tl.store(counters + row, call)  # after normalise's reductions: every thread has read `call`
 
 
 def one_shot_add_norm(
@@ -166,10 +209,11 @@ def one_shot_add_norm(
         HAS_WEIGHT=weight is not None,
         HAS_NORM_BIAS=norm_bias is not None,
         HAS_BIAS=bias is not None,
-        HALF=HALF_BYTES,
+        HALF=half_bytes(world),
         ROW=ROW_BYTES,
         ROWS=MAX_ROWS,
         BLOCK=block,
+        TRIGGER=x.is_cuda,
         num_warps=num_warps_for(block),
     )
     return out, summed

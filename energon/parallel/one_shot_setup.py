@@ -231,8 +231,16 @@ def _own_kernel_layout(data_offset: int, half_bytes: int, world: int) -> tuple[i
     return norm_offset, norm_offset + region_bytes(world)
 
 
-def _map_buffer(group: dist.ProcessGroup, device: torch.device, nbytes: int, into: list) -> None:
-    """Appends (symmetric buffer, handle) to `into`: allocated, zeroed, rendezvoused."""
+def _map_buffer(
+    group: dist.ProcessGroup,
+    device: torch.device,
+    nbytes: int,
+    into: list,
+    norm_offset: int | None = None,
+) -> None:
+    """Appends (symmetric buffer, handle) to `into`: allocated, zeroed (the fused all-reduce +
+    norm's region at `norm_offset` made ready for the peers' pushes), rendezvoused once that is
+    done on the device."""
     symm_mem = symmetric_memory()
     if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 11):
         with warnings.catch_warnings():  # required before torch 2.11, deprecated since
@@ -240,6 +248,11 @@ def _map_buffer(group: dist.ProcessGroup, device: torch.device, nbytes: int, int
             symm_mem.enable_symm_mem_for_group(group.group_name)
     buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
     buffer.zero_()
+    if norm_offset is not None:
+        from energon.kernels.one_shot_norm import prepare_region
+
+        prepare_region(buffer, norm_offset, dist.get_world_size(group))
+    torch.cuda.synchronize(device)  # before any peer can reach this buffer
     handle = symm_mem.rendezvous(buffer, group.group_name)
     if handle.world_size != dist.get_world_size(group):
         raise RuntimeError(f"rendezvous joined {handle.world_size} ranks, not the whole group")
@@ -273,7 +286,7 @@ def set_up_one_shot(
     why = _attempt(lambda: made.append(torch.empty(2 * half, dtype=torch.uint8, device=device)))
     if why := vote("scratch", why):
         return None, why
-    why = _attempt(_map_buffer, group, device, nbytes, made)
+    why = _attempt(_map_buffer, group, device, nbytes, made, norm_offset)
     if why := vote("rendezvous", why):
         return None, why
     scratch, (buffer, handle) = made

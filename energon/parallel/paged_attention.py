@@ -36,6 +36,7 @@ MAX_ROWS = 128  # query rows of one program: heads per KV head x new tokens
 MIN_SPLIT_LEN = 64  # keys per split at least, when the context is split
 MAX_SPLITS = 16
 PROGRAMS_PER_SM = 2  # splits aim at about this many programs per SM
+COMBINE_ELEMENTS = 4096  # partial outputs one combine step loads at once (splits x rows x dim)
 LOG2E = 1.4426950408889634
 
 
@@ -84,6 +85,9 @@ def _paged_attn_kernel(
     USE_ALIBI: tl.constexpr,
     WRITE: tl.constexpr,  # write the new tokens' K/V (KNew, VNew) into the cache first
     SPLIT: tl.constexpr,  # partials, and the last split of a (sequence, KV head) combines them
+    SPLITS: tl.constexpr,  # with SPLIT: the splits' count rounded up to a power of two
+    VALID_M: tl.constexpr,  # rows that can hold a query (heads per KV head x new tokens, pow2)
+    COMBINE_M: tl.constexpr,  # rows combined at a time
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots, not tf32
     TRIGGER: tl.constexpr,  # on cuda: release the next kernel's programmatic dependent launch
 ):
@@ -180,26 +184,32 @@ def _paged_attn_kernel(
         tl.debug_barrier()  # every thread's partials are stored before the ticket is taken
         ticket = tl.atomic_add(Tickets + seq * tl.num_programs(1) + kvh, 1, sem="acq_rel")
         if ticket == num_splits - 1:
-            m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-            total = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            for i in range(num_splits):
-                lse_i = tl.load(
-                    LsePart + i * stride_ls + lse_at, mask=row_ok, other=float("-inf"),
-                    cache_modifier=".cg",
-                )  # fmt: skip
-                part_i = tl.load(
-                    OutPart + i * stride_ps + part, mask=o_mask, other=0.0, cache_modifier=".cg"
-                )
-                m_next = tl.maximum(m_all, lse_i)
-                m_ref = tl.where(m_next == float("-inf"), 0.0, m_next)  # empty splits weigh 0
-                scale_old = tl.exp2(m_all - m_ref)
-                w_i = tl.exp2(lse_i - m_ref)
-                total = total * scale_old[:, None] + w_i[:, None] * part_i
-                w_sum = w_sum * scale_old + w_i
-                m_all = m_next
-            out = total / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
-            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+            # every split's log-sum-exp and partial output loaded at once ([SPLITS, rows] and
+            # [SPLITS, rows, D], COMBINE_M rows at a time): one round trip, not one per split
+            s = tl.arange(0, SPLITS)
+            s_ok = s < num_splits
+            for c0 in tl.static_range(0, VALID_M, COMBINE_M):
+                r = c0 + tl.arange(0, COMBINE_M)
+                r_tok = r // GROUP
+                r_ok = r_tok < q_len
+                r_head = kvh * GROUP + r % GROUP
+                r_lse = (q_start + r_tok) * stride_lt + r_head
+                lse_ptrs = LsePart + s[:, None] * stride_ls + r_lse[None, :]
+                lse_ok = s_ok[:, None] & r_ok[None, :]
+                lse_i = tl.load(lse_ptrs, mask=lse_ok, other=float("-inf"), cache_modifier=".cg")
+                m_all = tl.max(lse_i, 0)
+                m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)  # empty splits weigh 0
+                w = tl.exp2(lse_i - m_ref[None, :])  # [SPLITS, COMBINE_M]
+                w_sum = tl.sum(w, 0)
+                r_part = (q_start + r_tok) * stride_pt + r_head * stride_ph
+                part_ptrs = OutPart + s[:, None, None] * stride_ps + r_part[None, :, None]
+                part_ok = lse_ok[:, :, None] & d_ok[None, None, :]
+                parts = tl.load(part_ptrs + d, mask=part_ok, other=0.0, cache_modifier=".cg")
+                total = tl.sum(w[:, :, None] * parts, 0)  # [COMBINE_M, D]
+                out_c = total / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
+                r_out = (q_start + r_tok) * stride_ot + r_head * stride_oh
+                c_mask = r_ok[:, None] & d_ok[None, :]
+                tl.store(Out + r_out[:, None] + d[None, :], out_c.to(Out.dtype.element_ty), c_mask)
             tl.atomic_xchg(Tickets + seq * tl.num_programs(1) + kvh, 0)
     else:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
@@ -302,7 +312,8 @@ def paged_attention(
     if T == 0:
         return out
 
-    block_m = max(16, triton.next_power_of_2(max_seqlen_q * group))
+    valid_m = triton.next_power_of_2(max_seqlen_q * group)
+    block_m = max(16, valid_m)
     block_d = max(16, triton.next_power_of_2(D))
     block_n = block_n or (64 if block_d <= 128 else 32)
     if num_splits is None:
@@ -361,6 +372,11 @@ def paged_attention(
         USE_ALIBI=alibi_slopes is not None,
         WRITE=new_kv is not None,
         SPLIT=split,
+        SPLITS=triton.next_power_of_2(num_splits),
+        VALID_M=valid_m,
+        COMBINE_M=min(
+            valid_m, max(1, COMBINE_ELEMENTS // (triton.next_power_of_2(num_splits) * block_d))
+        ),
         IEEE=q.dtype == torch.float32,
         TRIGGER=q.is_cuda,
         num_warps=num_warps,

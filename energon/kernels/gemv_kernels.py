@@ -113,12 +113,11 @@ def gemv(
     if prefetch_tiles < 0 or prefetch_tiles & (prefetch_tiles - 1):
         raise ValueError(f"prefetch_tiles must be 0 or a power of two (got {prefetch_tiles})")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    # From the H200 sweeps (docs/benchmarks.md, "Decode GEMV"): wide tiles while they still
-    # make ~80 programs; deeper pipelines of longer K tiles for the narrower outputs, deeper
-    # ones of 128-wide K tiles up to 12288 outputs (opt-13b's fc1 at tp=2).
+    # From the H200 sweep (docs/benchmarks.md, "Decode GEMV"): wide tiles while they still
+    # make ~80 programs; deeper pipelines of longer K tiles for the narrower outputs.
     block_n = block_n or next((b for b in (64, 32) if triton.cdiv(N, b) >= 80), 16)
     block_k = block_k or (256 if N <= 8192 else 128)
-    num_stages = num_stages or (5 if N <= 12288 else 3)
+    num_stages = num_stages or (5 if N <= 8192 else 3)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x,
         weight,

@@ -117,16 +117,13 @@ def _one_shot_norm_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     TRIGGER: tl.constexpr,  # on cuda: release the next kernel's programmatic dependent launch
-    PDL: tl.constexpr,  # launched as a programmatic dependent launch: wait before the counts
 ):
     if TRIGGER:  # a GEMV launched after this one may start (gemv_kernels.py)
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     dtype = X.dtype.element_ty
     table = buffers.to(tl.pointer_type(tl.uint64))
-    mine = tl.load(table + RANK)  # the addresses never change: read while the GEMV before ends
-    if PDL:  # everything below comes from (or may be read by) kernels before this one
-        tl.extra.cuda.gdc_wait()
+    mine = tl.load(table + RANK)
     counters = (mine + offset + 2 * HALF).to(tl.pointer_type(tl.uint32))
     call = tl.load(counters + row) + 1  # uint32: wraps, keeping its parity
     half = offset + (call % 2).to(tl.uint64) * HALF
@@ -179,16 +176,13 @@ def one_shot_add_norm(
     rank: int,
     world: int,
     offset: int,
-    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(normed, summed): summed = the sum over ranks of x (+ bias) (+ residual), normed = its
     LayerNorm (RMSNorm when `rms`; norm_bias ignored then) by weight and norm_bias. Arguments
     as `takes` accepts them (its caller, OneShotAllReduce.fused_add_norm, has asked);
     `buffer_ptrs` is the device address of the ranks' symmetric buffer addresses, this kernel's
     region at `offset` in each (16-byte aligned). Collective: every rank of the group calls it
-    with the same shapes and the same optional arguments present. `pdl` (CUDA sm_90+): a
-    programmatic dependent launch, which waits for the kernel before it after reading the
-    buffer addresses."""
+    with the same shapes and the same optional arguments present."""
     if offset % ALIGN:
         raise ValueError(f"one_shot_add_norm's region must be {ALIGN}-byte aligned ({offset})")
     rows, width = x.shape
@@ -220,8 +214,6 @@ def one_shot_add_norm(
         ROWS=MAX_ROWS,
         BLOCK=block,
         TRIGGER=x.is_cuda,
-        PDL=pdl,
         num_warps=num_warps_for(block),
-        **({"launch_pdl": True} if pdl else {}),
     )
     return out, summed

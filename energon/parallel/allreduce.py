@@ -211,7 +211,6 @@ class OneShotAllReduce:
 
     def _own_add_norm(self, x, bias, residual, weight, norm_bias, eps, rms):
         """Energon's fused kernel: (normed, summed)."""
-        from energon.kernels.gemv import dependent_launch
         from energon.kernels.one_shot_norm import one_shot_add_norm
 
         table, rank, world, *_ = self._peers
@@ -227,7 +226,6 @@ class OneShotAllReduce:
             rank,
             world,
             self.norm_offset,
-            pdl=dependent_launch(x.device),
         )
 
     def _torch_one_shot(self, x: torch.Tensor) -> None:

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from energon.kernels.gemv import dependent_launch
 from energon.parallel.packing import BatchMeta
 
 try:  # Flash-attention over packed sequences (torch >= 2.10, CUDA, fp16/bf16)
@@ -258,7 +257,6 @@ class Attention(nn.Module):
             alibi_slopes=self._device_slopes(q.device),
             new_kv=new_kv,
             slot_mapping=meta.slot_mapping if new_kv is not None else None,
-            pdl=dependent_launch(q.device),
         )
 
     def _device_slopes(self, device):

@@ -90,7 +90,6 @@ def _paged_attn_kernel(
     COMBINE_M: tl.constexpr,  # rows combined at a time
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots, not tf32
     TRIGGER: tl.constexpr,  # on cuda: release the next kernel's programmatic dependent launch
-    PDL: tl.constexpr,  # launched as a programmatic dependent launch: wait before reading q/k/v
 ):
     if TRIGGER:  # the output projection's GEMV may start (energon/kernels/gemv_kernels.py)
         tl.extra.cuda.gdc_launch_dependents()
@@ -108,8 +107,6 @@ def _paged_attn_kernel(
     split_len = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, ctx)
-    if PDL:  # the step's lengths were read above; q, k, v come from the kernel before
-        tl.extra.cuda.gdc_wait()
 
     if WRITE:  # the new tokens whose positions fall in this split: into their cache slots
         j = tl.arange(0, MAX_Q)
@@ -282,7 +279,6 @@ def paged_attention(
     num_splits: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """Causal attention of packed queries over the paged cache; returns [T, H, D] in q's dtype.
 
@@ -293,9 +289,6 @@ def paged_attention(
     the kernel first writes the new tokens' keys and values into their cache slots (one kernel
     for the whole layer's decode attention); without, the cache already holds them.
     `max_seqlen_q`/`max_context_len` are host ints (nothing is read back from the device).
-    `pdl` (CUDA sm_90+): a programmatic dependent launch, which reads the step's lengths while
-    the kernel before it ends and waits for it before reading q, k or v or writing anything;
-    the lengths, block tables and cu_seqlens must then come from earlier than that kernel.
     """
     T, H, D = q.shape
     _, _, page, Hkv, Dk = kv_cache.shape
@@ -386,8 +379,6 @@ def paged_attention(
         ),
         IEEE=q.dtype == torch.float32,
         TRIGGER=q.is_cuda,
-        PDL=pdl,
         num_warps=num_warps,
-        **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -15,6 +15,11 @@ writes, and only then waits for the kernel before it to finish (`gdc_wait`) and 
 weight stream does not pause at a kernel boundary: the previous kernel's tail and this one's launch
 overlap the first weight reads. Nothing is written before the wait.
 
+The GEMV releases its own dependents first thing, before its wait, so two GEMVs in a row (fc1,
+fc2) are both resident early; the plainly launched kernels between them (norms, paged attention,
+the fused all-reduce + norm) bound how far the chain runs ahead. Launching those as dependent
+launches too made tp > 1 decode slower (docs/benchmarks.md, "Engine generation": 765ced1).
+
 Imported only on CUDA (energon.kernels.triton_module), and by the interpreter tests.
 """
 

@@ -581,3 +581,26 @@ def test_the_fused_sum_is_the_float64_sum_rounded_once_then_the_residual_added(g
     bias, residual = (torch.tensor(v[1], dtype=torch.float64) for v in checks[0]["sum_inputs"][1:])
     want = ((x[0] + x[1] + bias).to(f16).double() + residual).to(f16).double()
     assert torch.equal(torch.tensor(checks[0]["sum"][1], dtype=torch.float64), want)
+
+
+four_gpus = pytest.mark.skipif(gpus() < 4, reason="needs 4 CUDA GPUs")
+
+
+def fused_norm_on_every_rank(state: ParallelState) -> dict | None:
+    """fused_norm_checks on one rank of a 4-rank tp group (collective)."""
+    enable_fast_all_reduce(state, "auto")
+    fast = fast_all_reduce(state.tp_group)
+    return None if fast is None else fused_norm_checks(fast, state.rank, state.device)
+
+
+@pytest.mark.gpu
+@four_gpus
+def test_the_fused_all_reduce_and_norm_at_tp4_equal_the_sum_then_the_norm():
+    """Four ranks push into each other's slots: the same bit-for-bit checks as at tp=2."""
+    results = run_ranks(fused_norm_on_every_rank, Topology(4), "cuda", timeout=120)
+    assert all(checks is not None for checks in results)
+    for checks in results:
+        assert checks["eager_mismatches"] == []
+        assert checks["eager_fused_calls"] == 36
+        assert checks["graph_mismatches"] == []
+    assert all(checks["sum"] == results[0]["sum"] for checks in results)

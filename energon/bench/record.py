@@ -111,13 +111,28 @@ def results_path(scenario: str, card: str | None = None, day: datetime.date | No
     return RESULTS_DIR / f"{day.isoformat()}-{slug}-{scenario}.json"
 
 
+POINT_FIELDS = ("metric", "model", "dtype", "tp", "pp", "batch", "prompt_len", "gen_len", "card")
+
+
+def point(record: dict) -> tuple:
+    """What a record measured, whatever it found: two records of one point replace each other."""
+    return tuple(record.get(name) for name in POINT_FIELDS)
+
+
 def write_results(scenario: str, records: list[Record], out_dir: Path | None = None) -> Path:
-    """Writes the records as a JSON list and returns the file's path."""
+    """Writes the records as a JSON list and returns the file's path. A file of that name from
+    an earlier run of the day keeps its records of other points (another model, tp, batch...)
+    after the new ones: two runs into one folder (say opt-13b, then llama-2-13b) lose nothing,
+    and a point measured again holds the newer record only."""
     path = results_path(scenario, records[0].card if records else None)
     if out_dir is not None:
         path = Path(out_dir) / path.name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([asdict(r) for r in records], indent=2) + "\n")
+    rows = [asdict(r) for r in records]
+    new = {point(row) for row in rows}
+    earlier = json.loads(path.read_text()) if path.exists() else []
+    rows += [row for row in earlier if point(row) not in new]
+    path.write_text(json.dumps(rows, indent=2) + "\n")
     return path
 
 

@@ -14,10 +14,11 @@ GPU, each sequence's context is cut into `num_splits` equal pieces (whole key ti
 made on the device from the sequence's own length, so a CUDA graph captured for the longest
 context still spreads a short one over every split), each program writes its partial output and
 log-sum-exp, and the last program of a (sequence, KV head) to finish, counted by an atomic
-ticket, combines them. Given the new tokens' k and v the kernel also writes them into their
-cache slots first (each program the new tokens inside its split), so one kernel is a layer's
-whole decode attention: a decode step at batch 1 is latency-bound, and each kernel boundary
-costs a few microseconds in a CUDA graph.
+ticket, combines them (every split's partials in one load, not one split after another: at
+batch 1 that chain of loads cost up to 3.5 of 11.5 us on an H200). Given the new tokens' k and
+v the kernel also writes them into their cache slots first (each program the new tokens inside
+its split), so one kernel is a layer's whole decode attention: a decode step at batch 1 is
+latency-bound, and each kernel boundary costs a few microseconds in a CUDA graph.
 
 Works with triton 3.6+ and in the interpreter (TRITON_INTERPRET=1 set before this module is
 imported: the tests run the kernels on CPU tensors that way).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import pickle
 import time
 import traceback
 
@@ -26,7 +27,11 @@ def _rank_entry(fn, rank, topology, port, device, args, queue, timeout: float) -
             message = (rank, "ok", fn(state, *args))
     except BaseException:  # report to the parent
         message = (rank, "error", traceback.format_exc())
-    queue.put(message)
+    try:  # by value: a queue shares a tensor through this process, which exits right after
+        payload = pickle.dumps(message)
+    except Exception:  # noqa: BLE001 - a result that cannot travel is this rank's error
+        payload = pickle.dumps((rank, "error", traceback.format_exc()))
+    queue.put(payload)
     # delivered before the teardown: a rank whose store (on rank 0) is gone can hang in it
     queue.close()
     queue.join_thread()
@@ -60,12 +65,13 @@ def run_ranks(
     try:
         while len(results) < world:
             try:
-                rank, status, value = queue.get(timeout=max(deadline - time.monotonic(), 0.1))
+                payload = queue.get(timeout=max(deadline - time.monotonic(), 0.1))
             except Exception as exc:  # queue.Empty: a rank hangs, or died without a word
                 missing = sorted(set(range(world)) - set(results))
                 raise RuntimeError(
                     f"rank(s) {missing} did not answer within {timeout:.0f} s"
                 ) from exc
+            rank, status, value = pickle.loads(payload)
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             results[rank] = value

@@ -82,38 +82,6 @@ def _on_slot(ASM: tl.constexpr, slot, value):
 
 
 @triton.jit
-def share_and_sum(X, table, slot, flags_offset, program, call, cols, mask, RANK, WORLD):
-    """The exchange of one program of a one-shot kernel: puts X[cols] (this rank's piece of the
-    message) at `slot` + cols of this rank's symmetric buffer (`slot`: bytes from its start),
-    posts `call` to every peer's flag for (program, this rank), waits until each of this
-    program's own flags holds it (the flags: `flags_offset` bytes from a buffer's start,
-    `max_programs * WORLD` uint32), and returns the float32 sum over ranks, in rank order, of
-    their pieces at `slot` + cols. `table`: the ranks' buffer addresses (uint64)."""
-    dtype = X.dtype.element_ty
-    mine = tl.load(table + RANK)
-    piece_mine = tl.multiple_of((mine + slot).to(tl.pointer_type(dtype)), 16)
-    tl.store(piece_mine + cols, tl.load(X + cols, mask=mask), mask=mask)
-
-    tl.debug_barrier()  # the whole piece is written before it is announced
-    flags = (mine + flags_offset).to(tl.pointer_type(tl.uint32))
-    tid = _thread_index()
-    for peer in tl.static_range(WORLD):
-        if tid == peer:  # thread `peer` posts to rank `peer` and waits for it
-            theirs = tl.load(table + peer)
-            their_flags = (theirs + flags_offset).to(tl.pointer_type(tl.uint32))
-            _on_slot(_POST, their_flags + program * WORLD + RANK, call)
-            _on_slot(_AWAIT, flags + program * WORLD + peer, call)
-    tl.debug_barrier()  # every peer's piece is visible to every thread
-
-    total = tl.zeros(cols.shape, dtype=tl.float32)
-    for rank in tl.static_range(WORLD):
-        theirs = tl.load(table + rank)
-        piece_theirs = tl.multiple_of((theirs + slot).to(tl.pointer_type(dtype)), 16)
-        total += tl.load(piece_theirs + cols, mask=mask, other=0.0).to(tl.float32)
-    return total
-
-
-@triton.jit
 def _one_shot_kernel(
     X,
     Out,
@@ -130,19 +98,37 @@ def _one_shot_kernel(
     BLOCK: tl.constexpr,
 ):
     program = tl.program_id(0)
+    dtype = X.dtype.element_ty
     table = buffers.to(tl.pointer_type(tl.uint64))
-    flags_offset = data_offset + 2 * half_bytes
-    counters = (tl.load(table + RANK) + flags_offset).to(tl.pointer_type(tl.uint32))
-    counters += max_programs * WORLD
+    mine = tl.load(table + RANK)
+    flags = (mine + data_offset + 2 * half_bytes).to(tl.pointer_type(tl.uint32))
+    counters = flags + max_programs * WORLD
     call = tl.load(counters + program) + 1  # uint32: wraps
     half = data_offset + (call % 2).to(tl.uint64) * half_bytes
     cols = program * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
-    total = share_and_sum(X, table, half, flags_offset, program, call, cols, mask, RANK, WORLD)
+    slice_mine = tl.multiple_of((mine + half).to(tl.pointer_type(dtype)), 16)
+    tl.store(slice_mine + cols, tl.load(X + cols, mask=mask), mask=mask)
+
+    tl.debug_barrier()  # the whole slice is written before it is announced
+    tid = _thread_index()
+    for peer in tl.static_range(WORLD):
+        if tid == peer:  # thread `peer` posts to rank `peer` and waits for it
+            theirs = tl.load(table + peer)
+            their_flags = (theirs + data_offset + 2 * half_bytes).to(tl.pointer_type(tl.uint32))
+            _on_slot(_POST, their_flags + program * WORLD + RANK, call)
+            _on_slot(_AWAIT, flags + program * WORLD + peer, call)
+    tl.debug_barrier()  # every peer's slice is visible to every thread
+
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for rank in tl.static_range(WORLD):
+        theirs = tl.load(table + rank)
+        slice_theirs = tl.multiple_of((theirs + half).to(tl.pointer_type(dtype)), 16)
+        total += tl.load(slice_theirs + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         total += tl.load(Bias + cols % width, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + cols, total.to(X.dtype.element_ty), mask=mask)
-    if _thread_index() == 0:  # every thread read `call` before the barriers above
+    tl.store(Out + cols, total.to(dtype), mask=mask)
+    if tid == 0:  # every thread read `call` before the barriers above
         tl.store(counters + program, call)
 
 

@@ -173,7 +173,6 @@ def _paged_attn_kernel(
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_mask = row_ok[:, None] & d_ok[None, :]
-    o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     if SPLIT:
         part = (q_start + tok)[:, None] * stride_pt + head[:, None] * stride_ph + d[None, :]
         tl.store(OutPart + split * stride_ps + part, out, mask=o_mask)
@@ -213,7 +212,8 @@ def _paged_attn_kernel(
                 tl.store(Out + r_out[:, None] + d[None, :], out_c.to(Out.dtype.element_ty), c_mask)
             tl.atomic_xchg(Tickets + seq * tl.num_programs(1) + kvh, 0)
     else:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+        o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh
+        tl.store(o_ptrs + d[None, :], out.to(Out.dtype.element_ty), mask=o_mask)
 
 
 _TICKETS: dict[torch.device, list[torch.Tensor]] = {}

@@ -11,6 +11,8 @@ one_shot.py      the float16 one-shot all-reduce over NVLink peer memory, bias f
                  (energon.parallel.allreduce decides when it runs)
 one_shot_norm.py the same all-reduce with the residual add and the norm after it, one program
                  per row (a row-parallel layer's PartialSum handed to a norm's add_norm)
+chain.py         `wait_then_release`, how each of these kernels enters a programmatic
+                 dependent launch (`dependent_launch` below says when they launch so)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import torch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton kernels take
+PDL_SWITCH = "ENERGON_PDL"  # "0": no programmatic dependent launches (chain.py)
 
 
 @functools.cache
@@ -48,3 +51,18 @@ def triton_kernels_for(name: str, switch: str, x: torch.Tensor, *others: torch.T
     if os.environ.get(switch, "1") == "0":
         return None
     return triton_module(name)
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether the Triton kernels launch as programmatic dependent launches on `device`
+    (chain.py): a Hopper or later GPU, and ENERGON_PDL not "0"."""
+    return (
+        device.type == "cuda"
+        and os.environ.get(PDL_SWITCH, "1") != "0"
+        and _sm90_or_later(device.index)
+    )
+
+
+@functools.cache
+def _sm90_or_later(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9

@@ -14,22 +14,18 @@ bias fused into cuBLASLt's epilogue. The two round differently in the last bit (
 accumulation in another order), like any two GEMM kernels.
 
 On Hopper and later the Triton GEMV launches as a programmatic dependent launch (it prefetches
-its first weight tiles while the kernel before it ends; gemv_kernels.py); ENERGON_PDL=0 launches
-it plainly. The results are the same bits either way.
+its first weight tiles while the kernel before it ends; gemv_kernels.py, chain.py);
+ENERGON_PDL=0 launches it plainly. The results are the same bits either way.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 
-from energon.kernels import triton_kernels_for
+from energon.kernels import dependent_launch, triton_kernels_for
 
 ENV_SWITCH = "ENERGON_TRITON_GEMV"  # "0": every linear on cuBLAS
-PDL_SWITCH = "ENERGON_PDL"  # "0": no programmatic dependent launches (gemv_kernels.py)
 MAX_ROWS = 16  # rows of x the Triton kernel takes (one tensor-core tile)
 
 
@@ -41,17 +37,6 @@ def kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         return None
     return triton_kernels_for("gemv_kernels", ENV_SWITCH, x, weight, bias)
-
-
-def dependent_launch(device: torch.device) -> bool:
-    """Whether the Triton GEMV launches as a programmatic dependent launch on `device`: a
-    Hopper or later GPU, and ENERGON_PDL not "0"."""
-    return os.environ.get(PDL_SWITCH, "1") != "0" and _sm90_or_later(device.index)
-
-
-@functools.cache
-def _sm90_or_later(index: int | None) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def linear(

@@ -8,17 +8,13 @@ bias and activation are applied before the one store. No split-K, so no second r
 kernel.
 
 With `pdl` (Hopper and later, CUDA only) the kernel is launched as a programmatic dependent
-launch: it may start while the kernel before it still runs (once every program of that one has
-called `gdc_launch_dependents`, as this kernel and the norm, attention and all-reduce kernels do
-first thing), prefetches the first PREFETCH_TILES tiles of its weights into L2, which no kernel
-writes, and only then waits for the kernel before it to finish (`gdc_wait`) and reads x. So the
-weight stream does not pause at a kernel boundary: the previous kernel's tail and this one's launch
-overlap the first weight reads. Nothing is written before the wait.
-
-The GEMV releases its own dependents first thing, before its wait, so two GEMVs in a row (fc1,
-fc2) are both resident early; the plainly launched kernels between them (norms, paged attention,
-the fused all-reduce + norm) bound how far the chain runs ahead. Launching those as dependent
-launches too made tp > 1 decode slower (docs/benchmarks.md, "Engine generation": 765ced1).
+launch, like every Triton kernel of a decode step (energon/kernels/chain.py): it may start while
+the kernel before it still runs, prefetches the first PREFETCH_TILES tiles of its weights into
+L2, which no kernel writes, and only then waits for the kernel before it to finish and reads x.
+So the previous kernel's tail and this one's launch overlap the first weight reads. Nothing is
+written before the wait. (Deeper prefetches did not pay: about 8 MB a GEMV gained nothing over 4
+tiles, 16 and 32 MB lost 0.07 and 0.16 ms a token at tp=2; docs/benchmarks.md, "Engine
+generation".)
 
 Imported only on CUDA (energon.kernels.triton_module), and by the interpreter tests.
 """
@@ -28,6 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from energon.kernels.chain import launch_options, wait_then_release
 from energon.kernels.gemv import MAX_ROWS
 
 PREFETCH_TILES = 4  # weight tiles per program fetched into L2 before waiting for x (default)
@@ -59,13 +56,13 @@ def _gemv_kernel(
     stride_xm,
     stride_wn,
     stride_ym,
+    prefetch,  # with PDL: weight tiles fetched into L2 before the wait (0: none)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     RELU: tl.constexpr,
     PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,  # with PDL: weight tiles fetched into L2 before the wait (0: none)
 ):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -73,12 +70,11 @@ def _gemv_kernel(
     n_ok = n < N
     m_ok = m < M
     if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        if PREFETCH > 0:
-            lines = tl.arange(0, PREFETCH * BLOCK_K // LINE) * LINE
-            rows = tl.minimum(n, N - 1)  # clamped: a prefetch past the end is pointless
-            _prefetch_l2(W + rows[:, None] * stride_wn + tl.minimum(lines, K - 1)[None, :])
-        tl.extra.cuda.gdc_wait()  # the kernel before has finished: x is ready, y is free
+        lines = tl.arange(0, BLOCK_K // LINE) * LINE
+        rows = W + tl.minimum(n, N - 1)[:, None] * stride_wn  # clamped: no prefetch past the end
+        for t in range(0, prefetch):
+            _prefetch_l2(rows + tl.minimum(t * BLOCK_K + lines, K - 1)[None, :])
+    wait_then_release(PDL)  # the kernel before has finished: x is ready, y is free
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -108,15 +104,15 @@ def gemv(
 ):
     """x [M, K] (M <= MAX_ROWS, rows dense) @ weight[N, K].T (+ bias [N]) (ReLU) -> [M, N] in
     x's dtype. `pdl`: a programmatic dependent launch (module docstring; CUDA sm_90+ only),
-    fetching `prefetch_tiles` weight tiles (a power of two, or 0) into L2 before it waits."""
+    fetching `prefetch_tiles` weight tiles into L2 before it waits."""
     import torch
 
     M, K = x.shape
     N = weight.shape[0]
     if M > MAX_ROWS or weight.shape[1] != K or x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError(f"gemv takes x [<= {MAX_ROWS}, K] and weight [N, K], dense rows")
-    if prefetch_tiles < 0 or prefetch_tiles & (prefetch_tiles - 1):
-        raise ValueError(f"prefetch_tiles must be 0 or a power of two (got {prefetch_tiles})")
+    if prefetch_tiles < 0:
+        raise ValueError(f"prefetch_tiles must be >= 0 (got {prefetch_tiles})")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     # From the H200 sweep (docs/benchmarks.md, "Decode GEMV"): wide tiles while they still
     # make ~80 programs; deeper pipelines of longer K tiles for the narrower outputs.
@@ -134,15 +130,15 @@ def gemv(
         x.stride(0),
         weight.stride(0),
         y.stride(0),
+        prefetch_tiles if pdl else 0,
         BLOCK_M=MAX_ROWS,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         HAS_BIAS=bias is not None,
         RELU=relu,
         PDL=pdl,
-        PREFETCH=prefetch_tiles if pdl else 0,
         num_warps=num_warps,
         num_stages=num_stages,
-        **({"launch_pdl": True} if pdl else {}),
+        **launch_options(pdl),
     )
     return y

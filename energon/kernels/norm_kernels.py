@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from energon.kernels import dependent_launch
+from energon.kernels.chain import launch_options, wait_then_release
+
 MAX_WIDTH = 16384  # a whole row in 16 warps' registers without spilling (ptxas, sm_90)
 
 
@@ -40,10 +43,9 @@ def _norm_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
-    TRIGGER: tl.constexpr,  # on cuda: release the next kernel's programmatic dependent launch
+    PDL: tl.constexpr,  # a programmatic dependent launch (chain.py)
 ):
-    if TRIGGER:  # a GEMV launched after this one may start (gemv_kernels.py)
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < width
@@ -133,6 +135,7 @@ def norm_rows(
     summed = torch.empty_like(out) if add else src
     if src.shape[0]:
         block = triton.next_power_of_2(width)
+        pdl = dependent_launch(x.device)
         _norm_kernel[(src.shape[0],)](
             src,
             res,
@@ -151,7 +154,8 @@ def norm_rows(
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None and not rms,
             BLOCK=block,
-            TRIGGER=x.is_cuda,
+            PDL=pdl,
             num_warps=num_warps_for(block),
+            **launch_options(pdl),
         )
     return out.view(x.shape), (summed.view(x.shape) if add else x)

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from energon.kernels import dependent_launch
+from energon.kernels.chain import launch_options, wait_then_release
 from energon.kernels.norm_kernels import MAX_WIDTH, normalise, num_warps_for
 
 MAX_ROWS = 64  # rows of one call: a decode step's batch up to 64 sequences
@@ -116,14 +118,13 @@ def _one_shot_norm_kernel(
     ROW: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
-    TRIGGER: tl.constexpr,  # on cuda: release the next kernel's programmatic dependent launch
+    PDL: tl.constexpr,  # a programmatic dependent launch (chain.py)
 ):
-    if TRIGGER:  # a GEMV launched after this one may start (gemv_kernels.py)
-        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     dtype = X.dtype.element_ty
     table = buffers.to(tl.pointer_type(tl.uint64))
-    mine = tl.load(table + RANK)
+    mine = tl.load(table + RANK)  # the addresses never change: read while the kernel before ends
+    wait_then_release(PDL)
     counters = (mine + offset + 2 * HALF).to(tl.pointer_type(tl.uint32))
     call = tl.load(counters + row) + 1  # uint32: wraps, keeping its parity
     half = offset + (call % 2).to(tl.uint64) * HALF
@@ -189,6 +190,7 @@ def one_shot_add_norm(
     summed, out = torch.empty_like(x), torch.empty_like(x)
     block = triton.next_power_of_2(width)
     norm_bias = None if rms else norm_bias
+    pdl = dependent_launch(x.device)
     _one_shot_norm_kernel[(rows,)](
         x,
         residual if residual is not None else x,
@@ -213,7 +215,8 @@ def one_shot_add_norm(
         ROW=ROW_BYTES,
         ROWS=MAX_ROWS,
         BLOCK=block,
-        TRIGGER=x.is_cuda,
+        PDL=pdl,
         num_warps=num_warps_for(block),
+        **launch_options(pdl),
     )
     return out, summed

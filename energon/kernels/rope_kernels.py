@@ -22,6 +22,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from energon.kernels import dependent_launch
+from energon.kernels.chain import launch_options, wait_then_release
+
 SILU_BLOCK = 1024  # columns of one row per silu_mul program
 # The interpreter has no libdevice: there its numpy cos, sin and exp stand in.
 LIBDEVICE = os.environ.get("TRITON_INTERPRET", "0") != "1"
@@ -49,6 +52,7 @@ def _rotary_kernel(
     HALF: tl.constexpr,  # head_dim // 2
     BLOCK: tl.constexpr,  # HALF's next power of two
     LIBDEVICE: tl.constexpr,
+    PDL: tl.constexpr,  # a programmatic dependent launch (chain.py)
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -65,6 +69,7 @@ def _rotary_kernel(
     else:
         cos, sin = tl.cos(freq), tl.sin(freq)
     cos, sin = _rounded(cos, dtype), _rounded(sin, dtype)
+    wait_then_release(PDL)  # the positions are the step's; q and k come from the kernel before
     x1 = tl.load(row + i, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(row + HALF + i, mask=mask, other=0.0).to(tl.float32)
     # rotate_half(x) = [-x2, x1]
@@ -87,6 +92,7 @@ def rotate_(
         raise ValueError("rotary needs each head's values dense")
     if T == 0:
         return q, k
+    pdl = dependent_launch(q.device)
     _rotary_kernel[(T, heads + k.shape[1])](
         q,
         k,
@@ -100,6 +106,8 @@ def rotate_(
         HALF=half,
         BLOCK=triton.next_power_of_2(half),
         LIBDEVICE=LIBDEVICE,
+        PDL=pdl,
+        **launch_options(pdl),
         **EXACT,
     )
     return q, k
@@ -116,10 +124,9 @@ def _silu_mul_kernel(
     width,
     BLOCK: tl.constexpr,
     LIBDEVICE: tl.constexpr,
-    TRIGGER: tl.constexpr,  # on cuda: release the next kernel's programmatic dependent launch
+    PDL: tl.constexpr,  # a programmatic dependent launch (chain.py)
 ):
-    if TRIGGER:  # a GEMV launched after this one may start (gemv_kernels.py)
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
@@ -144,6 +151,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(gate, memory_format=torch.contiguous_format)
     if rows and width:
         grid = (rows, triton.cdiv(width, SILU_BLOCK))
+        pdl = dependent_launch(gate.device)
         _silu_mul_kernel[grid](
             gate,
             up,
@@ -154,7 +162,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
             width,
             BLOCK=SILU_BLOCK,
             LIBDEVICE=LIBDEVICE,
-            TRIGGER=gate.is_cuda,
+            PDL=pdl,
+            **launch_options(pdl),
             **EXACT,
         )
     return out

@@ -32,6 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
+from energon.kernels import dependent_launch
+from energon.kernels.chain import launch_options, wait_then_release
+
 MAX_QUERY_LEN = 8  # new tokens per sequence up to which a step counts as decode-like
 MAX_ROWS = 128  # query rows of one program: heads per KV head x new tokens
 MIN_SPLIT_LEN = 64  # keys per split at least, when the context is split
@@ -90,10 +93,8 @@ def _paged_attn_kernel(
     VALID_M: tl.constexpr,  # rows that can hold a query (heads per KV head x new tokens, pow2)
     COMBINE_M: tl.constexpr,  # rows combined at a time
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots, not tf32
-    TRIGGER: tl.constexpr,  # on cuda: release the next kernel's programmatic dependent launch
+    PDL: tl.constexpr,  # a programmatic dependent launch (energon/kernels/chain.py)
 ):
-    if TRIGGER:  # the output projection's GEMV may start (energon/kernels/gemv_kernels.py)
-        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -108,6 +109,7 @@ def _paged_attn_kernel(
     split_len = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, ctx)
+    wait_then_release(PDL)  # the step's lengths are read; q, k and v come from the kernel before
 
     if WRITE:  # the new tokens whose positions fall in this split: into their cache slots
         j = tl.arange(0, MAX_Q)
@@ -312,6 +314,7 @@ def paged_attention(
     out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
     if T == 0:
         return out
+    pdl = dependent_launch(q.device)
 
     valid_m = triton.next_power_of_2(max_seqlen_q * group)
     block_m = max(16, valid_m)
@@ -379,7 +382,8 @@ def paged_attention(
             valid_m, max(1, COMBINE_ELEMENTS // (triton.next_power_of_2(num_splits) * block_d))
         ),
         IEEE=q.dtype == torch.float32,
-        TRIGGER=q.is_cuda,
+        PDL=pdl,
         num_warps=num_warps,
+        **launch_options(pdl),
     )
     return out

@@ -166,7 +166,7 @@ async def test_cuda_float16_dependent_launches_change_nothing(references, family
     start before the kernel before it ends; energon/kernels/gemv_kernels.py), in the decode
     graphs too; with ENERGON_PDL=0 every launch waits for the one before. Same kernels, same
     bits: tokens and logprobs agree exactly."""
-    from energon.kernels.gemv import PDL_SWITCH
+    from energon.kernels import PDL_SWITCH
 
     runs = await switched_runs(monkeypatch, PDL_SWITCH, references[family][0])
     assert runs["1"][0] == runs["0"][0]

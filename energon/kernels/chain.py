@@ -1,0 +1,36 @@
+"""How a decode step's Triton kernels chain as programmatic dependent launches (Hopper+).
+
+A kernel launched as a programmatic dependent launch may start while the kernel before it
+still runs: once every program of that one has called `gdc_launch_dependents` (or exited).
+Until it calls `gdc_wait` it may only read what no unfinished kernel writes (weights, the
+step's lengths, buffer addresses) and write nothing; after the wait, the kernel before has
+finished and its writes are visible.
+
+Every kernel of the chain releases its dependents right after its own wait, never before: so
+the next kernel starts while this one works, but the one after that only once this one's
+predecessor has finished. The chain runs at most one kernel ahead. (Releasing first thing, as
+765ced1 did, let the kernels of many layers ahead start, prefetch and wait at once, and made
+tp > 1 decode slower: docs/benchmarks.md, "Engine generation".) It also means a kernel may read,
+before its wait, what the kernel two before it wrote.
+
+Kernels launched plainly (PDL false: CPU, the interpreter, before Hopper, ENERGON_PDL=0) wait
+for the kernel before them as usual and release nothing.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def wait_then_release(PDL: tl.constexpr):
+    """With PDL: wait for the kernel before this one to finish, then let the next one start."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+def launch_options(pdl: bool) -> dict:
+    """The launch's keyword arguments: a programmatic dependent launch when `pdl`."""
+    return {"launch_pdl": True} if pdl else {}

@@ -26,7 +26,7 @@ def _ptx(fn, signature: dict, constants: dict, num_warps: int, num_stages: int) 
     from triton.compiler import ASTSource
 
     source = ASTSource(fn, {**signature, **dict.fromkeys(constants, "constexpr")}, constants)
-    options = {"num_warps": num_warps, "num_stages": num_stages}
+    options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     except RuntimeError as exc:  # a triton built without its CUDA back end

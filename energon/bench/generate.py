@@ -29,7 +29,10 @@ as untimed ones do) and so the device's idle gap before the next step; per decod
 controller's scheduling, reply handling and the next step message that lookahead did not hide).
 `--profile` runs one more decode step of each batch size under torch.profiler for the device
 kernel time; `--profile-dir` also writes every rank's chrome trace of those steps (the replying
-rank's summary alone cannot show a tp peer that holds the group's collectives back).
+rank's summary alone cannot show a tp peer that holds the group's collectives back). With
+dependent launches the kernels overlap and the summary's kernel times count each kernel's wait
+for the one before: `python bench/kernel_path.py TRACE` charges each kernel what the step
+waited for it (energon/bench/kernel_path.py).
 
 Warm-up (`--warmup full`, the default): one full-length request and one full batch, for Energon
 and HF alike, before anything is timed; on H200 a first 128-token pass ran 2-4x slower in both

@@ -12,7 +12,8 @@ one_shot.py      the float16 one-shot all-reduce over NVLink peer memory, bias f
 one_shot_norm.py the same all-reduce with the residual add and the norm after it, one program
                  per row (a row-parallel layer's PartialSum handed to a norm's add_norm)
 chain.py         `wait_then_release`, how each of these kernels enters a programmatic
-                 dependent launch (`dependent_launch` below says when they launch so)
+                 dependent launch, and `chained(device)`, its launch keywords
+                 (`dependent_launch` below says when they launch so)
 """
 
 from __future__ import annotations

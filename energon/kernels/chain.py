@@ -19,8 +19,11 @@ for the kernel before them as usual and release nothing.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from energon.kernels import dependent_launch
 
 
 @triton.jit
@@ -32,5 +35,11 @@ def wait_then_release(PDL: tl.constexpr):
 
 
 def launch_options(pdl: bool) -> dict:
-    """The launch's keyword arguments: a programmatic dependent launch when `pdl`."""
-    return {"launch_pdl": True} if pdl else {}
+    """A chained kernel's launch keywords: its PDL constexpr and, when `pdl`, the launch as a
+    programmatic dependent launch (one value for both, so they cannot disagree)."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
+
+
+def chained(device: torch.device) -> dict:
+    """`launch_options` for a kernel on `device`, as `dependent_launch` decides."""
+    return launch_options(dependent_launch(device))

@@ -136,7 +136,6 @@ def gemv(
         BLOCK_K=block_k,
         HAS_BIAS=bias is not None,
         RELU=relu,
-        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
         **launch_options(pdl),

@@ -18,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from energon.kernels import dependent_launch
-from energon.kernels.chain import launch_options, wait_then_release
+from energon.kernels.chain import chained, wait_then_release
 
 MAX_WIDTH = 16384  # a whole row in 16 warps' registers without spilling (ptxas, sm_90)
 
@@ -135,7 +134,6 @@ def norm_rows(
     summed = torch.empty_like(out) if add else src
     if src.shape[0]:
         block = triton.next_power_of_2(width)
-        pdl = dependent_launch(x.device)
         _norm_kernel[(src.shape[0],)](
             src,
             res,
@@ -154,8 +152,7 @@ def norm_rows(
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None and not rms,
             BLOCK=block,
-            PDL=pdl,
             num_warps=num_warps_for(block),
-            **launch_options(pdl),
+            **chained(x.device),
         )
     return out.view(x.shape), (summed.view(x.shape) if add else x)

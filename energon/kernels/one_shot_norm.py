@@ -39,8 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from energon.kernels import dependent_launch
-from energon.kernels.chain import launch_options, wait_then_release
+from energon.kernels.chain import chained, wait_then_release
 from energon.kernels.norm_kernels import MAX_WIDTH, normalise, num_warps_for
 
 MAX_ROWS = 64  # rows of one call: a decode step's batch up to 64 sequences
@@ -190,7 +189,6 @@ def one_shot_add_norm(
     summed, out = torch.empty_like(x), torch.empty_like(x)
     block = triton.next_power_of_2(width)
     norm_bias = None if rms else norm_bias
-    pdl = dependent_launch(x.device)
     _one_shot_norm_kernel[(rows,)](
         x,
         residual if residual is not None else x,
@@ -215,8 +213,7 @@ def one_shot_add_norm(
         ROW=ROW_BYTES,
         ROWS=MAX_ROWS,
         BLOCK=block,
-        PDL=pdl,
         num_warps=num_warps_for(block),
-        **launch_options(pdl),
+        **chained(x.device),
     )
     return out, summed

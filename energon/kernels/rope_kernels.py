@@ -22,8 +22,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from energon.kernels import dependent_launch
-from energon.kernels.chain import launch_options, wait_then_release
+from energon.kernels.chain import chained, wait_then_release
 
 SILU_BLOCK = 1024  # columns of one row per silu_mul program
 # The interpreter has no libdevice: there its numpy cos, sin and exp stand in.
@@ -92,7 +91,6 @@ def rotate_(
         raise ValueError("rotary needs each head's values dense")
     if T == 0:
         return q, k
-    pdl = dependent_launch(q.device)
     _rotary_kernel[(T, heads + k.shape[1])](
         q,
         k,
@@ -106,8 +104,7 @@ def rotate_(
         HALF=half,
         BLOCK=triton.next_power_of_2(half),
         LIBDEVICE=LIBDEVICE,
-        PDL=pdl,
-        **launch_options(pdl),
+        **chained(q.device),
         **EXACT,
     )
     return q, k
@@ -151,7 +148,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(gate, memory_format=torch.contiguous_format)
     if rows and width:
         grid = (rows, triton.cdiv(width, SILU_BLOCK))
-        pdl = dependent_launch(gate.device)
         _silu_mul_kernel[grid](
             gate,
             up,
@@ -162,8 +158,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
             width,
             BLOCK=SILU_BLOCK,
             LIBDEVICE=LIBDEVICE,
-            PDL=pdl,
-            **launch_options(pdl),
+            **chained(gate.device),
             **EXACT,
         )
     return out

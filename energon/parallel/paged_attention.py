@@ -32,8 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from energon.kernels import dependent_launch
-from energon.kernels.chain import launch_options, wait_then_release
+from energon.kernels.chain import chained, wait_then_release
 
 MAX_QUERY_LEN = 8  # new tokens per sequence up to which a step counts as decode-like
 MAX_ROWS = 128  # query rows of one program: heads per KV head x new tokens
@@ -314,7 +313,6 @@ def paged_attention(
     out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
     if T == 0:
         return out
-    pdl = dependent_launch(q.device)
 
     valid_m = triton.next_power_of_2(max_seqlen_q * group)
     block_m = max(16, valid_m)
@@ -382,8 +380,7 @@ def paged_attention(
             valid_m, max(1, COMBINE_ELEMENTS // (triton.next_power_of_2(num_splits) * block_d))
         ),
         IEEE=q.dtype == torch.float32,
-        PDL=pdl,
         num_warps=num_warps,
-        **launch_options(pdl),
+        **chained(q.device),
     )
     return out

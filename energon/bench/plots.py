@@ -17,9 +17,18 @@ def point_label(record: dict) -> str:
     return f"{name}\n{layout}{batch}"
 
 
+POINTS_PER_ROW = 16  # a results file's points drawn in rows of this many, one under another
+
+
+def rows_of(records: list, per_row: int = POINTS_PER_ROW) -> list[list]:
+    """`records` in rows of at most `per_row`, in order (a file collects every run of a day:
+    one row of 190 points is too wide to read)."""
+    return [records[i : i + per_row] for i in range(0, len(records), per_row)]
+
+
 def plot_results(path: str | Path, out_dir: str | Path) -> Path | None:
-    """Draws `path`'s records that have a ratio or a limit as `out_dir/<stem>.png`; returns the
-    PNG's path, or None when no record has either."""
+    """Draws `path`'s records that have a ratio or a limit as `out_dir/<stem>.png` (rows of
+    POINTS_PER_ROW points); returns the PNG's path, or None when no record has either."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,22 +40,31 @@ def plot_results(path: str | Path, out_dir: str | Path) -> Path | None:
     ]
     if not records:
         return None
-    labels = [point_label(r) for r in records]
-    ratio = [r.get("ratio") or 0.0 for r in records]
-    of_limit = [r.get("of_limit") or 0.0 for r in records]
+    rows = rows_of(records)
     width = 0.38
-    xs = range(len(records))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(records)), 4.6))
-    ax.bar([x - width / 2 for x in xs], ratio, width, label="ratio to the baseline (> 1: faster)")
-    ax.bar([x + width / 2 for x in xs], of_limit, width, label="fraction of the physical limit")
-    ax.axhline(1.0, color="0.3", linewidth=0.8)
-    for x, (a, b) in enumerate(zip(ratio, of_limit, strict=True)):
-        ax.annotate(f"{a:.2f}", (x - width / 2, a), ha="center", va="bottom", fontsize=7)
-        ax.annotate(f"{b:.2f}", (x + width / 2, b), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(list(xs), labels, fontsize=7)
+    fig, axes = plt.subplots(
+        len(rows),
+        1,
+        figsize=(max(6.0, 1.3 * len(rows[0])), 4.6 * len(rows)),
+        squeeze=False,
+    )
+    for ax, row in zip(axes[:, 0], rows, strict=True):
+        ratio = [r.get("ratio") or 0.0 for r in row]
+        of_limit = [r.get("of_limit") or 0.0 for r in row]
+        xs = range(len(row))
+        ax.bar(
+            [x - width / 2 for x in xs], ratio, width, label="ratio to the baseline (> 1: faster)"
+        )
+        ax.bar([x + width / 2 for x in xs], of_limit, width, label="fraction of the physical limit")
+        ax.axhline(1.0, color="0.3", linewidth=0.8)
+        for x, (a, b) in enumerate(zip(ratio, of_limit, strict=True)):
+            ax.annotate(f"{a:.2f}", (x - width / 2, a), ha="center", va="bottom", fontsize=7)
+            ax.annotate(f"{b:.2f}", (x + width / 2, b), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(list(xs), [point_label(r) for r in row], fontsize=7)
+        ax.set_xlim(-0.6, len(rows[0]) - 0.4)
     cards = sorted({r.get("card", "?") for r in records})
-    ax.set_title(f"{path.stem} ({', '.join(cards)})", fontsize=10)
-    ax.legend(fontsize=8)
+    axes[0, 0].set_title(f"{path.stem} ({', '.join(cards)})", fontsize=10)
+    axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     out = Path(out_dir) / f"{path.stem}.png"
     out.parent.mkdir(parents=True, exist_ok=True)

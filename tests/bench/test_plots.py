@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from energon.bench.plots import plot_results, point_label
+from energon.bench.plots import plot_results, point_label, rows_of
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,6 +27,17 @@ def test_a_png_is_drawn_from_the_points_with_a_ratio_or_a_limit(tmp_path):
     only_rates = tmp_path / "rates.json"
     only_rates.write_text(json.dumps([record("matmul_rate", None, None)]))
     assert plot_results(only_rates, tmp_path / "img") is None
+
+
+def test_many_points_are_drawn_in_rows_one_under_another(tmp_path):
+    assert [len(r) for r in rows_of(list(range(40)), 16)] == [16, 16, 8]
+    assert rows_of([], 16) == [] and rows_of([1], 16) == [[1]]
+    results = tmp_path / "many.json"
+    results.write_text(json.dumps([record(f"m{i}", 1.0 + i / 40, 0.5) for i in range(40)]))
+    from PIL import Image
+
+    wide, tall = Image.open(plot_results(results, tmp_path)).size
+    assert tall > 2 * 4.6 * 100 and wide < 1.3 * 17 * 100  # three rows of at most 16 points
 
 
 def test_a_point_is_labelled_by_metric_layout_and_batch():

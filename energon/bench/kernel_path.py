@@ -33,12 +33,11 @@ class Charge:
 
 def charges(kernels: Iterable[tuple[str, float, float]]) -> list[Charge]:
     """(name, start, duration) of a stream's kernels, any unit -> their charges in start order."""
+    ordered = sorted(kernels, key=lambda k: k[1])
     out: list[Charge] = []
-    frontier = None  # the latest end so far
-    for name, start, duration in sorted(kernels, key=lambda k: k[1]):
+    frontier = ordered[0][1] if ordered else 0.0  # the latest end so far
+    for name, start, duration in ordered:
         end = start + duration
-        if frontier is None:
-            frontier = start
         gap = max(0.0, start - frontier)
         charged = max(0.0, end - max(frontier, start))
         frontier = max(frontier, end)

@@ -162,10 +162,10 @@ async def test_cuda_float16_tp2_sums_into_the_norms_with_nothing_changed(
 @pytest.mark.skipif(gpus() < 1, reason="needs a CUDA device")
 @pytest.mark.parametrize("family", ["llama", "opt"])
 async def test_cuda_float16_dependent_launches_change_nothing(references, family, monkeypatch):
-    """float16 decode steps run the Triton GEMV as programmatic dependent launches (each may
-    start before the kernel before it ends; energon/kernels/gemv_kernels.py), in the decode
-    graphs too; with ENERGON_PDL=0 every launch waits for the one before. Same kernels, same
-    bits: tokens and logprobs agree exactly."""
+    """float16 decode steps run every Triton kernel as a programmatic dependent launch (each
+    may start before the kernel before it ends; energon/kernels/chain.py), in the decode graphs
+    too; with ENERGON_PDL=0 every launch waits for the one before. Same kernels, same bits:
+    tokens and logprobs agree exactly."""
     from energon.kernels import PDL_SWITCH
 
     runs = await switched_runs(monkeypatch, PDL_SWITCH, references[family][0])

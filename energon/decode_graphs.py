@@ -23,9 +23,10 @@ from collections.abc import Callable
 
 import torch
 
+from energon.graph_capture import StagingRing, capture_buckets
 from energon.parallel.packing import BatchMeta
 
-STAGING = 8  # pinned staging buffers in the ring (see DecodeGraphs.__init__)
+STAGING = 8  # pinned staging sets in the ring (energon/graph_capture.py)
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
 Body = Callable[[torch.Tensor, BatchMeta], torch.Tensor]
@@ -73,23 +74,11 @@ class DecodeGraphs:
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.tables = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
-        pinned = device.type == "cuda"
-        # Pinned staging for the host-to-device copies, a ring of STAGING: a step refills one
-        # only once the copies out of it (STAGING steps ago) are done. With one buffer, each
-        # step's host part waited for the step before last to finish on the device; a later
-        # pipeline stage's work waits for its input, so its worker sat blocked there, holding
-        # back the replies of steps already done.
-        # Each: (positions / slots / context lens [3, n], block tables [n, max_blocks], the event
-        # recorded after the copies out of them, None off cuda: there the copies are synchronous).
-        self._staging = [
-            (
-                torch.zeros(3, n, dtype=torch.int64, pin_memory=pinned),
-                torch.zeros(n, max_blocks, dtype=torch.int32, pin_memory=pinned),
-                torch.cuda.Event() if pinned else None,
-            )
-            for _ in range(STAGING if pinned else 1)
-        ]
-        self._next_staging = 0
+        # pinned staging of positions / slots / context lens [3, n] and block tables (a ring:
+        # energon/graph_capture.py says why)
+        self._staging = StagingRing(
+            [((3, n), torch.int64), ((n, max_blocks), torch.int32)], device, STAGING
+        )
         # a pad row: position 0, its K/V in the scratch block's first slot, one visible key
         self._pads = torch.tensor([[0], [scratch_block * block_size], [1]]).expand(3, n)
         self.outputs: dict[int, torch.Tensor] = {}
@@ -139,25 +128,21 @@ class DecodeGraphs:
         Positions, slots and the checks come from `BatchMeta.for_step`, built on the host."""
         B, width = len(context_lens), block_tables.shape[1]
         step = BatchMeta.for_step([1] * B, context_lens, block_tables, self.block_size)
-        host, tables, copied = self._staging[self._next_staging]
-        self._next_staging = (self._next_staging + 1) % len(self._staging)
-        if copied is not None:
-            copied.synchronize()  # this buffer's last copies have left it
+        (host, tables), done = self._staging.next()
         host[0, :B] = step.positions
         host[1, :B] = step.slot_mapping
         host[2, :B] = step.context_lens
         host[:, B:bucket] = self._pads[:, : bucket - B]
         tables[:B, :width] = step.block_tables
         tables[B:bucket, 0] = self.scratch_block
-        nb = copied is not None
+        nb = self._staging.pinned
         self.positions[:bucket].copy_(host[0, :bucket], non_blocking=nb)
         self.slots[:bucket].copy_(host[1, :bucket], non_blocking=nb)
         self.context_lens[:bucket].copy_(host[2, :bucket], non_blocking=nb)
         self.tables[:bucket, :width].copy_(tables[:bucket, :width], non_blocking=nb)
         if x is not None:
             self.x[:B].copy_(x, non_blocking=nb)
-        if copied is not None:
-            copied.record()
+        done()
 
     def _meta(self, bucket: int) -> BatchMeta:
         """The BatchMeta of a bucket: views of the static buffers, one new token per sequence."""
@@ -175,20 +160,6 @@ class DecodeGraphs:
     # ------------------------------------------------------------------------------ capture
 
     def _capture_all(self) -> None:
-        """Largest bucket first, all in one memory pool (smaller graphs reuse its blocks)."""
-        pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for bucket in reversed(self.buckets):
-                meta = self._meta(bucket)
-                for _ in range(2):  # compile kernels and settle allocator/library state
-                    self.body(self.x[:bucket], meta)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(
-                    graph, pool=pool, stream=side, capture_error_mode="thread_local"
-                ):
-                    self.outputs[bucket] = self.body(self.x[:bucket], meta)
-                self.graphs[bucket] = graph
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
+        self.graphs, self.outputs = capture_buckets(
+            self.buckets, lambda b: self.body(self.x[:b], self._meta(b)), self.device
+        )

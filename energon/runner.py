@@ -30,6 +30,8 @@ from energon.parallel.packing import BatchMeta, pack, pad
 from energon.parallel.pipeline import cut_stages, recv_activation, send_activation
 from energon.parallel.topology import ParallelState, Topology, init_parallel, use_parallel
 from energon.pool.offload import OffloadMember
+from energon.prefill_graphs import DEFAULT_BUCKETS as PREFILL_BUCKETS
+from energon.prefill_graphs import PrefillGraphs
 from energon.sampler import Sampler
 
 log = logging.getLogger("energon")
@@ -37,6 +39,7 @@ log = logging.getLogger("energon")
 # Decode graphs launch attention for their longest context: at most this many tokens (and no
 # more than the KV cache holds); longer decode steps run eagerly.
 MAX_GRAPH_CONTEXT = 4096
+PREFILL_GRAPHS_ENV = "ENERGON_PREFILL_GRAPHS"  # "0": every prefill runs eagerly
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -212,6 +215,8 @@ class ModelRunner(OffloadMember):
         self.chained_steps = 0  # steps that fed sampled tokens on the device
         self.decode_graphs = self._graph_mode(decode_graphs)
         self.graphs: DecodeGraphs | None = None
+        # graphs of single-prompt prefills: with the decode graphs, unless ENERGON_PREFILL_GRAPHS=0
+        self.prefill_graphs: PrefillGraphs | None = None
         self.graph_error: str | None = None  # why capturing failed, if it did
         # Called with "received" once a later stage's input is here and "output" once a stage's
         # output is computed, before it goes downstream (the bench's stage timeline); None: no
@@ -295,7 +300,7 @@ class ModelRunner(OffloadMember):
         rows that no sequence is ever given, and the graphs are captured here."""
         self.block_size = block_size
         self.kv_cache_bytes = 0
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for attn in layers:
             attn.kv_cache = None
@@ -310,6 +315,7 @@ class ModelRunner(OffloadMember):
             "layers": len(layers),
             "bytes": self.kv_cache_bytes,
             "graphs": len(self.graphs.graphs) if self.graphs else 0,
+            "prefill_graphs": len(self.prefill_graphs.graphs) if self.prefill_graphs else 0,
         }
 
     @property
@@ -319,9 +325,12 @@ class ModelRunner(OffloadMember):
 
     @torch.inference_mode()
     def _build_graphs(self, scratch_block: int) -> None:
-        """The decode graphs of this stage. A capture that fails (a kernel or collective this
-        torch cannot capture) leaves the runner eager, with a warning and the reason in
-        `info()["graph_error"]`: graphs are a speed-up, never a reason not to serve."""
+        """The decode graphs of this stage, then its prefill graphs (energon/prefill_graphs.py).
+        A capture that fails (a kernel or collective this torch cannot capture) leaves those
+        steps eager, with a warning and the reason in `info()["graph_error"]`: graphs are a
+        speed-up, never a reason not to serve. Every rank captures the same graphs in the same
+        order (their collectives pair up)."""
+        mode = self.decode_graphs
         try:
             self.graphs = self._decode_graphs(scratch_block)
         except Exception as exc:
@@ -330,6 +339,41 @@ class ModelRunner(OffloadMember):
             self.graphs, self.decode_graphs = None, "off"
             self.graph_error = f"{type(exc).__name__}: {exc}"
             log.warning("energon: decode graphs not captured, running eagerly (%s)", exc)
+        if os.environ.get(PREFILL_GRAPHS_ENV, "1") == "0":
+            return
+        try:
+            self.prefill_graphs = self._prefill_graphs(scratch_block, mode == "capture")
+        except Exception as exc:
+            if mode != "capture":
+                raise
+            self.prefill_graphs = None
+            self.graph_error = f"{self.graph_error or ''} prefill: {type(exc).__name__}: {exc}"
+            log.warning("energon: prefill graphs not captured, prefilling eagerly (%s)", exc)
+        if self.state.tp_size > 1:  # a graph pads its all-reduces: every tp rank or none
+            ok = torch.tensor([int(self.prefill_graphs is not None)], device=self.device)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.state.tp_group)
+            if not ok.item():
+                self.prefill_graphs = None
+
+    def _prefill_graphs(self, scratch_block: int, capture: bool) -> PrefillGraphs | None:
+        """The prefill graphs, for prompts up to the model's context window (a graph runs its
+        whole bucket at positions 0..bucket-1 when it is captured); None if none fits."""
+        window = context_window(self.spec.config) or MAX_GRAPH_CONTEXT
+        buckets = tuple(b for b in PREFILL_BUCKETS if b <= window)
+        if not buckets:
+            return None
+        return PrefillGraphs(
+            self._stage,
+            first_stage=self.state.is_first_stage,
+            last_stage=self.state.is_last_stage,
+            hidden_size=self.hidden_size,
+            dtype=self.dtype,
+            device=self.device,
+            block_size=self.block_size,
+            scratch_block=scratch_block,
+            buckets=buckets,
+            capture=capture,
+        )
 
     def _decode_graphs(self, scratch_block: int) -> DecodeGraphs:
         window = min(
@@ -414,7 +458,12 @@ class ModelRunner(OffloadMember):
         """One cached prefill/decode step; logits stay on the device (last stage, every tp rank).
 
         Writes the new tokens' K/V into the cache. No host sync beyond the host→device copies.
-        Decode steps that fit a graph replay it."""
+        Decode steps and single-prompt prefills that fit a graph replay it."""
+        if self.prefill_graphs is not None and "chain_from" not in step:
+            if step.get("logits_indices", "last") == "last" and self.prefill_graphs.takes(
+                list(step["query_lens"]), list(step["context_lens"])
+            ):
+                return self._prefill_graph_step(step)
         if self.graphs is not None:
             tables = step["block_tables"]
             if isinstance(tables, torch.Tensor) and step.get("logits_indices", "last") in (
@@ -441,6 +490,17 @@ class ModelRunner(OffloadMember):
         # The graph's output buffer is overwritten by the next replay while a queued send may
         # still read it: what goes downstream is a copy the allocator keeps alive for the send.
         return self._pass_on(out if s.is_last_stage else out.clone())
+
+    @torch.inference_mode()
+    def _prefill_graph_step(self, step: dict) -> torch.Tensor | None:
+        length = int(step["query_lens"][0])
+        graphs, tables = self.prefill_graphs, step["block_tables"]
+        if self.state.is_first_stage:
+            ids = _input_ids(step, length).to(self.device, non_blocking=True)
+            out = graphs.run(length, tables, x=ids)
+        else:
+            out = graphs.run(length, tables, receive=self._receive_into)
+        return self._pass_on(out if self.state.is_last_stage else out.clone())
 
     def execute(self, step: dict) -> torch.Tensor | None:
         """`execute_logits` returned as float32 cpu logits [N, V] on the last stage's tp rank 0
@@ -527,6 +587,7 @@ class ModelRunner(OffloadMember):
             "vocab_size": self.spec.config.get("vocab_size"),
             "decode_graphs": self.decode_graphs,
             "graph_steps": self.graphs.steps if self.graphs else 0,
+            "prefill_graph_steps": self.prefill_graphs.steps if self.prefill_graphs else 0,
             "graph_error": self.graph_error,
             "chained_steps": self.chained_steps,
             "all_reduce": self.all_reduce,

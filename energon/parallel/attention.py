@@ -273,7 +273,7 @@ class Attention(nn.Module):
         """Boolean mask, or a float one carrying the ALiBi bias; [B, 1 or H, Lq, Lk]."""
         if self.alibi_slopes is None:
             return allowed.unsqueeze(1)
-        slopes = self.alibi_slopes.to(device=q_pos.device, dtype=torch.float32)
+        slopes = self._device_slopes(q_pos.device)  # no host copy: a graph may capture this
         rel = (k_pos[:, None, :] - q_pos[:, :, None]).to(torch.float32)  # [B, Lq, Lk]
         bias = slopes[None, :, None, None] * rel[:, None]
         bias = bias.masked_fill(~allowed.unsqueeze(1), float("-inf"))

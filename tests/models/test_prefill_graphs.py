@@ -1,0 +1,185 @@
+"""Prefill graphs (energon/prefill_graphs.py): the static-buffer path a CUDA graph replays for
+one new prompt.
+
+On cpu the same path runs eagerly ("static"): the pad sequence, the scratch block and the
+buffers are all exercised; only the capture itself needs a GPU (the `gpu` test at the end).
+"""
+
+import pytest
+import torch
+from conftest import CHECKPOINT_MAKERS, hf_logits, make_llama, make_opt, make_qwen2
+
+from energon.parallel.attention import Attention
+from energon.runner import ModelRunner
+
+BLOCK = 4
+# below a bucket, exactly one (the pad sequence is empty), just above one
+LENGTHS = [5, 16, 17]
+
+
+def prompt(length: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed + length)
+    return torch.randint(0, 128, (length,), generator=g).tolist()
+
+
+def prefill_then_decode(tokens: list[int], next_token: int, width: int | None = None) -> list:
+    """A one-prompt prefill step (blocks owned in reverse order, so a wrong table shows), then
+    one decode step of the same sequence; the tables as the step message carries them."""
+    blocks = -(-(len(tokens) + 1) // BLOCK)
+    row = list(range(blocks))[::-1] + [-1] * ((width or blocks) - blocks)
+    table = torch.tensor([row], dtype=torch.int32)
+    return [
+        {
+            "input_ids": torch.tensor(tokens),
+            "query_lens": [len(tokens)],
+            "context_lens": [len(tokens)],
+            "block_tables": table,
+        },
+        {
+            "input_ids": torch.tensor([next_token]),
+            "query_lens": [1],
+            "context_lens": [len(tokens) + 1],
+            "block_tables": table,
+        },
+    ]
+
+
+def caches(runner):
+    return [m.kv_cache for m in runner.model.modules() if isinstance(m, Attention)]
+
+
+@pytest.mark.parametrize("family", list(CHECKPOINT_MAKERS))
+def test_a_graphed_prefill_equals_transformers_and_the_eager_path(tmp_path, family):
+    hf = CHECKPOINT_MAKERS[family](tmp_path)
+    static = ModelRunner(str(tmp_path), rank=0, decode_graphs="static")
+    eager = ModelRunner(str(tmp_path), rank=0, decode_graphs="off")
+    num_blocks = 8
+    for length in LENGTHS:
+        tokens = prompt(length)
+        steps = prefill_then_decode(tokens, 7)
+        for r in (static, eager):
+            r.init_kv_cache(num_blocks, BLOCK)
+        got = [static.execute(s) for s in steps]
+        want = [eager.execute(s) for s in steps]
+        assert static.prefill_graphs.steps == 1 and eager.prefill_graphs is None
+        full = hf_logits(hf, [tokens + [7]])
+        # the prompt's last row, then the decode step that reads the prompt's cached K/V
+        torch.testing.assert_close(got[0][0], full[length - 1], rtol=0, atol=1e-4)
+        torch.testing.assert_close(got[1][0], full[length], rtol=0, atol=1e-4)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+        # The pads wrote only the scratch block: every block a sequence owns is as eager left it.
+        for cache_s, cache_e in zip(caches(static), caches(eager), strict=True):
+            torch.testing.assert_close(cache_s[:, :num_blocks], cache_e, rtol=0, atol=1e-6)
+
+
+def test_steps_the_prefill_graphs_cannot_take_run_eagerly_with_the_same_result(tmp_path):
+    make_llama(tmp_path)
+    static = ModelRunner(str(tmp_path), rank=0, decode_graphs="static")
+    eager = ModelRunner(str(tmp_path), rank=0, decode_graphs="off")
+    a, b = prompt(6), prompt(9)
+    two = {
+        "input_ids": torch.tensor(a + b),
+        "query_lens": [6, 9],
+        "context_lens": [6, 9],
+        "block_tables": torch.tensor([[0, 1, -1], [2, 3, 4]], dtype=torch.int32),
+    }
+    rest = {  # the prompt's last 4 tokens after 5 cached ones: not fresh
+        "input_ids": torch.tensor(b[5:]),
+        "query_lens": [4],
+        "context_lens": [9],
+        "block_tables": torch.tensor([[2, 3, 4]], dtype=torch.int32),
+    }
+    every_row = {**prefill_then_decode(a, 1)[0], "logits_indices": "all"}
+    for step in (two, rest, every_row):
+        for r in (static, eager):
+            r.init_kv_cache(8, BLOCK)
+        torch.testing.assert_close(static.execute(step), eager.execute(step), rtol=0, atol=1e-5)
+    graphs = static.prefill_graphs
+    assert graphs.steps == 0
+    assert graphs.max_tokens == 1024  # llama's window is 2,048: every bucket
+    assert not graphs.takes([1025], [1025])
+    assert not graphs.takes([3], [4]) and not graphs.takes([3, 3], [3, 3])
+    assert graphs.takes([1024], [1024]) and graphs.takes([1], [1])
+
+
+def test_buckets_stop_at_the_context_window_and_the_switch_turns_them_off(tmp_path, monkeypatch):
+    make_opt(tmp_path)  # 64 positions
+    runner = ModelRunner(str(tmp_path), rank=0, decode_graphs="static")
+    runner.init_kv_cache(8, BLOCK)
+    assert runner.prefill_graphs.buckets == (16, 32, 64)
+    assert runner.info()["prefill_graph_steps"] == 0
+    monkeypatch.setenv("ENERGON_PREFILL_GRAPHS", "0")
+    runner.init_kv_cache(8, BLOCK)
+    assert runner.prefill_graphs is None and runner.graphs is not None
+
+
+def test_a_table_too_short_for_the_prompt_is_refused(tmp_path):
+    make_llama(tmp_path)
+    runner = ModelRunner(str(tmp_path), rank=0, decode_graphs="static")
+    runner.init_kv_cache(8, BLOCK)
+    step = {
+        "input_ids": torch.tensor(prompt(9)),
+        "query_lens": [9],
+        "context_lens": [9],  # needs 3 blocks of 4
+        "block_tables": torch.tensor([[0, 1]], dtype=torch.int32),
+    }
+    with pytest.raises(ValueError, match="cannot hold 9 tokens"):
+        runner.execute(step)
+
+
+def test_graphed_prefills_at_tp2_pp2_equal_transformers(tmp_path):
+    """Later stages receive into the static buffer; tp ranks all-reduce the padded rows."""
+    from conftest import RunnerGroup, free_port
+    from test_parity import only_last_rank
+
+    hf = make_qwen2(tmp_path)
+    kwargs = dict(
+        model=str(tmp_path),
+        tp=2,
+        pp=2,
+        init_method=f"tcp://127.0.0.1:{free_port()}",
+        decode_graphs="static",
+    )
+    group = RunnerGroup("energon.runner:ModelRunner", 4, kwargs)
+    rows = []
+    try:
+        for length in (5, 16):
+            tokens = prompt(length, seed=1)
+            group.broadcast("init_kv_cache", 8, BLOCK)
+            rows.append(
+                [
+                    only_last_rank(group.broadcast("execute", s), 2, 2)
+                    for s in prefill_then_decode(tokens, 9)
+                ]
+            )
+            full = hf_logits(hf, [tokens + [9]])
+            torch.testing.assert_close(rows[-1][0][0], full[length - 1], rtol=0, atol=1e-4)
+            torch.testing.assert_close(rows[-1][1][0], full[length], rtol=0, atol=1e-4)
+        assert [i["prefill_graph_steps"] for i in group.broadcast("info")] == [1] * 4
+    finally:
+        group.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["qwen2", "opt", "bloom"])
+@pytest.mark.parametrize("dtype, atol", [("float32", 2e-3), ("bfloat16", 0.1)])
+def test_captured_prefill_graphs_equal_transformers_on_cuda(tmp_path, family, dtype, atol):
+    hf = CHECKPOINT_MAKERS[family](tmp_path)
+    runner = ModelRunner(str(tmp_path), rank=0, device="cuda", dtype=dtype)
+    eager = ModelRunner(str(tmp_path), rank=0, device="cuda", dtype=dtype, decode_graphs="off")
+    for length in [*LENGTHS, 1, 32]:
+        tokens = prompt(length)
+        steps = prefill_then_decode(tokens, 7)
+        for r in (runner, eager):
+            r.init_kv_cache(16, BLOCK)
+        got = [runner.execute(s) for s in steps]
+        want = [eager.execute(s) for s in steps]
+        full = hf_logits(hf, [tokens + [7]])
+        torch.testing.assert_close(got[0][0], full[length - 1], rtol=0, atol=atol)
+        torch.testing.assert_close(got[1][0], full[length], rtol=0, atol=atol)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=atol / 10)
+    assert runner.prefill_graphs.captured and runner.prefill_graphs.steps == 5
+    assert runner.info()["graph_error"] is None

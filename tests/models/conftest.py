@@ -190,3 +190,16 @@ def runner_set(request, checkpoints):
     group = RunnerGroup("runner_set:RunnerSet", tp * pp, kwargs)
     yield tp, pp, group
     group.close()
+
+
+def static_graph_group(folder) -> RunnerGroup:
+    """Four ModelRunners of the checkpoint in `folder` at tp=2, pp=2, their step graphs on the
+    static path (cpu): later stages receive into the static buffers, tp ranks all-reduce pads."""
+    kwargs = dict(
+        model=str(folder),
+        tp=2,
+        pp=2,
+        init_method=f"tcp://127.0.0.1:{free_port()}",
+        decode_graphs="static",
+    )
+    return RunnerGroup("energon.runner:ModelRunner", 4, kwargs)

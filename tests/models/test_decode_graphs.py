@@ -160,18 +160,11 @@ def test_captured_graphs_equal_transformers_on_cuda(tmp_path, family, dtype, ato
 
 def test_static_decode_path_at_tp2_pp2_equals_transformers(tmp_path):
     """Later stages receive into the static buffer; tp ranks all-reduce on padded rows."""
-    from conftest import RunnerGroup, free_port
+    from conftest import static_graph_group
     from test_parity import only_last_rank
 
     hf = make_qwen2(tmp_path)
-    kwargs = dict(
-        model=str(tmp_path),
-        tp=2,
-        pp=2,
-        init_method=f"tcp://127.0.0.1:{free_port()}",
-        decode_graphs="static",
-    )
-    group = RunnerGroup("energon.runner:ModelRunner", 4, kwargs)
+    group = static_graph_group(tmp_path)
     try:
         prompt_lens = [len(s) - DECODE for s in SEQS]
         steps, num_blocks, block_size = decode_steps(SEQS, prompt_lens)

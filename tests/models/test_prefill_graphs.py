@@ -130,18 +130,11 @@ def test_a_table_too_short_for_the_prompt_is_refused(tmp_path):
 
 def test_graphed_prefills_at_tp2_pp2_equal_transformers(tmp_path):
     """Later stages receive into the static buffer; tp ranks all-reduce the padded rows."""
-    from conftest import RunnerGroup, free_port
+    from conftest import static_graph_group
     from test_parity import only_last_rank
 
     hf = make_qwen2(tmp_path)
-    kwargs = dict(
-        model=str(tmp_path),
-        tp=2,
-        pp=2,
-        init_method=f"tcp://127.0.0.1:{free_port()}",
-        decode_graphs="static",
-    )
-    group = RunnerGroup("energon.runner:ModelRunner", 4, kwargs)
+    group = static_graph_group(tmp_path)
     rows = []
     try:
         for length in (5, 16):
@@ -169,11 +162,11 @@ def test_captured_prefill_graphs_equal_transformers_on_cuda(tmp_path, family, dt
     hf = CHECKPOINT_MAKERS[family](tmp_path)
     runner = ModelRunner(str(tmp_path), rank=0, device="cuda", dtype=dtype)
     eager = ModelRunner(str(tmp_path), rank=0, device="cuda", dtype=dtype, decode_graphs="off")
+    for r in (runner, eager):
+        r.init_kv_cache(16, BLOCK)  # each prompt rewrites the slots its decode step reads
     for length in [*LENGTHS, 1, 32]:
         tokens = prompt(length)
         steps = prefill_then_decode(tokens, 7)
-        for r in (runner, eager):
-            r.init_kv_cache(16, BLOCK)
         got = [runner.execute(s) for s in steps]
         want = [eager.execute(s) for s in steps]
         full = hf_logits(hf, [tokens + [7]])

@@ -493,13 +493,13 @@ class ModelRunner(OffloadMember):
 
     @torch.inference_mode()
     def _prefill_graph_step(self, step: dict) -> torch.Tensor | None:
-        length = int(step["query_lens"][0])
+        query_lens = [int(q) for q in step["query_lens"]]
         graphs, tables = self.prefill_graphs, step["block_tables"]
         if self.state.is_first_stage:
-            ids = _input_ids(step, length).to(self.device, non_blocking=True)
-            out = graphs.run(length, tables, x=ids)
+            ids = _input_ids(step, sum(query_lens)).to(self.device, non_blocking=True)
+            out = graphs.run(query_lens, tables, x=ids)
         else:
-            out = graphs.run(length, tables, receive=self._receive_into)
+            out = graphs.run(query_lens, tables, receive=self._receive_into)
         return self._pass_on(out if self.state.is_last_stage else out.clone())
 
     def execute(self, step: dict) -> torch.Tensor | None:

@@ -451,6 +451,7 @@ async def measure_engine(
                     "wall_s": wall,
                     "tokens": sum(len(d.token_ids) for d in dones),
                     "per_token_s": statistics.median(d.timings.per_output_token_s for d in dones),
+                    "first_token_s": statistics.median(d.timings.first_token_s for d in dones),
                     "worker": summarize_log(await logs(), len(prompts)),
                 }
             )
@@ -616,6 +617,13 @@ def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[
         ceiling = B * G / statistics.median(executed)
     rates = [b["tokens"] / b["wall_s"] for b in run["batched"]]
     rate_tok = statistics.median(rates)
+    burst_first = [b["first_token_s"] for b in run["batched"] if "first_token_s" in b]
+    burst_note = (
+        f"; first token of the {B} requests submitted at once (the median request of each "
+        f"batch): {', '.join(f'{x * 1e3:.1f}' for x in burst_first)} ms"
+        if burst_first
+        else ""
+    )
 
     hf1 = hf.get(1) if hf else None
     HB = hf_batch(args)
@@ -715,7 +723,7 @@ def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[
             f"{floor_total * 1e3:.1f} ms, {ceiling_all_at_once:.0f} tokens/s); per-request "
             f"median ms/token "
             f"{statistics.median(b['per_token_s'] for b in run['batched']) * 1e3:.2f}; "
-            f"{worker_split(run['batched'])}; {graph_note}",
+            f"{worker_split(run['batched'])}; {graph_note}{burst_note}",
             **common,
         ),
         Record(

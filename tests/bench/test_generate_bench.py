@@ -76,6 +76,7 @@ def test_measured_points_carry_baseline_ratio_and_limit(run):
     by_metric = {r["metric"]: r for r in records}
     assert by_metric["decode_latency_b1"]["batch"] == 1
     assert by_metric["throughput"]["batch"] == 3
+    assert "first token of the 3 requests submitted at once" in by_metric["throughput"]["notes"]
     for metric in POINTS:
         r = by_metric[metric]
         assert r["baseline_name"].startswith("HF transformers")

@@ -73,34 +73,70 @@ def test_a_graphed_prefill_equals_transformers_and_the_eager_path(tmp_path, fami
             torch.testing.assert_close(cache_s[:, :num_blocks], cache_e, rtol=0, atol=1e-6)
 
 
+def several_prompts(lengths: list[int], seed: int = 0) -> tuple[list[list[int]], dict]:
+    """Prompts of these lengths as one prefill step; sequence b owns blocks b, b + S, ..."""
+    prompts = [prompt(n, seed + 10 * b) for b, n in enumerate(lengths)]
+    S, width = len(lengths), max(-(-n // BLOCK) for n in lengths)
+    rows = [[b + i * S for i in range(-(-n // BLOCK))] for b, n in enumerate(lengths)]
+    table = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32)
+    step = {
+        "input_ids": torch.tensor([t for p in prompts for t in p]),
+        "query_lens": list(lengths),
+        "context_lens": list(lengths),
+        "block_tables": table,
+    }
+    return prompts, step
+
+
+@pytest.mark.parametrize("lengths", [[5, 16, 9], [3, 1, 4, 1, 5, 9, 2, 6], [16, 16]])
+def test_a_graphed_step_of_several_prompts_equals_transformers_and_the_eager_path(
+    tmp_path, lengths
+):
+    hf = make_opt(tmp_path)
+    static = ModelRunner(str(tmp_path), rank=0, decode_graphs="static")
+    eager = ModelRunner(str(tmp_path), rank=0, decode_graphs="off")
+    prompts, step = several_prompts(lengths)
+    blocks = len(lengths) * step["block_tables"].shape[1]
+    for r in (static, eager):
+        r.init_kv_cache(blocks, BLOCK)
+    got, want = static.execute(step), eager.execute(step)
+    assert static.prefill_graphs.steps == 1 and got.shape[0] == len(lengths)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    ref = torch.stack([hf_logits(hf, [p])[-1] for p in prompts])
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    for cache_s, cache_e in zip(caches(static), caches(eager), strict=True):
+        torch.testing.assert_close(cache_s[:, :blocks], cache_e, rtol=0, atol=1e-6)
+
+
 def test_steps_the_prefill_graphs_cannot_take_run_eagerly_with_the_same_result(tmp_path):
     make_llama(tmp_path)
     static = ModelRunner(str(tmp_path), rank=0, decode_graphs="static")
     eager = ModelRunner(str(tmp_path), rank=0, decode_graphs="off")
     a, b = prompt(6), prompt(9)
-    two = {
-        "input_ids": torch.tensor(a + b),
-        "query_lens": [6, 9],
-        "context_lens": [6, 9],
-        "block_tables": torch.tensor([[0, 1, -1], [2, 3, 4]], dtype=torch.int32),
-    }
+    nine = several_prompts([2] * 9)[1]  # more prompts than a graph holds
     rest = {  # the prompt's last 4 tokens after 5 cached ones: not fresh
         "input_ids": torch.tensor(b[5:]),
         "query_lens": [4],
         "context_lens": [9],
         "block_tables": torch.tensor([[2, 3, 4]], dtype=torch.int32),
     }
+    mixed = {  # a new prompt beside a decode
+        "input_ids": torch.tensor(a + b[8:]),
+        "query_lens": [6, 1],
+        "context_lens": [6, 9],
+        "block_tables": torch.tensor([[0, 1, -1], [2, 3, 4]], dtype=torch.int32),
+    }
     every_row = {**prefill_then_decode(a, 1)[0], "logits_indices": "all"}
-    for step in (two, rest, every_row):
+    for step in (nine, rest, mixed, every_row):
         for r in (static, eager):
-            r.init_kv_cache(8, BLOCK)
+            r.init_kv_cache(12, BLOCK)
         torch.testing.assert_close(static.execute(step), eager.execute(step), rtol=0, atol=1e-5)
     graphs = static.prefill_graphs
     assert graphs.steps == 0
     assert graphs.max_tokens == 1024  # llama's window is 2,048: every bucket
-    assert not graphs.takes([1025], [1025])
-    assert not graphs.takes([3], [4]) and not graphs.takes([3, 3], [3, 3])
-    assert graphs.takes([1024], [1024]) and graphs.takes([1], [1])
+    assert not graphs.takes([1025], [1025]) and not graphs.takes([600, 600], [600, 600])
+    assert not graphs.takes([3], [4]) and not graphs.takes([1] * 9, [1] * 9)
+    assert graphs.takes([1024], [1024]) and graphs.takes([1] * 8, [1] * 8)
 
 
 def test_buckets_stop_at_the_context_window_and_the_switch_turns_them_off(tmp_path, monkeypatch):

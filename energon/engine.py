@@ -204,6 +204,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._closed = False
+        self._kick_soon = False  # a _kick is already scheduled for the loop's next turn
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -571,11 +572,26 @@ class Engine:
         else:
             ids = self._check_ids("prompt", prompt)
         seq_id = next(self._ids)
+        if self._kick_soon and self.scheduler.num_waiting >= self.scheduler.max_waiting:
+            self._kick_now()  # a full queue: admit what can run now before refusing anyone
         self.scheduler.add(SchedSequence(seq_id, ids, params.max_tokens))  # may raise
         req = Request(seq_id, ids, params, self.tokenizer, stream)
         self._requests[seq_id] = req
-        self._kick()
+        self._kick_next_turn()
         return req
+
+    def _kick_next_turn(self) -> None:
+        """`_kick` once the loop has run what is already ready: requests submitted in the same
+        turn (a burst through asyncio.gather) then share the first step, where a kick per
+        request sent the first one alone (and, with lookahead, its next step too) while the
+        rest waited for those to come back."""
+        if not self._kick_soon:
+            self._kick_soon = True
+            asyncio.get_running_loop().call_soon(self._kick_now)
+
+    def _kick_now(self) -> None:
+        self._kick_soon = False
+        self._kick()
 
     def _drop(self, req: Request) -> None:
         """Forget a request; if it was still running, abort it in the scheduler."""

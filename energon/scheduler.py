@@ -329,13 +329,18 @@ class Scheduler:
         return plan
 
     def _fair_share(self) -> int:
-        """Sequences one step may take: with several micro-batches, an even share of every
-        sequence that could run, so that a burst of requests fills all of them instead of the
-        first (which would leave the other pipeline stages idle)."""
+        """Sequences one step may take: with several micro-batches, an even share of the
+        sequences that could run now (not in flight, or waiting and admissible) over the
+        micro-batches not in flight, so that a burst of requests fills all of them instead of
+        the first (which would leave the other pipeline stages idle): 4 requests over 3 free
+        micro-batches go 2, 1, 1."""
         if self.micro_batches == 1:
             return self.max_num_seqs
-        active = min(len(self._running) + len(self._waiting), self.max_running_seqs)
-        return max(1, min(self.max_num_seqs, -(-active // self.micro_batches)))
+        idle = sum(1 for s in self._running if not s.in_flight)
+        admissible = max(0, self.max_running_seqs - len(self._running))
+        ready = idle + min(len(self._waiting), admissible)
+        free = max(1, self.micro_batches - len(self._in_flight))
+        return max(1, min(self.max_num_seqs, -(-ready // free)))
 
     def _chainable(self) -> dict[Sequence, tuple[int, int]]:
         """With lookahead: the sequences the last plan samples that may run their next decode

@@ -193,7 +193,8 @@ async def test_seeded_sampling_does_not_depend_on_batch_mates(engine, tok):
 async def test_cancelling_infer_aborts_the_request_and_frees_its_blocks(engine):
     free = engine.stats()["num_free_blocks"]
     task = asyncio.ensure_future(engine.infer([9] * 40, SamplingParams(max_tokens=500, **GREEDY)))
-    await asyncio.sleep(0)  # submitted and scheduled: its first step is in flight
+    await asyncio.sleep(0)  # submitted; its step goes out at the loop's next turn
+    await asyncio.sleep(0)  # scheduled: its first step is in flight
     assert engine.stats()["num_free_blocks"] < free
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -115,8 +115,11 @@ async def test_pipeline_keeps_one_micro_batch_more_than_stages_in_flight(pp_engi
         asyncio.ensure_future(pp_engine.infer(p, SamplingParams(max_tokens=n, **GREEDY)))
         for p, n in PROMPTS[:4]
     ]
-    await asyncio.sleep(0)  # each submit sent what it could: steps 2, 3 before step 1 returned
+    await asyncio.sleep(0)  # the four submit; the loop's next turn sends their steps together
+    await asyncio.sleep(0)
+    # 2, 1 and 1 of them: every micro-batch in flight before step 1 returned
     assert pp_engine.stats()["steps_in_flight"] == 3
+    assert sorted(len(p.seqs) for p in pp_engine.scheduler.in_flight) == [1, 1, 2]
     for task, ref in zip(tasks, refs[:4], strict=True):
         assert_greedy_equal((await task).token_ids, ref)
 
@@ -225,7 +228,8 @@ async def test_lookahead_keeps_two_steps_in_flight_and_equals_solo_results(looka
         for p, n in PROMPTS
     ]
     tasks.append(asyncio.ensure_future(lookahead_engine.infer(sampled_prompt, sampled)))
-    await asyncio.sleep(0)  # the first step, then the one chained to it, went out at once
+    await asyncio.sleep(0)  # every request submits
+    await asyncio.sleep(0)  # then the first step (all of them) and the one chained to it go out
     assert lookahead_engine.stats()["steps_in_flight"] == 2
     done = await asyncio.gather(*tasks)
     compared = 0
@@ -250,6 +254,7 @@ async def test_without_lookahead_one_step_is_in_flight_and_none_is_chained(model
             asyncio.ensure_future(engine.infer(p, SamplingParams(max_tokens=n, **GREEDY)))
             for p, n in PROMPTS[:4]
         ]
+        await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert engine.stats()["steps_in_flight"] == 1
         for task, ref in zip(tasks, refs[:4], strict=True):

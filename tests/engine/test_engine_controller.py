@@ -120,6 +120,12 @@ def stand_in(monkeypatch):
     return made
 
 
+async def next_turn() -> None:
+    """Lets tasks just created submit, then the loop's next turn send their steps."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
 def expected(prompt: list[int], n: int) -> list[int]:
     return [(prompt[-1] + i) % VOCAB for i in range(1, n + 1)]
 
@@ -129,7 +135,7 @@ async def test_steps_replied_to_out_of_order_each_resolve_their_own_requests(sta
         workers = stand_in[0]
         a = asyncio.ensure_future(engine.infer([10], SamplingParams(max_tokens=4)))
         b = asyncio.ensure_future(engine.infer([50, 51], SamplingParams(max_tokens=6)))
-        await asyncio.sleep(0)
+        await next_turn()
         assert len(workers.pending) == 2  # step 1 went out before step 0 came back
         while not (a.done() and b.done()):
             if workers.pending:
@@ -143,7 +149,7 @@ async def test_a_step_that_fails_on_the_only_worker_fails_just_its_requests(stan
     async with Engine("tiny", pool=None, device="cpu") as engine:
         workers = stand_in[0]
         doomed = asyncio.ensure_future(engine.infer([10], SamplingParams(max_tokens=4)))
-        await asyncio.sleep(0)
+        await next_turn()
         workers.fail(0, RemoteError("RuntimeError", "out of memory", rank=0))
         with pytest.raises(RemoteError, match="out of memory"):
             await doomed
@@ -163,8 +169,9 @@ async def test_a_step_that_fails_with_several_workers_fails_the_engine_instead_o
     async with Engine("tiny", tp=2, pool=None, device="cpu", max_restarts=0) as engine:
         workers = stand_in[0]
         first = asyncio.ensure_future(engine.infer([10], SamplingParams(max_tokens=4)))
+        await next_turn()  # its step and the one chained to it are out: the next one waits
         waiting = asyncio.ensure_future(engine.infer([30], SamplingParams(max_tokens=4)))
-        await asyncio.sleep(0)
+        await next_turn()
         workers.fail(0, RemoteError("RuntimeError", "bad step", rank=1))
         with pytest.raises(RemoteError):
             await first
@@ -239,7 +246,7 @@ async def test_the_next_step_goes_out_before_a_token_is_detokenized_and_a_stop_s
         free = engine.stats()["num_free_blocks"]
         # "a" is byte 97; the stand-in continues 98 "b", 99 "c", 100 "d", ...
         task = asyncio.ensure_future(engine.infer("a", SamplingParams(max_tokens=10, stop=["c"])))
-        await asyncio.sleep(0)
+        await next_turn()
         workers.reply(0)  # step 0 samples "b"
         for _ in range(3):  # the step's task resumes
             await asyncio.sleep(0)

@@ -588,6 +588,18 @@ def test_a_burst_is_shared_evenly_between_micro_batches():
     assert [len(sched.schedule().seqs) for _ in range(4)] == [8, 8, 8, 8]
 
 
+@pytest.mark.parametrize(
+    "burst, micro_batches, shares",
+    [(4, 3, [2, 1, 1]), (10, 4, [3, 3, 2, 2]), (2, 4, [1, 1]), (9, 3, [3, 3, 3])],
+)
+def test_a_small_burst_still_fills_every_free_micro_batch(burst, micro_batches, shares):
+    sched = Scheduler(4096, 4, max_num_seqs=64, micro_batches=micro_batches)
+    for i in range(burst):
+        sched.add(make_seq(i, 5))
+    plans = iter(sched.schedule, None)
+    assert [len(p.seqs) for p in plans] == shares
+
+
 def test_one_micro_batch_takes_every_sequence_it_can():
     sched = Scheduler(4096, 4, max_num_seqs=64)
     for i in range(40):

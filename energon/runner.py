@@ -215,7 +215,7 @@ class ModelRunner(OffloadMember):
         self.chained_steps = 0  # steps that fed sampled tokens on the device
         self.decode_graphs = self._graph_mode(decode_graphs)
         self.graphs: DecodeGraphs | None = None
-        # graphs of single-prompt prefills: with the decode graphs, unless ENERGON_PREFILL_GRAPHS=0
+        # graphs of prefills of new prompts: with the decode graphs, unless ENERGON_PREFILL_GRAPHS=0
         self.prefill_graphs: PrefillGraphs | None = None
         self.graph_error: str | None = None  # why capturing failed, if it did
         # Called with "received" once a later stage's input is here and "output" once a stage's
@@ -458,7 +458,7 @@ class ModelRunner(OffloadMember):
         """One cached prefill/decode step; logits stay on the device (last stage, every tp rank).
 
         Writes the new tokens' K/V into the cache. No host sync beyond the host→device copies.
-        Decode steps and single-prompt prefills that fit a graph replay it."""
+        Decode steps and prefills of up to 8 new prompts that fit a graph replay it."""
         if self.prefill_graphs is not None and "chain_from" not in step:
             if step.get("logits_indices", "last") == "last" and self.prefill_graphs.takes(
                 list(step["query_lens"]), list(step["context_lens"])

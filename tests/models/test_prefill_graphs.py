@@ -212,3 +212,31 @@ def test_captured_prefill_graphs_equal_transformers_on_cuda(tmp_path, family, dt
             torch.testing.assert_close(g, w, rtol=0, atol=atol / 10)
     assert runner.prefill_graphs.captured and runner.prefill_graphs.steps == 5
     assert runner.info()["graph_error"] is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.timeout(300)
+async def test_an_engine_at_tp2_on_cuda_prefills_through_graphs_alone_and_in_a_burst(tmp_path):
+    """Captured at tp=2 (their all-reduces on NCCL and the one-shot path by size): prompts
+    prefilled one by one, then four submitted together in one graphed step, each equal to
+    transformers' greedy continuation."""
+    import asyncio
+
+    from engine.engine_helpers import assert_greedy_equal, hf_greedy
+
+    from energon import Engine, SamplingParams
+
+    hf = make_qwen2(tmp_path)
+    prompts = [prompt(n, seed=3) for n in (5, 16, 17, 40)]
+    refs = [hf_greedy(hf, p, 6) for p in prompts]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    async with Engine(str(tmp_path), tp=2, device="cuda", dtype="float32") as engine:
+        before = [i["prefill_graph_steps"] for i in await engine.group.broadcast("info")]
+        alone = [await engine.infer(p, params) for p in prompts]
+        together = await asyncio.gather(*(engine.infer(p, params) for p in prompts))
+        after = [i["prefill_graph_steps"] for i in await engine.group.broadcast("info")]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [5, 5]
+    for a, t, ref in zip(alone, together, refs, strict=True):
+        assert_greedy_equal(a.token_ids, ref)
+        assert_greedy_equal(t.token_ids, ref)

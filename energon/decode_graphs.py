@@ -13,7 +13,8 @@ other op per row), and their outputs are dropped.
 
 A graph is captured for a fixed block-table width (the model's context window) and launches the
 attention kernel for that longest context: shorter sequences end their loops early. Steps that do
-not fit (a prefill, more sequences than the largest bucket, a wider block table) run eagerly.
+not fit (a prefill, more sequences than the largest bucket, a wider block table) run eagerly, or
+a prefill graph replays them (prefill_graphs.py).
 `capture=False` runs the same static-buffer path eagerly: the cpu tests check the padding with it.
 """
 
@@ -23,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from energon.graph_capture import StagingRing, capture_buckets
+from energon.graph_capture import StagingRing, StepGraphs
 from energon.parallel.packing import BatchMeta
 
 STAGING = 8  # pinned staging sets in the ring (energon/graph_capture.py)
@@ -32,7 +33,7 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 Body = Callable[[torch.Tensor, BatchMeta], torch.Tensor]
 
 
-class DecodeGraphs:
+class DecodeGraphs(StepGraphs):
     """Replays `body(x, meta)` for decode steps (one new token per sequence).
 
     `x` is the stage's input: int64 token ids [B] on the first stage, activations [B, hidden] of
@@ -54,20 +55,19 @@ class DecodeGraphs:
         buckets: tuple[int, ...] = DEFAULT_BUCKETS,
         capture: bool = True,
     ):
-        if not buckets or min(buckets) < 1:
-            raise ValueError(f"buckets must be positive batch sizes (got {buckets})")
-        self.body = body
-        self.device = device
+        super().__init__(
+            body,
+            first_stage=first_stage,
+            hidden_size=hidden_size,
+            dtype=dtype,
+            device=device,
+            buckets=buckets,
+            unit="batch sizes",
+        )
         self.block_size = block_size
         self.scratch_block = scratch_block
         self.max_blocks = max_blocks
-        self.buckets = tuple(sorted(set(buckets)))
-        self.max_batch = self.buckets[-1]
-        n = self.max_batch
-        if first_stage:
-            self.x = torch.zeros(n, dtype=torch.int64, device=device)
-        else:
-            self.x = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        self.max_batch = n = self.buckets[-1]
         # Every row starts as a pad (what the capture runs on: it writes only the scratch block).
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slots = torch.full((n,), scratch_block * block_size, dtype=torch.int64, device=device)
@@ -81,12 +81,8 @@ class DecodeGraphs:
         )
         # a pad row: position 0, its K/V in the scratch block's first slot, one visible key
         self._pads = torch.tensor([[0], [scratch_block * block_size], [1]]).expand(3, n)
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.captured = capture
-        self.steps = 0  # decode steps that took this path
         if capture:
-            self._capture_all()
+            self._capture()
 
     # ----------------------------------------------------------------------------- stepping
 
@@ -113,15 +109,9 @@ class DecodeGraphs:
         valid until the next call.
         """
         B = len(context_lens)
-        bucket = next(b for b in self.buckets if b >= B)
+        bucket = self._bucket(B)
         self._stage_inputs(x, context_lens, block_tables, bucket)
-        self.steps += 1
-        if receive is not None:
-            receive(self.x[:B])
-        if self.captured:
-            self.graphs[bucket].replay()
-            return self.outputs[bucket][:B]
-        return self.body(self.x[:bucket], self._meta(bucket))[:B]
+        return self._replay(bucket, B, receive)[:B]
 
     def _stage_inputs(self, x, context_lens, block_tables, bucket: int) -> None:
         """Writes the step (and its pad rows) into the static buffers, through pinned staging.
@@ -155,11 +145,4 @@ class DecodeGraphs:
             block_tables=self.tables[:bucket],
             slot_mapping=self.slots[:bucket],
             logits_indices=None,  # one token per sequence: every row is a last token
-        )
-
-    # ------------------------------------------------------------------------------ capture
-
-    def _capture_all(self) -> None:
-        self.graphs, self.outputs = capture_buckets(
-            self.buckets, lambda b: self.body(self.x[:b], self._meta(b)), self.device
         )

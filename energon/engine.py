@@ -572,7 +572,7 @@ class Engine:
         else:
             ids = self._check_ids("prompt", prompt)
         seq_id = next(self._ids)
-        if self._kick_soon and self.scheduler.num_waiting >= self.scheduler.max_waiting:
+        if self._kick_soon and self.scheduler.waiting_full:
             self._kick_now()  # a full queue: admit what can run now before refusing anyone
         self.scheduler.add(SchedSequence(seq_id, ids, params.max_tokens))  # may raise
         req = Request(seq_id, ids, params, self.tokenizer, stream)

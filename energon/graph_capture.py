@@ -1,5 +1,5 @@
-"""What the step graphs (decode_graphs.py, prefill_graphs.py) share: pinned staging for their
-inputs and the capture of one graph per bucket.
+"""What the step graphs (decode_graphs.py, prefill_graphs.py) share: `StepGraphs`, the stage
+input buffer, one graph per bucket and the replay, and pinned staging for their inputs.
 
 A graph reads its inputs from static device buffers; each step writes its host-built index
 tensors (positions, cache slots, lengths) into pinned memory and copies them over without
@@ -45,32 +45,80 @@ class StagingRing:
         return tensors, copied.record
 
 
-def capture_buckets(
-    buckets: tuple[int, ...],
-    run: Callable[[int], torch.Tensor],
-    device: torch.device,
-    prepare: Callable[[int], None] | None = None,
-) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
-    """One CUDA graph of `run(bucket)` per bucket, largest first, all in one memory pool
-    (smaller graphs reuse its blocks; a graph's output stays its own). Each bucket runs twice
-    eagerly first (compiles kernels, settles allocator and library state), after
-    `prepare(bucket)`, which sets the static inputs for it outside the graph. Returns (graphs,
-    outputs) by bucket."""
-    graphs: dict[int, torch.cuda.CUDAGraph] = {}
-    outputs: dict[int, torch.Tensor] = {}
-    pool = torch.cuda.graph_pool_handle()
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for bucket in sorted(buckets, reverse=True):
-            if prepare is not None:
-                prepare(bucket)
-            for _ in range(2):
-                run(bucket)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
-                outputs[bucket] = run(bucket)
-            graphs[bucket] = graph
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
-    return graphs, outputs
+class StepGraphs:
+    """One CUDA graph of the stage body `body(x[:bucket], self._meta(bucket))` per bucket of row
+    counts, replayed for steps that fit. `x` is the stage's input buffer: int64 token ids [n]
+    on the first stage, activations [n, hidden] of `dtype` elsewhere (n: the largest bucket).
+    A subclass writes each step's inputs into its own static buffers, gives `_meta(bucket)`
+    (views of them) and calls `_capture()` (CUDA) or leaves the graphs uncaptured: `_replay`
+    then runs the body on the same buffers eagerly (the cpu tests)."""
+
+    def __init__(
+        self,
+        body: Callable,
+        *,
+        first_stage: bool,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        buckets: tuple[int, ...],
+        unit: str,
+    ):
+        if not buckets or min(buckets) < 1:
+            raise ValueError(f"buckets must be positive {unit} (got {buckets})")
+        self.body = body
+        self.device = device
+        self.buckets = tuple(sorted(set(buckets)))
+        n = self.buckets[-1]
+        if first_stage:
+            self.x = torch.zeros(n, dtype=torch.int64, device=device)
+        else:
+            self.x = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.captured = False
+        self.steps = 0  # steps that took this path
+
+    def _meta(self, bucket: int):
+        raise NotImplementedError
+
+    def _bucket(self, rows: int) -> int:
+        """The smallest bucket that holds `rows`."""
+        return next(b for b in self.buckets if b >= rows)
+
+    def _replay(self, bucket: int, rows: int, receive: Callable | None) -> torch.Tensor:
+        """One step whose inputs are staged: a later stage's `receive` fills its `rows` input
+        rows of `x` in place first; returns the whole bucket's output (a static buffer once
+        captured, valid until the next replay)."""
+        self.steps += 1
+        if receive is not None:
+            receive(self.x[:rows])
+        if self.captured:
+            self.graphs[bucket].replay()
+            return self.outputs[bucket]
+        return self.body(self.x[:bucket], self._meta(bucket))
+
+    def _capture(self, prepare: Callable[[int], None] | None = None) -> None:
+        """One graph per bucket, largest first, all in one memory pool (smaller graphs reuse
+        its blocks; a graph's output stays its own). Each bucket runs twice eagerly first
+        (compiles kernels, settles allocator and library state), after `prepare(bucket)`, which
+        sets the static inputs for it outside the graph."""
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for bucket in reversed(self.buckets):
+                if prepare is not None:
+                    prepare(bucket)
+                meta = self._meta(bucket)
+                for _ in range(2):
+                    self.body(self.x[:bucket], meta)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(
+                    graph, pool=pool, stream=side, capture_error_mode="thread_local"
+                ):
+                    self.outputs[bucket] = self.body(self.x[:bucket], meta)
+                self.graphs[bucket] = graph
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        self.captured = True

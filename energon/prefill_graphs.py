@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from energon.graph_capture import StagingRing, capture_buckets
+from energon.graph_capture import StagingRing, StepGraphs
 from energon.parallel.packing import BatchMeta
 
 STAGING = 4  # pinned staging sets in the ring (energon/graph_capture.py)
@@ -35,7 +35,7 @@ DEFAULT_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896,
 Body = Callable[[torch.Tensor, BatchMeta], torch.Tensor]
 
 
-class PrefillGraphs:
+class PrefillGraphs(StepGraphs):
     """Replays `body(x, meta)` for steps of new prompts (the stage's body, as DecodeGraphs).
 
     `x` is the stage's input: int64 token ids [T] on the first stage, activations [T, hidden]
@@ -57,18 +57,18 @@ class PrefillGraphs:
         buckets: tuple[int, ...] = DEFAULT_BUCKETS,
         capture: bool = True,
     ):
-        if not buckets or min(buckets) < 1:
-            raise ValueError(f"buckets must be positive token counts (got {buckets})")
-        self.body = body
-        self.device = device
+        super().__init__(
+            body,
+            first_stage=first_stage,
+            hidden_size=hidden_size,
+            dtype=dtype,
+            device=device,
+            buckets=buckets,
+            unit="token counts",
+        )
         self.last_stage = last_stage
         self.block_size = block_size
-        self.buckets = tuple(sorted(set(buckets)))
         self.max_tokens = n = self.buckets[-1]
-        if first_stage:
-            self.x = torch.zeros(n, dtype=torch.int64, device=device)
-        else:
-            self.x = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         # pad rows' K/V slots: the scratch block's, in turn
         self._pad_slots = scratch_block * block_size + torch.arange(n) % block_size
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
@@ -81,23 +81,17 @@ class PrefillGraphs:
             device,
             STAGING,
         )
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.captured = capture
-        self.steps = 0  # prefill steps that took this path
         self._fill(n)
         if capture:
-            self.graphs, self.outputs = capture_buckets(
-                self.buckets,
-                lambda b: self.body(self.x[:b], self._meta(b)),
-                device,
-                prepare=self._fill,
-            )
+            self._capture(prepare=self._fill)
 
-    def takes(self, query_lens: list[int], context_lens: list[int]) -> bool:
-        """Whether a step of these lengths is new prompts only that a graph holds."""
+    def takes(self, query_lens, context_lens) -> bool:
+        """Whether a step of these lengths is new prompts only that a graph holds. Cheap for
+        the decode steps that ask first: more than MAX_SEQS sequences, or a first sequence with
+        cached tokens, answers at once."""
         return (
-            0 < len(query_lens) == len(context_lens) <= MAX_SEQS
+            0 < len(query_lens) <= MAX_SEQS
+            and len(context_lens) == len(query_lens)
             and all(0 < q == c for q, c in zip(query_lens, context_lens, strict=True))
             and sum(query_lens) <= self.max_tokens
         )
@@ -118,16 +112,9 @@ class PrefillGraphs:
         as the step message carries them (lists, or an int tensor [S, width] padded with -1).
         """
         total = sum(query_lens)
-        bucket = next(b for b in self.buckets if b >= total)
+        bucket = self._bucket(total)
         self._stage_inputs(x, query_lens, block_tables, bucket)
-        self.steps += 1
-        if receive is not None:
-            receive(self.x[:total])
-        if self.captured:
-            self.graphs[bucket].replay()
-            out = self.outputs[bucket]
-        else:
-            out = self.body(self.x[:bucket], self._meta(bucket))
+        out = self._replay(bucket, total, receive)
         return out[: len(query_lens)] if self.last_stage else out[:total]
 
     def _stage_inputs(self, x, query_lens: list[int], block_tables, bucket: int) -> None:
@@ -135,16 +122,15 @@ class PrefillGraphs:
         buffers through pinned staging; the slots come from `BatchMeta.for_step`, which also
         checks the tables against the lengths."""
         total = sum(query_lens)
-        step = BatchMeta.for_step(query_lens, query_lens, block_tables, self.block_size)
+        step = BatchMeta.for_step(query_lens, query_lens, block_tables, self.block_size, "last")
         (host, lengths, last_rows), done = self._staging.next()
         host[0, :total] = step.positions
         host[0, total:bucket] = 0
         host[1, :total] = step.slot_mapping
         host[1, total:bucket] = self._pad_slots[: bucket - total]
         lengths.copy_(_lengths(query_lens, bucket))
-        ends = torch.tensor(query_lens).cumsum(0)
         last_rows.fill_(bucket - 1)
-        last_rows[: len(query_lens)] = ends - 1
+        last_rows[: len(query_lens)] = step.logits_indices  # each prompt's last row
         nb = self._staging.pinned
         self.positions[:bucket].copy_(host[0, :bucket], non_blocking=nb)
         self.slots[:bucket].copy_(host[1, :bucket], non_blocking=nb)

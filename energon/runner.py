@@ -330,30 +330,34 @@ class ModelRunner(OffloadMember):
         steps eager, with a warning and the reason in `info()["graph_error"]`: graphs are a
         speed-up, never a reason not to serve. Every rank captures the same graphs in the same
         order (their collectives pair up)."""
-        mode = self.decode_graphs
-        try:
-            self.graphs = self._decode_graphs(scratch_block)
-        except Exception as exc:
-            if self.decode_graphs != "capture":
-                raise  # the static path runs the eager code: its errors are bugs
-            self.graphs, self.decode_graphs = None, "off"
-            self.graph_error = f"{type(exc).__name__}: {exc}"
-            log.warning("energon: decode graphs not captured, running eagerly (%s)", exc)
+        capture = self.decode_graphs == "capture"
+        self.graphs = self._captured("decode", lambda: self._decode_graphs(scratch_block), capture)
+        if self.graphs is None:
+            self.decode_graphs = "off"
         if os.environ.get(PREFILL_GRAPHS_ENV, "1") == "0":
             return
-        try:
-            self.prefill_graphs = self._prefill_graphs(scratch_block, mode == "capture")
-        except Exception as exc:
-            if mode != "capture":
-                raise
-            self.prefill_graphs = None
-            self.graph_error = f"{self.graph_error or ''} prefill: {type(exc).__name__}: {exc}"
-            log.warning("energon: prefill graphs not captured, prefilling eagerly (%s)", exc)
+        self.prefill_graphs = self._captured(
+            "prefill", lambda: self._prefill_graphs(scratch_block, capture), capture
+        )
         if self.state.tp_size > 1:  # a graph pads its all-reduces: every tp rank or none
             ok = torch.tensor([int(self.prefill_graphs is not None)], device=self.device)
             dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.state.tp_group)
             if not ok.item():
                 self.prefill_graphs = None
+
+    def _captured(self, kind: str, build: Callable, capture: bool):
+        """`build()`, or None when capturing failed: a warning, and the reason joins
+        `graph_error`. Without `capture` (the static path runs the eager code) errors are bugs
+        and raise."""
+        try:
+            return build()
+        except Exception as exc:
+            if not capture:
+                raise
+            reason = f"{kind}: {type(exc).__name__}: {exc}"
+            self.graph_error = f"{self.graph_error}; {reason}" if self.graph_error else reason
+            log.warning("energon: %s graphs not captured, running eagerly (%s)", kind, exc)
+            return None
 
     def _prefill_graphs(self, scratch_block: int, capture: bool) -> PrefillGraphs | None:
         """The prefill graphs, for prompts up to the model's context window (a graph runs its
@@ -459,11 +463,13 @@ class ModelRunner(OffloadMember):
 
         Writes the new tokens' K/V into the cache. No host sync beyond the host→device copies.
         Decode steps and prefills of up to 8 new prompts that fit a graph replay it."""
-        if self.prefill_graphs is not None and "chain_from" not in step:
-            if step.get("logits_indices", "last") == "last" and self.prefill_graphs.takes(
-                list(step["query_lens"]), list(step["context_lens"])
-            ):
-                return self._prefill_graph_step(step)
+        if (
+            self.prefill_graphs is not None
+            and self.prefill_graphs.takes(step["query_lens"], step["context_lens"])
+            and step.get("logits_indices", "last") == "last"
+            and "chain_from" not in step
+        ):
+            return self._prefill_graph_step(step)
         if self.graphs is not None:
             tables = step["block_tables"]
             if isinstance(tables, torch.Tensor) and step.get("logits_indices", "last") in (
@@ -477,30 +483,37 @@ class ModelRunner(OffloadMember):
         input_ids, meta = self.step_meta(step)
         return self._run(input_ids, meta)
 
-    @torch.inference_mode()
     def _graph_step(self, step: dict, tables: torch.Tensor) -> torch.Tensor | None:
-        s = self.state
         context_lens = list(step["context_lens"])
         if len(context_lens) != len(step["query_lens"]) or tables.shape[0] != len(context_lens):
             raise ValueError("need one context_len and one block table per query_len")
+        return self._replay(
+            step,
+            len(context_lens),
+            lambda x, receive: self.graphs.run(x, context_lens, tables, receive=receive),
+        )
+
+    def _prefill_graph_step(self, step: dict) -> torch.Tensor | None:
+        query_lens = [int(q) for q in step["query_lens"]]
+        tables = step["block_tables"]
+        return self._replay(
+            step,
+            sum(query_lens),
+            lambda x, receive: self.prefill_graphs.run(query_lens, tables, x, receive),
+        )
+
+    @torch.inference_mode()
+    def _replay(self, step: dict, num_tokens: int, run: Callable) -> torch.Tensor | None:
+        """A step a graph takes: `run(x, receive)` with the step's ids on the first stage, else
+        with this stage's receive into the graph's input buffer."""
+        s = self.state
         if s.is_first_stage:
-            out = self.graphs.run(self._step_ids(step, len(context_lens)), context_lens, tables)
+            out = run(self._step_ids(step, num_tokens), None)
         else:
-            out = self.graphs.run(None, context_lens, tables, receive=self._receive_into)
+            out = run(None, self._receive_into)
         # The graph's output buffer is overwritten by the next replay while a queued send may
         # still read it: what goes downstream is a copy the allocator keeps alive for the send.
         return self._pass_on(out if s.is_last_stage else out.clone())
-
-    @torch.inference_mode()
-    def _prefill_graph_step(self, step: dict) -> torch.Tensor | None:
-        query_lens = [int(q) for q in step["query_lens"]]
-        graphs, tables = self.prefill_graphs, step["block_tables"]
-        if self.state.is_first_stage:
-            ids = _input_ids(step, sum(query_lens)).to(self.device, non_blocking=True)
-            out = graphs.run(query_lens, tables, x=ids)
-        else:
-            out = graphs.run(query_lens, tables, receive=self._receive_into)
-        return self._pass_on(out if self.state.is_last_stage else out.clone())
 
     def execute(self, step: dict) -> torch.Tensor | None:
         """`execute_logits` returned as float32 cpu logits [N, V] on the last stage's tp rank 0

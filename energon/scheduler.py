@@ -224,7 +224,7 @@ class Scheduler:
             raise InvalidRequest("seq_id", f"{seq.seq_id!r} is already scheduled")
         if seq.status is not SequenceStatus.WAITING or seq.num_computed_tokens or seq.block_table:
             raise InvalidRequest("seq", f"{seq!r} must be new")
-        if len(self._waiting) >= self.max_waiting:
+        if self.waiting_full:
             raise Overloaded(
                 f"{len(self._waiting)} requests are already waiting "
                 f"(max_waiting={self.max_waiting}); retry later"
@@ -278,10 +278,10 @@ class Scheduler:
         The returned plan's sequences are marked in flight until `complete(plan, ...)`.
         """
         budget = self.max_batch_tokens
-        max_seqs = self._fair_share()
         chosen: list[ScheduledSeq] = []
         chain = self._chainable()  # seq -> where its pending token goes (lookahead)
         ready = [s for s in self._running if not s.in_flight or s in chain]
+        max_seqs = self._fair_share(len(ready))
         decodes = [s for s in ready if s in chain or s.num_uncomputed_tokens == 1]
         prefills = [s for s in ready if s not in chain and s.num_uncomputed_tokens > 1]
         short_of_blocks = False  # a running sequence preempted others or sat out for blocks
@@ -328,15 +328,14 @@ class Scheduler:
         self._in_flight[plan.step_id] = plan
         return plan
 
-    def _fair_share(self) -> int:
+    def _fair_share(self, idle: int) -> int:
         """Sequences one step may take: with several micro-batches, an even share of the
-        sequences that could run now (not in flight, or waiting and admissible) over the
-        micro-batches not in flight, so that a burst of requests fills all of them instead of
-        the first (which would leave the other pipeline stages idle): 4 requests over 3 free
-        micro-batches go 2, 1, 1."""
+        sequences that could run now (`idle`: the running ones `schedule` found ready, and
+        those waiting that may be admitted) over the micro-batches not in flight, so that a
+        burst of requests fills all of them instead of the first (which would leave the other
+        pipeline stages idle): 4 requests over 3 free micro-batches go 2, 1, 1."""
         if self.micro_batches == 1:
             return self.max_num_seqs
-        idle = sum(1 for s in self._running if not s.in_flight)
         admissible = max(0, self.max_running_seqs - len(self._running))
         ready = idle + min(len(self._waiting), admissible)
         free = max(1, self.micro_batches - len(self._in_flight))
@@ -430,6 +429,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def waiting_full(self) -> bool:
+        """`add` would refuse a new sequence with Overloaded (`max_waiting` already wait)."""
+        return len(self._waiting) >= self.max_waiting
 
     @property
     def num_running(self) -> int:

@@ -6,15 +6,20 @@
 The Engine is the single controller: it owns the Scheduler and every decision. Workers (one per
 device, `energon.runner.ModelRunner`) receive step descriptions in the same order over their
 ordered ZeroMQ connections and meet in collectives; the last pipeline stage samples and only
-token ids come back. With pp > 1 up to `max_steps_in_flight` (default pp + 1) micro-batches
-of disjoint sequences are in flight: step k+1 is sent without waiting for step k, and each step's
-future resolves when its reply arrives, whatever the order. One micro-batch more than stages
-keeps the first stage busy while a finished micro-batch's reply travels back and the controller
-schedules it again (on 2 H100s, opt-13b, pp=2: 2,921 tokens/s with 3 in flight, 2,591 with 2,
-2,622 with 4; `energon bench pipeline --more-in-flight`). With one micro-batch (pp=1) and
-`lookahead` on, the next decode step is sent before the last one returns, its tokens fed on the
-workers from the last step's samples (energon/scheduler.py), so the controller's round trip
-between steps is hidden behind the GPU.
+token ids come back. With pp > 1 up to `max_steps_in_flight` micro-batches of disjoint sequences
+are in flight: step k+1 is sent without waiting for step k, and each step's future resolves when
+its reply arrives, whatever the order.
+
+With `lookahead` on (the default) each micro-batch's next decode step is sent before its last
+one returns, its tokens fed on the workers from that step's samples (energon/scheduler.py): at
+pp=1 from the step just sampled, at pp > 1 from the tokens the last stage hands straight to the
+first (energon/parallel/token_return.py). So the controller's round trip between a micro-batch's
+steps is hidden behind the GPUs, and as many micro-batches as stages keep every stage busy
+(default: pp). Without lookahead one micro-batch more than stages (default pp + 1) keeps the
+first stage busy while a finished micro-batch's reply travels back and the controller schedules
+it again (on 2 H100s, opt-13b, pp=2: 2,921 tokens/s with 3 in flight, 2,591 with 2, 2,622 with
+4; `energon bench pipeline --more-in-flight`); each micro-batch more reads every stage's
+weights once more a round.
 """
 
 from __future__ import annotations
@@ -85,10 +90,10 @@ def _positive(field: str, value, low: int = 1) -> int:
     return value
 
 
-def default_in_flight(pp: int) -> int:
-    """Steps (micro-batches) in flight unless the Engine is told: one more than the pipeline's
-    stages, or one (with lookahead) without a pipeline."""
-    return pp + 1 if pp > 1 else 1
+def default_in_flight(pp: int, lookahead: bool = True) -> int:
+    """Micro-batches in flight unless the Engine is told: one per pipeline stage with lookahead
+    (the last stage hands the first each micro-batch's tokens), one more without it."""
+    return pp + (pp > 1 and not lookahead)
 
 
 class Engine:
@@ -166,15 +171,16 @@ class Engine:
         self.kv_cache_memory = parse_bytes("kv_cache_memory", kv_cache_memory)
         self.block_size = _positive("block_size", block_size)
         self.stage_splits = list(stage_splits) if stage_splits is not None else None
-        self.max_steps_in_flight = _positive(
-            "max_steps_in_flight",
-            max_steps_in_flight if max_steps_in_flight is not None else default_in_flight(pp),
-        )
         if lookahead not in (True, False):
             raise InvalidRequest("lookahead", f"must be True or False (got {lookahead!r})")
-        # Chained decode steps: one micro-batch only (at pp > 1 the first stage, which embeds,
-        # does not hold the last stage's sampled tokens; the micro-batches overlap instead).
-        self.lookahead = lookahead and pp == 1 and self.max_steps_in_flight == 1
+        self.max_steps_in_flight = _positive(
+            "max_steps_in_flight",
+            max_steps_in_flight
+            if max_steps_in_flight is not None
+            else default_in_flight(pp, lookahead),
+        )
+        # Chained decode steps (the module docstring); at pp=1 for one micro-batch only.
+        self.lookahead = lookahead and (pp > 1 or self.max_steps_in_flight == 1)
         self.seed = _positive("seed", seed, low=0)
         self.heartbeat_timeout = heartbeat_timeout
         self.start_timeout = start_timeout
@@ -606,7 +612,7 @@ class Engine:
         """Send as many steps as may be in flight. Never blocks: each step is sent now, in the
         order planned (so every worker receives steps in that order), and awaited by a task."""
         while (
-            len(self._steps) < self.max_steps_in_flight + self.lookahead
+            len(self._steps) < self.max_steps_in_flight * (1 + self.lookahead)
             and self._failure is None
             and not self._closed
             and not self.recovery.restarting
@@ -619,13 +625,20 @@ class Engine:
                 if req is not None:
                     req.on_scheduled()
             try:
-                replies = self.group.broadcast("sample_step", step_message(plan, self._requests))
+                oldest = self.scheduler.oldest_in_flight if self._hand_back else None
+                message = step_message(plan, self._requests, hand_back=oldest)
+                replies = self.group.broadcast("sample_step", message)
             except Exception as exc:  # the step could not be encoded or sent
                 self._fail_step(plan, exc)
                 continue
             task = asyncio.ensure_future(self._run_step(plan, replies, self.group))
             self._steps.add(task)
             task.add_done_callback(self._steps.discard)
+
+    @property
+    def _hand_back(self) -> bool:
+        """Whether the last stage hands each step's samples to the first (lookahead, pp > 1)."""
+        return self.lookahead and self.pp > 1
 
     @property
     def _reply_rank(self) -> int:

@@ -28,6 +28,7 @@ from energon.parallel.attention import Attention
 from energon.parallel.one_shot_setup import enable_fast_all_reduce
 from energon.parallel.packing import BatchMeta, pack, pad
 from energon.parallel.pipeline import cut_stages, recv_activation, send_activation
+from energon.parallel.token_return import TokenReturn
 from energon.parallel.topology import ParallelState, Topology, init_parallel, use_parallel
 from energon.pool.offload import OffloadMember
 from energon.prefill_graphs import DEFAULT_BUCKETS as PREFILL_BUCKETS
@@ -213,6 +214,8 @@ class ModelRunner(OffloadMember):
         # what the next step's chained rows feed (lookahead, energon/scheduler.py)
         self._sampled: tuple[int, int, torch.Tensor | None] | None = None
         self.chained_steps = 0  # steps that fed sampled tokens on the device
+        # pp > 1: the last stage's samples handed to the first (energon/parallel/token_return.py)
+        self.returns = TokenReturn(self.state, self.device)
         self.decode_graphs = self._graph_mode(decode_graphs)
         self.graphs: DecodeGraphs | None = None
         # graphs of prefills of new prompts: with the decode graphs, unless ENERGON_PREFILL_GRAPHS=0
@@ -415,8 +418,8 @@ class ModelRunner(OffloadMember):
         """The step's input ids on the device. A chained step's rows (lookahead) get the tokens
         the previous sample_step sampled, on the device: the controller does not know them yet."""
         ids = _input_ids(step, num_tokens).to(self.device, non_blocking=True)
-        if "chain_from" not in step:
-            return ids
+        if "chain_from" not in step or not self.state.is_first_stage:
+            return ids  # later stages take activations, not ids
         tokens = self._chained_tokens(step["chain_from"])
         self.chained_steps += 1
         dst, src = list(step["chain_tokens"]), list(step["chain_rows"])
@@ -439,16 +442,20 @@ class ModelRunner(OffloadMember):
         return ids
 
     def _chained_tokens(self, chain_from: int) -> torch.Tensor:
-        """The tokens that step `chain_from`, the last one sampled, sampled (every tp rank gets
-        them from rank 0); ValueError if that is not the last step sampled here."""
+        """The tokens that step `chain_from` sampled (every tp rank gets them from rank 0): at
+        pp=1 the last step sampled here, at pp > 1 those the last stage handed back; ValueError
+        if that step's tokens are not here."""
         s = self.state
-        if not (s.is_first_stage and s.is_last_stage):
-            raise ValueError("chained steps need one pipeline stage (pp=1)")
-        last = self._sampled
-        if last is None or last[0] != chain_from:
-            got = "none" if last is None else last[0]
-            raise ValueError(f"step chains step {chain_from}, but the last sampled here is {got}")
-        _, count, tokens = last
+        if s.pp_size > 1:
+            tokens, count = self.returns.take(chain_from)
+        else:
+            last = self._sampled
+            if last is None or last[0] != chain_from:
+                got = "none" if last is None else last[0]
+                raise ValueError(
+                    f"step chains step {chain_from}, but the last sampled here is {got}"
+                )
+            _, count, tokens = last
         if tokens is None and s.tp_rank == 0:
             raise ValueError(f"step {chain_from} sampled no tokens here")
         if s.tp_size > 1:
@@ -560,6 +567,11 @@ class ModelRunner(OffloadMember):
         logits = self.execute_logits({**step, "logits_indices": "last"})
         picked = [i for i, flag in enumerate(step["sample"]) if flag]
         self._sampled = (step["step_id"], len(picked), None)
+        hand_back = "hand_back" in step and bool(picked)  # lookahead at pp > 1
+        if "hand_back" in step and self.returns.expects:
+            self.returns.forget_before(step["hand_back"])
+            if hand_back:
+                self.returns.expect(step["step_id"], len(picked))
         if not self._returns(logits):
             return None
         if not picked:
@@ -569,6 +581,8 @@ class ModelRunner(OffloadMember):
         token_ids, logprobs = self.sampler.sample(logits, step["params"], step["steps"])
         step_id = step["step_id"]
         self._sampled = (step_id, len(picked), token_ids)
+        if hand_back and self.returns.sends:
+            self.returns.send(token_ids)
         if self.device.type != "cuda" or logprobs is not None:  # logprobs synced already
             return {"step_id": step_id, "token_ids": token_ids.tolist(), "logprobs": logprobs}
         host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
@@ -603,6 +617,7 @@ class ModelRunner(OffloadMember):
             "prefill_graph_steps": self.prefill_graphs.steps if self.prefill_graphs else 0,
             "graph_error": self.graph_error,
             "chained_steps": self.chained_steps,
+            "returns_pending": self.returns.pending,  # pp > 1: tokens handed back, not fed yet
             "all_reduce": self.all_reduce,
             # (one-shot sums, of them fused with a norm) issued; a captured one counts once
             "one_shot_calls": (fast.one_shot_calls, fast.norm_calls) if fast else (0, 0),

@@ -35,14 +35,17 @@ their steps come back (no one is admitted while it waits, and every sequence has
 A finished or aborted sequence frees its blocks at once, or, if a step that runs it is in flight,
 when that step completes (the workers may still be writing those blocks); its result is ignored.
 
-Lookahead (`lookahead=True`, one micro-batch): `schedule()` may be called while the last plan is
-in flight. The new plan then also *chains* the sequences that plan samples: their next decode
-step, at the position of the token being sampled, whose id the plan cannot know yet. The workers
-feed it on the device from the previous step's sampled tokens (`ScheduledSeq.chained`), so the
-next step is queued before the last one returns and the controller's round trip leaves the
-critical path. A sequence is chained only if the pending token cannot be its last by length;
-if it turns out to be the last (a stop token or string), the chained step's token is ignored
-like that of any sequence finished while in flight. Chained plans complete in order.
+Lookahead (`lookahead=True`): `schedule()` may be called while plans are in flight. The new plan
+then also *chains* the sequences that the oldest in-flight plan not chained yet samples: their
+next decode step, at the position of the token being sampled, whose id the plan cannot know yet.
+The workers feed it on the device from that step's sampled tokens (`ScheduledSeq.chained`; at
+pp > 1 the last stage hands them to the first, energon/parallel/token_return.py), so the next
+step is queued before the last one returns and the controller's round trip leaves the critical
+path. With one micro-batch (pp=1) that is the last plan; with several, each micro-batch's plan is
+chained in turn, so every micro-batch has its next step queued behind its current one. A
+sequence is chained only if the pending token cannot be its last by length; if it turns out to
+be the last (a stop token or string), the chained step's token is ignored like that of any
+sequence finished while in flight. Chained plans complete in order.
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_waiting = max_waiting
         self.micro_batches = micro_batches
-        self.lookahead = lookahead  # chain the last in-flight plan's samples (module docstring)
+        self.lookahead = lookahead  # chain in-flight plans' samples (module docstring)
         self.max_running_seqs = (
             max_num_seqs * micro_batches if max_running_seqs is None else max_running_seqs
         )
@@ -183,6 +186,7 @@ class Scheduler:
         self._waiting: list[Sequence] = []  # sorted by arrival
         self._running: list[Sequence] = []  # sorted by arrival
         self._in_flight: dict[int, StepPlan] = {}  # step_id -> plan
+        self._chained: set[int] = set()  # in-flight plans that a later in-flight plan chains
         self._next_arrival = 0
         self._next_step = 0
         self.num_preemptions = 0
@@ -279,9 +283,9 @@ class Scheduler:
         """
         budget = self.max_batch_tokens
         chosen: list[ScheduledSeq] = []
-        chain = self._chainable()  # seq -> where its pending token goes (lookahead)
+        chained, chain = self._chainable()  # seq -> where its pending token goes (lookahead)
         ready = [s for s in self._running if not s.in_flight or s in chain]
-        max_seqs = self._fair_share(len(ready))
+        max_seqs = self._fair_share(len(ready), refills=chained is not None)
         decodes = [s for s in ready if s in chain or s.num_uncomputed_tokens == 1]
         prefills = [s for s in ready if s not in chain and s.num_uncomputed_tokens > 1]
         short_of_blocks = False  # a running sequence preempted others or sat out for blocks
@@ -322,41 +326,66 @@ class Scheduler:
             budget -= n
         if not chosen:
             return None
-        chains = self._next_step - 1 if any(s.chained for s in chosen) else None
+        chains = chained if any(s.chained for s in chosen) else None
+        if chains is not None:
+            self._chained.add(chains)
         plan = StepPlan(self._next_step, tuple(chosen), chains)
         self._next_step += 1
         self._in_flight[plan.step_id] = plan
         return plan
 
-    def _fair_share(self, idle: int) -> int:
+    def _fair_share(self, idle: int, refills: bool = False) -> int:
         """Sequences one step may take: with several micro-batches, an even share of the
         sequences that could run now (`idle`: the running ones `schedule` found ready, and
         those waiting that may be admitted) over the micro-batches not in flight, so that a
         burst of requests fills all of them instead of the first (which would leave the other
-        pipeline stages idle): 4 requests over 3 free micro-batches go 2, 1, 1."""
+        pipeline stages idle): 4 requests over 3 free micro-batches go 2, 1, 1. A micro-batch
+        is in flight while its newest plan is; a plan that chains one (`refills`) is that
+        micro-batch's next, so it counts as free."""
         if self.micro_batches == 1:
             return self.max_num_seqs
         admissible = max(0, self.max_running_seqs - len(self._running))
         ready = idle + min(len(self._waiting), admissible)
-        free = max(1, self.micro_batches - len(self._in_flight))
+        free = max(1, self.micro_batches - self._busy_micro_batches() + refills)
         return max(1, min(self.max_num_seqs, -(-ready // free)))
 
-    def _chainable(self) -> dict[Sequence, tuple[int, int]]:
-        """With lookahead: the sequences the last plan samples that may run their next decode
-        step before it returns, each with (that step's position: the last plan's context_len,
-        its row among the last plan's sampled rows). Not chained: a sequence in another step
-        too, or whose pending token is its last by length (max_tokens)."""
-        last = self._in_flight.get(self._next_step - 1) if self.lookahead else None
-        if last is None:
-            return {}
-        sampled = [item for item in last.seqs if item.sample]
-        return {
-            item.seq: (item.context_len, row)
-            for row, item in enumerate(sampled)
-            if item.seq.in_flight == 1
-            and item.seq.status is SequenceStatus.RUNNING
-            and item.seq.num_output_tokens + 1 < item.seq.max_tokens
-        }
+    def _busy_micro_batches(self) -> int:
+        """Micro-batches in flight: plans in flight that no later plan chains."""
+        return len(self._in_flight) - len(self._chained)
+
+    def _others_ready(self) -> bool:
+        """Whether a sequence not in flight could run: a running one, or one waiting to be
+        admitted."""
+        if any(not s.in_flight for s in self._running):
+            return True
+        return bool(self._waiting) and len(self._running) < self.max_running_seqs
+
+    def _chainable(self) -> tuple[int | None, dict[Sequence, tuple[int, int]]]:
+        """With lookahead: (the oldest in-flight plan not chained yet whose samples may be
+        chained, and those of its sampled sequences that may run their next decode step before
+        it returns, each with (that step's position: the plan's context_len, its row among the
+        plan's sampled rows)); (None, {}) if there is none, or while a micro-batch is free and
+        sequences not in flight could fill it (a chained step would queue behind the plan it
+        chains). Not chained: a sequence in another step too, or whose pending token is its
+        last by length (max_tokens)."""
+        if not self.lookahead:
+            return None, {}
+        if self._busy_micro_batches() < self.micro_batches and self._others_ready():
+            return None, {}  # a free micro-batch first: its step can start at once
+        for plan in self._in_flight.values():  # oldest first
+            if plan.step_id in self._chained:
+                continue
+            sampled = [item for item in plan.seqs if item.sample]
+            chain = {
+                item.seq: (item.context_len, row)
+                for row, item in enumerate(sampled)
+                if item.seq.in_flight == 1
+                and item.seq.status is SequenceStatus.RUNNING
+                and item.seq.num_output_tokens + 1 < item.seq.max_tokens
+            }
+            if chain:
+                return plan.step_id, chain
+        return None, {}
 
     def _take(
         self, seq: Sequence, n: int, start: int, chain_row: int | None = None
@@ -409,6 +438,7 @@ class Scheduler:
         if early:
             raise ValueError(f"step {plan.step_id} came back before the step it chains for {early}")
         del self._in_flight[plan.step_id]
+        self._chained.discard(plan.step_id)
         got: list[Sequence] = []
         for item in plan.seqs:
             seq = item.seq
@@ -438,6 +468,12 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    @property
+    def oldest_in_flight(self) -> int | None:
+        """The step_id of the oldest plan in flight (None: none is): only plans in flight can
+        be chained."""
+        return next(iter(self._in_flight), None)
 
     @property
     def in_flight(self) -> list[StepPlan]:

@@ -16,14 +16,18 @@ _PENDING = [0]  # a chained row's input id: the workers write the sampled token 
 _GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None, "logprobs": 0}
 
 
-def step_message(plan: StepPlan, requests: Mapping) -> dict:
+def step_message(plan: StepPlan, requests: Mapping, hand_back: int | None = None) -> dict:
     """The wire form of `plan`: {"step_id", "input_ids" [T] int64, "query_lens", "context_lens",
     "block_tables" [B, max_blocks] int32 (-1 padded), "sample" (row flags), "params" and "steps"
     (one per sampled row: SamplingParams.to_wire() and tokens generated so far)}.
 
     A plan that chains another (lookahead) adds "chain_from" (that step's id), "chain_tokens"
     (the positions in input_ids of its chained rows' tokens, which travel as 0, a placeholder)
-    and "chain_rows" (for each, the row of that step's sampled tokens that goes there)."""
+    and "chain_rows" (for each, the row of that step's sampled tokens that goes there).
+    `hand_back` (lookahead at pp > 1: the oldest step id the controller has in flight) adds
+    "hand_back": the last stage sends the step's sampled tokens to the first, which a later step
+    may chain, and the first drops those of steps before that id
+    (energon/parallel/token_return.py)."""
     ids: list[int] = []
     query_lens, context_lens, sample, params, steps = [], [], [], [], []
     width = max(len(s.block_table) for s in plan.seqs)
@@ -54,6 +58,8 @@ def step_message(plan: StepPlan, requests: Mapping) -> dict:
         "params": params,
         "steps": steps,
     }
+    if hand_back is not None:
+        message["hand_back"] = hand_back
     if plan.chains is not None:
         message["chain_from"] = plan.chains
         message["chain_tokens"] = chain_tokens

@@ -14,7 +14,11 @@ replaces `--tp`/`--pp`: the 8-GPU table of the scaling issue. Records:
   and KV bytes / bandwidth) times the cards the run uses (1 on cpu: the stages share it);
 - `nonblocking_vs_blocking` at the largest pp: the non-blocking rate against the blocking one;
 - `throughput_{N}_in_flight` for each `--more-in-flight K`: the largest pp with N = pp + K steps
-  (micro-batches) in flight, against the first layout (K = 0: as many as stages).
+  (micro-batches) in flight, against the first layout (K = 0: as many as stages);
+- `throughput_lookahead_off` with `--lookahead on,off`: the largest pp without lookahead (the
+  controller feeds every step's tokens; its default pp + 1 micro-batches), against the first
+  layout. With lookahead (the default) the last stage hands each micro-batch's tokens to the
+  first, which runs its next step without waiting for the controller.
 
 `--trace PNG` draws each stage's waiting and working spans over a steady window of the largest
 pp's non-blocking and blocking runs (energon/bench/trace.py) and records how much of each run
@@ -82,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--blocking", default="on", choices=["on", "off"], help="also the largest pp, blocking"
     )
     parser.add_argument(
+        "--lookahead",
+        default="on",
+        help="on, or on,off: the largest pp also runs without lookahead (a record)",
+    )
+    parser.add_argument(
         "--more-in-flight",
         default="",
         help="comma-separated K: the largest pp also runs with pp + K steps in flight (micro-"
@@ -107,7 +116,7 @@ def parse_layouts(args) -> list[tuple[int, int]]:
 
 
 async def measure_pipeline(
-    args, tp: int, pp: int, in_flight: int | None, device, dtype, prompts, kv
+    args, tp: int, pp: int, in_flight: int | None, device, dtype, prompts, kv, lookahead=True
 ) -> dict:
     """One Engine: a short warm-up, then `repeat` timed runs of every prompt at once (None
     steps in flight: the Engine's default)."""
@@ -123,6 +132,7 @@ async def measure_pipeline(
         max_num_seqs=len(prompts),
         **({"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {}),
         max_steps_in_flight=in_flight,
+        lookahead=lookahead,
         progress=False,
     )
     in_flight = engine.max_steps_in_flight
@@ -154,6 +164,7 @@ async def measure_pipeline(
         "tp": tp,
         "pp": pp,
         "in_flight": in_flight,
+        "lookahead": engine.lookahead,
         "max_batch_tokens": engine.max_batch_tokens,
         "start_s": start_s,
         "runs": runs,
@@ -187,10 +198,12 @@ def build_records(
     on_cuda: bool,
     kv_tok: int,
     more: list[dict] = (),
+    no_lookahead: dict | None = None,
 ) -> list[Record]:
     """The throughput of each layout against the first (`runs` is not empty), non-blocking
-    against blocking, and each of `more` (the largest pp with more steps in flight) against the
-    first layout as `throughput_{N}_in_flight`."""
+    against blocking, each of `more` (the largest pp with more steps in flight) against the
+    first layout as `throughput_{N}_in_flight`, and `no_lookahead` (the largest pp without
+    lookahead) as `throughput_lookahead_off`."""
     base = runs[0]
     facts = (base["facts"] or [{}])[0]
     common = dict(
@@ -237,7 +250,8 @@ def build_records(
                 base["rate"],
                 f"{args.requests} concurrent Engine.infer ({args.prompt_len}-token prompts, "
                 f"{args.gen_len} new tokens greedy, ignore_eos), {run['in_flight']} steps in "
-                f"flight, {run['max_batch_tokens']} tokens per step; output tokens / wall time, "
+                f"flight, lookahead {_on(run)}, {run['max_batch_tokens']} tokens per step; "
+                "output tokens / wall time, "
                 f"median of {len(run['runs'])} ({rates} tokens/s); stages working at once "
                 f"{_pct(run['overlap'])} of the run; engine start {run['start_s']:.1f} s",
             )
@@ -253,6 +267,18 @@ def build_records(
                 f"working at once {_pct(run['overlap'])} of the run",
             )
         )
+    if no_lookahead is not None:
+        records.append(
+            rate_record(
+                no_lookahead,
+                "throughput_lookahead_off",
+                f"Energon tp={base['tp']} pp={base['pp']}, same run",
+                base["rate"],
+                f"as throughput, without lookahead ({no_lookahead['in_flight']} steps in flight, "
+                "each micro-batch's next step sent once its reply is in); stages working at once "
+                f"{_pct(no_lookahead['overlap'])} of the run",
+            )
+        )
     if blocking is not None:
         nb = next(r for r in runs if (r["tp"], r["pp"]) == (blocking["tp"], blocking["pp"]))
         records.append(
@@ -266,6 +292,10 @@ def build_records(
             )
         )
     return records
+
+
+def _on(run: dict) -> str:
+    return "on" if run.get("lookahead", True) else "off"
 
 
 def _pct(x: float | None) -> str:
@@ -336,9 +366,20 @@ def main(args: argparse.Namespace) -> int:
     if args.blocking == "on" and top["pp"] > 1:
         tp, pp = top["tp"], top["pp"]
         print(f"tp={tp} pp={pp}: 1 step in flight (blocking)", flush=True)
-        run = measure_pipeline(args, tp, pp, 1, device, dtype_name, prompts, kv)
+        run = measure_pipeline(args, tp, pp, 1, device, dtype_name, prompts, kv, False)
         blocking = _run_async(run)
         print(f"tp={tp} pp={pp} blocking: {blocking['rate']:.1f} tokens/s", flush=True)
+
+    no_lookahead = None
+    modes = {m.strip() for m in args.lookahead.split(",") if m.strip()}
+    if not modes <= {"on", "off"} or "on" not in modes:
+        raise SystemExit(f"--lookahead takes on or on,off (got {args.lookahead!r})")
+    if "off" in modes and top["pp"] > 1:
+        tp, pp = top["tp"], top["pp"]
+        print(f"tp={tp} pp={pp}: lookahead off", flush=True)
+        run = measure_pipeline(args, tp, pp, None, device, dtype_name, prompts, kv, False)
+        no_lookahead = _run_async(run)
+        print(f"tp={tp} pp={pp} lookahead off: {no_lookahead['rate']:.1f} tokens/s", flush=True)
 
     more = []
     for extra in [int(k) for k in args.more_in_flight.split(",") if k.strip()]:
@@ -347,11 +388,12 @@ def main(args: argparse.Namespace) -> int:
         more.append(_run_async(measure_pipeline(args, tp, pp, n, device, dtype_name, prompts, kv)))
         print(f"tp={tp} pp={pp} with {n} in flight: {more[-1]['rate']:.1f} tokens/s", flush=True)
 
-    records = build_records(args, runs, blocking, limits, on_cuda, per_tok or 0, more)
+    records = build_records(args, runs, blocking, limits, on_cuda, per_tok or 0, more, no_lookahead)
     path = write_results(SCENARIO, records, Path(args.out) if args.out else None)
     if args.raw:
         raw = {"args": vars(args), "limits": limits, "runs": runs, "blocking": blocking}
         raw["more_in_flight"] = more
+        raw["lookahead_off"] = no_lookahead
         Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
         Path(args.raw).write_text(json.dumps(raw, indent=1, default=str) + "\n")
     if args.trace:

@@ -64,6 +64,9 @@ class ParallelState:
     # the groups of this rank and its peer on the previous / next stage (activations; pp > 1)
     prev_group: dist.ProcessGroup | None = None
     next_group: dist.ProcessGroup | None = None
+    # the group of the last and the first stage's tp rank 0: sampled tokens handed back (pp > 1;
+    # energon/parallel/token_return.py)
+    return_group: dist.ProcessGroup | None = None
 
     @property
     def stage(self) -> int:
@@ -147,6 +150,11 @@ def init_parallel(
                 state.next_group = group
             elif rank == pair[1]:
                 state.prev_group = group
+    if topology.pp > 1:
+        pair = [topology.rank_of(topology.pp - 1, 0), topology.rank_of(0, 0)]
+        group = dist.new_group(pair)
+        if rank in pair:
+            state.return_group = group
     return state
 
 

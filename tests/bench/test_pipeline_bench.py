@@ -54,7 +54,7 @@ def run(tmp_path_factory):
     records = run_scenario(
         pipeline,
         f"--model tiny --device cpu --layouts 1x1,1x2 --requests 4 --prompt-len 8 --gen-len 4 "
-        f"--raw {raw} --trace {png} --more-in-flight 0",
+        f"--raw {raw} --trace {png} --more-in-flight 1 --lookahead on,off",
         out,
     )
     return records, json.loads(raw.read_text()), png
@@ -82,7 +82,8 @@ def test_each_pp_is_measured_against_pp1_and_blocking(run):
         ("throughput", 1),
         ("throughput", 2),
         ("nonblocking_vs_blocking", 2),
-        ("throughput_2_in_flight", 2),  # --more-in-flight 0: as many as stages
+        ("throughput_3_in_flight", 2),  # --more-in-flight 1: one more than stages
+        ("throughput_lookahead_off", 2),
     }
     assert by["throughput", 2]["baseline_name"] == "Energon tp=1 pp=1, same run"
     pp2 = next(r for r in raw["runs"] if r["pp"] == 2)
@@ -90,10 +91,15 @@ def test_each_pp_is_measured_against_pp1_and_blocking(run):
     assert "-> reply in the controller" in by["throughput", 2]["notes"]
     rates = {run["pp"]: run["rate"] for run in raw["runs"]}
     assert by["throughput", 2]["ratio"] == pytest.approx(rates[2] / rates[1])
-    assert [r["in_flight"] for r in raw["runs"]] == [1, 3]  # the Engine's default: pp + 1
+    # the Engine's default: with lookahead as many micro-batches as stages
+    assert [(r["in_flight"], r["lookahead"]) for r in raw["runs"]] == [(1, True), (2, True)]
     (more,) = raw["more_in_flight"]
-    assert more["in_flight"] == 2 and more["runs"][0]["tokens"] == 4 * 4
-    assert by["throughput_2_in_flight", 2]["ratio"] == pytest.approx(more["rate"] / rates[1])
+    assert more["in_flight"] == 3 and more["runs"][0]["tokens"] == 4 * 4
+    assert by["throughput_3_in_flight", 2]["ratio"] == pytest.approx(more["rate"] / rates[1])
+    off = raw["lookahead_off"]  # without: one micro-batch more than stages
+    assert (off["in_flight"], off["lookahead"], off["runs"][0]["tokens"]) == (3, False, 16)
+    assert by["throughput_lookahead_off", 2]["ratio"] == pytest.approx(off["rate"] / rates[1])
+    assert "lookahead on" in by["throughput", 2]["notes"]
     nb = by["nonblocking_vs_blocking", 2]
     assert nb["value"] == pytest.approx(rates[2])
     assert nb["baseline_value"] == pytest.approx(raw["blocking"]["rate"])
@@ -108,6 +114,7 @@ def test_the_trace_has_every_stage_and_steps_of_one_in_flight_never_overlap(run)
     _, raw, png = run
     pp2 = next(r for r in raw["runs"] if r["pp"] == 2)
     assert len(pp2["stage_traces"]) == 2 and raw["blocking"]["in_flight"] == 1
+    assert raw["blocking"]["lookahead"] is False  # one step in flight, none chained to it
     first, second = raw["blocking"]["stage_traces"]
     # the later stage waits for each input; one step in flight: the stages take turns
     assert all(t_in >= t0 for t0, t_in, _ in second)

@@ -60,7 +60,8 @@ def model(tmp_path_factory):
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def pp_engine(model):
-    """Two pipeline stages: three micro-batches in flight (the default, pp + 1)."""
+    """Two pipeline stages with lookahead (the default): two micro-batches, each with its next
+    step chained behind the one in flight."""
     async with Engine(str(model[0]), pp=2, device="cpu") as engine:
         yield engine
 
@@ -108,20 +109,55 @@ async def test_generation_stops_at_the_checkpoint_eos_unless_ignore_eos(pp_engin
     assert (ignored.finish_reason, len(ignored.token_ids)) == ("length", n)
 
 
-async def test_pipeline_keeps_one_micro_batch_more_than_stages_in_flight(pp_engine, model):
-    refs = model[3]
-    assert pp_engine.max_steps_in_flight == 3  # pp + 1: one waits while a reply travels back
+async def stage_infos(engine: Engine) -> list[dict]:
+    return await engine.group.broadcast("info")
+
+
+async def test_pipeline_chains_each_micro_batch_behind_its_step_in_flight(pp_engine, model):
+    _, hf, _, refs = model
+    assert pp_engine.max_steps_in_flight == 2  # pp: the last stage hands tokens to the first
+    before = (await stage_infos(pp_engine))[0]["chained_steps"]
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+    sampled_prompt = [3, 1, 4, 1, 5, 9]
     tasks = [
-        asyncio.ensure_future(pp_engine.infer(p, SamplingParams(max_tokens=n, **GREEDY)))
-        for p, n in PROMPTS[:4]
+        asyncio.ensure_future(pp_engine.infer(p, SamplingParams(max_tokens=n + 2, **GREEDY)))
+        for p, n in PROMPTS[:3]
     ]
+    tasks.append(asyncio.ensure_future(pp_engine.infer(sampled_prompt, sampled)))
     await asyncio.sleep(0)  # the four submit; the loop's next turn sends their steps together
     await asyncio.sleep(0)
-    # 2, 1 and 1 of them: every micro-batch in flight before step 1 returned
-    assert pp_engine.stats()["steps_in_flight"] == 3
-    assert sorted(len(p.seqs) for p in pp_engine.scheduler.in_flight) == [1, 1, 2]
-    for task, ref in zip(tasks, refs[:4], strict=True):
-        assert_greedy_equal((await task).token_ids, ref)
+    # two micro-batches of 2, then each one's next step, chained to it, before any returned
+    plans = pp_engine.scheduler.in_flight
+    assert [len(p.seqs) for p in plans] == [2, 2, 2, 2]
+    assert [p.chains for p in plans] == [None, None, plans[0].step_id, plans[1].step_id]
+    done = await asyncio.gather(*tasks)
+    for c, (p, n) in zip(done, PROMPTS[:3], strict=False):
+        assert_greedy_equal(c.token_ids, hf_greedy(hf, p, n + 2))
+    assert done[-1].token_ids == reference_sample(hf, sampled_prompt, sampled)
+    infos = await stage_infos(pp_engine)
+    first = [i for i in infos if i["stage"] == 0]
+    assert first[0]["chained_steps"] - before >= 8  # most of each request's decode steps
+    # what the first stage holds of the last stage's tokens: at most the steps still in flight
+    assert all(i["returns_pending"] <= 2 * pp_engine.max_steps_in_flight for i in first)
+    assert pp_engine.stats()["num_used_blocks"] == 0
+
+
+async def test_pipeline_without_lookahead_keeps_one_micro_batch_more_than_stages(model):
+    refs = model[3]
+    async with Engine(str(model[0]), pp=2, device="cpu", lookahead=False) as engine:
+        assert engine.max_steps_in_flight == 3  # pp + 1: one waits while a reply travels back
+        tasks = [
+            asyncio.ensure_future(engine.infer(p, SamplingParams(max_tokens=n, **GREEDY)))
+            for p, n in PROMPTS[:4]
+        ]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        # 2, 1 and 1 of them: every micro-batch in flight before step 1 returned
+        assert engine.stats()["steps_in_flight"] == 3
+        assert sorted(len(p.seqs) for p in engine.scheduler.in_flight) == [1, 1, 2]
+        for task, ref in zip(tasks, refs[:4], strict=True):
+            assert_greedy_equal((await task).token_ids, ref)
+        assert all(i["chained_steps"] == 0 for i in await stage_infos(engine))
 
 
 async def test_new_request_joins_the_running_batch_at_the_next_step(pp_engine, model):
@@ -200,7 +236,7 @@ async def test_text_prompt_without_tokenizer_json_is_an_invalid_request(pp_engin
     assert info.value.field == "prompt"
 
 
-# ---- lookahead (pp=1): the next decode step goes out before the last one returns ------------
+# ---- lookahead at pp=1: the next decode step goes out before the last one returns -----------
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

@@ -45,6 +45,7 @@ class StandInWorkers:
         # (step message, its future, the tokens it samples), in arrival order
         self.pending: list[tuple[dict, asyncio.Future, list[int]]] = []
         self.sampled: dict[int, list[int]] = {}  # step_id -> its tokens (what chains read)
+        self.sent: list[dict] = []  # every step message, in order
 
     def __getitem__(self, rank):
         return Handle(self, rank)
@@ -59,6 +60,7 @@ class StandInWorkers:
             fut.set_result([None] * self.world_size)
         else:
             assert method == "sample_step"
+            self.sent.append(args[0])
             self.pending.append((args[0], fut, self._run(args[0])))
         return fut
 
@@ -131,7 +133,9 @@ def expected(prompt: list[int], n: int) -> list[int]:
 
 
 async def test_steps_replied_to_out_of_order_each_resolve_their_own_requests(stand_in):
-    async with Engine("tiny", tp=1, pp=2, pool=None, device="cpu") as engine:
+    # without lookahead: a chained step cannot come back before the step it chains (nor does
+    # it with real workers, whose last stage answers in order)
+    async with Engine("tiny", tp=1, pp=2, pool=None, device="cpu", lookahead=False) as engine:
         workers = stand_in[0]
         a = asyncio.ensure_future(engine.infer([10], SamplingParams(max_tokens=4)))
         b = asyncio.ensure_future(engine.infer([50, 51], SamplingParams(max_tokens=6)))
@@ -241,7 +245,8 @@ async def test_the_next_step_goes_out_before_a_token_is_detokenized_and_a_stop_s
         return on_token(self, token_id, logprob)
 
     monkeypatch.setattr(Request, "on_token", spy)
-    async with Engine("tiny", tp=1, pp=2, pool=None, device="cpu") as engine:
+    # without lookahead (with it the next step is out before the reply: the test below)
+    async with Engine("tiny", tp=1, pp=2, pool=None, device="cpu", lookahead=False) as engine:
         workers = stand_in[0]
         free = engine.stats()["num_free_blocks"]
         # "a" is byte 97; the stand-in continues 98 "b", 99 "c", 100 "d", ...
@@ -260,3 +265,29 @@ async def test_the_next_step_goes_out_before_a_token_is_detokenized_and_a_stop_s
             await asyncio.sleep(0)
         assert engine.stats()["num_free_blocks"] == free and not workers.pending
     assert [token for token, _ in pending_at_token] == [98, 99]
+
+
+async def test_pipeline_lookahead_chains_each_step_and_names_the_oldest_in_flight(stand_in):
+    """At pp > 1 with lookahead a lone request's next step goes out behind its step in flight,
+    fed by the tokens the last stage hands to the first; every step says the oldest step in
+    flight, before which the first stage may drop what it was handed."""
+    async with Engine("tiny", tp=1, pp=2, pool=None, device="cpu") as engine:
+        workers = stand_in[0]
+        task = asyncio.ensure_future(engine.infer([10], SamplingParams(max_tokens=6)))
+        await next_turn()
+        first, second = (msg for msg, _, _ in workers.pending)
+        assert second["chain_from"] == first["step_id"]
+        assert first["hand_back"] == second["hand_back"] == first["step_id"]
+        while not task.done():
+            if workers.pending:
+                workers.reply(0)  # in order, as the last stage answers
+            await asyncio.sleep(0)
+        assert (await task).token_ids == expected([10], 6)
+        sent = workers.sent
+        assert sum("chain_from" in m for m in sent) == len(sent) - 1 == 5
+        oldest = [m["hand_back"] for m in sent]
+        assert oldest == sorted(oldest)
+        assert all(m["hand_back"] <= m["step_id"] for m in sent)
+        # a chained step's source is still in flight when it is sent
+        assert all(m["chain_from"] >= m["hand_back"] for m in sent if "chain_from" in m)
+        assert oldest[-1] > oldest[0]  # steps that came back are named as such

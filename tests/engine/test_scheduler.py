@@ -344,12 +344,11 @@ class FakeWorkers:
     def __init__(self, block_size: int):
         self.block_size = block_size
         self.cache: dict[int, tuple[int, int, int]] = {}  # slot -> (seq_id, position, token)
+        self.sampled: dict[int, list[int]] = {}  # step_id -> the tokens it sampled, in row order
 
     def slot(self, block_table: tuple[int, ...], position: int) -> int:
         block = block_table[position // self.block_size]
         return block * self.block_size + position % self.block_size
-
-        self.last: tuple[int, list[int]] | None = None  # (step_id, tokens) of the last step
 
     def run(self, plan: StepPlan) -> dict[int, int]:
         sampled = {}
@@ -358,8 +357,7 @@ class FakeWorkers:
             assert len(item.block_table) == -(-item.context_len // self.block_size)
             tokens = item.token_ids
             if item.chained:  # lookahead: the token the chained step sampled, fed here
-                assert self.last is not None and self.last[0] == plan.chains
-                tokens = [self.last[1][item.chain_row]]
+                tokens = [self.sampled[plan.chains][item.chain_row]]
                 assert item.num_new_tokens == 1 and item.context_len == seq.num_tokens + 1
             else:
                 assert item.context_len <= seq.num_tokens
@@ -370,7 +368,7 @@ class FakeWorkers:
                 assert got == (seq.seq_id, position, expected_or_prompt(seq, position))
             if item.sample:
                 sampled[seq.seq_id] = expected_token(seq.seq_id, item.context_len)
-        self.last = (plan.step_id, [sampled[s.seq_id] for s in plan.seqs if s.sample])
+        self.sampled[plan.step_id] = [sampled[s.seq_id] for s in plan.seqs if s.sample]
         return sampled
 
 
@@ -524,6 +522,78 @@ def test_lookahead_chains_decodes_and_loses_or_leaks_nothing(workload, rng):
             out = finished[seq_id]
             positions = range(prompt_len, prompt_len + len(out))
             assert out == [expected_token(seq_id, p) for p in positions]
+
+
+@settings(max_examples=300, deadline=None)
+@given(workloads(), st.randoms(use_true_random=False))
+def test_lookahead_over_micro_batches_loses_or_leaks_nothing(workload, rng):
+    """Several micro-batches with lookahead, as the Engine runs pp > 1: up to two plans each in
+    flight, replies in the order sent (the last stage answers in order), random early stops."""
+    config, pp, requests = workload
+    sched = Scheduler(
+        config["num_blocks"],
+        config["block_size"],
+        max_num_seqs=config["max_num_seqs"],
+        max_running_seqs=pp * config["max_num_seqs"],
+        max_batch_tokens=config["max_batch_tokens"],
+        micro_batches=pp,
+        lookahead=True,
+    )
+    chained_from: list[int] = []
+
+    def check(seqs, plans):
+        assert all(s.in_flight <= 2 for s in seqs)
+        for plan in plans:  # a chained plan's source is in flight when it is made
+            if plan.chains is not None and plan.step_id not in {p for p, _ in chained_from}:
+                chained_from.append((plan.step_id, plan.chains))
+        # a plan is chained by at most one
+        assert len({c for _, c in chained_from}) == len(chained_from)
+
+    finished, aborted = simulate(
+        sched,
+        config,
+        requests,
+        in_flight=2 * pp,
+        next_reply=lambda plans: 0,
+        ends=lambda seq: seq.num_output_tokens == seq.max_tokens or rng.random() < 0.1,
+        check=check,
+    )
+    for seq_id, prompt_len, _, _, _ in requests:
+        if seq_id not in aborted:
+            out = finished[seq_id]
+            positions = range(prompt_len, prompt_len + len(out))
+            assert out == [expected_token(seq_id, p) for p in positions]
+
+
+def test_lookahead_fills_free_micro_batches_before_chaining():
+    sched = Scheduler(256, 4, max_num_seqs=8, max_running_seqs=16, micro_batches=2, lookahead=True)
+    for i in range(4):
+        sched.add(make_seq(i, 5, max_tokens=8))
+    a, b = sched.schedule(), sched.schedule()  # both micro-batches before any chaining
+    assert [len(a.seqs), len(b.seqs)] == [2, 2] and a.chains is b.chains is None
+    a2, b2 = sched.schedule(), sched.schedule()  # then each one's next step, in order
+    assert (a2.chains, b2.chains) == (a.step_id, b.step_id)
+    assert shares(a2) == [(0, 1), (1, 1)] and all(s.chained for s in a2.seqs + b2.seqs)
+    assert sched.schedule() is None  # every sequence has two steps out
+    assert sched.oldest_in_flight == a.step_id
+    sched.complete(a, sample_all(a))
+    assert sched.oldest_in_flight == b.step_id
+    a3 = sched.schedule()  # a's next step chains a2, the oldest plan not chained yet
+    assert a3.chains == a2.step_id and shares(a3) == [(0, 1), (1, 1)]
+    # (the Engine keeps two plans a micro-batch out: 4 now) a request arriving meanwhile joins
+    # the next micro-batch's next step
+    sched.add(make_seq(9, 3))
+    sched.complete(b, sample_all(b))
+    b3 = sched.schedule()
+    assert b3.chains == b2.step_id and shares(b3) == [(2, 1), (3, 1), (9, 3)]
+
+
+def test_lookahead_chains_a_lone_request_although_a_micro_batch_is_free():
+    sched = Scheduler(64, 4, max_num_seqs=8, micro_batches=4, lookahead=True)
+    sched.add(make_seq(0, 5, max_tokens=8))
+    first = sched.schedule()
+    second = sched.schedule()  # nothing else could fill the three free micro-batches
+    assert second.chains == first.step_id and second.seqs[0].chained
 
 
 def test_lookahead_plan_chains_the_last_plans_samples():

@@ -19,7 +19,6 @@ from torch import nn
 
 from energon.actors.deferred import Deferred
 from energon.decode_graphs import DecodeGraphs
-from energon.device_copy import host_tensor, to_device
 from energon.models.llama import rope_parameters
 from energon.models.loader import LoadReport, load_weights, random_init
 from energon.models.registry import ModelSpec, context_window, resolve
@@ -418,7 +417,7 @@ class ModelRunner(OffloadMember):
     def _step_ids(self, step: dict, num_tokens: int) -> torch.Tensor:
         """The step's input ids on the device. A chained step's rows (lookahead) get the tokens
         the previous sample_step sampled, on the device: the controller does not know them yet."""
-        ids = to_device(_input_ids(step, num_tokens), self.device)
+        ids = _input_ids(step, num_tokens).to(self.device, non_blocking=True)
         if "chain_from" not in step or not self.state.is_first_stage:
             return ids  # later stages take activations, not ids
         tokens = self._chained_tokens(step["chain_from"])
@@ -437,8 +436,8 @@ class ModelRunner(OffloadMember):
         if dst == src == list(range(len(src))):  # the usual case: the same batch again
             ids[: len(src)] = tokens[: len(src)]
         else:
-            ids[host_tensor(dst, torch.int64, self.device)] = tokens[
-                host_tensor(src, torch.int64, self.device)
+            ids[torch.tensor(dst, device=self.device)] = tokens[
+                torch.tensor(src, device=self.device)
             ]
         return ids
 
@@ -578,7 +577,7 @@ class ModelRunner(OffloadMember):
         if not picked:
             return {"step_id": step["step_id"], "token_ids": [], "logprobs": None}
         if len(picked) < logits.shape[0]:
-            logits = logits[host_tensor(picked, torch.int64, logits.device)]
+            logits = logits[torch.tensor(picked, device=logits.device)]
         token_ids, logprobs = self.sampler.sample(logits, step["params"], step["steps"])
         step_id = step["step_id"]
         self._sampled = (step_id, len(picked), token_ids)

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from energon.device_copy import to_device
-
 
 @dataclass
 class BatchMeta:
@@ -99,7 +97,7 @@ class BatchMeta:
             rows = torch.tensor(list(logits_indices), dtype=torch.int64)
 
         def dev(t, dtype):
-            return None if t is None else to_device(t.to(dtype), device)
+            return None if t is None else t.to(dtype).to(device, non_blocking=True)
 
         fresh = [q == c for q, c in zip(query_lens, context_lens, strict=True)]
         kinds = [0 if f else 1 if q == 1 else 2 for f, q in zip(fresh, query_lens, strict=True)]
@@ -148,7 +146,7 @@ def pack(
 ) -> tuple[torch.Tensor, BatchMeta]:
     """Concatenate token lists: returns (input_ids int64 [T], BatchMeta.for_prefill)."""
     ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64)
-    return to_device(ids, device), BatchMeta.for_prefill([len(s) for s in seqs], device)
+    return ids.to(device, non_blocking=True), BatchMeta.for_prefill([len(s) for s in seqs], device)
 
 
 def unpack(x: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:

@@ -74,13 +74,17 @@ class DecodeGraphs(StepGraphs):
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.tables = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
-        # pinned staging of positions / slots / context lens [3, n] and block tables (a ring:
-        # energon/graph_capture.py says why)
+        # pinned staging of positions / slots [2, n], context lens and block tables (a ring:
+        # energon/graph_capture.py says why), each in its buffer's dtype: a copy that converts
+        # goes through a pageable temporary and waits for the queued kernels (a GPU test
+        # below)
         self._staging = StagingRing(
-            [((3, n), torch.int64), ((n, max_blocks), torch.int32)], device, STAGING
+            [((2, n), torch.int64), ((n,), torch.int32), ((n, max_blocks), torch.int32)],
+            device,
+            STAGING,
         )
-        # a pad row: position 0, its K/V in the scratch block's first slot, one visible key
-        self._pads = torch.tensor([[0], [scratch_block * block_size], [1]]).expand(3, n)
+        # a pad row: position 0, its K/V in the scratch block's first slot (and one visible key)
+        self._pads = torch.tensor([[0], [scratch_block * block_size]]).expand(2, n)
         if capture:
             self._capture()
 
@@ -118,17 +122,18 @@ class DecodeGraphs(StepGraphs):
         Positions, slots and the checks come from `BatchMeta.for_step`, built on the host."""
         B, width = len(context_lens), block_tables.shape[1]
         step = BatchMeta.for_step([1] * B, context_lens, block_tables, self.block_size)
-        (host, tables), done = self._staging.next()
+        (host, lens, tables), done = self._staging.next()
         host[0, :B] = step.positions
         host[1, :B] = step.slot_mapping
-        host[2, :B] = step.context_lens
         host[:, B:bucket] = self._pads[:, : bucket - B]
+        lens[:B] = step.context_lens
+        lens[B:bucket] = 1
         tables[:B, :width] = step.block_tables
         tables[B:bucket, 0] = self.scratch_block
         nb = self._staging.pinned
         self.positions[:bucket].copy_(host[0, :bucket], non_blocking=nb)
         self.slots[:bucket].copy_(host[1, :bucket], non_blocking=nb)
-        self.context_lens[:bucket].copy_(host[2, :bucket], non_blocking=nb)
+        self.context_lens[:bucket].copy_(lens[:bucket], non_blocking=nb)
         self.tables[:bucket, :width].copy_(tables[:bucket, :width], non_blocking=nb)
         if x is not None:
             self.x[:B].copy_(x, non_blocking=nb)

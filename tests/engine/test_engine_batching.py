@@ -109,6 +109,17 @@ async def test_generation_stops_at_the_checkpoint_eos_unless_ignore_eos(pp_engin
     assert (ignored.finish_reason, len(ignored.token_ids)) == ("length", n)
 
 
+async def submit_greedy(engine: Engine, prompts) -> list[asyncio.Future]:
+    """Greedy requests submitted together; returns once their first steps are sent."""
+    tasks = [
+        asyncio.ensure_future(engine.infer(p, SamplingParams(max_tokens=n, **GREEDY)))
+        for p, n in prompts
+    ]
+    await asyncio.sleep(0)  # they submit; the loop's next turn sends their steps together
+    await asyncio.sleep(0)
+    return tasks
+
+
 async def stage_infos(engine: Engine) -> list[dict]:
     return await engine.group.broadcast("info")
 
@@ -146,12 +157,7 @@ async def test_pipeline_without_lookahead_keeps_one_micro_batch_more_than_stages
     refs = model[3]
     async with Engine(str(model[0]), pp=2, device="cpu", lookahead=False) as engine:
         assert engine.max_steps_in_flight == 3  # pp + 1: one waits while a reply travels back
-        tasks = [
-            asyncio.ensure_future(engine.infer(p, SamplingParams(max_tokens=n, **GREEDY)))
-            for p, n in PROMPTS[:4]
-        ]
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        tasks = await submit_greedy(engine, PROMPTS[:4])
         # 2, 1 and 1 of them: every micro-batch in flight before step 1 returned
         assert engine.stats()["steps_in_flight"] == 3
         assert sorted(len(p.seqs) for p in engine.scheduler.in_flight) == [1, 1, 2]
@@ -286,12 +292,7 @@ async def test_lookahead_keeps_two_steps_in_flight_and_equals_solo_results(looka
 async def test_without_lookahead_one_step_is_in_flight_and_none_is_chained(model):
     refs = model[3]
     async with Engine(str(model[0]), device="cpu", lookahead=False) as engine:
-        tasks = [
-            asyncio.ensure_future(engine.infer(p, SamplingParams(max_tokens=n, **GREEDY)))
-            for p, n in PROMPTS[:4]
-        ]
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        tasks = await submit_greedy(engine, PROMPTS[:4])
         assert engine.stats()["steps_in_flight"] == 1
         for task, ref in zip(tasks, refs[:4], strict=True):
             assert_greedy_equal((await task).token_ids, ref)

@@ -418,6 +418,17 @@ def workloads(draw):
     return config, draw(st.integers(1, 4)), requests
 
 
+def scheduler_for(config: dict, **options) -> Scheduler:
+    """A Scheduler of a drawn workload's cache and step bounds (and `options`)."""
+    return Scheduler(
+        config["num_blocks"],
+        config["block_size"],
+        max_num_seqs=config["max_num_seqs"],
+        max_batch_tokens=config["max_batch_tokens"],
+        **options,
+    )
+
+
 def arrive_and_abort(sched, requests, tick: int, seqs: dict, finished: dict, aborted: set) -> None:
     """Adds the workload's requests that arrive at `tick`; aborts those due then, unfinished."""
     for seq_id, prompt_len, max_tokens, arrival, abort_at in requests:
@@ -468,13 +479,7 @@ def simulate(sched, config, requests, *, in_flight, next_reply, ends, check):
 @given(workloads(), st.randoms(use_true_random=False))
 def test_random_workload_finishes_every_request_without_leaking_blocks(workload, rng):
     config, pp, requests = workload
-    sched = Scheduler(
-        config["num_blocks"],
-        config["block_size"],
-        max_num_seqs=config["max_num_seqs"],
-        max_running_seqs=pp * config["max_num_seqs"],
-        max_batch_tokens=config["max_batch_tokens"],
-    )
+    sched = scheduler_for(config, max_running_seqs=pp * config["max_num_seqs"])
     finished, aborted = simulate(
         sched,
         config,
@@ -497,13 +502,7 @@ def test_lookahead_chains_decodes_and_loses_or_leaks_nothing(workload, rng):
     is in flight, replies come back in order, and sequences also stop early at random (a stop
     token): the chained step's token is then ignored."""
     config, _, requests = workload
-    sched = Scheduler(
-        config["num_blocks"],
-        config["block_size"],
-        max_num_seqs=config["max_num_seqs"],
-        max_batch_tokens=config["max_batch_tokens"],
-        lookahead=True,
-    )
+    sched = scheduler_for(config, lookahead=True)
 
     def at_most_two_steps_each(seqs, plans):
         assert all(s.in_flight <= 2 for s in seqs)
@@ -517,11 +516,7 @@ def test_lookahead_chains_decodes_and_loses_or_leaks_nothing(workload, rng):
         ends=lambda seq: seq.num_output_tokens == seq.max_tokens or rng.random() < 0.1,
         check=at_most_two_steps_each,
     )
-    for seq_id, prompt_len, _, _, _ in requests:
-        if seq_id not in aborted:
-            out = finished[seq_id]
-            positions = range(prompt_len, prompt_len + len(out))
-            assert out == [expected_token(seq_id, p) for p in positions]
+    assert_outputs_as_sampled(requests, finished, aborted)
 
 
 @settings(max_examples=300, deadline=None)
@@ -530,24 +525,19 @@ def test_lookahead_over_micro_batches_loses_or_leaks_nothing(workload, rng):
     """Several micro-batches with lookahead, as the Engine runs pp > 1: up to two plans each in
     flight, replies in the order sent (the last stage answers in order), random early stops."""
     config, pp, requests = workload
-    sched = Scheduler(
-        config["num_blocks"],
-        config["block_size"],
-        max_num_seqs=config["max_num_seqs"],
-        max_running_seqs=pp * config["max_num_seqs"],
-        max_batch_tokens=config["max_batch_tokens"],
-        micro_batches=pp,
-        lookahead=True,
+    sched = scheduler_for(
+        config, max_running_seqs=pp * config["max_num_seqs"], micro_batches=pp, lookahead=True
     )
-    chained_from: list[int] = []
+    chains: dict[int, int] = {}  # chained plan -> the plan it chains
 
     def check(seqs, plans):
         assert all(s.in_flight <= 2 for s in seqs)
-        for plan in plans:  # a chained plan's source is in flight when it is made
-            if plan.chains is not None and plan.step_id not in {p for p, _ in chained_from}:
-                chained_from.append((plan.step_id, plan.chains))
-        # a plan is chained by at most one
-        assert len({c for _, c in chained_from}) == len(chained_from)
+        out = {p.step_id for p in plans}
+        for plan in plans:
+            if plan.chains is not None and plan.step_id not in chains:
+                assert plan.chains in out  # its source was in flight when it was made
+                chains[plan.step_id] = plan.chains
+        assert len(set(chains.values())) == len(chains)  # a plan is chained at most once
 
     finished, aborted = simulate(
         sched,
@@ -558,11 +548,7 @@ def test_lookahead_over_micro_batches_loses_or_leaks_nothing(workload, rng):
         ends=lambda seq: seq.num_output_tokens == seq.max_tokens or rng.random() < 0.1,
         check=check,
     )
-    for seq_id, prompt_len, _, _, _ in requests:
-        if seq_id not in aborted:
-            out = finished[seq_id]
-            positions = range(prompt_len, prompt_len + len(out))
-            assert out == [expected_token(seq_id, p) for p in positions]
+    assert_outputs_as_sampled(requests, finished, aborted)
 
 
 def test_lookahead_fills_free_micro_batches_before_chaining():
@@ -594,6 +580,16 @@ def test_lookahead_chains_a_lone_request_although_a_micro_batch_is_free():
     first = sched.schedule()
     second = sched.schedule()  # nothing else could fill the three free micro-batches
     assert second.chains == first.step_id and second.seqs[0].chained
+
+
+def assert_outputs_as_sampled(requests, finished: dict, aborted: set) -> None:
+    """Every request not aborted got `expected_token` at each position it generated (it may
+    have stopped early)."""
+    for seq_id, prompt_len, _, _, _ in requests:
+        if seq_id not in aborted:
+            out = finished[seq_id]
+            positions = range(prompt_len, prompt_len + len(out))
+            assert out == [expected_token(seq_id, p) for p in positions]
 
 
 def test_lookahead_plan_chains_the_last_plans_samples():

@@ -20,7 +20,12 @@ step many times longer than the others'); `--turnaround` sets the controller's t
 The pipeline bench now measures the turnaround's parts (energon.bench.trace.turnaround): on 4x
 H200 at code 059eca1, ~2.2 ms at pp=4 with 5 in flight (reply 0.46 ms, controller 1.7 ms, the
 first stage starting at once), after a worker fix that took the reply from 12 ms; pass
-`--turnaround 0.0022` to model that.
+`--turnaround 0.0022` to model that. Since ed3363d the Engine chains each micro-batch's next
+step at pp > 1 too (the last stage hands its tokens to the first): the turnaround is then the
+hand-back's, a fraction of a millisecond (`--turnaround 0.0002 --in-flight 0` for the default of
+pp micro-batches). The model does not queue a chained step behind the first stage's other
+steps as the workers do; it gave 3.21x pp=1 at pp=4 that way on H200 constants against 3.40-3.46x
+measured.
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-lookahead",
         dest="lookahead",
         action="store_false",
-        help="wait for each decode step before sending the next (pp=1; default: chain them)",
+        help="send a micro-batch's next decode step only once its last one is back (default: "
+        "chain them; at pp > 1 the last stage hands its tokens to the first)",
     )
     parser.add_argument(
         "--max-restarts",

@@ -24,8 +24,7 @@ first stage starting at once), after a worker fix that took the reply from 12 ms
 step at pp > 1 too (the last stage hands its tokens to the first): the turnaround is then the
 hand-back's, a fraction of a millisecond (`--turnaround 0.0002 --in-flight 0` for the default of
 pp micro-batches). The model does not queue a chained step behind the first stage's other
-steps as the workers do; it gave 3.21x pp=1 at pp=4 that way on H200 constants against 3.40-3.46x
-measured.
+steps as the workers do.
 """
 
 from __future__ import annotations

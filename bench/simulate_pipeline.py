@@ -13,7 +13,8 @@ measured; with 3 ms it would rank 2 in flight first).
 
     python bench/simulate_pipeline.py --pp 1,2,4 --in-flight 0,1,2
 
-prints tokens/s and stage utilisation per layout; `--balanced` splits the step token budget
+prints tokens/s and stage utilisation per layout; `--lookahead` chains each micro-batch's next
+step at pp > 1 as the Engine does by default since ed3363d; `--balanced` splits the step token budget
 evenly over the micro-batches in flight (so that a prefill chunk does not make one micro-batch's
 step many times longer than the others'); `--turnaround` sets the controller's turnaround.
 
@@ -21,10 +22,8 @@ The pipeline bench now measures the turnaround's parts (energon.bench.trace.turn
 H200 at code 059eca1, ~2.2 ms at pp=4 with 5 in flight (reply 0.46 ms, controller 1.7 ms, the
 first stage starting at once), after a worker fix that took the reply from 12 ms; pass
 `--turnaround 0.0022` to model that. Since ed3363d the Engine chains each micro-batch's next
-step at pp > 1 too (the last stage hands its tokens to the first): the turnaround is then the
-hand-back's, a fraction of a millisecond (`--turnaround 0.0002 --in-flight 0` for the default of
-pp micro-batches). The model does not queue a chained step behind the first stage's other
-steps as the workers do.
+step at pp > 1 too (the last stage hands its tokens to the first): `--lookahead --in-flight 0`
+models its default of pp micro-batches.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ MATMUL_EFF, BANDWIDTH_EFF = 0.82, 0.84
 STEP_COST = 0.3e-3  # s of fixed cost per stage step (launches, small kernels)
 TURNAROUND = 10e-3  # s from a step's end on the last stage to the next step's start on stage 0
 HOP = 0.1e-3  # s to hand activations to the next stage
+HAND_BACK = 0.1e-3  # s from the last stage's end to the first stage holding its tokens (lookahead)
 
 
 def stage_seconds(plan, pp: int, last: bool) -> float:
@@ -63,7 +63,11 @@ def stage_seconds(plan, pp: int, last: bool) -> float:
 
 
 def simulate(pp: int, in_flight: int, kv_bytes_per_stage: float, args) -> dict:
-    """Serves `args.requests` prompts at once; returns tokens/s and per-stage busy fractions."""
+    """Serves `args.requests` prompts at once; returns tokens/s and per-stage busy fractions.
+    With `args.lookahead` at pp > 1 each micro-batch's next step is chained as the Engine does:
+    sent at once, it starts on the first stage, in order behind the steps sent before it, once
+    the step it chains has left the last stage (plus HAND_BACK)."""
+    chain = bool(getattr(args, "lookahead", False)) and pp > 1
     block = 16
     blocks = int(kv_bytes_per_stage // (block * KV_PER_TOKEN / pp))
     budget = args.max_batch_tokens
@@ -74,6 +78,7 @@ def simulate(pp: int, in_flight: int, kv_bytes_per_stage: float, args) -> dict:
         max_batch_tokens=budget // in_flight if args.balanced else budget,
         max_model_len=args.prompt_len + args.gen_len,
         micro_batches=in_flight,
+        lookahead=chain,
     )
     for i in range(args.requests):
         sched.add(Sequence(i, [1] * args.prompt_len, args.gen_len))
@@ -81,22 +86,26 @@ def simulate(pp: int, in_flight: int, kv_bytes_per_stage: float, args) -> dict:
     turnaround = 0.0 if pp == 1 else args.turnaround
     free = [0.0] * pp  # when each stage is next free
     busy = [0.0] * pp
+    ends: dict[int, float] = {}  # step id -> when the last stage finished it
     events: list = []  # (time the controller sees the reply, step id, plan)
     out = generated = 0
 
     def send(now: float) -> None:
         nonlocal out
-        while out < in_flight:
+        while out < in_flight * (1 + chain):
             plan = sched.schedule()
             if plan is None:
                 return
             t = now + turnaround / 2
+            if plan.chains is not None:  # its tokens come from the last stage, not the controller
+                t = max(t, ends[plan.chains] + HAND_BACK)
             for s in range(pp):
                 start = max(t, free[s])
                 cost = stage_seconds(plan, pp, s == pp - 1)
                 free[s] = start + cost
                 busy[s] += cost
                 t = free[s] + HOP
+            ends[plan.step_id] = free[-1]
             heapq.heappush(events, (free[-1] + turnaround / 2, plan.step_id, plan))
             out += 1
 
@@ -126,6 +135,9 @@ def main() -> None:
     p.add_argument("--kv-stage", type=float, default=57.3e9, help="KV bytes per stage at pp>1")
     p.add_argument("--balanced", action="store_true")
     p.add_argument("--turnaround", type=float, default=TURNAROUND, help="seconds")
+    p.add_argument(
+        "--lookahead", action="store_true", help="at pp > 1 chain each micro-batch's next step"
+    )
     args = p.parse_args()
     base = None
     for pp in (int(v) for v in args.pp.split(",")):

@@ -37,35 +37,22 @@ class DecodeGraphs(StepGraphs):
     """Replays `body(x, meta)` for decode steps (one new token per sequence).
 
     `x` is the stage's input: int64 token ids [B] on the first stage, activations [B, hidden] of
-    `dtype` elsewhere. `block_size` / `scratch_block` describe the KV cache; `max_blocks` is the
-    block-table width graphs are captured for.
+    `dtype` elsewhere. `stage`: the stage and cache keywords of `StepGraphs` (first_stage,
+    hidden_size, dtype, device, block_size, scratch_block); `max_blocks` is the block-table
+    width graphs are captured for.
     """
 
     def __init__(
         self,
         body: Body,
         *,
-        first_stage: bool,
-        hidden_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        block_size: int,
-        scratch_block: int,
         max_blocks: int,
         buckets: tuple[int, ...] = DEFAULT_BUCKETS,
         capture: bool = True,
+        **stage,
     ):
-        super().__init__(
-            body,
-            first_stage=first_stage,
-            hidden_size=hidden_size,
-            dtype=dtype,
-            device=device,
-            buckets=buckets,
-            unit="batch sizes",
-        )
-        self.block_size = block_size
-        self.scratch_block = scratch_block
+        super().__init__(body, buckets=buckets, unit="batch sizes", **stage)
+        block_size, scratch_block, device = self.block_size, self.scratch_block, self.device
         self.max_blocks = max_blocks
         self.max_batch = n = self.buckets[-1]
         # Every row starts as a pad (what the capture runs on: it writes only the scratch block).

@@ -93,7 +93,7 @@ def _positive(field: str, value, low: int = 1) -> int:
 def default_in_flight(pp: int, lookahead: bool = True) -> int:
     """Micro-batches in flight unless the Engine is told: one per pipeline stage with lookahead
     (the last stage hands the first each micro-batch's tokens), one more without it."""
-    return pp + (pp > 1 and not lookahead)
+    return pp + 1 if pp > 1 and not lookahead else pp
 
 
 class Engine:
@@ -625,7 +625,7 @@ class Engine:
                 if req is not None:
                     req.on_scheduled()
             try:
-                oldest = self.scheduler.oldest_in_flight if self._hand_back else None
+                oldest = self.scheduler.oldest_in_flight if self.lookahead else None
                 message = step_message(plan, self._requests, hand_back=oldest)
                 replies = self.group.broadcast("sample_step", message)
             except Exception as exc:  # the step could not be encoded or sent
@@ -634,11 +634,6 @@ class Engine:
             task = asyncio.ensure_future(self._run_step(plan, replies, self.group))
             self._steps.add(task)
             task.add_done_callback(self._steps.discard)
-
-    @property
-    def _hand_back(self) -> bool:
-        """Whether the last stage hands each step's samples to the first (lookahead, pp > 1)."""
-        return self.lookahead and self.pp > 1
 
     @property
     def _reply_rank(self) -> int:

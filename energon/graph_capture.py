@@ -49,9 +49,10 @@ class StepGraphs:
     """One CUDA graph of the stage body `body(x[:bucket], self._meta(bucket))` per bucket of row
     counts, replayed for steps that fit. `x` is the stage's input buffer: int64 token ids [n]
     on the first stage, activations [n, hidden] of `dtype` elsewhere (n: the largest bucket).
-    A subclass writes each step's inputs into its own static buffers, gives `_meta(bucket)`
-    (views of them) and calls `_capture()` (CUDA) or leaves the graphs uncaptured: `_replay`
-    then runs the body on the same buffers eagerly (the cpu tests)."""
+    `block_size` / `scratch_block` describe the KV cache (the scratch block takes the pad rows'
+    K/V). A subclass writes each step's inputs into its own static buffers, gives
+    `_meta(bucket)` (views of them) and calls `_capture()` (CUDA) or leaves the graphs
+    uncaptured: `_replay` then runs the body on the same buffers eagerly (the cpu tests)."""
 
     def __init__(
         self,
@@ -61,6 +62,8 @@ class StepGraphs:
         hidden_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        block_size: int,
+        scratch_block: int,
         buckets: tuple[int, ...],
         unit: str,
     ):
@@ -68,6 +71,8 @@ class StepGraphs:
             raise ValueError(f"buckets must be positive {unit} (got {buckets})")
         self.body = body
         self.device = device
+        self.block_size = block_size
+        self.scratch_block = scratch_block
         self.buckets = tuple(sorted(set(buckets)))
         n = self.buckets[-1]
         if first_stage:

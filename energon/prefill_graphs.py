@@ -39,35 +39,23 @@ class PrefillGraphs(StepGraphs):
     """Replays `body(x, meta)` for steps of new prompts (the stage's body, as DecodeGraphs).
 
     `x` is the stage's input: int64 token ids [T] on the first stage, activations [T, hidden]
-    of `dtype` elsewhere. `block_size` / `scratch_block` describe the KV cache; `last_stage`:
-    the body ends in the head, which computes the prompts' last rows only.
+    of `dtype` elsewhere. `stage`: the stage and cache keywords of `StepGraphs` (first_stage,
+    hidden_size, dtype, device, block_size, scratch_block); `last_stage`: the body ends in the
+    head, which computes the prompts' last rows only.
     """
 
     def __init__(
         self,
         body: Body,
         *,
-        first_stage: bool,
         last_stage: bool,
-        hidden_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        block_size: int,
-        scratch_block: int,
         buckets: tuple[int, ...] = DEFAULT_BUCKETS,
         capture: bool = True,
+        **stage,
     ):
-        super().__init__(
-            body,
-            first_stage=first_stage,
-            hidden_size=hidden_size,
-            dtype=dtype,
-            device=device,
-            buckets=buckets,
-            unit="token counts",
-        )
+        super().__init__(body, buckets=buckets, unit="token counts", **stage)
+        block_size, scratch_block, device = self.block_size, self.scratch_block, self.device
         self.last_stage = last_stage
-        self.block_size = block_size
         self.max_tokens = n = self.buckets[-1]
         # pad rows' K/V slots: the scratch block's, in turn
         self._pad_slots = scratch_block * block_size + torch.arange(n) % block_size

@@ -211,10 +211,9 @@ class ModelRunner(OffloadMember):
         # Every tp rank of the last stage holds the same logits; rank 0 samples and replies.
         self.sampler = Sampler(self.device, seed)
         # (step_id, rows sampled, their token ids on tp rank 0 / None) of the last sample_step:
-        # what the next step's chained rows feed (lookahead, energon/scheduler.py)
-        self._sampled: tuple[int, int, torch.Tensor | None] | None = None
         self.chained_steps = 0  # steps that fed sampled tokens on the device
-        # pp > 1: the last stage's samples handed to the first (energon/parallel/token_return.py)
+        # what chained steps feed: the samples of steps in flight (lookahead; at pp > 1 handed
+        # from the last stage to the first, energon/parallel/token_return.py)
         self.returns = TokenReturn(self.state, self.device)
         self.decode_graphs = self._graph_mode(decode_graphs)
         self.graphs: DecodeGraphs | None = None
@@ -334,7 +333,9 @@ class ModelRunner(OffloadMember):
         speed-up, never a reason not to serve. Every rank captures the same graphs in the same
         order (their collectives pair up)."""
         capture = self.decode_graphs == "capture"
-        self.graphs = self._captured("decode", lambda: self._decode_graphs(scratch_block), capture)
+        self.graphs = self._captured(
+            "decode", lambda: self._decode_graphs(scratch_block, capture), capture
+        )
         if self.graphs is None:
             self.decode_graphs = "off"
         if os.environ.get(PREFILL_GRAPHS_ENV, "1") == "0":
@@ -370,34 +371,32 @@ class ModelRunner(OffloadMember):
         if not buckets:
             return None
         return PrefillGraphs(
-            self._stage,
-            first_stage=self.state.is_first_stage,
             last_stage=self.state.is_last_stage,
+            buckets=buckets,
+            **self._graph_options(scratch_block, capture),
+        )
+
+    def _graph_options(self, scratch_block: int, capture: bool) -> dict:
+        """What both graph kinds are built from: this stage's body, its input, the cache."""
+        return dict(
+            body=self._stage,
+            first_stage=self.state.is_first_stage,
             hidden_size=self.hidden_size,
             dtype=self.dtype,
             device=self.device,
             block_size=self.block_size,
             scratch_block=scratch_block,
-            buckets=buckets,
             capture=capture,
         )
 
-    def _decode_graphs(self, scratch_block: int) -> DecodeGraphs:
+    def _decode_graphs(self, scratch_block: int, capture: bool) -> DecodeGraphs:
         window = min(
             context_window(self.spec.config) or MAX_GRAPH_CONTEXT,
             MAX_GRAPH_CONTEXT,
             scratch_block * self.block_size,  # the scratch block's id is the cache's block count
         )
         return DecodeGraphs(
-            self._stage,
-            first_stage=self.state.is_first_stage,
-            hidden_size=self.hidden_size,
-            dtype=self.dtype,
-            device=self.device,
-            block_size=self.block_size,
-            scratch_block=scratch_block,
-            max_blocks=-(-window // self.block_size),
-            capture=self.decode_graphs == "capture",
+            max_blocks=-(-window // self.block_size), **self._graph_options(scratch_block, capture)
         )
 
     def step_meta(self, step: dict) -> tuple[torch.Tensor, BatchMeta]:
@@ -442,20 +441,10 @@ class ModelRunner(OffloadMember):
         return ids
 
     def _chained_tokens(self, chain_from: int) -> torch.Tensor:
-        """The tokens that step `chain_from` sampled (every tp rank gets them from rank 0): at
-        pp=1 the last step sampled here, at pp > 1 those the last stage handed back; ValueError
-        if that step's tokens are not here."""
+        """The tokens that step `chain_from` sampled (every tp rank gets them from rank 0);
+        ValueError if that step's tokens are not here."""
         s = self.state
-        if s.pp_size > 1:
-            tokens, count = self.returns.take(chain_from)
-        else:
-            last = self._sampled
-            if last is None or last[0] != chain_from:
-                got = "none" if last is None else last[0]
-                raise ValueError(
-                    f"step chains step {chain_from}, but the last sampled here is {got}"
-                )
-            _, count, tokens = last
+        tokens, count = self.returns.take(chain_from)
         if tokens is None and s.tp_rank == 0:
             raise ValueError(f"step {chain_from} sampled no tokens here")
         if s.tp_size > 1:
@@ -566,11 +555,10 @@ class ModelRunner(OffloadMember):
         waits for them, so the GPU goes from step to step without a gap."""
         logits = self.execute_logits({**step, "logits_indices": "last"})
         picked = [i for i, flag in enumerate(step["sample"]) if flag]
-        self._sampled = (step["step_id"], len(picked), None)
-        hand_back = "hand_back" in step and bool(picked)  # lookahead at pp > 1
+        chainable = "hand_back" in step and bool(picked)  # a later step may feed its samples
         if "hand_back" in step and self.returns.expects:
             self.returns.forget_before(step["hand_back"])
-            if hand_back:
+            if chainable:
                 self.returns.expect(step["step_id"], len(picked))
         if not self._returns(logits):
             return None
@@ -580,9 +568,8 @@ class ModelRunner(OffloadMember):
             logits = logits[torch.tensor(picked, device=logits.device)]
         token_ids, logprobs = self.sampler.sample(logits, step["params"], step["steps"])
         step_id = step["step_id"]
-        self._sampled = (step_id, len(picked), token_ids)
-        if hand_back and self.returns.sends:
-            self.returns.send(token_ids)
+        if chainable and self.returns.keeps:
+            self.returns.keep(step_id, token_ids)
         if self.device.type != "cuda" or logprobs is not None:  # logprobs synced already
             return {"step_id": step_id, "token_ids": token_ids.tolist(), "logprobs": logprobs}
         host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
@@ -617,7 +604,7 @@ class ModelRunner(OffloadMember):
             "prefill_graph_steps": self.prefill_graphs.steps if self.prefill_graphs else 0,
             "graph_error": self.graph_error,
             "chained_steps": self.chained_steps,
-            "returns_pending": self.returns.pending,  # pp > 1: tokens handed back, not fed yet
+            "returns_pending": self.returns.pending,  # samples chained steps may feed, held
             "all_reduce": self.all_reduce,
             # (one-shot sums, of them fused with a norm) issued; a captured one counts once
             "one_shot_calls": (fast.one_shot_calls, fast.norm_calls) if fast else (0, 0),

@@ -24,9 +24,9 @@ def step_message(plan: StepPlan, requests: Mapping, hand_back: int | None = None
     A plan that chains another (lookahead) adds "chain_from" (that step's id), "chain_tokens"
     (the positions in input_ids of its chained rows' tokens, which travel as 0, a placeholder)
     and "chain_rows" (for each, the row of that step's sampled tokens that goes there).
-    `hand_back` (lookahead at pp > 1: the oldest step id the controller has in flight) adds
-    "hand_back": the last stage sends the step's sampled tokens to the first, which a later step
-    may chain, and the first drops those of steps before that id
+    `hand_back` (lookahead: the oldest step id the controller has in flight) adds "hand_back":
+    the step's sampled tokens are kept for a later step that chains it (at pp > 1 the last stage
+    hands them to the first), and those of steps before that id are dropped
     (energon/parallel/token_return.py)."""
     ids: list[int] = []
     query_lens, context_lens, sample, params, steps = [], [], [], [], []

@@ -19,6 +19,7 @@ from torch import nn
 
 from energon.actors.deferred import Deferred
 from energon.decode_graphs import DecodeGraphs
+from energon.host_copy import to_device
 from energon.models.llama import rope_parameters
 from energon.models.loader import LoadReport, load_weights, random_init
 from energon.models.registry import ModelSpec, context_window, resolve
@@ -435,8 +436,8 @@ class ModelRunner(OffloadMember):
         if dst == src == list(range(len(src))):  # the usual case: the same batch again
             ids[: len(src)] = tokens[: len(src)]
         else:
-            ids[torch.tensor(dst, device=self.device)] = tokens[
-                torch.tensor(src, device=self.device)
+            ids[to_device(dst, torch.int64, self.device)] = tokens[
+                to_device(src, torch.int64, self.device)
             ]
         return ids
 
@@ -565,7 +566,7 @@ class ModelRunner(OffloadMember):
         if not picked:
             return {"step_id": step["step_id"], "token_ids": [], "logprobs": None}
         if len(picked) < logits.shape[0]:
-            logits = logits[torch.tensor(picked, device=logits.device)]
+            logits = logits[to_device(picked, torch.int64, logits.device)]
         token_ids, logprobs = self.sampler.sample(logits, step["params"], step["steps"])
         step_id = step["step_id"]
         if chainable and self.returns.keeps:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from energon.host_copy import to_device
 from energon.sampling import GREEDY_BELOW
 
 _GOLDEN = 0x9E3779B97F4A7C15  # odd: 2**64 / golden ratio
@@ -34,14 +35,6 @@ def _splitmix64(x: int) -> int:
 def mix_seed(seed: int, step: int) -> int:
     """The generator seed for a request's draw at generation step `step`, in [0, 2**63)."""
     return _splitmix64((seed + _GOLDEN * step) & _MASK64) >> 1
-
-
-def _host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small per-row tensor on `device`, copied without blocking the host on CUDA."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
@@ -113,7 +106,7 @@ class Sampler:
                 token_ids = drawn
             else:
                 token_ids = logits.argmax(dim=-1)
-                token_ids.index_copy_(0, _host_tensor(rows, torch.int64, device), drawn)
+                token_ids.index_copy_(0, to_device(rows, torch.int64, device), drawn)
         return token_ids, self._logprobs(logits, token_ids, params)
 
     def _draw(self, logits, params, steps, rows) -> torch.Tensor:
@@ -122,8 +115,8 @@ class Sampler:
         if len(rows) == logits.shape[0]:
             x = logits.clone()
         else:
-            x = logits.index_select(0, _host_tensor(rows, torch.int64, device))
-        temperature = _host_tensor([float(p["temperature"]) for p in params], torch.float32, device)
+            x = logits.index_select(0, to_device(rows, torch.int64, device))
+        temperature = to_device([float(p["temperature"]) for p in params], torch.float32, device)
         x.div_(temperature.unsqueeze(-1))
 
         top_k = [int(p["top_k"]) for p in params]
@@ -131,8 +124,8 @@ class Sampler:
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
             apply_top_k_top_p(
                 x,
-                _host_tensor(top_k, torch.int64, device),
-                _host_tensor(top_p, torch.float32, device),
+                to_device(top_k, torch.int64, device),
+                to_device(top_p, torch.float32, device),
             )
 
         noise = torch.empty_like(x)
@@ -142,7 +135,7 @@ class Sampler:
         elif unseeded:
             shared = torch.empty((len(unseeded), x.shape[1]), device=device)
             shared.exponential_(generator=self.generator)
-            noise[_host_tensor(unseeded, torch.int64, device)] = shared
+            noise[to_device(unseeded, torch.int64, device)] = shared
         for j, p in enumerate(params):
             if p["seed"] is not None:
                 self._seeded.manual_seed(mix_seed(int(p["seed"]), int(steps[j])))
@@ -156,7 +149,7 @@ class Sampler:
         rows = [i for i, k in enumerate(wanted) if k > 0]
         if not rows:
             return None
-        index = _host_tensor(rows, torch.int64, logits.device)
+        index = to_device(rows, torch.int64, logits.device)
         logprobs = torch.log_softmax(logits.index_select(0, index).double(), dim=-1)
         chosen_ids = token_ids.index_select(0, index)
         chosen = logprobs.gather(-1, chosen_ids.unsqueeze(-1)).squeeze(-1)

@@ -153,6 +153,8 @@ class TimedStagedRunner(StagedRunner):
         self._marks: list[tuple[dict, int, int, int]] = []
         self._log: list[tuple[float, float, int, int, int]] = []
         self._trace: list[tuple[float, float, float]] = []
+        # per step: when the host entered sample_step and when it had queued the step
+        self._host: list[tuple[float, float]] = []
         self._io: dict = {}
         # profile the next decode step of this batch, or (True) the next prefill of one prompt
         self._profile_next: int | None = None
@@ -169,9 +171,11 @@ class TimedStagedRunner(StagedRunner):
             self._profile_next = None
             return self._profiled_step(step)
         self.clock = self.clock or DeviceClock(self.device)
+        host_in = time.perf_counter()
         self.on_io, self._io = self._mark_io, {"start": self.clock.mark()}
         out = super().sample_step(step)
         self._io["end"] = self.clock.mark()
+        self._host.append((host_in, time.perf_counter()))
         self._marks.append((self._io, seqs, tokens, context))
         return out
 
@@ -201,6 +205,12 @@ class TimedStagedRunner(StagedRunner):
         since the last call."""
         self._resolve()
         trace, self._trace = self._trace, []
+        return trace
+
+    def host_trace(self) -> list[tuple[float, float]]:
+        """(entered, queued) perf_counter seconds of the host's part of each step since the last
+        call: with `step_trace`, whether the device waited for its host."""
+        trace, self._host = self._host, []
         return trace
 
     def step_log(self) -> list[tuple[float, float, int, int, int]]:

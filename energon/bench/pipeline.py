@@ -147,19 +147,22 @@ async def measure_pipeline(
         facts = await group.broadcast("bench_facts") if engine.timed else None
         if engine.timed:
             await group.broadcast("step_trace")  # drop the warm-up's steps
+            await group.broadcast("host_trace")
             engine.controller_trace()
         params = SamplingParams(max_tokens=args.gen_len, **greedy)
-        runs, traces = [], None
+        runs, traces, hosts = [], None, None
         for _ in range(args.repeat):
             t = time.perf_counter()
             dones = await asyncio.gather(*(engine.infer(p, params) for p in prompts))
             wall = time.perf_counter() - t
             runs.append({"wall_s": wall, "tokens": sum(len(d.token_ids) for d in dones)})
             traces = await group.broadcast("step_trace") if engine.timed else None
+            hosts = await group.broadcast("host_trace") if engine.timed else None
             controller = engine.controller_trace()
-    stages = None
+    stages = stage_hosts = None
     if traces is not None:  # the last run's trace of each stage's tp rank 0
         stages = [traces[i] for i, info in enumerate(infos) if info["tp_rank"] == 0]
+        stage_hosts = [hosts[i] for i, info in enumerate(infos) if info["tp_rank"] == 0]
     return {
         "tp": tp,
         "pp": pp,
@@ -172,6 +175,7 @@ async def measure_pipeline(
         "memory": memory,
         "facts": facts,
         "stage_traces": stages,
+        "host_traces": stage_hosts,  # (entered, queued) of each step on each stage's host
         "overlap": overlap_fraction(stages) if stages else None,
         "turnaround": turnaround(stages, controller) if stages else None,
     }

@@ -89,15 +89,29 @@ def gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def cuda_layouts():
+    """(family, tp, pp) on GPUs, each skipped where fewer cards than tp * pp are visible."""
+    for family, tp, pp in [
+        ("opt", 1, 1),
+        ("llama", 2, 1),
+        ("mistral", 1, 2),
+        ("opt", 2, 1),
+        ("llama", 2, 2),
+    ]:
+        need = pytest.mark.skipif(gpus() < tp * pp, reason=f"needs {tp * pp} CUDA devices")
+        yield pytest.param(family, tp, pp, marks=need, id=f"{family}-tp{tp}pp{pp}")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA devices")
-@pytest.mark.parametrize("family,tp,pp", [("llama", 2, 1), ("mistral", 1, 2), ("opt", 2, 1)])
+@pytest.mark.parametrize("family,tp,pp", list(cuda_layouts()))
 @pytest.mark.parametrize("decode_graphs", ["auto", "off"])
 async def test_cuda_engine_with_and_without_decode_graphs_equals_transformers(
     references, family, tp, pp, decode_graphs
 ):
     """On GPUs "auto" captures decode graphs (NCCL all-reduces inside them at tp=2; the stage
-    send/receive outside them at pp=2); float32 keeps the comparison with HF exact enough."""
+    send/receive outside them at pp=2; at tp=2 x pp=2 the last stage hands the sampled tokens
+    back to the first stage's tp rank 0, which broadcasts them over its tp group); float32 keeps
+    the comparison with HF exact enough."""
     folder, refs = references[family]
     engine = Engine(
         str(folder), tp=tp, pp=pp, device="cuda", dtype="float32", decode_graphs=decode_graphs

@@ -211,7 +211,6 @@ class ModelRunner(OffloadMember):
         self.kv_cache_bytes = 0
         # Every tp rank of the last stage holds the same logits; rank 0 samples and replies.
         self.sampler = Sampler(self.device, seed)
-        # (step_id, rows sampled, their token ids on tp rank 0 / None) of the last sample_step:
         self.chained_steps = 0  # steps that fed sampled tokens on the device
         # what chained steps feed: the samples of steps in flight (lookahead; at pp > 1 handed
         # from the last stage to the first, energon/parallel/token_return.py)
@@ -244,7 +243,7 @@ class ModelRunner(OffloadMember):
     # -- steps -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _run(self, input_ids: torch.Tensor, meta: BatchMeta) -> torch.Tensor | None:
+    def _run(self, input_ids: torch.Tensor | None, meta: BatchMeta) -> torch.Tensor | None:
         """This stage's share of one step; the last stage returns logits on every tp rank."""
         s = self.state
         if s.is_first_stage:
@@ -400,8 +399,10 @@ class ModelRunner(OffloadMember):
             max_blocks=-(-window // self.block_size), **self._graph_options(scratch_block, capture)
         )
 
-    def step_meta(self, step: dict) -> tuple[torch.Tensor, BatchMeta]:
-        """(input_ids on device, BatchMeta) of a step dict; raises ValueError when malformed."""
+    def step_meta(self, step: dict) -> tuple[torch.Tensor | None, BatchMeta]:
+        """(input_ids on device, BatchMeta) of a step dict; raises ValueError when malformed.
+        Later stages take activations, not ids: None there (the ids are only counted, so that
+        a malformed step fails on every stage alike)."""
         if self.block_size is None:
             raise ValueError("call init_kv_cache(num_blocks, block_size) before execute")
         meta = BatchMeta.for_step(
@@ -412,14 +413,18 @@ class ModelRunner(OffloadMember):
             step.get("logits_indices", "last"),
             self.device,
         )
+        if not self.state.is_first_stage:
+            _check_ids(step, meta.num_tokens)
+            return None, meta
         return self._step_ids(step, meta.num_tokens), meta
 
     def _step_ids(self, step: dict, num_tokens: int) -> torch.Tensor:
-        """The step's input ids on the device. A chained step's rows (lookahead) get the tokens
-        the previous sample_step sampled, on the device: the controller does not know them yet."""
+        """The first stage's input ids on the device. A chained step's rows (lookahead) get the
+        tokens the step it chains sampled, on the device: the controller does not know them
+        yet."""
         ids = _input_ids(step, num_tokens).to(self.device, non_blocking=True)
-        if "chain_from" not in step or not self.state.is_first_stage:
-            return ids  # later stages take activations, not ids
+        if "chain_from" not in step:
+            return ids
         tokens = self._chained_tokens(step["chain_from"])
         self.chained_steps += 1
         dst, src = list(step["chain_tokens"]), list(step["chain_rows"])
@@ -633,10 +638,15 @@ class ModelRunner(OffloadMember):
 
 def _input_ids(step: dict, num_tokens: int) -> torch.Tensor:
     """The step's token ids as an int64 tensor (host); ValueError unless there are num_tokens."""
-    ids = torch.as_tensor(step["input_ids"], dtype=torch.int64)
-    if ids.shape[0] != num_tokens:
-        raise ValueError(f"input_ids has {ids.shape[0]} tokens but query_lens sum to {num_tokens}")
-    return ids
+    _check_ids(step, num_tokens)
+    return torch.as_tensor(step["input_ids"], dtype=torch.int64)
+
+
+def _check_ids(step: dict, num_tokens: int) -> None:
+    if len(step["input_ids"]) != num_tokens:
+        raise ValueError(
+            f"input_ids has {len(step['input_ids'])} tokens but query_lens sum to {num_tokens}"
+        )
 
 
 def hidden_size_of(config: dict) -> int:

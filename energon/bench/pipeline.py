@@ -299,7 +299,7 @@ def build_records(
 
 
 def _on(run: dict) -> str:
-    return "on" if run.get("lookahead", True) else "off"
+    return "on" if run["lookahead"] else "off"
 
 
 def _pct(x: float | None) -> str:

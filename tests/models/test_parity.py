@@ -86,6 +86,20 @@ def test_prefill_then_decode_through_kv_cache_equals_full_forward(runner_set, ch
         torch.testing.assert_close(got, seq_logits[p - 1 : p - 1 + len(rows)], rtol=0, atol=1e-4)
 
 
+def test_a_step_whose_ids_do_not_match_its_lengths_fails_on_every_rank(runner_set):
+    """Later stages take activations, not ids, but still count them: a malformed step is
+    refused on every rank before any stage waits for another, so the next step runs."""
+    tp, pp, group = runner_set
+    seqs = [[1, 5, 9, 3], [3, 12, 13]]
+    steps, num_blocks, block_size = decode_steps(seqs, [3, 2])
+    group.broadcast("call", "llama", "init_kv_cache", num_blocks, block_size)
+    bad = {**steps[0], "input_ids": torch.cat([steps[0]["input_ids"], torch.tensor([7])])}
+    with pytest.raises(Exception, match="query_lens sum to"):
+        group.broadcast("call", "llama", "execute", bad)
+    rows = only_last_rank(group.broadcast("call", "llama", "execute", steps[0]), tp, pp)
+    assert rows.shape[0] == len(seqs)
+
+
 @pytest.fixture(scope="module")
 def model_runner_group(checkpoints):
     """ModelRunner itself as the actor (no RunnerSet in between), qwen2 at tp=2, pp=2."""

@@ -109,12 +109,14 @@ async def test_generation_stops_at_the_checkpoint_eos_unless_ignore_eos(pp_engin
     assert (ignored.finish_reason, len(ignored.token_ids)) == ("length", n)
 
 
-async def submit_greedy(engine: Engine, prompts) -> list[asyncio.Future]:
-    """Greedy requests submitted together; returns once their first steps are sent."""
-    tasks = [
-        asyncio.ensure_future(engine.infer(p, SamplingParams(max_tokens=n, **GREEDY)))
-        for p, n in prompts
-    ]
+def greedy(prompts, more: int = 0) -> list[tuple[list[int], SamplingParams]]:
+    """(prompt, greedy params for n + `more` tokens) of each (prompt, n)."""
+    return [(p, SamplingParams(max_tokens=n + more, **GREEDY)) for p, n in prompts]
+
+
+async def submit(engine: Engine, requests) -> list[asyncio.Future]:
+    """(prompt, params) requests submitted together; returns once their first steps are sent."""
+    tasks = [asyncio.ensure_future(engine.infer(p, params)) for p, params in requests]
     await asyncio.sleep(0)  # they submit; the loop's next turn sends their steps together
     await asyncio.sleep(0)
     return tasks
@@ -130,13 +132,7 @@ async def test_pipeline_chains_each_micro_batch_behind_its_step_in_flight(pp_eng
     before = (await stage_infos(pp_engine))[0]["chained_steps"]
     sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
     sampled_prompt = [3, 1, 4, 1, 5, 9]
-    tasks = [
-        asyncio.ensure_future(pp_engine.infer(p, SamplingParams(max_tokens=n + 2, **GREEDY)))
-        for p, n in PROMPTS[:3]
-    ]
-    tasks.append(asyncio.ensure_future(pp_engine.infer(sampled_prompt, sampled)))
-    await asyncio.sleep(0)  # the four submit; the loop's next turn sends their steps together
-    await asyncio.sleep(0)
+    tasks = await submit(pp_engine, [*greedy(PROMPTS[:3], more=2), (sampled_prompt, sampled)])
     # two micro-batches of 2, then each one's next step, chained to it, before any returned
     plans = pp_engine.scheduler.in_flight
     assert [len(p.seqs) for p in plans] == [2, 2, 2, 2]
@@ -157,7 +153,7 @@ async def test_pipeline_without_lookahead_keeps_one_micro_batch_more_than_stages
     refs = model[3]
     async with Engine(str(model[0]), pp=2, device="cpu", lookahead=False) as engine:
         assert engine.max_steps_in_flight == 3  # pp + 1: one waits while a reply travels back
-        tasks = await submit_greedy(engine, PROMPTS[:4])
+        tasks = await submit(engine, greedy(PROMPTS[:4]))
         # 2, 1 and 1 of them: every micro-batch in flight before step 1 returned
         assert engine.stats()["steps_in_flight"] == 3
         assert sorted(len(p.seqs) for p in engine.scheduler.in_flight) == [1, 1, 2]
@@ -294,7 +290,7 @@ async def test_lookahead_keeps_two_steps_in_flight_and_equals_solo_results(looka
 async def test_without_lookahead_one_step_is_in_flight_and_none_is_chained(model):
     refs = model[3]
     async with Engine(str(model[0]), device="cpu", lookahead=False) as engine:
-        tasks = await submit_greedy(engine, PROMPTS[:4])
+        tasks = await submit(engine, greedy(PROMPTS[:4]))
         assert engine.stats()["steps_in_flight"] == 1
         for task, ref in zip(tasks, refs[:4], strict=True):
             assert_greedy_equal((await task).token_ids, ref)

@@ -211,6 +211,7 @@ class Engine:
         self._started = False
         self._closed = False
         self._kick_soon = False  # a _kick is already scheduled for the loop's next turn
+        self._returns_dropped = 0  # steps before this one: hand-backs dropped (_drop_returns)
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -356,6 +357,7 @@ class Engine:
 
     def _new_scheduler(self, num_blocks: int) -> Scheduler:
         limit = self.max_model_len or context_window(self.config)
+        self._returns_dropped = 0  # its step ids start from 0 (and so do the new workers')
         return Scheduler(
             num_blocks,
             self.block_size,
@@ -659,6 +661,24 @@ class Engine:
         finally:
             self._steps.discard(asyncio.current_task())
         self._kick()
+        self._drop_returns()
+
+    def _drop_returns(self) -> None:
+        """With the hand-back (pp > 1, lookahead) the first stage posts a step's token receive
+        only when a later step chains it (energon/parallel/token_return.py). Once nothing is in
+        flight no step sent so far will be chained, so the workers drop those tokens, posting the
+        receives no step asked for: else their sends on the last stage would wait until the
+        process group's timeout kills it."""
+        if not self.lookahead or self.pp == 1 or self._steps or self.group is None:
+            return
+        issued = self.scheduler.next_step_id
+        if issued <= self._returns_dropped or self.recovery.restarting or self._closed:
+            return
+        self._returns_dropped = issued
+        try:
+            self.group.broadcast("drop_returns", issued).add_done_callback(_retrieve)
+        except Exception as exc:  # the group is failing: its steps report that
+            log.debug("energon: could not send drop_returns: %r", exc)
 
     async def _name_dead_peer(self, exc: BaseException, group: ActorGroup) -> BaseException:
         """A rank whose peer died fails its collective (gloo: "connection reset") and may

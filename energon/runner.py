@@ -618,20 +618,34 @@ class ModelRunner(OffloadMember):
         }
 
     def memory(self) -> dict:
-        """Bytes held: parameters, KV cache, and (on cuda) the allocator's allocated/reserved."""
+        """Bytes held: parameters, KV cache, and (on cuda) the allocator's allocated/reserved,
+        with its counts so far of cudaMalloc and cudaFree calls and of retries (a request that
+        found no cached block freed the cache and tried again: cudaFree waits for the device)."""
         params = {id(p): p.numel() * p.element_size() for p in self.model.parameters()}
         out = {"param_bytes": sum(params.values()), "kv_cache_bytes": self.kv_cache_bytes}
         if self.device.type == "cuda":
-            out["allocated_bytes"] = torch.cuda.memory_allocated(self.device)
-            out["reserved_bytes"] = torch.cuda.memory_reserved(self.device)
+            stats = torch.cuda.memory_stats(self.device)
+            out["allocated_bytes"] = stats.get("allocated_bytes.all.current", 0)
+            out["reserved_bytes"] = stats.get("reserved_bytes.all.current", 0)
+            for name in ("num_device_alloc", "num_device_free", "num_alloc_retries"):
+                out[name] = stats.get(name, 0)
             free, total = torch.cuda.mem_get_info(self.device)
             out["free_bytes"], out["total_bytes"] = free, total
         return out
+
+    def drop_returns(self, before: int) -> None:
+        """The controller will chain no step before `before` (it went idle): the first stage
+        drops those steps' handed-back tokens, posting the receives still unposted
+        (energon/parallel/token_return.py); a no-op elsewhere."""
+        if self.returns.expects:
+            self.returns.forget_before(before)
 
     def close(self) -> None:
         """Leave the process group (call on every rank)."""
         import torch.distributed as dist
 
+        if self.returns.expects:
+            self.returns.drain()
         if dist.is_initialized():
             dist.destroy_process_group()
 

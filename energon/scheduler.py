@@ -476,6 +476,11 @@ class Scheduler:
         return next(iter(self._in_flight), None)
 
     @property
+    def next_step_id(self) -> int:
+        """The step_id the next plan gets: every plan so far has a smaller one."""
+        return self._next_step
+
+    @property
     def in_flight(self) -> list[StepPlan]:
         """Plans returned by schedule() and not completed yet, oldest first."""
         return list(self._in_flight.values())

@@ -155,7 +155,9 @@ async def measure_pipeline(
             t = time.perf_counter()
             dones = await asyncio.gather(*(engine.infer(p, params) for p in prompts))
             wall = time.perf_counter() - t
-            runs.append({"wall_s": wall, "tokens": sum(len(d.token_ids) for d in dones)})
+            run = {"wall_s": wall, "tokens": sum(len(d.token_ids) for d in dones)}
+            run["memory"] = await group.broadcast("memory")  # the allocator's counts so far
+            runs.append(run)
             traces = await group.broadcast("step_trace") if engine.timed else None
             hosts = await group.broadcast("host_trace") if engine.timed else None
             controller = engine.controller_trace()

@@ -1,0 +1,76 @@
+"""The hand-back of sampled tokens from the last pipeline stage to the first (gloo, 2 ranks):
+receives are posted only when tokens are taken or dropped, in the order the steps were sent."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import torch
+
+from energon.parallel.token_return import TokenReturn
+from tests.parallel.gloo_group import run_in_gloo_group
+
+
+def _tokens(step_id: int) -> torch.Tensor:
+    return torch.tensor([100 * step_id, 100 * step_id + 1, 100 * step_id + 2])
+
+
+def _sends_complete(returns: TokenReturn, within: float) -> bool:
+    """Whether every transfer of this rank completed, waiting up to `within` s (a gloo send
+    only says so once waited for)."""
+    try:
+        for work, _ in returns._in_transit:
+            work.wait(timedelta(seconds=within))
+    except RuntimeError:  # gloo: timed out
+        return False
+    return True
+
+
+def _hand_back(state, steps: int, taken: list[int], dropped_before: int | None, drain: bool):
+    """The last stage keeps `steps` steps' samples; the first expects them all, takes `taken`,
+    then drops the steps before `dropped_before` and drains if told. Returns, on the first
+    stage, what each take got and what is still pending; on the last, whether its sends
+    completed."""
+    returns = TokenReturn(state, torch.device("cpu"))
+    if state.is_last_stage:
+        for step in range(steps):
+            returns.keep(step, _tokens(step))
+        return _sends_complete(returns, within=3.0)
+    for step in range(steps):
+        returns.expect(step, 3)
+    got = {}
+    for step in taken:
+        tokens, count = returns.take(step)
+        got[step] = (tokens.tolist(), count)
+    if dropped_before is not None:
+        returns.forget_before(dropped_before)
+    if drain:
+        returns.drain()
+    pending = returns.pending
+    _sends_complete(returns, within=3.0)  # keep the receives alive until they land
+    return got, pending
+
+
+def test_taken_tokens_are_the_steps_own_whatever_was_taken_before():
+    first, last = run_in_gloo_group(_hand_back, 1, 2, 6, [3, 5], 5, False)
+    got, pending = first
+    assert got == {3: (_tokens(3).tolist(), 3), 5: (_tokens(5).tolist(), 3)}
+    assert pending == 0  # 0-2 were posted for 3's take, 4 for the drop
+    assert last is True
+
+
+@pytest.mark.parametrize("drop", ["forget_before", "drain"])
+def test_tokens_no_step_takes_are_received_once_dropped(drop):
+    first, last = run_in_gloo_group(
+        _hand_back, 1, 2, 4, [1], 4 if drop == "forget_before" else None, drop == "drain"
+    )
+    assert first[0] == {1: (_tokens(1).tolist(), 3)}
+    assert last is True  # every send met its receive: none waits for the group's timeout
+
+
+def test_tokens_neither_taken_nor_dropped_leave_their_sends_waiting():
+    # what the Engine's drop_returns when it goes idle is for
+    first, last = run_in_gloo_group(_hand_back, 1, 2, 4, [1], None, False)
+    assert first[1] == 3  # 0 (posted for 1's take), 2 and 3 (never posted)
+    assert last is False

@@ -80,7 +80,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokens per step (default: the Engine's own, 8192; the bench used 16384 before "
         "2026-11-27, which took pp=4 from 3.23x to 2.91x pp=1 on 4x H200)",
     )
-    parser.add_argument("--repeat", type=int, default=1, help="timed runs per Engine (median)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per Engine (median)")
+    parser.add_argument(
+        "--warmup",
+        default="full",
+        choices=["full", "short"],
+        help="full: one untimed run of the whole workload first (a first run meets kernel "
+        "variants, Triton compiles or loads them, at step shapes a short warm-up does not "
+        "reach); short: every prompt for 2 tokens only (the bench before 2026-11-28)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="weights and prompt token ids")
     parser.add_argument(
         "--blocking", default="on", choices=["on", "off"], help="also the largest pp, blocking"
@@ -118,8 +126,8 @@ def parse_layouts(args) -> list[tuple[int, int]]:
 async def measure_pipeline(
     args, tp: int, pp: int, in_flight: int | None, device, dtype, prompts, kv, lookahead=True
 ) -> dict:
-    """One Engine: a short warm-up, then `repeat` timed runs of every prompt at once (None
-    steps in flight: the Engine's default)."""
+    """One Engine: a warm-up (`--warmup`), then `repeat` timed runs of every prompt at once
+    (None steps in flight: the Engine's default)."""
     greedy = dict(temperature=0.0, ignore_eos=True)
     engine = TimedEngine(
         args.model,
@@ -142,6 +150,9 @@ async def measure_pipeline(
         group = engine.group
         short = SamplingParams(max_tokens=2, **greedy)
         await asyncio.gather(*(engine.infer(p, short) for p in prompts))  # warm-up
+        params = SamplingParams(max_tokens=args.gen_len, **greedy)
+        if args.warmup == "full":
+            await asyncio.gather(*(engine.infer(p, params) for p in prompts))
         infos = await group.broadcast("info")
         memory = await group.broadcast("memory")
         facts = await group.broadcast("bench_facts") if engine.timed else None
@@ -149,7 +160,6 @@ async def measure_pipeline(
             await group.broadcast("step_trace")  # drop the warm-up's steps
             await group.broadcast("host_trace")
             engine.controller_trace()
-        params = SamplingParams(max_tokens=args.gen_len, **greedy)
         runs, traces, hosts = [], None, None
         for _ in range(args.repeat):
             t = time.perf_counter()
@@ -258,7 +268,8 @@ def build_records(
                 f"{args.gen_len} new tokens greedy, ignore_eos), {run['in_flight']} steps in "
                 f"flight, lookahead {_on(run)}, {run['max_batch_tokens']} tokens per step; "
                 "output tokens / wall time, "
-                f"median of {len(run['runs'])} ({rates} tokens/s); stages working at once "
+                f"median of {len(run['runs'])} ({rates} tokens/s) after a {args.warmup} "
+                f"warm-up; stages working at once "
                 f"{_pct(run['overlap'])} of the run; engine start {run['start_s']:.1f} s",
             )
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 from bench_helpers import parse, run_scenario
@@ -107,7 +108,12 @@ def test_each_pp_is_measured_against_pp1_and_blocking(run):
         assert r["scenario"] == "pipeline" and r["batch"] == 4 and r["n_gpus"] == 0
         assert 0 < r["of_limit"] and r["limit_value"] > 0 and r["notes"]
     for run_ in raw["runs"]:
-        assert run_["runs"][0]["tokens"] == 4 * 4  # every request ran to its length
+        # three timed runs after an untimed one, each request run to its length
+        assert [r["tokens"] for r in run_["runs"]] == [4 * 4] * 3
+        assert run_["rate"] == statistics.median(r["tokens"] / r["wall_s"] for r in run_["runs"])
+        assert all(len(r["memory"]) == run_["pp"] for r in run_["runs"])  # each worker's counts
+    assert "median of 3" in by["throughput", 2]["notes"]
+    assert "after a full warm-up" in by["throughput", 2]["notes"]
 
 
 def test_the_trace_has_every_stage_and_steps_of_one_in_flight_never_overlap(run):

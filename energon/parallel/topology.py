@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -103,20 +104,40 @@ class ParallelState:
         return None if self.is_last_stage else self.topology.rank_of(self.stage + 1, self.tp_rank)
 
 
+TIMEOUT_ENV = "ENERGON_COLLECTIVE_TIMEOUT_S"
+
+
+def collective_timeout_s() -> float:
+    """Seconds a collective or a point-to-point transfer may wait before the process group
+    gives up on it (on NCCL the watchdog then ends the worker): $ENERGON_COLLECTIVE_TIMEOUT_S,
+    default 300. Raises ValueError naming the variable unless it is a number > 0."""
+    raw = os.environ.get(TIMEOUT_ENV, "300")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0 (got {raw!r})")
+    return value
+
+
 def init_parallel(
     topology: Topology,
     rank: int,
     init_method: str | None = None,
     device: torch.device | str = "cpu",
-    timeout_s: float = 300.0,
+    timeout_s: float | None = None,
 ) -> ParallelState:
     """Join the process group (nccl on cuda, gloo on cpu) and create one tp group per stage.
 
-    Returns this rank's ParallelState. A world of one needs no process group and no init_method.
-    Raises ValueError when the rank is outside the topology or init_method is missing.
+    `timeout_s` (None: `collective_timeout_s()`) bounds how long a collective or transfer may
+    wait. Returns this rank's ParallelState. A world of one needs no process group and no
+    init_method. Raises ValueError when the rank is outside the topology or init_method is
+    missing.
     """
     import datetime
 
+    timeout_s = collective_timeout_s() if timeout_s is None else timeout_s
     device = torch.device(device)
     if not 0 <= rank < topology.world_size:
         raise ValueError(f"rank must be in [0, {topology.world_size}) (got {rank})")

@@ -26,6 +26,7 @@ from engine_helpers import (
 )
 
 from energon import Engine, SamplingParams
+from energon.parallel.topology import TIMEOUT_ENV
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -184,3 +185,28 @@ async def test_cuda_float16_dependent_launches_change_nothing(references, family
 
     runs = await switched_runs(monkeypatch, PDL_SWITCH, references[family][0])
     assert runs["1"][0] == runs["0"][0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA devices")
+async def test_cuda_pipeline_engine_idles_past_the_collective_timeout(references, monkeypatch):
+    """At pp=2 the last stage sends each step's sampled tokens to the first stage, which posts
+    the receive only when a later step takes them. An idle Engine has the first stage receive
+    the ones no step took; a send left waiting past the timeout would have NCCL's watchdog end
+    the last stage's worker."""
+    monkeypatch.setenv(TIMEOUT_ENV, "8")  # the workers inherit it
+    folder, refs = references["opt"]
+    greedy = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in NEW_TOKENS]
+    async with Engine(str(folder), pp=2, device="cuda", dtype="float32") as engine:
+        for _ in range(2):
+            done = await asyncio.gather(
+                *(engine.infer(p, g) for p, g in zip(PROMPTS, greedy, strict=True))
+            )
+            compared = [
+                assert_greedy_equal(c.token_ids, r) for c, r in zip(done, refs, strict=True)
+            ]
+            assert sum(compared) >= 0.8 * sum(NEW_TOKENS)
+            await asyncio.sleep(20)  # idle for longer than the timeout
+        infos = await engine.group.broadcast("info")
+        assert engine.recovery.restarts == 0
+    assert infos[0]["chained_steps"] > 0 and infos[0]["returns_pending"] == 0

@@ -77,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-batch-tokens",
         type=int,
         default=None,
-        help="tokens per step (default: the Engine's own, 8192; the bench used 16384 before "
-        "2026-11-27, which took pp=4 from 3.23x to 2.91x pp=1 on 4x H200)",
+        help="tokens per step (default: the Engine's own: 8192 at pp=1, 4096 at pp > 1 since "
+        "2026-11-28; the bench used 16384 before 2026-11-27)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per Engine (median)")
     parser.add_argument(

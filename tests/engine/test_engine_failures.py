@@ -96,6 +96,8 @@ async def test_unknown_model_fails_start_before_any_process_starts():
         ("dtype", {"dtype": "int8"}),
         ("kv_cache_memory", {"kv_cache_memory": "lots"}),
         ("max_num_seqs", {"max_num_seqs": 0}),
+        ("max_batch_tokens", {"max_batch_tokens": 0}),
+        ("max_batch_tokens", {"max_batch_tokens": 4096.0}),
         ("launcher", {"launcher": "slurm"}),
         ("decode_graphs", {"decode_graphs": "always"}),
         ("max_restarts", {"max_restarts": -1}),
@@ -109,6 +111,12 @@ def test_bad_engine_arguments_raise_invalid_request_naming_the_field(field, kwar
     with pytest.raises(InvalidRequest) as info:
         Engine("tiny", **kwargs)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize("pp,want", [(1, 8192), (2, 4096), (4, 4096)])
+def test_a_step_takes_fewer_tokens_by_default_with_pipeline_stages(pp, want):
+    assert Engine("tiny", pp=pp).max_batch_tokens == want
+    assert Engine("tiny", pp=pp, max_batch_tokens=1000).max_batch_tokens == 1000
 
 
 # ---------------------------------------------------------------------------- failures

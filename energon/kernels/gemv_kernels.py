@@ -57,7 +57,6 @@ def _gemv_kernel(
     stride_wn,
     stride_ym,
     prefetch,  # with PDL: weight tiles fetched into L2 before the wait (0: none)
-    span,  # output features per program (<= BLOCK_N, a power of two at least as large)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -66,10 +65,9 @@ def _gemv_kernel(
     PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    j = tl.arange(0, BLOCK_N)
-    n = pid * span + j
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
-    n_ok = (j < span) & (n < N)
+    n_ok = n < N
     m_ok = m < M
     if PDL:
         lines = tl.arange(0, BLOCK_K // LINE) * LINE
@@ -92,35 +90,6 @@ def _gemv_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def plan(n: int, sms: int) -> tuple[int, int, int, int]:
-    """(span, block_n, block_k, num_stages) for `n` output features on a GPU of `sms` SMs.
-
-    A batch-1 GEMV is a stream of the weights, so every SM should stream an equal share to the
-    end: about one program per SM, each computing `span` features (a multiple of 8), in as few
-    waves as keep `span` <= 128. Tiles of 64 features (`n / 64` programs) left the last wave
-    part-empty: opt-13b's fc1 at tp=2 (10,240 features) ran 160 programs on 132 SMs, 28 of them
-    alone at the end, and streamed at 0.80 of the copy bandwidth where fc2 (the same bytes, 80
-    programs) reached 0.89 (docs/benchmarks.md, "Decode GEMV")."""
-    waves = 1
-    while True:
-        span = -(-n // (waves * sms))
-        span = -(-span // 8) * 8
-        if span <= 128:
-            break
-        waves += 1
-    block_n = max(16, triton.next_power_of_2(span))
-    block_k, stages = (128, 4) if block_n >= 128 else (256, 5)
-    return span, block_n, block_k, stages
-
-
-def _sm_count(device) -> int:
-    import torch
-
-    if device.type != "cuda":
-        return 132  # the interpreter: an H100's count
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def gemv(
     x,
     weight,
@@ -132,12 +101,10 @@ def gemv(
     num_stages=None,
     pdl=False,
     prefetch_tiles=PREFETCH_TILES,
-    span=None,
 ):
     """x [M, K] (M <= MAX_ROWS, rows dense) @ weight[N, K].T (+ bias [N]) (ReLU) -> [M, N] in
     x's dtype. `pdl`: a programmatic dependent launch (module docstring; CUDA sm_90+ only),
-    fetching `prefetch_tiles` weight tiles into L2 before it waits. `span`: output features a
-    program computes (default `block_n`; `block_n` defaults to its next power of two then)."""
+    fetching `prefetch_tiles` weight tiles into L2 before it waits."""
     import torch
 
     M, K = x.shape
@@ -147,16 +114,12 @@ def gemv(
     if prefetch_tiles < 0:
         raise ValueError(f"prefetch_tiles must be >= 0 (got {prefetch_tiles})")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if span is not None and not 0 < span <= (block_n or span):
-        raise ValueError(f"span must be in [1, block_n] (got {span}, block_n {block_n})")
-    if block_n is None and span is None:
-        span, block_n, tile_k, stages = plan(N, _sm_count(x.device))
-        block_k, num_stages = block_k or tile_k, num_stages or stages
-    block_n = block_n or max(16, triton.next_power_of_2(span))
-    span = span or block_n
-    block_k = block_k or (256 if block_n < 128 else 128)
-    num_stages = num_stages or (5 if block_n < 128 else 4)
-    _gemv_kernel[(triton.cdiv(N, span),)](
+    # From the H200 sweep (docs/benchmarks.md, "Decode GEMV"): wide tiles while they still
+    # make ~80 programs; deeper pipelines of longer K tiles for the narrower outputs.
+    block_n = block_n or next((b for b in (64, 32) if triton.cdiv(N, b) >= 80), 16)
+    block_k = block_k or (256 if N <= 8192 else 128)
+    num_stages = num_stages or (5 if N <= 8192 else 3)
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
         x,
         weight,
         bias if bias is not None else weight,
@@ -168,7 +131,6 @@ def gemv(
         weight.stride(0),
         y.stride(0),
         prefetch_tiles if pdl else 0,
-        span,
         BLOCK_M=MAX_ROWS,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

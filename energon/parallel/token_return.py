@@ -59,10 +59,10 @@ class TokenReturn:
         if self.local:
             self._pending[step_id] = (None, tokens, tokens.shape[0])
             return
-        self._retire()
         tokens = tokens.to(torch.int64).contiguous()
         dst = self.state.topology.rank_of(0, 0)
         self._in_transit.append((dist.isend(tokens, dst, group=self.state.return_group), tokens))
+        self._retire()
 
     def expect(self, step_id: int, count: int) -> None:
         """Step `step_id`, which samples `count` rows, has been issued here: its tokens will come

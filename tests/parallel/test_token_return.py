@@ -74,3 +74,24 @@ def test_tokens_neither_taken_nor_dropped_leave_their_sends_waiting():
     first, last = run_in_gloo_group(_hand_back, 1, 2, 4, [1], None, False)
     assert first[1] == 3  # 0 (posted for 1's take), 2 and 3 (never posted)
     assert last is False
+
+
+def _many_steps(state, steps: int):
+    """The last stage keeps `steps` steps' samples; the first drops them all at once."""
+    returns = TokenReturn(state, torch.device("cpu"))
+    if state.is_last_stage:
+        for step in range(steps):
+            returns.keep(step, _tokens(step))
+        return len(returns._in_transit), _sends_complete(returns, within=3.0)
+    for step in range(steps):
+        returns.expect(step, 3)
+    returns.forget_before(steps)
+    _sends_complete(returns, within=3.0)
+    return returns.pending
+
+
+def test_the_last_stage_holds_a_bounded_number_of_sends():
+    # gloo's sends report completion only once waited for: they must not pile up step by step
+    first, (held, complete) = run_in_gloo_group(_many_steps, 1, 2, 100)
+    assert first == 0 and complete
+    assert held <= 64

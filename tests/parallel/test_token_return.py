@@ -36,7 +36,8 @@ def _hand_back(state, steps: int, taken: list[int], dropped_before: int | None, 
     if state.is_last_stage:
         for step in range(steps):
             returns.keep(step, _tokens(step))
-        return _sends_complete(returns, within=3.0)
+        # a send left without its receive is the expected outcome of one case: wait less there
+        return _sends_complete(returns, within=3.0 if dropped_before or drain else 1.0)
     for step in range(steps):
         returns.expect(step, 3)
     got = {}

@@ -680,8 +680,9 @@ class Engine:
         """With the hand-back (pp > 1, lookahead) the first stage posts a step's token receive
         only when a later step chains it (energon/parallel/token_return.py). Once nothing is in
         flight no step sent so far will be chained, so the workers drop those tokens, posting the
-        receives no step asked for: else their sends on the last stage would wait until the
-        process group's timeout kills it."""
+        receives no step asked for: each send on the last stage then meets its receive while
+        the Engine idles. (On NCCL such small sends were seen to complete without it, 2x H200;
+        a send that waited would meet the process group's timeout.)"""
         if not self.lookahead or self.pp == 1 or self._steps or self.group is None:
             return
         issued = self.scheduler.next_step_id

@@ -224,7 +224,6 @@ class Engine:
         self._started = False
         self._closed = False
         self._kick_soon = False  # a _kick is already scheduled for the loop's next turn
-        self._returns_dropped = 0  # steps before this one: hand-backs dropped (_drop_returns)
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -370,7 +369,6 @@ class Engine:
 
     def _new_scheduler(self, num_blocks: int) -> Scheduler:
         limit = self.max_model_len or context_window(self.config)
-        self._returns_dropped = 0  # its step ids start from 0 (and so do the new workers')
         return Scheduler(
             num_blocks,
             self.block_size,
@@ -684,13 +682,12 @@ class Engine:
         the Engine idles. (On NCCL such small sends were seen to complete without it, 2x H200;
         a send that waited would meet the process group's timeout.)"""
         if not self.lookahead or self.pp == 1 or self._steps or self.group is None:
+            return  # called as each step ends: nothing in flight once, as the Engine goes idle
+        if self.recovery.restarting or self._closed:
             return
-        issued = self.scheduler.next_step_id
-        if issued <= self._returns_dropped or self.recovery.restarting or self._closed:
-            return
-        self._returns_dropped = issued
         try:
-            self.group.broadcast("drop_returns", issued).add_done_callback(_retrieve)
+            sent = self.group.broadcast("drop_returns", self.scheduler.next_step_id)
+            sent.add_done_callback(_retrieve)
         except Exception as exc:  # the group is failing: its steps report that
             log.debug("energon: could not send drop_returns: %r", exc)
 

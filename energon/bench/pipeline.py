@@ -148,11 +148,9 @@ async def measure_pipeline(
     async with engine:
         start_s = time.perf_counter() - t0
         group = engine.group
-        short = SamplingParams(max_tokens=2, **greedy)
-        await asyncio.gather(*(engine.infer(p, short) for p in prompts))  # warm-up
         params = SamplingParams(max_tokens=args.gen_len, **greedy)
-        if args.warmup == "full":
-            await asyncio.gather(*(engine.infer(p, params) for p in prompts))
+        warm = params if args.warmup == "full" else SamplingParams(max_tokens=2, **greedy)
+        await asyncio.gather(*(engine.infer(p, warm) for p in prompts))
         infos = await group.broadcast("info")
         memory = await group.broadcast("memory")
         facts = await group.broadcast("bench_facts") if engine.timed else None

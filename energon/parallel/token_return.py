@@ -47,7 +47,6 @@ class TokenReturn:
         # step_id -> (the receive or None, the tokens on tp rank 0 or None, their count)
         self._pending: dict[int, tuple[dist.Work | None, torch.Tensor | None, int]] = {}
         self._in_transit: list[tuple[dist.Work, torch.Tensor]] = []  # kept until completed
-        self._unposted: list[int] = []  # expected steps whose receive is not posted, in order
 
     @property
     def pending(self) -> int:
@@ -69,36 +68,34 @@ class TokenReturn:
         """Step `step_id`, which samples `count` rows, has been issued here: its tokens will come
         (to tp rank 0 at pp > 1, whose receive is posted when they are taken or dropped; at pp=1
         tp rank 0 `keep`s them)."""
-        if self.state.tp_rank != 0:
-            self._pending[step_id] = (None, None, count)
-        elif not self.local:
-            self._pending[step_id] = (None, None, count)
-            self._unposted.append(step_id)
+        if self.state.tp_rank == 0 and self.local:
+            return
+        self._pending[step_id] = (None, None, count)  # tp rank 0: its receive not posted yet
 
-    def _post_through(self, step_id: int) -> None:
-        """Posts the receives of expected steps up to `step_id`, in the order they were sent."""
+    def _post_through(self, step_id: float) -> None:
+        """On tp rank 0 at pp > 1, posts the receives of expected steps up to `step_id` not
+        posted yet, in the order the steps were sent (`_pending` keeps that order)."""
+        if self.state.tp_rank != 0 or self.local:
+            return
         src = self.state.topology.rank_of(self.state.pp_size - 1, 0)
-        while self._unposted and self._unposted[0] <= step_id:
-            posted = self._unposted.pop(0)
-            count = self._pending[posted][2]
-            buffer = torch.empty(count, dtype=torch.int64, device=self.device)
-            work = dist.irecv(buffer, src, group=self.state.return_group)
-            self._pending[posted] = (work, buffer, count)
+        for expected, (work, _, count) in self._pending.items():
+            if expected > step_id:
+                break
+            if work is None:
+                buffer = torch.empty(count, dtype=torch.int64, device=self.device)
+                work = dist.irecv(buffer, src, group=self.state.return_group)
+                self._pending[expected] = (work, buffer, count)
 
-    def forget_before(self, step_id: int) -> None:
-        """No step before `step_id` will be chained (the controller has them back)."""
+    def forget_before(self, step_id: float) -> None:
+        """No step before `step_id` will be chained (the controller has them back; `math.inf`:
+        none will, before the process group goes). Their receives are posted, in order, so that
+        each send the last stage makes for them meets one."""
         self._post_through(step_id - 1)
         for older in [k for k in self._pending if k < step_id]:
             work, tokens, _ = self._pending.pop(older)
             if work is not None:
                 self._in_transit.append((work, tokens))
         self._retire()
-
-    def drain(self) -> None:
-        """Posts every receive still unposted (before the process group goes): each matches a
-        send the last stage makes for a step it runs, so none is left pending there."""
-        if self._unposted:
-            self._post_through(self._unposted[-1])
 
     def take(self, step_id: int) -> tuple[torch.Tensor | None, int]:
         """(The tokens step `step_id` sampled, or None off tp rank 0; their count). The current

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -116,7 +117,7 @@ def collective_timeout_s() -> float:
         value = float(raw)
     except ValueError:
         value = float("nan")
-    if not value > 0 or value == float("inf"):
+    if not 0 < value < math.inf:
         raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0 (got {raw!r})")
     return value
 

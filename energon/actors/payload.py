@@ -218,7 +218,10 @@ def _tensor_from(frame, dtype: str, shape: list):
         raise ProtocolError(f"tensor {dtype}{shape} needs {nbytes} bytes, frame has {len(frame)}")
     if numel == 0:
         return torch.empty(shape, dtype=dt)
-    return torch.frombuffer(frame, dtype=dt).view(shape)
+    buf = memoryview(frame)
+    if buf.readonly:  # pyzmq copies frames under its copy threshold (64 KiB) into read-only bytes
+        buf = bytearray(buf)  # a small copy: the tensor may be written like every other one
+    return torch.frombuffer(buf, dtype=dt).view(shape)
 
 
 def _ndarray_from(frame, dtype: str, shape: list):

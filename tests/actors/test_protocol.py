@@ -113,6 +113,15 @@ def test_decoded_tensor_is_a_view_of_the_frame():
     assert out[0].item() == 9
 
 
+def test_a_tensor_from_a_read_only_frame_is_its_own_writable_copy():
+    frames = encode("reply", 1, None, {"result": torch.zeros(4, dtype=torch.int32)})
+    received = [bytes(f) for f in frames]  # what pyzmq gives for a frame under its threshold
+    out = decode(received, LIMITS).meta["result"]
+    out.add_(7)  # must not write into an immutable bytes object
+    assert received[1] == bytes(16)
+    assert out.tolist() == [7, 7, 7, 7]
+
+
 @pytest.mark.parametrize(
     "array",
     [np.arange(12, dtype=np.float16).reshape(3, 4), np.ones((2, 3), dtype=np.int64, order="F")[:, ::2],

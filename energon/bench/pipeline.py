@@ -54,7 +54,7 @@ from energon.bench.options import (
     visible_gpus,
 )
 from energon.bench.record import Record, card_name, torch_version, write_results
-from energon.bench.trace import overlap_fraction, timeline_png, turnaround
+from energon.bench.trace import decode_steps, overlap_fraction, timeline_png, turnaround
 from energon.engine import default_in_flight
 from energon.models.registry import resolve
 from energon.runner import pick_dtype
@@ -188,6 +188,7 @@ async def measure_pipeline(
         "host_traces": stage_hosts,  # (entered, queued) of each step on each stage's host
         "overlap": overlap_fraction(stages) if stages else None,
         "turnaround": turnaround(stages, controller) if stages else None,
+        "decode_steps": decode_steps(stages, engine.traced_decodes) if stages else None,
     }
 
 
@@ -248,7 +249,7 @@ def build_records(
             limit_value=ceiling,
             of_limit=run["rate"] / ceiling,
             n_gpus=cards if on_cuda else 0,
-            notes=f"{notes}{_turnaround_note(run)}; ceiling = {cards} card(s) x the step-wise "
+            notes=f"{notes}{_turnaround_note(run)}{_decode_note(run)}; ceiling = {cards} card(s) x the step-wise "
             "roofline of one",
             **common,
         )
@@ -331,6 +332,21 @@ def _turnaround_note(run: dict) -> str:
         f"-> reply in the controller {ms('reply_s')}, -> next step sent {ms('control_s')} "
         f"(applying a reply {ms('apply_s')}), sent -> the idle first stage starting it "
         f"{ms('deliver_s')}; controller applying replies {_pct(t['busy'])} of the run"
+    )
+
+
+def _decode_note(run: dict) -> str:
+    """Each stage's work on the steps that only decode (energon.bench.trace.decode_steps)."""
+    d = run.get("decode_steps")
+    if not d or run["pp"] < 2:
+        return ""
+
+    def ms(xs: list) -> str:
+        return " / ".join("n/a" if x is None else f"{x * 1e3:.2f}" for x in xs)
+
+    return (
+        f"; steps that only decode ({d['steps']}), medians: each stage's work {ms(d['work_s'])} "
+        f"ms, from each stage's end to the next one's input {ms(d['hop_s'])} ms"
     )
 
 

@@ -8,6 +8,7 @@ from the start). Stages overlap when two of them work at the same time.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -133,3 +134,28 @@ def turnaround(
         "busy": sum(apply) / wall if wall > 0 else None,
         "steps": len(controller),
     }
+
+
+def decode_steps(stage_traces: Sequence[Sequence[Span]], is_decode: Sequence[bool]) -> dict | None:
+    """Where the steps that only decode go, stage by stage, medians in seconds (`is_decode`: per
+    step, in step order, whether every sequence of it had one new token):
+
+    work_s:  each stage's work (input received -> end)
+    hop_s:   per boundary, the later stage's input received - the earlier stage's end: the
+             transfer, or a queue where the later stage was still busy with the step before
+             (the stage before the largest hop is waiting on a slower one after it)
+
+    With as many micro-batches in flight as stages, the stage with the longest work sets the pace
+    of decoding; the first stage's work also holds its wait for the tokens handed back.
+    None when the traces do not pair up or no step only decodes."""
+    if not stage_traces or any(len(t) != len(is_decode) for t in stage_traces):
+        return None
+    steps = [i for i, flag in enumerate(is_decode) if flag]
+    if not steps:
+        return None
+    work = [median_or_none([t[i][2] - max(t[i][0], t[i][1]) for i in steps]) for t in stage_traces]
+    hops = [
+        median_or_none([after[i][1] - before[i][2] for i in steps])
+        for before, after in itertools.pairwise(stage_traces)
+    ]
+    return {"work_s": work, "hop_s": hops, "steps": len(steps)}

@@ -10,7 +10,7 @@ from bench_helpers import parse, run_scenario
 
 from energon.bench import pipeline
 from energon.bench.cli import SCENARIOS
-from energon.bench.trace import overlap_fraction, steady_window, turnaround
+from energon.bench.trace import decode_steps, overlap_fraction, steady_window, turnaround
 
 
 def test_overlap_counts_the_time_two_stages_work_at_once():
@@ -46,6 +46,23 @@ def test_turnaround_splits_a_micro_batchs_wait_between_its_steps():
     assert t["deliver_s"] == pytest.approx(0.5 * ms)  # step 1 only: sent after the stage idled
     assert t["busy"] == pytest.approx(3 / 17)
     assert turnaround([first, last[:1]], controller) is None  # steps that do not pair up
+
+
+def test_decode_steps_are_taken_apart_stage_by_stage():
+    """Hand-made timeline (ms), three stages, three steps; step 1 is a prefill. Decode step 0:
+    stage 0 works 0-3, stage 1 has its input at 3.5 and works to 6, stage 2 has it at 8 (busy
+    before) and works to 12. Decode step 2: stage 0 works 20-23, stage 1 has its input at 24
+    and works to 27, stage 2 has it at 29 and ends at 32."""
+    ms = 1e-3
+    stage0 = [(0.0, 0.0, 3 * ms), (3 * ms, 3 * ms, 13 * ms), (20 * ms, 20 * ms, 23 * ms)]
+    stage1 = [(2 * ms, 3.5 * ms, 6 * ms), (6 * ms, 13 * ms, 19 * ms), (19 * ms, 24 * ms, 27 * ms)]
+    stage2 = [(7 * ms, 8 * ms, 12 * ms), (12 * ms, 19 * ms, 28 * ms), (28 * ms, 29 * ms, 32 * ms)]
+    d = decode_steps([stage0, stage1, stage2], [True, False, True])
+    assert d["steps"] == 2
+    assert d["work_s"] == pytest.approx([3 * ms, 2.75 * ms, 3.5 * ms])  # medians of two
+    assert d["hop_s"] == pytest.approx([0.75 * ms, 2 * ms])  # (0.5, 1) and (2, 2)
+    assert decode_steps([stage0, stage1], [False, False, False]) is None
+    assert decode_steps([stage0, stage1[:2]], [True, False, True]) is None
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +107,11 @@ def test_each_pp_is_measured_against_pp1_and_blocking(run):
     pp2 = next(r for r in raw["runs"] if r["pp"] == 2)
     assert pp2["turnaround"]["steps"] == len(pp2["stage_traces"][0]) > 0
     assert "-> reply in the controller" in by["throughput", 2]["notes"]
+    d = pp2["decode_steps"]  # the tiny run's 4 new tokens a request: some steps only decode
+    assert 0 < d["steps"] < len(pp2["stage_traces"][0]) and len(d["hop_s"]) == 1
+    assert all(w > 0 for w in d["work_s"]) and len(d["work_s"]) == 2
+    assert "steps that only decode" in by["throughput", 2]["notes"]
+    assert "steps that only decode" not in by["throughput", 1]["notes"]
     rates = {run["pp"]: run["rate"] for run in raw["runs"]}
     assert by["throughput", 2]["ratio"] == pytest.approx(rates[2] / rates[1])
     # the Engine's default: with lookahead as many micro-batches as stages

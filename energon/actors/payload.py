@@ -219,8 +219,8 @@ def _tensor_from(frame, dtype: str, shape: list):
     if numel == 0:
         return torch.empty(shape, dtype=dt)
     buf = memoryview(frame)
-    if buf.readonly:  # pyzmq copies frames under its copy threshold (64 KiB) into read-only bytes
-        buf = bytearray(buf)  # a small copy: the tensor may be written like every other one
+    if buf.readonly:  # a frame received as bytes (zmq.Frame views, copy=False, are writable)
+        buf = bytearray(buf)  # copied, so the tensor may be written like every other one
     return torch.frombuffer(buf, dtype=dt).view(shape)
 
 

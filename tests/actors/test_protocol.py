@@ -115,7 +115,7 @@ def test_decoded_tensor_is_a_view_of_the_frame():
 
 def test_a_tensor_from_a_read_only_frame_is_its_own_writable_copy():
     frames = encode("reply", 1, None, {"result": torch.zeros(4, dtype=torch.int32)})
-    received = [bytes(f) for f in frames]  # what pyzmq gives for a frame under its threshold
+    received = [bytes(f) for f in frames]  # frames received with copy=True: read-only bytes
     out = decode(received, LIMITS).meta["result"]
     out.add_(7)  # must not write into an immutable bytes object
     assert received[1] == bytes(16)

@@ -246,9 +246,12 @@ class TimedStagedRunner(StagedRunner):
             "chained_steps": self.chained_steps,
         }
 
-    def arm_profile(self, batch: int, prefill: bool = False, trace: str | None = None) -> None:
+    def arm_profile(
+        self, batch: int | None, prefill: bool = False, trace: str | None = None
+    ) -> None:
         """Run the next decode step of `batch` sequences (prefill: the next one-prompt prefill)
-        under torch.profiler; `trace`: also write its chrome trace to `{trace}-rank{r}.json`."""
+        under torch.profiler; `trace`: also write its chrome trace to `{trace}-rank{r}.json`.
+        None disarms."""
         self._profile_next, self._profile, self._profile_prefill = batch, None, prefill
         self._profile_trace = trace
 

@@ -1,7 +1,7 @@
 """`energon bench pipeline`: throughput at pp = 1, 2, 4 (or any tp x pp layouts), non-blocking
 against blocking, a timeline.
 
-Each layout is one Engine (its default steps in flight: pp + 1 at pp > 1) serving `--requests`
+Each layout is one Engine (its default steps in flight: pp with lookahead) serving `--requests`
 prompts of `--prompt-len` tokens for `--gen-len` new tokens, all submitted at once; throughput is
 output tokens over the wall time from submission to the last completion (prefill included). The
 largest pp runs again with one step in flight (blocking: the controller waits for each step before
@@ -22,7 +22,10 @@ replaces `--tp`/`--pp`: the 8-GPU table of the scaling issue. Records:
 
 `--trace PNG` draws each stage's waiting and working spans over a steady window of the largest
 pp's non-blocking and blocking runs (energon/bench/trace.py) and records how much of each run
-two stages worked at once.
+two stages worked at once. `--profile-dir DIR`: after the timed runs of each pp > 1 (default
+steps in flight), every worker runs one decode step of requests / pp sequences (a micro-batch)
+under torch.profiler and writes its chrome trace (`python bench/kernel_path.py` reads them):
+what each stage's share of a decode round is made of.
 """
 
 from __future__ import annotations
@@ -106,6 +109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "each a record",
     )
     parser.add_argument("--trace", default=None, help="write the stage timeline PNG here")
+    parser.add_argument(
+        "--profile-dir",
+        default=None,
+        help="profile one decode step of a micro-batch on every worker of each pp > 1 and "
+        "write the chrome traces here",
+    )
     parser.add_argument("--copy-mib", type=int, default=0, help="0: 1024 on cuda, 64 on cpu")
     parser.add_argument("--raw", default=None, help="also write every raw figure to this JSON file")
 
@@ -169,6 +178,9 @@ async def measure_pipeline(
             traces = await group.broadcast("step_trace") if engine.timed else None
             hosts = await group.broadcast("host_trace") if engine.timed else None
             controller = engine.controller_trace()
+        profiles = None
+        if args.profile_dir and engine.timed and pp > 1 and in_flight == pp:
+            profiles = await profile_decode_step(args.profile_dir, engine, prompts, infos)
     stages = stage_hosts = None
     if traces is not None:  # the last run's trace of each stage's tp rank 0
         stages = [traces[i] for i, info in enumerate(infos) if info["tp_rank"] == 0]
@@ -189,7 +201,24 @@ async def measure_pipeline(
         "overlap": overlap_fraction(stages) if stages else None,
         "turnaround": turnaround(stages, controller) if stages else None,
         "decode_steps": decode_steps(stages, engine.traced_decodes) if stages else None,
+        "profiles": profiles,
     }
+
+
+async def profile_decode_step(folder: str, engine: TimedEngine, prompts, infos) -> list:
+    """One decode step of a micro-batch (requests / pp sequences) under torch.profiler on every
+    worker, each writing `{folder}/tp{tp}-pp{pp}-decode{n}-rank{r}.json`; returns each stage's
+    summary (its tp rank 0), None for a stage whose worker saw no such step."""
+    n = max(1, len(prompts) // engine.pp)
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.join(folder, f"tp{engine.tp}-pp{engine.pp}-decode{n}")
+    group = engine.group
+    await group.broadcast("arm_profile", n, False, base)
+    short = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    await asyncio.gather(*(engine.infer(p, short) for p in prompts))
+    results = await group.broadcast("profile_result")
+    await group.broadcast("arm_profile", None)  # disarmed, should no step have matched
+    return [results[i] for i, info in enumerate(infos) if info["tp_rank"] == 0]
 
 
 def roofline_rate(args, run: dict, limit: dict, cards: int, kv_tok: int) -> float:

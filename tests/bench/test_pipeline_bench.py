@@ -69,13 +69,15 @@ def test_decode_steps_are_taken_apart_stage_by_stage():
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     raw, png = out.parent / "pipeline-raw.json", out.parent / "trace.png"
+    profiles = out.parent / "profiles"
     records = run_scenario(
         pipeline,
         f"--model tiny --device cpu --layouts 1x1,1x2 --requests 4 --prompt-len 8 --gen-len 4 "
-        f"--raw {raw} --trace {png} --more-in-flight 1 --lookahead on,off",
+        f"--raw {raw} --trace {png} --more-in-flight 1 --lookahead on,off "
+        f"--profile-dir {profiles}",
         out,
     )
-    return records, json.loads(raw.read_text()), png
+    return records, json.loads(raw.read_text()), png, profiles
 
 
 def layouts_of(argv: str):
@@ -94,7 +96,7 @@ def test_pipeline_is_a_bench_scenario():
 
 
 def test_each_pp_is_measured_against_pp1_and_blocking(run):
-    records, raw, _ = run
+    records, raw, _, _ = run
     by = {(r["metric"], r["pp"]): r for r in records}
     assert set(by) == {
         ("throughput", 1),
@@ -139,7 +141,7 @@ def test_each_pp_is_measured_against_pp1_and_blocking(run):
 
 
 def test_the_trace_has_every_stage_and_steps_of_one_in_flight_never_overlap(run):
-    _, raw, png = run
+    _, raw, png, _ = run
     pp2 = next(r for r in raw["runs"] if r["pp"] == 2)
     assert len(pp2["stage_traces"]) == 2 and raw["blocking"]["in_flight"] == 1
     assert raw["blocking"]["lookahead"] is False  # one step in flight, none chained to it
@@ -148,3 +150,14 @@ def test_the_trace_has_every_stage_and_steps_of_one_in_flight_never_overlap(run)
     assert all(t_in >= t0 for t0, t_in, _ in second)
     assert raw["blocking"]["overlap"] < 0.02
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_micro_batchs_decode_step_is_profiled_on_every_stage(run):
+    _, raw, _, folder = run
+    pp1, pp2 = raw["runs"]
+    assert pp1["profiles"] is None  # one stage: nothing to take apart
+    assert [p["batch"] for p in pp2["profiles"]] == [2, 2]  # 4 requests over 2 micro-batches
+    assert all(p["top"] and p["wall_s"] > 0 for p in pp2["profiles"])
+    traces = sorted(f.name for f in folder.iterdir())
+    assert traces == ["tp1-pp2-decode2-rank0.json", "tp1-pp2-decode2-rank1.json"]
+    assert json.loads((folder / traces[1]).read_text())["traceEvents"]

@@ -278,8 +278,8 @@ def build_records(
             limit_value=ceiling,
             of_limit=run["rate"] / ceiling,
             n_gpus=cards if on_cuda else 0,
-            notes=f"{notes}{_turnaround_note(run)}{_decode_note(run)}; ceiling = {cards} card(s) x the step-wise "
-            "roofline of one",
+            notes=f"{notes}{_turnaround_note(run)}{_decode_note(run)}; ceiling = {cards} "
+            "card(s) x the step-wise roofline of one",
             **common,
         )
 
@@ -375,7 +375,7 @@ def _decode_note(run: dict) -> str:
 
     return (
         f"; steps that only decode ({d['steps']}), medians: each stage's work {ms(d['work_s'])} "
-        f"ms, from each stage's end to the next one's input {ms(d['hop_s'])} ms"
+        f"ms, from each stage's output to the next one's input {ms(d['hop_s'])} ms"
     )
 
 

@@ -140,10 +140,10 @@ def decode_steps(stage_traces: Sequence[Sequence[Span]], is_decode: Sequence[boo
     """Where the steps that only decode go, stage by stage, medians in seconds (`is_decode`: per
     step, in step order, whether every sequence of it had one new token):
 
-    work_s:  each stage's work (input received -> end)
-    hop_s:   per boundary, the later stage's input received - the earlier stage's end: the
-             transfer, or a queue where the later stage was still busy with the step before
-             (the stage before the largest hop is waiting on a slower one after it)
+    work_s:  each stage's work (its input received -> its output computed)
+    hop_s:   per boundary, the later stage's input received - the earlier stage's output
+             computed: the transfer, or a queue where the later stage was still busy with the
+             step before (the largest hop is in front of the slowest stage)
 
     With as many micro-batches in flight as stages, the stage with the longest work sets the pace
     of decoding; the first stage's work also holds its wait for the tokens handed back.

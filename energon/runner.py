@@ -638,15 +638,13 @@ class ModelRunner(OffloadMember):
         """The controller will chain no step before `before` (it went idle): the first stage
         drops those steps' handed-back tokens, posting the receives still unposted
         (energon/parallel/token_return.py); a no-op elsewhere."""
-        if self.returns.expects:
-            self.returns.forget_before(before)
+        self.returns.forget_before(before)
 
     def close(self) -> None:
         """Leave the process group (call on every rank)."""
         import torch.distributed as dist
 
-        if self.returns.expects:
-            self.returns.forget_before(math.inf)
+        self.returns.forget_before(math.inf)  # post the receives no step asked for
         if dist.is_initialized():
             dist.destroy_process_group()
 

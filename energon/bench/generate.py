@@ -307,8 +307,6 @@ class TimedEngine(Engine):
         # perf_counter seconds (one clock for every process of the host) of each step, by id:
         # [sent, reply applied from, applied until]
         self.step_times: dict[int, list[float]] = {}
-        self.step_decodes: dict[int, bool] = {}  # by id: every sequence has one new token
-        self.traced_decodes: list[bool] = []  # those of the last controller_trace, in its order
 
     @property
     def timed(self) -> bool:
@@ -318,10 +316,7 @@ class TimedEngine(Engine):
         """[sent, reply in, reply applied] of each step since the last call, in step order
         (the order every worker ran them), and forget them."""
         times, self.step_times = self.step_times, {}
-        decodes, self.step_decodes = self.step_decodes, {}
-        done = [k for k in sorted(times) if len(times[k]) == 3]
-        self.traced_decodes = [decodes.get(k, False) for k in done]
-        return [times[k] for k in done]
+        return [times[k] for k in sorted(times) if len(times[k]) == 3]
 
     def _kick(self) -> None:
         super()._kick()
@@ -329,7 +324,6 @@ class TimedEngine(Engine):
             now = time.perf_counter()
             for plan in self.scheduler.in_flight:
                 self.step_times.setdefault(plan.step_id, [now])
-                self.step_decodes.setdefault(plan.step_id, plan.num_tokens == len(plan.seqs))
 
     def _apply_step(self, plan, reply: dict) -> None:
         start = time.perf_counter()

@@ -165,9 +165,10 @@ async def measure_pipeline(
         facts = await group.broadcast("bench_facts") if engine.timed else None
         if engine.timed:
             await group.broadcast("step_trace")  # drop the warm-up's steps
+            await group.broadcast("step_log")
             await group.broadcast("host_trace")
             engine.controller_trace()
-        runs, traces, hosts = [], None, None
+        runs, traces, hosts, logs = [], None, None, None
         for _ in range(args.repeat):
             t = time.perf_counter()
             dones = await asyncio.gather(*(engine.infer(p, params) for p in prompts))
@@ -176,14 +177,17 @@ async def measure_pipeline(
             run["memory"] = await group.broadcast("memory")  # the allocator's counts so far
             runs.append(run)
             traces = await group.broadcast("step_trace") if engine.timed else None
+            # the same steps' (start, end, sequences, new tokens, context), in the same order
+            logs = await group.broadcast("step_log") if engine.timed else None
             hosts = await group.broadcast("host_trace") if engine.timed else None
             controller = engine.controller_trace()
         profiles = None
         if args.profile_dir and engine.timed and pp > 1 and in_flight == pp:
             profiles = await profile_decode_step(args.profile_dir, engine, prompts, infos)
-    stages = stage_hosts = None
+    stages = stage_hosts = decodes = None
     if traces is not None:  # the last run's trace of each stage's tp rank 0
         stages = [traces[i] for i, info in enumerate(infos) if info["tp_rank"] == 0]
+        decodes = [tokens == seqs for _, _, seqs, tokens, _ in logs[0]]  # one new token each
         stage_hosts = [hosts[i] for i, info in enumerate(infos) if info["tp_rank"] == 0]
     return {
         "tp": tp,
@@ -200,7 +204,7 @@ async def measure_pipeline(
         "host_traces": stage_hosts,  # (entered, queued) of each step on each stage's host
         "overlap": overlap_fraction(stages) if stages else None,
         "turnaround": turnaround(stages, controller) if stages else None,
-        "decode_steps": decode_steps(stages, engine.traced_decodes) if stages else None,
+        "decode_steps": decode_steps(stages, decodes) if stages else None,
         "profiles": profiles,
     }
 

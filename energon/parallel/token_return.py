@@ -89,7 +89,9 @@ class TokenReturn:
     def forget_before(self, step_id: float) -> None:
         """No step before `step_id` will be chained (the controller has them back; `math.inf`:
         none will, before the process group goes). Their receives are posted, in order, so that
-        each send the last stage makes for them meets one."""
+        each send the last stage makes for them meets one. A no-op off the first stage."""
+        if not self.expects:
+            return
         self._post_through(step_id - 1)
         for older in [k for k in self._pending if k < step_id]:
             work, tokens, _ = self._pending.pop(older)

@@ -68,18 +68,27 @@ def references(tmp_path_factory) -> dict:
     return out
 
 
+async def greedy(engine: Engine) -> list:
+    """The Engine's greedy completions of PROMPTS, NEW_TOKENS each (EOS does not stop them)."""
+    return await asyncio.gather(
+        *(
+            engine.infer(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+            for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)
+        )
+    )
+
+
+def assert_equal_to_transformers(done: list, refs: list) -> None:
+    compared = [assert_greedy_equal(c.token_ids, r) for c, r in zip(done, refs, strict=True)]
+    assert sum(compared) >= 0.8 * sum(NEW_TOKENS)  # near-ties cut off little of the comparison
+
+
 @pytest.mark.parametrize("family,tp,pp", list(cases()))
 async def test_greedy_generation_equals_transformers(references, family, tp, pp):
     folder, refs = references[family]
     async with Engine(str(folder), tp=tp, pp=pp, device="cpu") as engine:
-        done = await asyncio.gather(
-            *(
-                engine.infer(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-                for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)
-            )
-        )
-    compared = [assert_greedy_equal(c.token_ids, r) for c, r in zip(done, refs, strict=True)]
-    assert sum(compared) >= 0.8 * sum(NEW_TOKENS)  # near-ties cut off little of the comparison
+        done = await greedy(engine)
+    assert_equal_to_transformers(done, refs)
     for c, n in zip(done, NEW_TOKENS, strict=True):
         assert (c.finish_reason, len(c.token_ids), c.text) == ("length", n, "")
 
@@ -118,19 +127,13 @@ async def test_cuda_engine_with_and_without_decode_graphs_equals_transformers(
         str(folder), tp=tp, pp=pp, device="cuda", dtype="float32", decode_graphs=decode_graphs
     )
     async with engine:
-        done = await asyncio.gather(
-            *(
-                engine.infer(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-                for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)
-            )
-        )
+        done = await greedy(engine)
         infos = await engine.group.broadcast("info")
     want = "capture" if decode_graphs == "auto" else "off"
     assert all(i["decode_graphs"] == want and i["graph_error"] is None for i in infos)
     assert all(i["cpu_threads"] == 1 for i in infos)  # a GPU worker's host work is small ops
     assert all(i["graph_steps"] > 0 for i in infos) == (want == "capture")
-    compared = [assert_greedy_equal(c.token_ids, r) for c, r in zip(done, refs, strict=True)]
-    assert sum(compared) >= 0.8 * sum(NEW_TOKENS)
+    assert_equal_to_transformers(done, refs)
 
 
 async def switched_runs(monkeypatch, switch_env: str, folder, **engine_args) -> dict:
@@ -196,16 +199,9 @@ async def test_cuda_pipeline_engine_idles_past_the_collective_timeout(references
     the last stage's worker."""
     monkeypatch.setenv(TIMEOUT_ENV, "8")  # the workers inherit it
     folder, refs = references["opt"]
-    greedy = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in NEW_TOKENS]
     async with Engine(str(folder), pp=2, device="cuda", dtype="float32") as engine:
         for _ in range(2):
-            done = await asyncio.gather(
-                *(engine.infer(p, g) for p, g in zip(PROMPTS, greedy, strict=True))
-            )
-            compared = [
-                assert_greedy_equal(c.token_ids, r) for c, r in zip(done, refs, strict=True)
-            ]
-            assert sum(compared) >= 0.8 * sum(NEW_TOKENS)
+            assert_equal_to_transformers(await greedy(engine), refs)
             await asyncio.sleep(20)  # idle for longer than the timeout
         infos = await engine.group.broadcast("info")
         assert engine.recovery.restarts == 0

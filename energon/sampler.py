@@ -9,7 +9,8 @@ row take its noise from its own generator:
   `mix_seed(seed, n)`, so its tokens do not depend on its batch mates or its row;
 - requests without one share the worker's generator (seed it alike on every rank that samples).
 
-Greedy rows (temperature below 1e-5, or top_k 1) are one batched argmax, with no host sync.
+Greedy rows (temperature below 1e-5, or top_k 1) are one batched argmax, with no host sync; when
+every row is greedy and none asks for logprobs it runs on the logits as they come (float16 too).
 Logprobs are those of the raw model distribution, log_softmax(logits) computed in float64, as
 vLLM reports them: not the temperature-scaled or truncated distribution the token was drawn from.
 """
@@ -93,11 +94,16 @@ class Sampler:
                 f"need one params dict and one step per logits row: {batch} rows, "
                 f"{len(params)} params, {len(steps)} steps"
             )
-        logits = logits.float()
         device = logits.device
         greedy = [p["temperature"] < GREEDY_BELOW or p["top_k"] == 1 for p in params]
         rows = [i for i in range(batch) if not greedy[i]]
+        wants_logprobs = any(int(p["logprobs"]) > 0 for p in params)
 
+        if not rows and not wants_logprobs:
+            # Widening to float32 is exact and keeps the order, so the argmax of the model's own
+            # (half-precision) logits is the same token, without a float32 copy of the batch.
+            return logits.argmax(dim=-1), None
+        logits = logits.float()
         if not rows:
             token_ids = logits.argmax(dim=-1)
         else:

@@ -43,6 +43,20 @@ def test_greedy_rows_stay_argmax_next_to_sampled_rows():
     assert [tokens[i].item() for i in (0, 2, 3, 5)] == [argmax[i].item() for i in (0, 2, 3, 5)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_greedy_half_precision_logits_pick_the_float64_argmax(dtype):
+    # Rounded to half precision many entries tie; the first of the tied maxima wins either way.
+    logits = (random_logits(8, 4000, seed=3) * 0.01).to(dtype)
+    tokens, logprobs = Sampler(seed=0).sample(logits, [wire(temperature=0)] * 8, [0] * 8)
+    reference = logits.double().argmax(dim=-1)
+    assert tokens.tolist() == reference.tolist()
+    assert tokens.dtype == torch.int64 and logprobs is None
+    _, with_logprobs = Sampler(seed=0).sample(
+        logits, [wire(temperature=0, logprobs=2)] * 8, [0] * 8
+    )
+    assert [row["token_id"] for row in with_logprobs] == reference.tolist()
+
+
 def test_temperature_below_1e_5_is_greedy():
     logits = random_logits(4, 50) * 1e6  # x / 1e-30 would overflow float32
     tokens, _ = Sampler(seed=0).sample(logits, [wire(temperature=1e-30)] * 4, [0] * 4)

@@ -48,14 +48,25 @@ HOP = 0.1e-3  # s to hand activations to the next stage
 HAND_BACK = 0.1e-3  # s from the last stage's end to the first stage holding its tokens (lookahead)
 
 
-def stage_seconds(plan, pp: int, last: bool) -> float:
+CARDS = {  # matmul rate, copy bandwidth, KV cache bytes at pp=1 and per stage at pp=4
+    "h100": (MATMUL, BANDWIDTH, 43.7e9, 57.3e9),
+    "h200": (745e12, 4.13e12, 102e9, 118e9),  # 4x H200 runs of 2026-11-27/28
+}
+
+
+def stage_seconds(
+    plan, pp: int, last: bool, head: str = "last", matmul: float = MATMUL, bandwidth=BANDWIDTH
+) -> float:
     """One stage's time for a plan: the benches' step-wise roofline (energon.bench.limits) at
-    the calibrated efficiencies, the last stage also reading the LM head, plus a fixed cost.
-    Attention FLOPs are left out, as there: ~1 % of a 512-token prompt's."""
+    the calibrated efficiencies, plus a fixed cost. The LM head's weights are read by the last
+    stage (`head="last"`, the Engine) or a pp-th of them by every stage (`"spread"`: a what-if,
+    each stage computing a slice of the vocabulary). Attention FLOPs are left out, as there:
+    ~1 % of a 512-token prompt's."""
     mparams = LAYER_PARAMS * LAYERS / pp
-    weights = 2 * mparams + (2 * VOCAB * HIDDEN if last else 0)
+    head_bytes = 2 * VOCAB * HIDDEN if plan.num_samples else 0
+    weights = 2 * mparams + (head_bytes / pp if head == "spread" else head_bytes if last else 0)
     attended = sum(s.context_len for s in plan.seqs)
-    rate, bandwidth = MATMUL * MATMUL_EFF, BANDWIDTH * BANDWIDTH_EFF
+    rate, bandwidth = matmul * MATMUL_EFF, bandwidth * BANDWIDTH_EFF
     kv_tok = KV_PER_TOKEN / pp
     return (
         step_floor(plan.num_tokens, attended, mparams, weights, kv_tok, rate, bandwidth) + STEP_COST
@@ -68,6 +79,8 @@ def simulate(pp: int, in_flight: int, kv_bytes_per_stage: float, args) -> dict:
     sent at once, it starts on the first stage, in order behind the steps sent before it, once
     the step it chains has left the last stage (plus HAND_BACK)."""
     chain = bool(getattr(args, "lookahead", False)) and pp > 1
+    head = getattr(args, "head", "last")
+    matmul, bandwidth = CARDS[getattr(args, "card", "h100")][:2]
     block = 16
     blocks = int(kv_bytes_per_stage // (block * KV_PER_TOKEN / pp))
     budget = args.max_batch_tokens
@@ -101,7 +114,7 @@ def simulate(pp: int, in_flight: int, kv_bytes_per_stage: float, args) -> dict:
                 t = max(t, ends[plan.chains] + HAND_BACK)
             for s in range(pp):
                 start = max(t, free[s])
-                cost = stage_seconds(plan, pp, s == pp - 1)
+                cost = stage_seconds(plan, pp, s == pp - 1, head, matmul, bandwidth)
                 free[s] = start + cost
                 busy[s] += cost
                 t = free[s] + HOP
@@ -131,8 +144,15 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=128)
     p.add_argument("--max-batch-tokens", type=int, default=8192)  # the Engine's and the bench's
-    p.add_argument("--kv-pp1", type=float, default=43.7e9, help="KV bytes at pp=1 (measured)")
-    p.add_argument("--kv-stage", type=float, default=57.3e9, help="KV bytes per stage at pp>1")
+    p.add_argument("--card", default="h100", choices=sorted(CARDS))
+    p.add_argument("--kv-pp1", type=float, default=None, help="KV bytes at pp=1 (the card's)")
+    p.add_argument("--kv-stage", type=float, default=None, help="KV bytes a stage at pp>1")
+    p.add_argument(
+        "--head",
+        default="last",
+        choices=["last", "spread"],
+        help="the LM head on the last stage (the Engine), or a slice of it on every stage",
+    )
     p.add_argument("--balanced", action="store_true")
     p.add_argument("--turnaround", type=float, default=TURNAROUND, help="seconds")
     p.add_argument(
@@ -144,6 +164,8 @@ def main() -> None:
         extras = [0] if pp == 1 else [int(v) for v in args.in_flight.split(",")]
         for k in extras:
             kv = args.kv_pp1 if pp == 1 else args.kv_stage
+            if kv is None:
+                kv = CARDS[args.card][2 if pp == 1 else 3]
             r = simulate(pp, pp + k if pp > 1 else 1, kv, args)
             base = base or r["rate"]
             busy = ", ".join(f"{b:.2f}" for b in r["busy"])

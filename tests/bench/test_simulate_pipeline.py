@@ -58,3 +58,20 @@ def test_lookahead_chains_each_micro_batch_past_the_controllers_turnaround(sim):
         assert r["rate"] * r["wall"] == pytest.approx(24 * 8)  # every token, once
     assert chained["rate"] > 1.3 * plain["rate"]
     assert min(chained["busy"]) > max(plain["busy"])
+
+
+def test_a_spread_head_moves_a_share_of_its_bytes_from_the_last_stage_to_every_stage(sim):
+    from energon.scheduler import Scheduler
+    from energon.sequence import Sequence
+
+    sched = Scheduler(512, 16, max_num_seqs=64, max_batch_tokens=64, max_model_len=4096)
+    for i in range(64):
+        sched.add(Sequence(i, [1], 4))
+    decode = sched.schedule()  # 64 one-token rows, each sampling: bandwidth-bound
+    head_s = 2 * sim.VOCAB * sim.HIDDEN / (sim.BANDWIDTH * sim.BANDWIDTH_EFF)
+    middle = sim.stage_seconds(decode, 4, last=False)
+    last = sim.stage_seconds(decode, 4, last=True)
+    assert last - middle == pytest.approx(head_s)
+    for is_last in (False, True):
+        spread = sim.stage_seconds(decode, 4, last=is_last, head="spread")
+        assert spread - middle == pytest.approx(head_s / 4)

@@ -148,6 +148,7 @@ class Engine:
         restart_backoff: float = 1.0,
         decode_graphs: str = "auto",
         lookahead: bool = True,
+        kv_reserve: float = 0.0,
     ):
         if not isinstance(model, str | os.PathLike) or not str(model):
             raise InvalidRequest(
@@ -182,6 +183,16 @@ class Engine:
             None if max_model_len is None else _positive("max_model_len", max_model_len)
         )
         self.kv_cache_memory = parse_bytes("kv_cache_memory", kv_cache_memory)
+        if (
+            isinstance(kv_reserve, bool)
+            or not isinstance(kv_reserve, numbers.Real)
+            or not 0 <= kv_reserve <= 1
+        ):
+            raise InvalidRequest("kv_reserve", f"must be a number from 0 to 1 (got {kv_reserve!r})")
+        # of the KV blocks running requests would still take to reach max_tokens, kept free when
+        # admitting more (energon/scheduler.py): 1.0 never preempts; 0 fills the cache and
+        # preempts (recomputes) the newest when it runs out
+        self.kv_reserve = float(kv_reserve)
         self.block_size = _positive("block_size", block_size)
         self.stage_splits = list(stage_splits) if stage_splits is not None else None
         if lookahead not in (True, False):
@@ -378,6 +389,7 @@ class Engine:
             max_model_len=limit,
             micro_batches=self.max_steps_in_flight,
             lookahead=self.lookahead,
+            reserve=self.kv_reserve,
         )
 
     async def shutdown(self) -> None:

@@ -20,6 +20,11 @@ keeps pp micro-batches independent). Within a step, up to `max_num_seqs` sequenc
 2. running sequences part-way through their prompt (chunked prefill), oldest first;
 3. waiting sequences, first come first served (preempted ones keep their place by arrival),
    admitted while `max_running_seqs`, the budget and free blocks allow (never by preempting).
+   With `reserve` > 0 a sequence is admitted only if, besides its own blocks, that fraction of
+   the blocks the running sequences and it would still take to reach their longest (prompt +
+   max_tokens - 1) stays free: 1.0 admits only what can run to max_tokens without preempting
+   anyone; 0 (the default, as vLLM does) fills the cache with what runs now and preempts when
+   it grows.
    No admission happens in a step where a running sequence was short of blocks (it preempted
    others or sat out): running sequences come first, and a victim does not bounce straight back.
 
@@ -51,6 +56,7 @@ sequence finished while in flight. Chained plans complete in order.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
@@ -144,8 +150,9 @@ class Scheduler:
     sequences; `max_waiting` bounds the waiting queue (admission control); `max_model_len`
     (default None: no bound but the cache's) bounds prompt + max_tokens. With `micro_batches`
     > 1 (the steps the Engine keeps in flight) a step takes at most an even share of the
-    sequences that could run. `lookahead` chains decode steps (module docstring). Raises
-    InvalidRequest for a bound < 1.
+    sequences that could run. `lookahead` chains decode steps, `reserve` keeps room for the
+    running sequences' growth when admitting (module docstring). Raises InvalidRequest for a
+    bound < 1 or a reserve outside [0, 1].
     """
 
     def __init__(
@@ -160,6 +167,7 @@ class Scheduler:
         max_running_seqs: int | None = None,
         micro_batches: int = 1,
         lookahead: bool = False,
+        reserve: float = 0.0,
     ):
         self.blocks = BlockManager(num_blocks, block_size)
         self.max_model_len = max_model_len  # None: only the cache bounds a sequence
@@ -168,6 +176,11 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.micro_batches = micro_batches
         self.lookahead = lookahead  # chain in-flight plans' samples (module docstring)
+        if isinstance(reserve, bool) or not isinstance(reserve, int | float):
+            raise InvalidRequest("reserve", f"must be a number from 0 to 1 (got {reserve!r})")
+        if not 0.0 <= reserve <= 1.0:
+            raise InvalidRequest("reserve", f"must be a number from 0 to 1 (got {reserve!r})")
+        self.reserve = float(reserve)  # of the growth still to come, kept free when admitting
         self.max_running_seqs = (
             max_num_seqs * micro_batches if max_running_seqs is None else max_running_seqs
         )
@@ -308,6 +321,7 @@ class Scheduler:
                 continue  # sits this step out, keeping its blocks
             chosen.append(self._take(seq, n, start, chain_row=row))
             budget -= n
+        growth = self._growth_of_running() if self.reserve and self._waiting else 0
         while (
             not short_of_blocks
             and self._waiting
@@ -317,7 +331,11 @@ class Scheduler:
         ):
             seq = self._waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self.blocks.can_allocate(seq, n):
+            own = self.blocks.num_needed(seq, n)
+            if self.reserve:
+                growth += self._blocks_to_longest(seq) - own  # its own, once it holds n tokens
+                own += math.ceil(self.reserve * growth - 1e-9)
+            if own > self.blocks.num_free_blocks:
                 break  # first come first served: nobody overtakes the head of the queue
             del self._waiting[0]
             seq.status = SequenceStatus.RUNNING
@@ -333,6 +351,14 @@ class Scheduler:
         self._next_step += 1
         self._in_flight[plan.step_id] = plan
         return plan
+
+    def _blocks_to_longest(self, seq: Sequence) -> int:
+        """Blocks `seq` would still take to hold prompt + max_tokens - 1 tokens (the last
+        generated token is never cached)."""
+        return self.blocks.num_needed(seq, seq.num_prompt_tokens + seq.max_tokens - 1)
+
+    def _growth_of_running(self) -> int:
+        return sum(self._blocks_to_longest(s) for s in self._running)
 
     def _fair_share(self, idle: int, refills: bool = False) -> int:
         """Sequences one step may take: with several micro-batches, an even share of the

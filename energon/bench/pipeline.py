@@ -83,6 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokens per step (default: the Engine's own: 8192 at pp=1, 4096 at pp > 1 since "
         "2026-11-28; the bench used 16384 before 2026-11-27)",
     )
+    parser.add_argument(
+        "--kv-reserve",
+        type=float,
+        default=0.0,
+        help="the Engine's kv_reserve: share of the running requests' growth kept free when "
+        "admitting (0, the default: fill the cache, preempt when it runs out; 1: never preempt)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per Engine (median)")
     parser.add_argument(
         "--warmup",
@@ -150,6 +157,7 @@ async def measure_pipeline(
         **({"max_batch_tokens": args.max_batch_tokens} if args.max_batch_tokens else {}),
         max_steps_in_flight=in_flight,
         lookahead=lookahead,
+        kv_reserve=args.kv_reserve,
         progress=False,
     )
     in_flight = engine.max_steps_in_flight
@@ -170,10 +178,12 @@ async def measure_pipeline(
             engine.controller_trace()
         runs, traces, hosts, logs = [], None, None, None
         for _ in range(args.repeat):
+            preempted = engine.stats()["num_preemptions"]
             t = time.perf_counter()
             dones = await asyncio.gather(*(engine.infer(p, params) for p in prompts))
             wall = time.perf_counter() - t
             run = {"wall_s": wall, "tokens": sum(len(d.token_ids) for d in dones)}
+            run["preemptions"] = engine.stats()["num_preemptions"] - preempted
             run["memory"] = await group.broadcast("memory")  # the allocator's counts so far
             runs.append(run)
             traces = await group.broadcast("step_trace") if engine.timed else None
@@ -195,6 +205,7 @@ async def measure_pipeline(
         "in_flight": in_flight,
         "lookahead": engine.lookahead,
         "max_batch_tokens": engine.max_batch_tokens,
+        "kv_reserve": engine.kv_reserve,
         "start_s": start_s,
         "runs": runs,
         "rate": statistics.median(r["tokens"] / r["wall_s"] for r in runs),
@@ -207,6 +218,12 @@ async def measure_pipeline(
         "decode_steps": decode_steps(stages, decodes) if stages else None,
         "profiles": profiles,
     }
+
+
+def _preemption_note(run: dict) -> str:
+    """'kv_reserve R, P preemptions a run; ' (the counts of the timed runs)."""
+    counts = ", ".join(str(r["preemptions"]) for r in run["runs"])
+    return f"kv_reserve {run['kv_reserve']:g}, preemptions per run {counts}; "
 
 
 async def profile_decode_step(folder: str, engine: TimedEngine, prompts, infos) -> list:
@@ -301,7 +318,7 @@ def build_records(
                 f"flight, lookahead {_on(run)}, {run['max_batch_tokens']} tokens per step; "
                 "output tokens / wall time, "
                 f"median of {len(run['runs'])} ({rates} tokens/s) after a {args.warmup} "
-                f"warm-up; stages working at once "
+                f"warm-up; {_preemption_note(run)}stages working at once "
                 f"{_pct(run['overlap'])} of the run; engine start {run['start_s']:.1f} s",
             )
         )

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model --tp --pp --device --dtype --kv-cache-memory --launcher --address
+    """--model --tp --pp --device --dtype --kv-cache-memory --kv-reserve --launcher --address
     --decode-graphs --no-lookahead --max-restarts --retry-on-failure, read back by
     `engine_kwargs`."""
     parser.add_argument(
@@ -19,6 +19,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"]
     )
     parser.add_argument("--kv-cache-memory", default=None, help="per worker, e.g. 1GiB")
+    parser.add_argument(
+        "--kv-reserve",
+        type=float,
+        default=0.0,
+        help="share (0-1) of the KV blocks running requests would still take to reach "
+        "max_tokens that is kept free when admitting more: 1 never preempts (default 0)",
+    )
     parser.add_argument(
         "--launcher",
         default="local",
@@ -62,6 +69,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         device=args.device,
         dtype=args.dtype,
         kv_cache_memory=args.kv_cache_memory,
+        kv_reserve=args.kv_reserve,
         launcher=args.launcher,
         address=args.address,
         decode_graphs=args.decode_graphs,

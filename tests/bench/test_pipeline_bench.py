@@ -108,6 +108,7 @@ def test_each_pp_is_measured_against_pp1_and_blocking(run):
     assert by["throughput", 2]["baseline_name"] == "Energon tp=1 pp=1, same run"
     pp2 = next(r for r in raw["runs"] if r["pp"] == 2)
     assert pp2["turnaround"]["steps"] == len(pp2["stage_traces"][0]) > 0
+    assert all(isinstance(r["preemptions"], int) and r["preemptions"] >= 0 for r in pp2["runs"])
     assert "-> reply in the controller" in by["throughput", 2]["notes"]
     d = pp2["decode_steps"]  # the tiny run's 4 new tokens a request: some steps only decode
     assert 0 < d["steps"] < len(pp2["stage_traces"][0]) and len(d["hop_s"]) == 1
@@ -138,6 +139,7 @@ def test_each_pp_is_measured_against_pp1_and_blocking(run):
         assert all(len(r["memory"]) == run_["pp"] for r in run_["runs"])  # each worker's counts
     assert "median of 3" in by["throughput", 2]["notes"]
     assert "after a full warm-up" in by["throughput", 2]["notes"]
+    assert "kv_reserve 0, preemptions per run " in by["throughput", 2]["notes"]
 
 
 def test_the_trace_has_every_stage_and_steps_of_one_in_flight_never_overlap(run):

@@ -42,3 +42,9 @@ def test_the_default_is_local_workers_and_an_unknown_launcher_is_refused(capsys)
     with pytest.raises(SystemExit):
         parse("--launcher slurm")
     assert "invalid choice: 'slurm'" in capsys.readouterr().err
+
+
+def test_kv_reserve_reaches_the_engine_and_defaults_to_zero():
+    assert engine_kwargs(parse(""))["kv_reserve"] == 0.0
+    kwargs = engine_kwargs(parse("--kv-reserve 0.5"))
+    assert kwargs["kv_reserve"] == 0.5 and Engine("tiny", **kwargs).kv_reserve == 0.5

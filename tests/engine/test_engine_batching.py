@@ -209,6 +209,34 @@ async def test_preemption_under_a_tiny_kv_cache_gives_identical_outputs(small_en
     assert stats["num_used_blocks"] == 0
 
 
+async def test_a_full_kv_reserve_serves_the_same_workload_without_preempting(model):
+    """The preemption test's workload on an Engine that keeps room for every admitted request
+    to reach max_tokens: it waits instead of preempting, and the outputs are the same."""
+    _, _, _, refs = model
+    async with Engine(
+        str(model[0]),
+        pp=2,
+        device="cpu",
+        block_size=4,
+        kv_cache_memory=12 * 4096,
+        kv_reserve=1.0,
+    ) as engine:
+        capacity = engine.stats()["num_free_blocks"] * 4
+        picked = [i for i, (p, n) in enumerate(PROMPTS) if 12 <= len(p) + n <= capacity][:8]
+        assert sum(len(PROMPTS[i][0]) + PROMPTS[i][1] for i in picked) > 2 * capacity
+        done = await asyncio.gather(
+            *(
+                engine.infer(PROMPTS[i][0], SamplingParams(max_tokens=PROMPTS[i][1], **GREEDY))
+                for i in picked
+            )
+        )
+        stats = engine.stats()
+    assert stats["num_preemptions"] == 0
+    for c, i in zip(done, picked, strict=True):
+        assert_greedy_equal(c.token_ids, refs[i])
+    assert stats["num_used_blocks"] == 0
+
+
 async def test_requests_past_max_waiting_are_refused_at_once_with_overloaded(small_engine, model):
     refs = model[3]
     capacity = small_engine.stats()["num_free_blocks"] * 4

@@ -105,6 +105,11 @@ async def test_unknown_model_fails_start_before_any_process_starts():
         ("retry_on_failure", {"retry_on_failure": "yes"}),
         ("restart_backoff", {"restart_backoff": -1.0}),
         ("restart_backoff", {"restart_backoff": float("nan")}),
+        ("kv_reserve", {"kv_reserve": -0.1}),
+        ("kv_reserve", {"kv_reserve": 1.01}),
+        ("kv_reserve", {"kv_reserve": float("nan")}),
+        ("kv_reserve", {"kv_reserve": "all"}),
+        ("kv_reserve", {"kv_reserve": True}),
     ],
 )
 def test_bad_engine_arguments_raise_invalid_request_naming_the_field(field, kwargs):

@@ -674,3 +674,52 @@ def test_one_micro_batch_takes_every_sequence_it_can():
     with pytest.raises(InvalidRequest) as info:
         Scheduler(16, 4, micro_batches=0)
     assert info.value.field == "micro_batches"
+
+
+# ---- room for growth when admitting (reserve) -------------------------------------------------
+
+
+@pytest.mark.parametrize(("reserve", "admitted"), [(0.0, 5), (0.5, 4), (1.0, 3)])
+def test_reserve_keeps_a_share_of_the_running_sequences_growth_free(reserve, admitted):
+    # 8-token prompts take 2 blocks of 4; with max_tokens 5 each grows to 12 cached tokens, 3
+    # blocks. Of 10 blocks, 1.0 admits while own 2 + every admitted one's 1 to come fit:
+    # 2 + 1, 2 + 2, 2 + 3 of 10, 8, 6 free; the fourth (2 + 4 > 4) waits. 0.5 keeps half of it
+    # (rounded up): 3, 3, 4, 4 of 10, 8, 6, 4; the fifth (2 + 3 > 2) waits. 0 fills the cache.
+    sched = Scheduler(10, 4, max_batch_tokens=100, reserve=reserve)
+    for i in range(6):
+        sched.add(make_seq(i, 8, max_tokens=5))
+    assert [seq_id for seq_id, _ in shares(sched.schedule())] == list(range(admitted))
+
+
+@settings(max_examples=200, deadline=None)
+@given(workloads(), st.randoms(use_true_random=False), st.sampled_from([0.5, 1.0]))
+def test_with_reserve_every_request_finishes_and_at_full_reserve_none_is_preempted(
+    workload, rng, reserve
+):
+    config, pp, requests = workload
+    sched = scheduler_for(
+        config,
+        max_running_seqs=pp * config["max_num_seqs"],
+        micro_batches=pp,
+        lookahead=True,
+        reserve=reserve,
+    )
+    finished, aborted = simulate(
+        sched,
+        config,
+        requests,
+        in_flight=2 * pp,
+        next_reply=lambda plans: 0,
+        ends=lambda seq: seq.num_output_tokens == seq.max_tokens,
+        check=lambda seqs, plans: None,  # the run itself checks tokens, slots and leaks
+    )
+    assert_outputs_as_sampled(requests, finished, aborted)
+    if reserve == 1.0:
+        assert sched.num_preemptions == 0
+
+
+@pytest.mark.parametrize("reserve", [-0.1, 1.5, "half", True, None])
+def test_reserve_outside_zero_to_one_is_refused_naming_it(reserve):
+    with pytest.raises(InvalidRequest) as err:
+        Scheduler(16, 4, reserve=reserve)
+    assert err.value.field == "reserve"

@@ -42,7 +42,7 @@ from energon.parallel.topology import NO_MULTICAST_ENV
 from energon.recovery import Recovery
 from energon.request import Request
 from energon.sampling import Completion, SamplingParams, StreamPiece
-from energon.scheduler import Scheduler, StepPlan
+from energon.scheduler import Scheduler, StepPlan, fraction
 from energon.sequence import Sequence as SchedSequence
 from energon.startup import StartupProgress, engine_tokenizer
 from energon.step import step_message
@@ -183,16 +183,10 @@ class Engine:
             None if max_model_len is None else _positive("max_model_len", max_model_len)
         )
         self.kv_cache_memory = parse_bytes("kv_cache_memory", kv_cache_memory)
-        if (
-            isinstance(kv_reserve, bool)
-            or not isinstance(kv_reserve, numbers.Real)
-            or not 0 <= kv_reserve <= 1
-        ):
-            raise InvalidRequest("kv_reserve", f"must be a number from 0 to 1 (got {kv_reserve!r})")
         # of the KV blocks running requests would still take to reach max_tokens, kept free when
         # admitting more (energon/scheduler.py): 1.0 never preempts; 0 fills the cache and
         # preempts (recomputes) the newest when it runs out
-        self.kv_reserve = float(kv_reserve)
+        self.kv_reserve = fraction("kv_reserve", kv_reserve)
         self.block_size = _positive("block_size", block_size)
         self.stage_splits = list(stage_splits) if stage_splits is not None else None
         if lookahead not in (True, False):

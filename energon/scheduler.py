@@ -65,6 +65,13 @@ from energon.errors import InvalidRequest, Overloaded
 from energon.sequence import Sequence, SequenceStatus
 
 
+def fraction(field: str, value) -> float:
+    """`value` as a float from 0 to 1; InvalidRequest naming `field` otherwise (NaN too)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise InvalidRequest(field, f"must be a number from 0 to 1 (got {value!r})")
+    return float(value)
+
+
 def _by_arrival(seq: Sequence) -> int:
     return seq.arrival
 
@@ -176,11 +183,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.micro_batches = micro_batches
         self.lookahead = lookahead  # chain in-flight plans' samples (module docstring)
-        if isinstance(reserve, bool) or not isinstance(reserve, int | float):
-            raise InvalidRequest("reserve", f"must be a number from 0 to 1 (got {reserve!r})")
-        if not 0.0 <= reserve <= 1.0:
-            raise InvalidRequest("reserve", f"must be a number from 0 to 1 (got {reserve!r})")
-        self.reserve = float(reserve)  # of the growth still to come, kept free when admitting
+        self.reserve = fraction("reserve", reserve)  # of the growth to come, kept free
         self.max_running_seqs = (
             max_num_seqs * micro_batches if max_running_seqs is None else max_running_seqs
         )
@@ -331,11 +334,11 @@ class Scheduler:
         ):
             seq = self._waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
-            own = self.blocks.num_needed(seq, n)
+            need = self.blocks.num_needed(seq, n)
             if self.reserve:
-                growth += self._blocks_to_longest(seq) - own  # its own, once it holds n tokens
-                own += math.ceil(self.reserve * growth - 1e-9)
-            if own > self.blocks.num_free_blocks:
+                growth += self._blocks_to_longest(seq) - need  # its own, once it holds n tokens
+                need += math.ceil(self.reserve * growth - 1e-9)
+            if need > self.blocks.num_free_blocks:
                 break  # first come first served: nobody overtakes the head of the queue
             del self._waiting[0]
             seq.status = SequenceStatus.RUNNING

@@ -157,7 +157,9 @@ class Recovery:
 
     def _move_to(self, scheduler):
         """Adds every live request to `scheduler` in arrival order; returns it. A request that
-        no longer fits (a smaller cache, a full queue) fails with the scheduler's error."""
+        no longer fits (a smaller cache, a full queue) fails with the scheduler's error. The
+        preemption count goes on from the scheduler it replaces (a counter of the metrics)."""
+        scheduler.num_preemptions += self.engine.scheduler.num_preemptions
         for req in sorted(self.engine._requests.values(), key=lambda r: r.seq_id):
             if req.done:
                 continue

@@ -1,8 +1,8 @@
 """Prometheus metrics of a served Engine (prometheus_client), one registry per server.
 
 Counters and histograms are fed by the Frontend as requests pass; queue depth, running sequences,
-KV-block use, health and the recovery counters (worker failures, restarts, retried requests) are
-read from `engine.stats()` when /metrics is scraped, so nothing polls.
+KV-block use, health, preemptions and the recovery counters (worker failures, restarts, retried
+requests) are read from `engine.stats()` when /metrics is scraped, so nothing polls.
 """
 
 from __future__ import annotations
@@ -71,6 +71,11 @@ class EngineCollector:
                 "energon_retried_requests",
                 "Requests run again after a worker failure (retry_on_failure)",
                 "retried_requests",
+            ),
+            (
+                "energon_preemptions",
+                "Sequences preempted for KV blocks, to be recomputed (see kv_reserve)",
+                "num_preemptions",
             ),
         )
         for name, doc, key in counters:

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ from engine_helpers import (  # noqa: F401 (one_torch_thread: autouse)
 )
 
 from energon import Engine, SamplingParams, WorkerFailed
+from energon.recovery import Recovery
+from energon.scheduler import Scheduler
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -257,3 +260,11 @@ async def test_after_max_restarts_in_a_row_the_engine_fails_for_good_and_leaves_
     finally:
         await engine.shutdown()
     assert workers() == before
+
+
+def test_a_new_scheduler_goes_on_counting_preemptions_from_the_one_it_replaces():
+    old = Scheduler(8, 4)
+    old.num_preemptions = 5
+    engine = SimpleNamespace(scheduler=old, _requests={})
+    new = Recovery(engine)._move_to(Scheduler(8, 4))
+    assert new.num_preemptions == 5 and new is not old

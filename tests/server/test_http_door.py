@@ -107,6 +107,7 @@ async def test_models_health_and_metrics(server):
         "energon_queue_depth",
         "energon_kv_blocks_used",
         "energon_kv_blocks_total",
+        "energon_preemptions_total",
         "energon_time_to_first_token_seconds_count",
         "energon_time_per_output_token_seconds_count",
     ):

@@ -520,13 +520,18 @@ def test_lookahead_chains_decodes_and_loses_or_leaks_nothing(workload, rng):
 
 
 @settings(max_examples=300, deadline=None)
-@given(workloads(), st.randoms(use_true_random=False))
-def test_lookahead_over_micro_batches_loses_or_leaks_nothing(workload, rng):
+@given(workloads(), st.randoms(use_true_random=False), st.sampled_from([0.0, 0.5, 1.0]))
+def test_lookahead_over_micro_batches_loses_or_leaks_nothing(workload, rng, reserve):
     """Several micro-batches with lookahead, as the Engine runs pp > 1: up to two plans each in
-    flight, replies in the order sent (the last stage answers in order), random early stops."""
+    flight, replies in the order sent (the last stage answers in order), random early stops;
+    with room kept for growth (`reserve`), and at a full reserve no sequence is preempted."""
     config, pp, requests = workload
     sched = scheduler_for(
-        config, max_running_seqs=pp * config["max_num_seqs"], micro_batches=pp, lookahead=True
+        config,
+        max_running_seqs=pp * config["max_num_seqs"],
+        micro_batches=pp,
+        lookahead=True,
+        reserve=reserve,
     )
     chains: dict[int, int] = {}  # chained plan -> the plan it chains
 
@@ -549,6 +554,8 @@ def test_lookahead_over_micro_batches_loses_or_leaks_nothing(workload, rng):
         check=check,
     )
     assert_outputs_as_sampled(requests, finished, aborted)
+    if reserve == 1.0:
+        assert sched.num_preemptions == 0
 
 
 def test_lookahead_fills_free_micro_batches_before_chaining():
@@ -689,33 +696,6 @@ def test_reserve_keeps_a_share_of_the_running_sequences_growth_free(reserve, adm
     for i in range(6):
         sched.add(make_seq(i, 8, max_tokens=5))
     assert [seq_id for seq_id, _ in shares(sched.schedule())] == list(range(admitted))
-
-
-@settings(max_examples=200, deadline=None)
-@given(workloads(), st.randoms(use_true_random=False), st.sampled_from([0.5, 1.0]))
-def test_with_reserve_every_request_finishes_and_at_full_reserve_none_is_preempted(
-    workload, rng, reserve
-):
-    config, pp, requests = workload
-    sched = scheduler_for(
-        config,
-        max_running_seqs=pp * config["max_num_seqs"],
-        micro_batches=pp,
-        lookahead=True,
-        reserve=reserve,
-    )
-    finished, aborted = simulate(
-        sched,
-        config,
-        requests,
-        in_flight=2 * pp,
-        next_reply=lambda plans: 0,
-        ends=lambda seq: seq.num_output_tokens == seq.max_tokens,
-        check=lambda seqs, plans: None,  # the run itself checks tokens, slots and leaks
-    )
-    assert_outputs_as_sampled(requests, finished, aborted)
-    if reserve == 1.0:
-        assert sched.num_preemptions == 0
 
 
 @pytest.mark.parametrize("reserve", [-0.1, 1.5, "half", True, None])

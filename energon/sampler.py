@@ -9,8 +9,9 @@ row take its noise from its own generator:
   `mix_seed(seed, n)`, so its tokens do not depend on its batch mates or its row;
 - requests without one share the worker's generator (seed it alike on every rank that samples).
 
-Greedy rows (temperature below 1e-5, or top_k 1) are one batched argmax, with no host sync; when
-every row is greedy and none asks for logprobs it runs on the logits as they come (float16 too).
+Greedy rows (temperature below 1e-5, or top_k 1) are one batched argmax, with no host sync, over
+the logits as they come (float16 too: widening is exact and keeps the order, so the token is the
+same); only the rows drawn are copied to float32.
 Logprobs are those of the raw model distribution, log_softmax(logits) computed in float64, as
 vLLM reports them: not the temperature-scaled or truncated distribution the token was drawn from.
 """
@@ -97,13 +98,6 @@ class Sampler:
         device = logits.device
         greedy = [p["temperature"] < GREEDY_BELOW or p["top_k"] == 1 for p in params]
         rows = [i for i in range(batch) if not greedy[i]]
-        wants_logprobs = any(int(p["logprobs"]) > 0 for p in params)
-
-        if not rows and not wants_logprobs:
-            # Widening to float32 is exact and keeps the order, so the argmax of the model's own
-            # (half-precision) logits is the same token, without a float32 copy of the batch.
-            return logits.argmax(dim=-1), None
-        logits = logits.float()
         if not rows:
             token_ids = logits.argmax(dim=-1)
         else:
@@ -119,9 +113,9 @@ class Sampler:
         """Token ids for the rows `rows` of logits, which are not greedy."""
         device = logits.device
         if len(rows) == logits.shape[0]:
-            x = logits.clone()
+            x = logits.to(torch.float32, copy=True)  # scaled and masked in place below
         else:
-            x = logits.index_select(0, to_device(rows, torch.int64, device))
+            x = logits.index_select(0, to_device(rows, torch.int64, device)).float()
         temperature = to_device([float(p["temperature"]) for p in params], torch.float32, device)
         x.div_(temperature.unsqueeze(-1))
 

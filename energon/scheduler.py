@@ -324,7 +324,9 @@ class Scheduler:
                 continue  # sits this step out, keeping its blocks
             chosen.append(self._take(seq, n, start, chain_row=row))
             budget -= n
-        growth = self._growth_of_running() if self.reserve and self._waiting else 0
+        growth = 0  # blocks the running sequences would still take (only with a reserve)
+        if self.reserve and self._waiting:
+            growth = sum(map(self._blocks_to_longest, self._running))
         while (
             not short_of_blocks
             and self._waiting
@@ -359,9 +361,6 @@ class Scheduler:
         """Blocks `seq` would still take to hold prompt + max_tokens - 1 tokens (the last
         generated token is never cached)."""
         return self.blocks.num_needed(seq, seq.num_prompt_tokens + seq.max_tokens - 1)
-
-    def _growth_of_running(self) -> int:
-        return sum(self._blocks_to_longest(s) for s in self._running)
 
     def _fair_share(self, idle: int, refills: bool = False) -> int:
         """Sequences one step may take: with several micro-batches, an even share of the

@@ -138,7 +138,8 @@ class Request:
         self._sent_chars = max(self._sent_chars, upto)
         self._sent_tokens = len(self.token_ids)
         logprobs = self.logprobs[start:] if self.logprobs is not None else None
-        self.pieces.put_nowait(StreamPiece(text, ids, finish_reason, logprobs))
+        timings = self.timings() if finish_reason is not None else None
+        self.pieces.put_nowait(StreamPiece(text, ids, finish_reason, logprobs, timings))
 
     def completion(self) -> Completion:
         """The finished request as a Completion (text, token ids, finish reason, usage, timings)."""

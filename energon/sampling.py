@@ -207,6 +207,15 @@ class TokenLogprob:
         top = list(zip(row["top_ids"], row["top_logprobs"], strict=True))
         return cls(row["token_id"], row["logprob"], top)
 
+    def to_wire(self) -> dict:
+        """The row `from_wire` reads back, as plain msgpack types (the ZeroMQ door sends it)."""
+        return {
+            "token_id": self.token_id,
+            "logprob": self.logprob,
+            "top_ids": [t for t, _ in self.top],
+            "top_logprobs": [lp for _, lp in self.top],
+        }
+
 
 @dataclass
 class Completion:
@@ -225,12 +234,14 @@ class Completion:
 class StreamPiece:
     """What `Engine.stream` yields: text and token ids new since the previous piece (text may be
     empty while a multi-byte character or a possible stop string is held back); the last piece
-    carries finish_reason."""
+    carries finish_reason and the request's timings. `logprobs` (when asked for) has one entry
+    per id of `token_ids`."""
 
     text: str
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] | None = None
+    timings: Timings | None = None
 
 
 CompletionChunk = StreamPiece

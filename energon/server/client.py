@@ -30,6 +30,8 @@ from energon.server.messages import (
     encode_abort,
     encode_generate,
     error_from_reply,
+    logprobs_from_reply,
+    timings_from_final,
 )
 
 _HANDSHAKE_FAILED = (
@@ -114,12 +116,14 @@ class Client:
     ) -> Completion:
         """The whole completion. Raises the server's error (InvalidRequest, Overloaded,
         Unauthorized, ...); cancelling the awaiting task aborts the request on the server."""
-        text, ids = [], []
+        text, ids, logprobs = [], [], None
         async for msg in self._request(prompt, params, stream=False):
             text.append(msg["text"])
             ids.extend(msg["token_ids"])
+            if (rows := logprobs_from_reply(msg)) is not None:
+                logprobs = (logprobs or []) + rows
             if msg["type"] == "final":
-                return completion_from_final(msg, "".join(text), ids)
+                return completion_from_final(msg, "".join(text), ids, logprobs)
         raise EnergonError("the server ended the request without a final reply")
 
     async def stream(
@@ -128,7 +132,14 @@ class Client:
         """Pieces as the server sends them; the last has finish_reason. Raises like `infer`;
         closing the iteration early aborts the request on the server."""
         async for msg in self._request(prompt, params, stream=True):
-            yield StreamPiece(msg["text"], msg["token_ids"], msg.get("finish_reason"))
+            final = msg["type"] == "final"
+            yield StreamPiece(
+                msg["text"],
+                msg["token_ids"],
+                msg.get("finish_reason"),
+                logprobs_from_reply(msg),
+                timings_from_final(msg) if final else None,
+            )
 
     async def _request(self, prompt, params, stream: bool) -> AsyncIterator[dict]:
         sock = self._connect()

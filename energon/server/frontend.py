@@ -149,6 +149,7 @@ class Generation:
         self.last_token: float | None = None
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.queued_s = 0.0  # the Engine's measure, from the last piece
 
     @property
     def usage(self) -> Usage:
@@ -160,7 +161,7 @@ class Generation:
         per = 0.0
         if self.completion_tokens > 1:
             per = (self.last_token - self.first_token) / (self.completion_tokens - 1)
-        return Timings(queued_s=0.0, first_token_s=first, per_output_token_s=per)
+        return Timings(queued_s=self.queued_s, first_token_s=first, per_output_token_s=per)
 
     @property
     def abort_message(self) -> str | None:
@@ -188,6 +189,8 @@ class Generation:
                     self.completion_tokens += len(piece.token_ids)
                 if piece.finish_reason is not None:
                     self.finish_reason = piece.finish_reason
+                    if piece.timings is not None:
+                        self.queued_s = piece.timings.queued_s
                     outcome = "ok" if piece.finish_reason != "abort" else "aborted"
                 yield piece
         except BaseException as exc:

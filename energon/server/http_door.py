@@ -18,6 +18,7 @@ from aiohttp import web
 from energon.errors import EnergonError, InvalidRequest
 from energon.server.frontend import Frontend, Generation
 from energon.server.messages import NotFound, ServerError, TooLarge, describe_error
+from energon.server.openai_logprobs import LogprobsRenderer
 from energon.server.openai_schema import (
     DeltaTemplate,
     OpenAIRequest,
@@ -132,6 +133,12 @@ class OpenAIHandlers:
 
     # ------------------------------------------------------------------------------ generation
 
+    def _renderer(self, parsed: OpenAIRequest) -> LogprobsRenderer | None:
+        """A choice's logprobs renderer, or None when the request asked for none."""
+        if parsed.top_logprobs is None:
+            return None
+        return LogprobsRenderer(self.fe.engine.tokenizer, parsed.top_logprobs, parsed.chat)
+
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         fe = self.fe
         try:
@@ -149,7 +156,7 @@ class OpenAIHandlers:
         if parsed.stream:
             return await self._stream(request, req_id, parsed, gens[0])
         try:
-            results = await _gather_all(_collect(g) for g in gens)
+            results = await _gather_all(_collect(g, self._renderer(parsed)) for g in gens)
         except EnergonError as exc:
             return error_response(exc)
         usage = gens[0].usage
@@ -165,6 +172,7 @@ class OpenAIHandlers:
         self, request: web.Request, req_id: str, parsed: OpenAIRequest, gen: Generation
     ) -> web.StreamResponse:
         model, chat = self.fe.model_name, parsed.chat
+        renderer = self._renderer(parsed)
         pieces = gen.__aiter__()
         try:
             # The Engine checks the prompt (length, Overloaded) at the first step: answer those
@@ -176,39 +184,52 @@ class OpenAIHandlers:
         try:
             await resp.prepare(request)
             middle = DeltaTemplate(req_id, model, chat)
-            data = chunk(req_id, model, chat, piece.text, piece.finish_reason, first=True)
-            await resp.write(b"data: " + _dumps(data) + b"\n\n")
-            while piece.finish_reason is None:
-                piece = await pieces.__anext__()
-                if piece.finish_reason is not None:
-                    data = chunk(req_id, model, chat, piece.text, piece.finish_reason)
-                    await resp.write(b"data: " + _dumps(data) + b"\n\n")
+            first = True
+            while True:
+                # The first and last chunks, and (with logprobs) every one that brings tokens,
+                # are rendered whole; the middle ones from the template.
+                if first or piece.finish_reason is not None or (renderer and piece.token_ids):
+                    logprobs = renderer.render(piece.logprobs) if renderer else None
+                    data = chunk(
+                        req_id, model, chat, piece.text, piece.finish_reason,
+                        first=first, logprobs=logprobs,
+                    )  # fmt: skip
+                    await resp.write(_event(data))
                 elif piece.text:
                     await resp.write(middle.render(piece.text))
+                if piece.finish_reason is not None:
+                    break
+                piece, first = await pieces.__anext__(), False
             if parsed.include_usage:
-                data = chunk(req_id, model, chat, None, usage=gen.usage)
-                await resp.write(b"data: " + _dumps(data) + b"\n\n")
+                await resp.write(_event(chunk(req_id, model, chat, None, usage=gen.usage)))
             await resp.write(DONE)
         except (ConnectionError, asyncio.CancelledError):
             raise  # the client went away: closing `pieces` below aborts the request
         except EnergonError as exc:  # e.g. a worker failed mid-stream: say so, then end
             status, kind, field, message = describe_error(exc)
-            await resp.write(b"data: " + _dumps(error_body(status, kind, field, message)) + b"\n\n")
+            await resp.write(_event(error_body(status, kind, field, message)))
             await resp.write(DONE)
         finally:
             await pieces.aclose()
         return resp
 
 
+def _event(obj) -> bytes:
+    """One server-sent event carrying `obj` as JSON."""
+    return b"data: " + _dumps(obj) + b"\n\n"
+
+
 def _json_str(obj) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
-async def _collect(gen: Generation) -> tuple[str, str]:
-    parts = []
+async def _collect(gen: Generation, renderer: LogprobsRenderer | None) -> tuple[str, str, dict]:
+    parts, logprobs = [], []
     async for piece in gen:
         parts.append(piece.text)
-    return "".join(parts), gen.finish_reason or "abort"
+        logprobs.extend(piece.logprobs or ())
+    rendered = renderer.render(logprobs) if renderer else None
+    return "".join(parts), gen.finish_reason or "abort", rendered
 
 
 async def _gather_all(coros) -> list:

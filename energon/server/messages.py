@@ -13,6 +13,8 @@ A client is a DEALER; the server is a ROUTER. Every message is one msgpack frame
       {"v": 1, "type": "final", "id": 7, "text": "...", "token_ids": [...],
        "finish_reason": "stop" | "length" | "abort", "usage": {...}, "timings": {...},
        "message": null | "why it was aborted"}
+      (with params.logprobs = k, deltas and the final also carry "logprobs": one
+       {"token_id", "logprob", "top_ids", "top_logprobs"} per id of their "token_ids")
       {"v": 1, "type": "error", "id": 7 | null, "status": 400, "kind": "invalid_request",
        "field": "max_tokens" | null, "message": "max_tokens must be an int >= 1 (got 0)"}
 
@@ -29,7 +31,14 @@ from typing import Any
 import msgpack
 
 from energon.errors import EnergonError, InvalidRequest, Overloaded, WorkerFailed
-from energon.sampling import Completion, SamplingParams, StreamPiece, Timings, Usage
+from energon.sampling import (
+    Completion,
+    SamplingParams,
+    StreamPiece,
+    Timings,
+    TokenLogprob,
+    Usage,
+)
 
 VERSION = 1
 MAX_ID_CHARS = 64
@@ -267,16 +276,21 @@ def params_to_dict(params: SamplingParams) -> dict:
 # ------------------------------------------------------------------------------ server -> client
 
 
+def _logprob_rows(logprobs: list[TokenLogprob] | None) -> list[dict] | None:
+    return None if logprobs is None else [lp.to_wire() for lp in logprobs]
+
+
 def encode_delta(request_id: int | str, piece: StreamPiece) -> bytes:
-    return msgpack.packb(
-        {
-            "v": VERSION,
-            "type": "delta",
-            "id": request_id,
-            "text": piece.text,
-            "token_ids": piece.token_ids,
-        }
-    )
+    msg = {
+        "v": VERSION,
+        "type": "delta",
+        "id": request_id,
+        "text": piece.text,
+        "token_ids": piece.token_ids,
+    }
+    if piece.logprobs is not None:
+        msg["logprobs"] = _logprob_rows(piece.logprobs)
+    return msgpack.packb(msg)
 
 
 def encode_final(
@@ -287,28 +301,30 @@ def encode_final(
     usage: Usage,
     timings: Timings,
     message: str | None = None,
+    logprobs: list[TokenLogprob] | None = None,
 ) -> bytes:
-    return msgpack.packb(
-        {
-            "v": VERSION,
-            "type": "final",
-            "id": request_id,
-            "text": text,
-            "token_ids": token_ids,
-            "finish_reason": finish_reason,
-            "usage": {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.total_tokens,
-            },
-            "timings": {
-                "queued_s": timings.queued_s,
-                "first_token_s": timings.first_token_s,
-                "per_output_token_s": timings.per_output_token_s,
-            },
-            "message": message,
-        }
-    )
+    msg = {
+        "v": VERSION,
+        "type": "final",
+        "id": request_id,
+        "text": text,
+        "token_ids": token_ids,
+        "finish_reason": finish_reason,
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+        },
+        "timings": {
+            "queued_s": timings.queued_s,
+            "first_token_s": timings.first_token_s,
+            "per_output_token_s": timings.per_output_token_s,
+        },
+        "message": message,
+    }
+    if logprobs is not None:
+        msg["logprobs"] = _logprob_rows(logprobs)
+    return msgpack.packb(msg)
 
 
 def encode_error(request_id: int | str | None, exc: BaseException) -> bytes:
@@ -334,18 +350,32 @@ def decode_reply(frame: bytes) -> dict:
     return msg
 
 
-def completion_from_final(msg: dict, text: str, token_ids: list[int]) -> Completion:
-    """A Completion from a final reply; `text` / `token_ids` are everything received."""
-    usage = msg.get("usage") or {}
+def logprobs_from_reply(msg: dict) -> list[TokenLogprob] | None:
+    """A delta's or final's logprobs (None when the request asked for none)."""
+    rows = msg.get("logprobs")
+    return None if rows is None else [TokenLogprob.from_wire(row) for row in rows]
+
+
+def timings_from_final(msg: dict) -> Timings:
     timings = msg.get("timings") or {}
+    return Timings(
+        timings.get("queued_s", 0.0),
+        timings.get("first_token_s", 0.0),
+        timings.get("per_output_token_s", 0.0),
+    )
+
+
+def completion_from_final(
+    msg: dict, text: str, token_ids: list[int], logprobs: list[TokenLogprob] | None = None
+) -> Completion:
+    """A Completion from a final reply; `text` / `token_ids` / `logprobs` are everything
+    received."""
+    usage = msg.get("usage") or {}
     return Completion(
         text=text,
         token_ids=token_ids,
         finish_reason=msg["finish_reason"],
         usage=Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", len(token_ids))),
-        timings=Timings(
-            timings.get("queued_s", 0.0),
-            timings.get("first_token_s", 0.0),
-            timings.get("per_output_token_s", 0.0),
-        ),
+        logprobs=logprobs,
+        timings=timings_from_final(msg),
     )

@@ -2,8 +2,10 @@
 SamplingParams), and Energon's results -> OpenAI's response and stream-chunk objects.
 
 Validation is strict about types (a string max_tokens is a 400 naming the field) and about
-features Energon does not have (n > 1, penalties, logit_bias, logprobs, echo, suffix): those are
-refused with a message rather than silently ignored. Unknown fields are ignored, as OpenAI does.
+features Energon does not have (n > 1, penalties, logit_bias, echo, suffix, and vLLM's
+min_tokens, repetition_penalty, min_p, beam search): those are refused with a message rather than
+silently ignored. vLLM's `top_k`, `stop_token_ids` and `ignore_eos` are served. Other unknown
+fields are ignored, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import uuid
 from dataclasses import dataclass
 
 from energon.errors import InvalidRequest
-from energon.sampling import SamplingParams, Usage
+from energon.sampling import MAX_LOGPROBS, SamplingParams, Usage
 from energon.server.chat import parse_messages, render_chat
 from energon.server.frontend import Limits
 from energon.server.messages import NotFound
+from energon.server.openai_logprobs import engine_logprobs
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class OpenAIRequest:
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with usage
     chat: bool
+    top_logprobs: int | None = None  # alternatives shown per token; None: no logprobs at all
 
 
 def parse_completion(body: dict, limits: Limits, model_name: str) -> OpenAIRequest:
@@ -42,17 +46,17 @@ def parse_completion(body: dict, limits: Limits, model_name: str) -> OpenAIReque
         raise InvalidRequest("suffix", "is not supported by Energon")
     if body.get("best_of") not in (None, 1):
         raise InvalidRequest("best_of", f"must be 1 (got {body.get('best_of')!r})")
-    if body.get("logprobs") not in (None, 0):
-        raise InvalidRequest("logprobs", "is not supported by Energon's HTTP door yet")
+    top_logprobs = _count(body, "logprobs")
     stream = _bool(body, "stream")
     if stream and len(prompts) > 1:
         raise InvalidRequest("prompt", "must be a single prompt when stream is true")
     return OpenAIRequest(
         prompts=prompts,
-        params=_params(body, body.get("max_tokens", 16), "max_tokens"),
+        params=_params(body, body.get("max_tokens", 16), "max_tokens", top_logprobs),
         stream=stream,
         include_usage=_include_usage(body, stream),
         chat=False,
+        top_logprobs=top_logprobs,
     )
 
 
@@ -61,8 +65,11 @@ def parse_chat(body: dict, limits: Limits, model_name: str, tokenizer) -> OpenAI
     parse_completion."""
     _check_model(body, model_name)
     prompt = render_chat(tokenizer, parse_messages(body.get("messages")))
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
-        raise InvalidRequest("logprobs", "is not supported by Energon's HTTP door yet")
+    top_logprobs = _count(body, "top_logprobs")
+    if _bool(body, "logprobs"):
+        top_logprobs = top_logprobs or 0
+    elif top_logprobs is not None:
+        raise InvalidRequest("top_logprobs", "needs logprobs set to true")
     for name in ("tools", "functions", "response_format"):
         if body.get(name):
             raise InvalidRequest(name, "is not supported by Energon")
@@ -73,10 +80,11 @@ def parse_chat(body: dict, limits: Limits, model_name: str, tokenizer) -> OpenAI
     stream = _bool(body, "stream")
     return OpenAIRequest(
         prompts=[prompt],
-        params=_params(body, max_tokens, field),
+        params=_params(body, max_tokens, field, top_logprobs),
         stream=stream,
         include_usage=_include_usage(body, stream),
         chat=True,
+        top_logprobs=top_logprobs,
     )
 
 
@@ -128,6 +136,16 @@ def _bool(body: dict, name: str) -> bool:
     return value
 
 
+def _count(body: dict, name: str) -> int | None:
+    """An optional int in [0, MAX_LOGPROBS]: how many alternatives to show per token."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
+        raise InvalidRequest(name, f"must be an int in [0, {MAX_LOGPROBS}] (got {value!r})")
+    return value
+
+
 def _include_usage(body: dict, stream: bool) -> bool:
     options = body.get("stream_options")
     if options is None:
@@ -139,25 +157,43 @@ def _include_usage(body: dict, stream: bool) -> bool:
     return _bool(options, "include_usage")
 
 
-def _params(body: dict, max_tokens, max_tokens_field: str) -> SamplingParams:
+# Sampling controls Energon does not have, with the value that means "off": anything else is
+# refused, since ignoring it would answer a different question than the one asked.
+_UNSUPPORTED = {
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "repetition_penalty": 1,  # vLLM's extensions from here on
+    "min_tokens": 0,
+    "min_p": 0,
+    "use_beam_search": False,
+    "include_stop_str_in_output": False,
+}
+
+
+def _params(
+    body: dict, max_tokens, max_tokens_field: str, top_logprobs: int | None
+) -> SamplingParams:
     if body.get("n") not in (None, 1):
         raise InvalidRequest("n", f"must be 1 (got {body.get('n')!r})")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise InvalidRequest(name, "is not supported by Energon (only 0)")
+    for name, off in _UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and (value != off or isinstance(value, bool) != isinstance(off, bool)):
+            raise InvalidRequest(name, f"is not supported by Energon (only {json.dumps(off)})")
     if body.get("logit_bias"):
         raise InvalidRequest("logit_bias", "is not supported by Energon")
     fields = {
         "temperature": body.get("temperature"),
         "top_p": body.get("top_p"),
-        "top_k": body.get("top_k"),  # an extension (vLLM's too)
+        "top_k": body.get("top_k"),  # extensions, as in vLLM
         "seed": body.get("seed"),
         "stop": body.get("stop"),
+        "stop_token_ids": body.get("stop_token_ids"),
         "ignore_eos": body.get("ignore_eos"),
     }
     kwargs = {k: v for k, v in fields.items() if v is not None}
     if max_tokens is not None:
         kwargs["max_tokens"] = max_tokens
+    kwargs["logprobs"] = engine_logprobs(top_logprobs)
     try:
         return SamplingParams(**kwargs)
     except InvalidRequest as exc:
@@ -182,23 +218,28 @@ def usage_dict(usage: Usage) -> dict:
 
 
 def response(
-    req_id: str, model: str, chat: bool, choices: list[tuple[str, str]], usage: Usage
+    req_id: str,
+    model: str,
+    chat: bool,
+    choices: list[tuple[str, str, dict | None]],
+    usage: Usage,
 ) -> dict:
-    """A whole (non-streamed) response; `choices` are (text, finish_reason) in prompt order."""
+    """A whole (non-streamed) response; `choices` are (text, finish_reason, logprobs object or
+    None) in prompt order."""
     if chat:
         rows = [
             {
                 "index": i,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": reason,
             }
-            for i, (text, reason) in enumerate(choices)
+            for i, (text, reason, logprobs) in enumerate(choices)
         ]
     else:
         rows = [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason) in enumerate(choices)
+            {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
+            for i, (text, reason, logprobs) in enumerate(choices)
         ]
     return {
         "id": req_id,
@@ -219,8 +260,10 @@ def chunk(
     *,
     first: bool = False,
     usage: Usage | None = None,
+    logprobs: dict | None = None,
 ) -> dict:
-    """One stream chunk. `text=None` with usage gives the usage-only last chunk (no choices)."""
+    """One stream chunk. `text=None` with usage gives the usage-only last chunk (no choices);
+    `logprobs` is the object of the chunk's tokens (openai_logprobs)."""
     out = {
         "id": req_id,
         "object": "chat.completion.chunk" if chat else "text_completion",
@@ -235,9 +278,19 @@ def chunk(
         delta = {"role": "assistant", "content": text or ""} if first else {}
         if text and not first:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+        }
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {
+            "index": 0,
+            "text": text or "",
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+        }
     out["choices"] = [choice]
     return out
 

@@ -155,6 +155,7 @@ class ZmqDoor:
     async def _serve(self, peer: bytes, msg: GenerateRequest, gen: Generation) -> None:
         pieces = gen.__aiter__()
         text, ids = [], []
+        logprobs = [] if msg.params.logprobs else None
         try:
             async for piece in pieces:
                 if msg.stream and piece.finish_reason is None:
@@ -165,6 +166,8 @@ class ZmqDoor:
                     continue
                 text.append(piece.text)
                 ids.extend(piece.token_ids)
+                if logprobs is not None and piece.logprobs:
+                    logprobs.extend(piece.logprobs)
             final = encode_final(
                 msg.id,
                 "".join(text),
@@ -173,6 +176,7 @@ class ZmqDoor:
                 gen.usage,
                 gen.timings,
                 gen.abort_message,
+                logprobs,
             )
             await self._send(peer, final)
         except asyncio.CancelledError:  # aborted by the client (or the door is closing)

@@ -80,3 +80,16 @@ def test_an_aborted_infer_call_keeps_the_text_of_the_tokens_it_got():
         assert [req.on_token(t) for t in tok.encode("hé")] == [False, False, False]
         req.abort()
         assert (req.completion().text, req.finish_reason) == ("hé", "abort")
+
+
+def test_only_the_last_piece_carries_the_timings_of_the_completion():
+    tok = ByteTokenizer()
+    req = Request(0, [97], SamplingParams(max_tokens=3), tok, stream=True)
+    req.on_scheduled()
+    for token in (98, 99, 100):
+        req.on_token(token)
+    pieces = drain(req)
+    assert [p.timings for p in pieces[:-1]] == [None] * (len(pieces) - 1)
+    last = pieces[-1].timings
+    assert last == req.completion().timings
+    assert 0 <= last.queued_s <= last.first_token_s and last.per_output_token_s > 0

@@ -240,6 +240,7 @@ CHAT = {
 }
 EXTRAS = ["n", "logprobs", "echo", "suffix", "best_of", "presence_penalty", "frequency_penalty"]
 EXTRAS += ["logit_bias", "stream_options", "top_logprobs", "tools", "response_format", "zz"]
+EXTRAS += ["stop_token_ids", "repetition_penalty", "min_tokens", "min_p"]
 
 
 @st.composite

@@ -9,6 +9,7 @@ import pytest
 
 from energon import SamplingParams
 from energon.server.client import Client
+from energon.tokenizer import ByteTokenizer
 
 BODY = {"model": "tiny", "prompt": "Hello", "max_tokens": 8, "temperature": 0}
 
@@ -91,6 +92,58 @@ async def test_chat_uses_the_fallback_template_and_streams(server):
     assert events[-1]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
 
 
+async def test_completion_logprobs_equal_the_zmq_doors_in_whole_and_streamed(server):
+    body = {**BODY, "max_tokens": 6, "ignore_eos": True, "logprobs": 3}
+    _, whole = await post(server, "/v1/completions", body)
+    async with Client(server.zmq) as client:
+        ref = await client.infer("Hello", SamplingParams(max_tokens=6, temperature=0, logprobs=3, ignore_eos=True))  # fmt: skip
+    (choice,) = whole["choices"]
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == choice["text"]  # one byte (ASCII here) per token
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(6)]
+    assert lp["token_logprobs"] == pytest.approx([r.logprob for r in ref.logprobs], abs=1e-6)
+    for top, r in zip(lp["top_logprobs"], ref.logprobs, strict=True):
+        # keyed by token string: ids that are half a character each all show as U+FFFD
+        strings = {ByteTokenizer().decode([t]): v for t, v in reversed(r.top)}
+        assert len(r.top) == 3 and top == pytest.approx(strings, abs=1e-6)
+    # greedy: the chosen token is the most likely one
+    assert lp["token_logprobs"] == [max(top.values()) for top in lp["top_logprobs"]]
+
+    events = await sse(server, "/v1/completions", {**body, "stream": True})
+    streamed = {k: [x for e in events for x in e["choices"][0]["logprobs"][k]] for k in lp}
+    assert streamed == lp
+
+
+async def test_chat_logprobs_show_the_asked_alternatives(server):
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    chat.update(temperature=0, ignore_eos=True, logprobs=True, top_logprobs=2)
+    status, body = await post(server, "/v1/chat/completions", chat)
+    assert status == 200, body
+    (choice,) = body["choices"]
+    content = choice["logprobs"]["content"]
+    assert "".join(c["token"] for c in content) == choice["message"]["content"]
+    for c in content:
+        assert bytes(c["bytes"]).decode() == c["token"]
+        assert [a["token"] for a in c["top_logprobs"]][:1] == [c["token"]]
+        assert len(c["top_logprobs"]) == 2 and c["logprob"] == c["top_logprobs"][0]["logprob"]
+    events = await sse(server, "/v1/chat/completions", {**chat, "stream": True})
+    assert [
+        c for e in events for c in (e["choices"][0]["logprobs"] or {}).get("content", [])
+    ] == content
+
+
+async def test_stop_token_ids_end_the_completion_at_that_token(server):
+    _, free = await post(server, "/v1/completions", {**BODY, "ignore_eos": True})
+    text = free["choices"][0]["text"]
+    stop_at = ord(text[3])  # the byte tokenizer: one id per (ASCII) character
+    _, stopped = await post(
+        server, "/v1/completions", {**BODY, "ignore_eos": True, "stop_token_ids": [stop_at]}
+    )
+    (choice,) = stopped["choices"]
+    assert choice["finish_reason"] == "stop"
+    assert choice["text"] == text[: text.index(text[3])]
+
+
 async def test_models_health_and_metrics(server):
     async with aiohttp.ClientSession() as s:
         async with s.get(server.http + "/v1/models") as resp:
@@ -147,6 +200,8 @@ async def test_a_client_that_disconnects_mid_stream_aborts_its_request(server):
         ({**BODY, "stop": [1]}, "stop"),
         ({**BODY, "prompt": [999]}, "prompt"),
         ({**BODY, "presence_penalty": 1.0}, "presence_penalty"),
+        ({**BODY, "repetition_penalty": 1.1}, "repetition_penalty"),
+        ({**BODY, "stop_token_ids": [100_000]}, "stop_token_ids"),
         ([1, 2], "body"),
     ],
 )

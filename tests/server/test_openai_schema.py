@@ -93,3 +93,56 @@ def test_chat_stream_chunks_carry_role_first_then_content():
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert later["choices"][0]["delta"] == {"content": "ab"}
     assert later["choices"][0]["finish_reason"] == "length"
+
+
+def test_logprobs_ask_the_engine_for_at_least_the_chosen_tokens():
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        (parse_completion({"prompt": "x", "logprobs": 3}, LIMITS, "tiny"), 3, 3),
+        (parse_completion({"prompt": "x", "logprobs": 0}, LIMITS, "tiny"), 0, 1),
+        (parse_completion({"prompt": "x"}, LIMITS, "tiny"), None, 0),
+        (parse_chat({**chat, "logprobs": True}, LIMITS, "tiny", PlainTokenizer()), 0, 1),
+        (
+            parse_chat(
+                {**chat, "logprobs": True, "top_logprobs": 5}, LIMITS, "tiny", PlainTokenizer()
+            ),
+            5,
+            5,
+        ),
+        (parse_chat({**chat, "logprobs": False}, LIMITS, "tiny", PlainTokenizer()), None, 0),
+    ]
+    for req, shown, asked in cases:
+        assert (req.top_logprobs, req.params.logprobs) == (shown, asked)
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "logprobs": "2"}, "logprobs"),
+        ({"prompt": "x", "logprobs": True}, "logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
+        ({"prompt": "x", "repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"prompt": "x", "min_tokens": 4}, "min_tokens"),
+        ({"prompt": "x", "min_tokens": False}, "min_tokens"),
+        ({"prompt": "x", "min_p": 0.1}, "min_p"),
+        ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+        ({"prompt": "x", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
+        ({"prompt": "x", "stop_token_ids": "7"}, "stop_token_ids"),
+        ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
+    ],
+)
+def test_unsupported_or_malformed_sampling_fields_are_refused_by_name(body, field):
+    with pytest.raises(InvalidRequest) as info:
+        if "messages" in body:
+            parse_chat(body, LIMITS, "tiny", PlainTokenizer())
+        else:
+            parse_completion(body, LIMITS, "tiny")
+    assert info.value.field == field
+
+
+def test_vllm_fields_at_their_neutral_values_and_stop_token_ids_are_served():
+    body = {"prompt": "x", "repetition_penalty": 1.0, "min_tokens": 0, "min_p": 0.0}
+    req = parse_completion({**body, "stop_token_ids": [7, 9], "ignore_eos": True}, LIMITS, "tiny")
+    assert req.params.stop_token_ids == (7, 9) and req.params.ignore_eos

@@ -35,6 +35,19 @@ async def test_stream_concatenates_to_the_same_completion(server):
     assert [t for p in pieces for t in p.token_ids] == whole.token_ids
 
 
+async def test_logprobs_and_timings_come_through_infer_and_stream(server):
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=2)
+    async with Client(server.zmq) as client:
+        whole = await client.infer("Hello", params)
+        pieces = [p async for p in client.stream("Hello", params)]
+    assert [lp.token_id for lp in whole.logprobs] == whole.token_ids
+    assert all(lp.top[0] == (lp.token_id, lp.logprob) and len(lp.top) == 2 for lp in whole.logprobs)
+    assert [lp for p in pieces for lp in p.logprobs] == whole.logprobs
+    for done in (whole.timings, pieces[-1].timings):
+        assert 0 <= done.queued_s <= done.first_token_s and done.per_output_token_s > 0
+    assert [p.timings for p in pieces[:-1]] == [None] * (len(pieces) - 1)
+
+
 async def test_token_id_prompt_equals_text_prompt(server):
     async with Client(server.zmq) as client:
         by_text = await client.infer("Hi!", GREEDY)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import numbers
 import os
 import time
@@ -37,7 +38,7 @@ from energon.actors import ActorGroup
 from energon.actors.transport import free_port
 from energon.errors import CheckpointError, EnergonError, InvalidRequest, RemoteError, WorkerFailed
 from energon.launchers import check_launcher, start_remote_workers
-from energon.models.registry import context_window, resolve
+from energon.models.registry import context_window, num_layers, resolve
 from energon.parallel.topology import NO_MULTICAST_ENV
 from energon.recovery import Recovery
 from energon.request import Request
@@ -88,6 +89,35 @@ def _positive(field: str, value, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise InvalidRequest(field, f"must be an int >= {low} (got {value!r})")
     return value
+
+
+def _seconds(field: str, value) -> float:
+    """A positive, finite number of seconds; InvalidRequest naming `field` otherwise."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidRequest(field, f"must be a positive number of seconds (got {value!r})")
+    return float(value)
+
+
+def _splits(value, pp: int) -> list[int] | None:
+    """stage_splits as a list of pp layer counts >= 1 (their sum is checked against the model
+    at start); None stays None."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, str | bytes)
+        or not isinstance(value, Sequence)
+        or len(value) != pp
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in value)
+    ):
+        raise InvalidRequest(
+            "stage_splits", f"must be {pp} ints >= 1, one layer count per stage (got {value!r})"
+        )
+    return list(value)
 
 
 def default_batch_tokens(pp: int) -> int:
@@ -188,7 +218,7 @@ class Engine:
         # preempts (recomputes) the newest when it runs out
         self.kv_reserve = fraction("kv_reserve", kv_reserve)
         self.block_size = _positive("block_size", block_size)
-        self.stage_splits = list(stage_splits) if stage_splits is not None else None
+        self.stage_splits = _splits(stage_splits, self.pp)
         if lookahead not in (True, False):
             raise InvalidRequest("lookahead", f"must be True or False (got {lookahead!r})")
         self.max_steps_in_flight = _positive(
@@ -200,8 +230,8 @@ class Engine:
         # Chained decode steps (the module docstring); at pp=1 for one micro-batch only.
         self.lookahead = lookahead and (pp > 1 or self.max_steps_in_flight == 1)
         self.seed = _positive("seed", seed, low=0)
-        self.heartbeat_timeout = heartbeat_timeout
-        self.start_timeout = start_timeout
+        self.heartbeat_timeout = _seconds("heartbeat_timeout", heartbeat_timeout)
+        self.start_timeout = _seconds("start_timeout", start_timeout)
         self.worker_env = dict(worker_env or {})
         if progress not in (None, True, False):
             raise InvalidRequest(
@@ -247,6 +277,7 @@ class Engine:
         # Reading config.json and tokenizer.json (megabytes for large vocabularies) is file I/O:
         # a thread does it, so the loop of a server the Engine starts in keeps serving.
         spec = await asyncio.to_thread(resolve, self.model)
+        self._check_layers(num_layers(spec.config))
         self.config = spec.config
         self.vocab_size = int(spec.config["vocab_size"])
         self.tokenizer = await asyncio.to_thread(engine_tokenizer, spec.folder, self.vocab_size)
@@ -274,6 +305,19 @@ class Engine:
             f"{self.scheduler.blocks.capacity_tokens} KV-cache tokens"
         )
         return self
+
+    def _check_layers(self, layers: int | None) -> None:
+        """pp and stage_splits against the model's layer count, before any worker is spawned."""
+        if layers is None:
+            return  # the workers' model build says what is wrong
+        if self.pp > layers:
+            raise InvalidRequest("pp", f"must be <= the model's {layers} layers (got {self.pp})")
+        if self.stage_splits is not None and sum(self.stage_splits) != layers:
+            raise InvalidRequest(
+                "stage_splits",
+                f"must sum to the model's {layers} layers (got {self.stage_splits}, "
+                f"{sum(self.stage_splits)} layers)",
+            )
 
     async def _bring_up(self, progress: StartupProgress) -> int:
         """Spawns the workers, loads their shards, borrows pool memory and sizes the KV cache,

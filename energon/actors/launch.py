@@ -26,6 +26,13 @@ PR_SET_PDEATHSIG = 1
 # Set in a worker started by `energon worker` (or Ray) to the controller address it dials, so that
 # what must reach the controller's host again (the rendezvous store) uses the same host name.
 CONTROLLER_ENV = "ENERGON_CONTROLLER"
+# The exit status of a spawned worker whose re-import of the parent's main script tried to start
+# workers of its own: the script starts an Engine at import time (no __main__ guard).
+UNGUARDED_MAIN_EXIT = 78
+UNGUARDED_MAIN_HINT = (
+    "the worker process imports your main script, and the script starts an Engine (or actor "
+    'group) when imported: put that under `if __name__ == "__main__":`'
+)
 
 
 def start_worker(
@@ -44,6 +51,13 @@ def start_worker(
     library reads as it is imported (torch reads OMP_NUM_THREADS) can arrive too late: the
     Engine's workers set their threads themselves (energon.runner.worker_threads).
     """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # We are a spawned worker re-importing the parent's script, which would now start
+        # workers of its own (multiprocessing refuses with a generic RuntimeError): exit with a
+        # status the parent turns into the fix.
+        sys.stderr.write(f"energon: {UNGUARDED_MAIN_HINT}\n")
+        sys.stderr.flush()
+        os._exit(UNGUARDED_MAIN_EXIT)
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(
         target=_worker_entry,

@@ -78,7 +78,10 @@ class Liveness:
             exited.set_result(proc.exitcode)
         if not self._stopped:
             self._drain()  # take replies it sent before dying
-            self.fail(rank, f"process exited with code {proc.exitcode}")
+            reason = f"process exited with code {proc.exitcode}"
+            if proc.exitcode == launch.UNGUARDED_MAIN_EXIT:
+                reason += f": {launch.UNGUARDED_MAIN_HINT}"
+            self.fail(rank, reason)
 
     # ---------------------------------------------------------------------------- failing
 

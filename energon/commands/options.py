@@ -6,9 +6,8 @@ import argparse
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model --tp --pp --device --dtype --kv-cache-memory --kv-reserve --launcher --address
-    --decode-graphs --no-lookahead --max-restarts --retry-on-failure, read back by
-    `engine_kwargs`."""
+    """The Engine's options (--model --tp --pp --device --dtype, the scheduler's bounds, the KV
+    cache, the pool, the launcher, recovery), read back by `engine_kwargs`."""
     parser.add_argument(
         "--model", default="tiny", help="checkpoint folder or preset (default tiny)"
     )
@@ -17,6 +16,39 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"]
+    )
+    parser.add_argument(
+        "--stage-splits",
+        type=_layer_counts,
+        default=None,
+        metavar="N,N,...",
+        help="layers per pipeline stage, e.g. 21,19 (default: even)",
+    )
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="running sequences")
+    parser.add_argument(
+        "--max-waiting",
+        type=int,
+        default=4096,
+        help="queued requests before new ones are refused as overloaded",
+    )
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="new tokens per step (default 8192, 4096 with pipeline stages)",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt + output (default: the model's context window)",
+    )
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    parser.add_argument(
+        "--max-steps-in-flight",
+        type=int,
+        default=None,
+        help="micro-batches in flight (default: one per pipeline stage)",
     )
     parser.add_argument("--kv-cache-memory", default=None, help="per worker, e.g. 1GiB")
     parser.add_argument(
@@ -34,6 +66,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--address", default=None, help="tcp://HOST:PORT the controller listens on (multi-host)"
+    )
+    parser.add_argument(
+        "--pool",
+        default=None,
+        choices=["auto", "peer", "host"],
+        help="borrow memory for weights that do not fit from peer GPUs or pinned host memory",
+    )
+    parser.add_argument(
+        "--gpu-memory-budget", default=None, help="with --pool: weights kept per GPU, e.g. 20GiB"
     )
     parser.add_argument(
         "--decode-graphs",
@@ -68,8 +109,17 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         pp=args.pp,
         device=args.device,
         dtype=args.dtype,
+        stage_splits=args.stage_splits,
+        max_num_seqs=args.max_num_seqs,
+        max_waiting=args.max_waiting,
+        max_batch_tokens=args.max_batch_tokens,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        max_steps_in_flight=args.max_steps_in_flight,
         kv_cache_memory=args.kv_cache_memory,
         kv_reserve=args.kv_reserve,
+        pool=args.pool,
+        gpu_memory_budget=args.gpu_memory_budget,
         launcher=args.launcher,
         address=args.address,
         decode_graphs=args.decode_graphs,
@@ -79,14 +129,34 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
+def _layer_counts(text: str) -> list[int]:
+    """'21,19' -> [21, 19] (the Engine checks the values)."""
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated ints (got {text!r})") from None
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
-    """--max-tokens --temperature (default greedy) --top-k --top-p --seed --stop."""
+    """--max-tokens --temperature (default greedy) --top-k --top-p --seed --stop
+    --stop-token-id --ignore-eos."""
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument(
+        "--stop-token-id",
+        dest="stop_token_ids",
+        type=int,
+        action="append",
+        default=[],
+        help="a token id that ends the output (repeatable)",
+    )
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="generate max-tokens even past end-of-sequence"
+    )
 
 
 def sampling_params(args: argparse.Namespace):
@@ -100,4 +170,6 @@ def sampling_params(args: argparse.Namespace):
         top_p=args.top_p,
         seed=args.seed,
         stop=tuple(args.stop),
+        stop_token_ids=tuple(args.stop_token_ids),
+        ignore_eos=args.ignore_eos,
     )

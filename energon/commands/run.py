@@ -22,9 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from energon import Engine
+    from energon import Engine, InvalidRequest
+    from energon.tokenizer import require_unicode
 
     params = sampling_params(args)
+    for prompt in args.prompt:  # before the workers start, not after
+        if not prompt:
+            raise InvalidRequest("prompt", "must not be empty")
+        require_unicode(prompt)
     async with Engine(args.model, **engine_kwargs(args)) as engine:
         if len(args.prompt) == 1:
             async for piece in engine.stream(args.prompt[0], params):

@@ -175,6 +175,14 @@ def resolve(model: str | Path) -> ModelSpec:
     return ModelSpec(name, config, architecture, family_of(architecture), folder)
 
 
+def num_layers(config: dict) -> int | None:
+    """The number of transformer layers, under the names HF configs use (None if not given)."""
+    for key in ("num_hidden_layers", "n_layer"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
 def context_window(config: dict) -> int | None:
     """The longest sequence the checkpoint was trained for, under the names HF configs use."""
     for key in ("max_position_embeddings", "n_positions", "seq_length"):

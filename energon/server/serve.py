@@ -26,8 +26,6 @@ log = logging.getLogger("energon.server")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--served-model-name", default=None, help="the model id clients use")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-waiting", type=int, default=4096)
     parser.add_argument(
         "--http", default=None, metavar="HOST:PORT", help="HTTP door (default 127.0.0.1:8000)"
     )
@@ -108,12 +106,7 @@ async def serve(args: argparse.Namespace, ready=None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
 
-    engine = Engine(
-        args.model,
-        **engine_kwargs(args),
-        max_num_seqs=args.max_num_seqs,
-        max_waiting=args.max_waiting,
-    )
+    engine = Engine(args.model, **engine_kwargs(args))
     limits = Limits(max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens_limit)
     frontend = Frontend(engine, model_name=args.served_model_name, limits=limits, api_key=api_key)
     doors = []

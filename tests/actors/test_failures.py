@@ -6,6 +6,7 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -174,6 +175,32 @@ async def test_sigkilled_controller_leaves_no_orphans():
     proc.kill()
     await proc.wait()
     assert await eventually(lambda: all(process_gone(p) for p in pids), 5)
+
+
+UNGUARDED = """
+import asyncio, sys
+sys.path.insert(0, {tests!r})
+from actors.sample_actors import Echo
+from energon.actors import ActorGroup
+
+async def main():
+    async with await ActorGroup.spawn(Echo, 1) as group:
+        print(await group.call(0, "echo", "up"))
+
+asyncio.run(main())  # no `if __name__ == "__main__":`
+"""
+
+
+def test_a_script_without_a_main_guard_is_told_the_fix(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED.format(tests=str(Path(__file__).parents[1])))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "energon.errors.WorkerFailed: worker 0 failed: process exited with code 78"
+    )
+    assert 'put that under `if __name__ == "__main__":`' in last
 
 
 # ------------------------------------------------------------------------ bad input on the wire

@@ -6,8 +6,13 @@ import argparse
 
 import pytest
 
-from energon import Engine
-from energon.commands.options import add_engine_arguments, engine_kwargs
+from energon import Engine, InvalidRequest
+from energon.commands.options import (
+    add_engine_arguments,
+    add_sampling_arguments,
+    engine_kwargs,
+    sampling_params,
+)
 
 
 def parse(argv: str) -> argparse.Namespace:
@@ -48,3 +53,45 @@ def test_kv_reserve_reaches_the_engine_and_defaults_to_zero():
     assert engine_kwargs(parse(""))["kv_reserve"] == 0.0
     kwargs = engine_kwargs(parse("--kv-reserve 0.5"))
     assert kwargs["kv_reserve"] == 0.5 and Engine("tiny", **kwargs).kv_reserve == 0.5
+
+
+def test_the_scheduler_cache_and_pool_options_reach_the_engine():
+    args = parse(
+        "--pp 2 --stage-splits 1,1 --max-num-seqs 8 --max-waiting 9 --max-batch-tokens 512 "
+        "--max-model-len 128 --block-size 8 --max-steps-in-flight 3 --pool host "
+        "--gpu-memory-budget 1GiB"
+    )
+    engine = Engine(args.model, **engine_kwargs(args))
+    got = (
+        engine.stage_splits,
+        engine.max_num_seqs,
+        engine.max_waiting,
+        engine.max_batch_tokens,
+        engine.max_model_len,
+        engine.block_size,
+        engine.max_steps_in_flight,
+        engine.pool_mode,
+        engine.gpu_memory_budget,
+    )
+    assert got == ([1, 1], 8, 9, 512, 128, 8, 3, "host", 2**30)
+    defaults = Engine("tiny", **engine_kwargs(parse("--pp 2")))
+    assert (defaults.max_batch_tokens, defaults.max_steps_in_flight) == (4096, 2)
+    assert defaults.stage_splits is None and defaults.pool_mode is None
+
+
+def test_bad_option_values_are_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        parse("--stage-splits 1,x")
+    assert "--stage-splits: must be comma-separated ints" in capsys.readouterr().err
+    with pytest.raises(InvalidRequest) as info:
+        Engine("tiny", **engine_kwargs(parse("--pp 2 --stage-splits 1,1,1")))
+    assert info.value.field == "stage_splits"
+
+
+def test_sampling_options_include_stop_token_ids_and_ignore_eos():
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser, max_tokens=5)
+    params = sampling_params(parser.parse_args("--stop-token-id 7 --stop-token-id 9 --ignore-eos".split()))  # fmt: skip
+    assert (params.max_tokens, params.stop_token_ids, params.ignore_eos) == (5, (7, 9), True)
+    plain = sampling_params(parser.parse_args([]))
+    assert (plain.stop_token_ids, plain.ignore_eos) == ((), False)

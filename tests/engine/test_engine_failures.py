@@ -110,12 +110,30 @@ async def test_unknown_model_fails_start_before_any_process_starts():
         ("kv_reserve", {"kv_reserve": float("nan")}),
         ("kv_reserve", {"kv_reserve": "all"}),
         ("kv_reserve", {"kv_reserve": True}),
+        ("stage_splits", {"pp": 2, "stage_splits": [2]}),
+        ("stage_splits", {"pp": 2, "stage_splits": [2, 0]}),
+        ("stage_splits", {"pp": 2, "stage_splits": "11"}),
+        ("start_timeout", {"start_timeout": "x"}),
+        ("start_timeout", {"start_timeout": 0}),
+        ("heartbeat_timeout", {"heartbeat_timeout": -1}),
+        ("heartbeat_timeout", {"heartbeat_timeout": float("inf")}),
     ],
 )
 def test_bad_engine_arguments_raise_invalid_request_naming_the_field(field, kwargs):
     with pytest.raises(InvalidRequest) as info:
         Engine("tiny", **kwargs)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    "field,kwargs",
+    [("stage_splits", {"pp": 2, "stage_splits": [5, 5]}), ("pp", {"pp": 64})],
+)
+async def test_a_layout_the_model_cannot_take_fails_start_before_any_process_starts(field, kwargs):
+    with pytest.raises(InvalidRequest) as info:
+        await Engine("tiny", device="cpu", **kwargs).start()
+    assert info.value.field == field and "layers" in str(info.value)
+    assert workers() == set()
 
 
 @pytest.mark.parametrize("pp,want", [(1, 8192), (2, 4096), (4, 4096)])

@@ -548,15 +548,6 @@ class Engine:
             start += len(ids)
         return out
 
-    def abort(self, request_id: int) -> bool:
-        """Stops a request (finish_reason 'abort') and frees its KV blocks. False if unknown."""
-        req = self._requests.get(request_id)
-        if req is None:
-            return False
-        req.abort()
-        self._drop(req)
-        return True
-
     def stats(self) -> dict:
         """Scheduler and request counters (waiting, running, in-flight steps, KV block use),
         `health` and the recovery counters (restarts, worker failures, failed restarts,

@@ -5,9 +5,9 @@ parallel; each reports when it is done) and sizing the KV cache. `StartupProgres
 stderr as a bar redrawn in place when stderr is a terminal, and as log lines of the "energon"
 logger otherwise (a log file, a server, CI).
 
-`engine_tokenizer(spec)` is the checkpoint's tokenizer.json, the byte tokenizer of a preset, or,
-for a checkpoint folder without tokenizer.json, `TokenIdsOnly`: prompts must then be token ids,
-and completions carry token ids with empty text.
+`engine_tokenizer(spec)` is the checkpoint's tokenizer (tokenizer.json, or vocab.json +
+merges.txt), the byte tokenizer of a preset, or, for a checkpoint folder with neither,
+`TokenIdsOnly`: prompts must then be token ids, and completions carry token ids with empty text.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 from energon.errors import InvalidRequest
-from energon.tokenizer import Tokenizer, load_tokenizer
+from energon.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 
 log = logging.getLogger("energon")
 
@@ -149,10 +149,10 @@ class TokenIdsOnly(Tokenizer):
 def engine_tokenizer(folder: Path | None, vocab_size: int) -> Tokenizer:
     """The tokenizer the Engine uses for `folder` (None: a preset); see the module docstring.
     Raises CheckpointError when tokenizer.json exists but cannot be read."""
-    if folder is not None and not (Path(folder) / "tokenizer.json").is_file():
+    if folder is not None and not has_tokenizer(folder):
         log.warning(
-            "energon: %s has no tokenizer.json; prompts must be token ids and completions "
-            "carry token ids only (empty text)",
+            "energon: %s has no tokenizer.json (nor vocab.json + merges.txt); prompts must be "
+            "token ids and completions carry token ids only (empty text)",
             folder,
         )
         return TokenIdsOnly(Path(folder), vocab_size)

@@ -1,7 +1,9 @@
 """Text <-> token ids on the controller: tokenizers, streaming detokenization, stop strings.
 
 `load_tokenizer(folder)` reads a Hugging Face checkpoint's tokenizer.json with the `tokenizers`
-library; `load_tokenizer(None)` gives the byte-level tokenizer of the random-weight presets.
+library, or builds GPT-2's byte-level BPE from vocab.json + merges.txt where a checkpoint (older
+GPT-2 and OPT repositories) ships only those; `load_tokenizer(None)` gives the byte-level
+tokenizer of the random-weight presets.
 `IncrementalDetokenizer` turns generated ids into text pieces as they arrive, and `StopChecker`
 finds stop strings in the text and says how much of it may not be streamed yet.
 """
@@ -66,21 +68,24 @@ class ByteTokenizer(Tokenizer):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
+BPE_FILES = ("vocab.json", "merges.txt")  # GPT-2's byte-level BPE without a tokenizer.json
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token")
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether the folder holds tokenizer.json or vocab.json + merges.txt."""
+    folder = Path(folder)
+    return (folder / "tokenizer.json").is_file() or all((folder / f).is_file() for f in BPE_FILES)
+
+
 class HFTokenizer(Tokenizer):
-    """A checkpoint's tokenizer.json, read with the `tokenizers` library."""
+    """A checkpoint's tokenizer.json (or vocab.json + merges.txt), read with the `tokenizers`
+    library."""
 
     def __init__(self, folder: str | Path):
-        from tokenizers import Tokenizer as RustTokenizer
-
         folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing: a checkpoint folder needs tokenizer.json")
-        try:
-            self._tok = RustTokenizer.from_file(str(path))
-        except Exception as e:  # the Rust side raises plain Exception
-            raise CheckpointError(f"{path} cannot be read by `tokenizers`: {e}") from e
         config = _read_json(folder / "tokenizer_config.json")
+        self._tok = _read_rust_tokenizer(folder, config)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_token_id = self._token_id(config.get("bos_token"))
         self.eos_token_ids = self._eos_ids(folder, config)
@@ -101,9 +106,8 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
     def _token_id(self, token) -> int | None:
-        if isinstance(token, dict):  # serialised AddedToken: {"content": "<s>", ...}
-            token = token.get("content")
-        return self._tok.token_to_id(token) if isinstance(token, str) else None
+        token = _token_text(token)
+        return self._tok.token_to_id(token) if token is not None else None
 
     def _eos_ids(self, folder: Path, config: dict) -> tuple[int, ...]:
         ids = []
@@ -116,6 +120,45 @@ class HFTokenizer(Tokenizer):
                 if isinstance(i, int) and i not in ids:
                     ids.append(i)
         return tuple(ids)
+
+
+def _read_rust_tokenizer(folder: Path, config: dict):
+    """tokenizer.json, else GPT-2's byte-level BPE from vocab.json + merges.txt with the special
+    tokens the configs name. Raises CheckpointError naming the file."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        try:
+            return RustTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises plain Exception
+            raise CheckpointError(f"{path} cannot be read by `tokenizers`: {e}") from e
+    vocab, merges = (folder / f for f in BPE_FILES)
+    if not (vocab.is_file() and merges.is_file()):
+        raise CheckpointError(
+            f"{path} is missing: a checkpoint folder needs tokenizer.json "
+            f"(or GPT-2's {' + '.join(BPE_FILES)})"
+        )
+    try:
+        tok = RustTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    except Exception as e:
+        raise CheckpointError(f"{vocab} / {merges} cannot be read by `tokenizers`: {e}") from e
+    prefix_space = config.get("add_prefix_space") is True
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
+    tok.decoder = decoders.ByteLevel()
+    specials = {**_read_json(folder / "special_tokens_map.json"), **config}
+    names = [_token_text(specials.get(key)) for key in SPECIAL_TOKEN_KEYS]
+    names += [_token_text(t) for t in (config.get("added_tokens_decoder") or {}).values()]
+    tok.add_special_tokens([AddedToken(n, special=True) for n in dict.fromkeys(names) if n])
+    return tok
+
+
+def _token_text(token) -> str | None:
+    """A special token's text, plain or as a serialised AddedToken ({"content": ...})."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else None
 
 
 def load_tokenizer(folder: str | Path | None, vocab_size: int = 260) -> Tokenizer:

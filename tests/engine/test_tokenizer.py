@@ -101,6 +101,29 @@ def test_checkpoint_without_tokenizer_json_is_a_checkpoint_error(tmp_path):
         load_tokenizer(tmp_path)
 
 
+@pytest.mark.parametrize("opt_style", [False, True])
+def test_vocab_and_merges_alone_encode_and_decode_as_transformers_gpt2_tokenizer(
+    tmp_path, opt_style
+):
+    """GPT-2 / OPT repositories without tokenizer.json: the slow (pure Python) GPT2Tokenizer of
+    transformers, reading the same two files, is the reference. OPT puts </s> first."""
+    from transformers import GPT2Tokenizer
+
+    trained = train_bpe(vocab_multiple=1, corpus=CORPUS)
+    trained.model.save(str(tmp_path))  # vocab.json + merges.txt
+    specials = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "<s>"}
+    config = {**specials, "add_bos_token": opt_style}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = load_tokenizer(tmp_path)
+    ref = GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), **config)
+    for text in (TEXT, "the cat</s> sat", " leading space", "a\n\nb  c"):
+        ids = ours.encode(text)
+        assert ids == ref(text)["input_ids"], text
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+    assert (ours.bos_token_id, ours.eos_token_ids) == (1, (1,))
+    assert ours.vocab_size == len(ref)
+
+
 def test_checkpoint_with_broken_tokenizer_config_is_a_checkpoint_error(bpe_folder, tmp_path):
     (tmp_path / "tokenizer.json").write_text((bpe_folder / "tokenizer.json").read_text())
     (tmp_path / "tokenizer_config.json").write_text("{not json")

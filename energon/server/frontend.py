@@ -14,7 +14,7 @@ import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from energon.errors import InvalidRequest
 from energon.sampling import SamplingParams, StreamPiece, Timings, Usage
@@ -39,7 +39,6 @@ class Limits:
     max_request_bytes: int = 1 << 20  # an HTTP body or a ZeroMQ message
     max_tokens: int = 4096  # cap on SamplingParams.max_tokens
     max_prompts: int = 64  # prompts in one /v1/completions request
-    default_chat_max_tokens: int = 256  # /v1/chat/completions without max_tokens
 
 
 class Frontend:
@@ -82,12 +81,19 @@ class Frontend:
         status = describe_error(exc)[0]
         self.metrics.count(door, _OUTCOME.get(status, "error"))
 
-    def generation(self, prompt: str | Sequence[int], params: SamplingParams, door: str):
+    def generation(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        door: str,
+        fill_context: bool = False,
+    ):
         """A Generation to iterate. Raises Unavailable while draining and InvalidRequest for a
         max_tokens over the limit or an empty prompt (not counted: the door calls `refuse`).
         The Engine's own checks (prompt length, Overloaded) raise at the first iteration.
         A prompt that is not valid Unicode (JSON may carry a lone surrogate) is an
-        InvalidRequest too."""
+        InvalidRequest too. `fill_context` (a chat request without max_tokens, as OpenAI
+        reads it) lowers params.max_tokens to the room the prompt leaves in the context."""
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry on another server")
         if params.max_tokens > self.limits.max_tokens:
@@ -105,7 +111,21 @@ class Frontend:
                 raise InvalidRequest("prompt", "encodes to no tokens")
         else:
             ids = list(prompt)
+        if fill_context:
+            room = self._room(len(ids))
+            if room is not None:
+                params = replace(params, max_tokens=max(1, min(params.max_tokens, room)))
         return Generation(self, ids, params, door)
+
+    def _room(self, prompt_tokens: int) -> int | None:
+        """Tokens a prompt of this length may still generate: up to max_model_len, else up to
+        what the KV cache holds (the last token is never cached). None before the Engine runs."""
+        scheduler = getattr(self.engine, "scheduler", None)
+        if scheduler is None:
+            return None
+        if scheduler.max_model_len is not None:
+            return scheduler.max_model_len - prompt_tokens
+        return scheduler.blocks.capacity_tokens + 1 - prompt_tokens
 
     # ------------------------------------------------------------------------------ draining
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from aiohttp import web
 
 from energon.errors import EnergonError, InvalidRequest
+from energon.sampling import StreamPiece, Usage
 from energon.server.frontend import Frontend, Generation
 from energon.server.messages import NotFound, ServerError, TooLarge, describe_error
 from energon.server.openai_logprobs import LogprobsRenderer
@@ -148,70 +151,114 @@ class OpenAIHandlers:
                 parsed = parse_chat(body, fe.limits, fe.model_name, fe.engine.tokenizer)
             else:
                 parsed = parse_completion(body, fe.limits, fe.model_name)
-            gens = [fe.generation(p, parsed.params, DOOR) for p in parsed.prompts]
+            gens = [
+                fe.generation(p, parsed.params, DOOR, parsed.fill_context) for p in parsed.prompts
+            ]
         except (ServerError, InvalidRequest) as exc:
             fe.refuse(DOOR, exc)
             return error_response(exc)
         req_id = new_id(chat)
         if parsed.stream:
-            return await self._stream(request, req_id, parsed, gens[0])
+            return await self._stream(request, req_id, parsed, gens)
         try:
             results = await _gather_all(_collect(g, self._renderer(parsed)) for g in gens)
         except EnergonError as exc:
             return error_response(exc)
-        usage = gens[0].usage
-        for g in gens[1:]:
-            usage.prompt_tokens += g.usage.prompt_tokens
-            usage.completion_tokens += g.usage.completion_tokens
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         return web.json_response(
-            response(req_id, fe.model_name, chat, results, usage), dumps=_json_str
+            response(req_id, fe.model_name, chat, results, _usage(gens)), dumps=_json_str
         )
 
     async def _stream(
-        self, request: web.Request, req_id: str, parsed: OpenAIRequest, gen: Generation
+        self, request: web.Request, req_id: str, parsed: OpenAIRequest, gens: list[Generation]
     ) -> web.StreamResponse:
         model, chat = self.fe.model_name, parsed.chat
-        renderer = self._renderer(parsed)
-        pieces = gen.__aiter__()
+        streams = [g.__aiter__() for g in gens]
         try:
-            # The Engine checks the prompt (length, Overloaded) at the first step: answer those
-            # with a proper status before the 200 of the stream goes out.
-            piece = await pieces.__anext__()
-        except EnergonError as exc:
-            return error_response(exc)
-        resp = web.StreamResponse(headers=SSE_HEADERS)
-        try:
+            try:
+                # The Engine checks a prompt (length, Overloaded) at its first step: answer
+                # those with a proper status before the 200 of the stream goes out.
+                firsts = await _gather_all(s.__anext__() for s in streams)
+            except EnergonError as exc:
+                return error_response(exc)
+            resp = web.StreamResponse(headers=SSE_HEADERS)
             await resp.prepare(request)
-            middle = DeltaTemplate(req_id, model, chat)
-            first = True
-            while True:
+            await self._write_chunks(resp, req_id, parsed, streams, firsts)
+            if parsed.include_usage:
+                await resp.write(_event(chunk(req_id, model, chat, None, usage=_usage(gens))))
+            await resp.write(DONE)
+            return resp
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the client went away: closing the streams below aborts the requests
+        except EnergonError as exc:  # e.g. a worker failed mid-stream: say so, then end
+            status, kind, field, message = describe_error(exc)
+            await resp.write(_event(error_body(status, kind, field, message)))
+            await resp.write(DONE)
+            return resp
+        finally:
+            for s in streams:
+                await s.aclose()
+
+    async def _write_chunks(self, resp, req_id: str, parsed: OpenAIRequest, streams, firsts):
+        """Every choice's chunks, each choice's in order, the choices interleaved as they come."""
+        model, chat = self.fe.model_name, parsed.chat
+        renderers = [self._renderer(parsed) for _ in streams]
+        middles = [DeltaTemplate(req_id, model, chat, i) for i in range(len(streams))]
+        async with aclosing(_merge(streams, firsts)) as pieces:
+            async for i, piece, first in pieces:
+                renderer = renderers[i]
                 # The first and last chunks, and (with logprobs) every one that brings tokens,
                 # are rendered whole; the middle ones from the template.
                 if first or piece.finish_reason is not None or (renderer and piece.token_ids):
                     logprobs = renderer.render(piece.logprobs) if renderer else None
                     data = chunk(
                         req_id, model, chat, piece.text, piece.finish_reason,
-                        first=first, logprobs=logprobs,
+                        first=first, logprobs=logprobs, index=i,
                     )  # fmt: skip
                     await resp.write(_event(data))
                 elif piece.text:
-                    await resp.write(middle.render(piece.text))
-                if piece.finish_reason is not None:
-                    break
-                piece, first = await pieces.__anext__(), False
-            if parsed.include_usage:
-                await resp.write(_event(chunk(req_id, model, chat, None, usage=gen.usage)))
-            await resp.write(DONE)
-        except (ConnectionError, asyncio.CancelledError):
-            raise  # the client went away: closing `pieces` below aborts the request
-        except EnergonError as exc:  # e.g. a worker failed mid-stream: say so, then end
-            status, kind, field, message = describe_error(exc)
-            await resp.write(_event(error_body(status, kind, field, message)))
-            await resp.write(DONE)
-        finally:
-            await pieces.aclose()
-        return resp
+                    await resp.write(middles[i].render(piece.text))
+
+
+async def _merge(streams, firsts) -> AsyncIterator[tuple[int, StreamPiece, bool]]:
+    """(choice index, piece, is its first) from every stream, given each one's first piece, until
+    each has its finish_reason. One stream is read directly; several through a task each."""
+    for i, piece in enumerate(firsts):
+        yield i, piece, True
+    live = {i for i, piece in enumerate(firsts) if piece.finish_reason is None}
+    if len(streams) == 1:
+        if live:
+            async for piece in streams[0]:
+                yield 0, piece, False
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async for piece in streams[i]:
+                queue.put_nowait((i, piece))
+        except Exception as exc:  # the writer raises it
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in sorted(live)]
+    try:
+        while live:
+            i, piece = await queue.get()
+            if isinstance(piece, Exception):
+                raise piece
+            if piece.finish_reason is not None:
+                live.discard(i)
+            yield i, piece, False
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _usage(gens: list[Generation]) -> Usage:
+    """The request's usage: every prompt's summed."""
+    return Usage(
+        sum(g.usage.prompt_tokens for g in gens), sum(g.usage.completion_tokens for g in gens)
+    )
 
 
 def _event(obj) -> bytes:

@@ -33,6 +33,7 @@ class OpenAIRequest:
     include_usage: bool  # stream_options.include_usage: a last chunk with usage
     chat: bool
     top_logprobs: int | None = None  # alternatives shown per token; None: no logprobs at all
+    fill_context: bool = False  # chat without max_tokens: up to the room left in the context
 
 
 def parse_completion(body: dict, limits: Limits, model_name: str) -> OpenAIRequest:
@@ -48,8 +49,6 @@ def parse_completion(body: dict, limits: Limits, model_name: str) -> OpenAIReque
         raise InvalidRequest("best_of", f"must be 1 (got {body.get('best_of')!r})")
     top_logprobs = _count(body, "logprobs")
     stream = _bool(body, "stream")
-    if stream and len(prompts) > 1:
-        raise InvalidRequest("prompt", "must be a single prompt when stream is true")
     return OpenAIRequest(
         prompts=prompts,
         params=_params(body, body.get("max_tokens", 16), "max_tokens", top_logprobs),
@@ -73,10 +72,13 @@ def parse_chat(body: dict, limits: Limits, model_name: str, tokenizer) -> OpenAI
     for name in ("tools", "functions", "response_format"):
         if body.get(name):
             raise InvalidRequest(name, "is not supported by Energon")
-    if "max_completion_tokens" in body:
+    # OpenAI's chat default is the rest of the context window: the server's limit here, which
+    # the Frontend lowers to the room the rendered prompt leaves (fill_context).
+    fill = body.get("max_completion_tokens") is None and body.get("max_tokens") is None
+    if body.get("max_completion_tokens") is not None:
         max_tokens, field = body["max_completion_tokens"], "max_completion_tokens"
     else:
-        max_tokens, field = body.get("max_tokens", limits.default_chat_max_tokens), "max_tokens"
+        max_tokens, field = body.get("max_tokens", limits.max_tokens), "max_tokens"
     stream = _bool(body, "stream")
     return OpenAIRequest(
         prompts=[prompt],
@@ -85,6 +87,7 @@ def parse_chat(body: dict, limits: Limits, model_name: str, tokenizer) -> OpenAI
         include_usage=_include_usage(body, stream),
         chat=True,
         top_logprobs=top_logprobs,
+        fill_context=fill,
     )
 
 
@@ -261,9 +264,10 @@ def chunk(
     first: bool = False,
     usage: Usage | None = None,
     logprobs: dict | None = None,
+    index: int = 0,
 ) -> dict:
-    """One stream chunk. `text=None` with usage gives the usage-only last chunk (no choices);
-    `logprobs` is the object of the chunk's tokens (openai_logprobs)."""
+    """One stream chunk of choice `index`. `text=None` with usage gives the usage-only last
+    chunk (no choices); `logprobs` is the object of the chunk's tokens (openai_logprobs)."""
     out = {
         "id": req_id,
         "object": "chat.completion.chunk" if chat else "text_completion",
@@ -279,14 +283,14 @@ def chunk(
         if text and not first:
             delta["content"] = text
         choice = {
-            "index": 0,
+            "index": index,
             "delta": delta,
             "logprobs": logprobs,
             "finish_reason": finish_reason,
         }
     else:
         choice = {
-            "index": 0,
+            "index": index,
             "text": text or "",
             "logprobs": logprobs,
             "finish_reason": finish_reason,
@@ -302,8 +306,9 @@ class DeltaTemplate:
 
     _MARK = "\x00energon-text\x00"
 
-    def __init__(self, req_id: str, model: str, chat: bool):
-        whole = json.dumps(chunk(req_id, model, chat, self._MARK), separators=(",", ":"))
+    def __init__(self, req_id: str, model: str, chat: bool, index: int = 0):
+        whole = chunk(req_id, model, chat, self._MARK, index=index)
+        whole = json.dumps(whole, separators=(",", ":"))
         self.head, self.tail = whole.split(json.dumps(self._MARK))
         self.head = "data: " + self.head
         self.tail += "\n\n"

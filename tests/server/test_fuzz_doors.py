@@ -45,7 +45,7 @@ from energon.server.zmq_door import ZmqDoor
 LONG = os.environ.get("ENERGON_LONG") == "1"
 EXAMPLES = 2000 if LONG else 60
 EXAMPLE_TIMEOUT = 30.0
-LIMITS = Limits(max_request_bytes=16 << 10, max_tokens=16, default_chat_max_tokens=8)
+LIMITS = Limits(max_request_bytes=16 << 10, max_tokens=16)
 PROBE = "The probe"
 PROBE_TOKENS = 4
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(7200 if LONG else 300)]

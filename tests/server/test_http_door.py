@@ -76,6 +76,33 @@ async def test_a_list_of_prompts_gives_one_choice_each_in_order(server):
     assert body["usage"]["prompt_tokens"] == 3
 
 
+async def test_several_prompts_stream_interleaved_choices_equal_the_whole_ones(server):
+    body = {**BODY, "prompt": ["a", "Hello", [99]], "logprobs": 1, "ignore_eos": True}
+    _, whole = await post(server, "/v1/completions", body)
+    events = await sse(
+        server,
+        "/v1/completions",
+        {**body, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    *pieces, usage = events
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    for want in whole["choices"]:
+        mine = [e["choices"][0] for e in pieces if e["choices"][0]["index"] == want["index"]]
+        assert "".join(c["text"] for c in mine) == want["text"]
+        assert [c["finish_reason"] for c in mine][-1:] == [want["finish_reason"]]
+        assert all(c["finish_reason"] is None for c in mine[:-1])
+        tokens = [t for c in mine for t in c["logprobs"]["tokens"]]
+        assert tokens == want["logprobs"]["tokens"]
+    assert {e["choices"][0]["index"] for e in pieces} == {0, 1, 2}
+
+
+async def test_one_bad_prompt_among_streamed_ones_is_a_400_and_frees_the_others(server):
+    body = {**BODY, "prompt": ["a", [0] * 100_000], "stream": True}
+    status, reply = await post(server, "/v1/completions", body)
+    assert status == 400 and reply["error"]["param"] == "prompt", reply
+    await server.wait_idle()
+
+
 async def test_chat_uses_the_fallback_template_and_streams(server):
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}
     chat["temperature"] = 0

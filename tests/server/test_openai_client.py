@@ -54,3 +54,20 @@ async def test_errors_raise_the_openai_exceptions(oai):
     assert "max_tokens" in str(info.value)
     with pytest.raises(openai.NotFoundError):
         await oai.completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+async def test_logprobs_parse_into_the_packages_types(oai):
+    done = await oai.completions.create(
+        model="tiny", prompt="Hello", max_tokens=4, temperature=0, logprobs=2,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert lp.text_offset[0] == 0 and all(v <= 0 for v in lp.token_logprobs)
+    chat = await oai.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+        temperature=0, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == c.logprob for c in content)

@@ -50,10 +50,9 @@ def test_too_many_prompts_are_refused():
         parse_completion({"prompt": ["a"] * 65}, LIMITS, "tiny")
 
 
-def test_streaming_several_prompts_is_refused():
-    with pytest.raises(InvalidRequest) as info:
-        parse_completion({"prompt": ["a", "b"], "stream": True}, LIMITS, "tiny")
-    assert info.value.field == "prompt"
+def test_several_prompts_may_stream():
+    req = parse_completion({"prompt": ["a", "b"], "stream": True}, LIMITS, "tiny")
+    assert req.stream and req.prompts == ["a", "b"]
 
 
 def test_max_completion_tokens_wins_and_is_named_in_errors():
@@ -146,3 +145,13 @@ def test_vllm_fields_at_their_neutral_values_and_stop_token_ids_are_served():
     body = {"prompt": "x", "repetition_penalty": 1.0, "min_tokens": 0, "min_p": 0.0}
     req = parse_completion({**body, "stop_token_ids": [7, 9], "ignore_eos": True}, LIMITS, "tiny")
     assert req.params.stop_token_ids == (7, 9) and req.params.ignore_eos
+
+
+def test_chat_without_max_tokens_fills_the_context_up_to_the_servers_limit():
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    open_ended = parse_chat(chat, LIMITS, "tiny", PlainTokenizer())
+    assert open_ended.fill_context and open_ended.params.max_tokens == LIMITS.max_tokens
+    for field in ("max_tokens", "max_completion_tokens"):
+        bounded = parse_chat({**chat, field: 9}, LIMITS, "tiny", PlainTokenizer())
+        assert not bounded.fill_context and bounded.params.max_tokens == 9
+    assert not parse_completion({"prompt": "x"}, LIMITS, "tiny").fill_context  # OpenAI's 16

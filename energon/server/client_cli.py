@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict, replace
 
 from energon.commands.options import add_sampling_arguments, sampling_params
 from energon.server.keys import API_KEY_ENV, SERVER_KEY_ENV, resolve_api_key
@@ -29,7 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"the server's CURVE public key: server.key or its Z85 text (or ${SERVER_KEY_ENV})",
     )
-    parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per prompt (text, token ids, usage, timings, logprobs)",
+    )
+    parser.add_argument(
+        "--logprobs",
+        type=int,
+        default=0,
+        help="with --json: each token's logprob and the K most likely tokens' (default 0: none)",
+    )
     parser.add_argument("--concurrency", type=int, default=64, help="requests at once")
     parser.add_argument(
         "--progress",
@@ -72,12 +83,11 @@ def _record(index: int, prompt: str, done=None, error: BaseException | None = No
         text=done.text,
         token_ids=done.token_ids,
         finish_reason=done.finish_reason,
-        usage={
-            "prompt_tokens": done.usage.prompt_tokens,
-            "completion_tokens": done.usage.completion_tokens,
-            "total_tokens": done.usage.total_tokens,
-        },
+        usage=asdict(done.usage),
+        timings=asdict(done.timings) if done.timings else None,
     )
+    if done.logprobs is not None:
+        out["logprobs"] = [asdict(lp) for lp in done.logprobs]
     return out
 
 
@@ -138,7 +148,7 @@ def _print(record: dict, as_json: bool) -> None:
 async def _run(args: argparse.Namespace, prompts: list[str]) -> int:
     from energon.server.client import Client
 
-    params = sampling_params(args)
+    params = replace(sampling_params(args), logprobs=args.logprobs)
     server_key = args.server_key or os.environ.get(SERVER_KEY_ENV) or None
     async with Client(
         args.connect, api_key=resolve_api_key(args.api_key), server_key=server_key

@@ -110,3 +110,20 @@ async def test_requests_still_running_after_the_grace_period_are_told_why():
     assert final["finish_reason"] == "abort"
     assert final["message"] == "the server is shutting down"
     assert code == 0, "".join(srv.lines)
+
+
+async def test_client_cli_json_carries_timings_and_the_asked_logprobs(server):
+    out = client_cli(server, "--json", "--logprobs", "2", "--max-tokens", "3", "--ignore-eos", "Hi")
+    assert out.returncode == 0, out.stderr
+    (record,) = [json.loads(line) for line in out.stdout.splitlines()]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=2)
+    async with Client(server.zmq) as client:
+        ref = await client.infer("Hi", params)
+    assert record["token_ids"] == ref.token_ids
+    assert [lp["token_id"] for lp in record["logprobs"]] == ref.token_ids
+    assert [lp["top"] for lp in record["logprobs"]] == [
+        [list(t) for t in r.top] for r in ref.logprobs
+    ]
+    assert 0 <= record["timings"]["queued_s"] <= record["timings"]["first_token_s"]
+    bad = client_cli(server, "--json", "--logprobs", "99", "Hi")
+    assert bad.returncode == 1 and "logprobs" in bad.stderr

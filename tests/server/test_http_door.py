@@ -196,11 +196,13 @@ async def test_models_health_and_metrics(server):
     assert m["energon_kv_blocks_total"] > 0
 
 
-async def test_a_client_that_disconnects_mid_stream_aborts_its_request(server):
+@pytest.mark.parametrize("prompts", [1, 3])
+async def test_a_client_that_disconnects_mid_stream_aborts_its_requests(server, prompts):
     before = (await server.metrics()).get(
         'energon_requests_total{door="http",outcome="aborted"}', 0
     )
     body = {**BODY, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    body["prompt"] = ["Hello"] * prompts
     async with aiohttp.ClientSession() as s:
         async with s.post(server.http + "/v1/completions", json=body) as resp:
             async for line in resp.content:
@@ -209,7 +211,7 @@ async def test_a_client_that_disconnects_mid_stream_aborts_its_request(server):
             assert (await server.metrics())["energon_kv_blocks_used"] > 0
             resp.close()  # drop the connection mid-stream
     m = await server.wait_idle()
-    assert m['energon_requests_total{door="http",outcome="aborted"}'] == before + 1
+    assert m['energon_requests_total{door="http",outcome="aborted"}'] == before + prompts
 
 
 @pytest.mark.parametrize(

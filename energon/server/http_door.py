@@ -151,8 +151,10 @@ class OpenAIHandlers:
                 parsed = parse_chat(body, fe.limits, fe.model_name, fe.engine.tokenizer)
             else:
                 parsed = parse_completion(body, fe.limits, fe.model_name)
+            prompts = [p for p in parsed.prompts for _ in range(parsed.n)]
             gens = [
-                fe.generation(p, parsed.params, DOOR, parsed.fill_context) for p in parsed.prompts
+                fe.generation(p, params, DOOR, parsed.fill_context)
+                for p, params in zip(prompts, parsed.choice_params(), strict=True)
             ]
         except (ServerError, InvalidRequest) as exc:
             fe.refuse(DOOR, exc)
@@ -165,7 +167,8 @@ class OpenAIHandlers:
         except EnergonError as exc:
             return error_response(exc)
         return web.json_response(
-            response(req_id, fe.model_name, chat, results, _usage(gens)), dumps=_json_str
+            response(req_id, fe.model_name, chat, results, _usage(gens, parsed.n)),
+            dumps=_json_str,
         )
 
     async def _stream(
@@ -184,7 +187,8 @@ class OpenAIHandlers:
             await resp.prepare(request)
             await self._write_chunks(resp, req_id, parsed, streams, firsts)
             if parsed.include_usage:
-                await resp.write(_event(chunk(req_id, model, chat, None, usage=_usage(gens))))
+                usage = _usage(gens, parsed.n)
+                await resp.write(_event(chunk(req_id, model, chat, None, usage=usage)))
             await resp.write(DONE)
             return resp
         except (ConnectionError, asyncio.CancelledError):
@@ -254,10 +258,11 @@ async def _merge(streams, firsts) -> AsyncIterator[tuple[int, StreamPiece, bool]
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _usage(gens: list[Generation]) -> Usage:
-    """The request's usage: every prompt's summed."""
+def _usage(gens: list[Generation], n: int) -> Usage:
+    """The request's usage, as OpenAI counts it: each prompt once, every choice's tokens."""
     return Usage(
-        sum(g.usage.prompt_tokens for g in gens), sum(g.usage.completion_tokens for g in gens)
+        sum(g.usage.prompt_tokens for g in gens[::n]),
+        sum(g.usage.completion_tokens for g in gens),
     )
 
 

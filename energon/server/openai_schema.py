@@ -2,7 +2,7 @@
 SamplingParams), and Energon's results -> OpenAI's response and stream-chunk objects.
 
 Validation is strict about types (a string max_tokens is a 400 naming the field) and about
-features Energon does not have (n > 1, penalties, logit_bias, echo, suffix, and vLLM's
+features Energon does not have (best_of, penalties, logit_bias, echo, suffix, and vLLM's
 min_tokens, repetition_penalty, min_p, beam search): those are refused with a message rather than
 silently ignored. vLLM's `top_k`, `stop_token_ids` and `ignore_eos` are served. Other unknown
 fields are ignored, as OpenAI does.
@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from energon.errors import InvalidRequest
-from energon.sampling import MAX_LOGPROBS, SamplingParams, Usage
+from energon.sampling import MAX_LOGPROBS, SEED_LIMIT, SamplingParams, Usage
 from energon.server.chat import parse_messages, render_chat
 from energon.server.frontend import Limits
 from energon.server.messages import NotFound
@@ -34,6 +34,17 @@ class OpenAIRequest:
     chat: bool
     top_logprobs: int | None = None  # alternatives shown per token; None: no logprobs at all
     fill_context: bool = False  # chat without max_tokens: up to the room left in the context
+    n: int = 1  # choices per prompt
+
+    def choice_params(self) -> list[SamplingParams]:
+        """Each choice's params, prompt-major (choice index = prompt index * n + j): the j-th of
+        a prompt draws with seed + j when a seed is given, so the n samples differ yet the
+        request reproduces."""
+        p = self.params
+        if p.seed is None:
+            return [p] * (len(self.prompts) * self.n)
+        seeded = [replace(p, seed=(p.seed + j) % SEED_LIMIT) for j in range(self.n)]
+        return seeded * len(self.prompts)
 
 
 def parse_completion(body: dict, limits: Limits, model_name: str) -> OpenAIRequest:
@@ -56,6 +67,7 @@ def parse_completion(body: dict, limits: Limits, model_name: str) -> OpenAIReque
         include_usage=_include_usage(body, stream),
         chat=False,
         top_logprobs=top_logprobs,
+        n=_choices(body, len(prompts), limits),
     )
 
 
@@ -88,6 +100,7 @@ def parse_chat(body: dict, limits: Limits, model_name: str, tokenizer) -> OpenAI
         chat=True,
         top_logprobs=top_logprobs,
         fill_context=fill,
+        n=_choices(body, 1, limits),
     )
 
 
@@ -139,6 +152,21 @@ def _bool(body: dict, name: str) -> bool:
     return value
 
 
+def _choices(body: dict, prompts: int, limits: Limits) -> int:
+    """`n`: choices per prompt, while prompts x n stays within the server's max_prompts."""
+    value = body.get("n")
+    if value is None:
+        return 1
+    most = max(1, limits.max_prompts // prompts)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise InvalidRequest(
+            "n",
+            f"must be an int in [1, {most}]: this server makes at most {limits.max_prompts} "
+            f"choices a request (got {value!r})",
+        )
+    return value
+
+
 def _count(body: dict, name: str) -> int | None:
     """An optional int in [0, MAX_LOGPROBS]: how many alternatives to show per token."""
     value = body.get(name)
@@ -176,8 +204,6 @@ _UNSUPPORTED = {
 def _params(
     body: dict, max_tokens, max_tokens_field: str, top_logprobs: int | None
 ) -> SamplingParams:
-    if body.get("n") not in (None, 1):
-        raise InvalidRequest("n", f"must be 1 (got {body.get('n')!r})")
     for name, off in _UNSUPPORTED.items():
         value = body.get(name)
         if value is not None and (value != off or isinstance(value, bool) != isinstance(off, bool)):

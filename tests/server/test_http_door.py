@@ -103,6 +103,25 @@ async def test_one_bad_prompt_among_streamed_ones_is_a_400_and_frees_the_others(
     await server.wait_idle()
 
 
+async def test_n_choices_are_the_seeded_single_requests_and_count_the_prompt_once(server):
+    body = {**BODY, "prompt": ["Hello", "a"], "n": 2, "temperature": 1.0, "seed": 7}
+    status, whole = await post(server, "/v1/completions", body)
+    assert status == 200, whole
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2, 3]
+    singles = []
+    for prompt in ("Hello", "a"):
+        for seed in (7, 8):
+            _, one = await post(server, "/v1/completions", {**BODY, "prompt": prompt, "temperature": 1.0, "seed": seed})  # fmt: skip
+            singles.append(one)
+    assert [c["text"] for c in whole["choices"]] == [o["choices"][0]["text"] for o in singles]
+    assert whole["usage"]["prompt_tokens"] == len(b"Hello") + len(b"a")
+    assert whole["usage"]["completion_tokens"] == sum(o["usage"]["completion_tokens"] for o in singles)  # fmt: skip
+    events = await sse(server, "/v1/completions", {**body, "stream": True})
+    for want in whole["choices"]:
+        mine = [e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == want["index"]]  # fmt: skip
+        assert "".join(mine) == want["text"]
+
+
 async def test_chat_uses_the_fallback_template_and_streams(server):
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}
     chat["temperature"] = 0
@@ -225,7 +244,8 @@ async def test_a_client_that_disconnects_mid_stream_aborts_its_requests(server, 
         ({**BODY, "prompt": ""}, "prompt"),
         ({**BODY, "prompt": [1, "a"]}, "prompt"),
         ({**BODY, "stream": "yes"}, "stream"),
-        ({**BODY, "n": 2}, "n"),
+        ({**BODY, "n": 0}, "n"),
+        ({**BODY, "n": 65}, "n"),
         ({**BODY, "stop": [1]}, "stop"),
         ({**BODY, "prompt": [999]}, "prompt"),
         ({**BODY, "presence_penalty": 1.0}, "presence_penalty"),

@@ -155,3 +155,21 @@ def test_chat_without_max_tokens_fills_the_context_up_to_the_servers_limit():
         bounded = parse_chat({**chat, field: 9}, LIMITS, "tiny", PlainTokenizer())
         assert not bounded.fill_context and bounded.params.max_tokens == 9
     assert not parse_completion({"prompt": "x"}, LIMITS, "tiny").fill_context  # OpenAI's 16
+
+
+def test_n_gives_each_prompt_n_choices_seeded_apart():
+    req = parse_completion({"prompt": ["a", "b"], "n": 3, "seed": 5}, LIMITS, "tiny")
+    assert req.n == 3 and [p.seed for p in req.choice_params()] == [5, 6, 7, 5, 6, 7]
+    unseeded = parse_completion({"prompt": "a", "n": 2}, LIMITS, "tiny").choice_params()
+    assert [p.seed for p in unseeded] == [None, None]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "n": 4}
+    assert parse_chat(chat, LIMITS, "tiny", PlainTokenizer()).n == 4
+    wrapped = parse_completion({"prompt": "a", "n": 2, "seed": 2**63 - 1}, LIMITS, "tiny")
+    assert [p.seed for p in wrapped.choice_params()] == [2**63 - 1, 0]
+
+
+@pytest.mark.parametrize("n", [0, "2", True, 1.0, 33])
+def test_n_out_of_range_names_the_field(n):
+    with pytest.raises(InvalidRequest) as info:
+        parse_completion({"prompt": ["a", "b"], "n": n}, LIMITS, "tiny")  # 64 // 2 = 32 at most
+    assert info.value.field == "n"

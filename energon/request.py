@@ -42,10 +42,13 @@ class Request:
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self._stops = StopChecker(params.stop)
         self._text_per_token = stream or bool(self._stops.stop)
-        self.wire_params = params.to_wire()  # what every step carries for it (step.py)
         self._stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             self._stop_ids.update(tokenizer.eos_token_ids)
+        self.wire_params = params.to_wire()  # what every step carries for it (step.py)
+        if params.min_tokens and self._stop_ids:  # the Sampler keeps these from being drawn
+            self.wire_params["min_tokens"] = params.min_tokens
+            self.wire_params["banned"] = sorted(self._stop_ids)
         self._text = ""  # generated text so far (cut at a stop string once found)
         self._sent_chars = 0  # chars of _text already streamed
         self._sent_tokens = 0  # token ids already streamed
@@ -69,7 +72,9 @@ class Request:
     def ends_with(self, token_id: int) -> bool:
         """Whether this token, taken next, ends the request whatever the text says: a stop token
         id (EOS included) or the last of max_tokens. Only a stop string ends one otherwise."""
-        return token_id in self._stop_ids or len(self.token_ids) + 1 >= self.params.max_tokens
+        n = len(self.token_ids) + 1  # this token's count
+        stops = token_id in self._stop_ids and n > self.params.min_tokens
+        return stops or n >= self.params.max_tokens
 
     def on_token(self, token_id: int, logprob: dict | None = None) -> bool:
         """Take one sampled token; stream what became final. Returns True when the request is
@@ -80,7 +85,7 @@ class Request:
         self.token_ids.append(token_id)
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(TokenLogprob.from_wire(logprob))
-        if token_id in self._stop_ids:
+        if token_id in self._stop_ids and len(self.token_ids) > self.params.min_tokens:
             return self._finish("stop", self._rest())
         if not self._text_per_token:
             if len(self.token_ids) >= self.params.max_tokens:
@@ -88,6 +93,9 @@ class Request:
             return False
         checked = len(self._text)
         self._text += self._detok.add(token_id)
+        if len(self.token_ids) < self.params.min_tokens:  # no stop string ends here yet
+            self._emit(self._stops.safe_len(self._text))
+            return False
         check = self._stops.check(self._text, checked)
         if check.stopped:
             self._text = check.text

@@ -14,6 +14,9 @@ the logits as they come (float16 too: widening is exact and keeps the order, so 
 same); only the rows drawn are copied to float32.
 Logprobs are those of the raw model distribution, log_softmax(logits) computed in float64, as
 vLLM reports them: not the temperature-scaled or truncated distribution the token was drawn from.
+A row whose params carry "banned" ids and "min_tokens" (SamplingParams.min_tokens; the
+controller's Request adds them) cannot draw those ids before it has generated min_tokens tokens:
+they are set to -inf in a copy of the logits, only on steps where some row needs it.
 """
 
 from __future__ import annotations
@@ -64,6 +67,26 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return logits.masked_fill_(remove_in_vocab_order, float("-inf"))
 
 
+def _ban(logits: torch.Tensor, params: list[dict], steps: list[int]) -> torch.Tensor:
+    """`logits`, or a copy with each row's "banned" ids at -inf while the row has generated
+    fewer than its "min_tokens" tokens."""
+    rows, cols = [], []
+    vocab = logits.shape[-1]
+    for i, p in enumerate(params):
+        if steps[i] < p.get("min_tokens", 0):
+            banned = [t for t in p["banned"] if t < vocab]
+            rows += [i] * len(banned)
+            cols += banned
+    if not rows:
+        return logits
+    scores = logits.clone()
+    device = logits.device
+    scores[to_device(rows, torch.int64, device), to_device(cols, torch.int64, device)] = float(
+        "-inf"
+    )
+    return scores
+
+
 class Sampler:
     """Samples one token per row of a logits batch; see the module docstring for the rules.
 
@@ -96,16 +119,17 @@ class Sampler:
                 f"{len(params)} params, {len(steps)} steps"
             )
         device = logits.device
+        scores = _ban(logits, params, steps)
         greedy = [p["temperature"] < GREEDY_BELOW or p["top_k"] == 1 for p in params]
         rows = [i for i in range(batch) if not greedy[i]]
         if not rows:
-            token_ids = logits.argmax(dim=-1)
+            token_ids = scores.argmax(dim=-1)
         else:
-            drawn = self._draw(logits, [params[i] for i in rows], [steps[i] for i in rows], rows)
+            drawn = self._draw(scores, [params[i] for i in rows], [steps[i] for i in rows], rows)
             if len(rows) == batch:
                 token_ids = drawn
             else:
-                token_ids = logits.argmax(dim=-1)
+                token_ids = scores.argmax(dim=-1)
                 token_ids.index_copy_(0, to_device(rows, torch.int64, device), drawn)
         return token_ids, self._logprobs(logits, token_ids, params)
 

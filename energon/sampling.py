@@ -43,7 +43,9 @@ class SamplingParams:
     `stop` (a string or sequence of strings) is normalised to a tuple of strings and
     `stop_token_ids` to a tuple of ints. `logprobs=k` returns, per generated token, its log
     probability under the model's raw distribution (before temperature/top-k/top-p) and the k most
-    likely tokens with theirs.
+    likely tokens with theirs. `min_tokens=m` (as in vLLM) keeps the stop token ids (EOS unless
+    ignore_eos) from being drawn as any of the first m tokens, and stop strings count only once
+    they end in the m-th token's text or later.
     """
 
     max_tokens: int = 16
@@ -55,6 +57,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     logprobs: int = 0
+    min_tokens: int = 0
 
     def __post_init__(self):
         self._check()
@@ -68,6 +71,7 @@ class SamplingParams:
         object.__setattr__(self, "top_p", float(self.top_p))
         object.__setattr__(self, "seed", None if self.seed is None else int(self.seed))
         object.__setattr__(self, "logprobs", int(self.logprobs))
+        object.__setattr__(self, "min_tokens", int(self.min_tokens))
 
     @property
     def greedy(self) -> bool:
@@ -143,6 +147,12 @@ class SamplingParams:
 
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequest("ignore_eos", f"must be True or False (got {self.ignore_eos!r})")
+
+        m = self.min_tokens
+        if not _is_int(m) or not 0 <= m <= self.max_tokens:
+            raise InvalidRequest(
+                "min_tokens", f"must be an int in [0, max_tokens={self.max_tokens}] (got {m!r})"
+            )
 
         k = self.logprobs
         if not _is_int(k) or not 0 <= k <= MAX_LOGPROBS:

@@ -278,6 +278,11 @@ class StopChecker:
             return StopCheck(True, text[:cut], cut)
         return StopCheck(False, text, len(text) - self._partial_suffix(text))
 
+    def safe_len(self, text: str) -> int:
+        """How many chars of `text` may be streamed without looking for stop strings in it: all
+        but an end that could start one."""
+        return len(text) - self._partial_suffix(text) if self.stop else len(text)
+
     def _partial_suffix(self, text: str) -> int:
         """Length of the longest end of `text` that is a proper start of some stop string."""
         best = 0

@@ -139,7 +139,7 @@ def _layer_counts(text: str) -> list[int]:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """--max-tokens --temperature (default greedy) --top-k --top-p --seed --stop
-    --stop-token-id --ignore-eos."""
+    --stop-token-id --ignore-eos --min-tokens."""
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)
@@ -157,6 +157,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> 
     parser.add_argument(
         "--ignore-eos", action="store_true", help="generate max-tokens even past end-of-sequence"
     )
+    parser.add_argument(
+        "--min-tokens", type=int, default=0, help="tokens generated before a stop may end it"
+    )
 
 
 def sampling_params(args: argparse.Namespace):
@@ -172,4 +175,5 @@ def sampling_params(args: argparse.Namespace):
         stop=tuple(args.stop),
         stop_token_ids=tuple(args.stop_token_ids),
         ignore_eos=args.ignore_eos,
+        min_tokens=args.min_tokens,
     )

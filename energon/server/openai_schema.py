@@ -3,8 +3,8 @@ SamplingParams), and Energon's results -> OpenAI's response and stream-chunk obj
 
 Validation is strict about types (a string max_tokens is a 400 naming the field) and about
 features Energon does not have (best_of, penalties, logit_bias, echo, suffix, and vLLM's
-min_tokens, repetition_penalty, min_p, beam search): those are refused with a message rather than
-silently ignored. vLLM's `top_k`, `stop_token_ids` and `ignore_eos` are served. Other unknown
+repetition_penalty, min_p, beam search): those are refused with a message rather than silently
+ignored. vLLM's `top_k`, `stop_token_ids`, `ignore_eos` and `min_tokens` are served. Other unknown
 fields are ignored, as OpenAI does.
 """
 
@@ -194,7 +194,6 @@ _UNSUPPORTED = {
     "presence_penalty": 0,
     "frequency_penalty": 0,
     "repetition_penalty": 1,  # vLLM's extensions from here on
-    "min_tokens": 0,
     "min_p": 0,
     "use_beam_search": False,
     "include_stop_str_in_output": False,
@@ -217,6 +216,7 @@ def _params(
         "seed": body.get("seed"),
         "stop": body.get("stop"),
         "stop_token_ids": body.get("stop_token_ids"),
+        "min_tokens": body.get("min_tokens"),
         "ignore_eos": body.get("ignore_eos"),
     }
     kwargs = {k: v for k, v in fields.items() if v is not None}

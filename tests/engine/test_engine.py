@@ -16,7 +16,9 @@ import pytest_asyncio
 import torch
 from engine_helpers import (
     MIN_MARGIN,
+    Reference,
     assert_greedy_equal,
+    comparable,
     hf_greedy,
     hf_logits_of,
     make_text_llama,
@@ -128,6 +130,36 @@ async def test_stream_never_emits_a_stop_string(engine, hf, tok):
     pieces = [piece async for piece in engine.stream(prompt, params)]
     assert "".join(p.text for p in pieces) == ref_text[: ref_text.find(stop)]
     assert pieces[-1].finish_reason == "stop"
+
+
+async def test_min_tokens_equals_transformers_min_new_tokens(engine, hf, tok):
+    prompt = ids_of(tok, "the dog sat")
+    stop_id = hf_greedy(hf, prompt, 4).tokens[1]  # unconstrained, it would end at token 2
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=10,
+            min_new_tokens=5,
+            do_sample=False,
+            eos_token_id=[stop_id],
+            pad_token_id=0,
+            output_scores=True,  # after the processors: the stop id at -inf for 5 tokens
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, len(prompt) :].tolist()
+    margins = [float(s[0].topk(2).values.diff().abs()) for s in out.scores]
+    ref = Reference(tokens, margins[: len(tokens)])
+    params = SamplingParams(
+        max_tokens=10, min_tokens=5, stop_token_ids=[stop_id], logprobs=1, **GREEDY
+    )
+    done = await engine.infer(prompt, params)
+    assert stop_id not in done.token_ids[:5]
+    assert assert_greedy_equal(done.token_ids, ref) >= 5
+    if comparable(ref) == len(tokens):
+        assert done.finish_reason == ("stop" if tokens[-1] == stop_id else "length")
+    # the logprobs stay those of the raw distribution, where the stop id was the most likely
+    assert done.logprobs[1].top[0][0] == stop_id != done.token_ids[1]
 
 
 async def test_logprobs_are_transformers_log_softmax(engine, hf, tok):

@@ -93,3 +93,28 @@ def test_only_the_last_piece_carries_the_timings_of_the_completion():
     last = pieces[-1].timings
     assert last == req.completion().timings
     assert 0 <= last.queued_s <= last.first_token_s and last.per_output_token_s > 0
+
+
+def test_min_tokens_lets_no_stop_end_the_request_before_it_and_bans_the_stop_ids():
+    tok = ByteTokenizer()
+    params = SamplingParams(max_tokens=9, min_tokens=3, stop=["b"], stop_token_ids=[120])
+    req = Request(0, [97], params, tok, stream=True)
+    assert req.wire_params["min_tokens"] == 3
+    assert req.wire_params["banned"] == sorted({120, *tok.eos_token_ids})
+    # "b" as the 1st token: not a stop yet; "xb" ends at the 3rd token's text, which counts
+    assert [req.on_token(t) for t in b"bxb"] == [False, False, True]
+    assert req.completion().text == "bx" and req.finish_reason == "stop"
+    # a stop id that came (had the sampler not banned it) as the 1st token does not stop it
+    late = Request(1, [97], SamplingParams(max_tokens=9, min_tokens=1), tok, stream=False)
+    assert not late.ends_with(ByteTokenizer.EOS)
+    assert late.on_token(ByteTokenizer.EOS) is False
+    assert late.ends_with(ByteTokenizer.EOS) and late.on_token(ByteTokenizer.EOS) is True
+    assert late.finish_reason == "stop" and len(late.token_ids) == 2
+
+
+def test_without_min_tokens_or_stop_ids_the_wire_params_are_the_sampling_params():
+    tok = ByteTokenizer()
+    plain = Request(0, [97], SamplingParams(min_tokens=0), tok).wire_params
+    assert plain == SamplingParams().to_wire()
+    nothing_to_ban = Request(1, [97], SamplingParams(min_tokens=2, ignore_eos=True), tok)
+    assert "banned" not in nothing_to_ban.wire_params

@@ -183,3 +183,23 @@ def test_logprobs_are_log_softmax_of_raw_logits():
 def test_mismatched_params_length_is_refused():
     with pytest.raises(ValueError, match="one params dict"):
         Sampler().sample(torch.zeros(2, 4), [wire()], [0, 0])
+
+
+def test_banned_ids_are_not_drawn_before_min_tokens_and_logprobs_stay_raw():
+    logits = LOGITS.repeat(3, 1)  # token 2 is the most likely everywhere
+    ban = {**wire(temperature=0, logprobs=1), "min_tokens": 2, "banned": [2, 99]}  # 99: off-vocab
+    params = [ban, ban, wire(temperature=0)]
+    tokens, logprobs = Sampler(seed=0).sample(logits.clone(), params, [1, 2, 0])
+    assert tokens.tolist() == [0, 2, 2]  # row 0 is at its 2nd token: 2 is banned, 0 is next
+    assert logprobs[0]["logprob"] == pytest.approx(math.log(PROBS[0]))  # raw, not renormalised
+    assert logprobs[0]["top_ids"] == [2]
+    # drawn rows: the banned id never comes up before min_tokens; the rest keep their odds
+    draws = 4_000
+    rows = [{**wire(seed=11 + i), "min_tokens": 5, "banned": [2]} for i in range(draws)]
+    many = LOGITS.expand(draws, 4)
+    early, _ = Sampler(seed=0).sample(many, rows, [4] * draws)
+    late, _ = Sampler(seed=0).sample(many, rows, [5] * draws)
+    assert 2 not in early.tolist()
+    renormalised = torch.tensor([PROBS[i] if i != 2 else 0.0 for i in range(4)]) / 0.5
+    assert (empirical(early, 4) - renormalised.double()).abs().max().item() < 0.035
+    assert (empirical(late, 4)[2] - PROBS[2]).abs().item() < 0.035

@@ -51,6 +51,9 @@ INVALID = [
     ("logprobs", 21),
     ("logprobs", 1.0),
     ("logprobs", True),
+    ("min_tokens", -1),
+    ("min_tokens", 17),  # > max_tokens (16)
+    ("min_tokens", 2.0),
 ]
 
 

@@ -123,7 +123,7 @@ def test_logprobs_ask_the_engine_for_at_least_the_chosen_tokens():
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
         ({"prompt": "x", "repetition_penalty": 1.2}, "repetition_penalty"),
-        ({"prompt": "x", "min_tokens": 4}, "min_tokens"),
+        ({"prompt": "x", "min_tokens": 17}, "min_tokens"),  # > max_tokens (16)
         ({"prompt": "x", "min_tokens": False}, "min_tokens"),
         ({"prompt": "x", "min_p": 0.1}, "min_p"),
         ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
@@ -145,6 +145,7 @@ def test_vllm_fields_at_their_neutral_values_and_stop_token_ids_are_served():
     body = {"prompt": "x", "repetition_penalty": 1.0, "min_tokens": 0, "min_p": 0.0}
     req = parse_completion({**body, "stop_token_ids": [7, 9], "ignore_eos": True}, LIMITS, "tiny")
     assert req.params.stop_token_ids == (7, 9) and req.params.ignore_eos
+    assert parse_completion({"prompt": "x", "min_tokens": 5}, LIMITS, "tiny").params.min_tokens == 5
 
 
 def test_chat_without_max_tokens_fills_the_context_up_to_the_servers_limit():

@@ -203,3 +203,22 @@ def test_banned_ids_are_not_drawn_before_min_tokens_and_logprobs_stay_raw():
     renormalised = torch.tensor([PROBS[i] if i != 2 else 0.0 for i in range(4)]) / 0.5
     assert (empirical(early, 4) - renormalised.double()).abs().max().item() < 0.035
     assert (empirical(late, 4)[2] - PROBS[2]).abs().item() < 0.035
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bans_take_what_cpu_takes_without_a_host_sync():
+    logits = random_logits(8, 1000).half()
+    argmax = logits.argmax(dim=-1).tolist()
+    params = [{**wire(temperature=0), "min_tokens": 3, "banned": [t, 999]} for t in argmax]
+    steps = [0, 1, 2, 3] * 2
+    cpu, _ = Sampler(seed=0).sample(logits.clone(), params, steps)
+    on_cuda = logits.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a host sync inside sample() raises
+    try:
+        gpu, _ = Sampler("cuda", seed=0).sample(on_cuda, params, steps)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert gpu.tolist() == cpu.tolist()
+    assert [t == a for t, a in zip(cpu.tolist(), argmax, strict=True)] == [s >= 3 for s in steps]

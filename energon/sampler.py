@@ -70,20 +70,19 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 def _ban(logits: torch.Tensor, params: list[dict], steps: list[int]) -> torch.Tensor:
     """`logits`, or a copy with each row's "banned" ids at -inf while the row has generated
     fewer than its "min_tokens" tokens."""
-    rows, cols = [], []
     vocab = logits.shape[-1]
-    for i, p in enumerate(params):
-        if steps[i] < p.get("min_tokens", 0):
-            banned = [t for t in p["banned"] if t < vocab]
-            rows += [i] * len(banned)
-            cols += banned
-    if not rows:
+    flat = [
+        i * vocab + t
+        for i, p in enumerate(params)
+        if steps[i] < p.get("min_tokens", 0)
+        for t in p["banned"]
+        if t < vocab
+    ]
+    if not flat:
         return logits
-    scores = logits.clone()
-    device = logits.device
-    scores[to_device(rows, torch.int64, device), to_device(cols, torch.int64, device)] = float(
-        "-inf"
-    )
+    scores = logits.clone(memory_format=torch.contiguous_format)  # view(-1) needs it
+    # index_fill_ takes a Python scalar: no host sync, unlike index_put_
+    scores.view(-1).index_fill_(0, to_device(flat, torch.int64, logits.device), float("-inf"))
     return scores
 
 

@@ -11,6 +11,7 @@ work waits for its input) the worker sat blocked there while replies of finished
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 
 import torch
@@ -111,19 +112,30 @@ class StepGraphs:
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for bucket in reversed(self.buckets):
-                if prepare is not None:
-                    prepare(bucket)
-                meta = self._meta(bucket)
-                for _ in range(2):
-                    self.body(self.x[:bucket], meta)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(
-                    graph, pool=pool, stream=side, capture_error_mode="thread_local"
-                ):
-                    self.outputs[bucket] = self.body(self.x[:bucket], meta)
-                self.graphs[bucket] = graph
+        # No garbage collection while capturing: a collection that frees an unreachable
+        # CUDAGraph (one dropped earlier in this process) destroys it mid-capture, which CUDA
+        # forbids, and the capture is lost (seen once on an H200 in the GPU suite, where many
+        # runners come and go). What is already garbage goes first.
+        collecting = gc.isenabled()
+        gc.collect()
+        gc.disable()
+        try:
+            with torch.cuda.stream(side):
+                for bucket in reversed(self.buckets):
+                    if prepare is not None:
+                        prepare(bucket)
+                    meta = self._meta(bucket)
+                    for _ in range(2):
+                        self.body(self.x[:bucket], meta)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(
+                        graph, pool=pool, stream=side, capture_error_mode="thread_local"
+                    ):
+                        self.outputs[bucket] = self.body(self.x[:bucket], meta)
+                    self.graphs[bucket] = graph
+        finally:
+            if collecting:
+                gc.enable()
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
         self.captured = True

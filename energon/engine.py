@@ -39,6 +39,7 @@ from energon.actors.transport import free_port
 from energon.errors import CheckpointError, EnergonError, InvalidRequest, RemoteError, WorkerFailed
 from energon.launchers import check_launcher, start_remote_workers
 from energon.models.registry import context_window, num_layers, resolve
+from energon.parallel.pipeline import cut_stages
 from energon.parallel.topology import NO_MULTICAST_ENV
 from energon.recovery import Recovery
 from energon.request import Request
@@ -277,7 +278,8 @@ class Engine:
         # Reading config.json and tokenizer.json (megabytes for large vocabularies) is file I/O:
         # a thread does it, so the loop of a server the Engine starts in keeps serving.
         spec = await asyncio.to_thread(resolve, self.model)
-        self._check_layers(num_layers(spec.config))
+        if (layers := num_layers(spec.config)) is not None:  # else the workers' build says why
+            cut_stages(layers, self.pp, self.stage_splits)  # pp, stage_splits: before spawning
         self.config = spec.config
         self.vocab_size = int(spec.config["vocab_size"])
         self.tokenizer = await asyncio.to_thread(engine_tokenizer, spec.folder, self.vocab_size)
@@ -305,19 +307,6 @@ class Engine:
             f"{self.scheduler.blocks.capacity_tokens} KV-cache tokens"
         )
         return self
-
-    def _check_layers(self, layers: int | None) -> None:
-        """pp and stage_splits against the model's layer count, before any worker is spawned."""
-        if layers is None:
-            return  # the workers' model build says what is wrong
-        if self.pp > layers:
-            raise InvalidRequest("pp", f"must be <= the model's {layers} layers (got {self.pp})")
-        if self.stage_splits is not None and sum(self.stage_splits) != layers:
-            raise InvalidRequest(
-                "stage_splits",
-                f"must sum to the model's {layers} layers (got {self.stage_splits}, "
-                f"{sum(self.stage_splits)} layers)",
-            )
 
     async def _bring_up(self, progress: StartupProgress) -> int:
         """Spawns the workers, loads their shards, borrows pool memory and sizes the KV cache,

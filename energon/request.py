@@ -73,8 +73,7 @@ class Request:
         """Whether this token, taken next, ends the request whatever the text says: a stop token
         id (EOS included) or the last of max_tokens. Only a stop string ends one otherwise."""
         n = len(self.token_ids) + 1  # this token's count
-        stops = token_id in self._stop_ids and n > self.params.min_tokens
-        return stops or n >= self.params.max_tokens
+        return self._stops_at(token_id, n) or n >= self.params.max_tokens
 
     def on_token(self, token_id: int, logprob: dict | None = None) -> bool:
         """Take one sampled token; stream what became final. Returns True when the request is
@@ -85,7 +84,7 @@ class Request:
         self.token_ids.append(token_id)
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(TokenLogprob.from_wire(logprob))
-        if token_id in self._stop_ids and len(self.token_ids) > self.params.min_tokens:
+        if self._stops_at(token_id, len(self.token_ids)):
             return self._finish("stop", self._rest())
         if not self._text_per_token:
             if len(self.token_ids) >= self.params.max_tokens:
@@ -104,6 +103,11 @@ class Request:
             return self._finish("length", self._detok.finish())
         self._emit(check.safe_len)
         return False
+
+    def _stops_at(self, token_id: int, count: int) -> bool:
+        """Whether a stop token id (EOS included) taken as the count-th token ends the request:
+        not before min_tokens tokens were generated."""
+        return token_id in self._stop_ids and count > self.params.min_tokens
 
     def abort(self, error: BaseException | None = None) -> None:
         """End the request: with `error` the reader gets it raised; else finish_reason 'abort'."""

@@ -209,6 +209,15 @@ class Scheduler:
 
     # ---- requests -------------------------------------------------------------------------
 
+    def room(self, prompt_tokens: int) -> int:
+        """The most tokens a prompt of this length may ask to generate (`add` refuses more):
+        up to max_model_len, and what the whole KV cache holds (the last token is never
+        cached). Below 1 when the prompt itself does not fit."""
+        cache = self.blocks.capacity_tokens + 1 - prompt_tokens
+        if self.max_model_len is None:
+            return cache
+        return min(self.max_model_len - prompt_tokens, cache)
+
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; it can join the very next step.
 

@@ -135,7 +135,7 @@ def _read_rust_tokenizer(folder: Path, config: dict):
         except Exception as e:  # the Rust side raises plain Exception
             raise CheckpointError(f"{path} cannot be read by `tokenizers`: {e}") from e
     vocab, merges = (folder / f for f in BPE_FILES)
-    if not (vocab.is_file() and merges.is_file()):
+    if not has_tokenizer(folder):
         raise CheckpointError(
             f"{path} is missing: a checkpoint folder needs tokenizer.json "
             f"(or GPT-2's {' + '.join(BPE_FILES)})"
@@ -276,11 +276,11 @@ class StopChecker:
         if hits:
             cut = min(hits)
             return StopCheck(True, text[:cut], cut)
-        return StopCheck(False, text, len(text) - self._partial_suffix(text))
+        return StopCheck(False, text, self.safe_len(text))
 
     def safe_len(self, text: str) -> int:
-        """How many chars of `text` may be streamed without looking for stop strings in it: all
-        but an end that could start one."""
+        """How many chars of `text` may be streamed, stop strings in it or not: all but an end
+        that could start one."""
         return len(text) - self._partial_suffix(text) if self.stop else len(text)
 
     def _partial_suffix(self, text: str) -> int:

@@ -72,7 +72,7 @@ from energon.bench.record import (
 )
 from energon.bench.trace import median_or_none
 from energon.engine import Engine
-from energon.models.registry import resolve
+from energon.models.registry import num_layers, resolve
 from energon.parallel.attention import Attention
 from energon.parallel.topology import NO_MULTICAST_ENV
 from energon.runner import pick_dtype
@@ -342,7 +342,7 @@ def make_prompts(vocab: int, count: int, length: int, seed: int) -> list[list[in
 
 def kv_bytes_per_token(config: dict, dtype: torch.dtype) -> int | None:
     """K and V bytes one token adds to the cache of the whole model (tp=1), from an HF config."""
-    layers = config.get("num_hidden_layers") or config.get("n_layer")
+    layers = num_layers(config)
     heads = config.get("num_attention_heads") or config.get("n_head")
     hidden = config.get("hidden_size") or config.get("n_embd")
     if not (layers and heads and hidden):

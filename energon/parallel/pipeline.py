@@ -13,22 +13,29 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from energon.errors import InvalidRequest
+
 
 def cut_stages(num_layers: int, pp: int, splits: list[int] | None = None) -> list[range]:
     """The layer range of each stage: even (earlier stages take the remainder) or `splits`.
 
     `splits` gives the number of layers per stage and must sum to num_layers.
-    Raises ValueError when the cut is impossible.
+    Raises InvalidRequest (a ValueError) naming `pp` or `stage_splits` when the cut is impossible:
+    the Engine calls it before spawning workers, each worker when it builds its stage.
     """
     if splits is None:
         if pp > num_layers:
-            raise ValueError(f"pp={pp} is more than the model's {num_layers} layers")
+            raise InvalidRequest(
+                "pp", f"must be <= the model's {num_layers} layers (pp={pp} is more than that)"
+            )
         base, extra = divmod(num_layers, pp)
         splits = [base + (1 if s < extra else 0) for s in range(pp)]
     splits = list(splits)
     if len(splits) != pp or sum(splits) != num_layers or min(splits) < 1:
-        raise ValueError(
-            f"stage_splits must be {pp} positive layer counts summing to {num_layers} (got {splits})"
+        raise InvalidRequest(
+            "stage_splits",
+            f"must be {pp} positive layer counts summing to {num_layers} layers, the model's "
+            f"(got {splits})",
         )
     ranges, start = [], 0
     for n in splits:

@@ -120,8 +120,7 @@ class Client:
         async for msg in self._request(prompt, params, stream=False):
             text.append(msg["text"])
             ids.extend(msg["token_ids"])
-            if (rows := logprobs_from_reply(msg)) is not None:
-                logprobs = (logprobs or []) + rows
+            logprobs = logprobs_from_reply(msg)  # stream=False: all of them come in the final
             if msg["type"] == "final":
                 return completion_from_final(msg, "".join(text), ids, logprobs)
         raise EnergonError("the server ended the request without a final reply")

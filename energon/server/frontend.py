@@ -111,21 +111,11 @@ class Frontend:
                 raise InvalidRequest("prompt", "encodes to no tokens")
         else:
             ids = list(prompt)
-        if fill_context:
-            room = self._room(len(ids))
-            if room is not None:
-                params = replace(params, max_tokens=max(1, min(params.max_tokens, room)))
+        scheduler = getattr(self.engine, "scheduler", None)  # None before the Engine runs
+        if fill_context and scheduler is not None:
+            room = scheduler.room(len(ids))  # below 1: the Engine refuses the prompt itself
+            params = replace(params, max_tokens=max(1, min(params.max_tokens, room)))
         return Generation(self, ids, params, door)
-
-    def _room(self, prompt_tokens: int) -> int | None:
-        """Tokens a prompt of this length may still generate: up to max_model_len, else up to
-        what the KV cache holds (the last token is never cached). None before the Engine runs."""
-        scheduler = getattr(self.engine, "scheduler", None)
-        if scheduler is None:
-            return None
-        if scheduler.max_model_len is not None:
-            return scheduler.max_model_len - prompt_tokens
-        return scheduler.blocks.capacity_tokens + 1 - prompt_tokens
 
     # ------------------------------------------------------------------------------ draining
 

@@ -275,7 +275,9 @@ def _json_str(obj) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
-async def _collect(gen: Generation, renderer: LogprobsRenderer | None) -> tuple[str, str, dict]:
+async def _collect(
+    gen: Generation, renderer: LogprobsRenderer | None
+) -> tuple[str, str, dict | None]:
     parts, logprobs = [], []
     async for piece in gen:
         parts.append(piece.text)

@@ -703,3 +703,15 @@ def test_reserve_outside_zero_to_one_is_refused_naming_it(reserve):
     with pytest.raises(InvalidRequest) as err:
         Scheduler(16, 4, reserve=reserve)
     assert err.value.field == "reserve"
+
+
+def test_room_is_what_add_accepts_for_a_prompt():
+    for max_model_len in (None, 30, 100):
+        sched = Scheduler(num_blocks=4, block_size=8, max_model_len=max_model_len)  # 32 tokens
+        for prompt in (1, 10, 29):
+            room = sched.room(prompt)
+            sched.add(Sequence(prompt, [1] * prompt, room))  # the most it accepts...
+            with pytest.raises(InvalidRequest):
+                sched.add(
+                    Sequence(1000 + prompt, [1] * prompt, room + 1)
+                )  # ...and one more it refuses

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from energon.sampling import SamplingParams, StreamPiece, Timings
+from energon.scheduler import Scheduler
 from energon.server.frontend import Frontend, Limits
 from energon.tokenizer import ByteTokenizer
 
@@ -46,8 +45,7 @@ def test_filling_the_context_leaves_room_for_the_prompt_within_the_limit():
     params = SamplingParams(max_tokens=100)
 
     def filled(prompt: str, max_model_len: int | None, capacity: int = 1000) -> int:
-        blocks = SimpleNamespace(capacity_tokens=capacity)
-        engine.scheduler = SimpleNamespace(max_model_len=max_model_len, blocks=blocks)
+        engine.scheduler = Scheduler(capacity // 4, 4, max_model_len=max_model_len)
         return frontend.generation(prompt, params, "http", fill_context=True).params.max_tokens
 
     assert filled("abc", max_model_len=10) == 7  # 3 prompt tokens (bytes) + 7 = 10

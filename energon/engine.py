@@ -253,6 +253,7 @@ class Engine:
         self.config: dict = {}
         self.vocab_size = 0
         self._requests: dict[int, Request] = {}
+        self._released: list[int] = []  # penalised sequences that ended: the next step says so
         self._ids = itertools.count()
         self._steps: set[asyncio.Task] = set()
         self._failure: EnergonError | None = None
@@ -645,6 +646,8 @@ class Engine:
     def _drop(self, req: Request) -> None:
         """Forget a request; if it was still running, abort it in the scheduler."""
         if self._requests.pop(req.seq_id, None) is not None and self.scheduler is not None:
+            if "seq" in req.wire_params:  # the sampling worker drops its token counts
+                self._released.append(req.seq_id)
             self.recovery.forget(req.seq_id)
             self.scheduler.abort(req.seq_id)
             if not req.done:
@@ -669,8 +672,9 @@ class Engine:
                     req.on_scheduled()
             try:
                 oldest = self.scheduler.oldest_in_flight if self.lookahead else None
-                message = step_message(plan, self._requests, hand_back=oldest)
+                message = step_message(plan, self._requests, oldest, self._released)
                 replies = self.group.broadcast("sample_step", message)
+                self._released = []
             except Exception as exc:  # the step could not be encoded or sent
                 self._fail_step(plan, exc)
                 continue

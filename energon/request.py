@@ -49,6 +49,10 @@ class Request:
         if params.min_tokens and self._stop_ids:  # the Sampler keeps these from being drawn
             self.wire_params["min_tokens"] = params.min_tokens
             self.wire_params["banned"] = sorted(self._stop_ids)
+        if params.penalised:  # the sampling worker counts its tokens (energon/penalties.py)
+            self.wire_params["seq"] = seq_id
+        # its next sampling step carries its tokens so far: its computation (re)started (step.py)
+        self.history_due = True
         self._text = ""  # generated text so far (cut at a stop string once found)
         self._sent_chars = 0  # chars of _text already streamed
         self._sent_tokens = 0  # token ids already streamed

@@ -560,6 +560,7 @@ class ModelRunner(OffloadMember):
         On cuda the reply is a `Deferred`: the token ids are copied to pinned memory behind the
         step, and the worker starts the next step (already waiting, with lookahead) before it
         waits for them, so the GPU goes from step to step without a gap."""
+        self.sampler.release(step.get("release", ()))
         logits = self.execute_logits({**step, "logits_indices": "last"})
         picked = [i for i, flag in enumerate(step["sample"]) if flag]
         chainable = "hand_back" in step and bool(picked)  # a later step may feed its samples
@@ -612,6 +613,7 @@ class ModelRunner(OffloadMember):
             "graph_error": self.graph_error,
             "chained_steps": self.chained_steps,
             "returns_pending": self.returns.pending,  # samples chained steps may feed, held
+            "penalised_seqs": len(self.sampler.penalties.slots),  # token counts kept (sampling)
             "all_reduce": self.all_reduce,
             # (one-shot sums, of them fused with a norm) issued; a captured one counts once
             "one_shot_calls": (fast.one_shot_calls, fast.norm_calls) if fast else (0, 0),

@@ -17,6 +17,9 @@ vLLM reports them: not the temperature-scaled or truncated distribution the toke
 A row whose params carry "banned" ids and "min_tokens" (SamplingParams.min_tokens; the
 controller's Request adds them) cannot draw those ids before it has generated min_tokens tokens:
 they are set to -inf in a copy of the logits, only on steps where some row needs it.
+Logit bias and the repetition, frequency and presence penalties come next
+(energon/penalties.py, which keeps the penalised sequences' token counts on this rank); the
+token is drawn from what they leave.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from energon.host_copy import to_device
+from energon.penalties import Penalties
 from energon.sampling import GREEDY_BELOW
 
 _GOLDEN = 0x9E3779B97F4A7C15  # odd: 2**64 / golden ratio
@@ -100,6 +104,11 @@ class Sampler:
         else:
             self.generator.manual_seed(seed)
         self._seeded = torch.Generator(self.device)  # reseeded for every seeded row
+        self.penalties = Penalties(self.device)
+
+    def release(self, seq_ids) -> None:
+        """Forget the token counts of sequences that ended (a step's "release")."""
+        self.penalties.release(seq_ids)
 
     @torch.no_grad()
     def sample(
@@ -118,7 +127,7 @@ class Sampler:
                 f"{len(params)} params, {len(steps)} steps"
             )
         device = logits.device
-        scores = _ban(logits, params, steps)
+        scores = self.penalties.apply(_ban(logits, params, steps), params)
         greedy = [p["temperature"] < GREEDY_BELOW or p["top_k"] == 1 for p in params]
         rows = [i for i in range(batch) if not greedy[i]]
         if not rows:
@@ -130,6 +139,7 @@ class Sampler:
             else:
                 token_ids = scores.argmax(dim=-1)
                 token_ids.index_copy_(0, to_device(rows, torch.int64, device), drawn)
+        self.penalties.count(token_ids)
         return token_ids, self._logprobs(logits, token_ids, params)
 
     def _draw(self, logits, params, steps, rows) -> torch.Tensor:

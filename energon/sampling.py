@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +19,9 @@ from energon.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries: every step carries them
+LOGIT_BIAS_LIMIT = 100.0  # as OpenAI's
+PENALTY_LIMIT = 2.0  # presence and frequency, as OpenAI's
 SEED_LIMIT = 2**63
 TOP_K_LIMIT = 2**63
 GREEDY_BELOW = 1e-5  # a smaller temperature is greedy: dividing by it would overflow float32
@@ -46,6 +49,13 @@ class SamplingParams:
     likely tokens with theirs. `min_tokens=m` (as in vLLM) keeps the stop token ids (EOS unless
     ignore_eos) from being drawn as any of the first m tokens, and stop strings count only once
     they end in the m-th token's text or later.
+
+    Before the draw (as in vLLM and OpenAI): `logit_bias` ({token id: bias in [-100, 100]}, or
+    (id, bias) pairs) is added to those logits; `repetition_penalty` r divides the positive
+    logits of the tokens in the prompt or output by r and multiplies the negative ones by r
+    (Hugging Face's and vLLM's; 1 is off); `frequency_penalty` f and `presence_penalty` p
+    subtract f x (times the token is in the output) and p x (1 if it is there at all). logprobs
+    are unaffected by all of these.
     """
 
     max_tokens: int = 16
@@ -58,6 +68,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int = 0
     min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = ()
 
     def __post_init__(self):
         self._check()
@@ -72,12 +86,22 @@ class SamplingParams:
         object.__setattr__(self, "seed", None if self.seed is None else int(self.seed))
         object.__setattr__(self, "logprobs", int(self.logprobs))
         object.__setattr__(self, "min_tokens", int(self.min_tokens))
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
         """True when the token is the argmax: temperature 0 (any below 1e-5, as in vLLM) or
         top_k 1."""
         return self.temperature < GREEDY_BELOW or self.top_k == 1
+
+    @property
+    def penalised(self) -> bool:
+        """True when a penalty depends on the tokens seen (the sampling worker counts them)."""
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )
 
     def validate(
         self, max_tokens_cap: int | None = None, vocab_size: int | None = None
@@ -98,17 +122,31 @@ class SamplingParams:
                         "stop_token_ids",
                         f"must be token ids < the vocabulary size {vocab_size} (got {token!r})",
                     )
+            for token, _ in self.logit_bias:
+                if token >= vocab_size:
+                    raise InvalidRequest(
+                        "logit_bias",
+                        f"must be keyed by token ids < the vocabulary size {vocab_size} (got {token!r})",
+                    )
         return self
 
     def to_wire(self) -> dict:
         """The fields the worker's Sampler reads, as a msgpack-friendly dict of plain types."""
-        return {
+        wire = {
             "temperature": self.temperature,
             "top_k": self.top_k,
             "top_p": self.top_p,
             "seed": self.seed,
             "logprobs": self.logprobs,
         }
+        if self.penalised:
+            wire["presence_penalty"] = self.presence_penalty
+            wire["frequency_penalty"] = self.frequency_penalty
+            wire["repetition_penalty"] = self.repetition_penalty
+        if self.logit_bias:
+            wire["bias_ids"] = [t for t, _ in self.logit_bias]
+            wire["bias_values"] = [b for _, b in self.logit_bias]
+        return wire
 
     def _check(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -160,6 +198,17 @@ class SamplingParams:
                 "logprobs", f"must be an int in [0, {MAX_LOGPROBS}], 0 for none (got {k!r})"
             )
 
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not -PENALTY_LIMIT <= v <= PENALTY_LIMIT:
+                raise InvalidRequest(name, f"must be a number in [-2, 2], 0 for off (got {v!r})")
+        r = self.repetition_penalty
+        if not _is_real(r) or not math.isfinite(r) or r <= 0:
+            raise InvalidRequest(
+                "repetition_penalty", f"must be a finite number > 0, 1 for off (got {r!r})"
+            )
+        _bias_pairs(self.logit_bias)
+
     def _check_stop(self) -> None:
         stop = self.stop
         if isinstance(stop, str):
@@ -177,6 +226,39 @@ class SamplingParams:
                 raise InvalidRequest(
                     "stop", f"must be non-empty strings (got {s!r} in {self.stop!r})"
                 )
+
+
+def _bias_pairs(bias) -> tuple[tuple[int, float], ...]:
+    """logit_bias as (token id, bias) pairs sorted by id; raises InvalidRequest("logit_bias")."""
+    if isinstance(bias, Mapping):
+        pairs = list(bias.items())
+    elif isinstance(bias, (str, bytes)) or not isinstance(bias, Sequence):
+        raise InvalidRequest(
+            "logit_bias", f"must be a map of token id to bias, or (id, bias) pairs (got {bias!r})"
+        )
+    else:
+        pairs = list(bias)
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(
+            "logit_bias", f"must be at most {MAX_LOGIT_BIAS} entries (got {len(pairs)})"
+        )
+    out = {}
+    for pair in pairs:
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise InvalidRequest("logit_bias", f"must be (token id, bias) pairs (got {pair!r})")
+        token, value = pair
+        if not _is_int(token) or token < 0:
+            raise InvalidRequest("logit_bias", f"must be keyed by token ids >= 0 (got {token!r})")
+        if not _is_real(value) or not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
+            raise InvalidRequest(
+                "logit_bias", f"must be biases in [-100, 100] (got {value!r} for token {token})"
+            )
+        if int(token) in out:
+            raise InvalidRequest(
+                "logit_bias", f"must be keyed by distinct token ids (got {token} twice)"
+            )
+        out[int(token)] = float(value)
+    return tuple(sorted(out.items()))
 
 
 @dataclass

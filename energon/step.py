@@ -16,7 +16,12 @@ _PENDING = [0]  # a chained row's input id: the workers write the sampled token 
 _GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None, "logprobs": 0}
 
 
-def step_message(plan: StepPlan, requests: Mapping, hand_back: int | None = None) -> dict:
+def step_message(
+    plan: StepPlan,
+    requests: Mapping,
+    hand_back: int | None = None,
+    release: list | None = None,
+) -> dict:
     """The wire form of `plan`: {"step_id", "input_ids" [T] int64, "query_lens", "context_lens",
     "block_tables" [B, max_blocks] int32 (-1 padded), "sample" (row flags), "params" and "steps"
     (one per sampled row: SamplingParams.to_wire() and tokens generated so far)}.
@@ -27,7 +32,12 @@ def step_message(plan: StepPlan, requests: Mapping, hand_back: int | None = None
     `hand_back` (lookahead: the oldest step id the controller has in flight) adds "hand_back":
     the step's sampled tokens are kept for a later step that chains it (at pp > 1 the last stage
     hands them to the first), and those of steps before that id are dropped
-    (energon/parallel/token_return.py)."""
+    (energon/parallel/token_return.py).
+
+    A penalised request's row (its params carry "seq") adds "history" (its generated tokens)
+    and, with a repetition penalty, "prompt" on the first step that samples it after a step
+    computed it from its first token: admission, recompute after preemption, a worker restart
+    (energon/penalties.py). `release` (ids of penalised sequences that ended) adds "release"."""
     ids: list[int] = []
     query_lens, context_lens, sample, params, steps = [], [], [], [], []
     width = max(len(s.block_table) for s in plan.seqs)
@@ -44,9 +54,11 @@ def step_message(plan: StepPlan, requests: Mapping, hand_back: int | None = None
         tables.extend(s.block_table)
         tables.extend(pad[len(s.block_table) :])
         sample.append(bool(s.sample))
+        req = requests.get(s.seq_id)
+        if req is not None and s.start == 0:
+            req.history_due = True
         if s.sample:
-            req = requests.get(s.seq_id)
-            params.append(req.wire_params if req is not None else _GREEDY)
+            params.append(_row_params(req, s) if req is not None else _GREEDY)
             steps.append(s.seq.num_output_tokens + s.chained)  # + the pending token
     message = {
         "step_id": plan.step_id,
@@ -60,8 +72,24 @@ def step_message(plan: StepPlan, requests: Mapping, hand_back: int | None = None
     }
     if hand_back is not None:
         message["hand_back"] = hand_back
+    if release:
+        message["release"] = release
     if plan.chains is not None:
         message["chain_from"] = plan.chains
         message["chain_tokens"] = chain_tokens
         message["chain_rows"] = chain_rows
     return message
+
+
+def _row_params(req, s) -> dict:
+    """The params a sampled row carries: the request's wire params, plus its history when the
+    worker's counts of a penalised request must be (re)built."""
+    params = req.wire_params
+    if "seq" not in params or not req.history_due:
+        return params
+    req.history_due = False
+    seq = s.seq
+    row = {**params, "history": seq.token_ids[seq.num_prompt_tokens : s.context_len]}
+    if params["repetition_penalty"] != 1.0:
+        row["prompt"] = seq.prompt_token_ids
+    return row

@@ -139,7 +139,8 @@ def _layer_counts(text: str) -> list[int]:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """--max-tokens --temperature (default greedy) --top-k --top-p --seed --stop
-    --stop-token-id --ignore-eos --min-tokens."""
+    --stop-token-id --ignore-eos --min-tokens --repetition-penalty --frequency-penalty
+    --presence-penalty --logit-bias."""
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)
@@ -160,6 +161,27 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> 
     parser.add_argument(
         "--min-tokens", type=int, default=0, help="tokens generated before a stop may end it"
     )
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]")
+    parser.add_argument(
+        "--logit-bias",
+        type=_bias_entry,
+        action="append",
+        default=[],
+        metavar="TOKEN_ID=BIAS",
+        help="add BIAS (in [-100, 100]) to a token's logit (repeatable)",
+    )
+
+
+def _bias_entry(text: str) -> tuple[int, float]:
+    token, sep, bias = text.partition("=")
+    try:
+        if sep:
+            return int(token), float(bias)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"must be TOKEN_ID=BIAS, e.g. 50256=-100 (got {text!r})")
 
 
 def sampling_params(args: argparse.Namespace):
@@ -176,4 +198,8 @@ def sampling_params(args: argparse.Namespace):
         stop_token_ids=tuple(args.stop_token_ids),
         ignore_eos=args.ignore_eos,
         min_tokens=args.min_tokens,
+        repetition_penalty=args.repetition_penalty,
+        frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty,
+        logit_bias=args.logit_bias,
     )

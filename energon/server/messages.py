@@ -20,7 +20,8 @@ A client is a DEALER; the server is a ROUTER. Every message is one msgpack frame
 
 `id` (an int or a short string) is the client's: unique among its requests in flight, echoed on
 every reply, so replies may come in any order. A final message carries the text and token ids not
-yet sent in deltas (all of them when `stream` is false). `params` are `SamplingParams` fields.
+yet sent in deltas (all of them when `stream` is false). `params` are `SamplingParams` fields;
+`logit_bias` travels as [[token id, bias], ...] pairs (a msgpack map here must have string keys).
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 SamplingParams), and Energon's results -> OpenAI's response and stream-chunk objects.
 
 Validation is strict about types (a string max_tokens is a 400 naming the field) and about
-features Energon does not have (best_of, penalties, logit_bias, echo, suffix, and vLLM's
-repetition_penalty, min_p, beam search): those are refused with a message rather than silently
-ignored. vLLM's `top_k`, `stop_token_ids`, `ignore_eos` and `min_tokens` are served. Other unknown
-fields are ignored, as OpenAI does.
+features Energon does not have (best_of, echo, suffix, and vLLM's min_p and beam search): those
+are refused with a message rather than silently ignored. presence_penalty, frequency_penalty and
+logit_bias (token id strings as keys, as OpenAI's) are served, and so are vLLM's `top_k`,
+`repetition_penalty`, `stop_token_ids`, `ignore_eos` and `min_tokens`. Other unknown fields are
+ignored, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -191,10 +192,7 @@ def _include_usage(body: dict, stream: bool) -> bool:
 # Sampling controls Energon does not have, with the value that means "off": anything else is
 # refused, since ignoring it would answer a different question than the one asked.
 _UNSUPPORTED = {
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "repetition_penalty": 1,  # vLLM's extensions from here on
-    "min_p": 0,
+    "min_p": 0,  # vLLM's extensions
     "use_beam_search": False,
     "include_stop_str_in_output": False,
 }
@@ -207,8 +205,6 @@ def _params(
         value = body.get(name)
         if value is not None and (value != off or isinstance(value, bool) != isinstance(off, bool)):
             raise InvalidRequest(name, f"is not supported by Energon (only {json.dumps(off)})")
-    if body.get("logit_bias"):
-        raise InvalidRequest("logit_bias", "is not supported by Energon")
     fields = {
         "temperature": body.get("temperature"),
         "top_p": body.get("top_p"),
@@ -218,6 +214,10 @@ def _params(
         "stop_token_ids": body.get("stop_token_ids"),
         "min_tokens": body.get("min_tokens"),
         "ignore_eos": body.get("ignore_eos"),
+        "presence_penalty": body.get("presence_penalty"),
+        "frequency_penalty": body.get("frequency_penalty"),
+        "repetition_penalty": body.get("repetition_penalty"),
+        "logit_bias": _logit_bias(body.get("logit_bias")),
     }
     kwargs = {k: v for k, v in fields.items() if v is not None}
     if max_tokens is not None:
@@ -229,6 +229,20 @@ def _params(
         if exc.field == "max_tokens" and max_tokens_field != "max_tokens":
             raise InvalidRequest(max_tokens_field, exc.problem) from None
         raise
+
+
+def _logit_bias(value) -> dict | None:
+    """OpenAI's logit_bias, {"token id": bias}, with int keys (SamplingParams checks the rest)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidRequest("logit_bias", f"must be an object of token id to bias (got {value!r})")
+    out = {}
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise InvalidRequest("logit_bias", f"must be keyed by token ids (got {key!r})")
+        out[int(key)] = bias
+    return out
 
 
 # ------------------------------------------------------------------------------ responses

@@ -13,7 +13,7 @@ import importlib.util
 import json
 import multiprocessing
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -169,9 +169,50 @@ def reference_sample(hf, prompt: list[int], params) -> list[int]:
 
     assert params.seed is not None and params.ignore_eos
     sampler = Sampler("cpu", seed=12345)  # seeded rows never touch the shared generator
+    draw = neutral(params).to_wire()  # bias and penalties: HF's processors, below
     tokens: list[int] = []
     for n in range(params.max_tokens):
-        logits = hf_logits_of(hf, prompt + tokens)[-1:]
-        token, _ = sampler.sample(logits, [params.to_wire()], [n])
+        logits = processed_logits(hf, prompt, tokens, params)
+        token, _ = sampler.sample(logits, [draw], [n])
         tokens.append(int(token[0]))
     return tokens
+
+
+def neutral(params):
+    """`params` without logit bias or penalties."""
+    return replace(
+        params, logit_bias=(), presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0
+    )
+
+
+def processed_logits(hf, prompt: list[int], tokens: list[int], params) -> torch.Tensor:
+    """HF's float32 logits [1, vocab] for the token after prompt + tokens, with `params`'
+    logit_bias (HF's SequenceBiasLogitsProcessor), repetition penalty (HF's
+    RepetitionPenaltyLogitsProcessor, over prompt and output) and OpenAI's frequency and
+    presence penalties (HF has none: counted here in float64 over the output), in that order."""
+    from transformers import RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor
+
+    ids = torch.tensor([prompt + tokens])
+    scores = hf_logits_of(hf, prompt + tokens)[-1:]
+    if params.logit_bias:
+        bias = [[[t], b] for t, b in params.logit_bias]
+        scores = SequenceBiasLogitsProcessor(sequence_bias=bias)(ids, scores)
+    if params.repetition_penalty != 1.0:
+        scores = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(ids, scores)
+    if tokens and (params.frequency_penalty or params.presence_penalty):
+        counts = torch.bincount(torch.tensor(tokens), minlength=scores.shape[-1]).double()
+        change = params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+        scores = (scores.double() - change).float()
+    return scores
+
+
+def hf_processed_greedy(hf, prompt: list[int], params) -> Reference:
+    """Greedy tokens of `processed_logits` for params.max_tokens steps (no EOS), with the gap
+    between the two largest processed logits at each."""
+    tokens: list[int] = []
+    margins: list[float] = []
+    for _ in range(params.max_tokens):
+        top2 = processed_logits(hf, prompt, tokens, params)[0].topk(2)
+        tokens.append(int(top2.indices[0]))
+        margins.append(float(top2.values[0] - top2.values[1]))
+    return Reference(tokens, margins)

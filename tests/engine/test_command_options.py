@@ -95,3 +95,17 @@ def test_sampling_options_include_stop_token_ids_and_ignore_eos():
     assert (params.max_tokens, params.stop_token_ids, params.ignore_eos) == (5, (7, 9), True)
     plain = sampling_params(parser.parse_args([]))
     assert (plain.stop_token_ids, plain.ignore_eos) == ((), False)
+    assert not plain.penalised and plain.logit_bias == ()
+
+
+def test_sampling_options_include_penalties_and_logit_bias(capsys):
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser, max_tokens=5)
+    args = "--repetition-penalty 1.2 --frequency-penalty 0.5 --presence-penalty -1 "
+    args += "--logit-bias 7=-100 --logit-bias 9=2.5"
+    params = sampling_params(parser.parse_args(args.split()))
+    assert (params.repetition_penalty, params.frequency_penalty) == (1.2, 0.5)
+    assert params.presence_penalty == -1.0 and params.logit_bias == ((7, -100.0), (9, 2.5))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--logit-bias", "7:1"])
+    assert "--logit-bias: must be TOKEN_ID=BIAS" in capsys.readouterr().err

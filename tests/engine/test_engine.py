@@ -21,6 +21,7 @@ from engine_helpers import (
     comparable,
     hf_greedy,
     hf_logits_of,
+    hf_processed_greedy,
     make_text_llama,
     one_torch_thread,  # noqa: F401 (autouse)
     reference_sample,
@@ -160,6 +161,54 @@ async def test_min_tokens_equals_transformers_min_new_tokens(engine, hf, tok):
         assert done.finish_reason == ("stop" if tokens[-1] == stop_id else "length")
     # the logprobs stay those of the raw distribution, where the stop id was the most likely
     assert done.logprobs[1].top[0][0] == stop_id != done.token_ids[1]
+
+
+PENALTIES = {
+    "repetition": dict(repetition_penalty=1.3),
+    "frequency_presence": dict(frequency_penalty=0.8, presence_penalty=0.5),
+    "negative": dict(frequency_penalty=-0.3, presence_penalty=-1.0, repetition_penalty=0.8),
+    "bias": dict(logit_bias={40: 0.2, 41: 0.15, 1: -100}),
+    "all": dict(repetition_penalty=1.2, frequency_penalty=0.4, logit_bias={40: 0.1}),
+}
+
+
+@pytest.mark.parametrize("kind", PENALTIES)
+async def test_penalties_and_logit_bias_equal_transformers_processors(engine, hf, tok, kind):
+    prompt = ids_of(tok, "the cat sat on the mat")
+    params = SamplingParams(max_tokens=16, **GREEDY, **PENALTIES[kind])
+    ref = hf_processed_greedy(hf, prompt, params)
+    plain = hf_greedy(hf, prompt, 16)
+    assert ref.tokens != plain.tokens  # the processors change this output
+    done = await engine.infer(prompt, params)
+    assert assert_greedy_equal(done.token_ids, ref) >= 8
+
+
+async def test_penalised_draws_equal_the_reference_and_logprobs_stay_raw(engine, hf, tok):
+    prompt = ids_of(tok, "once upon a time")
+    params = SamplingParams(
+        max_tokens=12,
+        temperature=0.8,
+        seed=7,
+        ignore_eos=True,
+        logprobs=1,
+        **PENALTIES["all"],
+    )
+    first, second = await asyncio.gather(engine.infer(prompt, params), engine.infer(prompt, params))
+    assert first.token_ids == second.token_ids == reference_sample(hf, prompt, params)
+    for n, entry in enumerate(first.logprobs):
+        raw = torch.log_softmax(hf_logits_of(hf, prompt + first.token_ids[:n])[-1], -1)
+        assert entry.logprob == pytest.approx(float(raw[first.token_ids[n]]), abs=1e-4)
+
+
+async def test_the_worker_drops_a_penalised_requests_counts_when_it_ends(engine, tok):
+    params = SamplingParams(max_tokens=30, frequency_penalty=1.0, **GREEDY)
+    stream = engine.stream(ids_of(tok, "the dog"), params)
+    await stream.__anext__()  # sampled once: the worker counts its tokens
+    assert (await engine.group.broadcast("info"))[0]["penalised_seqs"] == 1
+    await stream.aclose()  # aborted
+    await asyncio.gather(*(engine.infer([5, 6], params) for _ in range(3)))
+    await settle(engine)  # the step after the last one ended says so
+    assert (await engine.group.broadcast("info"))[0]["penalised_seqs"] == 0
 
 
 async def test_logprobs_are_transformers_log_softmax(engine, hf, tok):

@@ -18,6 +18,7 @@ from engine_helpers import (
     Reference,
     assert_greedy_equal,
     hf_greedy,
+    hf_processed_greedy,
     make_llama,
     one_torch_thread,  # noqa: F401 (autouse)
     random_prompts,
@@ -31,6 +32,13 @@ pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
 PROMPTS = random_prompts(200, vocab=128, seed=0, new=(1, 16))  # (prompt, max_tokens)
 MAX_WAITING = 8
 GREEDY = dict(temperature=0.0, ignore_eos=True)
+# counted on the last stage's sampling rank, which never sees the input ids
+PENALISED = SamplingParams(
+    max_tokens=20, repetition_penalty=1.25, frequency_penalty=0.5, logit_bias={7: 0.05}, **GREEDY
+)
+PENALISED_DRAW = SamplingParams(
+    max_tokens=16, temperature=1.0, seed=3, ignore_eos=True, presence_penalty=1.5
+)
 
 
 def with_eos(ref: Reference, eos: int) -> Reference:
@@ -190,7 +198,7 @@ async def test_new_request_joins_the_running_batch_at_the_next_step(pp_engine, m
 async def test_preemption_under_a_tiny_kv_cache_gives_identical_outputs(small_engine, model):
     _, hf, _, refs = model
     capacity = small_engine.stats()["num_free_blocks"] * 4
-    picked = [i for i, (p, n) in enumerate(PROMPTS) if 12 <= len(p) + n <= capacity][:8]
+    picked = [i for i, (p, n) in enumerate(PROMPTS) if 12 <= len(p) + n <= capacity][:6]
     assert sum(len(PROMPTS[i][0]) + PROMPTS[i][1] for i in picked) > 2 * capacity
     sampled = SamplingParams(max_tokens=16, temperature=1.0, seed=5, ignore_eos=True)
     sampled_prompt = [3, 1, 4, 1, 5, 9, 2, 6]
@@ -200,12 +208,17 @@ async def test_preemption_under_a_tiny_kv_cache_gives_identical_outputs(small_en
             for i in picked
         ),
         small_engine.infer(sampled_prompt, sampled),
+        small_engine.infer(sampled_prompt, PENALISED),
+        small_engine.infer(sampled_prompt, PENALISED_DRAW),
     )
     stats = small_engine.stats()
     assert stats["num_preemptions"] > 0  # the cache was too small for them all at once
     for c, i in zip(done, picked, strict=False):
         assert_greedy_equal(c.token_ids, refs[i])
-    assert done[-1].token_ids == reference_sample(hf, sampled_prompt, sampled)
+    assert done[-3].token_ids == reference_sample(hf, sampled_prompt, sampled)
+    # a preempted sequence's recompute brings its token counts back on the sampling rank
+    assert_greedy_equal(done[-2].token_ids, hf_processed_greedy(hf, sampled_prompt, PENALISED))
+    assert done[-1].token_ids == reference_sample(hf, sampled_prompt, PENALISED_DRAW)
     assert stats["num_used_blocks"] == 0
 
 
@@ -222,7 +235,7 @@ async def test_a_full_kv_reserve_serves_the_same_workload_without_preempting(mod
         kv_reserve=1.0,
     ) as engine:
         capacity = engine.stats()["num_free_blocks"] * 4
-        picked = [i for i, (p, n) in enumerate(PROMPTS) if 12 <= len(p) + n <= capacity][:8]
+        picked = [i for i, (p, n) in enumerate(PROMPTS) if 12 <= len(p) + n <= capacity][:6]
         assert sum(len(PROMPTS[i][0]) + PROMPTS[i][1] for i in picked) > 2 * capacity
         done = await asyncio.gather(
             *(
@@ -294,6 +307,8 @@ async def test_lookahead_keeps_two_steps_in_flight_and_equals_solo_results(looka
         for p, n in PROMPTS
     ]
     tasks.append(asyncio.ensure_future(lookahead_engine.infer(sampled_prompt, sampled)))
+    penalised = [lookahead_engine.infer(sampled_prompt, p) for p in (PENALISED, PENALISED_DRAW)]
+    tasks.extend(asyncio.ensure_future(p) for p in penalised)
     await asyncio.sleep(0)  # every request submits
     await asyncio.sleep(0)  # then the first step (all of them) and the one chained to it go out
     assert lookahead_engine.stats()["steps_in_flight"] == 2
@@ -306,7 +321,10 @@ async def test_lookahead_keeps_two_steps_in_flight_and_equals_solo_results(looka
             assert c.finish_reason == ("stop" if expected.tokens[-1] == eos else "length")
     assert compared >= 0.95 * sum(len(with_eos(r, eos).tokens) for r in refs)
     assert sum(c.finish_reason == "stop" for c in done) >= 10  # stops while a step was chained
-    assert done[-1].token_ids == reference_sample(hf, sampled_prompt, sampled)
+    assert done[-3].token_ids == reference_sample(hf, sampled_prompt, sampled)
+    # counted on the device from the chained samples the controller does not know yet
+    assert_greedy_equal(done[-2].token_ids, hf_processed_greedy(hf, sampled_prompt, PENALISED))
+    assert done[-1].token_ids == reference_sample(hf, sampled_prompt, PENALISED_DRAW)
     stats = lookahead_engine.stats()
     assert stats["num_preemptions"] > 0
     assert stats["num_used_blocks"] == 0

@@ -18,6 +18,7 @@ from engine_helpers import (  # noqa: F401 (one_torch_thread: autouse)
     assert_greedy_equal,
     hf_greedy,
     hf_logits_of,
+    hf_processed_greedy,
     make_llama,
     one_torch_thread,
     workers,
@@ -123,8 +124,9 @@ async def until_scheduled(engine: Engine, prompt: list[int], timeout: float = 30
 
 async def test_with_retry_on_failure_a_request_without_output_runs_again_once(llama):
     folder, hf = llama
-    ref = hf_greedy(hf, LONG_PROMPT, 4)
-    params = SamplingParams(max_tokens=4, **GREEDY)
+    # penalised: the new workers rebuild its token counts from the step that samples it first
+    params = SamplingParams(max_tokens=4, repetition_penalty=1.5, **GREEDY)
+    ref = hf_processed_greedy(hf, LONG_PROMPT, params)
     engine = Engine(
         str(folder), device="cpu", max_batch_tokens=16, retry_on_failure=True, restart_backoff=0
     )

@@ -222,3 +222,83 @@ def test_cuda_bans_take_what_cpu_takes_without_a_host_sync():
         torch.cuda.set_sync_debug_mode(0)
     assert gpu.tolist() == cpu.tolist()
     assert [t == a for t, a in zip(cpu.tolist(), argmax, strict=True)] == [s >= 3 for s in steps]
+
+
+# ------------------------------------------------------------------ logit bias and penalties
+
+
+def penalised(seq: int, history=None, prompt=None, **kwargs) -> dict:
+    """A row's wire params as step.py sends them for sequence `seq` of a penalised request."""
+    row = {**wire(temperature=0, **kwargs), "seq": seq}
+    if history is not None:
+        row["history"] = history
+    if prompt is not None:
+        row["prompt"] = prompt
+    return row
+
+
+def test_bias_then_repetition_then_frequency_and_presence_by_hand():
+    logits = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    rules = dict(
+        repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=1.0, logit_bias={1: 4.0}
+    )
+    sampler = Sampler(seed=0)
+    first = penalised(7, history=[3, 3, 0], prompt=[2], **rules)
+    # bias: [1, 2, 0.5, 3]; seen (prompt 2, output 0 and 3) halved: [0.5, 2, 0.25, 1.5];
+    # minus 0.5 x count and 1 x present: 0 -> 0.5 - 0.5 - 1, 3 -> 1.5 - 1 - 1
+    assert sampler.penalties.apply(logits, [first]).tolist() == [[-1.0, 2.0, 0.25, -0.5]]
+    tokens, _ = sampler.sample(logits, [first], [3])
+    assert tokens.tolist() == [1]  # counted: 1 is now in the output once
+    later = penalised(7, **rules)
+    assert sampler.penalties.apply(logits, [later]).tolist() == [[-1.0, -0.5, 0.25, -0.5]]
+    assert sampler.sample(logits, [later], [4])[0].tolist() == [2]
+    assert logits.tolist() == [[1.0, -2.0, 0.5, 3.0]]  # the raw logits are left as they were
+
+
+def test_rows_without_penalties_in_a_penalised_batch_are_left_alone():
+    logits = random_logits(3, 50)
+    bias = {int(logits[1].argmin()): 100.0}
+    params = [wire(temperature=0), wire(temperature=0, logit_bias=bias), penalised(1, history=[])]
+    out = Sampler(seed=0).penalties.apply(logits, params)
+    assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])  # nothing seen yet
+    assert Sampler(seed=0).sample(logits, params, [0, 0, 0])[0][1].item() == next(iter(bias))
+
+
+def test_counts_grow_past_the_first_table_are_released_and_rebuilt_from_a_history():
+    vocab = 6
+    sampler = Sampler(seed=0)
+    table = sampler.penalties
+    rows = [penalised(seq, history=[seq % vocab], frequency_penalty=1.0) for seq in range(20)]
+    logits = torch.zeros(20, vocab)
+    out = table.apply(logits, rows)  # 20 sequences: the tables grew from 8 rows
+    assert out.argmin(dim=-1).tolist() == [seq % vocab for seq in range(20)]
+    table.release(range(0, 20, 2))
+    table.release([999])  # unknown ids are ignored
+    assert sorted(table.slots) == list(range(1, 20, 2))
+    with pytest.raises(ValueError, match="no token counts for sequence 0"):
+        table.apply(logits[:1], [penalised(0, frequency_penalty=1.0)])
+    # a sequence seen again (a recompute) starts over from the history it carries
+    again = table.apply(logits[:2], [penalised(3, history=[5, 5], frequency_penalty=1.0)] * 2)
+    assert again[0].tolist() == [0.0] * 5 + [-2.0]
+    assert len(table.slots) == 10 and table.counts.shape[0] >= 20
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_penalties_take_what_cpu_takes_without_a_host_sync():
+    logits = random_logits(6, 1000).half()
+    rules = dict(repetition_penalty=1.3, frequency_penalty=0.7, logit_bias={5: 2.0, 9: -1.0})
+    first = [penalised(i, history=[i, 3 * i], prompt=[1, 2, i], **rules) for i in range(4)]
+    first += [wire(temperature=0, logit_bias={7: 50.0}), wire(temperature=0)]
+    later = [penalised(i, **rules) for i in range(4)] + first[4:]
+    cpu = Sampler(seed=0)
+    expected = [cpu.sample(logits.clone(), rows, [2] * 6)[0].tolist() for rows in (first, later)]
+    on_cuda = logits.cuda()
+    gpu = Sampler("cuda", seed=0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a host sync inside sample() raises
+    try:
+        got = [gpu.sample(on_cuda, rows, [2] * 6)[0] for rows in (first, later)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [t.tolist() for t in got] == expected

@@ -54,6 +54,23 @@ INVALID = [
     ("min_tokens", -1),
     ("min_tokens", 17),  # > max_tokens (16)
     ("min_tokens", 2.0),
+    ("presence_penalty", 2.5),
+    ("presence_penalty", "1"),
+    ("frequency_penalty", -2.01),
+    ("frequency_penalty", math.nan),
+    ("frequency_penalty", True),
+    ("repetition_penalty", 0.0),
+    ("repetition_penalty", -1.0),
+    ("repetition_penalty", math.inf),
+    ("logit_bias", {5: 100.5}),
+    ("logit_bias", {5: math.nan}),
+    ("logit_bias", {-1: 1.0}),
+    ("logit_bias", {"5": 1.0}),  # the HTTP door turns JSON's string keys into ints
+    ("logit_bias", {5: "1"}),
+    ("logit_bias", [(5, 1.0), (5, 2.0)]),
+    ("logit_bias", [(5, 1.0, 2.0)]),
+    ("logit_bias", "5:1"),
+    ("logit_bias", {i: 1.0 for i in range(1025)}),
 ]
 
 
@@ -110,6 +127,23 @@ def test_to_wire_is_msgpack_round_trippable_with_the_sampler_fields():
     p = SamplingParams(temperature=0.5, top_k=40, top_p=0.9, seed=2**63 - 1, logprobs=3)
     wire = msgpack.unpackb(msgpack.packb(p.to_wire()))
     assert wire == {"temperature": 0.5, "top_k": 40, "top_p": 0.9, "seed": 2**63 - 1, "logprobs": 3}
+
+
+def test_penalties_and_bias_reach_the_wire_only_when_set():
+    assert not SamplingParams(repetition_penalty=1, presence_penalty=0).penalised
+    p = SamplingParams(frequency_penalty=-2, logit_bias={9: -100, 2: 0.5})
+    assert p.penalised and p.logit_bias == ((2, 0.5), (9, -100.0))
+    assert SamplingParams(frequency_penalty=-2.0, logit_bias=[(9, -100), (2, 0.5)]) == p
+    wire = msgpack.unpackb(msgpack.packb(p.to_wire()))
+    assert wire["bias_ids"] == [2, 9] and wire["bias_values"] == [0.5, -100.0]
+    assert (wire["frequency_penalty"], wire["presence_penalty"]) == (-2.0, 0.0)
+    assert "bias_ids" not in SamplingParams(repetition_penalty=1.1).to_wire()
+
+
+def test_validate_refuses_logit_bias_outside_the_vocabulary():
+    with pytest.raises(InvalidRequest) as info:
+        SamplingParams(logit_bias={259: 1, 260: 1}).validate(vocab_size=260)
+    assert info.value.field == "logit_bias" and "260" in str(info.value)
 
 
 def test_usage_total_is_the_sum():

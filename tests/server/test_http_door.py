@@ -190,6 +190,22 @@ async def test_stop_token_ids_end_the_completion_at_that_token(server):
     assert choice["text"] == text[: text.index(text[3])]
 
 
+async def test_penalties_and_logit_bias_equal_the_zmq_doors_result(server):
+    fields = dict(frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.2)
+    _, free = await post(server, "/v1/completions", {**BODY, "max_tokens": 24, "ignore_eos": True})
+    biased = {"logit_bias": {str(ord("z")): 100}}  # the byte tokenizer: "z" is one token
+    _, penalised = await post(
+        server, "/v1/completions", {**BODY, "max_tokens": 24, "ignore_eos": True, **fields}
+    )
+    _, zs = await post(server, "/v1/completions", {**BODY, **biased})
+    async with Client(server.zmq) as client:
+        ref = await client.infer(
+            "Hello", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, **fields)
+        )
+    assert penalised["choices"][0]["text"] == ref.text != free["choices"][0]["text"]
+    assert zs["choices"][0]["text"] == "z" * 8
+
+
 async def test_models_health_and_metrics(server):
     async with aiohttp.ClientSession() as s:
         async with s.get(server.http + "/v1/models") as resp:
@@ -248,8 +264,9 @@ async def test_a_client_that_disconnects_mid_stream_aborts_its_requests(server, 
         ({**BODY, "n": 65}, "n"),
         ({**BODY, "stop": [1]}, "stop"),
         ({**BODY, "prompt": [999]}, "prompt"),
-        ({**BODY, "presence_penalty": 1.0}, "presence_penalty"),
-        ({**BODY, "repetition_penalty": 1.1}, "repetition_penalty"),
+        ({**BODY, "presence_penalty": -3}, "presence_penalty"),
+        ({**BODY, "repetition_penalty": -1.1}, "repetition_penalty"),
+        ({**BODY, "logit_bias": {"100000": 5}}, "logit_bias"),  # outside the vocabulary
         ({**BODY, "stop_token_ids": [100_000]}, "stop_token_ids"),
         ([1, 2], "body"),
     ],

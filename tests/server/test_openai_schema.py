@@ -122,7 +122,13 @@ def test_logprobs_ask_the_engine_for_at_least_the_chosen_tokens():
         ({"prompt": "x", "logprobs": True}, "logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
-        ({"prompt": "x", "repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+        ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": "x", "frequency_penalty": "1"}, "frequency_penalty"),
+        ({"prompt": "x", "logit_bias": {"a7": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"-7": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"7": 101}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": [[7, 1]]}, "logit_bias"),
         ({"prompt": "x", "min_tokens": 17}, "min_tokens"),  # > max_tokens (16)
         ({"prompt": "x", "min_tokens": False}, "min_tokens"),
         ({"prompt": "x", "min_p": 0.1}, "min_p"),
@@ -146,6 +152,16 @@ def test_vllm_fields_at_their_neutral_values_and_stop_token_ids_are_served():
     req = parse_completion({**body, "stop_token_ids": [7, 9], "ignore_eos": True}, LIMITS, "tiny")
     assert req.params.stop_token_ids == (7, 9) and req.params.ignore_eos
     assert parse_completion({"prompt": "x", "min_tokens": 5}, LIMITS, "tiny").params.min_tokens == 5
+
+
+def test_penalties_and_logit_bias_are_served():
+    body = {"prompt": "x", "presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {}}
+    params = parse_completion({**body, "repetition_penalty": 1.2}, LIMITS, "tiny").params
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1.0)
+    assert params.repetition_penalty == 1.2 and params.logit_bias == ()
+    chat = {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50": -100, "7": 2}}
+    parsed = parse_chat(chat, LIMITS, "tiny", PlainTokenizer())
+    assert parsed.params.logit_bias == ((7, 2.0), (50, -100.0))
 
 
 def test_chat_without_max_tokens_fills_the_context_up_to_the_servers_limit():

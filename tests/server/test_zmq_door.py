@@ -48,6 +48,17 @@ async def test_logprobs_and_timings_come_through_infer_and_stream(server):
     assert [p.timings for p in pieces[:-1]] == [None] * (len(pieces) - 1)
 
 
+async def test_logit_bias_and_penalties_travel_as_params(server):
+    biased = SamplingParams(max_tokens=4, temperature=0.0, logit_bias={ord("q"): 100.0})
+    rules = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
+    async with Client(server.zmq) as client:
+        qs = await client.infer("Hello", biased)
+        free = await client.infer("Hello", SamplingParams(**rules))
+        penalised = await client.infer("Hello", SamplingParams(frequency_penalty=2.0, **rules))
+    assert qs.text == "qqqq"
+    assert len(set(penalised.token_ids)) > len(set(free.token_ids))
+
+
 async def test_token_id_prompt_equals_text_prompt(server):
     async with Client(server.zmq) as client:
         by_text = await client.infer("Hi!", GREEDY)

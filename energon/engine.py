@@ -43,7 +43,13 @@ from energon.parallel.pipeline import cut_stages
 from energon.parallel.topology import NO_MULTICAST_ENV
 from energon.recovery import Recovery
 from energon.request import Request
-from energon.sampling import Completion, SamplingParams, StreamPiece
+from energon.sampling import (
+    MAX_LOGPROBS,
+    Completion,
+    SamplingParams,
+    StreamPiece,
+    TokenLogprob,
+)
 from energon.scheduler import Scheduler, StepPlan, fraction
 from energon.sequence import Sequence as SchedSequence
 from energon.startup import StartupProgress, engine_tokenizer
@@ -519,24 +525,56 @@ class Engine:
         """One padding-free pass over variable-length sequences; returns each sequence's float32
         logits [len, vocab] (cpu tensors). Raises InvalidRequest for empty or out-of-range ids;
         while the workers restart it waits for them."""
+        lists = await self._pass_input(token_lists)
+        logits = await self._pass("forward", lists)
+        out, start = [], 0
+        for ids in lists:
+            out.append(logits[start : start + len(ids)])
+            start += len(ids)
+        return out
+
+    async def prompt_logprobs(
+        self, token_lists: Sequence[Sequence[int]], top: int = 0
+    ) -> list[list[TokenLogprob]]:
+        """One padding-free pass; per sequence, for each token after the first, its log
+        probability given the tokens before it (log_softmax of the raw logits, in float64) and
+        the `top` (0 to MAX_LOGPROBS, 20) most likely tokens there: what OpenAI's `echo` with `logprobs` shows
+        for a prompt. Raises like `forward`, and InvalidRequest for a sequence longer than the
+        context window."""
+        if (
+            isinstance(top, bool)
+            or not isinstance(top, numbers.Integral)
+            or not 0 <= top <= MAX_LOGPROBS
+        ):
+            raise InvalidRequest("top", f"must be an int in [0, {MAX_LOGPROBS}] (got {top!r})")
+        lists = await self._pass_input(token_lists)
+        limit = self.max_model_len or context_window(self.config)
+        for ids in lists:
+            if limit and len(ids) > limit:
+                raise InvalidRequest(
+                    "token_lists", f"must hold at most {limit} tokens each (got {len(ids)})"
+                )
+        rows = await self._pass("prompt_logprobs", lists, int(top))
+        return [[TokenLogprob.from_wire(r) for r in seq] for seq in rows]
+
+    async def _pass_input(self, token_lists) -> list[list[int]]:
+        """token_lists checked, once the workers are there (they may be restarting)."""
         self._check_running()
         if self.recovery.restarting:
             await self.recovery.wait()
             self._check_running()
         if not isinstance(token_lists, Sequence) or not token_lists:
             raise InvalidRequest("token_lists", "must be a non-empty list of token id lists")
-        lists = [self._check_ids("token_lists", ids) for ids in token_lists]
+        return [self._check_ids("token_lists", ids) for ids in token_lists]
+
+    async def _pass(self, method: str, *args):
+        """A worker call outside the steps; the answer of the rank that replies."""
         # Shielded: a caller that gives up must not cancel the call on some ranks only (the
         # others would wait in a collective forever); the workers finish it either way.
-        call = self.group.broadcast("forward", lists)
+        call = self.group.broadcast(method, *args)
         call.add_done_callback(_retrieve)
         results = await asyncio.shield(call)
-        logits = results[self._reply_rank]
-        out, start = [], 0
-        for ids in lists:
-            out.append(logits[start : start + len(ids)])
-            start += len(ids)
-        return out
+        return results[self._reply_rank]
 
     def stats(self) -> dict:
         """Scheduler and request counters (waiting, running, in-flight steps, KV block use),

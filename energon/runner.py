@@ -35,13 +35,14 @@ from energon.parallel.topology import ParallelState, Topology, init_parallel, us
 from energon.pool.offload import OffloadMember
 from energon.prefill_graphs import DEFAULT_BUCKETS as PREFILL_BUCKETS
 from energon.prefill_graphs import PrefillGraphs
-from energon.sampler import Sampler
+from energon.sampler import Sampler, logprob_rows
 
 log = logging.getLogger("energon")
 
 # Decode graphs launch attention for their longest context: at most this many tokens (and no
 # more than the KV cache holds); longer decode steps run eagerly.
 MAX_GRAPH_CONTEXT = 4096
+PROMPT_LOGPROB_ROWS = 256  # positions whose float64 log_softmax prompt_logprobs holds at once
 PREFILL_GRAPHS_ENV = "ENERGON_PREFILL_GRAPHS"  # "0": every prefill runs eagerly
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -287,6 +288,28 @@ class ModelRunner(OffloadMember):
         input_ids, meta = pack(token_lists, self.device)
         logits = self._run(input_ids, meta)
         return logits.float().cpu() if self._returns(logits) else None
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, token_lists: list[list[int]], top: int) -> list[list[dict]] | None:
+        """Padding-free pass; per sequence, for each token after the first, its log probability
+        given the ones before and the `top` most likely there (Sampler's rows), on the last
+        stage's tp rank 0; None elsewhere."""
+        input_ids, meta = pack(token_lists, self.device)
+        logits = self._run(input_ids, meta)
+        if not self._returns(logits):
+            return None
+        out, start = [], 0
+        for ids in token_lists:
+            rows: list[dict] = []
+            # float64 rows of the vocabulary: a bounded number at a time
+            for i in range(1, len(ids), PROMPT_LOGPROB_ROWS):
+                stop = min(i + PROMPT_LOGPROB_ROWS, len(ids))
+                targets = torch.tensor(ids[i:stop], dtype=torch.int64).to(self.device)
+                chunk = logits[start + i - 1 : start + stop - 1]
+                rows.extend(logprob_rows(chunk, targets, [top] * (stop - i)))
+            out.append(rows)
+            start += len(ids)
+        return out
 
     def forward_padded(self, token_lists: list[list[int]]) -> torch.Tensor | None:
         """The padded baseline: same result as `forward`, computed on [B, Lmax] with pads that are

@@ -183,20 +183,32 @@ class Sampler:
         if not rows:
             return None
         index = to_device(rows, torch.int64, logits.device)
-        logprobs = torch.log_softmax(logits.index_select(0, index).double(), dim=-1)
-        chosen_ids = token_ids.index_select(0, index)
-        chosen = logprobs.gather(-1, chosen_ids.unsqueeze(-1)).squeeze(-1)
-        top_values, top_ids = logprobs.topk(max(wanted), dim=-1)
-        # One host sync for the whole batch, only when logprobs were asked for.
-        chosen_ids, chosen = chosen_ids.tolist(), chosen.tolist()
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        found = logprob_rows(
+            logits.index_select(0, index),
+            token_ids.index_select(0, index),
+            [wanted[i] for i in rows],
+        )
         out: list[dict | None] = [None] * len(params)
-        for j, i in enumerate(rows):
-            k = wanted[i]
-            out[i] = {
-                "token_id": chosen_ids[j],
-                "logprob": chosen[j],
-                "top_ids": top_ids[j][:k],
-                "top_logprobs": top_values[j][:k],
-            }
+        for i, row in zip(rows, found, strict=True):
+            out[i] = row
         return out
+
+
+def logprob_rows(logits: torch.Tensor, token_ids: torch.Tensor, top: list[int]) -> list[dict]:
+    """Per row i of `logits`: {"token_id", "logprob", "top_ids", "top_logprobs"} with the log
+    probability (log_softmax in float64) of token_ids[i] and the top[i] most likely tokens with
+    theirs. One host sync for all the rows."""
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    chosen = logprobs.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    top_values, top_ids = logprobs.topk(max(top, default=0), dim=-1)
+    chosen_ids, chosen = token_ids.tolist(), chosen.tolist()
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [
+        {
+            "token_id": chosen_ids[j],
+            "logprob": chosen[j],
+            "top_ids": top_ids[j][:k],
+            "top_logprobs": top_values[j][:k],
+        }
+        for j, k in enumerate(top)
+    ]

@@ -14,14 +14,15 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from energon.errors import EnergonError, InvalidRequest
-from energon.sampling import StreamPiece, Usage
+from energon.sampling import StreamPiece, TokenLogprob, Usage
 from energon.server.frontend import Frontend, Generation
 from energon.server.messages import NotFound, ServerError, TooLarge, describe_error
-from energon.server.openai_logprobs import LogprobsRenderer
+from energon.server.openai_logprobs import LogprobsRenderer, joined
 from energon.server.openai_schema import (
     DeltaTemplate,
     OpenAIRequest,
@@ -36,6 +37,16 @@ from energon.server.openai_schema import (
 DOOR = "http"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class Echo:
+    """What a completions choice with `echo` starts with: its prompt's text and token ids, and
+    (with logprobs) each prompt token's after the first."""
+
+    text: str
+    ids: list[int]
+    logprobs: list[TokenLogprob] | None
 
 
 def _dumps(obj) -> bytes:
@@ -156,14 +167,18 @@ class OpenAIHandlers:
                 fe.generation(p, params, DOOR, parsed.fill_context)
                 for p, params in zip(prompts, parsed.choice_params(), strict=True)
             ]
+            echoes = await self._echoes(parsed, gens) if parsed.echo else None
         except (ServerError, InvalidRequest) as exc:
             fe.refuse(DOOR, exc)
             return error_response(exc)
         req_id = new_id(chat)
         if parsed.stream:
-            return await self._stream(request, req_id, parsed, gens)
+            return await self._stream(request, req_id, parsed, gens, echoes)
         try:
-            results = await _gather_all(_collect(g, self._renderer(parsed)) for g in gens)
+            results = await _gather_all(
+                _collect(g, self._renderer(parsed), echoes[i] if echoes else None)
+                for i, g in enumerate(gens)
+            )
         except EnergonError as exc:
             return error_response(exc)
         return web.json_response(
@@ -171,8 +186,30 @@ class OpenAIHandlers:
             dumps=_json_str,
         )
 
+    async def _echoes(self, parsed: OpenAIRequest, gens: list[Generation]) -> list[Echo]:
+        """Each choice's echo; the prompt logprobs come from one pass over the prompts."""
+        firsts = gens[:: parsed.n]
+        rows: list = [None] * len(firsts)
+        if parsed.top_logprobs is not None:
+            top = parsed.top_logprobs
+            try:
+                rows = await self.fe.engine.prompt_logprobs([g.ids for g in firsts], top)
+            except InvalidRequest as exc:  # its token_lists are this request's prompts
+                raise InvalidRequest("prompt", exc.problem) from None
+        decode = self.fe.engine.tokenizer.decode
+        echoes = [
+            Echo(p if isinstance(p, str) else decode(g.ids), g.ids, r)
+            for p, g, r in zip(parsed.prompts, firsts, rows, strict=True)
+        ]
+        return [e for e in echoes for _ in range(parsed.n)]
+
     async def _stream(
-        self, request: web.Request, req_id: str, parsed: OpenAIRequest, gens: list[Generation]
+        self,
+        request: web.Request,
+        req_id: str,
+        parsed: OpenAIRequest,
+        gens: list[Generation],
+        echoes: list[Echo] | None,
     ) -> web.StreamResponse:
         model, chat = self.fe.model_name, parsed.chat
         streams = [g.__aiter__() for g in gens]
@@ -185,7 +222,7 @@ class OpenAIHandlers:
                 return error_response(exc)
             resp = web.StreamResponse(headers=SSE_HEADERS)
             await resp.prepare(request)
-            await self._write_chunks(resp, req_id, parsed, streams, firsts)
+            await self._write_chunks(resp, req_id, parsed, streams, firsts, echoes)
             if parsed.include_usage:
                 usage = _usage(gens, parsed.n)
                 await resp.write(_event(chunk(req_id, model, chat, None, usage=usage)))
@@ -202,14 +239,22 @@ class OpenAIHandlers:
             for s in streams:
                 await s.aclose()
 
-    async def _write_chunks(self, resp, req_id: str, parsed: OpenAIRequest, streams, firsts):
-        """Every choice's chunks, each choice's in order, the choices interleaved as they come."""
+    async def _write_chunks(
+        self, resp, req_id: str, parsed: OpenAIRequest, streams, firsts, echoes
+    ) -> None:
+        """Every choice's chunks, each choice's in order, the choices interleaved as they come;
+        with echo, a choice's first chunk holds its prompt."""
         model, chat = self.fe.model_name, parsed.chat
         renderers = [self._renderer(parsed) for _ in streams]
         middles = [DeltaTemplate(req_id, model, chat, i) for i in range(len(streams))]
         async with aclosing(_merge(streams, firsts)) as pieces:
             async for i, piece, first in pieces:
                 renderer = renderers[i]
+                if first and echoes:
+                    echo = echoes[i]
+                    head = renderer.render_prompt(echo.ids, echo.logprobs) if renderer else None
+                    data = chunk(req_id, model, chat, echo.text, logprobs=head, index=i)
+                    await resp.write(_event(data))
                 # The first and last chunks, and (with logprobs) every one that brings tokens,
                 # are rendered whole; the middle ones from the template.
                 if first or piece.finish_reason is not None or (renderer and piece.token_ids):
@@ -276,14 +321,19 @@ def _json_str(obj) -> str:
 
 
 async def _collect(
-    gen: Generation, renderer: LogprobsRenderer | None
+    gen: Generation, renderer: LogprobsRenderer | None, echo: Echo | None
 ) -> tuple[str, str, dict | None]:
     parts, logprobs = [], []
     async for piece in gen:
         parts.append(piece.text)
         logprobs.extend(piece.logprobs or ())
+    text = "".join(parts)
+    head = renderer.render_prompt(echo.ids, echo.logprobs) if echo and renderer else None
     rendered = renderer.render(logprobs) if renderer else None
-    return "".join(parts), gen.finish_reason or "abort", rendered
+    if echo:
+        text = echo.text + text
+        rendered = joined(head, rendered) if head else rendered
+    return text, gen.finish_reason or "abort", rendered
 
 
 async def _gather_all(coros) -> list:

@@ -14,7 +14,9 @@ and /v1/chat/completions (`logprobs: true, top_logprobs: n`) with one entry per 
 A token's string is the tokenizer's decoding of that id alone (a byte-level token that holds part
 of a character decodes to U+FFFD, as in vLLM). The values are the model's raw distribution, before
 temperature / top-k / top-p (SamplingParams.logprobs). `text_offset` counts characters of the
-completion from its start, also across the chunks of a stream.
+completion from its start, also across the chunks of a stream; with `echo` the prompt's tokens
+come first (`render_prompt`: the first has no logprob, null as in OpenAI's) and the offsets count
+from the prompt's start.
 """
 
 from __future__ import annotations
@@ -57,6 +59,21 @@ class LogprobsRenderer:
             "text_offset": offsets,
         }
 
+    def render_prompt(self, ids: Sequence[int], logprobs: Sequence[TokenLogprob]) -> dict:
+        """The completions logprobs object of an echoed prompt: `logprobs` holds each token's
+        after the first (Engine.prompt_logprobs); the first token's is null."""
+        tokens = [self._string(t) for t in ids]
+        offsets = []
+        for token in tokens:
+            offsets.append(self.offset)
+            self.offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [None] + [lp.logprob for lp in logprobs],
+            "top_logprobs": [None] + [self._top_map(lp) for lp in logprobs],
+            "text_offset": offsets,
+        }
+
     def _top_map(self, lp: TokenLogprob) -> dict[str, float]:
         """{token string: logprob} of the alternatives; where two ids show as the same string
         (halves of characters, U+FFFD) the more likely one's value is kept."""
@@ -79,3 +96,8 @@ class LogprobsRenderer:
         if token is None:
             token = self._strings[token_id] = self.tokenizer.decode([token_id])
         return token
+
+
+def joined(first: dict, then: dict) -> dict:
+    """Two completions logprobs objects as one (an echoed prompt's, then the completion's)."""
+    return {key: first[key] + then[key] for key in first}

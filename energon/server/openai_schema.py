@@ -2,7 +2,7 @@
 SamplingParams), and Energon's results -> OpenAI's response and stream-chunk objects.
 
 Validation is strict about types (a string max_tokens is a 400 naming the field) and about
-features Energon does not have (best_of, echo, suffix, and vLLM's min_p and beam search): those
+features Energon does not have (best_of, suffix, chat's echo, and vLLM's min_p and beam search): those
 are refused with a message rather than silently ignored. presence_penalty, frequency_penalty and
 logit_bias (token id strings as keys, as OpenAI's) are served, and so are vLLM's `top_k`,
 `repetition_penalty`, `stop_token_ids`, `ignore_eos` and `min_tokens`. Other unknown fields are
@@ -36,6 +36,7 @@ class OpenAIRequest:
     top_logprobs: int | None = None  # alternatives shown per token; None: no logprobs at all
     fill_context: bool = False  # chat without max_tokens: up to the room left in the context
     n: int = 1  # choices per prompt
+    echo: bool = False  # completions: each choice's text (and logprobs) start with the prompt's
 
     def choice_params(self) -> list[SamplingParams]:
         """Each choice's params, prompt-major (choice index = prompt index * n + j): the j-th of
@@ -52,9 +53,6 @@ def parse_completion(body: dict, limits: Limits, model_name: str) -> OpenAIReque
     """A /v1/completions body. Raises InvalidRequest (400) or NotFound (404, unknown model)."""
     _check_model(body, model_name)
     prompts = _prompts(body.get("prompt"), limits)
-    for name in ("echo",):
-        if body.get(name):
-            raise InvalidRequest(name, "is not supported by Energon")
     if body.get("suffix"):
         raise InvalidRequest("suffix", "is not supported by Energon")
     if body.get("best_of") not in (None, 1):
@@ -69,6 +67,7 @@ def parse_completion(body: dict, limits: Limits, model_name: str) -> OpenAIReque
         chat=False,
         top_logprobs=top_logprobs,
         n=_choices(body, len(prompts), limits),
+        echo=_bool(body, "echo"),
     )
 
 
@@ -82,7 +81,7 @@ def parse_chat(body: dict, limits: Limits, model_name: str, tokenizer) -> OpenAI
         top_logprobs = top_logprobs or 0
     elif top_logprobs is not None:
         raise InvalidRequest("top_logprobs", "needs logprobs set to true")
-    for name in ("tools", "functions", "response_format"):
+    for name in ("tools", "functions", "response_format", "echo"):
         if body.get(name):
             raise InvalidRequest(name, "is not supported by Energon")
     # OpenAI's chat default is the rest of the context window: the server's limit here, which

@@ -340,3 +340,35 @@ async def test_bad_requests_raise_before_queueing_and_leave_running_ones_alone(
     assert (after["requests"], after["num_waiting"]) == (before["requests"], before["num_waiting"])
     for task, ref in zip(running, refs, strict=True):
         assert_greedy_equal((await task).token_ids, ref)
+
+
+async def test_prompt_logprobs_are_transformers_log_softmax_at_each_position(engine, hf, tok):
+    prompts = [ids_of(tok, "the cat sat on the mat"), ids_of(tok, "naive dogs"), [7]]
+    rows = await engine.prompt_logprobs(prompts, top=2)
+    assert [len(r) for r in rows] == [len(p) - 1 for p in prompts]
+    for prompt, got in zip(prompts, rows, strict=True):
+        expected = torch.log_softmax(hf_logits_of(hf, prompt).double(), -1)
+        for i, entry in enumerate(got):
+            assert entry.token_id == prompt[i + 1]
+            assert entry.logprob == pytest.approx(float(expected[i, prompt[i + 1]]), abs=1e-4)
+            values, _ = expected[i].topk(2)
+            assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
+    assert (await engine.prompt_logprobs([[5, 6]]))[0][0].top == []
+    window = engine.config["max_position_embeddings"]
+    with pytest.raises(InvalidRequest, match=f"at most {window} tokens"):
+        await engine.prompt_logprobs([[5] * (window + 1)])
+
+
+@pytest.mark.parametrize(
+    ("lists", "top", "field"),
+    [
+        ([[5, 6]], 21, "top"),
+        ([[5, 6]], True, "top"),
+        ([[]], 0, "token_lists"),
+        ([[10**6]], 0, "token_lists"),
+    ],
+)
+async def test_prompt_logprobs_refuses_bad_input_by_name(engine, lists, top, field):
+    with pytest.raises(InvalidRequest) as info:
+        await engine.prompt_logprobs(lists, top)
+    assert info.value.field == field

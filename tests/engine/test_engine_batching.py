@@ -14,10 +14,12 @@ from collections import Counter
 
 import pytest
 import pytest_asyncio
+import torch
 from engine_helpers import (
     Reference,
     assert_greedy_equal,
     hf_greedy,
+    hf_logits_of,
     hf_processed_greedy,
     make_llama,
     one_torch_thread,  # noqa: F401 (autouse)
@@ -103,6 +105,17 @@ async def test_200_concurrent_requests_each_equal_their_solo_result(pp_engine, m
     assert compared >= 0.95 * sum(len(with_eos(r, eos).tokens) for r in refs)
     assert sum(c.finish_reason == "stop" for c in done) >= 10  # EOS did end some of them
     assert pp_engine.stats()["num_used_blocks"] == 0
+
+
+async def test_prompt_logprobs_come_from_the_last_stage(pp_engine, model):
+    hf = model[1]
+    prompt = PROMPTS[0][0]
+    (rows,) = await pp_engine.prompt_logprobs([prompt], top=1)
+    expected = torch.log_softmax(hf_logits_of(hf, prompt).double(), -1)
+    assert [r.token_id for r in rows] == prompt[1:]
+    for i, r in enumerate(rows):
+        assert r.logprob == pytest.approx(float(expected[i, prompt[i + 1]]), abs=1e-4)
+        assert r.top[0][1] == pytest.approx(float(expected[i].max()), abs=1e-4)
 
 
 async def test_generation_stops_at_the_checkpoint_eos_unless_ignore_eos(pp_engine, model):

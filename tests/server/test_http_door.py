@@ -206,6 +206,37 @@ async def test_penalties_and_logit_bias_equal_the_zmq_doors_result(server):
     assert zs["choices"][0]["text"] == "z" * 8
 
 
+async def test_echo_puts_the_prompt_and_its_logprobs_first(server):
+    rules = dict(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2)
+    async with Client(server.zmq) as client:
+        ref = await client.infer("Hello", SamplingParams(**rules))
+    head = list(b"Hello") + ref.token_ids[:3]
+    body = {**BODY, "prompt": head, "max_tokens": 1, "ignore_eos": True, "logprobs": 2}
+    _, echoed = await post(server, "/v1/completions", {**body, "echo": True})
+    _, alone = await post(server, "/v1/completions", body)
+    (choice,) = echoed["choices"]
+    got = choice["logprobs"]
+    assert len(got["tokens"]) == 9 and choice["text"].endswith(alone["choices"][0]["text"])
+    assert got["text_offset"] == [sum(map(len, got["tokens"][:i])) for i in range(9)]
+    assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+    # the prompt pass gives what generation gave at the same positions
+    expected = [lp.logprob for lp in ref.logprobs]
+    assert got["token_logprobs"][5:] == pytest.approx(expected, abs=1e-5)
+    # (two alternatives that show as the same string, U+FFFD, are one entry)
+    assert all(1 <= len(m) <= 2 for m in got["top_logprobs"][1:])
+    assert echoed["usage"]["prompt_tokens"] == 8 and echoed["usage"]["completion_tokens"] == 1
+
+    _, bare = await post(server, "/v1/completions", {**BODY, "echo": True, "n": 2})
+    _, text_only = await post(server, "/v1/completions", BODY)
+    expected_text = "Hello" + text_only["choices"][0]["text"]
+    assert [c["text"] for c in bare["choices"]] == [expected_text] * 2
+    events = await sse(server, "/v1/completions", {**BODY, "echo": True, "stream": True})
+    assert events[0]["choices"][0]["text"] == "Hello"
+    assert "".join(e["choices"][0]["text"] for e in events) == expected_text
+    _, ids = await post(server, "/v1/completions", {**BODY, "prompt": [72, 105], "echo": True})
+    assert ids["choices"][0]["text"].startswith("Hi")
+
+
 async def test_models_health_and_metrics(server):
     async with aiohttp.ClientSession() as s:
         async with s.get(server.http + "/v1/models") as resp:

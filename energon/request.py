@@ -46,11 +46,15 @@ class Request:
         if not params.ignore_eos:
             self._stop_ids.update(tokenizer.eos_token_ids)
         self.wire_params = params.to_wire()  # what every step carries for it (step.py)
-        if params.min_tokens and self._stop_ids:  # the Sampler keeps these from being drawn
-            self.wire_params["min_tokens"] = params.min_tokens
-            self.wire_params["banned"] = sorted(self._stop_ids)
         if params.penalised:  # the sampling worker counts its tokens (energon/penalties.py)
             self.wire_params["seq"] = seq_id
+        self.wire_params_unbanned = self.wire_params  # once min_tokens are generated
+        if params.min_tokens and self._stop_ids:  # the Sampler keeps these from being drawn
+            self.wire_params = {
+                **self.wire_params,
+                "min_tokens": params.min_tokens,
+                "banned": sorted(self._stop_ids),
+            }
         # its next sampling step carries its tokens so far: its computation (re)started (step.py)
         self.history_due = True
         self._text = ""  # generated text so far (cut at a stop string once found)

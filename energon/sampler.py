@@ -1,7 +1,9 @@
 """Turn the last stage's logits into token ids, on the worker.
 
-Order of operations, as in Hugging Face `generate` and vLLM: temperature, then top-k, then top-p
-on the top-k survivors renormalised, then a draw. The draw is Gumbel-max: argmax(x - log E) with
+Order of operations, as in Hugging Face `generate`: temperature, then top-k, then top-p on the
+top-k survivors renormalised, then min-p (a token stays if its probability is at least min_p
+times the most likely one's; vLLM applies it before top-k and top-p, which differs only when
+min_p and top_p are combined), then a draw. The draw is Gumbel-max: argmax(x - log E) with
 E ~ Exp(1) per vocabulary entry, which picks token i with probability softmax(x)_i and lets each
 row take its noise from its own generator:
 
@@ -69,6 +71,14 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
     remove_in_vocab_order = torch.empty_like(remove).scatter_(-1, order, remove)
     return logits.masked_fill_(remove_in_vocab_order, float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf, in place, the logits whose probability is below min_p [B] (0 = off) times
+    their row's largest; returns `logits`. The most likely token always stays."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.to(probs.dtype).unsqueeze(-1)
+    return logits.masked_fill_(probs < threshold, float("-inf"))
 
 
 def _ban(logits: torch.Tensor, params: list[dict], steps: list[int]) -> torch.Tensor:
@@ -160,6 +170,9 @@ class Sampler:
                 to_device(top_k, torch.int64, device),
                 to_device(top_p, torch.float32, device),
             )
+        min_p = [float(p.get("min_p", 0.0)) for p in params]
+        if any(min_p):
+            apply_min_p(x, to_device(min_p, torch.float32, device))
 
         noise = torch.empty_like(x)
         unseeded = [j for j, p in enumerate(params) if p["seed"] is None]

@@ -54,8 +54,9 @@ class SamplingParams:
     (id, bias) pairs) is added to those logits; `repetition_penalty` r divides the positive
     logits of the tokens in the prompt or output by r and multiplies the negative ones by r
     (Hugging Face's and vLLM's; 1 is off); `frequency_penalty` f and `presence_penalty` p
-    subtract f x (times the token is in the output) and p x (1 if it is there at all). logprobs
-    are unaffected by all of these.
+    subtract f x (times the token is in the output) and p x (1 if it is there at all). `min_p`
+    (vLLM's and Hugging Face's) keeps, after top-k and top-p, the tokens at least min_p times as
+    likely as the most likely one. logprobs are unaffected by all of these.
     """
 
     max_tokens: int = 16
@@ -72,6 +73,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = ()
+    min_p: float = 0.0
 
     def __post_init__(self):
         self._check()
@@ -86,7 +88,7 @@ class SamplingParams:
         object.__setattr__(self, "seed", None if self.seed is None else int(self.seed))
         object.__setattr__(self, "logprobs", int(self.logprobs))
         object.__setattr__(self, "min_tokens", int(self.min_tokens))
-        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
 
@@ -143,6 +145,8 @@ class SamplingParams:
             wire["presence_penalty"] = self.presence_penalty
             wire["frequency_penalty"] = self.frequency_penalty
             wire["repetition_penalty"] = self.repetition_penalty
+        if self.min_p:
+            wire["min_p"] = self.min_p
         if self.logit_bias:
             wire["bias_ids"] = [t for t, _ in self.logit_bias]
             wire["bias_values"] = [b for _, b in self.logit_bias]
@@ -208,6 +212,10 @@ class SamplingParams:
                 "repetition_penalty", f"must be a finite number > 0, 1 for off (got {r!r})"
             )
         _bias_pairs(self.logit_bias)
+
+        m = self.min_p
+        if not _is_real(m) or not 0.0 <= m <= 1.0:  # NaN fails the comparison too
+            raise InvalidRequest("min_p", f"must be a number in [0, 1], 0 for off (got {m!r})")
 
     def _check_stop(self) -> None:
         stop = self.stop

@@ -58,8 +58,9 @@ def step_message(
         if req is not None and s.start == 0:
             req.history_due = True
         if s.sample:
-            params.append(_row_params(req, s) if req is not None else _GREEDY)
-            steps.append(s.seq.num_output_tokens + s.chained)  # + the pending token
+            generated = s.seq.num_output_tokens + s.chained  # + the pending token
+            params.append(_row_params(req, s, generated) if req is not None else _GREEDY)
+            steps.append(generated)
     message = {
         "step_id": plan.step_id,
         "input_ids": torch.tensor(ids, dtype=torch.int64),
@@ -81,10 +82,13 @@ def step_message(
     return message
 
 
-def _row_params(req, s) -> dict:
-    """The params a sampled row carries: the request's wire params, plus its history when the
-    worker's counts of a penalised request must be (re)built."""
+def _row_params(req, s, generated: int) -> dict:
+    """The params a sampled row carries: the request's wire params (without its banned ids once
+    it has generated min_tokens), plus its history when the worker's counts of a penalised
+    request must be (re)built."""
     params = req.wire_params
+    if "banned" in params and generated >= params["min_tokens"]:
+        params = req.wire_params_unbanned
     if "seq" not in params or not req.history_due:
         return params
     req.history_due = False

@@ -138,13 +138,14 @@ def _layer_counts(text: str) -> list[int]:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
-    """--max-tokens --temperature (default greedy) --top-k --top-p --seed --stop
+    """--max-tokens --temperature (default greedy) --top-k --top-p --min-p --seed --stop
     --stop-token-id --ignore-eos --min-tokens --repetition-penalty --frequency-penalty
     --presence-penalty --logit-bias."""
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument(
@@ -193,6 +194,7 @@ def sampling_params(args: argparse.Namespace):
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        min_p=args.min_p,
         seed=args.seed,
         stop=tuple(args.stop),
         stop_token_ids=tuple(args.stop_token_ids),

@@ -2,11 +2,11 @@
 SamplingParams), and Energon's results -> OpenAI's response and stream-chunk objects.
 
 Validation is strict about types (a string max_tokens is a 400 naming the field) and about
-features Energon does not have (best_of, suffix, chat's echo, and vLLM's min_p and beam search): those
-are refused with a message rather than silently ignored. presence_penalty, frequency_penalty and
-logit_bias (token id strings as keys, as OpenAI's) are served, and so are vLLM's `top_k`,
-`repetition_penalty`, `stop_token_ids`, `ignore_eos` and `min_tokens`. Other unknown fields are
-ignored, as OpenAI does.
+features Energon does not have (best_of, suffix, chat's echo, vLLM's beam search): those are
+refused with a message rather than silently ignored. presence_penalty, frequency_penalty,
+logit_bias (token id strings as keys, as OpenAI's) and completions' echo are served, and so are
+vLLM's `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos` and `min_tokens`.
+Other unknown fields are ignored, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -191,8 +191,7 @@ def _include_usage(body: dict, stream: bool) -> bool:
 # Sampling controls Energon does not have, with the value that means "off": anything else is
 # refused, since ignoring it would answer a different question than the one asked.
 _UNSUPPORTED = {
-    "min_p": 0,  # vLLM's extensions
-    "use_beam_search": False,
+    "use_beam_search": False,  # vLLM's extensions
     "include_stop_str_in_output": False,
 }
 
@@ -216,6 +215,7 @@ def _params(
         "presence_penalty": body.get("presence_penalty"),
         "frequency_penalty": body.get("frequency_penalty"),
         "repetition_penalty": body.get("repetition_penalty"),
+        "min_p": body.get("min_p"),
         "logit_bias": _logit_bias(body.get("logit_bias")),
     }
     kwargs = {k: v for k, v in fields.items() if v is not None}

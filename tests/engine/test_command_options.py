@@ -102,10 +102,11 @@ def test_sampling_options_include_penalties_and_logit_bias(capsys):
     parser = argparse.ArgumentParser()
     add_sampling_arguments(parser, max_tokens=5)
     args = "--repetition-penalty 1.2 --frequency-penalty 0.5 --presence-penalty -1 "
-    args += "--logit-bias 7=-100 --logit-bias 9=2.5"
+    args += "--logit-bias 7=-100 --logit-bias 9=2.5 --min-p 0.05"
     params = sampling_params(parser.parse_args(args.split()))
     assert (params.repetition_penalty, params.frequency_penalty) == (1.2, 0.5)
     assert params.presence_penalty == -1.0 and params.logit_bias == ((7, -100.0), (9, 2.5))
+    assert params.min_p == 0.05
     with pytest.raises(SystemExit):
         parser.parse_args(["--logit-bias", "7:1"])
     assert "--logit-bias: must be TOKEN_ID=BIAS" in capsys.readouterr().err

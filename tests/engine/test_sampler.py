@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from energon.sampler import Sampler, apply_top_k_top_p, mix_seed
+from energon.sampler import Sampler, apply_min_p, apply_top_k_top_p, mix_seed
 from energon.sampling import SamplingParams
 
 NEG_INF = float("-inf")
@@ -113,6 +113,27 @@ def test_draws_follow_the_truncated_renormalised_distribution():
     frequencies = empirical(tokens, 4)
     assert frequencies[1].item() == 0.0
     assert (frequencies - expected).abs().max().item() < 0.01
+
+
+def test_min_p_removes_what_transformers_min_p_warper_removes():
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper
+
+    logits = random_logits(6, 300, seed=4)
+    for min_p, temperature in [(0.05, 1.0), (0.3, 0.7), (0.9, 1.5), (1.0, 1.0)]:
+        hf = MinPLogitsWarper(min_p)(None, TemperatureLogitsWarper(temperature)(None, logits))
+        ours = apply_min_p(logits / temperature, torch.full((6,), min_p))
+        assert torch.equal(torch.isinf(ours), torch.isinf(hf))
+        assert torch.isfinite(ours).sum(dim=-1).min() >= 1  # the most likely token stays
+    off = apply_min_p(logits.clone(), torch.zeros(6))
+    assert torch.equal(off, logits)
+
+
+def test_draws_follow_the_min_p_survivors_renormalised():
+    draws = 40_000
+    params = [wire(temperature=1.0, min_p=0.35)] * draws  # 0.35 x 0.5: 0.25 stays, 0.15 not
+    tokens, _ = Sampler(seed=2).sample(LOGITS.float().expand(draws, 4), params, [0] * draws)
+    expected = torch.tensor([0.25, 0.0, 0.5, 0.0], dtype=torch.float64) / 0.75
+    assert (empirical(tokens, 4) - expected).abs().max().item() < 0.01
 
 
 def test_seeded_draws_follow_the_distribution_too():

@@ -71,6 +71,10 @@ INVALID = [
     ("logit_bias", [(5, 1.0, 2.0)]),
     ("logit_bias", "5:1"),
     ("logit_bias", {i: 1.0 for i in range(1025)}),
+    ("min_p", -0.1),
+    ("min_p", 1.5),
+    ("min_p", math.nan),
+    ("min_p", "0.1"),
 ]
 
 
@@ -138,6 +142,7 @@ def test_penalties_and_bias_reach_the_wire_only_when_set():
     assert wire["bias_ids"] == [2, 9] and wire["bias_values"] == [0.5, -100.0]
     assert (wire["frequency_penalty"], wire["presence_penalty"]) == (-2.0, 0.0)
     assert "bias_ids" not in SamplingParams(repetition_penalty=1.1).to_wire()
+    assert "min_p" not in p.to_wire() and SamplingParams(min_p=0.1).to_wire()["min_p"] == 0.1
 
 
 def test_validate_refuses_logit_bias_outside_the_vocabulary():

@@ -131,7 +131,7 @@ def test_logprobs_ask_the_engine_for_at_least_the_chosen_tokens():
         ({"prompt": "x", "logit_bias": [[7, 1]]}, "logit_bias"),
         ({"prompt": "x", "min_tokens": 17}, "min_tokens"),  # > max_tokens (16)
         ({"prompt": "x", "min_tokens": False}, "min_tokens"),
-        ({"prompt": "x", "min_p": 0.1}, "min_p"),
+        ({"prompt": "x", "min_p": 1.1}, "min_p"),
         ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
         ({"prompt": "x", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
         ({"prompt": "x", "stop_token_ids": "7"}, "stop_token_ids"),
@@ -159,6 +159,7 @@ def test_penalties_and_logit_bias_are_served():
     params = parse_completion({**body, "repetition_penalty": 1.2}, LIMITS, "tiny").params
     assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1.0)
     assert params.repetition_penalty == 1.2 and params.logit_bias == ()
+    assert parse_completion({"prompt": "x", "min_p": 0.1}, LIMITS, "tiny").params.min_p == 0.1
     chat = {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50": -100, "7": 2}}
     parsed = parse_chat(chat, LIMITS, "tiny", PlainTokenizer())
     assert parsed.params.logit_bias == ((7, 2.0), (50, -100.0))

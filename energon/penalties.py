@@ -55,8 +55,13 @@ class Penalties:
         x = scores.to(torch.float32, copy=True)
         vocab = x.shape[-1]
         if biased:
-            flat = [i * vocab + t for i in biased for t in params[i]["bias_ids"]]
-            values = [v for i in biased for v in params[i]["bias_values"]]
+            pairs = [
+                (i * vocab + t, v)
+                for i in biased
+                for t, v in zip(params[i]["bias_ids"], params[i]["bias_values"], strict=True)
+                if t < vocab
+            ]
+            flat, values = [f for f, _ in pairs], [v for _, v in pairs]
             x.view(-1).index_add_(
                 0, to_device(flat, torch.int64, x.device), to_device(values, x.dtype, x.device)
             )

@@ -1,0 +1,177 @@
+"""`energon bench sampler`: one sampling step on the last stage, Energon's Sampler against the
+logits processors of Hugging Face `generate`.
+
+Each case is a batch of `--rows` rows of seeded random fp16 logits over opt-13b's vocabulary
+(50,272) sampled with one set of SamplingParams for every row. Energon: `Sampler.sample` as the
+worker calls it (a penalised row's token counts built from a 64-token history first, as after a
+prompt; then counted on each call). Baseline: what `generate` runs per step for the same
+params: its processors (RepetitionPenalty, SequenceBias, Temperature, TopK, TopP, MinP) on
+float32 logits with the prompt and history as input_ids, then argmax or softmax + multinomial;
+HF has no presence or frequency penalty, so those cases' baseline runs without it (the notes say
+so). Per call = (time for `--calls` calls in a row, host issue included, until the stream is
+done) / calls, median of `--repeat`: the host issue of the many small ops is what a step pays
+here. Floor = bytes the step must read at least (the logits, and a penalised row's token
+counts) / copy bandwidth of the same run: the ops' launches, not bytes, set the time, so the
+fraction is small; it shows how far from the memory a step's sampling is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from energon.bench.limits import copy_bandwidth, synchronize
+from energon.bench.record import Record, copy_bandwidth_record, print_records, write_results
+from energon.sampler import Sampler
+from energon.sampling import SamplingParams
+
+SCENARIO = "sampler"
+VOCAB = 50272  # opt-13b
+HISTORY, PROMPT = 64, 512
+CASES = {
+    "greedy": dict(temperature=0.0),
+    "top_p": dict(temperature=0.8, top_p=0.9),
+    "top_k_top_p": dict(temperature=0.8, top_k=50, top_p=0.9),
+    "top_p_min_p": dict(temperature=0.8, top_p=0.9, min_p=0.05),
+    "greedy_repetition": dict(temperature=0.0, repetition_penalty=1.2),
+    "greedy_frequency_presence": dict(temperature=0.0, frequency_penalty=0.5, presence_penalty=0.5),
+    "greedy_logit_bias": dict(temperature=0.0, logit_bias={t: -5.0 for t in range(0, 100, 10)}),
+    "top_p_repetition": dict(temperature=0.8, top_p=0.9, repetition_penalty=1.2),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", default="1,64,256", help="comma-separated batch rows")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated cases")
+    parser.add_argument("--calls", type=int, default=100, help="calls timed in a row")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+
+
+def hf_step(params: SamplingParams, input_ids: torch.Tensor, generator: torch.Generator):
+    """What Hugging Face `generate` does to a step's logits for `params`: a function of the
+    float16 logits that returns token ids."""
+    from transformers import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        SequenceBiasLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.logit_bias:
+        processors.append(SequenceBiasLogitsProcessor([[[t], b] for t, b in params.logit_bias]))
+    if not params.greedy:
+        processors.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k:
+            processors.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(params.top_p))
+        if params.min_p:
+            processors.append(MinPLogitsWarper(params.min_p))
+
+    def step(logits: torch.Tensor) -> torch.Tensor:
+        scores = processors(input_ids, logits.float())
+        if params.greedy:
+            return scores.argmax(dim=-1)
+        probs = scores.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    return step
+
+
+def per_call_seconds(fn, device: torch.device, calls: int, repeat: int) -> float:
+    """Median over `repeat` of (time for `calls` calls of fn() in a row, until the device is
+    done) / calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeat):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def case_record(args, name: str, rows: int, bandwidth: float, device) -> Record:
+    params = SamplingParams(max_tokens=HISTORY + 1, **CASES[name])
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(rows, args.vocab, device=device, dtype=torch.float16, generator=g) * 3
+    cpu = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, args.vocab, (rows, PROMPT), generator=cpu)
+    history = torch.randint(0, args.vocab, (rows, HISTORY), generator=cpu)
+    wire = params.to_wire()
+    sampler = Sampler(device, seed=0)
+    row_params = [dict(wire) for _ in range(rows)]
+    if params.penalised:
+        for i, row in enumerate(row_params):
+            row["seq"] = i
+        first = [
+            {**row, "history": history[i].tolist(), "prompt": prompt[i].tolist()}
+            for i, row in enumerate(row_params)
+        ]
+        sampler.sample(logits, first, [HISTORY] * rows)
+    steps = [HISTORY] * rows
+    ours = per_call_seconds(
+        lambda: sampler.sample(logits, row_params, steps), device, args.calls, args.repeat
+    )
+    input_ids = torch.cat([prompt, history], dim=1).to(device)
+    baseline_params = params
+    note = ""
+    if params.presence_penalty or params.frequency_penalty:
+        baseline_params = replace(params, presence_penalty=0.0, frequency_penalty=0.0)
+        note = "; HF has no presence/frequency penalty: its baseline runs without them"
+    hf = hf_step(baseline_params, input_ids, torch.Generator(device=device).manual_seed(0))
+    theirs = per_call_seconds(lambda: hf(logits), device, args.calls, args.repeat)
+    moved = rows * args.vocab * (2 + (4 if params.penalised else 0))
+    floor = moved / bandwidth
+    return Record(
+        scenario=SCENARIO,
+        metric=f"{name}_us",
+        unit="us",
+        value=ours * 1e6,
+        model="opt-13b vocabulary",
+        dtype="float16",
+        batch=rows,
+        baseline_name="transformers logits processors + argmax / multinomial",
+        baseline_value=theirs * 1e6,
+        ratio=theirs / ours,
+        limit_value=floor * 1e6,
+        of_limit=floor / ours,
+        n_gpus=1 if device.type == "cuda" else 0,
+        notes=f"{CASES[name]} on {rows} rows of {args.vocab} fp16 logits; per call = median of "
+        f"{args.repeat} runs of {args.calls} calls, host issue included; floor = {moved / 1e6:.1f}"
+        f" MB / {bandwidth / 1e9:.0f} GB/s{note}",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("energon bench sampler: no CUDA here (--device cpu runs it on the host)")
+        return 1
+    bandwidth = copy_bandwidth(device, 256 << 20)
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + written)", flush=True)
+    records = []
+    for rows in (int(r) for r in args.rows.split(",")):
+        for name in args.cases.split(","):
+            records.append(case_record(args, name, rows, bandwidth, device))
+            print_records(records[-1:], lead="batch")
+    records.append(copy_bandwidth_record(SCENARIO, bandwidth, n_gpus=records[0].n_gpus))
+    path = write_results(SCENARIO, records, args.out)
+    print(f"\nwrote {path}")
+    return 0

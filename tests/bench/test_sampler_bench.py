@@ -1,0 +1,48 @@
+"""`energon bench sampler` on cpu: what it writes, not how fast it runs; and that its baseline,
+transformers' logits processors, picks the tokens Energon's Sampler picks where both are greedy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from bench_helpers import FIELDS, parse, run_scenario
+
+from energon.bench import sampler
+from energon.bench.cli import SCENARIOS
+from energon.sampler import Sampler
+from energon.sampling import SamplingParams
+
+
+def test_each_case_and_row_count_is_a_record_with_its_baseline_and_floor(tmp_path):
+    args = "--device cpu --rows 1,3 --calls 2 --repeat 1 --vocab 500"
+    records = run_scenario(sampler, args, tmp_path)
+    points = [r for r in records if r["metric"] != "copy_bandwidth"]
+    assert SCENARIOS["sampler"] == "energon.bench.sampler"
+    assert sorted((r["batch"], r["metric"]) for r in points) == sorted(
+        (rows, f"{case}_us") for rows in (1, 3) for case in sampler.CASES
+    )
+    for r in points:
+        assert FIELDS <= set(r) and r["unit"] == "us"
+        assert r["ratio"] == pytest.approx(r["baseline_value"] / r["value"])
+        assert r["of_limit"] == pytest.approx(r["limit_value"] / r["value"]) and r["of_limit"] < 1
+    assert [r["metric"] for r in records].count("copy_bandwidth") == 1
+
+
+def test_the_baseline_is_the_same_greedy_choice():
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(4, 300, generator=g) * 3).half()
+    input_ids = torch.randint(0, 300, (4, 20), generator=g)
+    for name in ("greedy", "greedy_repetition", "greedy_logit_bias"):
+        params = SamplingParams(**sampler.CASES[name])
+        theirs = sampler.hf_step(params, input_ids, torch.Generator())(logits)
+        rows = [
+            {**params.to_wire(), "seq": i} if params.penalised else params.to_wire()
+            for i in range(4)
+        ]
+        if params.penalised:
+            rows = [
+                {**r, "history": [], "prompt": input_ids[i].tolist()} for i, r in enumerate(rows)
+            ]
+        ours, _ = Sampler(seed=0).sample(logits, rows, [0] * 4)
+        assert ours.tolist() == theirs.tolist(), name
+    assert parse(sampler, "").rows == "1,64,256"

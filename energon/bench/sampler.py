@@ -39,7 +39,7 @@ CASES = {
     "top_p_min_p": dict(temperature=0.8, top_p=0.9, min_p=0.05),
     "greedy_repetition": dict(temperature=0.0, repetition_penalty=1.2),
     "greedy_frequency_presence": dict(temperature=0.0, frequency_penalty=0.5, presence_penalty=0.5),
-    "greedy_logit_bias": dict(temperature=0.0, logit_bias={t: -5.0 for t in range(0, 100, 10)}),
+    "greedy_logit_bias": dict(temperature=0.0, logit_bias={t: -5.0 for t in range(10, 110, 10)}),
     "top_p_repetition": dict(temperature=0.8, top_p=0.9, repetition_penalty=1.2),
 }
 

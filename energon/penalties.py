@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from energon.host_copy import to_device
+from energon.sampling import RowFeature
 
 
 class Penalties:
@@ -44,30 +45,44 @@ class Penalties:
             if slot is not None:
                 self._free.append(slot)
 
-    def apply(self, scores: torch.Tensor, params: list[dict]) -> torch.Tensor:
+    def apply(self, scores: torch.Tensor, params: list[dict], features: int = ~0) -> torch.Tensor:
         """`scores`, or a float32 copy with each row's bias and penalties applied. Call `count`
-        with the tokens drawn from it before the next `apply`."""
+        with the tokens drawn from it before the next `apply`. `features` (RowFeatures of the
+        rows, ORed) spares looking for what no row has."""
         self._pending = None
-        biased = [i for i, p in enumerate(params) if "bias_ids" in p]
-        penalised = [i for i, p in enumerate(params) if "seq" in p]
+        biased = penalised = ()
+        if features & RowFeature.BIAS:
+            biased = [i for i, p in enumerate(params) if "bias_ids" in p]
+        if features & RowFeature.PENALISED:
+            penalised = [i for i, p in enumerate(params) if "seq" in p]
         if not biased and not penalised:
             return scores
         x = scores.to(torch.float32, copy=True)
-        vocab = x.shape[-1]
         if biased:
-            pairs = [
-                (i * vocab + t, v)
-                for i in biased
-                for t, v in zip(params[i]["bias_ids"], params[i]["bias_values"], strict=True)
-                if t < vocab
-            ]
-            flat, values = [f for f, _ in pairs], [v for _, v in pairs]
-            x.view(-1).index_add_(
-                0, to_device(flat, torch.int64, x.device), to_device(values, x.dtype, x.device)
-            )
+            self._bias(x, [params[i] for i in biased], biased)
         if penalised:
             self._penalise(x, [params[i] for i in penalised], penalised)
         return x
+
+    def _bias(self, x: torch.Tensor, params: list[dict], rows: list[int]) -> None:
+        """Add the rows' logit_bias: their ids and values go to the device in two copies, and
+        each id's row is spread there (ids past the logits' width add nothing)."""
+        vocab, device = x.shape[-1], x.device
+        ids: list[int] = []
+        values: list[float] = []
+        counts = []
+        for p in params:
+            ids += p["bias_ids"]
+            values += p["bias_values"]
+            counts.append(len(p["bias_ids"]))
+        packed = to_device(rows + counts + ids, torch.int64, device)
+        n = len(rows)
+        row_of = torch.repeat_interleave(packed[:n], packed[n : 2 * n], output_size=len(ids))
+        token = packed[2 * n :]
+        inside = token < vocab
+        flat = row_of * vocab + token.clamp(max=vocab - 1)
+        add = to_device(values, torch.float32, device).masked_fill_(~inside, 0.0)
+        x.view(-1).index_add_(0, flat, add)
 
     def count(self, token_ids: torch.Tensor) -> None:
         """Count the tokens drawn for the penalised rows of the last `apply` (on the device)."""
@@ -91,23 +106,32 @@ class Penalties:
                 "must carry its history"
             ) from None
         device = x.device
-        rows_t = to_device(rows, torch.int64, device)
-        slots = to_device(slot_list, torch.int64, device)
+        n = len(rows)
+        index = to_device(rows + slot_list, torch.int64, device)  # one copy each way of type
+        rows_t, slots = index[:n], index[n:]
         self._pending = (rows_t, slots)
+        repetition, frequency, presence = [], [], []
+        for p in params:
+            repetition.append(float(p.get("repetition_penalty", 1.0)))
+            frequency.append(float(p.get("frequency_penalty", 0.0)))
+            presence.append(float(p.get("presence_penalty", 0.0)))
+        table = to_device(repetition + frequency + presence, torch.float32, device).view(3, n, 1)
         counts = self.counts.index_select(0, slots)
-        xr = x.index_select(0, rows_t)
-        repetition = [float(p.get("repetition_penalty", 1.0)) for p in params]
+        whole = n == x.shape[0] and rows == list(range(n))
+        xr = x if whole else x.index_select(0, rows_t)
         if any(r != 1.0 for r in repetition):
-            r = to_device(repetition, torch.float32, device).unsqueeze(1)
+            r = table[0]
             seen = (counts > 0) | self.seen.index_select(0, slots)
             xr = torch.where(seen, torch.where(xr < 0, xr * r, xr / r), xr)
-        frequency = [float(p.get("frequency_penalty", 0.0)) for p in params]
         if any(frequency):
-            xr -= to_device(frequency, torch.float32, device).unsqueeze(1) * counts
-        presence = [float(p.get("presence_penalty", 0.0)) for p in params]
+            xr = xr - table[1] * counts
         if any(presence):
-            xr -= to_device(presence, torch.float32, device).unsqueeze(1) * (counts > 0)
-        x.index_copy_(0, rows_t, xr)
+            xr = xr - table[2] * (counts > 0)
+        if whole:
+            if xr is not x:
+                x.copy_(xr)
+        else:
+            x.index_copy_(0, rows_t, xr)
 
     def _start(self, p: dict, vocab: int) -> None:
         """(Re)start a sequence's counts from its history and prompt."""

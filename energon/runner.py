@@ -597,7 +597,9 @@ class ModelRunner(OffloadMember):
             return {"step_id": step["step_id"], "token_ids": [], "logprobs": None}
         if len(picked) < logits.shape[0]:
             logits = logits[to_device(picked, torch.int64, logits.device)]
-        token_ids, logprobs = self.sampler.sample(logits, step["params"], step["steps"])
+        token_ids, logprobs = self.sampler.sample(
+            logits, step["params"], step["steps"], step.get("features")
+        )
         step_id = step["step_id"]
         if chainable and self.returns.keeps:
             self.returns.keep(step_id, token_ids)

@@ -30,7 +30,7 @@ import torch
 
 from energon.host_copy import to_device
 from energon.penalties import Penalties
-from energon.sampling import GREEDY_BELOW
+from energon.sampling import GREEDY_BELOW, RowFeature, row_features
 
 _GOLDEN = 0x9E3779B97F4A7C15  # odd: 2**64 / golden ratio
 _MASK64 = (1 << 64) - 1
@@ -56,18 +56,27 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     smallest most-likely-first set whose probability reaches top_p; the most likely token is
     always kept.
     """
+    return _top_k_top_p(logits, top_k, top_p, any_k=True, any_p=True)
+
+
+def _top_k_top_p(logits, top_k, top_p, any_k: bool, any_p: bool) -> torch.Tensor:
+    """apply_top_k_top_p, leaving out the ops of top-k or top-p when no row has it on."""
     vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
-
-    k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
-    kth = sorted_logits.gather(-1, (k - 1).unsqueeze(-1))
-    remove = sorted_logits < kth
-
-    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
-    p = torch.where(top_p >= 1.0, float("inf"), top_p.to(probs.dtype))
-    remove |= before >= p.unsqueeze(-1)
-    remove[:, 0] = False
+    if any_k:
+        k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+        kth = sorted_logits.gather(-1, (k - 1).unsqueeze(-1))
+        remove = sorted_logits < kth
+        kept = sorted_logits.masked_fill(remove, float("-inf"))
+    else:
+        remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
+        kept = sorted_logits
+    if any_p:
+        probs = kept.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+        p = torch.where(top_p >= 1.0, float("inf"), top_p.to(probs.dtype))
+        remove |= before >= p.unsqueeze(-1)
+        remove[:, 0] = False
 
     remove_in_vocab_order = torch.empty_like(remove).scatter_(-1, order, remove)
     return logits.masked_fill_(remove_in_vocab_order, float("-inf"))
@@ -122,13 +131,18 @@ class Sampler:
 
     @torch.no_grad()
     def sample(
-        self, logits: torch.Tensor, params: list[dict], steps: list[int]
+        self,
+        logits: torch.Tensor,
+        params: list[dict],
+        steps: list[int],
+        features: int | None = None,
     ) -> tuple[torch.Tensor, list[dict | None] | None]:
         """Returns (token ids int64 [B] on the logits' device, logprobs).
 
         `params[i]` is `SamplingParams.to_wire()` of row i's request and `steps[i]` how many
-        tokens it has generated before this one. logprobs is None when no row asked for them,
-        else a list with, per row, None or {"token_id", "logprob", "top_ids", "top_logprobs"}.
+        tokens it has generated before this one; `features` the rows' RowFeatures ORed (worked
+        out from params when None). logprobs is None when no row asked for them, else a list
+        with, per row, None or {"token_id", "logprob", "top_ids", "top_logprobs"}.
         """
         batch = logits.shape[0]
         if len(params) != batch or len(steps) != batch:
@@ -136,43 +150,61 @@ class Sampler:
                 f"need one params dict and one step per logits row: {batch} rows, "
                 f"{len(params)} params, {len(steps)} steps"
             )
-        device = logits.device
-        scores = self.penalties.apply(_ban(logits, params, steps), params)
-        greedy = [p["temperature"] < GREEDY_BELOW or p["top_k"] == 1 for p in params]
-        rows = [i for i in range(batch) if not greedy[i]]
+        if features is None:
+            features = 0
+            for p in params:
+                features |= row_features(p)
+        scores = logits
+        if features & RowFeature.BANNED:
+            scores = _ban(scores, params, steps)
+        if features & (RowFeature.BIAS | RowFeature.PENALISED):
+            scores = self.penalties.apply(scores, params, features)
+        rows = []
+        if features & RowFeature.DRAWN:
+            rows = [
+                i
+                for i, p in enumerate(params)
+                if p["temperature"] >= GREEDY_BELOW and p["top_k"] != 1
+            ]
         if not rows:
             token_ids = scores.argmax(dim=-1)
+        elif len(rows) == batch:
+            token_ids = self._draw(scores, params, steps, None)
         else:
-            drawn = self._draw(scores, [params[i] for i in rows], [steps[i] for i in rows], rows)
-            if len(rows) == batch:
-                token_ids = drawn
-            else:
-                token_ids = scores.argmax(dim=-1)
-                token_ids.index_copy_(0, to_device(rows, torch.int64, device), drawn)
-        self.penalties.count(token_ids)
+            index = to_device(rows, torch.int64, logits.device)
+            drawn = self._draw(scores, [params[i] for i in rows], [steps[i] for i in rows], index)
+            token_ids = scores.argmax(dim=-1)
+            token_ids.index_copy_(0, index, drawn)
+        if features & RowFeature.PENALISED:
+            self.penalties.count(token_ids)
+        if not features & RowFeature.LOGPROBS:
+            return token_ids, None
         return token_ids, self._logprobs(logits, token_ids, params)
 
-    def _draw(self, logits, params, steps, rows) -> torch.Tensor:
-        """Token ids for the rows `rows` of logits, which are not greedy."""
+    def _draw(self, logits, params, steps, index) -> torch.Tensor:
+        """Token ids for the rows `index` (a device tensor, or None for all) of logits, which are
+        not greedy; `params` and `steps` are those rows'."""
         device = logits.device
-        if len(rows) == logits.shape[0]:
+        if index is None:
             x = logits.to(torch.float32, copy=True)  # scaled and masked in place below
         else:
-            x = logits.index_select(0, to_device(rows, torch.int64, device)).float()
-        temperature = to_device([float(p["temperature"]) for p in params], torch.float32, device)
-        x.div_(temperature.unsqueeze(-1))
-
-        top_k = [int(p["top_k"]) for p in params]
-        top_p = [float(p["top_p"]) for p in params]
-        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-            apply_top_k_top_p(
-                x,
-                to_device(top_k, torch.int64, device),
-                to_device(top_p, torch.float32, device),
-            )
-        min_p = [float(p.get("min_p", 0.0)) for p in params]
+            x = logits.index_select(0, index).float()
+        # every row's temperature, top_k, top_p and min_p in one copy to the device
+        vocab = x.shape[-1]
+        temperature, top_k, top_p, min_p = [], [], [], []
+        for p in params:
+            temperature.append(float(p["temperature"]))
+            top_k.append(float(min(max(int(p["top_k"]), 0), vocab + 1)))  # > vocab: off
+            top_p.append(float(p["top_p"]))
+            min_p.append(float(p.get("min_p", 0.0)))
+        table = to_device(temperature + top_k + top_p + min_p, torch.float32, device)
+        table = table.view(4, len(params))
+        x.div_(table[0].unsqueeze(-1))
+        any_k, any_p = any(top_k), any(q < 1.0 for q in top_p)
+        if any_k or any_p:
+            _top_k_top_p(x, table[1].long(), table[2], any_k, any_p)
         if any(min_p):
-            apply_min_p(x, to_device(min_p, torch.float32, device))
+            apply_min_p(x, table[3])
 
         noise = torch.empty_like(x)
         unseeded = [j for j, p in enumerate(params) if p["seed"] is None]

@@ -24,7 +24,8 @@ def step_message(
 ) -> dict:
     """The wire form of `plan`: {"step_id", "input_ids" [T] int64, "query_lens", "context_lens",
     "block_tables" [B, max_blocks] int32 (-1 padded), "sample" (row flags), "params" and "steps"
-    (one per sampled row: SamplingParams.to_wire() and tokens generated so far)}.
+    (one per sampled row: SamplingParams.to_wire() and tokens generated so far), "features" (the
+    sampled rows' RowFeatures ORed: what the Sampler must look for)}.
 
     A plan that chains another (lookahead) adds "chain_from" (that step's id), "chain_tokens"
     (the positions in input_ids of its chained rows' tokens, which travel as 0, a placeholder)
@@ -40,6 +41,7 @@ def step_message(
     (energon/penalties.py). `release` (ids of penalised sequences that ended) adds "release"."""
     ids: list[int] = []
     query_lens, context_lens, sample, params, steps = [], [], [], [], []
+    features = 0
     width = max(len(s.block_table) for s in plan.seqs)
     pad = [-1] * width
     tables: list[int] = []  # the padded rows, one after another
@@ -59,7 +61,11 @@ def step_message(
             req.history_due = True
         if s.sample:
             generated = s.seq.num_output_tokens + s.chained  # + the pending token
-            params.append(_row_params(req, s, generated) if req is not None else _GREEDY)
+            if req is None:
+                params.append(_GREEDY)
+            else:
+                params.append(_row_params(req, s, generated))
+                features |= req.features
             steps.append(generated)
     message = {
         "step_id": plan.step_id,
@@ -70,6 +76,7 @@ def step_message(
         "sample": sample,
         "params": params,
         "steps": steps,
+        "features": features,
     }
     if hand_back is not None:
         message["hand_back"] = hand_back

@@ -250,7 +250,7 @@ def test_cuda_bans_take_what_cpu_takes_without_a_host_sync():
 
 def penalised(seq: int, history=None, prompt=None, **kwargs) -> dict:
     """A row's wire params as step.py sends them for sequence `seq` of a penalised request."""
-    row = {**wire(temperature=0, **kwargs), "seq": seq}
+    row = {**wire(**{"temperature": 0, **kwargs}), "seq": seq}
     if history is not None:
         row["history"] = history
     if prompt is not None:
@@ -323,3 +323,27 @@ def test_cuda_penalties_take_what_cpu_takes_without_a_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert [t.tolist() for t in got] == expected
+
+
+def test_a_mixed_batch_samples_each_row_as_it_would_alone():
+    logits = random_logits(6, 400, seed=9)
+    rows = [
+        wire(temperature=0),
+        wire(temperature=0, logit_bias={int(logits[1].argmin()): 60.0, 400: 5.0, 401: 1.0}),
+        penalised(3, history=[int(logits[2].argmax())] * 3, temperature=0.9, seed=1, frequency_penalty=2),
+        wire(temperature=0.7, top_k=5, top_p=0.8, seed=2),
+        penalised(5, history=[], prompt=[int(logits[4].argmax())], temperature=0, repetition_penalty=9),
+        wire(temperature=1.3, min_p=0.2, seed=3, logit_bias={7: -100}),
+    ]  # fmt: skip
+    batch, _ = Sampler(seed=0).sample(logits, rows, [3] * 6)
+    alone = [
+        Sampler(seed=0).sample(logits[i : i + 1], [r], [3])[0].item() for i, r in enumerate(rows)
+    ]
+    assert batch.tolist() == alone
+    assert alone[1] == int(
+        logits[1].argmin()
+    )  # the bias of 400 and 401 (past the vocabulary) adds nothing
+    assert alone[4] != int(logits[4].argmax())  # the prompt's token, divided by 9
+    # the controller's features say what to look for; the same answer as working them out
+    again, _ = Sampler(seed=0).sample(logits, rows, [3] * 6, features=31)
+    assert again.tolist() == alone

@@ -45,7 +45,9 @@ class Penalties:
             if slot is not None:
                 self._free.append(slot)
 
-    def apply(self, scores: torch.Tensor, params: list[dict], features: int = ~0) -> torch.Tensor:
+    def apply(
+        self, scores: torch.Tensor, params: list[dict], features: int = RowFeature.ALL
+    ) -> torch.Tensor:
         """`scores`, or a float32 copy with each row's bias and penalties applied. Call `count`
         with the tokens drawn from it before the next `apply`. `features` (RowFeatures of the
         rows, ORed) spares looking for what no row has."""
@@ -91,7 +93,10 @@ class Penalties:
         rows, slots = self._pending
         self._pending = None
         vocab = self.counts.shape[1]
-        flat = slots * vocab + token_ids.index_select(0, rows)
+        drawn = (
+            token_ids if rows.shape[0] == token_ids.shape[0] else token_ids.index_select(0, rows)
+        )
+        flat = slots * vocab + drawn
         self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
 
     def _penalise(self, x: torch.Tensor, params: list[dict], rows: list[int]) -> None:

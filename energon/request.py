@@ -63,7 +63,7 @@ class Request:
                 "min_tokens": params.min_tokens,
                 "banned": sorted(self._stop_ids),
             }
-        self.features = int(row_features(self.wire_params))  # what its rows need (step.py)
+        self.features = row_features(self.wire_params)  # what its rows need (step.py)
         # its next sampling step carries its tokens so far: its computation (re)started (step.py)
         self.history_due = True
         self._text = ""  # generated text so far (cut at a stop string once found)

@@ -56,26 +56,27 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     smallest most-likely-first set whose probability reaches top_p; the most likely token is
     always kept.
     """
-    return _top_k_top_p(logits, top_k, top_p, any_k=True, any_p=True)
-
-
-def _top_k_top_p(logits, top_k, top_p, any_k: bool, any_p: bool) -> torch.Tensor:
-    """apply_top_k_top_p, leaving out the ops of top-k or top-p when no row has it on."""
     vocab = logits.shape[-1]
+    k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+    p = torch.where(top_p >= 1.0, float("inf"), top_p.to(torch.float32))
+    return _top_k_top_p(logits, k, p)
+
+
+def _top_k_top_p(logits, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
+    """apply_top_k_top_p with k in [1, vocab] (vocab: off) and p in (0, 1) or inf (off), each
+    None when no row has it on (its ops are left out)."""
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
-    if any_k:
-        k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+    remove = None
+    kept = sorted_logits
+    if k is not None:
         kth = sorted_logits.gather(-1, (k - 1).unsqueeze(-1))
         remove = sorted_logits < kth
         kept = sorted_logits.masked_fill(remove, float("-inf"))
-    else:
-        remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
-        kept = sorted_logits
-    if any_p:
+    if p is not None:
         probs = kept.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
-        p = torch.where(top_p >= 1.0, float("inf"), top_p.to(probs.dtype))
-        remove |= before >= p.unsqueeze(-1)
+        outside = before >= p.to(probs.dtype).unsqueeze(-1)
+        remove = outside if remove is None else remove.logical_or_(outside)
         remove[:, 0] = False
 
     remove_in_vocab_order = torch.empty_like(remove).scatter_(-1, order, remove)
@@ -192,18 +193,28 @@ class Sampler:
         # every row's temperature, top_k, top_p and min_p in one copy to the device
         vocab = x.shape[-1]
         temperature, top_k, top_p, min_p = [], [], [], []
+        any_k = any_p = any_min_p = False
         for p in params:
             temperature.append(float(p["temperature"]))
-            top_k.append(float(min(max(int(p["top_k"]), 0), vocab + 1)))  # > vocab: off
-            top_p.append(float(p["top_p"]))
-            min_p.append(float(p.get("min_p", 0.0)))
+            k, q, m = int(p["top_k"]), float(p["top_p"]), float(p.get("min_p", 0.0))
+            if 0 < k < vocab:
+                any_k = True
+            else:
+                k = vocab  # off
+            if q < 1.0:
+                any_p = True
+            else:
+                q = float("inf")  # off
+            any_min_p = any_min_p or m > 0.0
+            top_k.append(float(k))  # exact in float32 below 2**24
+            top_p.append(q)
+            min_p.append(m)
         table = to_device(temperature + top_k + top_p + min_p, torch.float32, device)
         table = table.view(4, len(params))
         x.div_(table[0].unsqueeze(-1))
-        any_k, any_p = any(top_k), any(q < 1.0 for q in top_p)
         if any_k or any_p:
-            _top_k_top_p(x, table[1].long(), table[2], any_k, any_p)
-        if any(min_p):
+            _top_k_top_p(x, table[1].long() if any_k else None, table[2] if any_p else None)
+        if any_min_p:
             apply_min_p(x, table[3])
 
         noise = torch.empty_like(x)

@@ -4,7 +4,7 @@ logits processors of Hugging Face `generate`.
 Each case is a batch of `--rows` rows of seeded random fp16 logits over opt-13b's vocabulary
 (50,272) sampled with one set of SamplingParams for every row. Energon: `Sampler.sample` as the
 worker calls it (a penalised row's token counts built from a 64-token history first, as after a
-prompt; then counted on each call). Baseline: what `generate` runs per step for the same
+prompt; then counted on each call; the step's features given, as the controller sends them). Baseline: what `generate` runs per step for the same
 params: its processors (RepetitionPenalty, SequenceBias, Temperature, TopK, TopP, MinP) on
 float32 logits with the prompt and history as input_ids, then argmax or softmax + multinomial;
 HF has no presence or frequency penalty, so those cases' baseline runs without it (the notes say
@@ -27,7 +27,7 @@ import torch
 from energon.bench.limits import copy_bandwidth, synchronize
 from energon.bench.record import Record, copy_bandwidth_record, print_records, write_results
 from energon.sampler import Sampler
-from energon.sampling import SamplingParams
+from energon.sampling import SamplingParams, row_features
 
 SCENARIO = "sampler"
 VOCAB = 50272  # opt-13b
@@ -126,8 +126,14 @@ def case_record(args, name: str, rows: int, bandwidth: float, device) -> Record:
         ]
         sampler.sample(logits, first, [HISTORY] * rows)
     steps = [HISTORY] * rows
+    features = 0  # what the controller sends with each step (it keeps each request's)
+    for row in row_params:
+        features |= row_features(row)
     ours = per_call_seconds(
-        lambda: sampler.sample(logits, row_params, steps), device, args.calls, args.repeat
+        lambda: sampler.sample(logits, row_params, steps, features),
+        device,
+        args.calls,
+        args.repeat,
     )
     input_ids = torch.cat([prompt, history], dim=1).to(device)
     baseline_params = params

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from energon.sampler import Sampler, apply_min_p, apply_top_k_top_p, mix_seed
-from energon.sampling import SamplingParams
+from energon.sampling import RowFeature, SamplingParams
 
 NEG_INF = float("-inf")
 
@@ -345,5 +345,5 @@ def test_a_mixed_batch_samples_each_row_as_it_would_alone():
     )  # the bias of 400 and 401 (past the vocabulary) adds nothing
     assert alone[4] != int(logits[4].argmax())  # the prompt's token, divided by 9
     # the controller's features say what to look for; the same answer as working them out
-    again, _ = Sampler(seed=0).sample(logits, rows, [3] * 6, features=31)
+    again, _ = Sampler(seed=0).sample(logits, rows, [3] * 6, features=RowFeature.ALL)
     assert again.tolist() == alone

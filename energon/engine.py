@@ -684,7 +684,7 @@ class Engine:
     def _drop(self, req: Request) -> None:
         """Forget a request; if it was still running, abort it in the scheduler."""
         if self._requests.pop(req.seq_id, None) is not None and self.scheduler is not None:
-            if "seq" in req.wire_params:  # the sampling worker drops its token counts
+            if "seq" in req.wire_params:  # the sampling rank drops what it keeps for it
                 self._released.append(req.seq_id)
             self.recovery.forget(req.seq_id)
             self.scheduler.abort(req.seq_id)

@@ -2,20 +2,27 @@
 
 A penalty depends on what a sequence generated so far. With lookahead and pipeline stages the
 controller does not know a sequence's last tokens when it sends the next step (they are still on
-the device), so the sampling rank keeps each penalised sequence's counts itself, on the device:
+the device), so the sampling rank keeps each such sequence's tokens itself, on the device:
 
-- a row's params carry "seq" (its sequence id) when the request has a penalty;
+- a row's params carry "seq" (its sequence id) when the request has a penalty or a logit_bias;
 - the first step that samples a sequence after its computation (re)started (admission, a
   preemption's recompute, a worker restart) also carries "history", the tokens it generated
-  until then, and with a repetition penalty "prompt", its prompt's ids (step.py adds them);
-- every token the rank samples for the row is counted right after the draw, on the device;
-- a step's "release" lists the sequences that ended, whose counts are dropped.
+  until then, with a repetition penalty "prompt", its prompt's ids, and with a logit_bias
+  "bias_ids" and "bias_values" (step.py adds them; later rows carry neither);
+- every token the rank samples for the row is appended to its tokens right after the draw, on
+  the device;
+- a step's "release" lists the sequences that ended, whose state is dropped.
 
 On a row (as in vLLM, in this order; Hugging Face's processors alike): each logit_bias entry is
 added; then, for the tokens seen in the prompt or output, a positive logit is divided by the
 repetition penalty and a negative one multiplied by it; then frequency_penalty x (the token's
 count in the output) and presence_penalty x (1 if it is there) are subtracted. The result is a
 float32 copy: logprobs stay those of the raw logits.
+
+All of it is sparse, as Hugging Face's processors are: per row only the positions of its bias
+ids, prompt and output tokens are gathered and scattered, so a step costs a few small kernels
+whatever the vocabulary. The tables hold token ids padded with `vocab`, which points at one
+scratch column past the logits.
 """
 
 from __future__ import annotations
@@ -23,157 +30,191 @@ from __future__ import annotations
 import torch
 
 from energon.host_copy import to_device
-from energon.sampling import RowFeature
 
 
 class Penalties:
-    """The token counts of the penalised sequences this rank samples, one row each in a table
-    [capacity, vocab] that grows as needed; the logit changes they and logit_bias make."""
+    """Per sequence this rank samples with a penalty or a bias: its bias, prompt and output
+    token ids, a row each in tables that grow as needed (lengths kept on the host)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.slots: dict[int, int] = {}  # sequence id -> row of the tables
         self._free: list[int] = []
-        self.counts: torch.Tensor | None = None  # float32 [capacity, vocab]: output tokens
-        self.seen: torch.Tensor | None = None  # bool [capacity, vocab]: prompt tokens
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, slots) to count
+        self._capacity = 0
+        self._vocab: int | None = None
+        # int64 [capacity, width] each, padded with vocab; bias values float32 alike, padded 0
+        self._tables: dict[str, torch.Tensor] = {}
+        self._lengths: dict[str, list[int]] = {"output": [], "prompt": [], "bias": []}
+        self._pending: tuple | None = None  # (rows, slots, positions, slot list) to append
+
+    @property
+    def capacity(self) -> int:
+        """Sequences the tables hold rows for."""
+        return self._capacity
 
     def release(self, seq_ids) -> None:
-        """Drop the counts of sequences that ended (unknown ids are ignored)."""
+        """Drop the state of sequences that ended (unknown ids are ignored)."""
         for seq_id in seq_ids:
             slot = self.slots.pop(seq_id, None)
             if slot is not None:
                 self._free.append(slot)
 
-    def apply(
-        self, scores: torch.Tensor, params: list[dict], features: int = RowFeature.ALL
-    ) -> torch.Tensor:
-        """`scores`, or a float32 copy with each row's bias and penalties applied. Call `count`
-        with the tokens drawn from it before the next `apply`. `features` (RowFeatures of the
-        rows, ORed) spares looking for what no row has."""
+    def apply(self, scores: torch.Tensor, params: list[dict]) -> torch.Tensor:
+        """`scores`, or a float32 copy with the rows that carry "seq" biased and penalised.
+        Call `count` with the tokens drawn from it before the next `apply`."""
         self._pending = None
-        biased = penalised = ()
-        if features & RowFeature.BIAS:
-            biased = [i for i, p in enumerate(params) if "bias_ids" in p]
-        if features & RowFeature.PENALISED:
-            penalised = [i for i, p in enumerate(params) if "seq" in p]
-        if not biased and not penalised:
+        rows = []
+        for i, p in enumerate(params):
+            if "seq" in p:
+                rows.append(i)
+            elif "bias_ids" in p:
+                raise ValueError("a row with a logit_bias must carry its sequence id (seq)")
+        if not rows:
             return scores
-        x = scores.to(torch.float32, copy=True)
-        if biased:
-            self._bias(x, [params[i] for i in biased], biased)
-        if penalised:
-            self._penalise(x, [params[i] for i in penalised], penalised)
-        return x
-
-    def _bias(self, x: torch.Tensor, params: list[dict], rows: list[int]) -> None:
-        """Add the rows' logit_bias: their ids and values go to the device in two copies, and
-        each id's row is spread there (ids past the logits' width add nothing)."""
-        vocab, device = x.shape[-1], x.device
-        ids: list[int] = []
-        values: list[float] = []
-        counts = []
-        for p in params:
-            ids += p["bias_ids"]
-            values += p["bias_values"]
-            counts.append(len(p["bias_ids"]))
-        packed = to_device(rows + counts + ids, torch.int64, device)
-        n = len(rows)
-        row_of = torch.repeat_interleave(packed[:n], packed[n : 2 * n], output_size=len(ids))
-        token = packed[2 * n :]
-        inside = token < vocab
-        flat = row_of * vocab + token.clamp(max=vocab - 1)
-        add = to_device(values, torch.float32, device).masked_fill_(~inside, 0.0)
-        x.view(-1).index_add_(0, flat, add)
+        batch, vocab = scores.shape
+        # one scratch column that the pads point at
+        x = torch.empty((batch, vocab + 1), dtype=torch.float32, device=scores.device)
+        x[:, :vocab].copy_(scores)
+        self._penalise(x, [params[i] for i in rows], rows, vocab)
+        return x[:, :vocab]
 
     def count(self, token_ids: torch.Tensor) -> None:
-        """Count the tokens drawn for the penalised rows of the last `apply` (on the device)."""
+        """Append the tokens drawn for the rows of the last `apply` to their outputs (on the
+        device)."""
         if self._pending is None:
             return
-        rows, slots = self._pending
+        rows, slots, positions, slot_list = self._pending
         self._pending = None
-        vocab = self.counts.shape[1]
-        drawn = (
-            token_ids if rows.shape[0] == token_ids.shape[0] else token_ids.index_select(0, rows)
-        )
-        flat = slots * vocab + drawn
-        self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+        drawn = token_ids if rows is None else token_ids.index_select(0, rows)
+        output = self._tables["output"]
+        output.view(-1).index_copy_(0, slots * output.shape[1] + positions, drawn)
+        lengths = self._lengths["output"]
+        for slot in slot_list:
+            lengths[slot] += 1
 
-    def _penalise(self, x: torch.Tensor, params: list[dict], rows: list[int]) -> None:
+    def _penalise(self, x: torch.Tensor, params: list[dict], rows: list[int], vocab: int) -> None:
         for p in params:
             if "history" in p:
-                self._start(p, x.shape[-1])
+                self._start(p, vocab)
+            elif "bias_ids" in p:
+                raise ValueError("logit_bias comes on a row with its history (step.py)")
         try:
             slot_list = [self.slots[p["seq"]] for p in params]
         except KeyError as exc:
             raise ValueError(
-                f"no token counts for sequence {exc.args[0]}: its first step after a (re)start "
+                f"no tokens kept for sequence {exc.args[0]}: its first step after a (re)start "
                 "must carry its history"
             ) from None
-        device = x.device
         n = len(rows)
-        index = to_device(rows + slot_list, torch.int64, device)  # one copy each way of type
-        rows_t, slots = index[:n], index[n:]
-        self._pending = (rows_t, slots)
+        out_len = self._lengths["output"]
+        positions = [out_len[s] for s in slot_list]
+        self._fit("output", max(positions) + 1)  # room for this step's token
         repetition, frequency, presence = [], [], []
         for p in params:
             repetition.append(float(p.get("repetition_penalty", 1.0)))
             frequency.append(float(p.get("frequency_penalty", 0.0)))
             presence.append(float(p.get("presence_penalty", 0.0)))
+        device = x.device
+        index = to_device(rows + slot_list + positions, torch.int64, device)
+        rows_t, slots, positions_t = index[:n], index[n : 2 * n], index[2 * n :]
+        whole = n == x.shape[0]  # every row, in order (rows ascend)
+        self._pending = (None if whole else rows_t, slots, positions_t, slot_list)
         table = to_device(repetition + frequency + presence, torch.float32, device).view(3, n, 1)
-        counts = self.counts.index_select(0, slots)
-        whole = n == x.shape[0] and rows == list(range(n))
         xr = x if whole else x.index_select(0, rows_t)
+
+        bias_len = max(self._lengths["bias"][s] for s in slot_list)
+        if bias_len:
+            ids = self._tables["bias_ids"].index_select(0, slots)[:, :bias_len]
+            values = self._tables["bias_values"].index_select(0, slots)[:, :bias_len]
+            xr.scatter_add_(1, ids, values)
+        output_len = max(positions)
+        output = self._tables["output"].index_select(0, slots)[:, :output_len]
         if any(r != 1.0 for r in repetition):
-            r = table[0]
-            seen = (counts > 0) | self.seen.index_select(0, slots)
-            xr = torch.where(seen, torch.where(xr < 0, xr * r, xr / r), xr)
-        if any(frequency):
-            xr = xr - table[1] * counts
-        if any(presence):
-            xr = xr - table[2] * (counts > 0)
-        if whole:
-            if xr is not x:
-                x.copy_(xr)
-        else:
+            prompt_len = max(self._lengths["prompt"][s] for s in slot_list)
+            seen = output
+            if prompt_len:
+                prompt = self._tables["prompt"].index_select(0, slots)[:, :prompt_len]
+                seen = torch.cat([prompt, output], dim=1)
+            if seen.shape[1]:
+                r = table[0]
+                logit = xr.gather(1, seen)
+                xr.scatter_(1, seen, torch.where(logit < 0, logit * r, logit / r))
+        if output_len and any(frequency):
+            xr.scatter_add_(1, output, (-table[1]).expand(n, output_len))
+        if output_len and any(presence):
+            xr.scatter_(1, output, xr.gather(1, output) - table[2])
+        if not whole:
             x.index_copy_(0, rows_t, xr)
 
     def _start(self, p: dict, vocab: int) -> None:
-        """(Re)start a sequence's counts from its history and prompt."""
+        """(Re)start a sequence from its history, prompt and bias."""
+        if self._vocab != vocab:
+            if self.slots:
+                raise ValueError(f"logits of {vocab} columns where the tables have another width")
+            self._vocab = vocab
+            self._tables = {}
+            self._capacity = 0
+            self._free = []
+            self._lengths = {name: [] for name in self._lengths}
         slot = self.slots.get(p["seq"])
         if slot is None:
-            slot = self._allocate(vocab)
+            slot = self._allocate()
             self.slots[p["seq"]] = slot
-        counts, seen = self.counts[slot], self.seen[slot]
-        counts.zero_()
-        seen.zero_()
-        history = [t for t in p["history"] if t < vocab]
-        if history:
-            ids = to_device(history, torch.int64, self.device)
-            counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
-        prompt = [t for t in p.get("prompt", ()) if t < vocab]
-        if prompt:
-            seen.index_fill_(0, to_device(prompt, torch.int64, self.device), True)
+        ids = {
+            "output": p["history"],
+            "prompt": p.get("prompt", ()),
+            "bias": p.get("bias_ids", ()),
+        }
+        for name, tokens in ids.items():
+            self._write(name, slot, [t if 0 <= t < vocab else vocab for t in tokens])
+        values = list(p.get("bias_values", ()))
+        self._write("bias", slot, values, table="bias_values", pad=0.0)
 
-    def _allocate(self, vocab: int) -> int:
-        if self._free:
-            return self._free.pop()
-        used = len(self.slots)
-        if self.counts is None or self.counts.shape[1] != vocab:
-            if self.slots:
-                raise ValueError(f"logits of {vocab} columns where the counts have another width")
-            self.counts = torch.zeros((0, vocab), dtype=torch.float32, device=self.device)
-            self.seen = torch.zeros((0, vocab), dtype=torch.bool, device=self.device)
-        if used == self.counts.shape[0]:  # full: double the tables
-            grown = max(8, 2 * used)
-            self.counts = _grow(self.counts, grown)
-            self.seen = _grow(self.seen, grown)
-            self._free.extend(range(grown - 1, used, -1))
-            return used
-        raise AssertionError("a free slot was expected")  # every slot is in slots or _free
+    def _write(self, name: str, slot: int, values: list, table: str = "", pad=None) -> None:
+        """Row `slot` of a table: `values`, then pads."""
+        table = table or ("bias_ids" if name == "bias" else name)
+        self._fit(name, len(values) + (name == "output"))
+        row = self._tables[table][slot]
+        row.fill_(self._vocab if pad is None else pad)
+        if values:
+            row[: len(values)].copy_(to_device(values, row.dtype, self.device))
+        self._lengths[name][slot] = len(values)
 
+    def _fit(self, name: str, width: int) -> None:
+        """Tables of `name` at least `width` wide (doubling)."""
+        tables = ("bias_ids", "bias_values") if name == "bias" else (name,)
+        for table in tables:
+            old = self._tables.get(table)
+            have = 0 if old is None else old.shape[1]
+            if old is not None and width <= have:
+                continue
+            wide = max(width, 2 * have, 16)
+            floats = table == "bias_values"
+            grown = torch.full(
+                (self._capacity, wide),
+                0.0 if floats else self._vocab,
+                dtype=torch.float32 if floats else torch.int64,
+                device=self.device,
+            )
+            if old is not None:
+                grown[:, :have] = old
+            self._tables[table] = grown
 
-def _grow(table: torch.Tensor, rows: int) -> torch.Tensor:
-    grown = torch.zeros((rows, table.shape[1]), dtype=table.dtype, device=table.device)
-    grown[: table.shape[0]] = table
-    return grown
+    def _allocate(self) -> int:
+        if not self._free:  # full: double the tables
+            used, grown = self._capacity, max(8, 2 * self._capacity)
+            for table, old in self._tables.items():
+                floats = table == "bias_values"
+                wide = torch.full(
+                    (grown, old.shape[1]),
+                    0.0 if floats else self._vocab,
+                    dtype=old.dtype,
+                    device=self.device,
+                )
+                wide[:used] = old
+                self._tables[table] = wide
+            for lengths in self._lengths.values():
+                lengths.extend([0] * (grown - used))
+            self._capacity = grown
+            self._free.extend(range(grown - 1, used - 1, -1))
+        return self._free.pop()

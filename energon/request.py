@@ -54,7 +54,12 @@ class Request:
         if not params.ignore_eos:
             self._stop_ids.update(tokenizer.eos_token_ids)
         self.wire_params = params.to_wire()  # what every step carries for it (step.py)
-        if params.penalised:  # the sampling worker counts its tokens (energon/penalties.py)
+        # what its first sampled row after a (re)start adds: the sampling rank keeps it
+        self.start_params = {}
+        if "bias_ids" in self.wire_params:
+            for name in ("bias_ids", "bias_values"):
+                self.start_params[name] = self.wire_params.pop(name)
+        if params.penalised or self.start_params:  # the sampling rank keeps its tokens
             self.wire_params["seq"] = seq_id
         self.wire_params_unbanned = self.wire_params  # once min_tokens are generated
         if params.min_tokens and self._stop_ids:  # the Sampler keeps these from being drawn

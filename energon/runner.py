@@ -638,7 +638,7 @@ class ModelRunner(OffloadMember):
             "graph_error": self.graph_error,
             "chained_steps": self.chained_steps,
             "returns_pending": self.returns.pending,  # samples chained steps may feed, held
-            "penalised_seqs": len(self.sampler.penalties.slots),  # token counts kept (sampling)
+            "penalised_seqs": len(self.sampler.penalties.slots),  # sequences' tokens kept
             "all_reduce": self.all_reduce,
             # (one-shot sums, of them fused with a norm) issued; a captured one counts once
             "one_shot_calls": (fast.one_shot_calls, fast.norm_calls) if fast else (0, 0),

@@ -158,8 +158,8 @@ class Sampler:
         scores = logits
         if features & RowFeature.BANNED:
             scores = _ban(scores, params, steps)
-        if features & (RowFeature.BIAS | RowFeature.PENALISED):
-            scores = self.penalties.apply(scores, params, features)
+        if features & RowFeature.STATEFUL:
+            scores = self.penalties.apply(scores, params)
         rows = []
         if features & RowFeature.DRAWN:
             rows = [
@@ -176,7 +176,7 @@ class Sampler:
             drawn = self._draw(scores, [params[i] for i in rows], [steps[i] for i in rows], index)
             token_ids = scores.argmax(dim=-1)
             token_ids.index_copy_(0, index, drawn)
-        if features & RowFeature.PENALISED:
+        if features & RowFeature.STATEFUL:
             self.penalties.count(token_ids)
         if not features & RowFeature.LOGPROBS:
             return token_ids, None

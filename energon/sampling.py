@@ -37,10 +37,9 @@ class RowFeature:
 
     DRAWN = 1  # drawn, not greedy
     BANNED = 2  # min_tokens: its stop ids are banned until then
-    BIAS = 4  # logit_bias
-    PENALISED = 8  # presence, frequency or repetition penalty
-    LOGPROBS = 16
-    ALL = 31
+    STATEFUL = 4  # a penalty or a logit_bias: the sampling rank keeps its tokens (penalties.py)
+    LOGPROBS = 8
+    ALL = 15
 
 
 def row_features(wire: dict) -> int:
@@ -51,10 +50,8 @@ def row_features(wire: dict) -> int:
         features |= RowFeature.DRAWN
     if "banned" in wire:
         features |= RowFeature.BANNED
-    if "bias_ids" in wire:
-        features |= RowFeature.BIAS
-    if "seq" in wire:
-        features |= RowFeature.PENALISED
+    if "seq" in wire or "bias_ids" in wire:
+        features |= RowFeature.STATEFUL
     if wire["logprobs"]:
         features |= RowFeature.LOGPROBS
     return features

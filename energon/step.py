@@ -35,10 +35,11 @@ def step_message(
     hands them to the first), and those of steps before that id are dropped
     (energon/parallel/token_return.py).
 
-    A penalised request's row (its params carry "seq") adds "history" (its generated tokens)
-    and, with a repetition penalty, "prompt" on the first step that samples it after a step
-    computed it from its first token: admission, recompute after preemption, a worker restart
-    (energon/penalties.py). `release` (ids of penalised sequences that ended) adds "release"."""
+    A row of a request with a penalty or a logit_bias (its params carry "seq") adds "history"
+    (its generated tokens), its bias ids and values, and with a repetition penalty "prompt", on
+    the first step that samples it after a step computed it from its first token: admission,
+    recompute after preemption, a worker restart (energon/penalties.py). `release` (ids of such
+    sequences that ended) adds "release"."""
     ids: list[int] = []
     query_lens, context_lens, sample, params, steps = [], [], [], [], []
     features = 0
@@ -100,7 +101,8 @@ def _row_params(req, s, generated: int) -> dict:
         return params
     req.history_due = False
     seq = s.seq
-    row = {**params, "history": seq.token_ids[seq.num_prompt_tokens : s.context_len]}
-    if params["repetition_penalty"] != 1.0:
+    row = {**params, **req.start_params}
+    row["history"] = seq.token_ids[seq.num_prompt_tokens : s.context_len]
+    if params.get("repetition_penalty", 1.0) != 1.0:
         row["prompt"] = seq.prompt_token_ids
     return row

@@ -115,13 +115,15 @@ def case_record(args, name: str, rows: int, bandwidth: float, device) -> Record:
     prompt = torch.randint(0, args.vocab, (rows, PROMPT), generator=cpu)
     history = torch.randint(0, args.vocab, (rows, HISTORY), generator=cpu)
     wire = params.to_wire()
+    # as the controller's Request and step.py send them: a bias only with the history
+    start = {name: wire.pop(name) for name in ("bias_ids", "bias_values") if name in wire}
     sampler = Sampler(device, seed=0)
     row_params = [dict(wire) for _ in range(rows)]
-    if params.penalised:
+    if params.penalised or start:
         for i, row in enumerate(row_params):
             row["seq"] = i
         first = [
-            {**row, "history": history[i].tolist(), "prompt": prompt[i].tolist()}
+            {**row, **start, "history": history[i].tolist(), "prompt": prompt[i].tolist()}
             for i, row in enumerate(row_params)
         ]
         sampler.sample(logits, first, [HISTORY] * rows)

@@ -30,19 +30,18 @@ def test_each_case_and_row_count_is_a_record_with_its_baseline_and_floor(tmp_pat
 
 def test_the_baseline_is_the_same_greedy_choice():
     g = torch.Generator().manual_seed(3)
-    logits = (torch.randn(4, 300, generator=g) * 3).half()
+    logits = torch.randn(4, 300, generator=g) * 3
+    logits[:, 10] = logits.max() + 1  # the bias of -5 on id 10 moves the argmax
+    logits = logits.half()
     input_ids = torch.randint(0, 300, (4, 20), generator=g)
     for name in ("greedy", "greedy_repetition", "greedy_logit_bias"):
         params = SamplingParams(**sampler.CASES[name])
         theirs = sampler.hf_step(params, input_ids, torch.Generator())(logits)
-        rows = [
-            {**params.to_wire(), "seq": i} if params.penalised else params.to_wire()
-            for i in range(4)
-        ]
-        if params.penalised:
-            rows = [
-                {**r, "history": [], "prompt": input_ids[i].tolist()} for i, r in enumerate(rows)
-            ]
+        rows = [params.to_wire() for _ in range(4)]
+        if params.penalised or params.logit_bias:  # as step.py sends a first row
+            prompt = input_ids.tolist()
+            rows = [{**r, "seq": i, "history": [], "prompt": prompt[i]} for i, r in enumerate(rows)]
         ours, _ = Sampler(seed=0).sample(logits, rows, [0] * 4)
         assert ours.tolist() == theirs.tolist(), name
+    assert 10 not in theirs.tolist()
     assert parse(sampler, "").rows == "1,64,256"

@@ -249,10 +249,14 @@ def test_cuda_bans_take_what_cpu_takes_without_a_host_sync():
 
 
 def penalised(seq: int, history=None, prompt=None, **kwargs) -> dict:
-    """A row's wire params as step.py sends them for sequence `seq` of a penalised request."""
+    """A row's wire params as step.py sends them for sequence `seq` of a request with penalties
+    or a logit_bias: the bias only with a history (the first row after a (re)start)."""
     row = {**wire(**{"temperature": 0, **kwargs}), "seq": seq}
     if history is not None:
         row["history"] = history
+    else:
+        row.pop("bias_ids", None)
+        row.pop("bias_values", None)
     if prompt is not None:
         row["prompt"] = prompt
     return row
@@ -279,10 +283,16 @@ def test_bias_then_repetition_then_frequency_and_presence_by_hand():
 def test_rows_without_penalties_in_a_penalised_batch_are_left_alone():
     logits = random_logits(3, 50)
     bias = {int(logits[1].argmin()): 100.0}
-    params = [wire(temperature=0), wire(temperature=0, logit_bias=bias), penalised(1, history=[])]
+    params = [
+        wire(temperature=0),
+        penalised(2, history=[], logit_bias=bias),
+        penalised(1, history=[], frequency_penalty=1.0),
+    ]
     out = Sampler(seed=0).penalties.apply(logits, params)
     assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])  # nothing seen yet
     assert Sampler(seed=0).sample(logits, params, [0, 0, 0])[0][1].item() == next(iter(bias))
+    with pytest.raises(ValueError, match="logit_bias comes on a row with its history"):
+        Sampler().penalties.apply(logits[:1], [{**wire(logit_bias=bias), "seq": 4}])
 
 
 def test_counts_grow_past_the_first_table_are_released_and_rebuilt_from_a_history():
@@ -296,12 +306,15 @@ def test_counts_grow_past_the_first_table_are_released_and_rebuilt_from_a_histor
     table.release(range(0, 20, 2))
     table.release([999])  # unknown ids are ignored
     assert sorted(table.slots) == list(range(1, 20, 2))
-    with pytest.raises(ValueError, match="no token counts for sequence 0"):
+    with pytest.raises(ValueError, match="no tokens kept for sequence 0"):
         table.apply(logits[:1], [penalised(0, frequency_penalty=1.0)])
     # a sequence seen again (a recompute) starts over from the history it carries
     again = table.apply(logits[:2], [penalised(3, history=[5, 5], frequency_penalty=1.0)] * 2)
     assert again[0].tolist() == [0.0] * 5 + [-2.0]
-    assert len(table.slots) == 10 and table.counts.shape[0] >= 20
+    assert len(table.slots) == 10 and table.capacity >= 20
+    # a long history and output grow the tables' width too
+    long = penalised(50, history=list(range(6)) * 20, presence_penalty=1.0)
+    assert table.apply(logits[:1], [long]).tolist() == [[-1.0] * 6]
 
 
 @pytest.mark.gpu
@@ -310,8 +323,8 @@ def test_cuda_penalties_take_what_cpu_takes_without_a_host_sync():
     logits = random_logits(6, 1000).half()
     rules = dict(repetition_penalty=1.3, frequency_penalty=0.7, logit_bias={5: 2.0, 9: -1.0})
     first = [penalised(i, history=[i, 3 * i], prompt=[1, 2, i], **rules) for i in range(4)]
-    first += [wire(temperature=0, logit_bias={7: 50.0}), wire(temperature=0)]
-    later = [penalised(i, **rules) for i in range(4)] + first[4:]
+    first += [penalised(4, history=[], logit_bias={7: 50.0}), wire(temperature=0)]
+    later = [penalised(i, **rules) for i in range(5)] + first[5:]
     cpu = Sampler(seed=0)
     expected = [cpu.sample(logits.clone(), rows, [2] * 6)[0].tolist() for rows in (first, later)]
     on_cuda = logits.cuda()
@@ -329,20 +342,19 @@ def test_a_mixed_batch_samples_each_row_as_it_would_alone():
     logits = random_logits(6, 400, seed=9)
     rows = [
         wire(temperature=0),
-        wire(temperature=0, logit_bias={int(logits[1].argmin()): 60.0, 400: 5.0, 401: 1.0}),
+        penalised(1, [], logit_bias={int(logits[1].argmin()): 60.0, 400: 5.0, 401: 1.0}),
         penalised(3, history=[int(logits[2].argmax())] * 3, temperature=0.9, seed=1, frequency_penalty=2),
         wire(temperature=0.7, top_k=5, top_p=0.8, seed=2),
         penalised(5, history=[], prompt=[int(logits[4].argmax())], temperature=0, repetition_penalty=9),
-        wire(temperature=1.3, min_p=0.2, seed=3, logit_bias={7: -100}),
+        penalised(6, [], temperature=1.3, min_p=0.2, seed=3, logit_bias={7: -100}),
     ]  # fmt: skip
     batch, _ = Sampler(seed=0).sample(logits, rows, [3] * 6)
     alone = [
         Sampler(seed=0).sample(logits[i : i + 1], [r], [3])[0].item() for i, r in enumerate(rows)
     ]
     assert batch.tolist() == alone
-    assert alone[1] == int(
-        logits[1].argmin()
-    )  # the bias of 400 and 401 (past the vocabulary) adds nothing
+    # the bias of 400 and 401 (past the vocabulary) adds nothing
+    assert alone[1] == int(logits[1].argmin())
     assert alone[4] != int(logits[4].argmax())  # the prompt's token, divided by 9
     # the controller's features say what to look for; the same answer as working them out
     again, _ = Sampler(seed=0).sample(logits, rows, [3] * 6, features=RowFeature.ALL)

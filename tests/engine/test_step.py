@@ -56,3 +56,19 @@ def test_release_and_plain_requests():
     assert message["release"] == [3, 4]
     assert message["params"] == [SamplingParams(max_tokens=4).to_wire()]  # no seq, no history
     assert "release" not in run_step(scheduler, {1: req}, 9)
+
+
+def test_a_logit_bias_travels_once_with_the_history():
+    scheduler = Scheduler(num_blocks=8, block_size=4)
+    params = SamplingParams(max_tokens=4, logit_bias={9: -100, 3: 2.5})
+    req = Request(2, [5, 6], params, TOK)
+    scheduler.add(Sequence(2, req.prompt_ids, 4))
+    (first,) = run_step(scheduler, {2: req}, 8)["params"]
+    assert (first["bias_ids"], first["bias_values"], first["history"]) == (
+        [3, 9],
+        [2.5, -100.0],
+        [],
+    )
+    assert first["seq"] == 2 and "prompt" not in first  # no repetition penalty
+    (later,) = run_step(scheduler, {2: req}, 8)["params"]
+    assert "bias_ids" not in later and "history" not in later and later["seq"] == 2

@@ -31,6 +31,10 @@ import torch
 
 from energon.host_copy import to_device
 
+# what a sequence's rules need, bits of Penalties._kinds (kept on the host)
+_REPETITION, _FREQUENCY, _PRESENCE, _BIAS = 1, 2, 4, 8
+_FLOAT_TABLES = ("bias_values", "rules")  # the others hold token ids
+
 
 class Penalties:
     """Per sequence this rank samples with a penalty or a bias: its bias, prompt and output
@@ -45,6 +49,7 @@ class Penalties:
         # int64 [capacity, width] each, padded with vocab; bias values float32 alike, padded 0
         self._tables: dict[str, torch.Tensor] = {}
         self._lengths: dict[str, list[int]] = {"output": [], "prompt": [], "bias": []}
+        self._kinds: list[int] = []  # per slot: which of its rules are on
         self._pending: tuple | None = None  # (rows, slots, positions, slot list) to append
 
     @property
@@ -98,51 +103,48 @@ class Penalties:
                 self._start(p, vocab)
             elif "bias_ids" in p:
                 raise ValueError("logit_bias comes on a row with its history (step.py)")
-        try:
-            slot_list = [self.slots[p["seq"]] for p in params]
-        except KeyError as exc:
-            raise ValueError(
-                f"no tokens kept for sequence {exc.args[0]}: its first step after a (re)start "
-                "must carry its history"
-            ) from None
-        n = len(rows)
-        out_len = self._lengths["output"]
-        positions = [out_len[s] for s in slot_list]
-        self._fit("output", max(positions) + 1)  # room for this step's token
-        repetition, frequency, presence = [], [], []
+        # one pass: each row's slot, where its next token goes, and what its rules need
+        slots_of, out_len, kinds = self.slots, self._lengths["output"], self._kinds
+        slot_list, positions, kind = [], [], 0
         for p in params:
-            repetition.append(float(p.get("repetition_penalty", 1.0)))
-            frequency.append(float(p.get("frequency_penalty", 0.0)))
-            presence.append(float(p.get("presence_penalty", 0.0)))
-        device = x.device
-        index = to_device(rows + slot_list + positions, torch.int64, device)
+            slot = slots_of.get(p["seq"])
+            if slot is None:
+                raise ValueError(
+                    f"no tokens kept for sequence {p['seq']}: its first step after a (re)start "
+                    "must carry its history"
+                )
+            slot_list.append(slot)
+            positions.append(out_len[slot])
+            kind |= kinds[slot]
+        n = len(rows)
+        output_len = max(positions)
+        self._fit("output", output_len + 1)  # room for this step's token
+        index = to_device(rows + slot_list + positions, torch.int64, x.device)
         rows_t, slots, positions_t = index[:n], index[n : 2 * n], index[2 * n :]
         whole = n == x.shape[0]  # every row, in order (rows ascend)
         self._pending = (None if whole else rows_t, slots, positions_t, slot_list)
-        table = to_device(repetition + frequency + presence, torch.float32, device).view(3, n, 1)
         xr = x if whole else x.index_select(0, rows_t)
-
-        bias_len = max(self._lengths["bias"][s] for s in slot_list)
-        if bias_len:
-            ids = self._tables["bias_ids"].index_select(0, slots)[:, :bias_len]
-            values = self._tables["bias_values"].index_select(0, slots)[:, :bias_len]
+        rules = self._tables["rules"].index_select(0, slots)  # [n, 3]: r, f, p
+        if kind & _BIAS:
+            width = max(map(self._lengths["bias"].__getitem__, slot_list))
+            ids = self._tables["bias_ids"].index_select(0, slots)[:, :width]
+            values = self._tables["bias_values"].index_select(0, slots)[:, :width]
             xr.scatter_add_(1, ids, values)
-        output_len = max(positions)
         output = self._tables["output"].index_select(0, slots)[:, :output_len]
-        if any(r != 1.0 for r in repetition):
-            prompt_len = max(self._lengths["prompt"][s] for s in slot_list)
+        if kind & _REPETITION:
             seen = output
+            prompt_len = max(map(self._lengths["prompt"].__getitem__, slot_list))
             if prompt_len:
                 prompt = self._tables["prompt"].index_select(0, slots)[:, :prompt_len]
                 seen = torch.cat([prompt, output], dim=1)
             if seen.shape[1]:
-                r = table[0]
+                r = rules[:, 0:1]
                 logit = xr.gather(1, seen)
                 xr.scatter_(1, seen, torch.where(logit < 0, logit * r, logit / r))
-        if output_len and any(frequency):
-            xr.scatter_add_(1, output, (-table[1]).expand(n, output_len))
-        if output_len and any(presence):
-            xr.scatter_(1, output, xr.gather(1, output) - table[2])
+        if output_len and kind & _FREQUENCY:
+            xr.scatter_add_(1, output, rules[:, 1:2].neg().expand(n, output_len))
+        if output_len and kind & _PRESENCE:
+            xr.scatter_(1, output, xr.gather(1, output) - rules[:, 2:3])
         if not whole:
             x.index_copy_(0, rows_t, xr)
 
@@ -156,6 +158,7 @@ class Penalties:
             self._capacity = 0
             self._free = []
             self._lengths = {name: [] for name in self._lengths}
+            self._kinds = []
         slot = self.slots.get(p["seq"])
         if slot is None:
             slot = self._allocate()
@@ -169,6 +172,19 @@ class Penalties:
             self._write(name, slot, [t if 0 <= t < vocab else vocab for t in tokens])
         values = list(p.get("bias_values", ()))
         self._write("bias", slot, values, table="bias_values", pad=0.0)
+        rules = [
+            float(p.get("repetition_penalty", 1.0)),
+            float(p.get("frequency_penalty", 0.0)),
+            float(p.get("presence_penalty", 0.0)),
+        ]
+        self._fit("rules", 3)
+        self._tables["rules"][slot, :3].copy_(to_device(rules, torch.float32, self.device))
+        self._kinds[slot] = (
+            (_REPETITION if rules[0] != 1.0 else 0)
+            | (_FREQUENCY if rules[1] else 0)
+            | (_PRESENCE if rules[2] else 0)
+            | (_BIAS if values else 0)
+        )
 
     def _write(self, name: str, slot: int, values: list, table: str = "", pad=None) -> None:
         """Row `slot` of a table: `values`, then pads."""
@@ -189,7 +205,7 @@ class Penalties:
             if old is not None and width <= have:
                 continue
             wide = max(width, 2 * have, 16)
-            floats = table == "bias_values"
+            floats = table in _FLOAT_TABLES
             grown = torch.full(
                 (self._capacity, wide),
                 0.0 if floats else self._vocab,
@@ -204,7 +220,7 @@ class Penalties:
         if not self._free:  # full: double the tables
             used, grown = self._capacity, max(8, 2 * self._capacity)
             for table, old in self._tables.items():
-                floats = table == "bias_values"
+                floats = table in _FLOAT_TABLES
                 wide = torch.full(
                     (grown, old.shape[1]),
                     0.0 if floats else self._vocab,
@@ -215,6 +231,7 @@ class Penalties:
                 self._tables[table] = wide
             for lengths in self._lengths.values():
                 lengths.extend([0] * (grown - used))
+            self._kinds.extend([0] * (grown - used))
             self._capacity = grown
             self._free.extend(range(grown - 1, used - 1, -1))
         return self._free.pop()

@@ -48,29 +48,27 @@ class LogprobsRenderer:
         if self.chat:
             return {"content": [self._chat_entry(lp) for lp in rows], "refusal": None}
         tokens = [self._string(lp.token_id) for lp in rows]
-        offsets = []
-        for token in tokens:
-            offsets.append(self.offset)
-            self.offset += len(token)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [lp.logprob for lp in rows],
-            "top_logprobs": [self._top_map(lp) for lp in rows],
-            "text_offset": offsets,
-        }
+        return self._lists(tokens, [lp.logprob for lp in rows], [self._top_map(lp) for lp in rows])
 
     def render_prompt(self, ids: Sequence[int], logprobs: Sequence[TokenLogprob]) -> dict:
         """The completions logprobs object of an echoed prompt: `logprobs` holds each token's
         after the first (Engine.prompt_logprobs); the first token's is null."""
-        tokens = [self._string(t) for t in ids]
+        return self._lists(
+            [self._string(t) for t in ids],
+            [None] + [lp.logprob for lp in logprobs],
+            [None] + [self._top_map(lp) for lp in logprobs],
+        )
+
+    def _lists(self, tokens: list[str], values: list, tops: list) -> dict:
+        """OpenAI's parallel lists; text_offset runs on from the tokens rendered before."""
         offsets = []
         for token in tokens:
             offsets.append(self.offset)
             self.offset += len(token)
         return {
             "tokens": tokens,
-            "token_logprobs": [None] + [lp.logprob for lp in logprobs],
-            "top_logprobs": [None] + [self._top_map(lp) for lp in logprobs],
+            "token_logprobs": values,
+            "top_logprobs": tops,
             "text_offset": offsets,
         }
 

@@ -71,3 +71,26 @@ async def test_logprobs_parse_into_the_packages_types(oai):
     content = chat.choices[0].logprobs.content
     assert len(content) == 4
     assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == c.logprob for c in content)
+
+
+async def test_penalties_logit_bias_and_echo_through_the_package(oai):
+    base = dict(model="tiny", max_tokens=6, temperature=0)
+    biased = await oai.chat.completions.create(
+        messages=[{"role": "user", "content": "Hi"}], logit_bias={str(ord("k")): 100}, **base
+    )
+    assert biased.choices[0].message.content == "k" * 6
+    plain = await oai.completions.create(prompt="Hello", **base)
+    penalised = await oai.completions.create(
+        prompt="Hello", frequency_penalty=2.0, presence_penalty=1.0, **base
+    )
+    assert penalised.choices[0].finish_reason in ("length", "stop")
+    echoed = await oai.completions.create(prompt="Hello", echo=True, logprobs=1, **base)
+    choice = echoed.choices[0]
+    assert choice.text == "Hello" + plain.choices[0].text
+    assert (
+        choice.logprobs.token_logprobs[0] is None
+        and len(choice.logprobs.tokens) == 5 + echoed.usage.completion_tokens
+    )
+    with pytest.raises(openai.BadRequestError) as info:
+        await oai.completions.create(prompt="x", presence_penalty=3, **base)
+    assert "presence_penalty" in str(info.value)

@@ -22,6 +22,7 @@ from engine_helpers import (
     LAYOUTS,
     assert_greedy_equal,
     hf_greedy,
+    hf_processed_greedy,
     one_torch_thread,  # noqa: F401 (autouse)
 )
 
@@ -206,3 +207,29 @@ async def test_cuda_pipeline_engine_idles_past_the_collective_timeout(references
         infos = await engine.group.broadcast("info")
         assert engine.recovery.restarts == 0
     assert infos[0]["chained_steps"] > 0 and infos[0]["returns_pending"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpus() < 1, reason="needs a CUDA device")
+async def test_cuda_penalties_and_logit_bias_equal_transformers_processors(tmp_path):
+    """Penalised and biased requests beside plain ones on cuda (decode graphs, lookahead): the
+    sampling rank's device-side token tables against transformers' processors on cpu."""
+    hf = CHECKPOINT_MAKERS["llama"](tmp_path)
+    rules = [
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.3),
+        SamplingParams(
+            max_tokens=12, temperature=0.0, ignore_eos=True, frequency_penalty=0.8,
+            presence_penalty=0.4, logit_bias={7: 0.05, 9: -100},
+        ),
+    ]  # fmt: skip
+    refs = [hf_processed_greedy(hf, p, r) for p in PROMPTS[:2] for r in rules]
+    async with Engine(str(tmp_path), device="cuda", dtype="float32") as engine:
+        done = await asyncio.gather(
+            *(engine.infer(p, r) for p in PROMPTS[:2] for r in rules),
+            *(engine.infer(p, SamplingParams(max_tokens=n, temperature=0)) for p, n in
+              zip(PROMPTS, NEW_TOKENS, strict=True)),
+        )  # fmt: skip
+        infos = await engine.group.broadcast("info")
+    assert infos[0]["graph_steps"] > 0 and infos[0]["graph_error"] is None
+    for got, ref in zip(done, refs, strict=False):
+        assert assert_greedy_equal(got.token_ids, ref) >= 6

@@ -259,7 +259,8 @@ class Engine:
         self.config: dict = {}
         self.vocab_size = 0
         self._requests: dict[int, Request] = {}
-        self._released: list[int] = []  # penalised sequences that ended: the next step says so
+        # sequences with a penalty or a logit_bias that ended: the next step says so
+        self._released: list[int] = []
         self._ids = itertools.count()
         self._steps: set[asyncio.Task] = set()
         self._failure: EnergonError | None = None
@@ -538,8 +539,8 @@ class Engine:
     ) -> list[list[TokenLogprob]]:
         """One padding-free pass; per sequence, for each token after the first, its log
         probability given the tokens before it (log_softmax of the raw logits, in float64) and
-        the `top` (0 to MAX_LOGPROBS, 20) most likely tokens there: what OpenAI's `echo` with `logprobs` shows
-        for a prompt. Raises like `forward`, and InvalidRequest for a sequence longer than the
+        the `top` (0 to MAX_LOGPROBS, 20) most likely tokens there: what OpenAI's `echo` with
+        `logprobs` shows for a prompt. Raises like `forward`, and InvalidRequest for a sequence longer than the
         context window."""
         if (
             isinstance(top, bool)
@@ -548,7 +549,7 @@ class Engine:
         ):
             raise InvalidRequest("top", f"must be an int in [0, {MAX_LOGPROBS}] (got {top!r})")
         lists = await self._pass_input(token_lists)
-        limit = self.max_model_len or context_window(self.config)
+        limit = self.scheduler.max_model_len
         for ids in lists:
             if limit and len(ids) > limit:
                 raise InvalidRequest(

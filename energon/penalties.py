@@ -48,7 +48,8 @@ class Penalties:
         self._vocab: int | None = None
         # int64 [capacity, width] each, padded with vocab; bias values float32 alike, padded 0
         self._tables: dict[str, torch.Tensor] = {}
-        self._lengths: dict[str, list[int]] = {"output": [], "prompt": [], "bias": []}
+        # per slot, the ids held in the tables of those names
+        self._lengths: dict[str, list[int]] = {"output": [], "prompt": [], "bias_ids": []}
         self._kinds: list[int] = []  # per slot: which of its rules are on
         self._pending: tuple | None = None  # (rows, slots, positions, slot list) to append
 
@@ -126,7 +127,7 @@ class Penalties:
         xr = x if whole else x.index_select(0, rows_t)
         rules = self._tables["rules"].index_select(0, slots)  # [n, 3]: r, f, p
         if kind & _BIAS:
-            width = max(map(self._lengths["bias"].__getitem__, slot_list))
+            width = max(map(self._lengths["bias_ids"].__getitem__, slot_list))
             ids = self._tables["bias_ids"].index_select(0, slots)[:, :width]
             values = self._tables["bias_values"].index_select(0, slots)[:, :width]
             xr.scatter_add_(1, ids, values)
@@ -149,7 +150,7 @@ class Penalties:
             x.index_copy_(0, rows_t, xr)
 
     def _start(self, p: dict, vocab: int) -> None:
-        """(Re)start a sequence from its history, prompt and bias."""
+        """(Re)start a sequence from its history, prompt, bias and rules."""
         if self._vocab != vocab:
             if self.slots:
                 raise ValueError(f"logits of {vocab} columns where the tables have another width")
@@ -163,70 +164,62 @@ class Penalties:
         if slot is None:
             slot = self._allocate()
             self.slots[p["seq"]] = slot
-        ids = {
-            "output": p["history"],
-            "prompt": p.get("prompt", ()),
-            "bias": p.get("bias_ids", ()),
-        }
-        for name, tokens in ids.items():
-            self._write(name, slot, [t if 0 <= t < vocab else vocab for t in tokens])
-        values = list(p.get("bias_values", ()))
-        self._write("bias", slot, values, table="bias_values", pad=0.0)
+
+        def ids(tokens) -> list[int]:
+            return [t if 0 <= t < vocab else vocab for t in tokens]
+
+        bias = list(p.get("bias_values", ()))
         rules = [
             float(p.get("repetition_penalty", 1.0)),
             float(p.get("frequency_penalty", 0.0)),
             float(p.get("presence_penalty", 0.0)),
         ]
-        self._fit("rules", 3)
-        self._tables["rules"][slot, :3].copy_(to_device(rules, torch.float32, self.device))
+        self._write("output", slot, ids(p["history"]), room=1)  # and this step's token
+        self._write("prompt", slot, ids(p.get("prompt", ())))
+        self._write("bias_ids", slot, ids(p.get("bias_ids", ())))
+        self._write("bias_values", slot, bias)
+        self._write("rules", slot, rules)
         self._kinds[slot] = (
             (_REPETITION if rules[0] != 1.0 else 0)
             | (_FREQUENCY if rules[1] else 0)
             | (_PRESENCE if rules[2] else 0)
-            | (_BIAS if values else 0)
+            | (_BIAS if bias else 0)
         )
 
-    def _write(self, name: str, slot: int, values: list, table: str = "", pad=None) -> None:
-        """Row `slot` of a table: `values`, then pads."""
-        table = table or ("bias_ids" if name == "bias" else name)
-        self._fit(name, len(values) + (name == "output"))
+    def _pad(self, table: str):
+        return 0.0 if table in _FLOAT_TABLES else self._vocab
+
+    def _write(self, table: str, slot: int, values: list, room: int = 0) -> None:
+        """Row `slot` of a table: `values`, then pads; its length, where one is kept."""
+        self._fit(table, len(values) + room)
         row = self._tables[table][slot]
-        row.fill_(self._vocab if pad is None else pad)
+        row.fill_(self._pad(table))
         if values:
             row[: len(values)].copy_(to_device(values, row.dtype, self.device))
-        self._lengths[name][slot] = len(values)
+        if table in self._lengths:
+            self._lengths[table][slot] = len(values)
 
-    def _fit(self, name: str, width: int) -> None:
-        """Tables of `name` at least `width` wide (doubling)."""
-        tables = ("bias_ids", "bias_values") if name == "bias" else (name,)
-        for table in tables:
-            old = self._tables.get(table)
-            have = 0 if old is None else old.shape[1]
-            if old is not None and width <= have:
-                continue
-            wide = max(width, 2 * have, 16)
-            floats = table in _FLOAT_TABLES
-            grown = torch.full(
-                (self._capacity, wide),
-                0.0 if floats else self._vocab,
-                dtype=torch.float32 if floats else torch.int64,
-                device=self.device,
-            )
-            if old is not None:
-                grown[:, :have] = old
-            self._tables[table] = grown
+    def _fit(self, table: str, width: int) -> None:
+        """A table at least `width` wide (doubling)."""
+        old = self._tables.get(table)
+        have = 0 if old is None else old.shape[1]
+        if old is not None and width <= have:
+            return
+        grown = self._new(table, self._capacity, max(width, 2 * have, 16))
+        if old is not None:
+            grown[:, :have] = old
+        self._tables[table] = grown
+
+    def _new(self, table: str, rows: int, width: int) -> torch.Tensor:
+        floats = table in _FLOAT_TABLES
+        dtype = torch.float32 if floats else torch.int64
+        return torch.full((rows, width), self._pad(table), dtype=dtype, device=self.device)
 
     def _allocate(self) -> int:
         if not self._free:  # full: double the tables
             used, grown = self._capacity, max(8, 2 * self._capacity)
             for table, old in self._tables.items():
-                floats = table in _FLOAT_TABLES
-                wide = torch.full(
-                    (grown, old.shape[1]),
-                    0.0 if floats else self._vocab,
-                    dtype=old.dtype,
-                    device=self.device,
-                )
+                wide = self._new(table, grown, old.shape[1])
                 wide[:used] = old
                 self._tables[table] = wide
             for lengths in self._lengths.values():

@@ -20,8 +20,8 @@ A row whose params carry "banned" ids and "min_tokens" (SamplingParams.min_token
 controller's Request adds them) cannot draw those ids before it has generated min_tokens tokens:
 they are set to -inf in a copy of the logits, only on steps where some row needs it.
 Logit bias and the repetition, frequency and presence penalties come next
-(energon/penalties.py, which keeps the penalised sequences' token counts on this rank); the
-token is drawn from what they leave.
+(energon/penalties.py, which keeps those sequences' token ids on this rank); the token is drawn
+from what they leave.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 
 from energon.host_copy import to_device
 from energon.penalties import Penalties
-from energon.sampling import GREEDY_BELOW, RowFeature, row_features
+from energon.sampling import RowFeature, drawn, row_features
 
 _GOLDEN = 0x9E3779B97F4A7C15  # odd: 2**64 / golden ratio
 _MASK64 = (1 << 64) - 1
@@ -127,7 +127,7 @@ class Sampler:
         self.penalties = Penalties(self.device)
 
     def release(self, seq_ids) -> None:
-        """Forget the token counts of sequences that ended (a step's "release")."""
+        """Forget what is kept for sequences that ended (a step's "release")."""
         self.penalties.release(seq_ids)
 
     @torch.no_grad()
@@ -162,20 +162,16 @@ class Sampler:
             scores = self.penalties.apply(scores, params)
         rows = []
         if features & RowFeature.DRAWN:
-            rows = [
-                i
-                for i, p in enumerate(params)
-                if p["temperature"] >= GREEDY_BELOW and p["top_k"] != 1
-            ]
+            rows = [i for i, p in enumerate(params) if drawn(p)]
         if not rows:
             token_ids = scores.argmax(dim=-1)
         elif len(rows) == batch:
             token_ids = self._draw(scores, params, steps, None)
         else:
             index = to_device(rows, torch.int64, logits.device)
-            drawn = self._draw(scores, [params[i] for i in rows], [steps[i] for i in rows], index)
+            picked = self._draw(scores, [params[i] for i in rows], [steps[i] for i in rows], index)
             token_ids = scores.argmax(dim=-1)
-            token_ids.index_copy_(0, index, drawn)
+            token_ids.index_copy_(0, index, picked)
         if features & RowFeature.STATEFUL:
             self.penalties.count(token_ids)
         if not features & RowFeature.LOGPROBS:

@@ -19,7 +19,7 @@ from energon.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
-MAX_LOGIT_BIAS = 1024  # entries: every step carries them
+MAX_LOGIT_BIAS = 1024  # entries: they travel with a sequence's first row after each (re)start
 LOGIT_BIAS_LIMIT = 100.0  # as OpenAI's
 PENALTY_LIMIT = 2.0  # presence and frequency, as OpenAI's
 SEED_LIMIT = 2**63
@@ -42,11 +42,16 @@ class RowFeature:
     ALL = 15
 
 
+def drawn(wire: dict) -> bool:
+    """Whether a row with these wire params is drawn, not greedy (SamplingParams.greedy)."""
+    return wire["temperature"] >= GREEDY_BELOW and wire["top_k"] != 1
+
+
 def row_features(wire: dict) -> int:
     """The RowFeature bits of one row's wire params (SamplingParams.to_wire(), plus what the
     controller's Request adds)."""
     features = 0
-    if wire["temperature"] >= GREEDY_BELOW and wire["top_k"] != 1:
+    if drawn(wire):
         features |= RowFeature.DRAWN
     if "banned" in wire:
         features |= RowFeature.BANNED
@@ -128,7 +133,7 @@ class SamplingParams:
 
     @property
     def penalised(self) -> bool:
-        """True when a penalty depends on the tokens seen (the sampling worker counts them)."""
+        """True when a penalty depends on the tokens seen (the sampling rank keeps them)."""
         return bool(self.presence_penalty or self.frequency_penalty) or (
             self.repetition_penalty != 1.0
         )

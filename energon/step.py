@@ -57,9 +57,10 @@ def step_message(
         tables.extend(s.block_table)
         tables.extend(pad[len(s.block_table) :])
         sample.append(bool(s.sample))
-        req = requests.get(s.seq_id)
-        if req is not None and s.start == 0:
-            req.history_due = True
+        if s.start == 0 or s.sample:
+            req = requests.get(s.seq_id)
+            if req is not None and s.start == 0:
+                req.history_due = True
         if s.sample:
             generated = s.seq.num_output_tokens + s.chained  # + the pending token
             if req is None:

@@ -3,15 +3,14 @@ logits processors of Hugging Face `generate`.
 
 Each case is a batch of `--rows` rows of seeded random fp16 logits over opt-13b's vocabulary
 (50,272) sampled with one set of SamplingParams for every row. Energon: `Sampler.sample` as the
-worker calls it (a penalised row's token counts built from a 64-token history first, as after a
-prompt; then counted on each call; the step's features given, as the controller sends them). Baseline: what `generate` runs per step for the same
-params: its processors (RepetitionPenalty, SequenceBias, Temperature, TopK, TopP, MinP) on
+worker calls it (a row with a penalty or a bias first started from a 64-token history and a
+512-token prompt, then its tokens appended each call; the step's features given, as the
+controller sends them). Baseline: what `generate` runs per step for the same params: its processors (RepetitionPenalty, SequenceBias, Temperature, TopK, TopP, MinP) on
 float32 logits with the prompt and history as input_ids, then argmax or softmax + multinomial;
 HF has no presence or frequency penalty, so those cases' baseline runs without it (the notes say
 so). Per call = (time for `--calls` calls in a row, host issue included, until the stream is
 done) / calls, median of `--repeat`: the host issue of the many small ops is what a step pays
-here. Floor = bytes the step must read at least (the logits, and a penalised row's token
-counts) / copy bandwidth of the same run: the ops' launches, not bytes, set the time, so the
+here. Floor = bytes the step must read at least (the logits) / copy bandwidth of the same run: the ops' launches, not bytes, set the time, so the
 fraction is small; it shows how far from the memory a step's sampling is.
 """
 
@@ -145,7 +144,7 @@ def case_record(args, name: str, rows: int, bandwidth: float, device) -> Record:
         note = "; HF has no presence/frequency penalty: its baseline runs without them"
     hf = hf_step(baseline_params, input_ids, torch.Generator(device=device).manual_seed(0))
     theirs = per_call_seconds(lambda: hf(logits), device, args.calls, args.repeat)
-    moved = rows * args.vocab * (2 + (4 if params.penalised else 0))
+    moved = rows * args.vocab * 2  # the fp16 logits, read once
     floor = moved / bandwidth
     return Record(
         scenario=SCENARIO,

@@ -20,9 +20,11 @@ count in the output) and presence_penalty x (1 if it is there) are subtracted. T
 float32 copy: logprobs stay those of the raw logits.
 
 All of it is sparse, as Hugging Face's processors are: per row only the positions of its bias
-ids, prompt and output tokens are gathered and scattered, so a step costs a few small kernels
-whatever the vocabulary. The tables hold token ids padded with `vocab`, which points at one
-scratch column past the logits.
+ids, prompt and output tokens are gathered and scattered, whatever the vocabulary. On CUDA with
+triton that is one kernel a step (energon/kernels/penalty_kernels.py; ENERGON_TRITON_PENALTIES=0
+turns it off); elsewhere the eager torch ops, a dozen small kernels, compute the same values bit
+for bit. The tables hold token ids padded with `vocab`, which points at one scratch column past
+the logits (the eager ops gather and scatter the pads there; the kernel masks them off).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from __future__ import annotations
 import torch
 
 from energon.host_copy import to_device
+from energon.kernels import triton_kernels_for
+
+ENV_SWITCH = "ENERGON_TRITON_PENALTIES"  # "0" keeps the eager torch ops on CUDA too
 
 # what a sequence's rules need, bits of Penalties._kinds (kept on the host)
 _REPETITION, _FREQUENCY, _PRESENCE, _BIAS = 1, 2, 4, 8
@@ -40,8 +45,11 @@ class Penalties:
     """Per sequence this rank samples with a penalty or a bias: its bias, prompt and output
     token ids, a row each in tables that grow as needed (lengths kept on the host)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, kernels=None):
         self.device = device
+        # energon.kernels.penalty_kernels to run it in place of the eager ops whatever the
+        # device (the tests pass it in Triton's interpreter); None: on CUDA when triton imports
+        self._kernels = kernels
         self.slots: dict[int, int] = {}  # sequence id -> row of the tables
         self._free: list[int] = []
         self._capacity = 0
@@ -51,7 +59,8 @@ class Penalties:
         # per slot, the ids held in the tables of those names
         self._lengths: dict[str, list[int]] = {"output": [], "prompt": [], "bias_ids": []}
         self._kinds: list[int] = []  # per slot: which of its rules are on
-        self._pending: tuple | None = None  # (rows, slots, positions, slot list) to append
+        # what `count` needs: (rows or None for all, where in the output table, slot list)
+        self._pending: tuple | None = None
 
     @property
     def capacity(self) -> int:
@@ -89,11 +98,10 @@ class Penalties:
         device)."""
         if self._pending is None:
             return
-        rows, slots, positions, slot_list = self._pending
+        rows, flat, slot_list = self._pending
         self._pending = None
         drawn = token_ids if rows is None else token_ids.index_select(0, rows)
-        output = self._tables["output"]
-        output.view(-1).index_copy_(0, slots * output.shape[1] + positions, drawn)
+        self._tables["output"].view(-1).index_copy_(0, flat, drawn)
         lengths = self._lengths["output"]
         for slot in slot_list:
             lengths[slot] += 1
@@ -120,10 +128,38 @@ class Penalties:
         n = len(rows)
         output_len = max(positions)
         self._fit("output", output_len + 1)  # room for this step's token
-        index = to_device(rows + slot_list + positions, torch.int64, x.device)
-        rows_t, slots, positions_t = index[:n], index[n : 2 * n], index[2 * n :]
+        kernels = self._kernels or triton_kernels_for("penalty_kernels", ENV_SWITCH, x)
+        # one copy: each row's row, slot, output, prompt and bias lengths (what the kernel
+        # reads) and where its token goes in the output table (what `count` writes)
+        prompts, biases = self._lengths["prompt"], self._lengths["bias_ids"]
+        width = self._tables["output"].shape[1]
+        index = to_device(
+            rows
+            + slot_list
+            + positions
+            + [prompts[s] for s in slot_list]
+            + [biases[s] for s in slot_list]
+            + [s * width + at for s, at in zip(slot_list, positions, strict=True)],
+            torch.int64,
+            x.device,
+        )
+        rows_t, slots = index[:n], index[n : 2 * n]
         whole = n == x.shape[0]  # every row, in order (rows ascend)
-        self._pending = (None if whole else rows_t, slots, positions_t, slot_list)
+        self._pending = (None if whole else rows_t, index[5 * n :], slot_list)
+        if kernels is not None:
+            tables = self._tables
+            kernels.penalise(
+                x, index[: 5 * n], tables["output"], tables["prompt"], tables["bias_ids"],
+                tables["bias_values"], tables["rules"], vocab, bias=bool(kind & _BIAS),
+                repetition=bool(kind & _REPETITION), frequency=bool(kind & _FREQUENCY),
+                presence=bool(kind & _PRESENCE),
+            )  # fmt: skip
+            return
+        self._eager(x, kind, rows_t, slots, slot_list, output_len, whole)
+
+    def _eager(self, x, kind: int, rows_t, slots, slot_list: list[int], output_len: int, whole):
+        """The rules as torch ops on the rows `rows_t` of x (all of them when `whole`)."""
+        n = len(slot_list)
         xr = x if whole else x.index_select(0, rows_t)
         rules = self._tables["rules"].index_select(0, slots)  # [n, 3]: r, f, p
         if kind & _BIAS:

@@ -1,0 +1,188 @@
+"""Logit bias and the repetition, frequency and presence penalties of a step's rows as one Triton
+kernel (energon/penalties.py decides when it runs and owns the tables it reads).
+
+One program per penalised row of the float32 scores, in the order of Penalties' eager ops:
+
+1. each logit_bias id gets its value added (a sequence's bias ids are distinct);
+2. with a repetition penalty r != 1, every id in the prompt or the output gets
+   where(x < 0, x * r, x / r) of its value after step 1, once however often it occurs: all the
+   values are read (into `Scratch`) before any is written back;
+3. with a frequency penalty f != 0, each occurrence in the output subtracts f (atomic adds of
+   the same value, so the order of the adds does not change the result);
+4. with a presence penalty p != 0, each id in the output loses p once (read all, then write).
+
+A barrier separates the phases, and a phase's reads from its writes where ids may repeat: the
+threads of a program see each other's global writes after it. Division is IEEE round-to-nearest
+(`div_rn`), as torch's, so the results equal the eager ops' bit for bit.
+
+`Index` holds, for the n rows, their row in the scores, their slot in the tables, and their
+output, prompt and bias lengths (5 x n int64, in that order): the host knows the lengths, so one
+copy brings everything a step needs, and the tables' pads are never read. Works in Triton's
+interpreter too (the tests run it on CPU tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 256  # ids a phase handles at once
+
+
+@triton.jit
+def _ids(Output, Prompt, slot, stride_o, stride_p, j, prompt_len, total):
+    """The ids at positions j of a row's prompt followed by its output (total of them)."""
+    in_prompt = j < prompt_len
+    from_prompt = tl.load(Prompt + slot * stride_p + j, mask=in_prompt, other=0)
+    from_output = tl.load(
+        Output + slot * stride_o + (j - prompt_len), mask=(j >= prompt_len) & (j < total), other=0
+    )
+    return tl.where(in_prompt, from_prompt, from_output)
+
+
+@triton.jit
+def _penalties_kernel(
+    X,
+    Index,
+    Output,
+    Prompt,
+    BiasIds,
+    BiasValues,
+    Rules,
+    Scratch,
+    n,
+    vocab,
+    stride_x,
+    stride_o,
+    stride_p,
+    stride_b,
+    stride_v,
+    stride_r,
+    stride_s,
+    BIAS: tl.constexpr,
+    REPETITION: tl.constexpr,
+    FREQUENCY: tl.constexpr,
+    PRESENCE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    i = tl.program_id(0)
+    row = tl.load(Index + i)
+    slot = tl.load(Index + n + i)
+    output_len = tl.load(Index + 2 * n + i)
+    prompt_len = tl.load(Index + 3 * n + i)
+    bias_len = tl.load(Index + 4 * n + i)
+    x = X + row * stride_x
+    scratch = Scratch + i * stride_s
+    lanes = tl.arange(0, BLOCK)
+
+    if BIAS:
+        for start in range(0, bias_len, BLOCK):
+            j = start + lanes
+            m = j < bias_len
+            ids = tl.load(BiasIds + slot * stride_b + j, mask=m, other=0)
+            m = m & (ids < vocab)
+            values = tl.load(BiasValues + slot * stride_v + j, mask=m, other=0.0)
+            tl.store(x + ids, tl.load(x + ids, mask=m, other=0.0) + values, mask=m)
+        tl.debug_barrier()
+
+    if REPETITION:
+        r = tl.load(Rules + slot * stride_r)
+        if r != 1.0:
+            seen = prompt_len + output_len
+            for start in range(0, seen, BLOCK):
+                j = start + lanes
+                ids = _ids(Output, Prompt, slot, stride_o, stride_p, j, prompt_len, seen)
+                m = (j < seen) & (ids < vocab)
+                logit = tl.load(x + ids, mask=m, other=0.0)
+                penalised = tl.where(logit < 0, logit * r, tl.math.div_rn(logit, r))
+                tl.store(scratch + j, penalised, mask=m)
+            tl.debug_barrier()
+            for start in range(0, seen, BLOCK):
+                j = start + lanes
+                ids = _ids(Output, Prompt, slot, stride_o, stride_p, j, prompt_len, seen)
+                m = (j < seen) & (ids < vocab)
+                tl.store(x + ids, tl.load(scratch + j, mask=m, other=0.0), mask=m)
+            tl.debug_barrier()
+
+    if FREQUENCY:
+        f = tl.load(Rules + slot * stride_r + 1)
+        if f != 0.0:
+            for start in range(0, output_len, BLOCK):
+                j = start + lanes
+                m = j < output_len
+                ids = tl.load(Output + slot * stride_o + j, mask=m, other=0)
+                m = m & (ids < vocab)
+                tl.atomic_add(x + ids, tl.zeros([BLOCK], tl.float32) - f, mask=m)
+            tl.debug_barrier()
+
+    if PRESENCE:
+        p = tl.load(Rules + slot * stride_r + 2)
+        if p != 0.0:
+            for start in range(0, output_len, BLOCK):
+                j = start + lanes
+                m = j < output_len
+                ids = tl.load(Output + slot * stride_o + j, mask=m, other=0)
+                m = m & (ids < vocab)
+                tl.store(scratch + j, tl.load(x + ids, mask=m, other=0.0) - p, mask=m)
+            tl.debug_barrier()
+            for start in range(0, output_len, BLOCK):
+                j = start + lanes
+                m = j < output_len
+                ids = tl.load(Output + slot * stride_o + j, mask=m, other=0)
+                m = m & (ids < vocab)
+                tl.store(x + ids, tl.load(scratch + j, mask=m, other=0.0), mask=m)
+
+
+def penalise(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    output: torch.Tensor,
+    prompt: torch.Tensor,
+    bias_ids: torch.Tensor,
+    bias_values: torch.Tensor,
+    rules: torch.Tensor,
+    vocab: int,
+    bias: bool,
+    repetition: bool,
+    frequency: bool,
+    presence: bool,
+    block: int = BLOCK,
+) -> None:
+    """Apply, in place on the float32 scores `x` [rows, >= vocab], each of the n = len(index) / 5
+    rows' rules (the module docstring; `index` as it says). The tables are Penalties': int64 id
+    tables [slots, width] (output, prompt, bias_ids), float32 bias_values [slots, width] and rules
+    [slots, 3] (repetition, frequency, presence). The flags leave out rules no row has."""
+    n = index.numel() // 5
+    if n == 0:
+        return
+    if x.dtype != torch.float32 or x.stride(-1) != 1:
+        raise ValueError("penalise needs float32 scores with contiguous rows")
+    # the widest phase that reads before it writes: a row's prompt and output together
+    scratch_width = max(prompt.shape[1] if repetition else 0, 0) + output.shape[1]
+    scratch = torch.empty((n, max(scratch_width, 1)), dtype=torch.float32, device=x.device)
+    _penalties_kernel[(n,)](
+        x,
+        index,
+        output,
+        prompt,
+        bias_ids,
+        bias_values,
+        rules,
+        scratch,
+        n,
+        vocab,
+        x.stride(0),
+        output.stride(0),
+        prompt.stride(0),
+        bias_ids.stride(0),
+        bias_values.stride(0),
+        rules.stride(0),
+        scratch.stride(0),
+        BIAS=bias,
+        REPETITION=repetition,
+        FREQUENCY=frequency,
+        PRESENCE=presence,
+        BLOCK=block,
+        num_warps=4,
+    )

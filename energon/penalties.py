@@ -29,6 +29,7 @@ the logits (the eager ops gather and scatter the pads there; the kernel masks th
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from energon.host_copy import to_device
@@ -39,6 +40,7 @@ ENV_SWITCH = "ENERGON_TRITON_PENALTIES"  # "0" keeps the eager torch ops on CUDA
 # what a sequence's rules need, bits of Penalties._kinds (kept on the host)
 _REPETITION, _FREQUENCY, _PRESENCE, _BIAS = 1, 2, 4, 8
 _FLOAT_TABLES = ("bias_values", "rules")  # the others hold token ids
+_EMPTY = np.zeros(0, np.int64)
 
 
 class Penalties:
@@ -56,10 +58,11 @@ class Penalties:
         self._vocab: int | None = None
         # int64 [capacity, width] each, padded with vocab; bias values float32 alike, padded 0
         self._tables: dict[str, torch.Tensor] = {}
-        # per slot, the ids held in the tables of those names
-        self._lengths: dict[str, list[int]] = {"output": [], "prompt": [], "bias_ids": []}
-        self._kinds: list[int] = []  # per slot: which of its rules are on
-        # what `count` needs: (rows or None for all, where in the output table, slot list)
+        # per slot, the ids held in the tables of those names (numpy: a step reads them for
+        # all its rows at once)
+        self._lengths = {name: _EMPTY for name in ("output", "prompt", "bias_ids")}
+        self._kinds = _EMPTY  # per slot: which of its rules are on
+        # what `count` needs: (rows or None for all, where in the output table, slots)
         self._pending: tuple | None = None
 
     @property
@@ -78,101 +81,94 @@ class Penalties:
         """`scores`, or a float32 copy with the rows that carry "seq" biased and penalised.
         Call `count` with the tokens drawn from it before the next `apply`."""
         self._pending = None
-        rows = []
-        for i, p in enumerate(params):
-            if "seq" in p:
-                rows.append(i)
-            elif "bias_ids" in p:
-                raise ValueError("a row with a logit_bias must carry its sequence id (seq)")
+        rows = [i for i, p in enumerate(params) if "seq" in p]
+        if len(rows) < len(params) and any("seq" not in p and "bias_ids" in p for p in params):
+            raise ValueError("a row with a logit_bias must carry its sequence id (seq)")
         if not rows:
             return scores
         batch, vocab = scores.shape
-        # one scratch column that the pads point at
-        x = torch.empty((batch, vocab + 1), dtype=torch.float32, device=scores.device)
-        x[:, :vocab].copy_(scores)
-        self._penalise(x, [params[i] for i in rows], rows, vocab)
-        return x[:, :vocab]
+        chosen = params if len(rows) == batch else [params[i] for i in rows]
+        for p in chosen:
+            if "history" in p:
+                self._start(p, vocab)
+            elif "bias_ids" in p:
+                raise ValueError("logit_bias comes on a row with its history (step.py)")
+        slots = self._slots_of(chosen)
+        positions = self._lengths["output"][slots]  # where each row's next token goes
+        self._fit("output", int(positions.max()) + 1)  # room for this step's token
+        flat = slots * self._tables["output"].shape[1] + positions
+        kind = int(np.bitwise_or.reduce(self._kinds[slots]))
+        kernels = self._kernels or triton_kernels_for("penalty_kernels", ENV_SWITCH, scores)
+        if kernels is None:
+            return self._eager(scores, np.asarray(rows), slots, flat, kind)
+        return self._fused(kernels, scores, np.asarray(rows), slots, flat, kind)
 
     def count(self, token_ids: torch.Tensor) -> None:
         """Append the tokens drawn for the rows of the last `apply` to their outputs (on the
         device)."""
         if self._pending is None:
             return
-        rows, flat, slot_list = self._pending
+        rows, flat, slots = self._pending
         self._pending = None
         drawn = token_ids if rows is None else token_ids.index_select(0, rows)
         self._tables["output"].view(-1).index_copy_(0, flat, drawn)
-        lengths = self._lengths["output"]
-        for slot in slot_list:
-            lengths[slot] += 1
+        np.add.at(self._lengths["output"], slots, 1)
 
-    def _penalise(self, x: torch.Tensor, params: list[dict], rows: list[int], vocab: int) -> None:
-        for p in params:
-            if "history" in p:
-                self._start(p, vocab)
-            elif "bias_ids" in p:
-                raise ValueError("logit_bias comes on a row with its history (step.py)")
-        # one pass: each row's slot, where its next token goes, and what its rules need
-        slots_of, out_len, kinds = self.slots, self._lengths["output"], self._kinds
-        slot_list, positions, kind = [], [], 0
-        for p in params:
-            slot = slots_of.get(p["seq"])
-            if slot is None:
-                raise ValueError(
-                    f"no tokens kept for sequence {p['seq']}: its first step after a (re)start "
-                    "must carry its history"
-                )
-            slot_list.append(slot)
-            positions.append(out_len[slot])
-            kind |= kinds[slot]
-        n = len(rows)
-        output_len = max(positions)
-        self._fit("output", output_len + 1)  # room for this step's token
-        kernels = self._kernels or triton_kernels_for("penalty_kernels", ENV_SWITCH, x)
-        # one copy: each row's row, slot, output, prompt and bias lengths (what the kernel
-        # reads) and where its token goes in the output table (what `count` writes)
-        prompts, biases = self._lengths["prompt"], self._lengths["bias_ids"]
-        width = self._tables["output"].shape[1]
-        index = to_device(
-            rows
-            + slot_list
-            + positions
-            + [prompts[s] for s in slot_list]
-            + [biases[s] for s in slot_list]
-            + [s * width + at for s, at in zip(slot_list, positions, strict=True)],
-            torch.int64,
-            x.device,
-        )
-        rows_t, slots = index[:n], index[n : 2 * n]
-        whole = n == x.shape[0]  # every row, in order (rows ascend)
-        self._pending = (None if whole else rows_t, index[5 * n :], slot_list)
-        if kernels is not None:
-            tables = self._tables
-            kernels.penalise(
-                x, index[: 5 * n], tables["output"], tables["prompt"], tables["bias_ids"],
-                tables["bias_values"], tables["rules"], vocab, bias=bool(kind & _BIAS),
-                repetition=bool(kind & _REPETITION), frequency=bool(kind & _FREQUENCY),
-                presence=bool(kind & _PRESENCE),
-            )  # fmt: skip
-            return
-        self._eager(x, kind, rows_t, slots, slot_list, output_len, whole)
+    def _slots_of(self, params: list[dict]) -> np.ndarray:
+        slots_of = self.slots
+        try:
+            return np.fromiter((slots_of[p["seq"]] for p in params), np.int64, len(params))
+        except KeyError as missing:
+            raise ValueError(
+                f"no tokens kept for sequence {missing.args[0]}: its first step after a "
+                "(re)start must carry its history"
+            ) from None
 
-    def _eager(self, x, kind: int, rows_t, slots, slot_list: list[int], output_len: int, whole):
-        """The rules as torch ops on the rows `rows_t` of x (all of them when `whole`)."""
-        n = len(slot_list)
+    def _fused(self, kernels, scores, rows: np.ndarray, slots, flat, kind: int) -> torch.Tensor:
+        """The float32 copy and every rule in one kernel (energon/kernels/penalty_kernels.py)."""
+        batch, n = scores.shape[0], len(slots)
+        per_row = np.zeros((4, batch), np.int64)  # slot (-1: none), output, prompt, bias lengths
+        per_row[0] = -1
+        per_row[0, rows] = slots
+        per_row[1, rows] = self._lengths["output"][slots]
+        per_row[2, rows] = self._lengths["prompt"][slots]
+        per_row[3, rows] = self._lengths["bias_ids"][slots]
+        index = to_device(np.concatenate([per_row.ravel(), rows, flat]), torch.int64, scores.device)
+        whole = n == batch  # every row, in order
+        self._pending = (None if whole else index[4 * batch : 4 * batch + n], index[-n:], slots)
+        tables = self._tables
+        return kernels.penalise(
+            scores, index[: 4 * batch], tables["output"], tables["prompt"], tables["bias_ids"],
+            tables["bias_values"], tables["rules"], bias=bool(kind & _BIAS),
+            repetition=bool(kind & _REPETITION), frequency=bool(kind & _FREQUENCY),
+            presence=bool(kind & _PRESENCE),
+        )  # fmt: skip
+
+    def _eager(self, scores, rows: np.ndarray, slots, flat, kind: int) -> torch.Tensor:
+        """The float32 copy and the rules as torch ops."""
+        batch, vocab = scores.shape
+        n = len(slots)
+        index = to_device(np.concatenate([rows, slots, flat]), torch.int64, scores.device)
+        rows_t, slots_t = index[:n], index[n : 2 * n]
+        whole = n == batch  # every row, in order (rows ascend)
+        self._pending = (None if whole else rows_t, index[2 * n :], slots)
+        # one scratch column that the pads point at
+        x = torch.empty((batch, vocab + 1), dtype=torch.float32, device=scores.device)
+        x[:, :vocab].copy_(scores)
         xr = x if whole else x.index_select(0, rows_t)
-        rules = self._tables["rules"].index_select(0, slots)  # [n, 3]: r, f, p
+        rules = self._tables["rules"].index_select(0, slots_t)  # [n, 3]: r, f, p
         if kind & _BIAS:
-            width = max(map(self._lengths["bias_ids"].__getitem__, slot_list))
-            ids = self._tables["bias_ids"].index_select(0, slots)[:, :width]
-            values = self._tables["bias_values"].index_select(0, slots)[:, :width]
+            width = int(self._lengths["bias_ids"][slots].max())
+            ids = self._tables["bias_ids"].index_select(0, slots_t)[:, :width]
+            values = self._tables["bias_values"].index_select(0, slots_t)[:, :width]
             xr.scatter_add_(1, ids, values)
-        output = self._tables["output"].index_select(0, slots)[:, :output_len]
+        output_len = int(self._lengths["output"][slots].max())
+        output = self._tables["output"].index_select(0, slots_t)[:, :output_len]
         if kind & _REPETITION:
             seen = output
-            prompt_len = max(map(self._lengths["prompt"].__getitem__, slot_list))
+            prompt_len = int(self._lengths["prompt"][slots].max())
             if prompt_len:
-                prompt = self._tables["prompt"].index_select(0, slots)[:, :prompt_len]
+                prompt = self._tables["prompt"].index_select(0, slots_t)[:, :prompt_len]
                 seen = torch.cat([prompt, output], dim=1)
             if seen.shape[1]:
                 r = rules[:, 0:1]
@@ -184,6 +180,7 @@ class Penalties:
             xr.scatter_(1, output, xr.gather(1, output) - rules[:, 2:3])
         if not whole:
             x.index_copy_(0, rows_t, xr)
+        return x[:, :vocab]
 
     def _start(self, p: dict, vocab: int) -> None:
         """(Re)start a sequence from its history, prompt, bias and rules."""
@@ -194,8 +191,8 @@ class Penalties:
             self._tables = {}
             self._capacity = 0
             self._free = []
-            self._lengths = {name: [] for name in self._lengths}
-            self._kinds = []
+            self._lengths = {name: _EMPTY for name in self._lengths}
+            self._kinds = _EMPTY
         slot = self.slots.get(p["seq"])
         if slot is None:
             slot = self._allocate()
@@ -258,9 +255,10 @@ class Penalties:
                 wide = self._new(table, grown, old.shape[1])
                 wide[:used] = old
                 self._tables[table] = wide
-            for lengths in self._lengths.values():
-                lengths.extend([0] * (grown - used))
-            self._kinds.extend([0] * (grown - used))
+            room = np.zeros(grown - used, np.int64)
+            for name, lengths in self._lengths.items():
+                self._lengths[name] = np.concatenate([lengths, room])
+            self._kinds = np.concatenate([self._kinds, room])
             self._capacity = grown
             self._free.extend(range(grown - 1, used - 1, -1))
         return self._free.pop()

@@ -1,7 +1,8 @@
 """Logit bias and the repetition, frequency and presence penalties of a step's rows as one Triton
 kernel (energon/penalties.py decides when it runs and owns the tables it reads).
 
-One program per penalised row of the float32 scores, in the order of Penalties' eager ops:
+One program per row of the step's logits copies the row to float32 scores; a row with a sequence
+(a slot) then gets its rules, in the order of Penalties' eager ops:
 
 1. each logit_bias id gets its value added (a sequence's bias ids are distinct);
 2. with a repetition penalty r != 1, every id in the prompt or the output gets
@@ -15,10 +16,11 @@ A barrier separates the phases, and a phase's reads from its writes where ids ma
 threads of a program see each other's global writes after it. Division is IEEE round-to-nearest
 (`div_rn`), as torch's, so the results equal the eager ops' bit for bit.
 
-`Index` holds, for the n rows, their row in the scores, their slot in the tables, and their
-output, prompt and bias lengths (5 x n int64, in that order): the host knows the lengths, so one
-copy brings everything a step needs, and the tables' pads are never read. Works in Triton's
-interpreter too (the tests run it on CPU tensors).
+`Index` holds, for each of the batch's rows, its slot in the tables (-1: no rules) and its output,
+prompt and bias lengths (4 x batch int64, in that order): the host knows the lengths, so one copy
+brings everything a step needs, and the tables' pads are never read. The scores have room past
+the vocabulary for a row's reads (its prompt and output). Works in Triton's interpreter too (the
+tests run it on CPU tensors).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import triton
 import triton.language as tl
 
 BLOCK = 256  # ids a phase handles at once
+COPY_BLOCK = 2048  # logits a program copies at once
 
 
 @triton.jit
@@ -43,6 +46,7 @@ def _ids(Output, Prompt, slot, stride_o, stride_p, j, prompt_len, total):
 
 @triton.jit
 def _penalties_kernel(
+    Src,
     X,
     Index,
     Output,
@@ -50,32 +54,69 @@ def _penalties_kernel(
     BiasIds,
     BiasValues,
     Rules,
-    Scratch,
-    n,
+    batch,
     vocab,
+    stride_src,
     stride_x,
     stride_o,
     stride_p,
     stride_b,
     stride_v,
     stride_r,
-    stride_s,
+    BIAS: tl.constexpr,
+    REPETITION: tl.constexpr,
+    FREQUENCY: tl.constexpr,
+    PRESENCE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    COPY_BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    x = X + b * stride_x
+    src = Src + b * stride_src
+    columns = tl.arange(0, COPY_BLOCK)
+    for start in range(0, vocab, COPY_BLOCK):
+        c = start + columns
+        tl.store(x + c, tl.load(src + c, mask=c < vocab).to(tl.float32), mask=c < vocab)
+    slot = tl.load(Index + b)
+    if slot >= 0:
+        output_len = tl.load(Index + batch + b)
+        prompt_len = tl.load(Index + 2 * batch + b)
+        bias_len = tl.load(Index + 3 * batch + b)
+        scratch = x + vocab
+        lanes = tl.arange(0, BLOCK)
+        tl.debug_barrier()
+        _rules(x, scratch, lanes, slot, output_len, prompt_len, bias_len, Output, Prompt,
+               BiasIds, BiasValues, Rules, vocab, stride_o, stride_p, stride_b, stride_v,
+               stride_r, BIAS, REPETITION, FREQUENCY, PRESENCE, BLOCK)  # fmt: skip
+
+
+@triton.jit
+def _rules(
+    x,
+    scratch,
+    lanes,
+    slot,
+    output_len,
+    prompt_len,
+    bias_len,
+    Output,
+    Prompt,
+    BiasIds,
+    BiasValues,
+    Rules,
+    vocab,
+    stride_o,
+    stride_p,
+    stride_b,
+    stride_v,
+    stride_r,
     BIAS: tl.constexpr,
     REPETITION: tl.constexpr,
     FREQUENCY: tl.constexpr,
     PRESENCE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    i = tl.program_id(0)
-    row = tl.load(Index + i)
-    slot = tl.load(Index + n + i)
-    output_len = tl.load(Index + 2 * n + i)
-    prompt_len = tl.load(Index + 3 * n + i)
-    bias_len = tl.load(Index + 4 * n + i)
-    x = X + row * stride_x
-    scratch = Scratch + i * stride_s
-    lanes = tl.arange(0, BLOCK)
-
+    """One row's phases (the module docstring), after its copy."""
     if BIAS:
         for start in range(0, bias_len, BLOCK):
             j = start + lanes
@@ -135,33 +176,36 @@ def _penalties_kernel(
 
 
 def penalise(
-    x: torch.Tensor,
+    logits: torch.Tensor,
     index: torch.Tensor,
     output: torch.Tensor,
     prompt: torch.Tensor,
     bias_ids: torch.Tensor,
     bias_values: torch.Tensor,
     rules: torch.Tensor,
-    vocab: int,
     bias: bool,
     repetition: bool,
     frequency: bool,
     presence: bool,
     block: int = BLOCK,
-) -> None:
-    """Apply, in place on the float32 scores `x` [rows, >= vocab], each of the n = len(index) / 5
-    rows' rules (the module docstring; `index` as it says). The tables are Penalties': int64 id
-    tables [slots, width] (output, prompt, bias_ids), float32 bias_values [slots, width] and rules
-    [slots, 3] (repetition, frequency, presence). The flags leave out rules no row has."""
-    n = index.numel() // 5
-    if n == 0:
-        return
-    if x.dtype != torch.float32 or x.stride(-1) != 1:
-        raise ValueError("penalise needs float32 scores with contiguous rows")
-    # the widest phase that reads before it writes: a row's prompt and output together
-    scratch_width = max(prompt.shape[1] if repetition else 0, 0) + output.shape[1]
-    scratch = torch.empty((n, max(scratch_width, 1)), dtype=torch.float32, device=x.device)
-    _penalties_kernel[(n,)](
+) -> torch.Tensor:
+    """A float32 copy of `logits` [batch, vocab] with each row's rules applied (the module
+    docstring; `index` [4 x batch] as it says), returned as a view [batch, vocab] of wider rows.
+    The tables are Penalties': int64 id tables [slots, width] (output, prompt, bias_ids),
+    float32 bias_values [slots, width] and rules [slots, 3] (repetition, frequency, presence).
+    The flags leave out rules no row has."""
+    batch, vocab = logits.shape
+    if index.numel() != 4 * batch:
+        raise ValueError(f"index holds {index.numel()} values for {batch} rows: need 4 a row")
+    if logits.stride(-1) != 1:
+        raise ValueError("penalise needs logits with contiguous rows")
+    # room for the widest phase that reads before it writes: a row's prompt and output
+    scratch = (prompt.shape[1] if repetition else 0) + output.shape[1]
+    x = torch.empty((batch, vocab + scratch), dtype=torch.float32, device=logits.device)
+    if batch == 0:
+        return x[:, :vocab]
+    _penalties_kernel[(batch,)](
+        logits,
         x,
         index,
         output,
@@ -169,20 +213,21 @@ def penalise(
         bias_ids,
         bias_values,
         rules,
-        scratch,
-        n,
+        batch,
         vocab,
+        logits.stride(0),
         x.stride(0),
         output.stride(0),
         prompt.stride(0),
         bias_ids.stride(0),
         bias_values.stride(0),
         rules.stride(0),
-        scratch.stride(0),
         BIAS=bias,
         REPETITION=repetition,
         FREQUENCY=frequency,
         PRESENCE=presence,
         BLOCK=block,
+        COPY_BLOCK=COPY_BLOCK,
         num_warps=4,
     )
+    return x[:, :vocab]

@@ -17,6 +17,8 @@ fraction is small; it shows how far from the memory a step's sampling is.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import time
 from dataclasses import replace
@@ -25,10 +27,13 @@ import torch
 
 from energon.bench.limits import copy_bandwidth, synchronize
 from energon.bench.record import Record, copy_bandwidth_record, print_records, write_results
-from energon.sampler import Sampler
+from energon.penalties import ENV_SWITCH as PENALTIES_SWITCH
+from energon.sampler import TRUNCATION_SWITCH, Sampler
 from energon.sampling import SamplingParams, row_features
 
 SCENARIO = "sampler"
+EAGER_SUFFIX = "_eager_ops"
+SWITCHES = (PENALTIES_SWITCH, TRUNCATION_SWITCH)
 VOCAB = 50272  # opt-13b
 HISTORY, PROMPT = 64, 512
 CASES = {
@@ -49,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calls", type=int, default=100, help="calls timed in a row")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument(
+        "--kernels",
+        default="on,off",
+        help="on: the Triton kernels where they run (penalties, truncation); off: the eager "
+        "ops (ENERGON_TRITON_PENALTIES=0 ENERGON_TRITON_SAMPLING=0), records suffixed "
+        f"{EAGER_SUFFIX!r}; each case runs both in turn",
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
 
@@ -106,13 +118,84 @@ def per_call_seconds(fn, device: torch.device, calls: int, repeat: int) -> float
     return statistics.median(times)
 
 
-def case_record(args, name: str, rows: int, bandwidth: float, device) -> Record:
+@contextlib.contextmanager
+def kernels(on: bool):
+    """The Sampler's Triton kernels on (as configured) or off (its eager ops) inside."""
+    saved = {name: os.environ.get(name) for name in SWITCHES}
+    if not on:
+        os.environ.update({name: "0" for name in SWITCHES})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def case_records(args, name: str, rows: int, bandwidth: float, device) -> list[Record]:
+    """One record per --kernels setting of a case, against one measurement of the baseline."""
     params = SamplingParams(max_tokens=HISTORY + 1, **CASES[name])
+    settings = [s.strip() for s in args.kernels.split(",")]
+    ours = {}
+    for setting in settings:
+        with kernels(setting == "on"):
+            ours[setting] = sampler_seconds(args, params, rows, device)
+    logits = case_logits(args, rows, device)
+    prompt, history = token_ids(args, rows)
+    input_ids = torch.cat([prompt, history], dim=1).to(device)
+    baseline_params = params
+    note = ""
+    if params.presence_penalty or params.frequency_penalty:
+        baseline_params = replace(params, presence_penalty=0.0, frequency_penalty=0.0)
+        note = "; HF has no presence/frequency penalty: its baseline runs without them"
+    hf = hf_step(baseline_params, input_ids, torch.Generator(device=device).manual_seed(0))
+    theirs = per_call_seconds(lambda: hf(logits), device, args.calls, args.repeat)
+    moved = rows * args.vocab * 2  # the fp16 logits, read once
+    floor = moved / bandwidth
+    return [
+        Record(
+            scenario=SCENARIO,
+            metric=f"{name}_us" + ("" if setting == "on" else EAGER_SUFFIX),
+            unit="us",
+            value=ours[setting] * 1e6,
+            model="opt-13b vocabulary",
+            dtype="float16",
+            batch=rows,
+            baseline_name="transformers logits processors + argmax / multinomial",
+            baseline_value=theirs * 1e6,
+            ratio=theirs / ours[setting],
+            limit_value=floor * 1e6,
+            of_limit=floor / ours[setting],
+            n_gpus=1 if device.type == "cuda" else 0,
+            notes=f"{CASES[name]} on {rows} rows of {args.vocab} fp16 logits; "
+            + ("Triton kernels where they run" if setting == "on" else "eager torch ops only")
+            + f"; per call = median of {args.repeat} runs of {args.calls} calls, host issue "
+            f"included; floor = {moved / 1e6:.1f} MB / {bandwidth / 1e9:.0f} GB/s{note}",
+        )
+        for setting in settings
+    ]
+
+
+def case_logits(args, rows: int, device) -> torch.Tensor:
+    """The case's seeded fp16 logits."""
     g = torch.Generator(device=device).manual_seed(0)
-    logits = torch.randn(rows, args.vocab, device=device, dtype=torch.float16, generator=g) * 3
+    return torch.randn(rows, args.vocab, device=device, dtype=torch.float16, generator=g) * 3
+
+
+def token_ids(args, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's seeded prompt and history."""
     cpu = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, args.vocab, (rows, PROMPT), generator=cpu)
     history = torch.randint(0, args.vocab, (rows, HISTORY), generator=cpu)
+    return prompt, history
+
+
+def sampler_seconds(args, params: SamplingParams, rows: int, device) -> float:
+    """Per call of Sampler.sample on the case's rows."""
+    logits = case_logits(args, rows, device)
+    prompt, history = token_ids(args, rows)
     wire = params.to_wire()
     # as the controller's Request and step.py send them: a bias only with the history
     start = {name: wire.pop(name) for name in ("bias_ids", "bias_values") if name in wire}
@@ -130,39 +213,11 @@ def case_record(args, name: str, rows: int, bandwidth: float, device) -> Record:
     features = 0  # what the controller sends with each step (it keeps each request's)
     for row in row_params:
         features |= row_features(row)
-    ours = per_call_seconds(
+    return per_call_seconds(
         lambda: sampler.sample(logits, row_params, steps, features),
         device,
         args.calls,
         args.repeat,
-    )
-    input_ids = torch.cat([prompt, history], dim=1).to(device)
-    baseline_params = params
-    note = ""
-    if params.presence_penalty or params.frequency_penalty:
-        baseline_params = replace(params, presence_penalty=0.0, frequency_penalty=0.0)
-        note = "; HF has no presence/frequency penalty: its baseline runs without them"
-    hf = hf_step(baseline_params, input_ids, torch.Generator(device=device).manual_seed(0))
-    theirs = per_call_seconds(lambda: hf(logits), device, args.calls, args.repeat)
-    moved = rows * args.vocab * 2  # the fp16 logits, read once
-    floor = moved / bandwidth
-    return Record(
-        scenario=SCENARIO,
-        metric=f"{name}_us",
-        unit="us",
-        value=ours * 1e6,
-        model="opt-13b vocabulary",
-        dtype="float16",
-        batch=rows,
-        baseline_name="transformers logits processors + argmax / multinomial",
-        baseline_value=theirs * 1e6,
-        ratio=theirs / ours,
-        limit_value=floor * 1e6,
-        of_limit=floor / ours,
-        n_gpus=1 if device.type == "cuda" else 0,
-        notes=f"{CASES[name]} on {rows} rows of {args.vocab} fp16 logits; per call = median of "
-        f"{args.repeat} runs of {args.calls} calls, host issue included; floor = {moved / 1e6:.1f}"
-        f" MB / {bandwidth / 1e9:.0f} GB/s{note}",
     )
 
 
@@ -176,8 +231,9 @@ def main(args: argparse.Namespace) -> int:
     records = []
     for rows in (int(r) for r in args.rows.split(",")):
         for name in args.cases.split(","):
-            records.append(case_record(args, name, rows, bandwidth, device))
-            print_records(records[-1:], lead="batch")
+            new = case_records(args, name, rows, bandwidth, device)
+            records += new
+            print_records(new, lead="batch")
     records.append(copy_bandwidth_record(SCENARIO, bandwidth, n_gpus=records[0].n_gpus))
     path = write_results(SCENARIO, records, args.out)
     print(f"\nwrote {path}")

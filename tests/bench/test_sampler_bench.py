@@ -3,6 +3,8 @@ transformers' logits processors, picks the tokens Energon's Sampler picks where 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from bench_helpers import FIELDS, parse, run_scenario
@@ -19,13 +21,32 @@ def test_each_case_and_row_count_is_a_record_with_its_baseline_and_floor(tmp_pat
     points = [r for r in records if r["metric"] != "copy_bandwidth"]
     assert SCENARIOS["sampler"] == "energon.bench.sampler"
     assert sorted((r["batch"], r["metric"]) for r in points) == sorted(
-        (rows, f"{case}_us") for rows in (1, 3) for case in sampler.CASES
+        (rows, f"{case}_us{suffix}")
+        for rows in (1, 3)
+        for case in sampler.CASES
+        for suffix in ("", sampler.EAGER_SUFFIX)  # --kernels on,off: each case both ways
     )
     for r in points:
         assert FIELDS <= set(r) and r["unit"] == "us"
         assert r["ratio"] == pytest.approx(r["baseline_value"] / r["value"])
         assert r["of_limit"] == pytest.approx(r["limit_value"] / r["value"]) and r["of_limit"] < 1
     assert [r["metric"] for r in records].count("copy_bandwidth") == 1
+    # the two settings of a case share one measurement of the baseline
+    by_metric = {(r["batch"], r["metric"]): r for r in points}
+    for (rows, metric), r in by_metric.items():
+        if metric.endswith(sampler.EAGER_SUFFIX):
+            on = by_metric[(rows, metric.removesuffix(sampler.EAGER_SUFFIX))]
+            assert on["baseline_value"] == r["baseline_value"] and "eager" in r["notes"]
+
+
+def test_kernels_off_turns_both_switches_off_and_restores_them(monkeypatch):
+    monkeypatch.setenv(sampler.SWITCHES[0], "1")
+    monkeypatch.delenv(sampler.SWITCHES[1], raising=False)
+    with sampler.kernels(False):
+        assert [os.environ[name] for name in sampler.SWITCHES] == ["0", "0"]
+    assert os.environ[sampler.SWITCHES[0]] == "1" and sampler.SWITCHES[1] not in os.environ
+    with sampler.kernels(True):
+        assert sampler.SWITCHES[1] not in os.environ
 
 
 def test_the_baseline_is_the_same_greedy_choice():

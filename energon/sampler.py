@@ -3,9 +3,7 @@
 Order of operations, as in Hugging Face `generate`: temperature, then top-k, then top-p on the
 top-k survivors renormalised, then min-p (a token stays if its probability is at least min_p
 times the most likely one's; vLLM applies it before top-k and top-p, which differs only when
-min_p and top_p are combined), then a draw. On CUDA with triton the first four are one kernel
-without a sort (energon/kernels/truncation_kernels.py: the same tokens but for a tie group at
-the top-p boundary, which it keeps whole; ENERGON_TRITON_SAMPLING=0 keeps the eager ops). The draw is Gumbel-max: argmax(x - log E) with
+min_p and top_p are combined), then a draw. The draw is Gumbel-max: argmax(x - log E) with
 E ~ Exp(1) per vocabulary entry, which picks token i with probability softmax(x)_i and lets each
 row take its noise from its own generator:
 
@@ -31,11 +29,9 @@ from __future__ import annotations
 import torch
 
 from energon.host_copy import to_device
-from energon.kernels import triton_kernels_for
 from energon.penalties import Penalties
 from energon.sampling import RowFeature, drawn, row_features
 
-TRUNCATION_SWITCH = "ENERGON_TRITON_SAMPLING"  # "0": temperature/top-k/top-p/min-p as eager ops
 _GOLDEN = 0x9E3779B97F4A7C15  # odd: 2**64 / golden ratio
 _MASK64 = (1 << 64) - 1
 
@@ -211,14 +207,11 @@ class Sampler:
             min_p.append(m)
         table = to_device(temperature + top_k + top_p + min_p, torch.float32, device)
         table = table.view(4, len(params))
-        if kernels := triton_kernels_for("truncation_kernels", TRUNCATION_SWITCH, x):
-            kernels.truncate(x, table, any_k, any_p, any_min_p)
-        else:
-            x.div_(table[0].unsqueeze(-1))
-            if any_k or any_p:
-                _top_k_top_p(x, table[1].long() if any_k else None, table[2] if any_p else None)
-            if any_min_p:
-                apply_min_p(x, table[3])
+        x.div_(table[0].unsqueeze(-1))
+        if any_k or any_p:
+            _top_k_top_p(x, table[1].long() if any_k else None, table[2] if any_p else None)
+        if any_min_p:
+            apply_min_p(x, table[3])
 
         noise = torch.empty_like(x)
         unseeded = [j for j, p in enumerate(params) if p["seed"] is None]

@@ -28,12 +28,12 @@ import torch
 from energon.bench.limits import copy_bandwidth, synchronize
 from energon.bench.record import Record, copy_bandwidth_record, print_records, write_results
 from energon.penalties import ENV_SWITCH as PENALTIES_SWITCH
-from energon.sampler import TRUNCATION_SWITCH, Sampler
+from energon.sampler import Sampler
 from energon.sampling import SamplingParams, row_features
 
 SCENARIO = "sampler"
 EAGER_SUFFIX = "_eager_ops"
-SWITCHES = (PENALTIES_SWITCH, TRUNCATION_SWITCH)
+SWITCHES = (PENALTIES_SWITCH,)
 VOCAB = 50272  # opt-13b
 HISTORY, PROMPT = 64, 512
 CASES = {
@@ -57,9 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kernels",
         default="on,off",
-        help="on: the Triton kernels where they run (penalties, truncation); off: the eager "
-        "ops (ENERGON_TRITON_PENALTIES=0 ENERGON_TRITON_SAMPLING=0), records suffixed "
-        f"{EAGER_SUFFIX!r}; each case runs both in turn",
+        help="on: the Triton kernels where they run (penalties); off: the eager ops "
+        f"(ENERGON_TRITON_PENALTIES=0), records suffixed {EAGER_SUFFIX!r}; each case's "
+        "timed runs alternate between the settings",
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
@@ -138,10 +138,11 @@ def case_records(args, name: str, rows: int, bandwidth: float, device) -> list[R
     """One record per --kernels setting of a case, against one measurement of the baseline."""
     params = SamplingParams(max_tokens=HISTORY + 1, **CASES[name])
     settings = [s.strip() for s in args.kernels.split(",")]
-    ours = {}
+    calls = {}
     for setting in settings:
         with kernels(setting == "on"):
-            ours[setting] = sampler_seconds(args, params, rows, device)
+            calls[setting] = sampler_call(args, params, rows, device)
+    ours = alternated_seconds(calls, device, args.calls, args.repeat)
     logits = case_logits(args, rows, device)
     prompt, history = token_ids(args, rows)
     input_ids = torch.cat([prompt, history], dim=1).to(device)
@@ -192,8 +193,29 @@ def token_ids(args, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     return prompt, history
 
 
-def sampler_seconds(args, params: SamplingParams, rows: int, device) -> float:
-    """Per call of Sampler.sample on the case's rows."""
+def alternated_seconds(calls: dict, device, n: int, repeat: int) -> dict:
+    """Per call of each setting's function (setting -> fn): the median over `repeat` rounds in
+    which each setting runs `n` calls in turn (so a drift of the machine meets all of them)."""
+    times = {setting: [] for setting in calls}
+    for setting, fn in calls.items():
+        with kernels(setting == "on"):
+            for _ in range(3):
+                fn()
+    for _ in range(repeat):
+        for setting, fn in calls.items():
+            with kernels(setting == "on"):
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                synchronize(device)
+                times[setting].append((time.perf_counter() - start) / n)
+    return {setting: statistics.median(t) for setting, t in times.items()}
+
+
+def sampler_call(args, params: SamplingParams, rows: int, device):
+    """A function that runs Sampler.sample on the case's rows once (as the worker calls it,
+    each row's first step done)."""
     logits = case_logits(args, rows, device)
     prompt, history = token_ids(args, rows)
     wire = params.to_wire()
@@ -213,12 +235,7 @@ def sampler_seconds(args, params: SamplingParams, rows: int, device) -> float:
     features = 0  # what the controller sends with each step (it keeps each request's)
     for row in row_params:
         features |= row_features(row)
-    return per_call_seconds(
-        lambda: sampler.sample(logits, row_params, steps, features),
-        device,
-        args.calls,
-        args.repeat,
-    )
+    return lambda: sampler.sample(logits, row_params, steps, features)
 
 
 def main(args: argparse.Namespace) -> int:

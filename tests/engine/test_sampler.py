@@ -359,28 +359,3 @@ def test_a_mixed_batch_samples_each_row_as_it_would_alone():
     # the controller's features say what to look for; the same answer as working them out
     again, _ = Sampler(seed=0).sample(logits, rows, [3] * 6, features=RowFeature.ALL)
     assert again.tolist() == alone
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_truncation_kernel_draws_what_the_eager_ops_draw(monkeypatch):
-    """The same noise (seeded rows, a seeded worker generator) on what the kernel and the eager
-    ops leave: the same tokens, row for row, over many steps."""
-    from energon.sampler import TRUNCATION_SWITCH
-
-    logits = (random_logits(48, 50272, seed=4) * 1.5).half().cuda()
-    rows = [
-        wire(temperature=0.8, top_p=0.9),
-        wire(temperature=1.1, top_k=40, top_p=0.95, seed=7),
-        wire(temperature=0.7, min_p=0.05),
-        wire(temperature=1.0, top_k=5, seed=8),
-        wire(temperature=0),
-        wire(temperature=0.9, top_p=0.5, min_p=0.1),
-    ] * 8
-    tokens = {}
-    for switch in ("1", "0"):
-        monkeypatch.setenv(TRUNCATION_SWITCH, switch)
-        sampler = Sampler("cuda", seed=0)
-        tokens[switch] = [sampler.sample(logits, rows, [n] * 48)[0].tolist() for n in range(20)]
-    assert tokens["1"] == tokens["0"]
-    assert len({tuple(step) for step in tokens["1"]}) > 1  # the draws do vary

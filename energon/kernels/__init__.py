@@ -11,6 +11,8 @@ one_shot.py      the float16 one-shot all-reduce over NVLink peer memory, bias f
                  (energon.parallel.allreduce decides when it runs)
 one_shot_norm.py the same all-reduce with the residual add and the norm after it, one program
                  per row (a row-parallel layer's PartialSum handed to a norm's add_norm)
+penalty_kernels.py logit_bias and the repetition, frequency and presence penalties of a step's
+                 rows with the logits' float32 copy, one kernel (energon/penalties.py decides)
 chain.py         `wait_then_release`, how each of these kernels enters a programmatic
                  dependent launch, and `chained(device)`, its launch keywords
                  (`dependent_launch` below says when they launch so)

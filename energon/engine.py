@@ -186,6 +186,7 @@ class Engine:
         decode_graphs: str = "auto",
         lookahead: bool = True,
         kv_reserve: float = 0.0,
+        prefix_caching: bool = True,
     ):
         if not isinstance(model, str | os.PathLike) or not str(model):
             raise InvalidRequest(
@@ -224,6 +225,13 @@ class Engine:
         # admitting more (energon/scheduler.py): 1.0 never preempts; 0 fills the cache and
         # preempts (recomputes) the newest when it runs out
         self.kv_reserve = fraction("kv_reserve", kv_reserve)
+        if prefix_caching not in (True, False):
+            raise InvalidRequest(
+                "prefix_caching", f"must be True or False (got {prefix_caching!r})"
+            )
+        # a new request starts from the KV blocks of its longest prefix already computed
+        # (energon/block_manager.py)
+        self.prefix_caching = prefix_caching
         self.block_size = _positive("block_size", block_size)
         self.stage_splits = _splits(stage_splits, self.pp)
         if lookahead not in (True, False):
@@ -425,6 +433,7 @@ class Engine:
             micro_batches=self.max_steps_in_flight,
             lookahead=self.lookahead,
             reserve=self.kv_reserve,
+            prefix_caching=self.prefix_caching,
         )
 
     async def shutdown(self) -> None:

@@ -158,8 +158,12 @@ class Recovery:
     def _move_to(self, scheduler):
         """Adds every live request to `scheduler` in arrival order; returns it. A request that
         no longer fits (a smaller cache, a full queue) fails with the scheduler's error. The
-        preemption count goes on from the scheduler it replaces (a counter of the metrics)."""
-        scheduler.num_preemptions += self.engine.scheduler.num_preemptions
+        preemption and prefix-cache counts go on from the scheduler it replaces (counters of the
+        metrics); the prefix cache does not (the new workers' caches are empty)."""
+        old = self.engine.scheduler
+        scheduler.num_preemptions += old.num_preemptions
+        scheduler.blocks.hit_tokens += old.blocks.hit_tokens  # the cache itself is gone
+        scheduler.blocks.queried_tokens += old.blocks.queried_tokens
         for req in sorted(self.engine._requests.values(), key=lambda r: r.seq_id):
             if req.done:
                 continue

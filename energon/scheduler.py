@@ -97,6 +97,8 @@ class ScheduledSeq:
     block_table: tuple[int, ...]
     sample: bool
     chain_row: int | None = None
+    fresh: bool = False  # the first step since the sequence was admitted: its computation
+    # (re)started, from its first token or after its cached prefix
 
     @property
     def chained(self) -> bool:
@@ -147,6 +149,8 @@ class SchedulerStats:
     num_used_blocks: int
     num_free_blocks: int
     num_preemptions: int  # since the scheduler was made
+    prefix_cache_hit_tokens: int = 0  # tokens admitted sequences found cached
+    prefix_cache_queried_tokens: int = 0  # tokens of the admitted sequences that looked
 
 
 class Scheduler:
@@ -175,8 +179,9 @@ class Scheduler:
         micro_batches: int = 1,
         lookahead: bool = False,
         reserve: float = 0.0,
+        prefix_caching: bool = False,
     ):
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.max_model_len = max_model_len  # None: only the cache bounds a sequence
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
@@ -344,17 +349,23 @@ class Scheduler:
             and len(self._running) < self.max_running_seqs
         ):
             seq = self._waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            need = self.blocks.num_needed(seq, n)
+            cached = self.blocks.match(seq)  # its prefix's blocks, computed already
+            start = len(cached) * self.blocks.block_size
+            n = min(seq.num_tokens - start, budget)
+            holds = self.blocks.blocks_for(start + n)  # blocks it holds after this step
+            need = holds - len(cached) + self.blocks.num_evictable(cached)  # off the free count
             if self.reserve:
-                growth += self._blocks_to_longest(seq) - need  # its own, once it holds n tokens
+                growth += self._blocks_to_longest(seq) - holds  # its own, once it holds them
                 need += math.ceil(self.reserve * growth - 1e-9)
             if need > self.blocks.num_free_blocks:
                 break  # first come first served: nobody overtakes the head of the queue
             del self._waiting[0]
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self._running, seq, key=_by_arrival)
-            chosen.append(self._take(seq, n, seq.num_computed_tokens))
+            self.blocks.adopt(seq, cached)
+            seq.num_computed_tokens = start
+            seq.fresh = True
+            chosen.append(self._take(seq, n, start))
             budget -= n
         if not chosen:
             return None
@@ -429,6 +440,7 @@ class Scheduler:
     ) -> ScheduledSeq:
         self.blocks.allocate(seq, start + n)
         seq.in_flight += 1
+        fresh, seq.fresh = seq.fresh, False
         return ScheduledSeq(
             seq=seq,
             start=start,
@@ -437,6 +449,7 @@ class Scheduler:
             block_table=tuple(seq.block_table),
             sample=chain_row is not None or start + n == seq.num_tokens,
             chain_row=chain_row,
+            fresh=fresh,
         )
 
     def _newest_preemptable(self, newer_than: Sequence) -> Sequence | None:
@@ -486,6 +499,7 @@ class Scheduler:
                     del self._seqs[seq.seq_id]
                 continue
             seq.num_computed_tokens = item.context_len
+            self.blocks.register(seq, item.context_len)  # its K/V written on every stage
             if item.sample:
                 seq.append_token(sampled[seq.seq_id])
                 got.append(seq)
@@ -534,4 +548,6 @@ class Scheduler:
             num_used_blocks=self.blocks.num_used_blocks,
             num_free_blocks=self.blocks.num_free_blocks,
             num_preemptions=self.num_preemptions,
+            prefix_cache_hit_tokens=self.blocks.hit_tokens,
+            prefix_cache_queried_tokens=self.blocks.queried_tokens,
         )

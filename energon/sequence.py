@@ -48,6 +48,9 @@ class Sequence:
         "block_table",
         "in_flight",
         "arrival",
+        "fresh",
+        "block_digests",
+        "num_registered_blocks",
     )
 
     def __init__(self, seq_id: Hashable, prompt_token_ids: Iterable[int], max_tokens: int):
@@ -65,6 +68,11 @@ class Sequence:
         self.block_table: list[int] = []  # cache block ids; block i holds tokens [i*bs, (i+1)*bs)
         self.in_flight = 0  # steps that run it and have not come back yet (2: a chained one)
         self.arrival = -1  # FCFS order, set by Scheduler.add; larger is newer
+        self.fresh = False  # admitted, its next step the first of a (re)computation
+        # prefix caching (energon/block_manager.py): digests of its full blocks of tokens, and
+        # how many blocks of its table are findable by them
+        self.block_digests: list[bytes] = []
+        self.num_registered_blocks = 0
 
     @property
     def num_tokens(self) -> int:

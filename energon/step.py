@@ -37,8 +37,9 @@ def step_message(
 
     A row of a request with a penalty or a logit_bias (its params carry "seq") adds "history"
     (its generated tokens), its bias ids and values, and with a repetition penalty "prompt", on
-    the first step that samples it after a step computed it from its first token: admission,
-    recompute after preemption, a worker restart (energon/penalties.py). `release` (ids of such
+    the first step that samples it after its computation (re)started (`ScheduledSeq.fresh`,
+    from its first token or after its cached prefix): admission, recompute after preemption, a
+    worker restart (energon/penalties.py). `release` (ids of such
     sequences that ended) adds "release"."""
     ids: list[int] = []
     query_lens, context_lens, sample, params, steps = [], [], [], [], []
@@ -57,9 +58,9 @@ def step_message(
         tables.extend(s.block_table)
         tables.extend(pad[len(s.block_table) :])
         sample.append(bool(s.sample))
-        if s.start == 0 or s.sample:
+        if s.fresh or s.sample:
             req = requests.get(s.seq_id)
-            if req is not None and s.start == 0:
+            if req is not None and s.fresh:
                 req.history_due = True
         if s.sample:
             generated = s.seq.num_output_tokens + s.chained  # + the pending token

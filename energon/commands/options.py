@@ -59,6 +59,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "max_tokens that is kept free when admitting more: 1 never preempts (default 0)",
     )
     parser.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt in full (default: a request starts from the KV blocks of "
+        "its longest prefix of full blocks already computed)",
+    )
+    parser.add_argument(
         "--launcher",
         default="local",
         choices=["local", "external", "ray"],
@@ -118,6 +125,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_steps_in_flight=args.max_steps_in_flight,
         kv_cache_memory=args.kv_cache_memory,
         kv_reserve=args.kv_reserve,
+        prefix_caching=args.prefix_caching,
         pool=args.pool,
         gpu_memory_budget=args.gpu_memory_budget,
         launcher=args.launcher,

@@ -77,6 +77,16 @@ class EngineCollector:
                 "Sequences preempted for KV blocks, to be recomputed (see kv_reserve)",
                 "num_preemptions",
             ),
+            (
+                "energon_prefix_cache_hit_tokens",
+                "Tokens admitted requests found in the prefix cache (not computed again)",
+                "prefix_cache_hit_tokens",
+            ),
+            (
+                "energon_prefix_cache_queried_tokens",
+                "Tokens of the admitted requests (recomputes too) looked up in the prefix cache",
+                "prefix_cache_queried_tokens",
+            ),
         )
         for name, doc, key in counters:
             yield CounterMetricFamily(name, doc, value=stats.get(key, 0))

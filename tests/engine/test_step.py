@@ -3,6 +3,8 @@ sequence is admitted, decodes, is preempted and recomputed, and ends."""
 
 from __future__ import annotations
 
+import pytest
+
 from energon.request import Request
 from energon.sampling import SamplingParams
 from energon.scheduler import Scheduler
@@ -24,8 +26,13 @@ def run_step(scheduler: Scheduler, requests: dict, token: int, release=None) -> 
     return message
 
 
-def test_a_penalised_rows_history_comes_on_its_first_sampled_step_and_after_a_recompute():
-    scheduler = Scheduler(num_blocks=16, block_size=4, max_batch_tokens=4)
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["computed", "prefix-cached"])
+def test_a_penalised_rows_history_comes_on_its_first_sampled_step_and_after_a_recompute(
+    prefix_caching,
+):
+    scheduler = Scheduler(
+        num_blocks=16, block_size=4, max_batch_tokens=4, prefix_caching=prefix_caching
+    )
     params = SamplingParams(max_tokens=8, repetition_penalty=1.2, min_tokens=2)
     req = Request(7, [1, 2, 3, 4, 5, 6], params, TOK)
     scheduler.add(Sequence(7, req.prompt_ids, params.max_tokens))
@@ -42,10 +49,14 @@ def test_a_penalised_rows_history_comes_on_its_first_sampled_step_and_after_a_re
     assert "banned" not in late and late["seq"] == 7  # 2 generated: min_tokens reached
     # preempted: the recompute's sampled row carries what it generated until then
     scheduler._preempt(scheduler.get(7))
-    rows = []
+    rows, starts = [], []
     while not rows:
-        rows = run_step(scheduler, requests, 44)["params"]
+        message = run_step(scheduler, requests, 44)
+        rows = message["params"]
+        starts.append(message["context_lens"][0] - message["query_lens"][0])
     assert rows[0]["history"] == [41, 42, 43] and rows[0]["prompt"] == [1, 2, 3, 4, 5, 6]
+    # with prefix caching the recompute starts after its 2 cached blocks, in one step
+    assert starts == ([8] if prefix_caching else [0, 4, 8])
 
 
 def test_release_and_plain_requests():

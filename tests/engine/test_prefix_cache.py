@@ -1,0 +1,196 @@
+"""Prefix caching in the block manager and the scheduler (pure Python): which blocks a new
+sequence finds, sharing, eviction, and the steps a sequence with a cached prefix runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from energon.block_manager import BlockManager, block_digest
+from energon.scheduler import Scheduler
+from energon.sequence import Sequence
+
+B = 4  # tokens a block
+
+
+def computed(manager: BlockManager, seq_id, tokens: list[int]) -> Sequence:
+    """A sequence whose K/V a step has computed: its blocks allocated and registered."""
+    seq = Sequence(seq_id, tokens, max_tokens=4)
+    manager.adopt(seq, manager.match(seq))
+    manager.allocate(seq, len(tokens))
+    manager.register(seq, len(tokens))
+    return seq
+
+
+def test_a_new_sequence_finds_its_longest_prefix_of_full_blocks_but_its_last_token():
+    manager = BlockManager(16, B, prefix_caching=True)
+    first = computed(manager, "a", list(range(10)))  # blocks: [0..3] [4..7] [8 9]
+    assert manager.num_cached_blocks == 2  # the partial third block is not findable
+    same_start = Sequence("b", list(range(9)) + [99], 4)
+    assert manager.match(same_start) == first.block_table[:2]
+    # exactly the two full blocks: the last token is computed again, so one block is found
+    assert manager.match(Sequence("c", list(range(8)), 4)) == first.block_table[:1]
+    # a different token in the second block: the first block only; in the first: nothing
+    assert manager.match(Sequence("d", [0, 1, 2, 3, 4, 5, 0, 7, 8], 4)) == first.block_table[:1]
+    assert manager.match(Sequence("e", [9] + list(range(1, 10)), 4)) == []
+    # the same tokens at another position are another block (the digest chains the prefix)
+    shifted = Sequence("f", [4, 5, 6, 7, 0, 1, 2, 3, 9], 4)
+    assert manager.match(shifted) == []
+    assert block_digest(b"", [4, 5, 6, 7]) != block_digest(
+        block_digest(b"", [0, 1, 2, 3]), [4, 5, 6, 7]
+    )
+
+
+def test_without_prefix_caching_nothing_is_found():
+    manager = BlockManager(16, B)
+    first = computed(manager, "a", list(range(10)))
+    assert manager.match(Sequence("b", list(range(10)), 4)) == []
+    assert manager.num_cached_blocks == 0 and len(first.block_table) == 3
+
+
+def test_shared_blocks_stay_in_use_until_every_holder_frees_them_then_stay_findable():
+    manager = BlockManager(6, B, prefix_caching=True)
+    first = computed(manager, "a", list(range(9)))
+    second = Sequence("b", list(range(8)) + [50, 51], 4)
+    manager.adopt(second, manager.match(second))
+    manager.allocate(second, second.num_tokens)
+    assert second.block_table[:2] == first.block_table[:2]
+    assert second.block_table[2] != first.block_table[2]
+    assert (manager.num_used_blocks, manager.num_free_blocks) == (4, 2)
+    first_blocks = list(first.block_table)
+    assert manager.free(first) == 3
+    assert (manager.num_used_blocks, manager.num_free_blocks) == (3, 3)  # shared ones stay
+    manager.free(second)
+    assert (manager.num_used_blocks, manager.num_free_blocks) == (0, 6)
+    # freed but cached: a later sequence still finds them, and adopting takes them off the free
+    third = Sequence("c", list(range(9)), 4)
+    found = manager.match(third)
+    assert found == first_blocks[:2]
+    assert manager.num_evictable(found) == 2
+    manager.adopt(third, found)
+    assert (manager.num_used_blocks, manager.num_free_blocks) == (2, 4)
+    assert manager.hit_tokens == 2 * B + 2 * B  # second and third found two blocks each
+    with pytest.raises(RuntimeError, match="already holds blocks"):
+        manager.adopt(third, found)
+
+
+def test_cached_blocks_are_handed_out_last_least_recently_freed_first_and_then_forgotten():
+    manager = BlockManager(4, B, prefix_caching=True)
+    old = computed(manager, "old", [1] * 4 + [0])  # blocks 0 (cached) and 1
+    new = computed(manager, "new", [2] * 4 + [0])  # blocks 2 (cached) and 3
+    old_block, new_block = old.block_table[0], new.block_table[0]
+    manager.free(old)
+    manager.free(new)
+    assert manager.num_free_blocks == 4 and manager.num_cached_blocks == 2
+    taker = Sequence("taker", [7] * 12, 4)
+    manager.allocate(taker, 8)  # the two blocks without cached content first
+    assert old_block not in taker.block_table and new_block not in taker.block_table
+    manager.allocate(taker, 12)  # then the least recently freed cached one, forgotten
+    assert taker.block_table[2] == old_block and manager.num_cached_blocks == 1
+    assert manager.match(Sequence("x", [1] * 4 + [0], 4)) == []
+    assert manager.match(Sequence("y", [2] * 4 + [0], 4)) == [new_block]
+    old.block_table = [old_block, 5]  # a stale table: block 5 does not exist, old's is taken
+    with pytest.raises(RuntimeError, match="is not in use"):
+        manager.free(old)
+
+
+def test_the_same_tokens_computed_twice_at_once_are_cached_once():
+    manager = BlockManager(8, B, prefix_caching=True)
+    a = computed(manager, "a", list(range(5)))
+    b = Sequence("b", list(range(5)), 4)
+    manager.allocate(b, 5)  # admitted before a's step came back: no blocks to find then
+    manager.register(b, 5)
+    assert manager.num_cached_blocks == 1
+    assert manager.match(Sequence("c", list(range(5)), 4)) == a.block_table[:1]
+    manager.free(a)
+    manager.free(b)
+    assert manager.num_free_blocks == 8
+
+
+def scheduler(num_blocks: int = 32, **kwargs) -> Scheduler:
+    return Scheduler(num_blocks, B, max_batch_tokens=64, prefix_caching=True, **kwargs)
+
+
+def run_to_end(sched: Scheduler, token: int = 3) -> None:
+    """Run every plan until nothing is left, sampling `token` everywhere."""
+    while (plan := sched.schedule()) is not None:
+        got = sched.complete(plan, {s.seq_id: token for s in plan.seqs if s.sample})
+        for seq in got:
+            if seq.num_output_tokens >= seq.max_tokens:
+                sched.finish(seq.seq_id)
+
+
+def test_a_request_after_one_with_the_same_prefix_computes_only_the_rest():
+    sched = scheduler()
+    prefix = list(range(10, 22))  # three full blocks
+    sched.add(Sequence("first", prefix + [1, 2], 2))
+    run_to_end(sched)
+    sched.add(Sequence("second", prefix + [5], 2))
+    plan = sched.schedule()
+    [item] = plan.seqs
+    assert (item.start, item.num_new_tokens, item.sample, item.fresh) == (12, 1, True, True)
+    assert len(item.block_table) == 4
+    stats = sched.stats()
+    assert (stats.prefix_cache_hit_tokens, stats.prefix_cache_queried_tokens) == (12, 14 + 13)
+    sched.complete(plan, {"second": 7})
+    nxt = sched.schedule()
+    assert nxt.seqs[0].start == 13 and not nxt.seqs[0].fresh  # decodes on as usual
+
+
+def test_a_whole_prompt_in_the_cache_still_computes_its_last_token():
+    sched = scheduler()
+    prompt = list(range(40, 48))  # exactly two blocks
+    sched.add(Sequence("first", prompt, 1))
+    run_to_end(sched)
+    sched.add(Sequence("again", prompt, 1))
+    [item] = sched.schedule().seqs
+    assert (item.start, item.num_new_tokens, item.sample) == (4, 4, True)
+
+
+def test_requests_admitted_together_share_nothing_until_a_step_comes_back():
+    sched = scheduler()
+    prompt = list(range(60, 70))
+    sched.add(Sequence("a", prompt, 2))
+    sched.add(Sequence("b", prompt, 2))
+    plan = sched.schedule()
+    assert [s.start for s in plan.seqs] == [0, 0]
+    assert set(plan.seqs[0].block_table).isdisjoint(plan.seqs[1].block_table)
+
+
+def test_a_preempted_sequence_comes_back_from_its_cached_blocks():
+    sched = Scheduler(7, B, max_batch_tokens=64, prefix_caching=True)
+    sched.add(Sequence("old", list(range(100, 108)), 12))  # 2 blocks, grows to 5
+    sched.add(Sequence("new", list(range(200, 208)), 12))
+    plan = sched.schedule()
+    sched.complete(plan, {"old": 1, "new": 2})
+    while sched.num_preemptions == 0:
+        plan = sched.schedule()
+        sched.complete(plan, {s.seq_id: 1 for s in plan.seqs if s.sample})
+    victim = sched.get("new")
+    assert victim.num_computed_tokens == 0 and not victim.block_table
+    while sched.get("old") is not None:  # old runs to its end; new waits
+        plan = sched.schedule()
+        for seq in sched.complete(plan, {s.seq_id: 1 for s in plan.seqs if s.sample}):
+            if seq.num_output_tokens >= seq.max_tokens:
+                sched.finish(seq.seq_id)
+    [item] = sched.schedule().seqs
+    # admitted again from its first blocks, which outlived the tail of its cached prefix
+    assert item.seq_id == "new" and item.fresh and item.start >= 2 * B
+    assert sched.stats().prefix_cache_hit_tokens == item.start
+
+
+def test_blocks_in_use_are_the_distinct_blocks_of_the_tables():
+    sched = scheduler(num_blocks=40)
+    prefix = list(range(300, 316))
+    for i in range(5):
+        sched.add(Sequence(i, prefix + [i] * (i + 1), 3))
+    first = sched.schedule()
+    sched.complete(first, {s.seq_id: 9 for s in first.seqs if s.sample})
+    for i in range(5, 9):
+        sched.add(Sequence(i, prefix + [i], 3))
+    plan = sched.schedule()
+    tables = [set(s.block_table) for s in plan.seqs]
+    shared = set.intersection(*[t for t, s in zip(tables, plan.seqs, strict=True) if s.fresh])
+    assert len(shared) == 4  # the prefix's four blocks, held by every new sequence
+    held = {b for seq_id in range(9) for b in sched.get(seq_id).block_table}
+    assert sched.blocks.num_used_blocks == len(held)
+    assert sched.blocks.num_used_blocks + sched.blocks.num_free_blocks == 40

@@ -27,6 +27,8 @@ keeps pp micro-batches independent). Within a step, up to `max_num_seqs` sequenc
    it grows.
    No admission happens in a step where a running sequence was short of blocks (it preempted
    others or sat out): running sequences come first, and a victim does not bounce straight back.
+   With `prefix_caching` an admitted sequence first adopts the cached blocks of its longest
+   prefix of full blocks (energon/block_manager.py) and its step starts after them.
 
 A sequence runs `min(tokens left to compute, budget left)` tokens. Blocks for them are allocated
 before the plan is returned. When a running sequence needs blocks and none are free, the newest

@@ -120,6 +120,7 @@ class BlockManager:
 
         Raises RuntimeError if the table names a block that is not in use (a double free).
         """
+        plain = []  # freed blocks without cached content, in table order
         for block in reversed(seq.block_table):  # a prefix's tail is evicted before its head
             holders = self._used.get(block)
             if holders is None:
@@ -131,7 +132,8 @@ class BlockManager:
             if block in self._digest_of:
                 self._evictable[block] = None  # the most recently freed
             else:
-                self._free.append(block)
+                plain.append(block)
+        self._free.extend(reversed(plain))
         freed = len(seq.block_table)
         seq.block_table = []
         seq.num_registered_blocks = 0

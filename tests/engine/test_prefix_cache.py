@@ -4,10 +4,20 @@ sequence finds, sharing, eviction, and the steps a sequence with a cached prefix
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_scheduler import (
+    FakeWorkers,
+    assert_outputs_as_sampled,
+    expected_or_prompt,
+    expected_token,
+    simulate,
+    workloads,
+)
 
 from energon.block_manager import BlockManager, block_digest
-from energon.scheduler import Scheduler
-from energon.sequence import Sequence
+from energon.scheduler import Scheduler, StepPlan
+from energon.sequence import Sequence, SequenceStatus
 
 B = 4  # tokens a block
 
@@ -194,3 +204,78 @@ def test_blocks_in_use_are_the_distinct_blocks_of_the_tables():
     held = {b for seq_id in range(9) for b in sched.get(seq_id).block_table}
     assert sched.blocks.num_used_blocks == len(held)
     assert sched.blocks.num_used_blocks + sched.blocks.num_free_blocks == 40
+
+
+# ---- the randomized simulation of tests/engine/test_scheduler.py, prompts sharing prefixes --
+
+
+class ContentWorkers(FakeWorkers):
+    """FakeWorkers whose cache slots hold (position, token), whoever wrote them: a sequence reads
+    what its own tokens would have written, and writes only into blocks it holds alone."""
+
+    def __init__(self, sched: Scheduler):
+        super().__init__(sched.blocks.block_size)
+        self.sched = sched
+
+    def run(self, plan: StepPlan) -> dict[int, int]:
+        sampled = {}
+        for item in plan.seqs:
+            seq = item.seq
+            tokens = [self.sampled[plan.chains][item.chain_row]] if item.chained else item.token_ids
+            for position, token in zip(item.positions, tokens, strict=True):
+                block = item.block_table[position // self.block_size]
+                assert self.sched.blocks._used[block] == 1, "a write into a shared block"
+                self.cache[self.slot(item.block_table, position)] = (position, token)
+            for position in range(item.context_len):
+                got = self.cache[self.slot(item.block_table, position)]
+                assert got == (position, expected_or_prompt(seq, position))
+            if item.sample:
+                sampled[seq.seq_id] = expected_token(seq.seq_id, item.context_len)
+        self.sampled[plan.step_id] = [sampled[s.seq_id] for s in plan.seqs if s.sample]
+        return sampled
+
+
+def shared_prompt(seq_id: int, prompt_len: int, max_tokens: int) -> Sequence:
+    """Prompts that agree on a prefix whose length depends on the id (0 to 7 tokens), then differ."""
+    common = seq_id % 8
+    return Sequence(
+        seq_id, [p if p < common else seq_id * 1000 + p for p in range(prompt_len)], max_tokens
+    )
+
+
+def check_sharing(sched: Scheduler, seqs: list[Sequence]) -> None:
+    held = {block for seq in seqs for block in seq.block_table}
+    assert sched.blocks.num_used_blocks == len(held), "blocks in use != the tables' blocks"
+    assert sched.blocks.num_used_blocks + sched.blocks.num_free_blocks == sched.blocks.num_blocks
+    for seq in seqs:
+        if seq.status is SequenceStatus.RUNNING and not seq.in_flight:
+            assert len(seq.block_table) == -(-seq.num_computed_tokens // sched.blocks.block_size)
+
+
+@settings(max_examples=300, deadline=None)
+@given(workloads(), st.randoms(use_true_random=False), st.booleans())
+def test_random_shared_prefix_workload_reads_right_and_leaks_nothing(workload, rng, lookahead):
+    config, pp, requests = workload
+    sched = Scheduler(
+        config["num_blocks"],
+        config["block_size"],
+        max_num_seqs=config["max_num_seqs"],
+        max_batch_tokens=config["max_batch_tokens"],
+        max_running_seqs=pp * config["max_num_seqs"],
+        micro_batches=pp,
+        lookahead=lookahead,
+        prefix_caching=True,
+    )
+    finished, aborted = simulate(
+        sched,
+        config,
+        requests,
+        in_flight=pp * (1 + lookahead),
+        # lookahead's chained plans come back in order; without it, in any order
+        next_reply=(lambda plans: 0) if lookahead else (lambda plans: rng.randrange(len(plans))),
+        ends=lambda seq: seq.num_output_tokens == seq.max_tokens or rng.random() < 0.1,
+        check=lambda seqs, plans: check_sharing(sched, seqs),
+        workers=ContentWorkers(sched),
+        make=shared_prompt,
+    )
+    assert_outputs_as_sampled(requests, finished, aborted)

@@ -429,24 +429,30 @@ def scheduler_for(config: dict, **options) -> Scheduler:
     )
 
 
-def arrive_and_abort(sched, requests, tick: int, seqs: dict, finished: dict, aborted: set) -> None:
-    """Adds the workload's requests that arrive at `tick`; aborts those due then, unfinished."""
+def arrive_and_abort(
+    sched, requests, tick: int, seqs: dict, finished: dict, aborted: set, make=make_seq
+) -> None:
+    """Adds the workload's requests that arrive at `tick` (`make` makes their sequences); aborts
+    those due then, unfinished."""
     for seq_id, prompt_len, max_tokens, arrival, abort_at in requests:
         if arrival == tick:
-            seqs[seq_id] = make_seq(seq_id, prompt_len, max_tokens)
+            seqs[seq_id] = make(seq_id, prompt_len, max_tokens)
             sched.add(seqs[seq_id])
         if abort_at == tick and arrival <= tick and seq_id not in finished:
             assert sched.abort(seq_id)
             aborted.add(seq_id)
 
 
-def simulate(sched, config, requests, *, in_flight, next_reply, ends, check):
+def simulate(
+    sched, config, requests, *, in_flight, next_reply, ends, check, workers=None, make=make_seq
+):
     """Runs the workload's requests through `sched` with FakeWorkers until every one finished or
     was aborted: at most `in_flight` plans out at once, `next_reply(plans)` the index of the one
     that comes back next, `ends(seq)` whether a sequence finishes with the token it just got,
     `check(seqs, plans)` after every schedule and completion. Ends with nothing left to run and
-    every block free; returns (finished: seq_id -> output tokens, aborted seq_ids)."""
-    workers = FakeWorkers(config["block_size"])
+    every block free; returns (finished: seq_id -> output tokens, aborted seq_ids). `workers`
+    (default FakeWorkers) runs the plans; `make` makes the sequences (default make_seq)."""
+    workers = workers or FakeWorkers(config["block_size"])
     seqs: dict[int, Sequence] = {}
     out: list[tuple[StepPlan, dict[int, int]]] = []
     finished: dict[int, list[int]] = {}
@@ -454,7 +460,7 @@ def simulate(sched, config, requests, *, in_flight, next_reply, ends, check):
     tick = 0
     while len(finished) + len(aborted) < len(requests) or out:
         assert tick < 5000, "no progress"
-        arrive_and_abort(sched, requests, tick, seqs, finished, aborted)
+        arrive_and_abort(sched, requests, tick, seqs, finished, aborted, make)
         while len(out) < in_flight and (plan := sched.schedule()) is not None:
             assert len(plan.seqs) <= config["max_num_seqs"]
             assert plan.num_tokens <= config["max_batch_tokens"]

@@ -14,6 +14,7 @@ SCENARIOS = {
     "paged-attention": "energon.bench.paged_attention",
     "pipeline": "energon.bench.pipeline",
     "pool": "energon.bench.pool",
+    "prefix": "energon.bench.prefix",
     "sampler": "energon.bench.sampler",
     "serve": "energon.bench.serve",
 }

@@ -1,0 +1,180 @@
+"""`energon bench prefix`: requests that share a long prefix (a system prompt), with prefix
+caching against without it, on one card.
+
+Workload: `--requests` prompts, each `--prefix-len` shared token ids then `--suffix-len` of its
+own (seeded), `--gen-len` new tokens each, greedy, ignore_eos, submitted at once with
+`asyncio.gather(engine.infer(...))`. Each Engine first runs one request of the prefix with another
+suffix and a warm-up batch of the workload's shape; every timed run (`--repeat`, median) then
+takes fresh suffixes, so only the prefix can be found cached. Metrics: throughput (output tokens /
+wall time, submission to last completion) and the median request's first token
+(`Completion.timings.first_token_s`). Baseline: the same Engine with `prefix_caching=False`, in
+the same process right after. Limit: the step-wise roofline (energon/bench/limits.py) of the work
+left when the prefix is cached: one step of every suffix (its FLOPs, or the weights and the KV it
+attends), then gen_len - 1 decode steps of the batch (weights + KV / copy bandwidth); for the
+first token, that first step's floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+
+import torch
+
+from energon.bench.generate import (
+    CHILD_ENV,
+    _run_async,
+    kv_bytes_per_token,
+    make_prompts,
+    measure_limits,
+)
+from energon.bench.limits import step_floor
+from energon.bench.options import (
+    add_model_arguments,
+    pick_matmul_size,
+    resolve_device,
+    visible_gpus,
+)
+from energon.bench.record import Record, copy_bandwidth_record, print_records, write_results
+from energon.engine import Engine
+from energon.models.registry import resolve
+from energon.runner import pick_dtype
+from energon.sampling import SamplingParams
+
+SCENARIO = "prefix"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, tp=None)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prefix-len", type=int, default=1024, help="shared tokens")
+    parser.add_argument("--suffix-len", type=int, default=64, help="each request's own tokens")
+    parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def workload(args, vocab: int, run: int) -> list[list[int]]:
+    """The prompts of timed run `run` (-1: the warm-up): the shared prefix, then fresh suffixes."""
+    [prefix] = make_prompts(vocab, 1, args.prefix_len, args.seed)
+    suffixes = make_prompts(vocab, args.requests, args.suffix_len, args.seed + 2 + run)
+    return [prefix + s for s in suffixes]
+
+
+async def measure(args, caching: bool, device: str, dtype: str, vocab: int) -> dict:
+    """One Engine: the prefix once, a warm-up batch, then `repeat` timed batches."""
+    greedy = SamplingParams(max_tokens=args.gen_len, temperature=0.0, ignore_eos=True)
+    async with Engine(
+        args.model,
+        device=device,
+        dtype=dtype,
+        seed=args.seed,
+        max_num_seqs=args.requests,
+        prefix_caching=caching,
+        progress=False,
+    ) as engine:
+        [prefix] = make_prompts(vocab, 1, args.prefix_len, args.seed)
+        other = make_prompts(vocab, 1, args.suffix_len, args.seed + 1)[0]
+        await engine.infer(prefix + other, SamplingParams(max_tokens=2, temperature=0.0))
+        await asyncio.gather(*(engine.infer(p, greedy) for p in workload(args, vocab, -1)))
+        memory = await engine.group.broadcast("memory")
+        runs = []
+        for run in range(args.repeat):
+            hits = engine.stats()["prefix_cache_hit_tokens"]
+            prompts = workload(args, vocab, run)
+            t = time.perf_counter()
+            done = await asyncio.gather(*(engine.infer(p, greedy) for p in prompts))
+            wall = time.perf_counter() - t
+            runs.append(
+                {
+                    "rate": sum(len(c.token_ids) for c in done) / wall,
+                    "first_token_s": statistics.median(c.timings.first_token_s for c in done),
+                    "hit_tokens": engine.stats()["prefix_cache_hit_tokens"] - hits,
+                }
+            )
+    return {
+        "rate": statistics.median(r["rate"] for r in runs),
+        "first_token_s": statistics.median(r["first_token_s"] for r in runs),
+        "hit_tokens": [r["hit_tokens"] for r in runs],
+        "weights": sum(m["param_bytes"] for m in memory),
+    }
+
+
+def floors(args, limit: dict, weights: float, kv_tok: float, element: int) -> tuple[float, float]:
+    """(seconds of the first step, output tokens/s of the whole batch) at the roofline, with the
+    prefix cached."""
+    B, P, S, G = args.requests, args.prefix_len, args.suffix_len, args.gen_len
+    limits = (weights / element, weights, kv_tok, limit["matmul_flops"], limit["copy_bytes_per_s"])
+    first = step_floor(B * S, B * (P + S), *limits)
+    decode = sum(step_floor(B, B * (P + S + k), *limits) for k in range(1, G))
+    return first, B * G / (first + decode)
+
+
+def main(args: argparse.Namespace) -> int:
+    os.environ.update(CHILD_ENV)
+    device = resolve_device(args.device, visible_gpus())
+    config = resolve(args.model).config
+    dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    dtype = pick_dtype(args.dtype, config, dev)
+    dtype_name = str(dtype).removeprefix("torch.")
+    copy_bytes = (1024 if device == "cuda" else 64) << 20
+    [limit] = measure_limits(device, 1, pick_matmul_size(args, device), copy_bytes, dtype)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the Engine's worker sizes its cache from what is free
+    vocab = config["vocab_size"]
+    print(f"energon bench prefix: {args.model} ({dtype_name}) on {device}", flush=True)
+    on = _run_async(measure(args, True, device, dtype_name, vocab))
+    off = _run_async(measure(args, False, device, dtype_name, vocab))
+    kv_tok = kv_bytes_per_token(config, dtype) or 0
+    first_floor, rate_ceiling = floors(
+        args, limit, on["weights"], kv_tok, torch.empty((), dtype=dtype).element_size()
+    )
+    common = dict(
+        scenario=SCENARIO,
+        model=args.model,
+        dtype=dtype_name,
+        batch=args.requests,
+        prompt_len=args.prefix_len + args.suffix_len,
+        gen_len=args.gen_len,
+        baseline_name="the same Engine with prefix_caching=False",
+        n_gpus=1 if device == "cuda" else 0,
+    )
+    shape = (
+        f"{args.requests} requests of a shared {args.prefix_len}-token prefix + "
+        f"{args.suffix_len} own tokens, {args.gen_len} new each; median of {args.repeat} runs; "
+        f"tokens found cached per run {on['hit_tokens']} (without: {off['hit_tokens']}); "
+        f"matmul {limit['matmul_flops'] / 1e12:.0f} TFLOP/s, copy "
+        f"{limit['copy_bytes_per_s'] / 1e9:.0f} GB/s (this run)"
+    )
+    records = [
+        Record(
+            metric="throughput",
+            unit="tokens/s",
+            value=on["rate"],
+            baseline_value=off["rate"],
+            ratio=on["rate"] / off["rate"],
+            limit_value=rate_ceiling,
+            of_limit=on["rate"] / rate_ceiling,
+            notes=f"{shape}; ceiling = step-wise roofline with the prefix cached",
+            **common,
+        ),
+        Record(
+            metric="first_token_ms",
+            unit="ms",
+            value=on["first_token_s"] * 1e3,
+            baseline_value=off["first_token_s"] * 1e3,
+            ratio=off["first_token_s"] / on["first_token_s"],
+            limit_value=first_floor * 1e3,
+            of_limit=first_floor / on["first_token_s"],
+            notes=f"{shape}; the median request's first token; floor = one step of every "
+            "suffix attending its prefix",
+            **common,
+        ),
+        copy_bandwidth_record(SCENARIO, limit["copy_bytes_per_s"], n_gpus=common["n_gpus"]),
+    ]
+    print_records(records)
+    print(f"\nwrote {write_results(SCENARIO, records, args.out)}")
+    return 0

@@ -303,6 +303,10 @@ class TimedEngine(Engine):
     worker_actor = TIMED_ACTOR
 
     def __init__(self, *args, **kwargs):
+        # The generate and pipeline benches run the same prompts again and again (a warm-up,
+        # then each timed run); with prefix caching every run after the first would skip its
+        # prefill. They measure the prompts computed, as their baseline (HF generate) does.
+        kwargs.setdefault("prefix_caching", False)
         super().__init__(*args, **kwargs)
         # perf_counter seconds (one clock for every process of the host) of each step, by id:
         # [sent, reply applied from, applied until]

@@ -29,3 +29,12 @@ def test_throughput_and_first_token_against_the_engine_without_prefix_caching(tm
     assert first["ratio"] == pytest.approx(first["baseline_value"] / first["value"])
     # the cached run found the 48-token prefix (3 blocks of 16) for each of the 3 requests
     assert "tokens found cached per run [144] (without: [0])" in throughput["notes"]
+
+
+def test_the_generate_and_pipeline_benches_compute_their_repeated_prompts():
+    """They run the same prompts run after run: a cached prefix would skip the prefill HF's
+    baseline pays, so their Engine has prefix caching off unless told."""
+    from energon.bench.generate import TimedEngine
+
+    assert TimedEngine("tiny", device="cpu").prefix_caching is False
+    assert TimedEngine("tiny", device="cpu", prefix_caching=True).prefix_caching is True

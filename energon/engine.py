@@ -717,7 +717,7 @@ class Engine:
             for s in plan.seqs:
                 req = self._requests.get(s.seq_id)
                 if req is not None:
-                    req.on_scheduled()
+                    req.on_scheduled(s.start if s.fresh else 0)
             try:
                 oldest = self.scheduler.oldest_in_flight if self.lookahead else None
                 message = step_message(plan, self._requests, oldest, self._released)

@@ -76,6 +76,7 @@ class Request:
         self._sent_tokens = 0  # token ids already streamed
         self.arrived = time.perf_counter()
         self.first_scheduled: float | None = None
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache when first scheduled
         self.first_token: float | None = None
         self.last_token: float | None = None
 
@@ -87,9 +88,11 @@ class Request:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def on_scheduled(self) -> None:
+    def on_scheduled(self, cached_tokens: int = 0) -> None:
+        """A step runs it; the first one says how many prompt tokens were found cached."""
         if self.first_scheduled is None:
             self.first_scheduled = time.perf_counter()
+            self.cached_tokens = cached_tokens
 
     def ends_with(self, token_id: int) -> bool:
         """Whether this token, taken next, ends the request whatever the text says: a stop token
@@ -172,8 +175,10 @@ class Request:
         self._sent_chars = max(self._sent_chars, upto)
         self._sent_tokens = len(self.token_ids)
         logprobs = self.logprobs[start:] if self.logprobs is not None else None
-        timings = self.timings() if finish_reason is not None else None
-        self.pieces.put_nowait(StreamPiece(text, ids, finish_reason, logprobs, timings))
+        timings = usage = None
+        if finish_reason is not None:
+            timings, usage = self.timings(), self.usage()
+        self.pieces.put_nowait(StreamPiece(text, ids, finish_reason, logprobs, timings, usage))
 
     def completion(self) -> Completion:
         """The finished request as a Completion (text, token ids, finish reason, usage, timings)."""
@@ -181,10 +186,13 @@ class Request:
             text=self._text,
             token_ids=list(self.token_ids),
             finish_reason=self.finish_reason or "abort",
-            usage=Usage(len(self.prompt_ids), len(self.token_ids)),
+            usage=self.usage(),
             logprobs=self.logprobs,
             timings=self.timings(),
         )
+
+    def usage(self) -> Usage:
+        return Usage(len(self.prompt_ids), len(self.token_ids), self.cached_tokens)
 
     def timings(self) -> Timings:
         queued = (self.first_scheduled or self.arrived) - self.arrived

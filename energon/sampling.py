@@ -304,10 +304,13 @@ def _bias_pairs(bias) -> tuple[tuple[int, float], ...]:
 
 @dataclass
 class Usage:
-    """Token counts of one request; total_tokens = prompt_tokens + completion_tokens."""
+    """Token counts of one request; total_tokens = prompt_tokens + completion_tokens.
+    cached_tokens: prompt tokens it found in the prefix cache when first scheduled (not computed;
+    OpenAI's usage.prompt_tokens_details.cached_tokens)."""
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
     total_tokens: int = field(init=False)
 
     def __post_init__(self):
@@ -367,14 +370,15 @@ class Completion:
 class StreamPiece:
     """What `Engine.stream` yields: text and token ids new since the previous piece (text may be
     empty while a multi-byte character or a possible stop string is held back); the last piece
-    carries finish_reason and the request's timings. `logprobs` (when asked for) has one entry
-    per id of `token_ids`."""
+    carries finish_reason and the request's timings and usage. `logprobs` (when asked for) has
+    one entry per id of `token_ids`."""
 
     text: str
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] | None = None
     timings: Timings | None = None
+    usage: Usage | None = None
 
 
 CompletionChunk = StreamPiece

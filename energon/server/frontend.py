@@ -160,10 +160,11 @@ class Generation:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.queued_s = 0.0  # the Engine's measure, from the last piece
+        self.cached_tokens = 0  # the Engine's count, from the last piece
 
     @property
     def usage(self) -> Usage:
-        return Usage(len(self.ids), self.completion_tokens)
+        return Usage(len(self.ids), self.completion_tokens, self.cached_tokens)
 
     @property
     def timings(self) -> Timings:
@@ -201,6 +202,8 @@ class Generation:
                     self.finish_reason = piece.finish_reason
                     if piece.timings is not None:
                         self.queued_s = piece.timings.queued_s
+                    if piece.usage is not None:
+                        self.cached_tokens = piece.usage.cached_tokens
                     outcome = "ok" if piece.finish_reason != "abort" else "aborted"
                 yield piece
         except BaseException as exc:

@@ -308,6 +308,7 @@ def _usage(gens: list[Generation], n: int) -> Usage:
     return Usage(
         sum(g.usage.prompt_tokens for g in gens[::n]),
         sum(g.usage.completion_tokens for g in gens),
+        sum(g.usage.cached_tokens for g in gens[::n]),
     )
 
 

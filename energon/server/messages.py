@@ -315,6 +315,7 @@ def encode_final(
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens,
+            "cached_tokens": usage.cached_tokens,
         },
         "timings": {
             "queued_s": timings.queued_s,
@@ -376,7 +377,11 @@ def completion_from_final(
         text=text,
         token_ids=token_ids,
         finish_reason=msg["finish_reason"],
-        usage=Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", len(token_ids))),
+        usage=Usage(
+            usage.get("prompt_tokens", 0),
+            usage.get("completion_tokens", len(token_ids)),
+            usage.get("cached_tokens", 0),
+        ),
         logprobs=logprobs,
         timings=timings_from_final(msg),
     )

@@ -60,6 +60,11 @@ async def test_requests_with_a_cached_prefix_equal_their_solo_result(model, pp):
         stats = engine.stats()
     for c, ref in zip(done, refs[1:], strict=False):
         assert_greedy_equal(c.token_ids, ref)
+    # each says how much of its prompt it found cached: the system prompt's 9 blocks at least
+    assert first.usage.cached_tokens == 0
+    assert all(c.usage.cached_tokens >= 36 for c in done)
+    prompts = [*PROMPTS[1:], PROMPTS[1], PROMPTS[2]]
+    assert all(c.usage.cached_tokens < len(p) for c, p in zip(done, prompts, strict=True))
     # the penalised and the seeded request found the prefix cached and still got their history
     assert_greedy_equal(done[-2].token_ids, hf_processed_greedy(hf, PROMPTS[1], PENALISED))
     assert done[-1].token_ids == reference_sample(hf, PROMPTS[2], DRAWN)

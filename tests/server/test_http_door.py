@@ -51,7 +51,29 @@ async def test_completion_equals_the_zmq_doors_result(server):
         "prompt_tokens": 5,
         "completion_tokens": len(ref.token_ids),
         "total_tokens": 5 + len(ref.token_ids),
+        "prompt_tokens_details": {"cached_tokens": 0},  # not one full block of 16
     }
+    assert ref.usage.cached_tokens == 0
+
+
+async def test_usage_counts_the_prompt_tokens_found_in_the_prefix_cache(server):
+    """A prompt sent again finds its full 16-token blocks computed (the last token is always
+    computed again), through the HTTP door and the ZeroMQ door alike."""
+    prompt = "The same long prompt, sent twice to the tiny model: 50 bytes."  # 61 byte tokens
+    body = {**BODY, "prompt": prompt, "max_tokens": 2}
+    _, first = await post(server, "/v1/completions", body)
+    _, again = await post(server, "/v1/completions", body)
+    cached = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in (first, again)]
+    assert first["usage"]["prompt_tokens"] == 61 and cached == [0, 48]
+    events = await sse(
+        server,
+        "/v1/completions",
+        {**body, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    assert events[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 48}
+    async with Client(server.zmq) as client:
+        done = await client.infer(prompt, SamplingParams(max_tokens=2, temperature=0.0))
+    assert done.usage.cached_tokens == 48
 
 
 async def test_streamed_completion_concatenates_to_the_whole_one(server):

@@ -45,19 +45,6 @@ def _ids(Output, Prompt, slot, stride_o, stride_p, j, prompt_len, total):
 
 
 @triton.jit
-def _write_back(x, scratch, lanes, Output, Prompt, slot, stride_o, stride_p, prompt_len, total,
-                vocab, BLOCK: tl.constexpr):  # fmt: skip
-    """Each of a row's ids (`_ids`: prompt_len of its prompt, then its output, total in all)
-    takes the value its phase left at its position in `scratch` (read by all before: repeated
-    ids get one value)."""
-    for start in range(0, total, BLOCK):
-        j = start + lanes
-        ids = _ids(Output, Prompt, slot, stride_o, stride_p, j, prompt_len, total)
-        m = (j < total) & (ids < vocab)
-        tl.store(x + ids, tl.load(scratch + j, mask=m, other=0.0), mask=m)
-
-
-@triton.jit
 def _penalties_kernel(
     Src,
     X,
@@ -97,55 +84,95 @@ def _penalties_kernel(
         bias_len = tl.load(Index + 3 * batch + b)
         scratch = x + vocab
         lanes = tl.arange(0, BLOCK)
-        tl.debug_barrier()  # the copy is written before a phase reads it
-        if BIAS:
-            for start in range(0, bias_len, BLOCK):
+        tl.debug_barrier()
+        _rules(x, scratch, lanes, slot, output_len, prompt_len, bias_len, Output, Prompt,
+               BiasIds, BiasValues, Rules, vocab, stride_o, stride_p, stride_b, stride_v,
+               stride_r, BIAS, REPETITION, FREQUENCY, PRESENCE, BLOCK)  # fmt: skip
+
+
+@triton.jit
+def _rules(
+    x,
+    scratch,
+    lanes,
+    slot,
+    output_len,
+    prompt_len,
+    bias_len,
+    Output,
+    Prompt,
+    BiasIds,
+    BiasValues,
+    Rules,
+    vocab,
+    stride_o,
+    stride_p,
+    stride_b,
+    stride_v,
+    stride_r,
+    BIAS: tl.constexpr,
+    REPETITION: tl.constexpr,
+    FREQUENCY: tl.constexpr,
+    PRESENCE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One row's phases (the module docstring), after its copy."""
+    if BIAS:
+        for start in range(0, bias_len, BLOCK):
+            j = start + lanes
+            m = j < bias_len
+            ids = tl.load(BiasIds + slot * stride_b + j, mask=m, other=0)
+            m = m & (ids < vocab)
+            values = tl.load(BiasValues + slot * stride_v + j, mask=m, other=0.0)
+            tl.store(x + ids, tl.load(x + ids, mask=m, other=0.0) + values, mask=m)
+        tl.debug_barrier()
+
+    if REPETITION:
+        r = tl.load(Rules + slot * stride_r)
+        if r != 1.0:
+            seen = prompt_len + output_len
+            for start in range(0, seen, BLOCK):
                 j = start + lanes
-                m = j < bias_len
-                ids = tl.load(BiasIds + slot * stride_b + j, mask=m, other=0)
-                m = m & (ids < vocab)
-                values = tl.load(BiasValues + slot * stride_v + j, mask=m, other=0.0)
-                tl.store(x + ids, tl.load(x + ids, mask=m, other=0.0) + values, mask=m)
+                ids = _ids(Output, Prompt, slot, stride_o, stride_p, j, prompt_len, seen)
+                m = (j < seen) & (ids < vocab)
+                logit = tl.load(x + ids, mask=m, other=0.0)
+                penalised = tl.where(logit < 0, logit * r, tl.math.div_rn(logit, r))
+                tl.store(scratch + j, penalised, mask=m)
+            tl.debug_barrier()
+            for start in range(0, seen, BLOCK):
+                j = start + lanes
+                ids = _ids(Output, Prompt, slot, stride_o, stride_p, j, prompt_len, seen)
+                m = (j < seen) & (ids < vocab)
+                tl.store(x + ids, tl.load(scratch + j, mask=m, other=0.0), mask=m)
             tl.debug_barrier()
 
-        if REPETITION:
-            r = tl.load(Rules + slot * stride_r)
-            if r != 1.0:
-                seen = prompt_len + output_len
-                for start in range(0, seen, BLOCK):
-                    j = start + lanes
-                    ids = _ids(Output, Prompt, slot, stride_o, stride_p, j, prompt_len, seen)
-                    m = (j < seen) & (ids < vocab)
-                    logit = tl.load(x + ids, mask=m, other=0.0)
-                    penalised = tl.where(logit < 0, logit * r, tl.math.div_rn(logit, r))
-                    tl.store(scratch + j, penalised, mask=m)
-                tl.debug_barrier()
-                _write_back(x, scratch, lanes, Output, Prompt, slot, stride_o, stride_p,
-                            prompt_len, seen, vocab, BLOCK)  # fmt: skip
-                tl.debug_barrier()
+    if FREQUENCY:
+        f = tl.load(Rules + slot * stride_r + 1)
+        if f != 0.0:
+            for start in range(0, output_len, BLOCK):
+                j = start + lanes
+                m = j < output_len
+                ids = tl.load(Output + slot * stride_o + j, mask=m, other=0)
+                m = m & (ids < vocab)
+                tl.atomic_add(x + ids, tl.zeros([BLOCK], tl.float32) - f, mask=m)
+            tl.debug_barrier()
 
-        if FREQUENCY:
-            f = tl.load(Rules + slot * stride_r + 1)
-            if f != 0.0:
-                for start in range(0, output_len, BLOCK):
-                    j = start + lanes
-                    m = j < output_len
-                    ids = tl.load(Output + slot * stride_o + j, mask=m, other=0)
-                    m = m & (ids < vocab)
-                    tl.atomic_add(x + ids, tl.zeros([BLOCK], tl.float32) - f, mask=m)
-                tl.debug_barrier()
-
-        if PRESENCE:
-            p = tl.load(Rules + slot * stride_r + 2)
-            if p != 0.0:
-                for start in range(0, output_len, BLOCK):
-                    j = start + lanes
-                    ids = _ids(Output, Prompt, slot, stride_o, stride_p, j, 0, output_len)
-                    m = (j < output_len) & (ids < vocab)
-                    tl.store(scratch + j, tl.load(x + ids, mask=m, other=0.0) - p, mask=m)
-                tl.debug_barrier()
-                _write_back(x, scratch, lanes, Output, Prompt, slot, stride_o, stride_p,
-                            0, output_len, vocab, BLOCK)  # fmt: skip
+    if PRESENCE:
+        p = tl.load(Rules + slot * stride_r + 2)
+        if p != 0.0:
+            for start in range(0, output_len, BLOCK):
+                j = start + lanes
+                m = j < output_len
+                ids = tl.load(Output + slot * stride_o + j, mask=m, other=0)
+                m = m & (ids < vocab)
+                tl.store(scratch + j, tl.load(x + ids, mask=m, other=0.0) - p, mask=m)
+            tl.debug_barrier()
+            for start in range(0, output_len, BLOCK):
+                j = start + lanes
+                m = j < output_len
+                ids = tl.load(Output + slot * stride_o + j, mask=m, other=0)
+                m = m & (ids < vocab)
+                tl.store(x + ids, tl.load(scratch + j, mask=m, other=0.0), mask=m)
 
 
 def penalise(

@@ -48,7 +48,7 @@ class Request:
         self.finish_reason: str | None = None
         self.pieces: asyncio.Queue = asyncio.Queue()
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-        self._stops = StopChecker(params.stop)
+        self._stops = StopChecker(params.stop, params.include_stop_str_in_output)
         self._text_per_token = stream or bool(self._stops.stop)
         self._stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:

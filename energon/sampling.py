@@ -81,7 +81,8 @@ class SamplingParams:
     probability under the model's raw distribution (before temperature/top-k/top-p) and the k most
     likely tokens with theirs. `min_tokens=m` (as in vLLM) keeps the stop token ids (EOS unless
     ignore_eos) from being drawn as any of the first m tokens, and stop strings count only once
-    they end in the m-th token's text or later.
+    they end in the m-th token's text or later. The text ends before the stop string that ended
+    it, or with it when `include_stop_str_in_output` (vLLM's).
 
     Before the draw (as in vLLM and OpenAI): `logit_bias` ({token id: bias in [-100, 100]}, or
     (id, bias) pairs) is added to those logits; `repetition_penalty` r divides the positive
@@ -107,6 +108,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = ()
     min_p: float = 0.0
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self):
         self._check()
@@ -220,8 +222,9 @@ class SamplingParams:
                     "stop_token_ids", f"must be a list of ints >= 0 (got {token!r} in {ids!r})"
                 )
 
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequest("ignore_eos", f"must be True or False (got {self.ignore_eos!r})")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequest(name, f"must be True or False (got {getattr(self, name)!r})")
 
         m = self.min_tokens
         if not _is_int(m) or not 0 <= m <= self.max_tokens:

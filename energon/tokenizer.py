@@ -250,7 +250,7 @@ class IncrementalDetokenizer:
 @dataclass(frozen=True)
 class StopCheck:
     """`stopped`: a stop string occurred; `text`: the text to keep (cut before the first stop
-    string when stopped); `safe_len`: how many chars of `text` may be streamed now, the rest
+    string when stopped, or after it when the checker includes it); `safe_len`: how many chars of `text` may be streamed now, the rest
     possibly being the start of a stop string (== len(text) when stopped)."""
 
     stopped: bool
@@ -259,11 +259,13 @@ class StopCheck:
 
 
 class StopChecker:
-    """Finds the earliest occurrence of any stop string in the generated text."""
+    """Finds the earliest occurrence of any stop string in the generated text; `include` keeps
+    that stop string in the text (the longest of those starting there)."""
 
-    def __init__(self, stop: Sequence[str]):
+    def __init__(self, stop: Sequence[str], include: bool = False):
         self.stop = tuple(s for s in stop if s)
         self.longest = max((len(s) for s in self.stop), default=0)
+        self.include = include
 
     def check(self, text: str, checked_len: int = 0) -> StopCheck:
         """Check `text`, all generated text so far. `checked_len` is the length of the text at
@@ -272,9 +274,11 @@ class StopChecker:
         if not self.stop:
             return StopCheck(False, text, len(text))
         start = max(0, checked_len - self.longest + 1)
-        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        hits = [(i, len(s)) for i, s in ((text.find(s, start), s) for s in self.stop) if i >= 0]
         if hits:
-            cut = min(hits)
+            cut, length = min(hits, key=lambda hit: (hit[0], -hit[1]))
+            if self.include:
+                cut += length
             return StopCheck(True, text[:cut], cut)
         return StopCheck(False, text, self.safe_len(text))
 

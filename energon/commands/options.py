@@ -147,7 +147,7 @@ def _layer_counts(text: str) -> list[int]:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """--max-tokens --temperature (default greedy) --top-k --top-p --min-p --seed --stop
-    --stop-token-id --ignore-eos --min-tokens --repetition-penalty --frequency-penalty
+    --stop-token-id --ignore-eos --min-tokens --include-stop-str-in-output --repetition-penalty --frequency-penalty
     --presence-penalty --logit-bias."""
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -169,6 +169,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> 
     )
     parser.add_argument(
         "--min-tokens", type=int, default=0, help="tokens generated before a stop may end it"
+    )
+    parser.add_argument(
+        "--include-stop-str-in-output",
+        action="store_true",
+        help="keep the stop string that ended the output at its end",
     )
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     parser.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]")
@@ -207,6 +212,7 @@ def sampling_params(args: argparse.Namespace):
         stop=tuple(args.stop),
         stop_token_ids=tuple(args.stop_token_ids),
         ignore_eos=args.ignore_eos,
+        include_stop_str_in_output=args.include_stop_str_in_output,
         min_tokens=args.min_tokens,
         repetition_penalty=args.repetition_penalty,
         frequency_penalty=args.frequency_penalty,

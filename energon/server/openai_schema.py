@@ -5,7 +5,8 @@ Validation is strict about types (a string max_tokens is a 400 naming the field)
 features Energon does not have (best_of, suffix, chat's echo, vLLM's beam search): those are
 refused with a message rather than silently ignored. presence_penalty, frequency_penalty,
 logit_bias (token id strings as keys, as OpenAI's) and completions' echo are served, and so are
-vLLM's `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos` and `min_tokens`.
+vLLM's `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`, `min_tokens` and
+`include_stop_str_in_output`.
 Other unknown fields are ignored, as OpenAI does.
 """
 
@@ -191,8 +192,7 @@ def _include_usage(body: dict, stream: bool) -> bool:
 # Sampling controls Energon does not have, with the value that means "off": anything else is
 # refused, since ignoring it would answer a different question than the one asked.
 _UNSUPPORTED = {
-    "use_beam_search": False,  # vLLM's extensions
-    "include_stop_str_in_output": False,
+    "use_beam_search": False,  # vLLM's extension
 }
 
 
@@ -212,6 +212,7 @@ def _params(
         "stop_token_ids": body.get("stop_token_ids"),
         "min_tokens": body.get("min_tokens"),
         "ignore_eos": body.get("ignore_eos"),
+        "include_stop_str_in_output": body.get("include_stop_str_in_output"),
         "presence_penalty": body.get("presence_penalty"),
         "frequency_penalty": body.get("frequency_penalty"),
         "repetition_penalty": body.get("repetition_penalty"),

@@ -122,6 +122,19 @@ async def test_stop_string_cuts_the_text_before_its_first_occurrence(engine, hf,
     assert stop in tok.decode(done.token_ids)  # it stopped on the token that completed it
 
 
+async def test_a_stop_string_included_ends_the_text_streamed_or_not(engine, hf, tok):
+    prompt = ids_of(tok, "the mat")
+    ref_text = tok.decode(hf_greedy(hf, prompt, 24).tokens)
+    j = next(j for j in range(4, len(ref_text) - 1) if "\ufffd" not in ref_text[j : j + 2])
+    stop = ref_text[j : j + 2]
+    params = SamplingParams(max_tokens=24, stop=[stop], include_stop_str_in_output=True, **GREEDY)
+    done = await engine.infer(prompt, params)
+    end = ref_text.find(stop) + len(stop)
+    assert (done.text, done.finish_reason) == (ref_text[:end], "stop")
+    pieces = [piece async for piece in engine.stream(prompt, params)]
+    assert "".join(p.text for p in pieces) == ref_text[:end]
+
+
 async def test_stream_never_emits_a_stop_string(engine, hf, tok):
     prompt = ids_of(tok, "the log")
     ref_text = tok.decode(hf_greedy(hf, prompt, 24).tokens)

@@ -212,6 +212,13 @@ def test_stop_string_cuts_text_before_it():
     assert (check.stopped, check.text, check.safe_len) == (True, "one", 3)
 
 
+def test_stop_string_kept_when_included_the_longest_of_those_starting_there():
+    check = StopChecker(["END", "\n\n", "ENDS"], include=True).check("one\n\ntwo ENDS")
+    assert (check.stopped, check.text, check.safe_len) == (True, "one\n\n", 5)
+    longest = StopChecker(["END", "ENDS"], include=True).check("two ENDS more")
+    assert (longest.text, longest.safe_len) == ("two ENDS", 8)
+
+
 def test_earliest_stop_string_wins():
     assert StopChecker(["END", "two"]).check("one two END").text == "one "
 

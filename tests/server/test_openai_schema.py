@@ -133,7 +133,7 @@ def test_logprobs_ask_the_engine_for_at_least_the_chosen_tokens():
         ({"prompt": "x", "min_tokens": False}, "min_tokens"),
         ({"prompt": "x", "min_p": 1.1}, "min_p"),
         ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
-        ({"prompt": "x", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
+        ({"prompt": "x", "include_stop_str_in_output": 1}, "include_stop_str_in_output"),
         ({"prompt": "x", "stop_token_ids": "7"}, "stop_token_ids"),
         ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
     ],
@@ -152,6 +152,8 @@ def test_vllm_fields_at_their_neutral_values_and_stop_token_ids_are_served():
     req = parse_completion({**body, "stop_token_ids": [7, 9], "ignore_eos": True}, LIMITS, "tiny")
     assert req.params.stop_token_ids == (7, 9) and req.params.ignore_eos
     assert parse_completion({"prompt": "x", "min_tokens": 5}, LIMITS, "tiny").params.min_tokens == 5
+    kept = parse_completion({"prompt": "x", "include_stop_str_in_output": True}, LIMITS, "tiny")
+    assert kept.params.include_stop_str_in_output
 
 
 def test_penalties_and_logit_bias_are_served():

@@ -116,7 +116,11 @@ def _rules(
     PRESENCE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One row's phases (the module docstring), after its copy."""
+    """One row's phases (the module docstring), after its copy. A function of its own, not the
+    kernel's body: written inline under `if slot >= 0` (49718fb, and again as a plain inline of
+    this body) the compiled kernel gave wrong scores on an H200 while Triton's interpreter gave
+    the right ones; not taken apart (the inline version reuses the copy loop's variable names
+    inside the branch)."""
     if BIAS:
         for start in range(0, bias_len, BLOCK):
             j = start + lanes

@@ -525,10 +525,15 @@ class Engine:
                 piece = await req.pieces.get()
                 if isinstance(piece, BaseException):
                     raise piece
+                if piece.finish_reason not in (None, "abort") and req.prompt_rows is not None:
+                    [rows] = await req.prompt_rows
+                    req.prompt_logprobs = piece.prompt_logprobs = [None, *rows]
                 yield piece
                 if piece.finish_reason is not None:
                     return
         finally:
+            if req.prompt_rows is not None:
+                req.prompt_rows.cancel()  # no-op once done
             self._drop(req)
 
     async def forward(self, token_lists: Sequence[Sequence[int]]) -> list:
@@ -674,6 +679,11 @@ class Engine:
             self._kick_now()  # a full queue: admit what can run now before refusing anyone
         self.scheduler.add(SchedSequence(seq_id, ids, params.max_tokens))  # may raise
         req = Request(seq_id, ids, params, self.tokenizer, stream)
+        if params.prompt_logprobs is not None:  # one pass beside the batch, awaited at the end
+            req.prompt_rows = asyncio.ensure_future(
+                self.prompt_logprobs([ids], params.prompt_logprobs)
+            )
+            req.prompt_rows.add_done_callback(_retrieve)
         self._requests[seq_id] = req
         self._kick_next_turn()
         return req

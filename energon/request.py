@@ -77,6 +77,9 @@ class Request:
         self.arrived = time.perf_counter()
         self.first_scheduled: float | None = None
         self.cached_tokens = 0  # prompt tokens found in the prefix cache when first scheduled
+        # params.prompt_logprobs: the Engine's pass over the prompt, then its rows (first None)
+        self.prompt_rows: asyncio.Future | None = None
+        self.prompt_logprobs: list | None = None
         self.first_token: float | None = None
         self.last_token: float | None = None
 
@@ -189,6 +192,7 @@ class Request:
             usage=self.usage(),
             logprobs=self.logprobs,
             timings=self.timings(),
+            prompt_logprobs=self.prompt_logprobs,
         )
 
     def usage(self) -> Usage:

@@ -82,7 +82,10 @@ class SamplingParams:
     likely tokens with theirs. `min_tokens=m` (as in vLLM) keeps the stop token ids (EOS unless
     ignore_eos) from being drawn as any of the first m tokens, and stop strings count only once
     they end in the m-th token's text or later. The text ends before the stop string that ended
-    it, or with it when `include_stop_str_in_output` (vLLM's).
+    it, or with it when `include_stop_str_in_output` (vLLM's). `prompt_logprobs=k` (vLLM's; None
+    for none) also returns, per prompt token, its log probability given the tokens before it and
+    the k most likely tokens there (the first token's entry is None), as `Engine.prompt_logprobs`
+    computes them.
 
     Before the draw (as in vLLM and OpenAI): `logit_bias` ({token id: bias in [-100, 100]}, or
     (id, bias) pairs) is added to those logits; `repetition_penalty` r divides the positive
@@ -109,6 +112,7 @@ class SamplingParams:
     logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = ()
     min_p: float = 0.0
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         self._check()
@@ -122,6 +126,8 @@ class SamplingParams:
         object.__setattr__(self, "top_p", float(self.top_p))
         object.__setattr__(self, "seed", None if self.seed is None else int(self.seed))
         object.__setattr__(self, "logprobs", int(self.logprobs))
+        if self.prompt_logprobs is not None:
+            object.__setattr__(self, "prompt_logprobs", int(self.prompt_logprobs))
         object.__setattr__(self, "min_tokens", int(self.min_tokens))
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
             object.__setattr__(self, name, float(getattr(self, name)))
@@ -236,6 +242,12 @@ class SamplingParams:
         if not _is_int(k) or not 0 <= k <= MAX_LOGPROBS:
             raise InvalidRequest(
                 "logprobs", f"must be an int in [0, {MAX_LOGPROBS}], 0 for none (got {k!r})"
+            )
+        k = self.prompt_logprobs
+        if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+            raise InvalidRequest(
+                "prompt_logprobs",
+                f"must be None or an int in [0, {MAX_LOGPROBS}] (got {k!r})",
             )
 
         for name in ("presence_penalty", "frequency_penalty"):
@@ -359,7 +371,8 @@ class TokenLogprob:
 @dataclass
 class Completion:
     """A finished request: the generated text and ids (prompt excluded), why it ended, token
-    counts, per-token logprobs (None unless asked for) and timings."""
+    counts, per-token logprobs (None unless asked for), timings, and with `prompt_logprobs` one
+    entry per prompt token (the first None)."""
 
     text: str
     token_ids: list[int]
@@ -367,14 +380,15 @@ class Completion:
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
     timings: Timings | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
 class StreamPiece:
     """What `Engine.stream` yields: text and token ids new since the previous piece (text may be
     empty while a multi-byte character or a possible stop string is held back); the last piece
-    carries finish_reason and the request's timings and usage. `logprobs` (when asked for) has
-    one entry per id of `token_ids`."""
+    carries finish_reason and the request's timings and usage (and its prompt_logprobs when
+    asked for). `logprobs` (when asked for) has one entry per id of `token_ids`."""
 
     text: str
     token_ids: list[int]
@@ -382,6 +396,7 @@ class StreamPiece:
     logprobs: list[TokenLogprob] | None = None
     timings: Timings | None = None
     usage: Usage | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 CompletionChunk = StreamPiece

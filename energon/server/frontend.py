@@ -161,6 +161,7 @@ class Generation:
         self.finish_reason: str | None = None
         self.queued_s = 0.0  # the Engine's measure, from the last piece
         self.cached_tokens = 0  # the Engine's count, from the last piece
+        self.prompt_logprobs = None  # params.prompt_logprobs' rows, from the last piece
 
     @property
     def usage(self) -> Usage:
@@ -204,6 +205,7 @@ class Generation:
                         self.queued_s = piece.timings.queued_s
                     if piece.usage is not None:
                         self.cached_tokens = piece.usage.cached_tokens
+                    self.prompt_logprobs = piece.prompt_logprobs
                     outcome = "ok" if piece.finish_reason != "abort" else "aborted"
                 yield piece
         except BaseException as exc:

@@ -14,7 +14,9 @@ A client is a DEALER; the server is a ROUTER. Every message is one msgpack frame
        "finish_reason": "stop" | "length" | "abort", "usage": {...}, "timings": {...},
        "message": null | "why it was aborted"}
       (with params.logprobs = k, deltas and the final also carry "logprobs": one
-       {"token_id", "logprob", "top_ids", "top_logprobs"} per id of their "token_ids")
+       {"token_id", "logprob", "top_ids", "top_logprobs"} per id of their "token_ids"; with
+       params.prompt_logprobs = k the final carries "prompt_logprobs": null for the prompt's
+       first token, then one such row per later prompt token)
       {"v": 1, "type": "error", "id": 7 | null, "status": 400, "kind": "invalid_request",
        "field": "max_tokens" | null, "message": "max_tokens must be an int >= 1 (got 0)"}
 
@@ -303,6 +305,7 @@ def encode_final(
     timings: Timings,
     message: str | None = None,
     logprobs: list[TokenLogprob] | None = None,
+    prompt_logprobs: list[TokenLogprob | None] | None = None,
 ) -> bytes:
     msg = {
         "v": VERSION,
@@ -326,6 +329,8 @@ def encode_final(
     }
     if logprobs is not None:
         msg["logprobs"] = _logprob_rows(logprobs)
+    if prompt_logprobs is not None:  # the first prompt token has none
+        msg["prompt_logprobs"] = [None, *_logprob_rows(prompt_logprobs[1:])]
     return msgpack.packb(msg)
 
 
@@ -384,4 +389,11 @@ def completion_from_final(
         ),
         logprobs=logprobs,
         timings=timings_from_final(msg),
+        prompt_logprobs=_prompt_logprobs(msg.get("prompt_logprobs")),
     )
+
+
+def _prompt_logprobs(rows: list | None) -> list[TokenLogprob | None] | None:
+    if rows is None:
+        return None
+    return [None if row is None else TokenLogprob.from_wire(row) for row in rows]

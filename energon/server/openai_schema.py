@@ -203,6 +203,12 @@ def _params(
         value = body.get(name)
         if value is not None and (value != off or isinstance(value, bool) != isinstance(off, bool)):
             raise InvalidRequest(name, f"is not supported by Energon (only {json.dumps(off)})")
+    if body.get("prompt_logprobs") is not None:  # vLLM's; its reply format is its own
+        raise InvalidRequest(
+            "prompt_logprobs",
+            "is not served at the HTTP door: use completions' echo with logprobs (the ZeroMQ "
+            "door and the Engine take it)",
+        )
     fields = {
         "temperature": body.get("temperature"),
         "top_p": body.get("top_p"),

@@ -177,6 +177,7 @@ class ZmqDoor:
                 gen.timings,
                 gen.abort_message,
                 logprobs,
+                gen.prompt_logprobs,
             )
             await self._send(peer, final)
         except asyncio.CancelledError:  # aborted by the client (or the door is closing)

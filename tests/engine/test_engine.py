@@ -372,6 +372,26 @@ async def test_prompt_logprobs_are_transformers_log_softmax_at_each_position(eng
         await engine.prompt_logprobs([[5] * (window + 1)])
 
 
+async def test_a_request_with_prompt_logprobs_gets_them_with_its_completion(engine, hf, tok):
+    prompt = ids_of(tok, "the cat sat")
+    params = SamplingParams(max_tokens=3, prompt_logprobs=2, **GREEDY)
+    done = await engine.infer(prompt, params)
+    pieces = [p async for p in engine.stream(prompt, params)]
+    [alone] = await engine.prompt_logprobs([prompt], top=2)
+    assert done.prompt_logprobs == [None, *alone] == pieces[-1].prompt_logprobs
+    assert [p.prompt_logprobs for p in pieces[:-1]] == [None] * (len(pieces) - 1)
+    expected = torch.log_softmax(hf_logits_of(hf, prompt).double(), -1)
+    for i, entry in enumerate(done.prompt_logprobs[1:]):
+        assert entry.token_id == prompt[i + 1]
+        assert entry.logprob == pytest.approx(float(expected[i, prompt[i + 1]]), abs=1e-4)
+    assert done.token_ids == hf_greedy(hf, prompt, 3).tokens
+    assert (await engine.infer(prompt, SamplingParams(max_tokens=2))).prompt_logprobs is None
+    for bad in (21, -1, True, 1.5):
+        with pytest.raises(InvalidRequest) as info:
+            SamplingParams(prompt_logprobs=bad)
+        assert info.value.field == "prompt_logprobs"
+
+
 @pytest.mark.parametrize(
     ("lists", "top", "field"),
     [

@@ -133,6 +133,7 @@ def test_logprobs_ask_the_engine_for_at_least_the_chosen_tokens():
         ({"prompt": "x", "min_tokens": False}, "min_tokens"),
         ({"prompt": "x", "min_p": 1.1}, "min_p"),
         ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+        ({"prompt": "x", "prompt_logprobs": 1}, "prompt_logprobs"),
         ({"prompt": "x", "include_stop_str_in_output": 1}, "include_stop_str_in_output"),
         ({"prompt": "x", "stop_token_ids": "7"}, "stop_token_ids"),
         ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),

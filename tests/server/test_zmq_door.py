@@ -48,6 +48,24 @@ async def test_logprobs_and_timings_come_through_infer_and_stream(server):
     assert [p.timings for p in pieces[:-1]] == [None] * (len(pieces) - 1)
 
 
+async def test_prompt_logprobs_come_with_the_final_reply(server):
+    """A prompt's logprob rows through the door: the first None, then each token's; the rows of
+    "Hello" + the token generated after it end with that token's logprob as it was generated."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=1, prompt_logprobs=1)
+    async with Client(server.zmq) as client:
+        first = await client.infer("Hello", params)
+        again = await client.infer(list(b"Hello") + first.token_ids, params)
+        streamed = [p async for p in client.stream("Hello", params)]
+        plain = await client.infer("Hello", GREEDY)
+    assert first.prompt_logprobs[0] is None and len(first.prompt_logprobs) == 5
+    assert [r.token_id for r in first.prompt_logprobs[1:]] == list(b"ello")
+    assert again.prompt_logprobs[:5] == first.prompt_logprobs
+    assert again.prompt_logprobs[5].token_id == first.logprobs[0].token_id
+    assert again.prompt_logprobs[5].logprob == pytest.approx(first.logprobs[0].logprob, abs=1e-4)
+    assert plain.prompt_logprobs is None
+    assert streamed[-1].finish_reason is not None
+
+
 async def test_logit_bias_and_penalties_travel_as_params(server):
     biased = SamplingParams(max_tokens=4, temperature=0.0, logit_bias={ord("q"): 100.0})
     rules = dict(max_tokens=12, temperature=0.0, ignore_eos=True)

@@ -17,6 +17,7 @@ import torch
 from engine_helpers import (
     assert_greedy_equal,
     hf_greedy,
+    hf_logits_of,
     hf_processed_greedy,
     make_llama,
     one_torch_thread,  # noqa: F401 (autouse)
@@ -106,13 +107,22 @@ async def test_without_prefix_caching_every_prompt_is_computed(model):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_cuda_requests_with_a_cached_prefix_equal_their_solo_result(model):
     """On cuda (float32; decode graphs, prefill graphs for the first request, eager chunks for
-    those that start after their cached prefix)."""
-    folder, _, refs = model
+    those that start after their cached prefix); the last request also asks for its prompt's
+    logprobs (the Engine's prompt pass on cuda), checked against transformers."""
+    folder, hf, refs = model
     async with Engine(str(folder), device="cuda", dtype="float32", block_size=4) as engine:
         first = await engine.infer(PROMPTS[0], SamplingParams(max_tokens=NEW, **GREEDY))
+        params = [SamplingParams(max_tokens=NEW, **GREEDY)] * 6
+        params.append(SamplingParams(max_tokens=NEW, prompt_logprobs=2, **GREEDY))
         done = await asyncio.gather(
-            *(engine.infer(p, SamplingParams(max_tokens=NEW, **GREEDY)) for p in PROMPTS[1:])
+            *(engine.infer(p, q) for p, q in zip(PROMPTS[1:], params, strict=True))
         )
         assert engine.stats()["prefix_cache_hit_tokens"] >= 7 * 36
     for c, ref in zip([first, *done], refs, strict=True):
         assert_greedy_equal(c.token_ids, ref)
+    expected = torch.log_softmax(hf_logits_of(hf, PROMPTS[7]).double(), -1)
+    rows = done[-1].prompt_logprobs
+    assert rows[0] is None and len(rows) == len(PROMPTS[7])
+    for i, row in enumerate(rows[1:]):
+        assert row.token_id == PROMPTS[7][i + 1]
+        assert row.logprob == pytest.approx(float(expected[i, row.token_id]), abs=1e-4)

@@ -170,8 +170,9 @@ class BlockManager:
                 self._used[block] += 1
         seq.block_table = list(blocks)
         seq.num_registered_blocks = len(blocks)
-        self.queried_tokens += seq.num_tokens
-        self.hit_tokens += len(blocks) * self.block_size
+        if self.prefix_caching:  # without it nothing was looked up
+            self.queried_tokens += seq.num_tokens
+            self.hit_tokens += len(blocks) * self.block_size
 
     def register(self, seq: Sequence, num_computed_tokens: int) -> None:
         """Make the full blocks among `seq`'s first `num_computed_tokens` tokens (computed, and

@@ -554,8 +554,8 @@ class Engine:
         """One padding-free pass; per sequence, for each token after the first, its log
         probability given the tokens before it (log_softmax of the raw logits, in float64) and
         the `top` (0 to MAX_LOGPROBS, 20) most likely tokens there: what OpenAI's `echo` with
-        `logprobs` shows for a prompt. Raises like `forward`, and InvalidRequest for a sequence longer than the
-        context window."""
+        `logprobs` shows for a prompt. Raises like `forward`, and InvalidRequest for a sequence
+        longer than the context window."""
         if (
             isinstance(top, bool)
             or not isinstance(top, numbers.Integral)
@@ -727,7 +727,7 @@ class Engine:
             for s in plan.seqs:
                 req = self._requests.get(s.seq_id)
                 if req is not None:
-                    req.on_scheduled(s.start if s.fresh else 0)
+                    req.on_scheduled(s.start)
             try:
                 oldest = self.scheduler.oldest_in_flight if self.lookahead else None
                 message = step_message(plan, self._requests, oldest, self._released)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
+_NUMPY = {torch.int64: np.int64, torch.float32: np.float32}
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -99,9 +99,10 @@ class Penalties:
         flat = slots * self._tables["output"].shape[1] + positions
         kind = int(np.bitwise_or.reduce(self._kinds[slots]))
         kernels = self._kernels or triton_kernels_for("penalty_kernels", ENV_SWITCH, scores)
+        at = (np.asarray(rows), slots, positions, flat)
         if kernels is None:
-            return self._eager(scores, np.asarray(rows), slots, flat, kind)
-        return self._fused(kernels, scores, np.asarray(rows), slots, flat, kind)
+            return self._eager(scores, *at, kind)
+        return self._fused(kernels, scores, *at, kind)
 
     def count(self, token_ids: torch.Tensor) -> None:
         """Append the tokens drawn for the rows of the last `apply` to their outputs (on the
@@ -124,13 +125,14 @@ class Penalties:
                 "(re)start must carry its history"
             ) from None
 
-    def _fused(self, kernels, scores, rows: np.ndarray, slots, flat, kind: int) -> torch.Tensor:
-        """The float32 copy and every rule in one kernel (energon/kernels/penalty_kernels.py)."""
+    def _fused(self, kernels, scores, rows, slots, positions, flat, kind: int) -> torch.Tensor:
+        """The float32 copy and every rule in one kernel (energon/kernels/penalty_kernels.py).
+        `rows`, `slots`, `positions` (output lengths) and `flat` as `apply` works them out."""
         batch, n = scores.shape[0], len(slots)
         per_row = np.zeros((4, batch), np.int64)  # slot (-1: none), output, prompt, bias lengths
         per_row[0] = -1
         per_row[0, rows] = slots
-        per_row[1, rows] = self._lengths["output"][slots]
+        per_row[1, rows] = positions
         per_row[2, rows] = self._lengths["prompt"][slots]
         per_row[3, rows] = self._lengths["bias_ids"][slots]
         index = to_device(np.concatenate([per_row.ravel(), rows, flat]), torch.int64, scores.device)
@@ -144,8 +146,8 @@ class Penalties:
             presence=bool(kind & _PRESENCE),
         )  # fmt: skip
 
-    def _eager(self, scores, rows: np.ndarray, slots, flat, kind: int) -> torch.Tensor:
-        """The float32 copy and the rules as torch ops."""
+    def _eager(self, scores, rows, slots, positions, flat, kind: int) -> torch.Tensor:
+        """The float32 copy and the rules as torch ops (arguments as `_fused`'s)."""
         batch, vocab = scores.shape
         n = len(slots)
         index = to_device(np.concatenate([rows, slots, flat]), torch.int64, scores.device)
@@ -162,7 +164,7 @@ class Penalties:
             ids = self._tables["bias_ids"].index_select(0, slots_t)[:, :width]
             values = self._tables["bias_values"].index_select(0, slots_t)[:, :width]
             xr.scatter_add_(1, ids, values)
-        output_len = int(self._lengths["output"][slots].max())
+        output_len = int(positions.max())
         output = self._tables["output"].index_select(0, slots_t)[:, :output_len]
         if kind & _REPETITION:
             seen = output

@@ -91,11 +91,12 @@ class Request:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def on_scheduled(self, cached_tokens: int = 0) -> None:
-        """A step runs it; the first one says how many prompt tokens were found cached."""
+    def on_scheduled(self, start: int = 0) -> None:
+        """A step runs it from position `start`; the first one (its admission) starts after the
+        prompt tokens found in the prefix cache."""
         if self.first_scheduled is None:
             self.first_scheduled = time.perf_counter()
-            self.cached_tokens = cached_tokens
+            self.cached_tokens = start
 
     def ends_with(self, token_id: int) -> bool:
         """Whether this token, taken next, ends the request whatever the text says: a stop token

@@ -366,8 +366,7 @@ class Scheduler:
             bisect.insort(self._running, seq, key=_by_arrival)
             self.blocks.adopt(seq, cached)
             seq.num_computed_tokens = start
-            seq.fresh = True
-            chosen.append(self._take(seq, n, start))
+            chosen.append(self._take(seq, n, start, fresh=True))
             budget -= n
         if not chosen:
             return None
@@ -438,11 +437,10 @@ class Scheduler:
         return None, {}
 
     def _take(
-        self, seq: Sequence, n: int, start: int, chain_row: int | None = None
+        self, seq: Sequence, n: int, start: int, chain_row: int | None = None, fresh: bool = False
     ) -> ScheduledSeq:
         self.blocks.allocate(seq, start + n)
         seq.in_flight += 1
-        fresh, seq.fresh = seq.fresh, False
         return ScheduledSeq(
             seq=seq,
             start=start,

@@ -48,7 +48,6 @@ class Sequence:
         "block_table",
         "in_flight",
         "arrival",
-        "fresh",
         "block_digests",
         "num_registered_blocks",
     )
@@ -68,7 +67,6 @@ class Sequence:
         self.block_table: list[int] = []  # cache block ids; block i holds tokens [i*bs, (i+1)*bs)
         self.in_flight = 0  # steps that run it and have not come back yet (2: a chained one)
         self.arrival = -1  # FCFS order, set by Scheduler.add; larger is newer
-        self.fresh = False  # admitted, its next step the first of a (re)computation
         # prefix caching (energon/block_manager.py): digests of its full blocks of tokens, and
         # how many blocks of its table are findable by them
         self.block_digests: list[bytes] = []

@@ -250,8 +250,9 @@ class IncrementalDetokenizer:
 @dataclass(frozen=True)
 class StopCheck:
     """`stopped`: a stop string occurred; `text`: the text to keep (cut before the first stop
-    string when stopped, or after it when the checker includes it); `safe_len`: how many chars of `text` may be streamed now, the rest
-    possibly being the start of a stop string (== len(text) when stopped)."""
+    string when stopped, or after it when the checker includes it); `safe_len`: how many chars
+    of `text` may be streamed now, the rest possibly being the start of a stop string
+    (== len(text) when stopped)."""
 
     stopped: bool
     text: str

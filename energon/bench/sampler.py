@@ -102,22 +102,6 @@ def hf_step(params: SamplingParams, input_ids: torch.Tensor, generator: torch.Ge
     return step
 
 
-def per_call_seconds(fn, device: torch.device, calls: int, repeat: int) -> float:
-    """Median over `repeat` of (time for `calls` calls of fn() in a row, until the device is
-    done) / calls."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
-
-
 @contextlib.contextmanager
 def kernels(on: bool):
     """The Sampler's Triton kernels on (as configured) or off (its eager ops) inside."""
@@ -140,7 +124,7 @@ def case_records(args, name: str, rows: int, bandwidth: float, device) -> list[R
     settings = [s.strip() for s in args.kernels.split(",")]
     calls = {}
     for setting in settings:
-        with kernels(setting == "on"):
+        with kernels(setting != "off"):
             calls[setting] = sampler_call(args, params, rows, device)
     ours = alternated_seconds(calls, device, args.calls, args.repeat)
     logits = case_logits(args, rows, device)
@@ -152,7 +136,7 @@ def case_records(args, name: str, rows: int, bandwidth: float, device) -> list[R
         baseline_params = replace(params, presence_penalty=0.0, frequency_penalty=0.0)
         note = "; HF has no presence/frequency penalty: its baseline runs without them"
     hf = hf_step(baseline_params, input_ids, torch.Generator(device=device).manual_seed(0))
-    theirs = per_call_seconds(lambda: hf(logits), device, args.calls, args.repeat)
+    theirs = alternated_seconds({"hf": lambda: hf(logits)}, device, args.calls, args.repeat)["hf"]
     moved = rows * args.vocab * 2  # the fp16 logits, read once
     floor = moved / bandwidth
     return [
@@ -194,16 +178,18 @@ def token_ids(args, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def alternated_seconds(calls: dict, device, n: int, repeat: int) -> dict:
-    """Per call of each setting's function (setting -> fn): the median over `repeat` rounds in
-    which each setting runs `n` calls in turn (so a drift of the machine meets all of them)."""
+    """Per call of each setting's function (setting -> fn; "off" runs without the kernels):
+    after 3 warm-up calls each, the median over `repeat` rounds in which each setting runs `n`
+    calls in a row until the device is done, in turn (so a drift of the machine meets all of
+    them)."""
     times = {setting: [] for setting in calls}
     for setting, fn in calls.items():
-        with kernels(setting == "on"):
+        with kernels(setting != "off"):
             for _ in range(3):
                 fn()
     for _ in range(repeat):
         for setting, fn in calls.items():
-            with kernels(setting == "on"):
+            with kernels(setting != "off"):
                 synchronize(device)
                 start = time.perf_counter()
                 for _ in range(n):

@@ -147,8 +147,8 @@ def _layer_counts(text: str) -> list[int]:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """--max-tokens --temperature (default greedy) --top-k --top-p --min-p --seed --stop
-    --stop-token-id --ignore-eos --min-tokens --include-stop-str-in-output --repetition-penalty --frequency-penalty
-    --presence-penalty --logit-bias."""
+    --stop-token-id --ignore-eos --min-tokens --include-stop-str-in-output --repetition-penalty
+    --frequency-penalty --presence-penalty --logit-bias."""
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)

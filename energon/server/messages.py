@@ -279,8 +279,11 @@ def params_to_dict(params: SamplingParams) -> dict:
 # ------------------------------------------------------------------------------ server -> client
 
 
-def _logprob_rows(logprobs: list[TokenLogprob] | None) -> list[dict] | None:
-    return None if logprobs is None else [lp.to_wire() for lp in logprobs]
+def _logprob_rows(logprobs: list[TokenLogprob | None] | None) -> list[dict | None] | None:
+    """Rows as the wire carries them (None stays None: a prompt's first token has no row)."""
+    if logprobs is None:
+        return None
+    return [None if lp is None else lp.to_wire() for lp in logprobs]
 
 
 def encode_delta(request_id: int | str, piece: StreamPiece) -> bytes:
@@ -329,8 +332,8 @@ def encode_final(
     }
     if logprobs is not None:
         msg["logprobs"] = _logprob_rows(logprobs)
-    if prompt_logprobs is not None:  # the first prompt token has none
-        msg["prompt_logprobs"] = [None, *_logprob_rows(prompt_logprobs[1:])]
+    if prompt_logprobs is not None:
+        msg["prompt_logprobs"] = _logprob_rows(prompt_logprobs)
     return msgpack.packb(msg)
 
 
@@ -359,8 +362,14 @@ def decode_reply(frame: bytes) -> dict:
 
 def logprobs_from_reply(msg: dict) -> list[TokenLogprob] | None:
     """A delta's or final's logprobs (None when the request asked for none)."""
-    rows = msg.get("logprobs")
-    return None if rows is None else [TokenLogprob.from_wire(row) for row in rows]
+    return _from_rows(msg.get("logprobs"))
+
+
+def _from_rows(rows: list | None) -> list[TokenLogprob | None] | None:
+    """`_logprob_rows` read back."""
+    if rows is None:
+        return None
+    return [None if row is None else TokenLogprob.from_wire(row) for row in rows]
 
 
 def timings_from_final(msg: dict) -> Timings:
@@ -389,11 +398,5 @@ def completion_from_final(
         ),
         logprobs=logprobs,
         timings=timings_from_final(msg),
-        prompt_logprobs=_prompt_logprobs(msg.get("prompt_logprobs")),
+        prompt_logprobs=_from_rows(msg.get("prompt_logprobs")),
     )
-
-
-def _prompt_logprobs(rows: list | None) -> list[TokenLogprob | None] | None:
-    if rows is None:
-        return None
-    return [None if row is None else TokenLogprob.from_wire(row) for row in rows]

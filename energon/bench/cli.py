@@ -12,6 +12,7 @@ SCENARIOS = {
     "gemv": "energon.bench.gemv",
     "generate": "energon.bench.generate",
     "paged-attention": "energon.bench.paged_attention",
+    "paged-prefill": "energon.bench.paged_prefill",
     "pipeline": "energon.bench.pipeline",
     "pool": "energon.bench.pool",
     "prefix": "energon.bench.prefix",

@@ -15,8 +15,10 @@ A fresh prefill (no sequence has cached tokens, `meta.fresh`) writes its K/V to 
 attends to the new tokens directly, as without a cache. Faster paths come first where they apply:
 flash varlen attention (CUDA, fp16/bf16, no ALiBi; over the paged cache only where torch's
 varlen_attn takes block tables), then for decode-like
-steps over the cache the Triton kernel of `energon.parallel.paged_attention`, which reads K/V
-from the cache pages in place instead of gathering them into the grid.
+steps over the cache the Triton kernel of `energon.parallel.paged_attention`, and for other
+cached steps (prompts after a cached prefix, later chunks of long prompts) the one of
+`energon.parallel.paged_prefill`: both read K/V from the cache pages in place instead of
+gathering them into the grid.
 """
 
 from __future__ import annotations
@@ -84,6 +86,16 @@ def _paged_kernels():
     except ImportError:
         return None
     return paged_attention
+
+
+@functools.cache
+def _prefill_kernels():
+    """energon.parallel.paged_prefill, imported on first CUDA use; None without triton."""
+    try:
+        from energon.parallel import paged_prefill
+    except ImportError:
+        return None
+    return paged_prefill
 
 
 def paged_usable(q: torch.Tensor, meta: BatchMeta, num_heads: int, num_kv_heads: int) -> bool:
@@ -179,6 +191,8 @@ class Attention(nn.Module):
                 out = self._varlen(q, k, v, meta, cached)
         elif cached and self._takes_paged(q, meta):
             out = self._paged(q, meta)
+        elif cached and self._takes_paged_prefill(q):
+            out = self._paged_prefill(q, meta)
         else:
             out = self._varlen(q, k, v, meta, cached)
         return out
@@ -241,6 +255,26 @@ class Attention(nn.Module):
         if self.use_flash and flash_usable(q, self.alibi_slopes is not None, True):
             return False
         return self.use_paged and paged_usable(q, meta, self.num_heads, self.num_kv_heads)
+
+    def _takes_paged_prefill(self, q) -> bool:
+        """Whether a cached call that is not decode-like goes to the Triton prefill kernel
+        (when flash cannot read the paged cache): triton installed, CUDA, fp16/bf16."""
+        kernels = _prefill_kernels() if q.is_cuda and self.use_paged else None
+        return kernels is not None and kernels.supports(q, self.head_dim)
+
+    def _paged_prefill(self, q, meta):
+        """Many new tokens a sequence after cached ones: the Triton kernel reads K/V through the
+        block tables (the cache holds the new ones already), no gather into a grid."""
+        return _prefill_kernels().paged_prefill(
+            q,
+            self.kv_cache,
+            meta.block_tables,
+            meta.context_lens,
+            meta.cu_seqlens,
+            meta.max_seqlen_q,
+            self.scale,
+            alibi_slopes=self._device_slopes(q.device),
+        )
 
     def _paged(self, q, meta, new_kv=None):
         """Decode-like step: the Triton kernel reads K/V through the block tables, no gather;

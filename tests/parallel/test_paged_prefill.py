@@ -1,0 +1,156 @@
+"""The Triton paged prefill-attention kernel equals a float64 softmax over the cached keys.
+
+As for the decode kernel (test_paged_attention.py, whose cases and float64 reference these
+tests share): without CUDA the kernel runs in Triton's interpreter in one spawned worker
+process, with CUDA compiled on the GPU; everything skips where triton is not installed.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_paged_attention import TOL, make_case, needs_cuda, reference
+
+from energon.parallel.attention import Attention, alibi_slopes
+from energon.parallel.packing import BatchMeta
+
+
+def _paged_prefill(kwargs):
+    """Runs in the kernel's process: the interpreter worker, or this one on CUDA."""
+    from energon.parallel.paged_prefill import paged_prefill
+
+    return paged_prefill(**kwargs)
+
+
+class Kernels:
+    """Calls paged_prefill compiled on CUDA, else interpreted in a worker process."""
+
+    def __init__(self, pool=None):
+        self.pool = pool
+        self.device = "cpu" if pool else "cuda"
+
+    def __call__(self, q, cache, meta, scale, slopes=None, **kwargs):
+        kwargs.update(
+            q=q,
+            kv_cache=cache,
+            block_tables=meta.block_tables,
+            context_lens=meta.context_lens,
+            cu_seqlens=meta.cu_seqlens,
+            max_seqlen_q=meta.max_seqlen_q,
+            scale=scale,
+            alibi_slopes=None if slopes is None else slopes.to(q.device),
+        )
+        if self.pool is None:
+            return _paged_prefill(kwargs)
+        return self.pool.apply(_paged_prefill, (kwargs,))
+
+
+@pytest.fixture(scope="module")
+def prefill(request):
+    """Compiled on CUDA, else the Triton-interpreter worker (tests/conftest.py)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return Kernels()
+    return Kernels(request.getfixturevalue("triton_interpreter"))
+
+
+# Prompts after a cached prefix (5 new of 37, 70 of 200), a whole prompt (40 of 40: its keys
+# are all new) and a single token (1 of 20) in one call.
+QUERY_LENS, CONTEXT_LENS = [5, 40, 1, 70], [37, 40, 20, 200]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa2", "mqa"])
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["no-alibi", "alibi"])
+def test_prefill_after_cached_tokens_equals_reference(
+    prefill, use_alibi, kv_heads, block_size, dtype
+):
+    q, cache, meta, kv = make_case(
+        QUERY_LENS, CONTEXT_LENS, kv_heads=kv_heads, block_size=block_size, dtype=dtype,
+        device=prefill.device, seed=block_size + kv_heads,
+    )  # fmt: skip
+    slopes = alibi_slopes(4) if use_alibi else None
+    out = prefill(q, cache, meta, 0.125, slopes)
+    assert out.dtype == dtype and out.shape == q.shape
+    expected = reference(q, kv, QUERY_LENS, 0.125, slopes)
+    torch.testing.assert_close(out.cpu().double(), expected.cpu(), atol=TOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize(("block_m", "block_n"), [(16, 16), (16, 64), (64, 16), (32, 32)])
+def test_tiles_that_cross_the_causal_diagonal(prefill, block_m, block_n):
+    # Query tiles that start mid-page and key tiles that cut the diagonal at every offset; the
+    # second sequence's 3 query tiles of 16 end at different key tiles.
+    query_lens, context_lens = [7, 45, 33], [100, 61, 33]
+    q, cache, meta, kv = make_case(query_lens, context_lens, device=prefill.device, seed=block_m)
+    slopes = alibi_slopes(4)
+    out = prefill(q, cache, meta, 0.125, slopes, block_m=block_m, block_n=block_n)
+    expected = reference(q, kv, query_lens, 0.125, slopes)
+    torch.testing.assert_close(out.cpu().double(), expected.cpu(), atol=1e-5, rtol=0)
+
+
+def test_odd_head_dim_and_one_sequence(prefill):
+    query_lens, context_lens = [24], [90]
+    q, cache, meta, kv = make_case(
+        query_lens, context_lens, kv_heads=4, head_dim=40, device=prefill.device, seed=3
+    )
+    out = prefill(q, cache, meta, 40**-0.5, block_m=16)
+    expected = reference(q, kv, query_lens, 40**-0.5)
+    torch.testing.assert_close(out.cpu().double(), expected.cpu(), atol=1e-5, rtol=0)
+
+
+# --- compiled on the GPU ----------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["no-alibi", "alibi"])
+def test_cuda_kernel_equals_reference(prefill, dtype, use_alibi):
+    query_lens, context_lens = [64, 300, 1, 129, 512], [1088, 300, 40, 1000, 2048]
+    for block_size, head_dim, kv_heads in [(16, 128, 4), (32, 64, 1), (16, 256, 2)]:
+        q, cache, meta, kv = make_case(
+            query_lens, context_lens, kv_heads=kv_heads, head_dim=head_dim,
+            block_size=block_size, dtype=dtype, device="cuda", seed=block_size + head_dim,
+        )  # fmt: skip
+        slopes = alibi_slopes(4) if use_alibi else None
+        out = prefill(q, cache, meta, head_dim**-0.5, slopes)
+        expected = reference(q, kv, query_lens, head_dim**-0.5, slopes)
+        torch.testing.assert_close(out.cpu().double(), expected, atol=TOL[dtype], rtol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["no-alibi", "alibi"])
+def test_cuda_attention_after_a_cached_prefix_takes_prefill_kernel(monkeypatch, use_alibi):
+    """A step of prompts continuing after cached tokens (and one later decode) goes to the
+    prefill kernel, not the grid path, and equals the grid path's output."""
+    pytest.importorskip("triton")
+    heads, kv_heads, head_dim, block_size = 8, 2, 64, 16
+    query_lens, context_lens = [48, 30, 1], [112, 60, 77]
+    pool = list(range(24))
+    random.Random(1).shuffle(pool)
+    tables, at = [], 0
+    for n in context_lens:
+        tables.append(pool[at : at + -(-n // block_size)])
+        at += len(tables[-1])
+    slopes = alibi_slopes(heads) if use_alibi else None
+    attn = Attention(heads, kv_heads, head_dim, head_dim**-0.5, alibi_slopes=slopes)
+    attn.use_flash = False  # a torch whose varlen_attn reads block tables would go there first
+    g = torch.Generator().manual_seed(2)
+    attn.kv_cache = torch.randn(2, 24, block_size, kv_heads, head_dim, generator=g).cuda().half()
+    T = sum(query_lens)
+    q = torch.randn(T, heads * head_dim, generator=g).cuda().half()
+    k, v = (torch.randn(T, kv_heads * head_dim, generator=g).cuda().half() for _ in "kv")
+    meta = BatchMeta.for_step(query_lens, context_lens, tables, block_size, device="cuda")
+    assert meta.parts is not None  # prompts then a decode: each part its own way
+
+    attn.use_paged = False
+    cache = attn.kv_cache.clone()
+    grid = attn(q, k, v, meta)
+    attn.use_paged, attn.kv_cache = True, cache
+    monkeypatch.setattr(attn, "_varlen", lambda *a: pytest.fail("took the grid path"))
+    out = attn(q, k, v, meta)
+    torch.testing.assert_close(out, grid, atol=2e-3, rtol=0)

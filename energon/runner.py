@@ -396,6 +396,7 @@ class ModelRunner(OffloadMember):
             return None
         return PrefillGraphs(
             last_stage=self.state.is_last_stage,
+            max_blocks=-(-self._graph_window(scratch_block) // self.block_size),
             buckets=buckets,
             **self._graph_options(scratch_block, capture),
         )
@@ -413,14 +414,19 @@ class ModelRunner(OffloadMember):
             capture=capture,
         )
 
-    def _decode_graphs(self, scratch_block: int, capture: bool) -> DecodeGraphs:
-        window = min(
+    def _graph_window(self, scratch_block: int) -> int:
+        """The longest context a graph reads (its block tables' width): the model's window, at
+        most MAX_GRAPH_CONTEXT and what the cache holds."""
+        return min(
             context_window(self.spec.config) or MAX_GRAPH_CONTEXT,
             MAX_GRAPH_CONTEXT,
             scratch_block * self.block_size,  # the scratch block's id is the cache's block count
         )
+
+    def _decode_graphs(self, scratch_block: int, capture: bool) -> DecodeGraphs:
         return DecodeGraphs(
-            max_blocks=-(-window // self.block_size), **self._graph_options(scratch_block, capture)
+            max_blocks=-(-self._graph_window(scratch_block) // self.block_size),
+            **self._graph_options(scratch_block, capture),
         )
 
     def step_meta(self, step: dict) -> tuple[torch.Tensor | None, BatchMeta]:
@@ -488,7 +494,8 @@ class ModelRunner(OffloadMember):
         """One cached prefill/decode step; logits stay on the device (last stage, every tp rank).
 
         Writes the new tokens' K/V into the cache. No host sync beyond the host→device copies.
-        Decode steps and prefills of up to 8 new prompts that fit a graph replay it."""
+        Decode steps, and steps of up to 8 prompts (whole or after a cached prefix) that fit a
+        graph, replay one."""
         if (
             self.prefill_graphs is not None
             and self.prefill_graphs.takes(step["query_lens"], step["context_lens"])
@@ -521,11 +528,14 @@ class ModelRunner(OffloadMember):
 
     def _prefill_graph_step(self, step: dict) -> torch.Tensor | None:
         query_lens = [int(q) for q in step["query_lens"]]
+        context_lens = [int(c) for c in step["context_lens"]]
         tables = step["block_tables"]
         return self._replay(
             step,
             sum(query_lens),
-            lambda x, receive: self.prefill_graphs.run(query_lens, tables, x, receive),
+            lambda x, receive: self.prefill_graphs.run(
+                query_lens, context_lens, tables, x, receive
+            ),
         )
 
     @torch.inference_mode()

@@ -34,6 +34,47 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _key_tile(
+    q, m_i, l_i, acc, n0, hi, q_pos, d, d_ok, K, V, BlockTables, seq, kvh, qk_scale, slope,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, USE_ALIBI: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr,  # some keys of the tile lie past some rows' queries
+):  # fmt: skip
+    """One key tile (keys n0 .. n0 + BLOCK_N - 1, those below `hi`) into the online softmax."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = n < hi
+    page = tl.load(BlockTables + seq * stride_bt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+    slot = n % PAGE
+    k_ptrs = K + page[None, :] * stride_kb + slot[None, :] * stride_ks + kvh * stride_kh
+    k = tl.load(k_ptrs + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+    k = k.to(q.dtype)  # [BLOCK_D, BLOCK_N]
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    s = s * qk_scale
+    if USE_ALIBI:
+        s += slope * (n[None, :] - q_pos[:, None]).to(tl.float32)
+    if CAUSAL:
+        s = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    v_ptrs = V + page[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
+    v = tl.load(v_ptrs + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    v = v.to(q.dtype)  # [BLOCK_N, BLOCK_D]
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _paged_prefill_kernel(
     Q,
     K,
@@ -82,6 +123,7 @@ def _paged_prefill_kernel(
 
     q_ptrs = Q + (q_start + m)[:, None] * stride_qt + head * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    slope = 0.0
     if USE_ALIBI:
         slope = tl.load(Slopes + head).to(tl.float32) * 1.4426950408889634
 
@@ -89,38 +131,21 @@ def _paged_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for n0 in range(0, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < hi
-        page = tl.load(BlockTables + seq * stride_bt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-        slot = n % PAGE
-        k_ptrs = K + page[None, :] * stride_kb + slot[None, :] * stride_ks + kvh * stride_kh
-        k = tl.load(k_ptrs + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        k = k.to(q.dtype)  # [BLOCK_D, BLOCK_N]
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        s = s * qk_scale
-        if USE_ALIBI:
-            s += slope * (n[None, :] - q_pos[:, None]).to(tl.float32)
-        s = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-
-        v_ptrs = V + page[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
-        v = tl.load(v_ptrs + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = v.to(q.dtype)  # [BLOCK_N, BLOCK_D]
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    # Key tiles every row of the tile sees whole (up to its first query) need no causal mask;
+    # the rest, up to its last query, do.
+    lo = tl.minimum((ctx - q_len + tile * BLOCK_M + 1) // BLOCK_N * BLOCK_N, hi)
+    for n0 in range(0, lo, BLOCK_N):
+        m_i, l_i, acc = _key_tile(
+            q, m_i, l_i, acc, n0, hi, q_pos, d, d_ok, K, V, BlockTables, seq, kvh, qk_scale,
+            slope, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+            PAGE, BLOCK_N, USE_ALIBI, IEEE, False,
+        )  # fmt: skip
+    for n0 in range(lo, hi, BLOCK_N):
+        m_i, l_i, acc = _key_tile(
+            q, m_i, l_i, acc, n0, hi, q_pos, d, d_ok, K, V, BlockTables, seq, kvh, qk_scale,
+            slope, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+            PAGE, BLOCK_N, USE_ALIBI, IEEE, True,
+        )  # fmt: skip
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_ptrs = Out + (q_start + m)[:, None] * stride_ot + head * stride_oh + d[None, :]
@@ -168,8 +193,8 @@ def paged_prefill(
         return out
     block_d = max(16, triton.next_power_of_2(D))
     block_m = block_m or (64 if block_d <= 128 else 32)
-    block_n = block_n or (64 if block_d <= 128 else 32)
-    extra = {} if num_stages is None else {"num_stages": num_stages}
+    block_n = block_n or 32
+    num_stages = num_stages or (3 if block_d <= 128 else 2)
     slopes = alibi_slopes.to(q.device, torch.float32) if alibi_slopes is not None else out
     grid = (triton.cdiv(max_seqlen_q, block_m), B, H)
     _paged_prefill_kernel[grid](
@@ -202,6 +227,6 @@ def paged_prefill(
         USE_ALIBI=alibi_slopes is not None,
         IEEE=q.dtype == torch.float32,
         num_warps=num_warps or 4,
-        **extra,
+        num_stages=num_stages,
     )
     return out

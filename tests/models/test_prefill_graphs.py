@@ -108,35 +108,76 @@ def test_a_graphed_step_of_several_prompts_equals_transformers_and_the_eager_pat
         torch.testing.assert_close(cache_s[:, :blocks], cache_e, rtol=0, atol=1e-6)
 
 
-def test_steps_the_prefill_graphs_cannot_take_run_eagerly_with_the_same_result(tmp_path):
+def test_steps_the_prefill_graphs_take_or_not_give_the_eager_result(tmp_path):
     make_llama(tmp_path)
     static = ModelRunner(str(tmp_path), rank=0, decode_graphs="static")
     eager = ModelRunner(str(tmp_path), rank=0, decode_graphs="off")
     a, b = prompt(6), prompt(9)
     nine = several_prompts([2] * 9)[1]  # more prompts than a graph holds
-    rest = {  # the prompt's last 4 tokens after 5 cached ones: not fresh
+    every_row = {**prefill_then_decode(a, 1)[0], "logits_indices": "all"}
+    b_first = {  # b's first 5 tokens, then (below) its last 4 after them: not fresh
+        "input_ids": torch.tensor(b[:5]),
+        "query_lens": [5],
+        "context_lens": [5],
+        "block_tables": torch.tensor([[2, 3]], dtype=torch.int32),
+    }
+    rest = {
         "input_ids": torch.tensor(b[5:]),
         "query_lens": [4],
         "context_lens": [9],
         "block_tables": torch.tensor([[2, 3, 4]], dtype=torch.int32),
     }
-    mixed = {  # a new prompt beside a decode
-        "input_ids": torch.tensor(a + b[8:]),
+    mixed = {  # a new prompt beside a decode of b
+        "input_ids": torch.tensor(a + [3]),
         "query_lens": [6, 1],
-        "context_lens": [6, 9],
+        "context_lens": [6, 10],
         "block_tables": torch.tensor([[0, 1, -1], [2, 3, 4]], dtype=torch.int32),
     }
-    every_row = {**prefill_then_decode(a, 1)[0], "logits_indices": "all"}
-    for step in (nine, rest, mixed, every_row):
-        for r in (static, eager):
-            r.init_kv_cache(12, BLOCK)
+    for r in (static, eager):
+        r.init_kv_cache(12, BLOCK)
+    for step, graphed in ((nine, 0), (every_row, 0), (b_first, 1), (rest, 1), (mixed, 1)):
+        before = static.prefill_graphs.steps
         torch.testing.assert_close(static.execute(step), eager.execute(step), rtol=0, atol=1e-5)
+        assert static.prefill_graphs.steps - before == graphed
     graphs = static.prefill_graphs
-    assert graphs.steps == 0
     assert graphs.max_tokens == 1024  # llama's window is 2,048: every bucket
+    assert graphs.max_context == 12 * BLOCK  # the window, bounded by what the cache holds
     assert not graphs.takes([1025], [1025]) and not graphs.takes([600, 600], [600, 600])
-    assert not graphs.takes([3], [4]) and not graphs.takes([1] * 9, [1] * 9)
-    assert graphs.takes([1024], [1024]) and graphs.takes([1] * 8, [1] * 8)
+    assert not graphs.takes([1] * 9, [1] * 9) and not graphs.takes([4], [49])
+    assert not graphs.takes([1, 1], [4, 9])  # decodes only: the decode graphs'
+    assert graphs.takes([48], [48]) and graphs.takes([1] * 8, [1] * 8)
+    assert graphs.takes([3], [4]) and graphs.takes([3, 1], [40, 9])
+
+
+@pytest.mark.parametrize("family", list(CHECKPOINT_MAKERS))
+def test_a_graphed_prompt_after_a_cached_prefix_equals_transformers(tmp_path, family):
+    """As the prefix cache runs it: one prompt prefilled, then another that shares its first
+    two blocks (their K/V already cached) computes only its own tokens, beside a new prompt."""
+    hf = CHECKPOINT_MAKERS[family](tmp_path)
+    static = ModelRunner(str(tmp_path), rank=0, decode_graphs="static")
+    static.init_kv_cache(16, BLOCK)
+    first = prompt(11, seed=4)
+    second = first[:8] + prompt(7, seed=5)  # 8 cached tokens (blocks 6, 2), 7 of its own
+    third = prompt(5, seed=6)
+    static.execute(
+        {
+            "input_ids": torch.tensor(first),
+            "query_lens": [11],
+            "context_lens": [11],
+            "block_tables": torch.tensor([[6, 2, 9]], dtype=torch.int32),
+        }
+    )
+    got = static.execute(
+        {
+            "input_ids": torch.tensor(third + second[8:]),
+            "query_lens": [5, 7],
+            "context_lens": [5, 15],
+            "block_tables": torch.tensor([[0, 1, -1, -1], [6, 2, 4, 12]], dtype=torch.int32),
+        }
+    )
+    assert static.prefill_graphs.steps == 2
+    torch.testing.assert_close(got[0], hf_logits(hf, [third])[-1], rtol=0, atol=1e-4)
+    torch.testing.assert_close(got[1], hf_logits(hf, [second])[-1], rtol=0, atol=1e-4)
 
 
 def test_buckets_stop_at_the_context_window_and_the_switch_turns_them_off(tmp_path, monkeypatch):

@@ -149,17 +149,15 @@ def test_steps_the_prefill_graphs_take_or_not_give_the_eager_result(tmp_path):
     assert graphs.takes([3], [4]) and graphs.takes([3, 1], [40, 9])
 
 
-@pytest.mark.parametrize("family", list(CHECKPOINT_MAKERS))
-def test_a_graphed_prompt_after_a_cached_prefix_equals_transformers(tmp_path, family):
+def prompt_after_cached_prefix(runner) -> tuple[torch.Tensor, list[list[int]]]:
     """As the prefix cache runs it: one prompt prefilled, then another that shares its first
-    two blocks (their K/V already cached) computes only its own tokens, beside a new prompt."""
-    hf = CHECKPOINT_MAKERS[family](tmp_path)
-    static = ModelRunner(str(tmp_path), rank=0, decode_graphs="static")
-    static.init_kv_cache(16, BLOCK)
+    two blocks (their K/V already cached) computes only its own tokens, beside a new prompt.
+    Returns the second step's logits and the two prompts they continue."""
+    runner.init_kv_cache(16, BLOCK)
     first = prompt(11, seed=4)
     second = first[:8] + prompt(7, seed=5)  # 8 cached tokens (blocks 6, 2), 7 of its own
     third = prompt(5, seed=6)
-    static.execute(
+    runner.execute(
         {
             "input_ids": torch.tensor(first),
             "query_lens": [11],
@@ -167,7 +165,7 @@ def test_a_graphed_prompt_after_a_cached_prefix_equals_transformers(tmp_path, fa
             "block_tables": torch.tensor([[6, 2, 9]], dtype=torch.int32),
         }
     )
-    got = static.execute(
+    got = runner.execute(
         {
             "input_ids": torch.tensor(third + second[8:]),
             "query_lens": [5, 7],
@@ -175,9 +173,17 @@ def test_a_graphed_prompt_after_a_cached_prefix_equals_transformers(tmp_path, fa
             "block_tables": torch.tensor([[0, 1, -1, -1], [6, 2, 4, 12]], dtype=torch.int32),
         }
     )
+    return got, [third, second]
+
+
+@pytest.mark.parametrize("family", list(CHECKPOINT_MAKERS))
+def test_a_graphed_prompt_after_a_cached_prefix_equals_transformers(tmp_path, family):
+    hf = CHECKPOINT_MAKERS[family](tmp_path)
+    static = ModelRunner(str(tmp_path), rank=0, decode_graphs="static")
+    got, prompts = prompt_after_cached_prefix(static)
     assert static.prefill_graphs.steps == 2
-    torch.testing.assert_close(got[0], hf_logits(hf, [third])[-1], rtol=0, atol=1e-4)
-    torch.testing.assert_close(got[1], hf_logits(hf, [second])[-1], rtol=0, atol=1e-4)
+    for row, p in zip(got, prompts, strict=True):
+        torch.testing.assert_close(row, hf_logits(hf, [p])[-1], rtol=0, atol=1e-4)
 
 
 def test_buckets_stop_at_the_context_window_and_the_switch_turns_them_off(tmp_path, monkeypatch):
@@ -253,6 +259,25 @@ def test_captured_prefill_graphs_equal_transformers_on_cuda(tmp_path, family, dt
             torch.testing.assert_close(g, w, rtol=0, atol=atol / 10)
     assert runner.prefill_graphs.captured and runner.prefill_graphs.steps == 5
     assert runner.info()["graph_error"] is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["opt", "bloom", "llama"])
+@pytest.mark.parametrize("dtype, atol", [("float16", 0.05), ("bfloat16", 0.1)])
+def test_captured_graphs_of_a_prompt_after_a_cached_prefix_equal_transformers_on_cuda(
+    tmp_path, family, dtype, atol
+):
+    """Captured, the prompts' attention reads the paged cache (the Triton prefill kernel where
+    torch's flash cannot; bloom's ALiBi always)."""
+    hf = CHECKPOINT_MAKERS[family](tmp_path)
+    runner = ModelRunner(str(tmp_path), rank=0, device="cuda", dtype=dtype)
+    got, prompts = prompt_after_cached_prefix(runner)
+    assert runner.prefill_graphs.captured and runner.prefill_graphs.steps == 2
+    assert runner.info()["graph_error"] is None
+    for row, p in zip(got, prompts, strict=True):
+        want = hf_logits(hf, [p])[-1]
+        torch.testing.assert_close(row.float().cpu(), want, rtol=0, atol=atol)
 
 
 @pytest.mark.gpu

@@ -164,13 +164,16 @@ class Attention(nn.Module):
         if cached:
             self._write_cache(k, v, meta.slot_mapping)
             # A fresh prefill's keys are exactly its new tokens: attend to them directly (flash
-            # needs no paged-cache support then), the cache only keeps them for later steps.
-            cached = not meta.fresh
+            # needs no paged-cache support then), the cache only keeps them for later steps;
+            # without flash (ALiBi) the prefill kernel reads them back from the cache instead.
+            cached = not meta.fresh or self._reads_back(q, meta)
         if cached and meta.parts is not None:  # decodes, prompt chunks, fresh prompts
             ends = [start for start, _, _ in meta.parts[1:]] + [T]
             out = torch.cat(
                 [
-                    self._attend(q[a:b], k[a:b], v[a:b], part, reads_cache)
+                    self._attend(
+                        q[a:b], k[a:b], v[a:b], part, reads_cache or self._reads_back(q, part)
+                    )
                     for (a, part, reads_cache), b in zip(meta.parts, ends, strict=True)
                 ]
             )
@@ -261,6 +264,16 @@ class Attention(nn.Module):
         (when flash cannot read the paged cache): triton installed, CUDA, fp16/bf16."""
         kernels = _prefill_kernels() if q.is_cuda and self.use_paged else None
         return kernels is not None and kernels.supports(q, self.head_dim)
+
+    def _reads_back(self, q, meta: BatchMeta) -> bool:
+        """Whether fresh prompts, whose K/V were just written, read them back through the
+        prefill kernel: where flash cannot take them (ALiBi), the grid path's float mask of
+        [B, H, L, L] would cost more than the kernel (and, for long prompts, the memory)."""
+        return (
+            meta.block_tables is not None
+            and not (self.use_flash and flash_usable(q, self.alibi_slopes is not None, False))
+            and self._takes_paged_prefill(q)
+        )
 
     def _paged_prefill(self, q, meta):
         """Many new tokens a sequence after cached ones: the Triton kernel reads K/V through the

@@ -110,7 +110,7 @@ class BatchMeta:
                     cls.for_step(
                         query_lens[a:b],
                         context_lens[a:b],
-                        None if kinds[a] == 0 else tables[a:b],
+                        tables[a:b],  # fresh prompts read them back where flash cannot run
                         block_size,
                         None,
                         device,

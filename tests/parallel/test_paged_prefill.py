@@ -154,3 +154,45 @@ def test_cuda_attention_after_a_cached_prefix_takes_prefill_kernel(monkeypatch, 
     monkeypatch.setattr(attn, "_varlen", lambda *a: pytest.fail("took the grid path"))
     out = attn(q, k, v, meta)
     torch.testing.assert_close(out, grid, atol=2e-3, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_alibi_prompts_read_their_keys_back_through_the_kernel(monkeypatch):
+    """ALiBi keeps flash out: new prompts (alone, then beside a prompt after cached keys) read
+    the K/V they just wrote through the prefill kernel, not the grid path's float mask, and
+    equal the float64 reference."""
+    pytest.importorskip("triton")
+    from test_paged_attention import reference
+
+    heads, kv_heads, head_dim, block_size = 8, 8, 64, 16
+    slopes = alibi_slopes(heads)
+    attn = Attention(heads, kv_heads, head_dim, head_dim**-0.5, alibi_slopes=slopes)
+    attn.kv_cache = torch.zeros(2, 40, block_size, kv_heads, head_dim, device="cuda").half()
+    monkeypatch.setattr(attn, "_varlen", lambda *a: pytest.fail("took the grid path"))
+    g = torch.Generator().manual_seed(4)
+    tables = [list(range(0, 10)), list(range(10, 20)), list(range(20, 40))]
+    keys = {}  # sequence -> its (k, v) so far, [ctx, Hkv, D]
+
+    def step(query_lens, context_lens, seqs):
+        T = sum(query_lens)
+        q = torch.randn(T, heads, head_dim, generator=g).half()
+        k, v = (torch.randn(T, kv_heads, head_dim, generator=g).half() for _ in "kv")
+        start = 0
+        for s, n in zip(seqs, query_lens, strict=True):
+            old = keys.get(s, (k[:0], v[:0]))
+            keys[s] = tuple(
+                torch.cat([o, x[start : start + n]]) for o, x in zip(old, (k, v), strict=True)
+            )
+            start += n
+        meta = BatchMeta.for_step(
+            query_lens, context_lens, [tables[s] for s in seqs], block_size, device="cuda"
+        )
+        out = attn(q.cuda().flatten(1), k.cuda().flatten(1), v.cuda().flatten(1), meta)
+        want = reference(q, [keys[s] for s in seqs], query_lens, head_dim**-0.5, slopes)
+        torch.testing.assert_close(
+            out.view(T, heads, head_dim).cpu().double(), want, atol=5e-3, rtol=0
+        )
+
+    step([100, 37], [100, 37], [0, 1])  # fresh prompts only
+    step([30, 50], [130, 50], [0, 2])  # a prompt after cached keys beside a fresh one

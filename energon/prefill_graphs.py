@@ -68,6 +68,11 @@ class PrefillGraphs(StepGraphs):
         self.max_tokens = n = self.buckets[-1]
         self.max_blocks = max_blocks
         self.max_context = max_blocks * block_size
+        if n > self.max_context:  # the capture runs a prompt of n tokens: its table must hold it
+            raise ValueError(
+                f"the largest bucket ({n} tokens) passes the {self.max_context} tokens that "
+                f"{max_blocks} blocks of {block_size} hold"
+            )
         # pad rows' K/V slots: the scratch block's, in turn
         self._pad_slots = scratch_block * block_size + torch.arange(n) % block_size
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)

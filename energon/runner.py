@@ -388,15 +388,17 @@ class ModelRunner(OffloadMember):
             return None
 
     def _prefill_graphs(self, scratch_block: int, capture: bool) -> PrefillGraphs | None:
-        """The prefill graphs, for prompts up to the model's context window (a graph runs its
-        whole bucket at positions 0..bucket-1 when it is captured); None if none fits."""
-        window = context_window(self.spec.config) or MAX_GRAPH_CONTEXT
+        """The prefill graphs, for contexts up to the graphs' window (the model's, at most
+        MAX_GRAPH_CONTEXT and what the cache holds): a graph runs its whole bucket at positions
+        0..bucket-1 when it is captured, reading its keys through its block table, so no bucket
+        may pass the window; None if none fits."""
+        window = self._graph_window(scratch_block)
         buckets = tuple(b for b in PREFILL_BUCKETS if b <= window)
         if not buckets:
             return None
         return PrefillGraphs(
             last_stage=self.state.is_last_stage,
-            max_blocks=-(-self._graph_window(scratch_block) // self.block_size),
+            max_blocks=-(-window // self.block_size),
             buckets=buckets,
             **self._graph_options(scratch_block, capture),
         )

@@ -140,12 +140,14 @@ def test_steps_the_prefill_graphs_take_or_not_give_the_eager_result(tmp_path):
         torch.testing.assert_close(static.execute(step), eager.execute(step), rtol=0, atol=1e-5)
         assert static.prefill_graphs.steps - before == graphed
     graphs = static.prefill_graphs
-    assert graphs.max_tokens == 1024  # llama's window is 2,048: every bucket
-    assert graphs.max_context == 12 * BLOCK  # the window, bounded by what the cache holds
+    # llama's window is 2,048, but the cache holds 48 tokens: no bucket may pass them (the
+    # capture runs one prompt of each bucket's length, reading it through its block table)
+    assert graphs.max_context == 12 * BLOCK and graphs.max_tokens == 32
     assert not graphs.takes([1025], [1025]) and not graphs.takes([600, 600], [600, 600])
     assert not graphs.takes([1] * 9, [1] * 9) and not graphs.takes([4], [49])
     assert not graphs.takes([1, 1], [4, 9])  # decodes only: the decode graphs'
-    assert graphs.takes([48], [48]) and graphs.takes([1] * 8, [1] * 8)
+    assert graphs.takes([32], [32]) and graphs.takes([1] * 8, [1] * 8)
+    assert not graphs.takes([33], [33])
     assert graphs.takes([3], [4]) and graphs.takes([3, 1], [40, 9])
 
 
@@ -189,7 +191,9 @@ def test_a_graphed_prompt_after_a_cached_prefix_equals_transformers(tmp_path, fa
 def test_buckets_stop_at_the_context_window_and_the_switch_turns_them_off(tmp_path, monkeypatch):
     make_opt(tmp_path)  # 64 positions
     runner = ModelRunner(str(tmp_path), rank=0, decode_graphs="static")
-    runner.init_kv_cache(8, BLOCK)
+    runner.init_kv_cache(8, BLOCK)  # a cache of 32 tokens bounds them too
+    assert runner.prefill_graphs.buckets == (16, 32)
+    runner.init_kv_cache(16, BLOCK)
     assert runner.prefill_graphs.buckets == (16, 32, 64)
     assert runner.info()["prefill_graph_steps"] == 0
     monkeypatch.setenv("ENERGON_PREFILL_GRAPHS", "0")
@@ -306,3 +310,19 @@ async def test_an_engine_at_tp2_on_cuda_prefills_through_graphs_alone_and_in_a_b
     for a, t, ref in zip(alone, together, refs, strict=True):
         assert_greedy_equal(a.token_ids, ref)
         assert_greedy_equal(t.token_ids, ref)
+
+
+def test_a_bucket_longer_than_the_tables_hold_is_refused():
+    """The capture runs one prompt of each bucket's length through its block table: a bucket
+    past the table's width would read ids beyond it (an illegal address on a GPU)."""
+    from energon.prefill_graphs import PrefillGraphs
+
+    options = dict(
+        body=lambda x, meta: x, first_stage=True, hidden_size=8, dtype=torch.float32,
+        device=torch.device("cpu"), block_size=BLOCK, scratch_block=3, capture=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="largest bucket"):
+        PrefillGraphs(last_stage=False, max_blocks=3, buckets=(8, 16), **options)
+    assert (
+        PrefillGraphs(last_stage=False, max_blocks=4, buckets=(8, 16), **options).max_tokens == 16
+    )

@@ -25,6 +25,17 @@ it is free ("evictable"); it is handed out, and forgotten, only when no block wi
 content is left, least recently freed first (a sequence frees its blocks last to first, so the
 tail of a prefix goes before its head, which other prefixes may share). Free blocks are both
 kinds.
+
+Pending blocks (for the scheduler's waiting on an in-flight prefix): a full block that a step
+just scheduled will compute is findable before it is computed, as pending (`mark_pending`), so
+that a new sequence whose next block is one (`pending_next`) waits for that step, then adopts
+it, instead of computing the same tokens again in a block of its own: a burst of requests that
+share a new system prompt computes it once (SGLang's in-batch prefix caching). `register` turns
+pending blocks into cached ones; `free` (and `forget_pending`, when a sequence is aborted with
+its step in flight) drops them, since nobody must wait for a block that will never be
+registered. Only a step in flight (or the plan being built) holds pending blocks, so a waiting
+sequence waits at most until it returns. The scheduler marks and consults them only with
+`wait_for_prefix` (energon/scheduler.py; the Engine's `ENERGON_PREFIX_WAIT=0` turns it off).
 """
 
 from __future__ import annotations
@@ -59,6 +70,7 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free, cached: oldest first
         self._by_digest: dict[bytes, int] = {}
         self._digest_of: dict[int, bytes] = {}
+        self._pending: dict[bytes, int] = {}  # digest -> block a scheduled step is computing
         self.hit_tokens = 0  # tokens new sequences found cached (prefix caching)
         self.queried_tokens = 0  # tokens of the new sequences that looked
 
@@ -74,6 +86,11 @@ class BlockManager:
     def num_cached_blocks(self) -> int:
         """Blocks holding a digest (in use or evictable)."""
         return len(self._digest_of)
+
+    @property
+    def num_pending_blocks(self) -> int:
+        """Full blocks a step in flight computes that are not registered yet (`mark_pending`)."""
+        return len(self._pending)
 
     @property
     def usage(self) -> float:
@@ -134,6 +151,7 @@ class BlockManager:
             else:
                 plain.append(block)
         self._free.extend(reversed(plain))
+        self.forget_pending(seq)
         freed = len(seq.block_table)
         seq.block_table = []
         seq.num_registered_blocks = 0
@@ -188,7 +206,47 @@ class BlockManager:
             if digest not in self._by_digest and block not in self._digest_of:
                 self._by_digest[digest] = block  # else: the same tokens are cached elsewhere
                 self._digest_of[block] = digest
+        self._drop_pending(seq, full)
         seq.num_registered_blocks = full
+
+    def mark_pending(self, seq: Sequence, num_tokens: int) -> None:
+        """Say that a step just scheduled computes `seq`'s first `num_tokens` tokens (their
+        blocks allocated): its full blocks that are neither registered nor cached elsewhere nor
+        pending already become pending until `register` or `free`. Only blocks of known tokens
+        count (a chained step's token is not known yet: no digest of it may be kept)."""
+        if not self.prefix_caching:
+            return
+        full = min(num_tokens, seq.num_tokens) // self.block_size
+        if full <= seq.num_registered_blocks:
+            return
+        digests = self._digests(seq, full)
+        for i in range(seq.num_registered_blocks, full):
+            digest = digests[i]
+            if digest not in self._by_digest and digest not in self._pending:
+                self._pending[digest] = seq.block_table[i]
+
+    def pending_next(self, seq: Sequence, cached: list[int]) -> bool:
+        """Whether the block of `seq`'s tokens right after `cached` (its blocks from `match`) is
+        pending: a step in flight computes it, and `seq` would find it cached once that step
+        returns. False when `seq` has no further full block that `match` could find."""
+        n = len(cached)
+        if not self._pending or n >= (seq.num_tokens - 1) // self.block_size:
+            return False
+        return self._digests(seq, n + 1)[n] in self._pending
+
+    def forget_pending(self, seq: Sequence) -> None:
+        """Drop the pending blocks of `seq` (aborted: its step's blocks will never be
+        registered, so no sequence must wait for them)."""
+        self._drop_pending(seq, len(seq.block_table))
+
+    def _drop_pending(self, seq: Sequence, count: int) -> None:
+        """Drop the pending entries of `seq`'s blocks past its registered ones, up to `count`."""
+        if not self._pending:
+            return
+        digests, table = seq.block_digests, seq.block_table
+        for i in range(seq.num_registered_blocks, min(count, len(digests), len(table))):
+            if self._pending.get(digests[i]) == table[i]:
+                del self._pending[digests[i]]
 
     def _digests(self, seq: Sequence, count: int) -> list[bytes]:
         """The digests of `seq`'s first `count` full blocks (kept on it: its tokens only grow)."""

@@ -58,6 +58,8 @@ from energon.tokenizer import require_unicode
 
 log = logging.getLogger("energon")
 
+PREFIX_WAIT_ENV = "ENERGON_PREFIX_WAIT"  # "0": requests never wait for an in-flight prefix
+
 _UNITS = {
     "": 1,
     "B": 1,
@@ -232,6 +234,9 @@ class Engine:
         # a new request starts from the KV blocks of its longest prefix already computed
         # (energon/block_manager.py)
         self.prefix_caching = prefix_caching
+        # and waits for a prefix that a step in flight computes rather than computing it again
+        # (energon/scheduler.py); ENERGON_PREFIX_WAIT=0 turns that off, to measure what it gains
+        self.prefix_wait = os.environ.get(PREFIX_WAIT_ENV, "1") != "0"
         self.block_size = _positive("block_size", block_size)
         self.stage_splits = _splits(stage_splits, self.pp)
         if lookahead not in (True, False):
@@ -434,6 +439,7 @@ class Engine:
             lookahead=self.lookahead,
             reserve=self.kv_reserve,
             prefix_caching=self.prefix_caching,
+            wait_for_prefix=self.prefix_wait,
         )
 
     async def shutdown(self) -> None:

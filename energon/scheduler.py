@@ -29,6 +29,13 @@ keeps pp micro-batches independent). Within a step, up to `max_num_seqs` sequenc
    others or sat out): running sequences come first, and a victim does not bounce straight back.
    With `prefix_caching` an admitted sequence first adopts the cached blocks of its longest
    prefix of full blocks (energon/block_manager.py) and its step starts after them.
+   A waiting sequence whose next full block (the one right after its cached prefix) a step in
+   flight, or one already in this plan, is computing ("pending") is not admitted: it keeps its
+   place and is admitted once that step has returned, adopting the blocks then, so that a burst
+   of requests sharing a new prefix computes it once, not once a request (`wait_for_prefix`, on
+   by default with prefix caching; the Engine turns it off with `ENERGON_PREFIX_WAIT=0`). Such a
+   deferred sequence does not stop the queue: those behind it may be admitted, and it does not
+   count as ready to run (for lookahead's chaining and the micro-batches' fair share).
 
 A sequence runs `min(tokens left to compute, budget left)` tokens. Blocks for them are allocated
 before the plan is returned. When a running sequence needs blocks and none are free, the newest
@@ -58,8 +65,9 @@ sequence finished while in flight. Chained plans complete in order.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass
 
 from energon.block_manager import BlockManager
@@ -164,8 +172,9 @@ class Scheduler:
     (default None: no bound but the cache's) bounds prompt + max_tokens. With `micro_batches`
     > 1 (the steps the Engine keeps in flight) a step takes at most an even share of the
     sequences that could run. `lookahead` chains decode steps, `reserve` keeps room for the
-    running sequences' growth when admitting (module docstring). Raises InvalidRequest for a
-    bound < 1 or a reserve outside [0, 1].
+    running sequences' growth when admitting (module docstring); `wait_for_prefix` (with
+    `prefix_caching`) defers a waiting sequence whose next block a step in flight computes.
+    Raises InvalidRequest for a bound < 1 or a reserve outside [0, 1].
     """
 
     def __init__(
@@ -182,8 +191,11 @@ class Scheduler:
         lookahead: bool = False,
         reserve: float = 0.0,
         prefix_caching: bool = False,
+        wait_for_prefix: bool = True,
     ):
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        # wait for a prefix that a step in flight computes (module docstring)
+        self.wait_for_prefix = prefix_caching and wait_for_prefix
         self.max_model_len = max_model_len  # None: only the cache bounds a sequence
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
@@ -302,9 +314,11 @@ class Scheduler:
         elif seq.status is SequenceStatus.RUNNING:
             self._running.remove(seq)
         seq.status = SequenceStatus.FINISHED
-        if not seq.in_flight:  # else: complete() frees it when its last step returns
+        if not seq.in_flight:
             self.blocks.free(seq)
             del self._seqs[seq.seq_id]
+        else:  # complete() frees it when its last step returns; its blocks are never registered
+            self.blocks.forget_pending(seq)
 
     # ---- steps ----------------------------------------------------------------------------
 
@@ -343,15 +357,19 @@ class Scheduler:
         growth = 0  # blocks the running sequences would still take (only with a reserve)
         if self.reserve and self._waiting:
             growth = sum(map(self._blocks_to_longest, self._running))
+        next_waiting = 0  # the first waiting sequence not deferred so far
         while (
             not short_of_blocks
-            and self._waiting
+            and next_waiting < len(self._waiting)
             and budget > 0
             and len(chosen) < max_seqs
             and len(self._running) < self.max_running_seqs
         ):
-            seq = self._waiting[0]
+            seq = self._waiting[next_waiting]
             cached = self.blocks.match(seq)  # its prefix's blocks, computed already
+            if self.wait_for_prefix and self.blocks.pending_next(seq, cached):
+                next_waiting += 1  # deferred: it waits for the step computing its next block
+                continue
             start = len(cached) * self.blocks.block_size
             n = min(seq.num_tokens - start, budget)
             holds = self.blocks.blocks_for(start + n)  # blocks it holds after this step
@@ -361,7 +379,7 @@ class Scheduler:
                 need += math.ceil(self.reserve * growth - 1e-9)
             if need > self.blocks.num_free_blocks:
                 break  # first come first served: nobody overtakes the head of the queue
-            del self._waiting[0]
+            del self._waiting[next_waiting]
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self._running, seq, key=_by_arrival)
             self.blocks.adopt(seq, cached)
@@ -394,7 +412,7 @@ class Scheduler:
         if self.micro_batches == 1:
             return self.max_num_seqs
         admissible = max(0, self.max_running_seqs - len(self._running))
-        ready = idle + min(len(self._waiting), admissible)
+        ready = idle + sum(1 for _ in itertools.islice(self._admissible_waiting(), admissible))
         free = max(1, self.micro_batches - self._busy_micro_batches() + refills)
         return max(1, min(self.max_num_seqs, -(-ready // free)))
 
@@ -404,10 +422,20 @@ class Scheduler:
 
     def _others_ready(self) -> bool:
         """Whether a sequence not in flight could run: a running one, or one waiting to be
-        admitted."""
+        admitted (not deferred)."""
         if any(not s.in_flight for s in self._running):
             return True
-        return bool(self._waiting) and len(self._running) < self.max_running_seqs
+        if len(self._running) >= self.max_running_seqs:
+            return False
+        return next(self._admissible_waiting(), None) is not None
+
+    def _admissible_waiting(self) -> Iterator[Sequence]:
+        """The waiting sequences, oldest first, but those deferred: their next block is pending
+        (a step in flight computes it)."""
+        if not self.wait_for_prefix or not self.blocks.num_pending_blocks:
+            return iter(self._waiting)
+        blocks = self.blocks
+        return (s for s in self._waiting if not blocks.pending_next(s, blocks.match(s)))
 
     def _chainable(self) -> tuple[int | None, dict[Sequence, tuple[int, int]]]:
         """With lookahead: (the oldest in-flight plan not chained yet whose samples may be
@@ -440,6 +468,8 @@ class Scheduler:
         self, seq: Sequence, n: int, start: int, chain_row: int | None = None, fresh: bool = False
     ) -> ScheduledSeq:
         self.blocks.allocate(seq, start + n)
+        if self.wait_for_prefix and chain_row is None:  # a chained step's token is not known
+            self.blocks.mark_pending(seq, start + n)
         seq.in_flight += 1
         return ScheduledSeq(
             seq=seq,

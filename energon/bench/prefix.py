@@ -12,6 +12,16 @@ the same process right after. Limit: the step-wise roofline (energon/bench/limit
 left when the prefix is cached: one step of every suffix (its FLOPs, or the weights and the KV it
 attends), then gen_len - 1 decode steps of the batch (weights + KV / copy bandwidth); for the
 first token, that first step's floor.
+
+`--cold`: a burst of requests sharing a prefix that nobody computed before (a new system
+prompt), so the burst must compute it. The warm-up and every timed run take a fresh prefix as
+well as fresh suffixes, and the prefix is not run first. Three Engines, in the same process:
+prefix caching as served (later requests wait for the step that computes the prefix, then adopt
+it: energon/scheduler.py), the same with `ENERGON_PREFIX_WAIT=0` (each request admitted in the
+first steps computes the prefix again; records `..._cold_no_prefix_wait`), and the baseline
+without prefix caching. Limit: the prefix computed once (one step of its tokens), then one step
+of every suffix attending its prefix, then the gen_len - 1 decode steps; for the first token,
+the first two steps.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import asyncio
 import os
 import statistics
 import time
+from unittest import mock
 
 import torch
 
@@ -39,7 +50,7 @@ from energon.bench.options import (
     visible_gpus,
 )
 from energon.bench.record import Record, copy_bandwidth_record, print_records, write_results
-from energon.engine import Engine
+from energon.engine import PREFIX_WAIT_ENV, Engine
 from energon.models.registry import resolve
 from energon.runner import pick_dtype
 from energon.sampling import SamplingParams
@@ -55,30 +66,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="every run shares a prefix never computed before: prefix caching with requests "
+        "waiting for it, with ENERGON_PREFIX_WAIT=0, and without prefix caching",
+    )
 
 
 def workload(args, vocab: int, run: int) -> list[list[int]]:
-    """The prompts of timed run `run` (-1: the warm-up): the shared prefix, then fresh suffixes."""
-    [prefix] = make_prompts(vocab, 1, args.prefix_len, args.seed)
+    """The prompts of timed run `run` (-1: the warm-up): the shared prefix, then fresh suffixes.
+    With --cold the prefix is fresh too: each run's own."""
+    # the cold prefixes' seeds lie far from the suffixes' (seed + 2 + run)
+    prefix_seed = args.seed + 1_000_000 + run if args.cold else args.seed
+    [prefix] = make_prompts(vocab, 1, args.prefix_len, prefix_seed)
     suffixes = make_prompts(vocab, args.requests, args.suffix_len, args.seed + 2 + run)
     return [prefix + s for s in suffixes]
 
 
-async def measure(args, caching: bool, device: str, dtype: str, vocab: int) -> dict:
-    """One Engine: the prefix once, a warm-up batch, then `repeat` timed batches."""
+async def measure(
+    args, caching: bool, device: str, dtype: str, vocab: int, wait: bool | None = None
+) -> dict:
+    """One Engine: the prefix once (not with --cold), a warm-up batch, then `repeat` timed
+    batches. `wait` (True / False) sets ENERGON_PREFIX_WAIT for this Engine; None leaves it."""
     greedy = SamplingParams(max_tokens=args.gen_len, temperature=0.0, ignore_eos=True)
-    async with Engine(
-        args.model,
-        device=device,
-        dtype=dtype,
-        seed=args.seed,
-        max_num_seqs=args.requests,
-        prefix_caching=caching,
-        progress=False,
-    ) as engine:
-        [prefix] = make_prompts(vocab, 1, args.prefix_len, args.seed)
-        other = make_prompts(vocab, 1, args.suffix_len, args.seed + 1)[0]
-        await engine.infer(prefix + other, SamplingParams(max_tokens=2, temperature=0.0))
+    env = {} if wait is None else {PREFIX_WAIT_ENV: "1" if wait else "0"}
+    with mock.patch.dict(os.environ, env):  # the Engine reads it when it is made
+        engine = Engine(
+            args.model,
+            device=device,
+            dtype=dtype,
+            seed=args.seed,
+            max_num_seqs=args.requests,
+            prefix_caching=caching,
+            progress=False,
+        )
+    async with engine:
+        if not args.cold:
+            [prefix] = make_prompts(vocab, 1, args.prefix_len, args.seed)
+            other = make_prompts(vocab, 1, args.suffix_len, args.seed + 1)[0]
+            await engine.infer(prefix + other, SamplingParams(max_tokens=2, temperature=0.0))
         await asyncio.gather(*(engine.infer(p, greedy) for p in workload(args, vocab, -1)))
         memory = await engine.group.broadcast("memory")
         runs = []
@@ -104,11 +131,14 @@ async def measure(args, caching: bool, device: str, dtype: str, vocab: int) -> d
 
 
 def floors(args, limit: dict, weights: float, kv_tok: float, element: int) -> tuple[float, float]:
-    """(seconds of the first step, output tokens/s of the whole batch) at the roofline, with the
-    prefix cached."""
+    """(seconds to the first token, output tokens/s of the whole batch) at the roofline: with
+    the prefix cached, one step of every suffix; with --cold, one step of the prefix before it
+    (computed once: the least any engine does). Then gen_len - 1 decode steps."""
     B, P, S, G = args.requests, args.prefix_len, args.suffix_len, args.gen_len
     limits = (weights / element, weights, kv_tok, limit["matmul_flops"], limit["copy_bytes_per_s"])
     first = step_floor(B * S, B * (P + S), *limits)
+    if args.cold:
+        first += step_floor(P, P, *limits)
     decode = sum(step_floor(B, B * (P + S + k), *limits) for k in range(1, G))
     return first, B * G / (first + decode)
 
@@ -126,7 +156,11 @@ def main(args: argparse.Namespace) -> int:
         torch.cuda.empty_cache()  # the Engine's worker sizes its cache from what is free
     vocab = config["vocab_size"]
     print(f"energon bench prefix: {args.model} ({dtype_name}) on {device}", flush=True)
-    on = _run_async(measure(args, True, device, dtype_name, vocab))
+    if args.cold:
+        on = _run_async(measure(args, True, device, dtype_name, vocab, wait=True))
+        no_wait = _run_async(measure(args, True, device, dtype_name, vocab, wait=False))
+    else:
+        on = _run_async(measure(args, True, device, dtype_name, vocab))
     off = _run_async(measure(args, False, device, dtype_name, vocab))
     kv_tok = kv_bytes_per_token(config, dtype) or 0
     first_floor, rate_ceiling = floors(
@@ -142,39 +176,77 @@ def main(args: argparse.Namespace) -> int:
         baseline_name="the same Engine with prefix_caching=False",
         n_gpus=1 if device == "cuda" else 0,
     )
+    found = f"tokens found cached per run {on['hit_tokens']} (without: {off['hit_tokens']})"
+    if args.cold:
+        found = (
+            f"a new prefix each run; tokens found cached per run {on['hit_tokens']} "
+            f"({PREFIX_WAIT_ENV}=0: {no_wait['hit_tokens']}; without: {off['hit_tokens']})"
+        )
     shape = (
         f"{args.requests} requests of a shared {args.prefix_len}-token prefix + "
         f"{args.suffix_len} own tokens, {args.gen_len} new each; median of {args.repeat} runs; "
-        f"tokens found cached per run {on['hit_tokens']} (without: {off['hit_tokens']}); "
-        f"matmul {limit['matmul_flops'] / 1e12:.0f} TFLOP/s, copy "
+        f"{found}; matmul {limit['matmul_flops'] / 1e12:.0f} TFLOP/s, copy "
         f"{limit['copy_bytes_per_s'] / 1e9:.0f} GB/s (this run)"
     )
-    records = [
+    limits = (rate_ceiling, first_floor, common)
+    if args.cold:
+        unwaited = f"{shape}; {PREFIX_WAIT_ENV}=0"
+        records = [
+            *engine_records(on, off, "_cold", shape, "one step of the prefix, then", *limits),
+            *engine_records(
+                no_wait,
+                off,
+                "_cold_no_prefix_wait",
+                unwaited,
+                "one step of the prefix, then",
+                *limits,
+            ),
+        ]
+    else:
+        records = engine_records(on, off, "", shape, "with the prefix cached,", *limits)
+    records.append(
+        copy_bandwidth_record(SCENARIO, limit["copy_bytes_per_s"], n_gpus=common["n_gpus"])
+    )
+    print_records(records)
+    print(f"\nwrote {write_results(SCENARIO, records, args.out)}")
+    return 0
+
+
+def engine_records(
+    on: dict,
+    off: dict,
+    suffix: str,
+    notes: str,
+    lead: str,
+    rate_ceiling: float,
+    first_floor: float,
+    common: dict,
+) -> list[Record]:
+    """The throughput and first-token records of an Engine measured as `on` against the
+    baseline `off`: metric names end in `suffix`; `lead` says what the limit computes before
+    the suffixes' step."""
+    return [
         Record(
-            metric="throughput",
+            metric="throughput" + suffix,
             unit="tokens/s",
             value=on["rate"],
             baseline_value=off["rate"],
             ratio=on["rate"] / off["rate"],
             limit_value=rate_ceiling,
             of_limit=on["rate"] / rate_ceiling,
-            notes=f"{shape}; ceiling = step-wise roofline with the prefix cached",
+            notes=f"{notes}; ceiling = step-wise roofline: {lead} every suffix, then the decodes",
             **common,
         ),
         Record(
-            metric="first_token_ms",
+            metric="first_token_ms" + suffix,
             unit="ms",
             value=on["first_token_s"] * 1e3,
             baseline_value=off["first_token_s"] * 1e3,
             ratio=off["first_token_s"] / on["first_token_s"],
             limit_value=first_floor * 1e3,
             of_limit=first_floor / on["first_token_s"],
-            notes=f"{shape}; the median request's first token; floor = one step of every "
-            "suffix attending its prefix",
+            notes=f"{notes}; the median request's first token; floor = {lead} one step of "
+            "every suffix attending its prefix",
             **common,
         ),
-        copy_bandwidth_record(SCENARIO, limit["copy_bytes_per_s"], n_gpus=common["n_gpus"]),
     ]
-    print_records(records)
-    print(f"\nwrote {write_results(SCENARIO, records, args.out)}")
-    return 0

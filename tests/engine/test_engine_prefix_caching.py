@@ -2,7 +2,9 @@
 only the rest, and still equal Hugging Face `generate` of each prompt alone, at pp=1 and at pp=2
 with lookahead; penalties and seeded draws of a request with a cached prefix too (its first
 sampled row still brings the sampling rank its history); a preemption's recompute starts from
-the blocks it left cached; prefix_caching=False computes everything.
+the blocks it left cached; a burst of requests sharing a prefix new to the cache computes it once
+(the others wait for the step computing it, then adopt it) unless ENERGON_PREFIX_WAIT=0;
+prefix_caching=False computes everything.
 
 The checkpoint is a tiny random Llama without tokenizer.json (prompts are token ids).
 """
@@ -37,6 +39,10 @@ PENALISED = SamplingParams(
     max_tokens=NEW, repetition_penalty=1.3, frequency_penalty=0.4, logit_bias={9: 0.1}, **GREEDY
 )
 DRAWN = SamplingParams(max_tokens=NEW, temperature=0.9, seed=11, ignore_eos=True)
+_BURST_RNG = random.Random(8)
+FRESH = [_BURST_RNG.randrange(2, 128) for _ in range(32)]  # 8 full blocks no request computed
+# four requests of it, each then its own tokens (from the first on: no fifth block in common)
+BURST = [FRESH + [10 + i] + [_BURST_RNG.randrange(2, 128) for _ in range(5)] for i in range(4)]
 
 
 @pytest.fixture(scope="module")
@@ -74,19 +80,64 @@ async def test_requests_with_a_cached_prefix_equal_their_solo_result(model, pp):
     assert stats["num_used_blocks"] == 0
 
 
+@pytest.fixture(scope="module")
+def burst_refs(model):
+    _, hf, _ = model
+    return [hf_greedy(hf, p, NEW) for p in BURST]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(pp=1),  # lookahead: the first request's next decode is chained meanwhile
+        dict(pp=1, lookahead=False, max_steps_in_flight=2),  # nothing else to schedule meanwhile
+        dict(pp=2),
+    ],
+    ids=["pp1", "pp1-two-in-flight", "pp2"],
+)
+async def test_a_burst_sharing_a_new_prefix_computes_it_once(model, burst_refs, options):
+    folder, _, _ = model
+    async with Engine(str(folder), device="cpu", block_size=4, **options) as engine:
+        greedy = SamplingParams(max_tokens=NEW, **GREEDY)
+        done = await asyncio.gather(*(engine.infer(p, greedy) for p in BURST))
+        stats = engine.stats()
+    for c, ref in zip(done, burst_refs, strict=True):
+        assert_greedy_equal(c.token_ids, ref)
+    # the first computed the 32-token prefix; the three others waited for it and found it cached
+    assert [c.usage.cached_tokens for c in done] == [0, 32, 32, 32]
+    assert stats["prefix_cache_hit_tokens"] == 3 * 32
+    assert stats["num_used_blocks"] == 0
+
+
+async def test_with_prefix_wait_off_a_burst_computes_its_shared_prefix_once_a_request(
+    model, burst_refs, monkeypatch
+):
+    folder, _, _ = model
+    monkeypatch.setenv("ENERGON_PREFIX_WAIT", "0")
+    async with Engine(str(folder), device="cpu", block_size=4) as engine:
+        greedy = SamplingParams(max_tokens=NEW, **GREEDY)
+        done = await asyncio.gather(*(engine.infer(p, greedy) for p in BURST))
+        assert engine.stats()["prefix_cache_hit_tokens"] == 0  # all four admitted at once
+    for c, ref in zip(done, burst_refs, strict=True):
+        assert_greedy_equal(c.token_ids, ref)
+
+
 async def test_a_preempted_request_recomputes_from_its_cached_blocks(model):
     folder, hf, refs = model
     async with Engine(
         str(folder),
         device="cpu",
         block_size=4,
-        kv_cache_memory=40 * 8192,  # 40 blocks of 4 tokens (2 KiB a layer, 4 layers)
+        kv_cache_memory=40 * 6144,  # 40 blocks of 4 tokens (2 KiB a layer, 3 layers)
     ) as engine:
         long = SamplingParams(max_tokens=40, **GREEDY)
         done = await asyncio.gather(*(engine.infer(p, long) for p in PROMPTS[:3]))
         stats = engine.stats()
+    # 21 blocks each at the end, the system prompt's 9 shared: 9 + 3 x 12 > 40
     assert stats["num_preemptions"] >= 1
-    assert stats["prefix_cache_hit_tokens"] >= 36  # a recompute found its blocks cached
+    # the second and third found the system prompt computed by the first; a recompute found
+    # its blocks cached
+    assert stats["prefix_cache_hit_tokens"] >= 3 * 36
     for c, p in zip(done, PROMPTS[:3], strict=True):
         assert_greedy_equal(c.token_ids, hf_greedy(hf, p, 40))
 

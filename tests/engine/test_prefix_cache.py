@@ -156,14 +156,141 @@ def test_a_whole_prompt_in_the_cache_still_computes_its_last_token():
     assert (item.start, item.num_new_tokens, item.sample) == (4, 4, True)
 
 
-def test_requests_admitted_together_share_nothing_until_a_step_comes_back():
-    sched = scheduler()
+def test_without_waiting_requests_admitted_together_share_nothing_until_a_step_comes_back():
+    sched = scheduler(wait_for_prefix=False)
     prompt = list(range(60, 70))
     sched.add(Sequence("a", prompt, 2))
     sched.add(Sequence("b", prompt, 2))
     plan = sched.schedule()
     assert [s.start for s in plan.seqs] == [0, 0]
     assert set(plan.seqs[0].block_table).isdisjoint(plan.seqs[1].block_table)
+    assert sched.blocks.num_pending_blocks == 0
+
+
+# ---- waiting for a prefix that a step in flight computes ------------------------------------
+
+PREFIX = list(range(500, 512))  # three full blocks, new to the cache
+
+
+def starts(plan: StepPlan | None) -> list[tuple[str, int, int]]:
+    """(seq_id, start, new tokens) of each sequence in the plan."""
+    assert plan is not None
+    return [(s.seq_id, s.start, s.num_new_tokens) for s in plan.seqs]
+
+
+def complete(sched: Scheduler, plan: StepPlan, token: int = 3) -> None:
+    sched.complete(plan, {s.seq_id: token for s in plan.seqs if s.sample})
+
+
+def test_a_burst_sharing_a_new_prefix_computes_it_once_then_the_rest_adopt_it():
+    sched = scheduler()
+    for i in range(4):
+        sched.add(Sequence(f"r{i}", PREFIX + [i, 90 + i], 2))
+    first = sched.schedule()
+    # one computes the prefix; the others would compute it again, so they wait for it
+    assert starts(first) == [("r0", 0, 14)]
+    assert sched.schedule() is None and sched.num_waiting == 3
+    complete(sched, first)
+    second = sched.schedule()
+    assert starts(second) == [("r0", 14, 1), ("r1", 12, 2), ("r2", 12, 2), ("r3", 12, 2)]
+    assert all(
+        s.fresh and s.block_table[:3] == first.seqs[0].block_table[:3] for s in second.seqs[1:]
+    )
+    assert sched.stats().prefix_cache_hit_tokens == 3 * 12
+
+
+def test_without_waiting_a_burst_computes_its_shared_prefix_once_a_request():
+    sched = scheduler(wait_for_prefix=False)
+    for i in range(4):
+        sched.add(Sequence(f"r{i}", PREFIX + [i, 90 + i], 2))
+    assert [start for _, start, _ in starts(sched.schedule())] == [0, 0, 0, 0]
+
+
+def test_a_deferred_request_does_not_hold_up_those_behind_it():
+    sched = scheduler()
+    sched.add(Sequence("a", PREFIX + [1], 2))
+    sched.add(Sequence("b", PREFIX + [2], 2))
+    sched.add(Sequence("other", list(range(800, 806)), 2))
+    assert starts(sched.schedule()) == [("a", 0, 13), ("other", 0, 6)]
+    assert sched.get("b").status is SequenceStatus.WAITING
+
+
+def test_a_request_waits_for_the_block_after_its_cached_prefix_when_a_step_computes_it():
+    sched = scheduler()
+    sched.add(Sequence("a", PREFIX + [1], 2))
+    first = sched.schedule()
+    complete(sched, first)
+    # with the prefix's three blocks cached, "long" computes a fourth, [7, 7, 7, 7]: "short"
+    # would find it, so it waits; "other" has no fourth full block to find, so it does not
+    sched.add(Sequence("long", PREFIX + [7, 7, 7, 7, 7], 2))
+    sched.add(Sequence("short", PREFIX + [7, 7, 7, 7, 8], 2))
+    sched.add(Sequence("other", PREFIX + [6], 2))
+    plan = sched.schedule()
+    assert starts(plan) == [("a", 13, 1), ("long", 12, 5), ("other", 12, 1)]
+    complete(sched, plan)
+    assert starts(sched.schedule())[-1] == ("short", 16, 1)  # found the fourth block
+
+
+def test_a_prefix_computed_in_chunks_is_adopted_chunk_by_chunk():
+    sched = Scheduler(32, B, max_batch_tokens=10, prefix_caching=True)
+    prefix = list(range(600, 616))  # four full blocks
+    sched.add(Sequence("a", prefix + [1], 2))
+    sched.add(Sequence("b", prefix + [2], 2))
+    first = sched.schedule()
+    assert starts(first) == [("a", 0, 10)]  # budget left, but b's first block is pending
+    complete(sched, first)
+    second = sched.schedule()
+    assert starts(second) == [("a", 10, 7)]  # b found two blocks; its third is pending now
+    complete(sched, second)
+    assert starts(sched.schedule()) == [("a", 17, 1), ("b", 16, 1)]
+
+
+def test_an_aborted_request_computing_a_prefix_is_not_waited_for():
+    sched = scheduler()
+    for seq_id in ("a", "b", "c"):
+        sched.add(Sequence(seq_id, PREFIX + [ord(seq_id)], 2))
+    first = sched.schedule()
+    assert starts(first) == [("a", 0, 13)]
+    sched.abort("a")  # its step is in flight: its blocks will never be registered
+    second = sched.schedule()
+    assert starts(second) == [("b", 0, 13)]  # b computes the prefix; c waits for b now
+    complete(sched, first)  # a's step: ignored, its blocks freed; b's stay pending
+    assert sched.schedule() is None
+    complete(sched, second)
+    third = sched.schedule()
+    assert starts(third) == [("b", 13, 1), ("c", 12, 1)]
+    assert sched.get("a") is None
+    complete(sched, third)
+    run_to_end(sched)
+    assert not sched.has_unfinished()
+    assert sched.blocks.num_free_blocks == 32 and sched.blocks.num_pending_blocks == 0
+
+
+def test_a_request_deferred_for_a_prefix_does_not_keep_lookahead_from_chaining():
+    sched = scheduler(micro_batches=2, lookahead=True)
+    sched.add(Sequence("a", PREFIX + [1], 4))
+    sched.add(Sequence("b", PREFIX + [2], 4))
+    first = sched.schedule()
+    assert starts(first) == [("a", 0, 13)]
+    # b cannot run before a's step returns, so it does not hold a micro-batch free: a's next
+    # decode is chained behind its first step
+    second = sched.schedule()
+    assert second is not None and second.chains == first.step_id
+    assert starts(second) == [("a", 13, 1)]
+    complete(sched, first)
+    assert starts(sched.schedule()) == [("b", 12, 1)]  # into the other micro-batch
+
+
+def test_requests_deferred_for_a_prefix_do_not_count_for_a_micro_batchs_share():
+    sched = scheduler(max_num_seqs=8, micro_batches=3)
+    for i in range(4):
+        sched.add(Sequence(f"p{i}", PREFIX + [i], 2))
+    for i in range(4):
+        sched.add(Sequence(f"x{i}", [700 + i] * 5, 2))
+    plans = list(iter(sched.schedule, None))
+    # 8 waiting over 3 micro-batches: 3 a step; then the 2 not waiting for p0's prefix over the
+    # 2 micro-batches left
+    assert [[s.seq_id for s in p.seqs] for p in plans] == [["p0", "x0", "x1"], ["x2"], ["x3"]]
 
 
 def test_a_preempted_sequence_comes_back_from_its_cached_blocks():
@@ -236,16 +363,19 @@ class ContentWorkers(FakeWorkers):
 
 
 def shared_prompt(seq_id: int, prompt_len: int, max_tokens: int) -> Sequence:
-    """Prompts that agree on a prefix whose length depends on the id (0 to 7 tokens), then differ."""
-    common = seq_id % 8
+    """Prompts that agree on a prefix whose length depends on the id (0 to 14 tokens), then differ."""
+    common = seq_id % 8 * 2
     return Sequence(
         seq_id, [p if p < common else seq_id * 1000 + p for p in range(prompt_len)], max_tokens
     )
 
 
-def check_sharing(sched: Scheduler, seqs: list[Sequence]) -> None:
+def check_sharing(sched: Scheduler, seqs: list[Sequence], plans: list[StepPlan]) -> None:
     held = {block for seq in seqs for block in seq.block_table}
     assert sched.blocks.num_used_blocks == len(held), "blocks in use != the tables' blocks"
+    # a deferred sequence waits only for a step in flight: every pending block is one's
+    computing = {block for plan in plans for item in plan.seqs for block in item.block_table}
+    assert set(sched.blocks._pending.values()) <= computing, "a pending block no step computes"
     assert sched.blocks.num_used_blocks + sched.blocks.num_free_blocks == sched.blocks.num_blocks
     for seq in seqs:
         if seq.status is SequenceStatus.RUNNING and not seq.in_flight:
@@ -253,8 +383,10 @@ def check_sharing(sched: Scheduler, seqs: list[Sequence]) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(workloads(), st.randoms(use_true_random=False), st.booleans())
-def test_random_shared_prefix_workload_reads_right_and_leaks_nothing(workload, rng, lookahead):
+@given(workloads(), st.randoms(use_true_random=False), st.booleans(), st.booleans())
+def test_random_shared_prefix_workload_reads_right_and_leaks_nothing(
+    workload, rng, lookahead, wait_for_prefix
+):
     config, pp, requests = workload
     sched = Scheduler(
         config["num_blocks"],
@@ -265,6 +397,7 @@ def test_random_shared_prefix_workload_reads_right_and_leaks_nothing(workload, r
         micro_batches=pp,
         lookahead=lookahead,
         prefix_caching=True,
+        wait_for_prefix=wait_for_prefix,
     )
     finished, aborted = simulate(
         sched,
@@ -274,7 +407,7 @@ def test_random_shared_prefix_workload_reads_right_and_leaks_nothing(workload, r
         # lookahead's chained plans come back in order; without it, in any order
         next_reply=(lambda plans: 0) if lookahead else (lambda plans: rng.randrange(len(plans))),
         ends=lambda seq: seq.num_output_tokens == seq.max_tokens or rng.random() < 0.1,
-        check=lambda seqs, plans: check_sharing(sched, seqs),
+        check=lambda seqs, plans: check_sharing(sched, seqs, plans),
         workers=ContentWorkers(sched),
         make=shared_prompt,
     )

@@ -28,7 +28,7 @@ kinds.
 
 Pending blocks (for the scheduler's waiting on an in-flight prefix): a full block that a step
 just scheduled will compute is findable before it is computed, as pending (`mark_pending`), so
-that a new sequence whose next block is one (`pending_next`) waits for that step, then adopts
+that a new sequence whose next blocks are (`pending_after`) waits for that step, then adopts
 it, instead of computing the same tokens again in a block of its own: a burst of requests that
 share a new system prompt computes it once (SGLang's in-batch prefix caching). `register` turns
 pending blocks into cached ones; `free` (and `forget_pending`, when a sequence is aborted with
@@ -225,14 +225,19 @@ class BlockManager:
             if digest not in self._by_digest and digest not in self._pending:
                 self._pending[digest] = seq.block_table[i]
 
-    def pending_next(self, seq: Sequence, cached: list[int]) -> bool:
-        """Whether the block of `seq`'s tokens right after `cached` (its blocks from `match`) is
-        pending: a step in flight computes it, and `seq` would find it cached once that step
-        returns. False when `seq` has no further full block that `match` could find."""
+    def pending_after(self, seq: Sequence, cached: list[int]) -> int:
+        """How many of `seq`'s blocks right after `cached` (its blocks from `match`) are
+        pending, in a row: a step in flight computes them, and `seq` would find them cached
+        once that step returns. Only blocks `match` could find count (never its last token's)."""
         n = len(cached)
-        if not self._pending or n >= (seq.num_tokens - 1) // self.block_size:
-            return False
-        return self._digests(seq, n + 1)[n] in self._pending
+        last = (seq.num_tokens - 1) // self.block_size  # full blocks match may return
+        if not self._pending or n >= last:
+            return 0
+        digests = self._digests(seq, last)
+        run = 0
+        while n + run < last and digests[n + run] in self._pending:
+            run += 1
+        return run
 
     def forget_pending(self, seq: Sequence) -> None:
         """Drop the pending blocks of `seq` (aborted: its step's blocks will never be

@@ -29,13 +29,14 @@ keeps pp micro-batches independent). Within a step, up to `max_num_seqs` sequenc
    others or sat out): running sequences come first, and a victim does not bounce straight back.
    With `prefix_caching` an admitted sequence first adopts the cached blocks of its longest
    prefix of full blocks (energon/block_manager.py) and its step starts after them.
-   A waiting sequence whose next full block (the one right after its cached prefix) a step in
-   flight, or one already in this plan, is computing ("pending") is not admitted: it keeps its
-   place and is admitted once that step has returned, adopting the blocks then, so that a burst
-   of requests sharing a new prefix computes it once, not once a request (`wait_for_prefix`, on
-   by default with prefix caching; the Engine turns it off with `ENERGON_PREFIX_WAIT=0`). Such a
-   deferred sequence does not stop the queue: those behind it may be admitted, and it does not
-   count as ready to run (for lookahead's chaining and the micro-batches' fair share).
+   A waiting sequence whose next full blocks (right after its cached prefix; `min_wait_tokens`
+   of its tokens at least) a step in flight, or one already in this plan, is computing
+   ("pending") is not admitted: it keeps its place and is admitted once that step has returned,
+   adopting the blocks then, so that a burst of requests sharing a new prefix computes it once,
+   not once a request (`wait_for_prefix`, on by default with prefix caching; the Engine turns it
+   off with `ENERGON_PREFIX_WAIT=0`). Such a deferred sequence does not stop the queue: those
+   behind it may be admitted, and it does not count as ready to run (for lookahead's chaining
+   and the micro-batches' fair share).
 
 A sequence runs `min(tokens left to compute, budget left)` tokens. Blocks for them are allocated
 before the plan is returned. When a running sequence needs blocks and none are free, the newest
@@ -73,6 +74,11 @@ from dataclasses import dataclass
 from energon.block_manager import BlockManager
 from energon.errors import InvalidRequest, Overloaded
 from energon.sequence import Sequence, SequenceStatus
+
+# A waiting sequence waits for a step in flight only to save at least this many tokens of its
+# own computation (SGLang holds requests back for an in-batch shared prefix from 32 tokens):
+# the wait costs it a step, recomputing a short header costs less.
+MIN_WAIT_TOKENS = 32
 
 
 def fraction(field: str, value) -> float:
@@ -173,7 +179,8 @@ class Scheduler:
     > 1 (the steps the Engine keeps in flight) a step takes at most an even share of the
     sequences that could run. `lookahead` chains decode steps, `reserve` keeps room for the
     running sequences' growth when admitting (module docstring); `wait_for_prefix` (with
-    `prefix_caching`) defers a waiting sequence whose next block a step in flight computes.
+    `prefix_caching`) defers a waiting sequence whose next `min_wait_tokens` or more a step in
+    flight computes.
     Raises InvalidRequest for a bound < 1 or a reserve outside [0, 1].
     """
 
@@ -192,10 +199,12 @@ class Scheduler:
         reserve: float = 0.0,
         prefix_caching: bool = False,
         wait_for_prefix: bool = True,
+        min_wait_tokens: int = MIN_WAIT_TOKENS,
     ):
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         # wait for a prefix that a step in flight computes (module docstring)
         self.wait_for_prefix = prefix_caching and wait_for_prefix
+        self.min_wait_tokens = min_wait_tokens
         self.max_model_len = max_model_len  # None: only the cache bounds a sequence
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
@@ -367,7 +376,7 @@ class Scheduler:
         ):
             seq = self._waiting[next_waiting]
             cached = self.blocks.match(seq)  # its prefix's blocks, computed already
-            if self.wait_for_prefix and self.blocks.pending_next(seq, cached):
+            if self._defers(seq, cached):
                 next_waiting += 1  # deferred: it waits for the step computing its next block
                 continue
             start = len(cached) * self.blocks.block_size
@@ -435,7 +444,15 @@ class Scheduler:
         if not self.wait_for_prefix or not self.blocks.num_pending_blocks:
             return iter(self._waiting)
         blocks = self.blocks
-        return (s for s in self._waiting if not blocks.pending_next(s, blocks.match(s)))
+        return (s for s in self._waiting if not self._defers(s, blocks.match(s)))
+
+    def _defers(self, seq: Sequence, cached: list[int]) -> bool:
+        """Whether waiting `seq` (its cached blocks `cached`) waits for a step in flight that
+        computes at least `min_wait_tokens` of its next tokens."""
+        if not self.wait_for_prefix:
+            return False
+        pending = self.blocks.pending_after(seq, cached) * self.blocks.block_size
+        return pending > 0 and pending >= self.min_wait_tokens
 
     def _chainable(self) -> tuple[int | None, dict[Sequence, tuple[int, int]]]:
         """With lookahead: (the oldest in-flight plan not chained yet whose samples may be

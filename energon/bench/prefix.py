@@ -133,13 +133,16 @@ async def measure(
 def floors(args, limit: dict, weights: float, kv_tok: float, element: int) -> tuple[float, float]:
     """(seconds to the first token, output tokens/s of the whole batch) at the roofline: with
     the prefix cached, one step of every suffix; with --cold, one step of the prefix before it
-    (computed once: the least any engine does). Then gen_len - 1 decode steps."""
+    (computed once: the least any engine does). Then gen_len - 1 decode steps. A step's K/V
+    bytes count the shared prefix once: its blocks are the same for every request, so reading
+    them once is the least a step can do (counted once a request, the batch's decode ran above
+    that ceiling on an H200)."""
     B, P, S, G = args.requests, args.prefix_len, args.suffix_len, args.gen_len
     limits = (weights / element, weights, kv_tok, limit["matmul_flops"], limit["copy_bytes_per_s"])
-    first = step_floor(B * S, B * (P + S), *limits)
+    first = step_floor(B * S, P + B * S, *limits)
     if args.cold:
         first += step_floor(P, P, *limits)
-    decode = sum(step_floor(B, B * (P + S + k), *limits) for k in range(1, G))
+    decode = sum(step_floor(B, P + B * (S + k), *limits) for k in range(1, G))
     return first, B * G / (first + decode)
 
 

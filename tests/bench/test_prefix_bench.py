@@ -69,6 +69,18 @@ def test_the_cold_limit_computes_the_prefix_once_before_the_suffixes():
     assert cold_rate == pytest.approx(64 * 32 / (64 * 32 / warm_rate + prefix_step))
 
 
+def test_the_limit_reads_the_shared_prefix_once_a_step():
+    args = parse(prefix, "--requests 64 --prefix-len 1024 --suffix-len 64 --gen-len 2")
+    limit = {"matmul_flops": 1e15, "copy_bytes_per_s": 4e12}
+    first, rate = prefix.floors(args, limit, 26e9, 800e3, 2)
+    # the suffixes' step: 4,096 tokens of products (106.5 ms) against the weights and the
+    # prefix's K/V once plus the suffixes' (26e9 + 800e3 x 5,120 bytes: 7.5 ms)
+    assert first == pytest.approx(2 * 13e9 * 4096 / 1e15)
+    # the decode step reads the weights, the prefix once and 65 tokens of each request
+    decode = (26e9 + 800e3 * (1024 + 64 * 65)) / 4e12
+    assert rate == pytest.approx(64 * 2 / (first + decode))
+
+
 def test_the_generate_and_pipeline_benches_compute_their_repeated_prompts():
     """They run the same prompts run after run: a cached prefix would skip the prefill HF's
     baseline pays, so their Engine has prefix caching off unless told."""

@@ -117,6 +117,9 @@ def test_the_same_tokens_computed_twice_at_once_are_cached_once():
 
 
 def scheduler(num_blocks: int = 32, **kwargs) -> Scheduler:
+    """Waiting for a pending prefix from one block on (the default asks for 32 tokens), so the
+    hand cases below can use short prefixes."""
+    kwargs.setdefault("min_wait_tokens", B)
     return Scheduler(num_blocks, B, max_batch_tokens=64, prefix_caching=True, **kwargs)
 
 
@@ -231,8 +234,24 @@ def test_a_request_waits_for_the_block_after_its_cached_prefix_when_a_step_compu
     assert starts(sched.schedule())[-1] == ("short", 16, 1)  # found the fourth block
 
 
+def test_a_request_waits_only_to_save_min_wait_tokens_of_its_own():
+    # by default (32 tokens) a pending 12-token prefix is recomputed rather than waited for,
+    # a pending 32-token one is waited for
+    for prefix, waits in ((PREFIX, False), (list(range(400, 432)), True)):
+        sched = Scheduler(32, B, max_batch_tokens=128, prefix_caching=True)
+        assert sched.min_wait_tokens == 32
+        sched.add(Sequence("a", prefix + [1], 2))
+        sched.add(Sequence("b", prefix + [2], 2))
+        assert [s.seq_id for s in sched.schedule().seqs] == (["a"] if waits else ["a", "b"])
+    # what counts is the pending run right after the cached blocks: 2 of b's 3 blocks here
+    sched = scheduler(min_wait_tokens=3 * B)
+    sched.add(Sequence("a", PREFIX[:8] + [1], 2))
+    sched.add(Sequence("b", PREFIX + [2], 2))
+    assert [s.seq_id for s in sched.schedule().seqs] == ["a", "b"]
+
+
 def test_a_prefix_computed_in_chunks_is_adopted_chunk_by_chunk():
-    sched = Scheduler(32, B, max_batch_tokens=10, prefix_caching=True)
+    sched = Scheduler(32, B, max_batch_tokens=10, prefix_caching=True, min_wait_tokens=B)
     prefix = list(range(600, 616))  # four full blocks
     sched.add(Sequence("a", prefix + [1], 2))
     sched.add(Sequence("b", prefix + [2], 2))
@@ -383,9 +402,15 @@ def check_sharing(sched: Scheduler, seqs: list[Sequence], plans: list[StepPlan])
 
 
 @settings(max_examples=300, deadline=None)
-@given(workloads(), st.randoms(use_true_random=False), st.booleans(), st.booleans())
+@given(
+    workloads(),
+    st.randoms(use_true_random=False),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([1, 8]),
+)
 def test_random_shared_prefix_workload_reads_right_and_leaks_nothing(
-    workload, rng, lookahead, wait_for_prefix
+    workload, rng, lookahead, wait_for_prefix, min_wait_tokens
 ):
     config, pp, requests = workload
     sched = Scheduler(
@@ -398,6 +423,7 @@ def test_random_shared_prefix_workload_reads_right_and_leaks_nothing(
         lookahead=lookahead,
         prefix_caching=True,
         wait_for_prefix=wait_for_prefix,
+        min_wait_tokens=min_wait_tokens,
     )
     finished, aborted = simulate(
         sched,

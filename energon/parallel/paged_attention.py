@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from energon.kernels.chain import chained, wait_then_release
+from energon.parallel.key_tile import key_tile
 
 MAX_QUERY_LEN = 8  # new tokens per sequence up to which a step counts as decode-like
 MAX_ROWS = 128  # query rows of one program: heads per KV head x new tokens
@@ -132,45 +133,20 @@ def _paged_attn_kernel(
 
     q_ptrs = Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    slope = tl.zeros([BLOCK_M], dtype=tl.float32)  # each row's head's ALiBi slope
     if USE_ALIBI:
-        slope = tl.load(Slopes + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        slope += tl.load(Slopes + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < end
-        page = tl.load(BlockTables + seq * stride_bt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-        slot = n % PAGE
-        k_ptrs = K + page[None, :] * stride_kb + slot[None, :] * stride_ks + kvh * stride_kh
-        k = tl.load(k_ptrs + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        k = k.to(q.dtype)  # [BLOCK_D, BLOCK_N]
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        s = s * qk_scale
-        if USE_ALIBI:
-            s += slope[:, None] * (n[None, :] - q_pos[:, None]).to(tl.float32)
-        s = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-
-        v_ptrs = V + page[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
-        v = tl.load(v_ptrs + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = v.to(q.dtype)  # [BLOCK_N, BLOCK_D]
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = key_tile(
+            q, m_i, l_i, acc, n0, end, q_pos, d, d_ok, K, V, BlockTables, seq, kvh, qk_scale,
+            slope, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+            PAGE, BLOCK_N, USE_ALIBI, IEEE, True,
+        )  # fmt: skip
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_mask = row_ok[:, None] & d_ok[None, :]

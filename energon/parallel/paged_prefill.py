@@ -30,48 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from energon.parallel.key_tile import key_tile
+
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _key_tile(
-    q, m_i, l_i, acc, n0, hi, q_pos, d, d_ok, K, V, BlockTables, seq, kvh, qk_scale, slope,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, USE_ALIBI: tl.constexpr, IEEE: tl.constexpr,
-    CAUSAL: tl.constexpr,  # some keys of the tile lie past some rows' queries
-):  # fmt: skip
-    """One key tile (keys n0 .. n0 + BLOCK_N - 1, those below `hi`) into the online softmax."""
-    n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = n < hi
-    page = tl.load(BlockTables + seq * stride_bt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-    slot = n % PAGE
-    k_ptrs = K + page[None, :] * stride_kb + slot[None, :] * stride_ks + kvh * stride_kh
-    k = tl.load(k_ptrs + d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-    k = k.to(q.dtype)  # [BLOCK_D, BLOCK_N]
-    if IEEE:
-        s = tl.dot(q, k, input_precision="ieee")
-    else:
-        s = tl.dot(q, k)
-    s = s * qk_scale
-    if USE_ALIBI:
-        s += slope * (n[None, :] - q_pos[:, None]).to(tl.float32)
-    if CAUSAL:
-        s = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-
-    v_ptrs = V + page[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
-    v = tl.load(v_ptrs + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    v = v.to(q.dtype)  # [BLOCK_N, BLOCK_D]
-    if IEEE:
-        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc * alpha[:, None] + pv
 
 
 @triton.jit
@@ -123,9 +84,9 @@ def _paged_prefill_kernel(
 
     q_ptrs = Q + (q_start + m)[:, None] * stride_qt + head * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    slope = 0.0
+    slope = tl.zeros([BLOCK_M], dtype=tl.float32)  # the head's ALiBi slope, every row
     if USE_ALIBI:
-        slope = tl.load(Slopes + head).to(tl.float32) * 1.4426950408889634
+        slope += tl.load(Slopes + head).to(tl.float32) * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -135,13 +96,13 @@ def _paged_prefill_kernel(
     # the rest, up to its last query, do.
     lo = tl.minimum((ctx - q_len + tile * BLOCK_M + 1) // BLOCK_N * BLOCK_N, hi)
     for n0 in range(0, lo, BLOCK_N):
-        m_i, l_i, acc = _key_tile(
+        m_i, l_i, acc = key_tile(
             q, m_i, l_i, acc, n0, hi, q_pos, d, d_ok, K, V, BlockTables, seq, kvh, qk_scale,
             slope, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
             PAGE, BLOCK_N, USE_ALIBI, IEEE, False,
         )  # fmt: skip
     for n0 in range(lo, hi, BLOCK_N):
-        m_i, l_i, acc = _key_tile(
+        m_i, l_i, acc = key_tile(
             q, m_i, l_i, acc, n0, hi, q_pos, d, d_ok, K, V, BlockTables, seq, kvh, qk_scale,
             slope, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
             PAGE, BLOCK_N, USE_ALIBI, IEEE, True,

@@ -151,31 +151,36 @@ def test_steps_the_prefill_graphs_take_or_not_give_the_eager_result(tmp_path):
     assert graphs.takes([3], [4]) and graphs.takes([3, 1], [40, 9])
 
 
-def prompt_after_cached_prefix(runner) -> tuple[torch.Tensor, list[list[int]]]:
+def cached_prefix_steps() -> tuple[list[dict], list[list[int]]]:
     """As the prefix cache runs it: one prompt prefilled, then another that shares its first
-    two blocks (their K/V already cached) computes only its own tokens, beside a new prompt.
-    Returns the second step's logits and the two prompts they continue."""
-    runner.init_kv_cache(16, BLOCK)
+    two blocks (their K/V already cached) computes only its own tokens, beside a new prompt
+    (16 blocks of BLOCK tokens). Returns the two steps and the prompts whose last logits the
+    second step's rows are."""
     first = prompt(11, seed=4)
     second = first[:8] + prompt(7, seed=5)  # 8 cached tokens (blocks 6, 2), 7 of its own
     third = prompt(5, seed=6)
-    runner.execute(
+    steps = [
         {
             "input_ids": torch.tensor(first),
             "query_lens": [11],
             "context_lens": [11],
             "block_tables": torch.tensor([[6, 2, 9]], dtype=torch.int32),
-        }
-    )
-    got = runner.execute(
+        },
         {
             "input_ids": torch.tensor(third + second[8:]),
             "query_lens": [5, 7],
             "context_lens": [5, 15],
             "block_tables": torch.tensor([[0, 1, -1, -1], [6, 2, 4, 12]], dtype=torch.int32),
-        }
-    )
-    return got, [third, second]
+        },
+    ]
+    return steps, [third, second]
+
+
+def prompt_after_cached_prefix(runner) -> tuple[torch.Tensor, list[list[int]]]:
+    """`cached_prefix_steps` on one runner: the second step's logits and their prompts."""
+    runner.init_kv_cache(16, BLOCK)
+    steps, prompts = cached_prefix_steps()
+    return [runner.execute(step) for step in steps][-1], prompts
 
 
 @pytest.mark.parametrize("family", list(CHECKPOINT_MAKERS))
@@ -237,6 +242,14 @@ def test_graphed_prefills_at_tp2_pp2_equal_transformers(tmp_path):
             torch.testing.assert_close(rows[-1][0][0], full[length - 1], rtol=0, atol=1e-4)
             torch.testing.assert_close(rows[-1][1][0], full[length], rtol=0, atol=1e-4)
         assert [i["prefill_graph_steps"] for i in group.broadcast("info")] == [1] * 4
+        # a prompt after a cached prefix, beside a new one: every stage and rank reads the
+        # prefix's K/V through the graph's block tables
+        group.broadcast("init_kv_cache", 16, BLOCK)
+        steps, prompts = cached_prefix_steps()
+        got = [only_last_rank(group.broadcast("execute", s), 2, 2) for s in steps][-1]
+        for row, p in zip(got, prompts, strict=True):
+            torch.testing.assert_close(row, hf_logits(hf, [p])[-1], rtol=0, atol=1e-4)
+        assert [i["prefill_graph_steps"] for i in group.broadcast("info")] == [2] * 4
     finally:
         group.close()
 

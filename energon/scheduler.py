@@ -439,8 +439,8 @@ class Scheduler:
         return next(self._admissible_waiting(), None) is not None
 
     def _admissible_waiting(self) -> Iterator[Sequence]:
-        """The waiting sequences, oldest first, but those deferred: their next block is pending
-        (a step in flight computes it)."""
+        """The waiting sequences, oldest first, but those deferred (`_defers`: a step in flight
+        computes their next blocks)."""
         if not self.wait_for_prefix or not self.blocks.num_pending_blocks:
             return iter(self._waiting)
         blocks = self.blocks

@@ -1,4 +1,5 @@
-"""The step both paged-attention kernels take for one tile of keys (Triton).
+"""What both paged-attention kernels share: the step they take for one tile of keys (Triton),
+and the cache operands they are launched with.
 
 `paged_attention.py` (decode-like steps) and `paged_prefill.py` (prompts after cached keys)
 walk a sequence's block table in tiles of BLOCK_N keys; for each, `key_tile` loads K and V from
@@ -8,8 +9,24 @@ log2 domain (the caller scales by softmax scale * log2(e)). Triton inlines it in
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+
+def cache_operands(q: torch.Tensor, kv_cache: torch.Tensor):
+    """(q with a contiguous head_dim, keys, values, block size, KV heads) for a kernel launch;
+    ValueError when q [T, H, D] does not fit kv_cache [2, num_blocks, block_size, Hkv, D] (D
+    differs, or H is not a multiple of Hkv) or the cache's head_dim is not contiguous."""
+    _, H, D = q.shape
+    _, _, page, Hkv, Dk = kv_cache.shape
+    if Dk != D or H % Hkv:
+        raise ValueError(f"q {tuple(q.shape)} does not fit kv_cache {tuple(kv_cache.shape)}")
+    keys, values = kv_cache[0], kv_cache[1]
+    if keys.stride(-1) != 1:
+        raise ValueError("kv_cache needs a contiguous head_dim")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    return q, keys, values, page, Hkv
 
 
 @triton.jit

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from energon.kernels.chain import chained, wait_then_release
-from energon.parallel.key_tile import key_tile
+from energon.parallel.key_tile import cache_operands, key_tile
 
 MAX_QUERY_LEN = 8  # new tokens per sequence up to which a step counts as decode-like
 MAX_ROWS = 128  # query rows of one program: heads per KV head x new tokens
@@ -269,15 +269,9 @@ def paged_attention(
     `max_seqlen_q`/`max_context_len` are host ints (nothing is read back from the device).
     """
     T, H, D = q.shape
-    _, _, page, Hkv, Dk = kv_cache.shape
-    if Dk != D or H % Hkv:
-        raise ValueError(f"q {tuple(q.shape)} does not fit kv_cache {tuple(kv_cache.shape)}")
+    q, keys, values, page, Hkv = cache_operands(q, kv_cache)
     group = H // Hkv
     B = context_lens.shape[0]
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    keys, values = kv_cache[0], kv_cache[1]
-    if keys.stride(-1) != 1:
-        raise ValueError("kv_cache needs a contiguous head_dim")
     if new_kv is not None:
         k_new, v_new = new_kv
         if slot_mapping is None or k_new.shape != (T, Hkv, D) or v_new.shape != k_new.shape:

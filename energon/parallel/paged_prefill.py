@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from energon.parallel.key_tile import key_tile
+from energon.parallel.key_tile import cache_operands, key_tile
 
 LOG2E = 1.4426950408889634
 
@@ -141,13 +141,7 @@ def paged_prefill(
     int (nothing is read back from the device, so a CUDA graph can hold the call).
     """
     T, H, D = q.shape
-    _, _, page, Hkv, Dk = kv_cache.shape
-    if Dk != D or H % Hkv:
-        raise ValueError(f"q {tuple(q.shape)} does not fit kv_cache {tuple(kv_cache.shape)}")
-    keys, values = kv_cache[0], kv_cache[1]
-    if keys.stride(-1) != 1:
-        raise ValueError("kv_cache needs a contiguous head_dim")
-    q = q if q.stride(-1) == 1 else q.contiguous()
+    q, keys, values, page, Hkv = cache_operands(q, kv_cache)
     out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
     B = context_lens.shape[0]
     if T == 0 or B == 0:

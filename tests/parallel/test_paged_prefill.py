@@ -196,3 +196,19 @@ def test_cuda_alibi_prompts_read_their_keys_back_through_the_kernel(monkeypatch)
 
     step([100, 37], [100, 37], [0, 1])  # fresh prompts only
     step([30, 50], [130, 50], [0, 2])  # a prompt after cached keys beside a fresh one
+
+
+def test_cache_operands_refuse_what_does_not_fit():
+    pytest.importorskip("triton")
+    from energon.parallel.key_tile import cache_operands
+
+    cache = torch.zeros(2, 3, 4, 2, 8)  # [2, blocks, block_size, Hkv, D]
+    q, keys, values, page, kv_heads = cache_operands(torch.zeros(5, 8, 4).transpose(1, 2), cache)
+    assert q.stride(-1) == 1 and q.shape == (5, 4, 8) and (page, kv_heads) == (4, 2)
+    assert keys.data_ptr() == cache.data_ptr() and values.data_ptr() == cache[1].data_ptr()
+    with pytest.raises(ValueError, match="does not fit"):
+        cache_operands(torch.zeros(5, 4, 16), cache)  # another head_dim
+    with pytest.raises(ValueError, match="does not fit"):
+        cache_operands(torch.zeros(5, 3, 8), cache)  # 3 heads over 2 KV heads
+    with pytest.raises(ValueError, match="contiguous"):
+        cache_operands(torch.zeros(5, 4, 8), torch.zeros(2, 3, 4, 8, 2).transpose(-1, -2))

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634  # the kernels' scores are in the log2 domain
+
 
 def cache_operands(q: torch.Tensor, kv_cache: torch.Tensor):
     """(q with a contiguous head_dim, keys, values, block size, KV heads) for a kernel launch;

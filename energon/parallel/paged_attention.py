@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from energon.kernels.chain import chained, wait_then_release
-from energon.parallel.key_tile import cache_operands, key_tile
+from energon.parallel.key_tile import LOG2E, cache_operands, key_tile
 
 MAX_QUERY_LEN = 8  # new tokens per sequence up to which a step counts as decode-like
 MAX_ROWS = 128  # query rows of one program: heads per KV head x new tokens
@@ -41,7 +41,6 @@ MIN_SPLIT_LEN = 64  # keys per split at least, when the context is split
 MAX_SPLITS = 16
 PROGRAMS_PER_SM = 2  # splits aim at about this many programs per SM
 COMBINE_ELEMENTS = 4096  # partial outputs one combine step loads at once (splits x rows x dim)
-LOG2E = 1.4426950408889634
 
 
 @triton.jit

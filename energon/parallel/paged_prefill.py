@@ -30,9 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from energon.parallel.key_tile import cache_operands, key_tile
-
-LOG2E = 1.4426950408889634
+from energon.parallel.key_tile import LOG2E, cache_operands, key_tile
 
 
 @triton.jit

@@ -212,3 +212,47 @@ def test_cache_operands_refuse_what_does_not_fit():
         cache_operands(torch.zeros(5, 3, 8), cache)  # 3 heads over 2 KV heads
     with pytest.raises(ValueError, match="contiguous"):
         cache_operands(torch.zeros(5, 4, 8), torch.zeros(2, 3, 4, 8, 2).transpose(-1, -2))
+
+
+def test_new_prompts_that_flash_cannot_take_read_their_keys_back(monkeypatch):
+    """The path choice, on cpu (where the kernel's own choice says no): with the prefill kernel
+    usable, ALiBi prompts whose K/V forward just wrote, alone or as the fresh part of a mixed
+    step, read them back from the cache (here through the grid path over the cache, standing in
+    for the kernel) and equal attending to the new tokens; without a cache they do not."""
+    heads, head_dim, block_size = 4, 16, 4
+    slopes = alibi_slopes(heads)
+    g = torch.Generator().manual_seed(9)
+    tables = [[0, 1, 2], [3, 4, 5, 6, 7]]
+
+    def layer(cache: bool) -> Attention:
+        attn = Attention(heads, heads, head_dim, head_dim**-0.5, alibi_slopes=slopes)
+        attn.kv_cache = torch.zeros(2, 8, block_size, heads, head_dim) if cache else None
+        return attn
+
+    cases = (
+        ([10, 17], [10, 17], [[10, 17]]),  # new prompts only
+        ([10, 3], [10, 17], [[10], [17]]),  # a new prompt, then 3 tokens after 14 cached
+    )
+    for query_lens, context_lens, reads in cases:
+        T = sum(query_lens)
+        q, k, v = (torch.randn(T, heads * head_dim, generator=g) for _ in "qkv")
+        meta = BatchMeta.for_step(query_lens, context_lens, tables, block_size)
+        plain = layer(cache=True)
+        plain.kv_cache[:] = torch.randn(plain.kv_cache.shape, generator=g)  # the cached keys
+        want = plain(q, k, v, meta)  # fresh prompts attend to their new tokens directly
+        reader = layer(cache=True)
+        reader.kv_cache[:] = plain.kv_cache
+        read_back = []
+
+        def kernel(q3, part, attn=reader, read_back=read_back):
+            read_back.append(part.context_lens.tolist())
+            return attn._varlen(q3, None, None, part, True)  # reads the keys from the cache
+
+        monkeypatch.setattr(reader, "_takes_paged_prefill", lambda q3: True)
+        monkeypatch.setattr(reader, "_paged_prefill", kernel)
+        torch.testing.assert_close(reader(q, k, v, meta), want, atol=1e-5, rtol=0)
+        assert read_back == reads  # the new prompts read back too
+    no_cache = layer(cache=False)
+    monkeypatch.setattr(no_cache, "_takes_paged_prefill", lambda q3: True)
+    monkeypatch.setattr(no_cache, "_paged_prefill", lambda *a: pytest.fail("no cache to read"))
+    no_cache(q, k, v, BatchMeta.for_prefill([10, 3]))

@@ -66,7 +66,6 @@ class PrefillGraphs(StepGraphs):
         block_size, scratch_block, device = self.block_size, self.scratch_block, self.device
         self.last_stage = last_stage
         self.max_tokens = n = self.buckets[-1]
-        self.max_blocks = max_blocks
         self.max_context = max_blocks * block_size
         if n > self.max_context:  # the capture runs a prompt of n tokens: its table must hold it
             raise ValueError(
@@ -149,12 +148,9 @@ class PrefillGraphs(StepGraphs):
         lengths.copy_(_lengths(query_lens, context_lens, bucket))
         last_rows.fill_(bucket - 1)
         last_rows[:S] = step.logits_indices  # each prompt's last row
-        tables.fill_(self.scratch_block)
-        used = [-(-c // self.block_size) for c in context_lens]  # blocks each context fills
-        width = max(used)
+        tables.fill_(self.scratch_block)  # the pads' row, and the empty sequences'
+        width = -(-max(context_lens) // self.block_size)  # past a context: block 0, never read
         tables[:S, :width] = step.block_tables[:, :width]
-        for row, n in enumerate(used):
-            tables[row, n:width] = self.scratch_block  # never read; no stale or negative ids
         nb = self._staging.pinned
         self.positions[:bucket].copy_(host[0, :bucket], non_blocking=nb)
         self.slots[:bucket].copy_(host[1, :bucket], non_blocking=nb)

@@ -92,9 +92,12 @@ class Timer:
         return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
 
 
-def make_layer(args, batch: int, context: int, device: torch.device, dtype: torch.dtype):
+def make_layer(
+    args, batch: int, context: int, device: torch.device, dtype: torch.dtype, new: int = 1
+):
     """An Attention with a random cache of `batch` sequences of `context` keys (shuffled
-    blocks) and one decode step's q/k/v and meta."""
+    blocks) and a step's q/k/v [batch x new, heads x head_dim] and meta: `new` tokens of each
+    sequence at the end of its context (1: a decode step)."""
     from energon.parallel.attention import Attention, alibi_slopes
     from energon.parallel.packing import BatchMeta
 
@@ -109,10 +112,10 @@ def make_layer(args, batch: int, context: int, device: torch.device, dtype: torc
     attn = Attention(H, Hkv, D, D**-0.5, alibi_slopes=slopes)
     g = torch.Generator(device=device).manual_seed(context + batch)
     attn.kv_cache = torch.randn(2, num_blocks, bs, Hkv, D, device=device, dtype=dtype, generator=g)
-    meta = BatchMeta.for_step([1] * batch, [context] * batch, tables, bs, device=device)
-    q = torch.randn(batch, H * D, device=device, dtype=dtype, generator=g)
-    k = torch.randn(batch, Hkv * D, device=device, dtype=dtype, generator=g)
-    v = torch.randn(batch, Hkv * D, device=device, dtype=dtype, generator=g)
+    meta = BatchMeta.for_step([new] * batch, [context] * batch, tables, bs, device=device)
+    q = torch.randn(batch * new, H * D, device=device, dtype=dtype, generator=g)
+    k = torch.randn(batch * new, Hkv * D, device=device, dtype=dtype, generator=g)
+    v = torch.randn(batch * new, Hkv * D, device=device, dtype=dtype, generator=g)
     return attn, meta, q, k, v
 
 

@@ -20,12 +20,11 @@ of other tiles (block_m:block_n:warps:stages).
 from __future__ import annotations
 
 import argparse
-import random
 
 import torch
 
 from energon.bench.limits import copy_bandwidth, matmul_rate
-from energon.bench.paged_attention import Timer
+from energon.bench.paged_attention import Timer, make_layer
 from energon.bench.record import Record, copy_bandwidth_record, write_results
 
 SCENARIO = "paged-prefill"
@@ -68,30 +67,6 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return b, q, c
 
 
-def make_layer(args, batch: int, new: int, context: int, device, dtype):
-    """An Attention with a random cache of `batch` sequences of `context` keys (shuffled
-    blocks), the step's q/k/v and meta: `new` tokens each at the end of the context."""
-    from energon.parallel.attention import Attention, alibi_slopes
-    from energon.parallel.packing import BatchMeta
-
-    H, D, bs = args.heads, args.head_dim, args.block_size
-    Hkv = args.kv_heads or H
-    per_seq = -(-context // bs)
-    num_blocks = batch * per_seq + 1
-    pool = list(range(num_blocks))
-    random.Random(batch * 100_003 + context).shuffle(pool)
-    tables = [pool[i * per_seq : (i + 1) * per_seq] for i in range(batch)]
-    attn = Attention(H, Hkv, D, D**-0.5, alibi_slopes=alibi_slopes(H) if args.alibi else None)
-    g = torch.Generator(device=device).manual_seed(context + batch)
-    attn.kv_cache = torch.randn(2, num_blocks, bs, Hkv, D, device=device, dtype=dtype, generator=g)
-    meta = BatchMeta.for_step([new] * batch, [context] * batch, tables, bs, device=device)
-    T = batch * new
-    q = torch.randn(T, H, D, device=device, dtype=dtype, generator=g)
-    k = torch.randn(T, Hkv, D, device=device, dtype=dtype, generator=g)
-    v = torch.randn(T, Hkv, D, device=device, dtype=dtype, generator=g)
-    return attn, meta, q, k, v
-
-
 def work(batch: int, new: int, context: int, heads: int, kv_heads: int, dim: int, elem: int):
     """(FLOPs, bytes) of the layer's attention: every query sees the keys up to its position."""
     visible = new * (context - new) + new * (new + 1) // 2  # (query, key) pairs per sequence
@@ -126,7 +101,8 @@ def measure(args, timer, shape, device, dtype, configs) -> dict:
     from energon.parallel.paged_prefill import paged_prefill
 
     batch, new, context = shape
-    attn, meta, q, k, v = make_layer(args, batch, new, context, device, dtype)
+    attn, meta, q, k, v = make_layer(args, batch, context, device, dtype, new=new)
+    q, k, v = (x.view(batch * new, -1, attn.head_dim) for x in (q, k, v))
     slopes = attn._device_slopes(device)
 
     def kernel(block_m=None, block_n=None, num_warps=None, num_stages=None):

@@ -31,7 +31,6 @@ import asyncio
 import os
 import statistics
 import time
-from unittest import mock
 
 import torch
 
@@ -88,19 +87,19 @@ async def measure(
     args, caching: bool, device: str, dtype: str, vocab: int, wait: bool | None = None
 ) -> dict:
     """One Engine: the prefix once (not with --cold), a warm-up batch, then `repeat` timed
-    batches. `wait` (True / False) sets ENERGON_PREFIX_WAIT for this Engine; None leaves it."""
+    batches. `wait` (True / False) overrides ENERGON_PREFIX_WAIT for this Engine; None leaves it."""
     greedy = SamplingParams(max_tokens=args.gen_len, temperature=0.0, ignore_eos=True)
-    env = {} if wait is None else {PREFIX_WAIT_ENV: "1" if wait else "0"}
-    with mock.patch.dict(os.environ, env):  # the Engine reads it when it is made
-        engine = Engine(
-            args.model,
-            device=device,
-            dtype=dtype,
-            seed=args.seed,
-            max_num_seqs=args.requests,
-            prefix_caching=caching,
-            progress=False,
-        )
+    engine = Engine(
+        args.model,
+        device=device,
+        dtype=dtype,
+        seed=args.seed,
+        max_num_seqs=args.requests,
+        prefix_caching=caching,
+        progress=False,
+    )
+    if wait is not None:  # what ENERGON_PREFIX_WAIT sets; the scheduler is made at start
+        engine.prefix_wait = wait
     async with engine:
         if not args.cold:
             [prefix] = make_prompts(vocab, 1, args.prefix_len, args.seed)

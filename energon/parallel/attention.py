@@ -24,6 +24,7 @@ gathering them into the grid.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import math
 
@@ -79,23 +80,13 @@ def flash_usable(q: torch.Tensor, alibi: bool, cached: bool) -> bool:
 
 
 @functools.cache
-def _paged_kernels():
-    """energon.parallel.paged_attention, imported on first CUDA use; None without triton."""
+def _kernels(module: str):
+    """energon.parallel.<module> (a Triton kernel's module), imported on first CUDA use; None
+    without triton."""
     try:
-        from energon.parallel import paged_attention
+        return importlib.import_module(f"energon.parallel.{module}")
     except ImportError:
         return None
-    return paged_attention
-
-
-@functools.cache
-def _prefill_kernels():
-    """energon.parallel.paged_prefill, imported on first CUDA use; None without triton."""
-    try:
-        from energon.parallel import paged_prefill
-    except ImportError:
-        return None
-    return paged_prefill
 
 
 def paged_usable(q: torch.Tensor, meta: BatchMeta, num_heads: int, num_kv_heads: int) -> bool:
@@ -103,7 +94,7 @@ def paged_usable(q: torch.Tensor, meta: BatchMeta, num_heads: int, num_kv_heads:
     fp16/bf16 and a decode-like query side (few new tokens per sequence)."""
     if not q.is_cuda or meta.block_tables is None:
         return False
-    kernels = _paged_kernels()
+    kernels = _kernels("paged_attention")
     return kernels is not None and kernels.supports(
         q, meta.max_seqlen_q, num_heads, num_kv_heads, q.shape[-1]
     )
@@ -262,7 +253,7 @@ class Attention(nn.Module):
     def _takes_paged_prefill(self, q) -> bool:
         """Whether a call that reads the cache but is not decode-like goes to the Triton prefill
         kernel (when flash cannot take it): triton installed, CUDA, fp16/bf16."""
-        kernels = _prefill_kernels() if q.is_cuda and self.use_paged else None
+        kernels = _kernels("paged_prefill") if q.is_cuda and self.use_paged else None
         return kernels is not None and kernels.supports(q, self.head_dim)
 
     def _holds_new_kv(self, meta: BatchMeta) -> bool:
@@ -277,7 +268,7 @@ class Attention(nn.Module):
     def _paged_prefill(self, q, meta):
         """Many new tokens a sequence after cached ones: the Triton kernel reads K/V through the
         block tables (the cache holds the new ones already), no gather into a grid."""
-        return _prefill_kernels().paged_prefill(
+        return _kernels("paged_prefill").paged_prefill(
             q,
             self.kv_cache,
             meta.block_tables,
@@ -291,7 +282,7 @@ class Attention(nn.Module):
     def _paged(self, q, meta, new_kv=None):
         """Decode-like step: the Triton kernel reads K/V through the block tables, no gather;
         given `new_kv` it writes them into the cache first (no separate cache write)."""
-        return _paged_kernels().paged_attention(
+        return _kernels("paged_attention").paged_attention(
             q,
             self.kv_cache,
             meta.block_tables,

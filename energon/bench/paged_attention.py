@@ -32,12 +32,6 @@ SCENARIO = "paged-attention"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", default="1,64,256", help="comma-separated batch sizes")
     parser.add_argument("--contexts", default="512,2048", help="comma-separated context lengths")
-    parser.add_argument("--heads", type=int, default=40)
-    parser.add_argument("--kv-heads", type=int, default=0, help="0: as many as --heads")
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    parser.add_argument("--alibi", action="store_true", help="ALiBi slopes on (opt-13b: off)")
     parser.add_argument(
         "--max-context",
         type=int,
@@ -45,14 +39,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="max_context_len given to the kernel (0: the context itself); the Engine's decode "
         "CUDA graphs give the model's longest context, e.g. 2048",
     )
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument(
         "--configs",
         default="",
         help="extra kernel configs block_n:num_warps:splits (splits 0 = default), e.g. "
         "'32:4:0,128:4:0,64:8:0,64:4:1'",
     )
+    add_layer_arguments(parser)
+
+
+def add_layer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of an attention-layer bench (this one, paged-prefill): the layer's shape
+    (opt-13b's by default), timing, and where results go."""
+    parser.add_argument("--heads", type=int, default=40)
+    parser.add_argument("--kv-heads", type=int, default=0, help="0: as many as --heads")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--alibi", action="store_true", help="ALiBi slopes on (opt-13b: off)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--copy-mib", type=int, default=1024, help="copy bandwidth buffer")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
 

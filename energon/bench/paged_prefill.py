@@ -24,7 +24,7 @@ import argparse
 import torch
 
 from energon.bench.limits import copy_bandwidth, matmul_rate
-from energon.bench.paged_attention import Timer, make_layer
+from energon.bench.paged_attention import Timer, add_layer_arguments, make_layer
 from energon.bench.record import Record, copy_bandwidth_record, write_results
 
 SCENARIO = "paged-prefill"
@@ -36,22 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="64x64@1088,8x64@1088,1x512@2560,4x1024@2048,1x2048@4096",
         help="comma-separated BxQ@C: B sequences of Q new tokens after C - Q cached keys",
     )
-    parser.add_argument("--heads", type=int, default=40)
-    parser.add_argument("--kv-heads", type=int, default=0, help="0: as many as --heads")
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    parser.add_argument("--alibi", action="store_true", help="ALiBi slopes on (opt-13b: off)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument(
         "--configs",
         default="",
         help="extra kernel configs block_m:block_n:num_warps:num_stages, e.g. '128:64:8:3'",
     )
-    parser.add_argument("--copy-mib", type=int, default=1024, help="copy bandwidth buffer")
     parser.add_argument("--matmul-size", type=int, default=8192, help="matmul rate probe")
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    add_layer_arguments(parser)
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:

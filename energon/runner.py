@@ -30,6 +30,7 @@ from energon.parallel.attention import Attention
 from energon.parallel.one_shot_setup import enable_fast_all_reduce
 from energon.parallel.packing import BatchMeta, pack, pad
 from energon.parallel.pipeline import cut_stages, recv_activation, send_activation
+from energon.parallel.shared_prefix import SHARED_PREFIX_ENV, SharedPrefixes, find_shared_prefixes
 from energon.parallel.token_return import TokenReturn
 from energon.parallel.topology import ParallelState, Topology, init_parallel, use_parallel
 from energon.pool.offload import OffloadMember
@@ -39,6 +40,10 @@ from energon.sampler import Sampler, logprob_rows
 
 log = logging.getLogger("energon")
 
+# A decode step whose groups save this many key reads a layer (sequences x shared keys) runs
+# eagerly, reading each group's prefix once, rather than replay a decode graph that reads it
+# for every sequence (the graphs are captured without groups).
+GRAPH_TRADE = 16384
 # Decode graphs launch attention for their longest context: at most this many tokens (and no
 # more than the KV cache holds); longer decode steps run eagerly.
 MAX_GRAPH_CONTEXT = 4096
@@ -206,6 +211,14 @@ class ModelRunner(OffloadMember):
             for module in self.model.modules():
                 if (after_load := getattr(module, "after_load", None)) is not None:
                     after_load()  # e.g. merge q/k/v weights for one GEMM (layers.merge_columns)
+        # decode steps read a prefix their sequences share once a group where the paged decode
+        # kernel runs (energon/parallel/shared_prefix.py; ENERGON_SHARED_PREFIX=0: off)
+        attention = next((m for m in self.model.modules() if isinstance(m, Attention)), None)
+        self.shares_prefixes = (
+            os.environ.get(SHARED_PREFIX_ENV, "1") != "0"
+            and attention is not None
+            and attention.reads_shared_prefixes(self.device, self.dtype)
+        )
         self.hidden_size = getattr(self.model, "hidden_size", None) or hidden_size_of(
             self.spec.config
         )
@@ -214,6 +227,7 @@ class ModelRunner(OffloadMember):
         # Every tp rank of the last stage holds the same logits; rank 0 samples and replies.
         self.sampler = Sampler(self.device, seed)
         self.chained_steps = 0  # steps that fed sampled tokens on the device
+        self.shared_prefix_steps = 0  # decode steps that read their groups' prefixes once
         # what chained steps feed: the samples of steps in flight (lookahead; at pp > 1 handed
         # from the last stage to the first, energon/parallel/token_return.py)
         self.returns = TokenReturn(self.state, self.device)
@@ -505,7 +519,8 @@ class ModelRunner(OffloadMember):
             and "chain_from" not in step
         ):
             return self._prefill_graph_step(step)
-        if self.graphs is not None:
+        shared = self._shared_prefixes(step)
+        if self.graphs is not None and (shared is None or shared.saved_tokens < GRAPH_TRADE):
             tables = step["block_tables"]
             if isinstance(tables, torch.Tensor) and step.get("logits_indices", "last") in (
                 "last",
@@ -516,7 +531,22 @@ class ModelRunner(OffloadMember):
                 if self.graphs.takes(query_lens, tables.shape[1]):
                     return self._graph_step(step, tables)
         input_ids, meta = self.step_meta(step)
+        if shared is not None:
+            meta.shared = shared.to(self.device)
+            self.shared_prefix_steps += 1
         return self._run(input_ids, meta)
+
+    def _shared_prefixes(self, step: dict) -> SharedPrefixes | None:
+        """A decode step's groups of sequences that share cached prefix blocks, where the
+        kernel reads them once (`shares_prefixes`); None for any other step."""
+        if not self.shares_prefixes:
+            return None
+        return find_shared_prefixes(
+            list(step["query_lens"]),
+            list(step["context_lens"]),
+            step["block_tables"],
+            self.block_size,
+        )
 
     def _graph_step(self, step: dict, tables: torch.Tensor) -> torch.Tensor | None:
         context_lens = list(step["context_lens"])
@@ -649,6 +679,7 @@ class ModelRunner(OffloadMember):
             "prefill_graph_steps": self.prefill_graphs.steps if self.prefill_graphs else 0,
             "graph_error": self.graph_error,
             "chained_steps": self.chained_steps,
+            "shared_prefix_steps": self.shared_prefix_steps,
             "returns_pending": self.returns.pending,  # samples chained steps may feed, held
             "penalised_seqs": len(self.sampler.penalties.slots),  # sequences' tokens kept
             "all_reduce": self.all_reduce,

@@ -250,6 +250,13 @@ class Attention(nn.Module):
             return False
         return self.use_paged and paged_usable(q, meta, self.num_heads, self.num_kv_heads)
 
+    def reads_shared_prefixes(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether decode steps on `device` in `dtype` go to the Triton paged kernel, which
+        reads a group's shared prefix once when the step's `meta.shared` says so."""
+        probe = torch.empty(1, self.num_heads, self.head_dim, dtype=dtype, device=device)
+        meta = BatchMeta.for_step([1], [1], [[0]], 1)
+        return self._takes_paged(probe, meta)
+
     def _takes_paged_prefill(self, q) -> bool:
         """Whether a call that reads the cache but is not decode-like goes to the Triton prefill
         kernel (when flash cannot take it): triton installed, CUDA, fp16/bf16."""
@@ -294,6 +301,7 @@ class Attention(nn.Module):
             alibi_slopes=self._device_slopes(q.device),
             new_kv=new_kv,
             slot_mapping=meta.slot_mapping if new_kv is not None else None,
+            shared=meta.shared,
         )
 
     def _device_slopes(self, device):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from energon.parallel.shared_prefix import SharedPrefixes
+
 
 @dataclass
 class BatchMeta:
@@ -35,6 +37,9 @@ class BatchMeta:
     # reads the cache), so that attention runs each its own way (decodes through the paged
     # kernel, fresh prompts straight on their new tokens). None: one kind.
     parts: tuple[tuple[int, BatchMeta, bool], ...] | None = None
+    # A decode step's groups of sequences that share cached prefix blocks, on the device: the
+    # paged decode kernel reads each group's prefix once (energon/parallel/shared_prefix.py).
+    shared: SharedPrefixes | None = None
 
     @property
     def num_seqs(self) -> int:

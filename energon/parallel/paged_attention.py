@@ -34,6 +34,8 @@ import triton.language as tl
 
 from energon.kernels.chain import chained, wait_then_release
 from energon.parallel.key_tile import LOG2E, cache_operands, key_tile
+from energon.parallel.prefix_attention import num_parts, prefix_attention
+from energon.parallel.shared_prefix import SharedPrefixes
 
 MAX_QUERY_LEN = 8  # new tokens per sequence up to which a step counts as decode-like
 MAX_ROWS = 128  # query rows of one program: heads per KV head x new tokens
@@ -59,6 +61,7 @@ def _paged_attn_kernel(
     ContextLens,
     CuSeqlens,
     Slopes,
+    PrefixLens,
     qk_scale,  # softmax scale * log2(e)
     stride_qt,
     stride_qh,
@@ -89,6 +92,7 @@ def _paged_attn_kernel(
     WRITE: tl.constexpr,  # write the new tokens' K/V (KNew, VNew) into the cache first
     SPLIT: tl.constexpr,  # partials, and the last split of a (sequence, KV head) combines them
     SPLITS: tl.constexpr,  # with SPLIT: the splits' count rounded up to a power of two
+    PREFIX_PARTS: tl.constexpr,  # splits after ours that hold a shared prefix's partials
     VALID_M: tl.constexpr,  # rows that can hold a query (heads per KV head x new tokens, pow2)
     COMBINE_M: tl.constexpr,  # rows combined at a time
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots, not tf32
@@ -104,9 +108,13 @@ def _paged_attn_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
 
-    # this sequence's context in num_splits pieces of whole key tiles (the last ones may be empty)
-    split_len = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    # this sequence's context (past the keys its group's prefix pass reads, if any) in
+    # num_splits pieces of whole key tiles (the last ones may be empty)
+    lo = 0
+    if PREFIX_PARTS > 0:
+        lo = tl.load(PrefixLens + seq)
+    split_len = tl.cdiv(tl.cdiv(ctx - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * split_len
     end = tl.minimum(start + split_len, ctx)
     wait_then_release(PDL)  # the step's lengths are read; q, k and v come from the kernel before
 
@@ -163,7 +171,10 @@ def _paged_attn_kernel(
             # every split's log-sum-exp and partial output loaded at once ([SPLITS, rows] and
             # [SPLITS, rows, D], COMBINE_M rows at a time): one round trip, not one per split
             s = tl.arange(0, SPLITS)
-            s_ok = s < num_splits
+            parts = num_splits
+            if PREFIX_PARTS > 0:  # and the prefix pass's, for a sequence in a group
+                parts += tl.where(lo > 0, PREFIX_PARTS, 0)
+            s_ok = s < parts
             for c0 in tl.static_range(0, VALID_M, COMBINE_M):
                 r = c0 + tl.arange(0, COMBINE_M)
                 r_tok = r // GROUP
@@ -256,6 +267,7 @@ def paged_attention(
     num_splits: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
+    shared: SharedPrefixes | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries over the paged cache; returns [T, H, D] in q's dtype.
 
@@ -266,6 +278,9 @@ def paged_attention(
     the kernel first writes the new tokens' keys and values into their cache slots (one kernel
     for the whole layer's decode attention); without, the cache already holds them.
     `max_seqlen_q`/`max_context_len` are host ints (nothing is read back from the device).
+    With `shared` (a decode step's groups, on q's device: energon/parallel/shared_prefix.py)
+    the prefix each group shares is read once for all its members by a pass launched first,
+    and each member's own programs read only its keys past that prefix.
     """
     T, H, D = q.shape
     q, keys, values, page, Hkv = cache_operands(q, kv_cache)
@@ -290,14 +305,24 @@ def paged_attention(
     if num_splits is None:
         num_splits = default_num_splits(B, Hkv, max_context_len, q.device)
     num_splits = max(1, min(num_splits, triton.cdiv(max_context_len, block_n)))
-    split = num_splits > 1
+    parts = 0
+    if shared is not None:
+        if max_seqlen_q != 1:
+            raise ValueError(f"shared prefixes need one new token a sequence (got {max_seqlen_q})")
+        parts = num_parts(shared, Hkv, q.device)
+    split = num_splits > 1 or parts > 0
     if split:
-        out_part = torch.empty(num_splits, T, H, D, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(num_splits, T, H, dtype=torch.float32, device=q.device)
+        out_part = torch.empty(num_splits + parts, T, H, D, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(num_splits + parts, T, H, dtype=torch.float32, device=q.device)
         tickets = _tickets(q.device, B * Hkv)
     else:
         out_part = lse_part = tickets = out  # unused
-    slopes = alibi_slopes.to(q.device, torch.float32) if alibi_slopes is not None else out
+    slopes = alibi_slopes.to(q.device, torch.float32) if alibi_slopes is not None else None
+    if parts:
+        prefix_attention(
+            q, keys, values, shared, block_tables, context_lens, cu_seqlens, scale * LOG2E,
+            slopes, out_part, lse_part, first_part=num_splits, parts=parts, block_n=block_n,
+        )  # fmt: skip
 
     _paged_attn_kernel[(B, Hkv, num_splits)](
         q,
@@ -313,7 +338,8 @@ def paged_attention(
         block_tables,
         context_lens,
         cu_seqlens,
-        slopes,
+        slopes if slopes is not None else out,
+        shared.prefix_lens if parts else out,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -343,10 +369,12 @@ def paged_attention(
         USE_ALIBI=alibi_slopes is not None,
         WRITE=new_kv is not None,
         SPLIT=split,
-        SPLITS=triton.next_power_of_2(num_splits),
+        SPLITS=triton.next_power_of_2(num_splits + parts),
+        PREFIX_PARTS=parts,
         VALID_M=valid_m,
         COMBINE_M=min(
-            valid_m, max(1, COMBINE_ELEMENTS // (triton.next_power_of_2(num_splits) * block_d))
+            valid_m,
+            max(1, COMBINE_ELEMENTS // (triton.next_power_of_2(num_splits + parts) * block_d)),
         ),
         IEEE=q.dtype == torch.float32,
         num_warps=num_warps,

@@ -228,6 +228,92 @@ def test_multi_head_and_odd_head_dim(kernels):
     torch.testing.assert_close(out.cpu().double(), expected.cpu(), atol=1e-5, rtol=0)
 
 
+def make_shared_case(prefixes, own_lens, block_size=16, heads=4, kv_heads=2, head_dim=64, seed=0,
+                     device="cpu", dtype=torch.float32):  # fmt: skip
+    """A decode step whose sequences continue cached prefixes: `prefixes` blocks per prefix,
+    `own_lens` [(prefix index or None, tokens after it)]; returns (q, cache, meta, kv, shared)
+    with the step's groups found from the tables (energon/parallel/shared_prefix.py)."""
+    from energon.parallel.shared_prefix import find_shared_prefixes
+
+    g = torch.Generator().manual_seed(seed)
+    pool = list(range(sum(prefixes) + sum(-(-n // block_size) for _, n in own_lens) + 2))
+    random.Random(seed).shuffle(pool)
+    shared_blocks = []
+    for n in prefixes:
+        shared_blocks.append(pool[:n])
+        pool = pool[n:]
+    tables, context_lens = [], []
+    for prefix, n in own_lens:
+        head = shared_blocks[prefix] if prefix is not None else []
+        own = -(-n // block_size)
+        tables.append(head + pool[:own])
+        pool = pool[own:]
+        context_lens.append(len(head) * block_size + n)
+    num_blocks = max(b for t in tables for b in t) + 1
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g)
+    q = torch.randn(len(own_lens), heads, head_dim, generator=g)
+    query_lens = [1] * len(own_lens)
+    meta = BatchMeta.for_step(query_lens, context_lens, tables, block_size, device=device)
+    flat = cache.to(dtype).flatten(1, 2)
+    kv = []
+    for table, c in zip(tables, context_lens, strict=True):
+        slots = torch.tensor(
+            [table[j // block_size] * block_size + j % block_size for j in range(c)]
+        )
+        kv.append((flat[0][slots], flat[1][slots]))
+    shared = find_shared_prefixes(query_lens, context_lens, tables, block_size, min_prefix=16)
+    return q.to(device, dtype), cache.to(device, dtype), meta, kv, shared.to(device)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("kv_heads", [2, 1, 4], ids=["gqa2", "mqa", "mha"])
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["no-alibi", "alibi"])
+def test_shared_prefixes_read_once_equal_reference(kernels, use_alibi, kv_heads, num_splits):
+    # Two prefixes (5 blocks, 3 blocks), six sequences after the first (one ends right at a
+    # block's end), two after the second, one alone; block_n 16 cuts the 80-key prefix in parts
+    own = [(0, 1), (0, 17), (0, 40), (1, 5), (0, 16), (None, 30), (1, 33), (0, 2), (0, 3)]
+    q, cache, meta, kv, shared = make_shared_case(
+        [5, 3], own, kv_heads=kv_heads, device=kernels.device, seed=kv_heads + num_splits
+    )
+    assert shared.num_groups == 2 and int(shared.prefix_lens[5]) == 0
+    slopes = alibi_slopes(4) if use_alibi else None
+    expected = reference(q, kv, [1] * len(own), 0.125, slopes)
+    out = run_kernel(
+        kernels, q, cache, meta, 0.125, slopes, shared=shared, num_splits=num_splits, block_n=16
+    )
+    torch.testing.assert_close(out.cpu().double(), expected.cpu(), atol=1e-5, rtol=0)
+
+
+def test_shared_prefix_members_past_one_tile_of_rows(kernels):
+    # 40 sequences after one prefix with 4 query heads each (MHA-like, group 1 of 4 KV heads
+    # would be 40 rows; GQA 4:1 makes 160 rows): the pass takes them a tile of rows at a time
+    own = [(0, 1 + i % 7) for i in range(40)]
+    q, cache, meta, kv, shared = make_shared_case([2], own, kv_heads=1, device=kernels.device)
+    expected = reference(q, kv, [1] * len(own), 0.125)
+    out = run_kernel(kernels, q, cache, meta, 0.125, shared=shared, block_n=16)
+    torch.testing.assert_close(out.cpu().double(), expected.cpu(), atol=1e-5, rtol=0)
+
+
+def test_shared_prefix_with_new_keys_written_by_the_kernel(kernels):
+    # As Attention calls it: the new tokens' k/v are written by the decode kernel, after the
+    # prefix pass has read the (sealed) prefix blocks
+    own = [(0, 3), (0, 20), (None, 9)]
+    q, cache, meta, kv, shared = make_shared_case([4], own, device=kernels.device, seed=2)
+    expected = reference(q, kv, [1] * 3, 0.125)
+    flat = cache.flatten(1, 2)
+    new = flat[:, meta.slot_mapping].clone()
+    want_cache = cache.clone()
+    flat[:, meta.slot_mapping] = 1e3
+    out, cache = kernels.paged_attention_and_cache(
+        q=q, kv_cache=cache, block_tables=meta.block_tables, context_lens=meta.context_lens,
+        cu_seqlens=meta.cu_seqlens, max_seqlen_q=1, max_context_len=meta.max_context_len,
+        scale=0.125, new_kv=(new[0], new[1]), slot_mapping=meta.slot_mapping, shared=shared,
+        block_n=16,
+    )  # fmt: skip
+    torch.testing.assert_close(out.cpu().double(), expected.cpu(), atol=1e-5, rtol=0)
+    assert torch.equal(cache.cpu(), want_cache.cpu())
+
+
 def test_reference_matches_attention_tests_loop_reference():
     """This file's vectorised reference equals test_attention's per-score loop."""
     from test_attention import reference as loop_reference

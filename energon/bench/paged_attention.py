@@ -40,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "CUDA graphs give the model's longest context, e.g. 2048",
     )
     parser.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        help="keys every sequence shares (its first blocks are the same cached blocks, as with "
+        "prefix caching): also time the kernel reading them once (kernel_shared rows)",
+    )
+    parser.add_argument(
         "--configs",
         default="",
         help="extra kernel configs block_n:num_warps:splits (splits 0 = default), e.g. "
@@ -99,21 +106,30 @@ class Timer:
 
 
 def make_layer(
-    args, batch: int, context: int, device: torch.device, dtype: torch.dtype, new: int = 1
+    args,
+    batch: int,
+    context: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    new: int = 1,
+    shared: int = 0,
 ):
     """An Attention with a random cache of `batch` sequences of `context` keys (shuffled
     blocks) and a step's q/k/v [batch x new, heads x head_dim] and meta: `new` tokens of each
-    sequence at the end of its context (1: a decode step)."""
+    sequence at the end of its context (1: a decode step). The first `shared` keys' blocks
+    (whole blocks) are the same for every sequence, as a cached prefix's are."""
     from energon.parallel.attention import Attention, alibi_slopes
     from energon.parallel.packing import BatchMeta
 
     H, D, bs = args.heads, args.head_dim, args.block_size
     Hkv = args.kv_heads or H
-    per_seq = -(-context // bs)
-    num_blocks = batch * per_seq + 1
+    common = shared // bs
+    per_seq = -(-context // bs) - common
+    num_blocks = common + batch * per_seq + 1
     pool = list(range(num_blocks))
     random.Random(batch * 100_003 + context).shuffle(pool)
-    tables = [pool[i * per_seq : (i + 1) * per_seq] for i in range(batch)]
+    prefix, pool = pool[:common], pool[common:]
+    tables = [prefix + pool[i * per_seq : (i + 1) * per_seq] for i in range(batch)]
     slopes = alibi_slopes(H) if args.alibi else None
     attn = Attention(H, Hkv, D, D**-0.5, alibi_slopes=slopes)
     g = torch.Generator(device=device).manual_seed(context + batch)
@@ -127,15 +143,16 @@ def make_layer(
 
 def measure_shape(args, timer, batch, context, device, dtype, configs) -> dict:
     from energon.parallel.paged_attention import default_num_splits, paged_attention
+    from energon.parallel.shared_prefix import find_shared_prefixes
 
-    attn, meta, q, k, v = make_layer(args, batch, context, device, dtype)
+    attn, meta, q, k, v = make_layer(args, batch, context, device, dtype, shared=args.shared_prefix)
     H, D = attn.num_heads, attn.head_dim
     q3 = q.view(batch, H, D)
     k3, v3 = (x.view(batch, attn.num_kv_heads, D) for x in (k, v))
     slopes = attn._device_slopes(device)
     max_context = max(args.max_context, context)
 
-    def kernel(block_n=None, num_warps=4, num_splits=None):
+    def kernel(block_n=None, num_warps=4, num_splits=None, shared=None):
         return paged_attention(
             q3,
             attn.kv_cache,
@@ -149,6 +166,7 @@ def measure_shape(args, timer, batch, context, device, dtype, configs) -> dict:
             block_n=block_n,
             num_warps=num_warps,
             num_splits=num_splits,
+            shared=shared,
         )
 
     def grid():
@@ -165,6 +183,17 @@ def measure_shape(args, timer, batch, context, device, dtype, configs) -> dict:
         "kv_bytes": 2 * batch * context * attn.num_kv_heads * D * attn.kv_cache.element_size(),
         "configs": {},
     }
+    tables = meta.block_tables.cpu()
+    groups = find_shared_prefixes([1] * batch, [context] * batch, tables, args.block_size)
+    if groups is not None:  # the shared keys read once: the kernel with the groups
+        groups = groups.to(device)
+        diff = (kernel(shared=groups).float() - grid().float()).abs().max().item()
+        result["kernel_shared_s"] = timer(lambda: kernel(shared=groups))
+        result["max_abs_diff_shared"] = diff
+        per_key = result["kv_bytes"] // (batch * context)
+        result["kv_bytes_shared"] = per_key * (
+            groups.max_prefix_len + batch * (context - groups.max_prefix_len)
+        )
     for block_n, num_warps, splits in configs:
         name = f"{block_n}:{num_warps}:{splits}"
         try:
@@ -253,7 +282,47 @@ def main(args: argparse.Namespace) -> int:
                     notes=notes,
                 )
             )
+            if "kernel_shared_s" in r:
+                records.append(shared_record(args, r, batch, context, bandwidth, shape, device))
     records.append(copy_bandwidth_record(SCENARIO, bandwidth, int(device.type == "cuda")))
     path = write_results(SCENARIO, records, args.out)
     print(f"\nwrote {path}")
     return 0
+
+
+def shared_record(args, r: dict, batch: int, context: int, bandwidth: float, shape, device):
+    """The kernel reading the first --shared-prefix keys once for all sequences, against the
+    same kernel reading them for each; floor = the distinct K/V bytes / copy bandwidth."""
+    floor = r["kv_bytes_shared"] / bandwidth
+    took, each = r["kernel_shared_s"], r["kernel_s"]
+    print(
+        f"{batch:>5} {context:>5} shared {args.shared_prefix}: {took * 1e6:.1f} us vs "
+        f"{each * 1e6:.1f} us read for each ({each / took:.2f}x), floor {floor * 1e6:.1f} us "
+        f"({floor / took:.3f}), max |diff| {r['max_abs_diff_shared']:.2e}",
+        flush=True,
+    )
+    return Record(
+        scenario=SCENARIO,
+        metric="decode_attention_layer_shared_prefix",
+        unit="us",
+        value=took * 1e6,
+        model="opt-13b attention shapes",
+        dtype=args.dtype,
+        batch=batch,
+        prompt_len=context,
+        gen_len=1,
+        baseline_name="the same kernel reading the shared prefix for every sequence",
+        baseline_value=each * 1e6,
+        ratio=each / took,
+        limit_value=floor * 1e6,
+        of_limit=floor / took,
+        n_gpus=1 if device.type == "cuda" else 0,
+        notes=(
+            f"one decode step, context {context} of which the first {args.shared_prefix} keys "
+            f"are the same cached blocks for all {batch} sequences, {shape}, {args.dtype}"
+            f"{', ALiBi' if args.alibi else ''}; the paged kernel with the step's groups (one "
+            f"pass over the shared blocks, then each sequence's own keys) vs without; floor = "
+            f"{r['kv_bytes_shared'] / 1e6:.1f} MB distinct K+V / {bandwidth / 1e9:.0f} GB/s; "
+            f"max |kernel with groups - grid path| {r['max_abs_diff_shared']:.2e}"
+        ),
+    )

@@ -22,6 +22,11 @@ first steps computes the prefix again; records `..._cold_no_prefix_wait`), and t
 without prefix caching. Limit: the prefix computed once (one step of its tokens), then one step
 of every suffix attending its prefix, then the gen_len - 1 decode steps; for the first token,
 the first two steps.
+
+`--read-each`: one more Engine with prefix caching whose decode steps read the shared prefix for
+every request (`ENERGON_SHARED_PREFIX=0`, as before energon/parallel/shared_prefix.py; records
+`..._read_each`): the A/B of reading it once a step. Every record's notes count the decode
+steps that read it once.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from energon.bench.options import (
 from energon.bench.record import Record, copy_bandwidth_record, print_records, write_results
 from energon.engine import PREFIX_WAIT_ENV, Engine
 from energon.models.registry import resolve
+from energon.parallel.shared_prefix import SHARED_PREFIX_ENV
 from energon.runner import pick_dtype
 from energon.sampling import SamplingParams
 
@@ -70,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="every run shares a prefix never computed before: prefix caching with requests "
         "waiting for it, with ENERGON_PREFIX_WAIT=0, and without prefix caching",
+    )
+    parser.add_argument(
+        "--read-each",
+        action="store_true",
+        help="also an Engine whose decode steps read the shared prefix for every request "
+        f"({SHARED_PREFIX_ENV}=0; records ..._read_each)",
     )
 
 
@@ -121,12 +133,33 @@ async def measure(
                     "hit_tokens": engine.stats()["prefix_cache_hit_tokens"] - hits,
                 }
             )
+        shared_steps = await shared_prefix_steps(engine)
     return {
         "rate": statistics.median(r["rate"] for r in runs),
         "first_token_s": statistics.median(r["first_token_s"] for r in runs),
         "hit_tokens": [r["hit_tokens"] for r in runs],
         "weights": sum(m["param_bytes"] for m in memory),
+        "shared_steps": shared_steps,
     }
+
+
+async def shared_prefix_steps(engine: Engine) -> int:
+    """Decode steps so far that read a shared prefix once (the first stage's count)."""
+    return (await engine.group.broadcast("info"))[0]["shared_prefix_steps"]
+
+
+def measure_reading_each(args, device: str, dtype: str, vocab: int) -> dict:
+    """`measure` of prefix caching with every decode step reading the prefix for each
+    request: the Engine's workers start with ENERGON_SHARED_PREFIX=0."""
+    saved = os.environ.get(SHARED_PREFIX_ENV)
+    os.environ[SHARED_PREFIX_ENV] = "0"
+    try:
+        return _run_async(measure(args, True, device, dtype, vocab))
+    finally:
+        if saved is None:
+            del os.environ[SHARED_PREFIX_ENV]
+        else:
+            os.environ[SHARED_PREFIX_ENV] = saved
 
 
 def floors(args, limit: dict, weights: float, kv_tok: float, element: int) -> tuple[float, float]:
@@ -163,6 +196,7 @@ def main(args: argparse.Namespace) -> int:
         no_wait = _run_async(measure(args, True, device, dtype_name, vocab, wait=False))
     else:
         on = _run_async(measure(args, True, device, dtype_name, vocab))
+    each = measure_reading_each(args, device, dtype_name, vocab) if args.read_each else None
     off = _run_async(measure(args, False, device, dtype_name, vocab))
     kv_tok = kv_bytes_per_token(config, dtype) or 0
     first_floor, rate_ceiling = floors(
@@ -187,7 +221,7 @@ def main(args: argparse.Namespace) -> int:
     shape = (
         f"{args.requests} requests of a shared {args.prefix_len}-token prefix + "
         f"{args.suffix_len} own tokens, {args.gen_len} new each; median of {args.repeat} runs; "
-        f"{found}; matmul {limit['matmul_flops'] / 1e12:.0f} TFLOP/s, copy "
+        f"{found}; decode steps reading the shared prefix once: {on['shared_steps']}; matmul {limit['matmul_flops'] / 1e12:.0f} TFLOP/s, copy "
         f"{limit['copy_bytes_per_s'] / 1e9:.0f} GB/s (this run)"
     )
     limits = (rate_ceiling, first_floor, common)
@@ -206,6 +240,13 @@ def main(args: argparse.Namespace) -> int:
         ]
     else:
         records = engine_records(on, off, "", shape, "with the prefix cached,", *limits)
+    if each is not None:
+        each_notes = (
+            f"{shape}; {SHARED_PREFIX_ENV}=0: decode steps read the prefix for every request "
+            f"(steps reading it once: {each['shared_steps']})"
+        )
+        lead = "one step of the prefix, then" if args.cold else "with the prefix cached,"
+        records += engine_records(each, off, "_read_each", each_notes, lead, *limits)
     records.append(
         copy_bandwidth_record(SCENARIO, limit["copy_bytes_per_s"], n_gpus=common["n_gpus"])
     )

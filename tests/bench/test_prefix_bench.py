@@ -29,6 +29,21 @@ def test_throughput_and_first_token_against_the_engine_without_prefix_caching(tm
     assert first["ratio"] == pytest.approx(first["baseline_value"] / first["value"])
     # the cached run found the 48-token prefix (3 blocks of 16) for each of the 3 requests
     assert "tokens found cached per run [144] (without: [0])" in throughput["notes"]
+    # on cpu decode attention takes the grid path: no step reads the prefix once
+    assert "decode steps reading the shared prefix once: 0" in throughput["notes"]
+
+
+def test_read_each_is_one_more_engine_against_the_same_baseline(tmp_path):
+    args = "--device cpu --model tiny --requests 2 --prefix-len 32 --suffix-len 3 --gen-len 2"
+    records = run_scenario(prefix, f"{args} --repeat 1 --read-each", tmp_path)
+    by_metric = {r["metric"]: r for r in records}
+    assert set(by_metric) >= {"throughput_read_each", "first_token_ms_read_each"}
+    each, on = by_metric["throughput_read_each"], by_metric["throughput"]
+    assert FIELDS <= set(each) and each["baseline_value"] == on["baseline_value"]
+    assert (
+        "ENERGON_SHARED_PREFIX=0" in each["notes"]
+        and "tokens found cached per run [64]" in each["notes"]
+    )
 
 
 def test_cold_burst_with_and_without_waiting_for_the_prefix_against_no_prefix_caching(tmp_path):

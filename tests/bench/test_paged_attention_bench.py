@@ -1,0 +1,39 @@
+"""`energon bench paged-attention` on cpu, the kernel in Triton's interpreter: what it writes (a
+record per shape with its baseline and limit, and with --shared-prefix one more of the kernel
+reading the shared keys once), not how fast it runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from bench_helpers import FIELDS
+
+
+def test_shapes_and_shared_prefixes_are_records_with_baseline_and_limit(tmp_path):
+    pytest.importorskip("triton")
+    # the interpreter must be chosen before triton is imported: a process of its own
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    script = (
+        "import sys; from energon.cli import main; sys.exit(main(['bench', 'paged-attention', "
+        "'--batches', '3', '--contexts', '80', '--shared-prefix', '64', '--heads', '2', "
+        "'--kv-heads', '1', '--head-dim', '16', '--warmup', '0', '--repeat', '1', "
+        f"'--out', '{tmp_path}']))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (path,) = tmp_path.iterdir()
+    records = {r["metric"]: r for r in json.loads(path.read_text())}
+    each, once = records["decode_attention_layer"], records["decode_attention_layer_shared_prefix"]
+    for r in (each, once):
+        assert FIELDS <= set(r) and r["unit"] == "us" and r["batch"] == 3
+        assert r["ratio"] == pytest.approx(r["baseline_value"] / r["value"])
+        assert r["of_limit"] == pytest.approx(r["limit_value"] / r["value"])
+    assert once["baseline_value"] == pytest.approx(each["value"])
+    # K+V bytes: 80 keys x 3 sequences read for each, 64 shared + 3 x 16 own read once
+    assert once["limit_value"] / each["limit_value"] == pytest.approx((64 + 3 * 16) / (3 * 80))
+    diff = float(once["notes"].split("grid path| ")[1])
+    assert diff < 5e-3  # fp16: the kernel with groups and the grid path agree

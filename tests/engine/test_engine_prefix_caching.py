@@ -43,9 +43,6 @@ _BURST_RNG = random.Random(8)
 FRESH = [_BURST_RNG.randrange(2, 128) for _ in range(32)]  # 8 full blocks no request computed
 # four requests of it, each then its own tokens (from the first on: no fifth block in common)
 BURST = [FRESH + [10 + i] + [_BURST_RNG.randrange(2, 128) for _ in range(5)] for i in range(4)]
-_LONG_RNG = random.Random(9)
-LONG = [_LONG_RNG.randrange(2, 128) for _ in range(100)]  # 6 full blocks of 16: a group's prefix
-SHARING = [LONG + [_LONG_RNG.randrange(2, 128) for _ in range(1 + i)] for i in range(8)]
 
 
 @pytest.fixture(scope="module")
@@ -180,36 +177,3 @@ async def test_cuda_requests_with_a_cached_prefix_equal_their_solo_result(model)
     for i, row in enumerate(rows[1:]):
         assert row.token_id == PROMPTS[7][i + 1]
         assert row.logprob == pytest.approx(float(expected[i, row.token_id]), abs=1e-4)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-async def test_cuda_float16_decodes_read_a_shared_prefix_once(model, monkeypatch):
-    """float16 decode steps of requests after one cached 96-token prefix (graphs off: every
-    step eager) read it once a group (energon/parallel/shared_prefix.py); with
-    ENERGON_SHARED_PREFIX=0 every sequence reads it. The sums only run in another order: the
-    same tokens up to the first near-tie, logprobs within float16 rounding."""
-    from energon.parallel.shared_prefix import SHARED_PREFIX_ENV
-
-    folder, _, _ = model
-    runs = {}
-    for switch in ("1", "0"):
-        monkeypatch.setenv(SHARED_PREFIX_ENV, switch)
-        async with Engine(
-            str(folder), device="cuda", dtype="float16", block_size=16, decode_graphs="off"
-        ) as engine:
-            await engine.infer(SHARING[0], SamplingParams(max_tokens=1, **GREEDY))  # caches it
-            params = SamplingParams(max_tokens=NEW, logprobs=2, **GREEDY)
-            done = await asyncio.gather(*(engine.infer(p, params) for p in SHARING[1:]))
-            infos = await engine.group.broadcast("info")
-        runs[switch] = (done, [i["shared_prefix_steps"] for i in infos])
-    assert all(n >= NEW - 1 for n in runs["1"][1]) and runs["0"][1] == [0]
-    compared = 0
-    for once, each in zip(runs["1"][0], runs["0"][0], strict=True):
-        for a, b in zip(once.logprobs, each.logprobs, strict=True):
-            assert a.logprob == pytest.approx(b.logprob, abs=2e-2)
-            if b.top[0][1] - b.top[1][1] < 2e-2:  # a near-tie: the two may go apart from here
-                break
-            assert a.token_id == b.token_id
-            compared += 1
-    assert compared >= 4 * NEW

@@ -1,0 +1,102 @@
+"""Decode steps whose sequences share cached prefix blocks read them once a group
+(energon/parallel/shared_prefix.py): the runner's logits equal transformers' and the runner's
+own with every sequence reading its whole context.
+
+The paged decode kernel runs on CUDA in half precision only: these are `gpu` tests. The kernel
+itself is checked against float64 in tests/parallel/test_paged_attention.py (interpreted on cpu).
+"""
+
+import pytest
+import torch
+from conftest import CHECKPOINT_MAKERS, hf_logits
+
+from energon import runner as runner_module
+from energon.runner import ModelRunner
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+BLOCK = 4
+PREFIX = torch.randint(0, 128, (96,), generator=torch.Generator().manual_seed(0)).tolist()
+SUFFIXES = [
+    torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    for n in (1, 4, 9, 2, 6)
+]
+SHARED_BLOCKS = len(PREFIX) // BLOCK  # 24 blocks every sequence's table starts with
+
+
+def steps() -> tuple[list[dict], list[list[int]]]:
+    """The prefix and the first suffix as one prompt; the other suffixes after the cached
+    prefix in one step; then one decode step of every sequence (token 7). Each table: the
+    shared blocks, then the sequence's own (3 each), as the step message carries them."""
+    tables = torch.tensor(
+        [
+            list(range(SHARED_BLOCKS)) + [SHARED_BLOCKS + 3 * i + j for j in range(3)]
+            for i in range(len(SUFFIXES))
+        ],
+        dtype=torch.int32,
+    )
+    first = PREFIX + SUFFIXES[0]
+    rest = SUFFIXES[1:]
+    prompts = [PREFIX + s for s in SUFFIXES]
+    return [
+        {
+            "input_ids": torch.tensor(first),
+            "query_lens": [len(first)],
+            "context_lens": [len(first)],
+            "block_tables": tables[:1],
+        },
+        {
+            "input_ids": torch.tensor([t for s in rest for t in s]),
+            "query_lens": [len(s) for s in rest],
+            "context_lens": [len(PREFIX) + len(s) for s in rest],
+            "block_tables": tables[1:],
+        },
+        {
+            "input_ids": torch.tensor([7] * len(SUFFIXES)),
+            "query_lens": [1] * len(SUFFIXES),
+            "context_lens": [len(p) + 1 for p in prompts],
+            "block_tables": tables,
+        },
+    ], [p + [7] for p in prompts]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "opt", "bloom"])  # MHA, GQA, ALiBi
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_decodes_after_a_shared_prefix_equal_transformers(tmp_path, family, dtype):
+    hf = CHECKPOINT_MAKERS[family](tmp_path)
+    once = ModelRunner(str(tmp_path), rank=0, device="cuda", dtype=dtype, decode_graphs="off")
+    each = ModelRunner(str(tmp_path), rank=0, device="cuda", dtype=dtype, decode_graphs="off")
+    assert once.shares_prefixes
+    each.shares_prefixes = False  # what ENERGON_SHARED_PREFIX=0 sets
+    step_list, sequences = steps()
+    got = {}
+    for name, r in (("once", once), ("each", each)):
+        r.init_kv_cache(48, BLOCK)
+        got[name] = [r.execute(s) for s in step_list][-1]
+    assert once.shared_prefix_steps == 1 and each.shared_prefix_steps == 0
+    want = torch.stack([hf_logits(hf, [s])[-1] for s in sequences])
+    atol = 0.05 if dtype == "float16" else 0.1
+    torch.testing.assert_close(got["once"], want, rtol=0, atol=atol)
+    torch.testing.assert_close(got["once"], got["each"], rtol=0, atol=atol / 5)
+
+
+def test_a_step_that_saves_enough_leaves_its_decode_graph(tmp_path, monkeypatch):
+    """With decode graphs captured, a step whose groups save at least GRAPH_TRADE key reads a
+    layer runs eagerly, reading the prefix once; below it the graph replays."""
+    CHECKPOINT_MAKERS["llama"](tmp_path)
+    runner = ModelRunner(str(tmp_path), rank=0, device="cuda", dtype="float16")
+    runner.init_kv_cache(48, BLOCK)
+    step_list, _ = steps()
+    for s in step_list[:2]:
+        runner.execute(s)
+    saved = (len(SUFFIXES) - 1) * len(PREFIX)  # 4 x 96 key reads a layer
+    monkeypatch.setattr(runner_module, "GRAPH_TRADE", saved + 1)
+    graphed = runner.execute(step_list[2])
+    assert runner.graphs.steps == 1 and runner.shared_prefix_steps == 0
+    monkeypatch.setattr(runner_module, "GRAPH_TRADE", saved)
+    eager = runner.execute(step_list[2])  # the same step again: it rewrites the same slots
+    assert runner.graphs.steps == 1 and runner.shared_prefix_steps == 1
+    torch.testing.assert_close(eager, graphed, rtol=0, atol=0.01)

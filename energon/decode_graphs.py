@@ -16,6 +16,11 @@ attention kernel for that longest context: shorter sequences end their loops ear
 not fit (a prefill, more sequences than the largest bucket, a wider block table) run eagerly, or
 a prefill graph replays them (prefill_graphs.py).
 `capture=False` runs the same static-buffer path eagerly: the cpu tests check the padding with it.
+
+With `groups` the graphs also take a step's groups of sequences that share cached prefix blocks
+(energon/parallel/shared_prefix.py) in static buffers of that many groups: attention reads each
+group's prefix once. The runner keeps such a set beside the plain one (which launches no pass
+over prefixes) and replays it for steps that have groups.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 
 from energon.graph_capture import StagingRing, StepGraphs
 from energon.parallel.packing import BatchMeta
+from energon.parallel.shared_prefix import SharedPrefixes
 
 STAGING = 8  # pinned staging sets in the ring (energon/graph_capture.py)
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
@@ -39,7 +45,9 @@ class DecodeGraphs(StepGraphs):
     `x` is the stage's input: int64 token ids [B] on the first stage, activations [B, hidden] of
     `dtype` elsewhere. `stage`: the stage and cache keywords of `StepGraphs` (first_stage,
     hidden_size, dtype, device, block_size, scratch_block); `max_blocks` is the block-table
-    width graphs are captured for.
+    width graphs are captured for. With `groups` (> 0) every step brings its groups of
+    sequences sharing prefix blocks, at most that many, whose pass over a prefix takes
+    `prefix_parts` parts (fixed when captured).
     """
 
     def __init__(
@@ -49,6 +57,8 @@ class DecodeGraphs(StepGraphs):
         max_blocks: int,
         buckets: tuple[int, ...] = DEFAULT_BUCKETS,
         capture: bool = True,
+        groups: int = 0,
+        prefix_parts: int = 1,
         **stage,
     ):
         super().__init__(body, buckets=buckets, unit="batch sizes", **stage)
@@ -72,17 +82,36 @@ class DecodeGraphs(StepGraphs):
         )
         # a pad row: position 0, its K/V in the scratch block's first slot (and one visible key)
         self._pads = torch.tensor([[0], [scratch_block * block_size]]).expand(2, n)
+        self.groups = groups
+        if groups:  # no group until a step brings some: the pass's programs have nothing to do
+            int32 = torch.int32
+            self.shared = SharedPrefixes(
+                prefix_lens=torch.zeros(n, dtype=int32, device=device),
+                group_seqs=torch.zeros(groups, n, dtype=int32, device=device),
+                group_sizes=torch.zeros(groups, dtype=int32, device=device),
+                group_lens=torch.zeros(groups, dtype=int32, device=device),
+                max_prefix_len=max_blocks * block_size,
+                saved_tokens=0,
+                parts=prefix_parts,
+            )
+            shapes = [((n,), int32), ((groups, n), int32), ((2, groups), int32)]
+            self._group_staging = StagingRing(shapes, device, STAGING)
         if capture:
             self._capture()
 
     # ----------------------------------------------------------------------------- stepping
 
-    def takes(self, query_lens: list[int], width: int) -> bool:
-        """Whether a step with these query lengths and block-table width can be replayed."""
+    def takes(
+        self, query_lens: list[int], width: int, shared: SharedPrefixes | None = None
+    ) -> bool:
+        """Whether a step with these query lengths and block-table width (and, for graphs with
+        groups, these groups) can be replayed."""
         return (
             0 < len(query_lens) <= self.max_batch
             and width <= self.max_blocks
             and all(q == 1 for q in query_lens)
+            and (shared is not None) == bool(self.groups)
+            and (shared is None or shared.num_groups <= self.groups)
         )
 
     def run(
@@ -91,18 +120,39 @@ class DecodeGraphs(StepGraphs):
         context_lens: list[int],
         block_tables: torch.Tensor,
         receive: Callable[[torch.Tensor], None] | None = None,
+        shared: SharedPrefixes | None = None,
     ) -> torch.Tensor:
         """The body's output rows [B, ...] for one decode step of B = len(context_lens) sequences.
 
         `x`: the token ids [B] (first stage) or None with `receive(buffer)` filling the
         activations [B, hidden] in place (a later stage's receive). `block_tables`: int [B, width]
         padded with -1, as the step message carries it. The result is a view of a static buffer,
-        valid until the next call.
+        valid until the next call. `shared`: the step's groups (host tensors), for graphs with
+        groups.
         """
         B = len(context_lens)
         bucket = self._bucket(B)
         self._stage_inputs(x, context_lens, block_tables, bucket)
+        if self.groups:
+            self._stage_groups(shared, B, bucket)
         return self._replay(bucket, B, receive)[:B]
+
+    def _stage_groups(self, shared: SharedPrefixes, B: int, bucket: int) -> None:
+        """The step's groups into the static group buffers (the rows past them empty)."""
+        (lens, seqs, counts), done = self._group_staging.next()
+        G, M = shared.group_seqs.shape
+        lens[:B] = shared.prefix_lens
+        lens[B:bucket] = 0
+        seqs[:G, :M] = shared.group_seqs
+        counts.zero_()
+        counts[0, :G] = shared.group_sizes
+        counts[1, :G] = shared.group_lens
+        nb, static = self._group_staging.pinned, self.shared
+        static.prefix_lens[:bucket].copy_(lens[:bucket], non_blocking=nb)
+        static.group_seqs[:G, :M].copy_(seqs[:G, :M], non_blocking=nb)
+        static.group_sizes.copy_(counts[0], non_blocking=nb)
+        static.group_lens.copy_(counts[1], non_blocking=nb)
+        done()
 
     def _stage_inputs(self, x, context_lens, block_tables, bucket: int) -> None:
         """Writes the step (and its pad rows) into the static buffers, through pinned staging.
@@ -137,4 +187,17 @@ class DecodeGraphs(StepGraphs):
             block_tables=self.tables[:bucket],
             slot_mapping=self.slots[:bucket],
             logits_indices=None,  # one token per sequence: every row is a last token
+            shared=self._bucket_groups(bucket) if self.groups else None,
+        )
+
+    def _bucket_groups(self, bucket: int) -> SharedPrefixes:
+        s = self.shared
+        return SharedPrefixes(
+            s.prefix_lens[:bucket],
+            s.group_seqs,
+            s.group_sizes,
+            s.group_lens,
+            s.max_prefix_len,
+            s.saved_tokens,
+            s.parts,
         )

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from energon.actors.deferred import Deferred
+from energon.decode_graphs import DEFAULT_BUCKETS as DECODE_BUCKETS
 from energon.decode_graphs import DecodeGraphs
 from energon.host_copy import to_device
 from energon.models.llama import rope_parameters
@@ -30,7 +31,13 @@ from energon.parallel.attention import Attention
 from energon.parallel.one_shot_setup import enable_fast_all_reduce
 from energon.parallel.packing import BatchMeta, pack, pad
 from energon.parallel.pipeline import cut_stages, recv_activation, send_activation
-from energon.parallel.shared_prefix import SHARED_PREFIX_ENV, SharedPrefixes, find_shared_prefixes
+from energon.parallel.prefix_attention import num_parts
+from energon.parallel.shared_prefix import (
+    MAX_GROUPS,
+    SHARED_PREFIX_ENV,
+    SharedPrefixes,
+    find_shared_prefixes,
+)
 from energon.parallel.token_return import TokenReturn
 from energon.parallel.topology import ParallelState, Topology, init_parallel, use_parallel
 from energon.pool.offload import OffloadMember
@@ -40,9 +47,10 @@ from energon.sampler import Sampler, logprob_rows
 
 log = logging.getLogger("energon")
 
-# A decode step whose groups save this many key reads a layer (sequences x shared keys) runs
-# eagerly, reading each group's prefix once, rather than replay a decode graph that reads it
-# for every sequence (the graphs are captured without groups).
+# Where no decode graph with groups takes a step (they were not captured, or the step is past
+# them), one whose groups save this many key reads a layer (sequences x shared keys) runs
+# eagerly, reading each group's prefix once, rather than replay a plain decode graph that reads
+# it for every sequence.
 GRAPH_TRADE = 16384
 # Decode graphs launch attention for their longest context: at most this many tokens (and no
 # more than the KV cache holds); longer decode steps run eagerly.
@@ -233,6 +241,8 @@ class ModelRunner(OffloadMember):
         self.returns = TokenReturn(self.state, self.device)
         self.decode_graphs = self._graph_mode(decode_graphs)
         self.graphs: DecodeGraphs | None = None
+        # decode graphs of steps with groups sharing prefix blocks (with `shares_prefixes`)
+        self.shared_graphs: DecodeGraphs | None = None
         # graphs of prefills of new prompts: with the decode graphs, unless ENERGON_PREFILL_GRAPHS=0
         self.prefill_graphs: PrefillGraphs | None = None
         self.graph_error: str | None = None  # why capturing failed, if it did
@@ -340,7 +350,7 @@ class ModelRunner(OffloadMember):
         rows that no sequence is ever given, and the graphs are captured here."""
         self.block_size = block_size
         self.kv_cache_bytes = 0
-        self.graphs = self.prefill_graphs = None
+        self.graphs = self.shared_graphs = self.prefill_graphs = None
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for attn in layers:
             attn.kv_cache = None
@@ -376,16 +386,30 @@ class ModelRunner(OffloadMember):
         )
         if self.graphs is None:
             self.decode_graphs = "off"
+        elif self.shares_prefixes:
+            self.shared_graphs = self._on_every_tp_rank(
+                self._captured(
+                    "shared-prefix decode",
+                    lambda: self._decode_graphs(scratch_block, capture, groups=MAX_GROUPS),
+                    capture,
+                )
+            )
         if os.environ.get(PREFILL_GRAPHS_ENV, "1") == "0":
             return
         self.prefill_graphs = self._captured(
             "prefill", lambda: self._prefill_graphs(scratch_block, capture), capture
         )
-        if self.state.tp_size > 1:  # a graph pads its all-reduces: every tp rank or none
-            ok = torch.tensor([int(self.prefill_graphs is not None)], device=self.device)
+        self.prefill_graphs = self._on_every_tp_rank(self.prefill_graphs)
+
+    def _on_every_tp_rank(self, graphs):
+        """`graphs` where every tp rank of the stage has its own, else None: a graph pads its
+        all-reduces, so the ranks must replay the same graphs."""
+        if self.state.tp_size > 1:
+            ok = torch.tensor([int(graphs is not None)], device=self.device)
             dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.state.tp_group)
             if not ok.item():
-                self.prefill_graphs = None
+                return None
+        return graphs
 
     def _captured(self, kind: str, build: Callable, capture: bool):
         """`build()`, or None when capturing failed: a warning, and the reason joins
@@ -439,9 +463,20 @@ class ModelRunner(OffloadMember):
             scratch_block * self.block_size,  # the scratch block's id is the cache's block count
         )
 
-    def _decode_graphs(self, scratch_block: int, capture: bool) -> DecodeGraphs:
+    def _decode_graphs(self, scratch_block: int, capture: bool, groups: int = 0) -> DecodeGraphs:
+        """The decode graphs; with `groups`, those of steps with up to that many groups of
+        sequences sharing prefix blocks (no batch of one: a group has two sequences at least),
+        each group's prefix cut in as many parts as one group with the longest prefix needs."""
+        window = self._graph_window(scratch_block)
+        options = {}
+        if groups:
+            attention = next(m for m in self.model.modules() if isinstance(m, Attention))
+            parts = num_parts(1, window, attention.num_kv_heads, self.device)
+            buckets = tuple(b for b in DECODE_BUCKETS if b > 1)
+            options = dict(groups=groups, prefix_parts=parts, buckets=buckets)
         return DecodeGraphs(
-            max_blocks=-(-self._graph_window(scratch_block) // self.block_size),
+            max_blocks=-(-window // self.block_size),
+            **options,
             **self._graph_options(scratch_block, capture),
         )
 
@@ -520,21 +555,32 @@ class ModelRunner(OffloadMember):
         ):
             return self._prefill_graph_step(step)
         shared = self._shared_prefixes(step)
-        if self.graphs is not None and (shared is None or shared.saved_tokens < GRAPH_TRADE):
-            tables = step["block_tables"]
-            if isinstance(tables, torch.Tensor) and step.get("logits_indices", "last") in (
-                "last",
-                "all",
-                None,
-            ):
-                query_lens = list(step["query_lens"])
-                if self.graphs.takes(query_lens, tables.shape[1]):
-                    return self._graph_step(step, tables)
+        if shared is not None and self._graph_takes(self.shared_graphs, step, shared):
+            self.shared_prefix_steps += 1
+            return self._graph_step(step, self.shared_graphs, shared)
+        if (shared is None or shared.saved_tokens < GRAPH_TRADE) and self._graph_takes(
+            self.graphs, step
+        ):
+            return self._graph_step(step, self.graphs)
         input_ids, meta = self.step_meta(step)
         if shared is not None:
             meta.shared = shared.to(self.device)
             self.shared_prefix_steps += 1
         return self._run(input_ids, meta)
+
+    @staticmethod
+    def _graph_takes(
+        graphs: DecodeGraphs | None, step: dict, shared: SharedPrefixes | None = None
+    ) -> bool:
+        """Whether `graphs` replay this step: a decode step whose tables came as a tensor,
+        logits of its last tokens (every row is one), within the graphs' batch and width."""
+        tables = step["block_tables"]
+        return (
+            graphs is not None
+            and isinstance(tables, torch.Tensor)
+            and step.get("logits_indices", "last") in ("last", "all", None)
+            and graphs.takes(list(step["query_lens"]), tables.shape[1], shared)
+        )
 
     def _shared_prefixes(self, step: dict) -> SharedPrefixes | None:
         """A decode step's groups of sequences that share cached prefix blocks, where the
@@ -548,14 +594,17 @@ class ModelRunner(OffloadMember):
             self.block_size,
         )
 
-    def _graph_step(self, step: dict, tables: torch.Tensor) -> torch.Tensor | None:
+    def _graph_step(
+        self, step: dict, graphs: DecodeGraphs, shared: SharedPrefixes | None = None
+    ) -> torch.Tensor | None:
         context_lens = list(step["context_lens"])
+        tables = step["block_tables"]
         if len(context_lens) != len(step["query_lens"]) or tables.shape[0] != len(context_lens):
             raise ValueError("need one context_len and one block table per query_len")
         return self._replay(
             step,
             len(context_lens),
-            lambda x, receive: self.graphs.run(x, context_lens, tables, receive=receive),
+            lambda x, receive: graphs.run(x, context_lens, tables, receive=receive, shared=shared),
         )
 
     def _prefill_graph_step(self, step: dict) -> torch.Tensor | None:
@@ -676,6 +725,7 @@ class ModelRunner(OffloadMember):
             "vocab_size": self.spec.config.get("vocab_size"),
             "decode_graphs": self.decode_graphs,
             "graph_steps": self.graphs.steps if self.graphs else 0,
+            "shared_graph_steps": self.shared_graphs.steps if self.shared_graphs else 0,
             "prefill_graph_steps": self.prefill_graphs.steps if self.prefill_graphs else 0,
             "graph_error": self.graph_error,
             "chained_steps": self.chained_steps,

@@ -309,7 +309,7 @@ def paged_attention(
     if shared is not None:
         if max_seqlen_q != 1:
             raise ValueError(f"shared prefixes need one new token a sequence (got {max_seqlen_q})")
-        parts = num_parts(shared, Hkv, q.device)
+        parts = shared.parts or num_parts(shared.num_groups, shared.max_prefix_len, Hkv, q.device)
     split = num_splits > 1 or parts > 0
     if split:
         out_part = torch.empty(num_splits + parts, T, H, D, dtype=torch.float32, device=q.device)

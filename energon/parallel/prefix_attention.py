@@ -110,14 +110,14 @@ def _prefix_kernel(
         tl.store(LsePart + at * stride_ls + tok * stride_lt + head, lse, mask=row_ok)
 
 
-def num_parts(shared: SharedPrefixes, num_kv_heads: int, device: torch.device) -> int:
+def num_parts(num_groups: int, max_prefix_len: int, num_kv_heads: int, device: torch.device) -> int:
     """Parts each group's prefix is cut into: enough programs for about PROGRAMS_PER_SM per
     SM, at least MIN_PART_LEN keys a part of the longest prefix, at most MAX_PARTS."""
     from energon.parallel.paged_attention import _sm_count
 
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
-    want = triton.cdiv(PROGRAMS_PER_SM * sms, shared.num_groups * num_kv_heads)
-    return max(1, min(want, triton.cdiv(shared.max_prefix_len, MIN_PART_LEN), MAX_PARTS))
+    want = triton.cdiv(PROGRAMS_PER_SM * sms, num_groups * num_kv_heads)
+    return max(1, min(want, triton.cdiv(max_prefix_len, MIN_PART_LEN), MAX_PARTS))
 
 
 def prefix_attention(

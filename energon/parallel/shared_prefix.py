@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 
 MIN_PREFIX_TOKENS = 64  # a group's shared keys at least: shorter ones are not worth a pass
-MAX_GROUPS = 64  # groups a step at most (those that save the most reads)
+MAX_GROUPS = (
+    8  # groups a step at most (those that save the most reads): the graphs' buffers hold as many
+)
 SHARED_PREFIX_ENV = "ENERGON_SHARED_PREFIX"  # "0": every sequence reads its whole context
 
 
@@ -38,6 +40,7 @@ class SharedPrefixes:
     group_lens: torch.Tensor  # int32 [G]
     max_prefix_len: int  # the longest group_lens (host int: sizes the pass's grid)
     saved_tokens: int  # key reads a layer saves: sum over groups of (members - 1) x shared keys
+    parts: int | None = None  # parts of a prefix the pass's programs take (None: its choice)
 
     @property
     def num_groups(self) -> int:
@@ -54,6 +57,7 @@ class SharedPrefixes:
             dev(self.group_lens),
             self.max_prefix_len,
             self.saved_tokens,
+            self.parts,
         )
 
 

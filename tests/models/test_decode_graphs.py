@@ -232,3 +232,45 @@ def test_staging_a_step_does_not_wait_for_the_device_to_finish_the_steps_before(
     assert time.perf_counter() - start < 0.3  # one buffer: the second step waited ~1 s
     torch.cuda.synchronize()
     assert out.tolist() == [5, 6] and graphs.positions[:2].tolist() == [19, 2]
+
+
+def test_graphs_with_groups_hold_each_steps_groups_in_static_buffers():
+    """Graphs with groups take a step's groups (energon/parallel/shared_prefix.py) into their
+    static buffers: a step with fewer groups than the last leaves no stale group behind, the
+    pad rows have no prefix; plain graphs take no step with groups and these none without."""
+    from energon.decode_graphs import DecodeGraphs
+    from energon.parallel.shared_prefix import find_shared_prefixes
+
+    seen = []
+    graphs = DecodeGraphs(
+        lambda x, meta: seen.append(meta.shared) or x,
+        first_stage=True, hidden_size=8, dtype=torch.float32, device=torch.device("cpu"),
+        block_size=4, scratch_block=30, max_blocks=8, buckets=(2, 4, 8), capture=False,
+        groups=2, prefix_parts=3,
+    )  # fmt: skip
+    plain = DecodeGraphs(
+        lambda x, meta: x, first_stage=True, hidden_size=8, dtype=torch.float32,
+        device=torch.device("cpu"), block_size=4, scratch_block=30, max_blocks=8, buckets=(4,),
+        capture=False,
+    )  # fmt: skip
+    # two groups: 0 and 2 after blocks 0-2, 1 and 3 after blocks 5-6; then one group
+    two = torch.tensor([[0, 1, 2, 9], [5, 6, 10, -1], [0, 1, 2, 11], [5, 6, 12, -1]])
+    one = torch.tensor([[0, 1, 2, 9], [0, 1, 2, 11], [20, 21, 22, -1]])
+    for tables, contexts in ((two, [14, 10, 15, 9]), (one, [14, 15, 11])):
+        shared = find_shared_prefixes([1] * len(contexts), contexts, tables, 4, min_prefix=8)
+        assert graphs.takes([1] * len(contexts), 4, shared)
+        assert not plain.takes([1] * len(contexts), 4, shared)
+        assert not graphs.takes([1] * len(contexts), 4, None) and plain.takes([1] * 3, 4)
+        ids = torch.arange(len(contexts))
+        graphs.run(ids, contexts, tables, shared=shared)
+        got = seen[-1]
+        B, G = len(contexts), shared.num_groups
+        assert got.parts == 3 and got.prefix_lens.shape == (4,)  # the bucket of 4 rows
+        assert got.prefix_lens[:B].tolist() == shared.prefix_lens.tolist()
+        assert got.prefix_lens[B:].tolist() == [0] * (4 - B)
+        assert got.group_sizes.tolist() == shared.group_sizes.tolist() + [0] * (2 - G)
+        assert got.group_lens.tolist() == shared.group_lens.tolist() + [0] * (2 - G)
+        for g in range(G):
+            size = int(shared.group_sizes[g])
+            assert got.group_seqs[g, :size].tolist() == shared.group_seqs[g, :size].tolist()
+    assert graphs.steps == 2

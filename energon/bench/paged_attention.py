@@ -17,6 +17,7 @@ rows time the whole `Attention.forward` (cache write included) down each path.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import time
@@ -45,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="keys every sequence shares (its first blocks are the same cached blocks, as with "
         "prefix caching): also time the kernel reading them once (kernel_shared rows)",
+    )
+    parser.add_argument(
+        "--prefix-configs",
+        default="",
+        help="with --shared-prefix: configs of the pass over the shared prefix, "
+        "parts:block_n:num_warps (parts 0 = default), e.g. '2:64:4,4:128:8'",
     )
     parser.add_argument(
         "--configs",
@@ -152,7 +159,7 @@ def measure_shape(args, timer, batch, context, device, dtype, configs) -> dict:
     slopes = attn._device_slopes(device)
     max_context = max(args.max_context, context)
 
-    def kernel(block_n=None, num_warps=4, num_splits=None, shared=None):
+    def kernel(block_n=None, num_warps=4, num_splits=None, shared=None, prefix_config=None):
         return paged_attention(
             q3,
             attn.kv_cache,
@@ -167,6 +174,7 @@ def measure_shape(args, timer, batch, context, device, dtype, configs) -> dict:
             num_warps=num_warps,
             num_splits=num_splits,
             shared=shared,
+            prefix_config=prefix_config,
         )
 
     def grid():
@@ -190,6 +198,13 @@ def measure_shape(args, timer, batch, context, device, dtype, configs) -> dict:
         diff = (kernel(shared=groups).float() - grid().float()).abs().max().item()
         result["kernel_shared_s"] = timer(lambda: kernel(shared=groups))
         result["max_abs_diff_shared"] = diff
+        result["prefix_configs"] = {}
+        for parts, block_n, warps in prefix_configs(args):
+            name = f"{parts}:{block_n}:{warps}"
+            config = dataclasses.replace(groups, parts=parts or None)
+            result["prefix_configs"][name] = timer(
+                lambda c=config, b=block_n, w=warps: kernel(shared=c, prefix_config=(b, w))
+            )
         per_key = result["kv_bytes"] // (batch * context)
         result["kv_bytes_shared"] = per_key * (
             groups.max_prefix_len + batch * (context - groups.max_prefix_len)
@@ -208,6 +223,11 @@ def measure_shape(args, timer, batch, context, device, dtype, configs) -> dict:
         attn.use_paged = False
         result["forward_grid_s"] = timer(lambda: attn(q, k, v, meta))
     return result
+
+
+def prefix_configs(args) -> list[tuple[int, int, int]]:
+    """--prefix-configs as (parts, block_n, num_warps) triples."""
+    return [tuple(int(p) for p in c.split(":")) for c in args.prefix_configs.split(",") if c]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -310,6 +330,9 @@ def shared_record(args, r: dict, batch: int, context: int, bandwidth: float, sha
         f"({floor / took:.3f}), max |diff| {r['max_abs_diff_shared']:.2e}",
         flush=True,
     )
+    configs = ", ".join(f"{n} {t * 1e6:.1f}" for n, t in r["prefix_configs"].items())
+    if configs:
+        print(f"      prefix pass parts:block_n:warps us: {configs}", flush=True)
     return Record(
         scenario=SCENARIO,
         metric="decode_attention_layer_shared_prefix",
@@ -333,5 +356,6 @@ def shared_record(args, r: dict, batch: int, context: int, bandwidth: float, sha
             f"pass over the shared blocks, then each sequence's own keys) vs without; floor = "
             f"{r['kv_bytes_shared'] / 1e6:.1f} MB distinct K+V / {bandwidth / 1e9:.0f} GB/s; "
             f"max |kernel with groups - grid path| {r['max_abs_diff_shared']:.2e}"
+            + (f"; with prefix-pass configs parts:block_n:warps us: {configs}" if configs else "")
         ),
     )

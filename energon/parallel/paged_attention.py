@@ -268,6 +268,7 @@ def paged_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     shared: SharedPrefixes | None = None,
+    prefix_config: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries over the paged cache; returns [T, H, D] in q's dtype.
 
@@ -280,7 +281,8 @@ def paged_attention(
     `max_seqlen_q`/`max_context_len` are host ints (nothing is read back from the device).
     With `shared` (a decode step's groups, on q's device: energon/parallel/shared_prefix.py)
     the prefix each group shares is read once for all its members by a pass launched first,
-    and each member's own programs read only its keys past that prefix.
+    and each member's own programs read only its keys past that prefix; `prefix_config`
+    (block_n, num_warps) of that pass (default: the decode kernel's block_n, 4 warps).
     """
     T, H, D = q.shape
     q, keys, values, page, Hkv = cache_operands(q, kv_cache)
@@ -321,7 +323,9 @@ def paged_attention(
     if parts:
         prefix_attention(
             q, keys, values, shared, block_tables, context_lens, cu_seqlens, scale * LOG2E,
-            slopes, out_part, lse_part, first_part=num_splits, parts=parts, block_n=block_n,
+            slopes, out_part, lse_part, first_part=num_splits, parts=parts,
+            block_n=prefix_config[0] if prefix_config else block_n,
+            num_warps=prefix_config[1] if prefix_config else 4,
         )  # fmt: skip
 
     _paged_attn_kernel[(B, Hkv, num_splits)](

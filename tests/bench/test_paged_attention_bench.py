@@ -21,6 +21,7 @@ def test_shapes_and_shared_prefixes_are_records_with_baseline_and_limit(tmp_path
         "import sys; from energon.cli import main; sys.exit(main(['bench', 'paged-attention', "
         "'--batches', '3', '--contexts', '80', '--shared-prefix', '64', '--heads', '2', "
         "'--kv-heads', '1', '--head-dim', '16', '--warmup', '0', '--repeat', '1', "
+        "'--prefix-configs', '2:16:4', "
         f"'--out', '{tmp_path}']))"
     )
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
@@ -33,7 +34,14 @@ def test_shapes_and_shared_prefixes_are_records_with_baseline_and_limit(tmp_path
         assert r["ratio"] == pytest.approx(r["baseline_value"] / r["value"])
         assert r["of_limit"] == pytest.approx(r["limit_value"] / r["value"])
     assert once["baseline_value"] == pytest.approx(each["value"])
-    # K+V bytes: 80 keys x 3 sequences read for each, 64 shared + 3 x 16 own read once
-    assert once["limit_value"] / each["limit_value"] == pytest.approx((64 + 3 * 16) / (3 * 80))
-    diff = float(once["notes"].split("grid path| ")[1])
+    # both floors: the distinct K+V bytes (64 shared keys + 3 x 16 own, 64 bytes a key: K and V
+    # of 1 KV head x 16 dims in fp16) / the run's copy bandwidth
+    bandwidth = records["copy_bandwidth"]["value"] * 1e9
+    floor_us = (64 + 3 * 16) * 64 / bandwidth * 1e6
+    assert (
+        once["limit_value"] == pytest.approx(floor_us)
+        and each["limit_value"] == once["limit_value"]
+    )
+    diff = float(once["notes"].split("grid path| ")[1].split(";")[0])
     assert diff < 5e-3  # fp16: the kernel with groups and the grid path agree
+    assert "prefix-pass configs parts:block_n:warps us: 2:16:4 " in once["notes"]

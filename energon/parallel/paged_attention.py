@@ -92,7 +92,7 @@ def _paged_attn_kernel(
     WRITE: tl.constexpr,  # write the new tokens' K/V (KNew, VNew) into the cache first
     SPLIT: tl.constexpr,  # partials, and the last split of a (sequence, KV head) combines them
     SPLITS: tl.constexpr,  # with SPLIT: the splits' count rounded up to a power of two
-    PREFIX_PARTS: tl.constexpr,  # partials of the pass over shared prefixes: after the splits'
+    PREFIX_PARTS: tl.constexpr,  # splits after ours that hold a shared prefix's partials
     VALID_M: tl.constexpr,  # rows that can hold a query (heads per KV head x new tokens, pow2)
     COMBINE_M: tl.constexpr,  # rows combined at a time
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots, not tf32
@@ -199,30 +199,6 @@ def _paged_attn_kernel(
                 tl.store(Out + r_out[:, None] + d[None, :], out_c.to(Out.dtype.element_ty), c_mask)
             tl.atomic_xchg(Tickets + seq * tl.num_programs(1) + kvh, 0)
     else:
-        if PREFIX_PARTS > 0:
-            # a sequence in a group: fold the prefix pass's partials (its slices 0 ..
-            # PREFIX_PARTS - 1) into this program's own, weighted by their softmax mass, here in
-            # registers (no partial of its own to store, no ticket: the suffix after a shared
-            # prefix is short, and a program this small is bound by its round trips)
-            has = row_ok & (tl.zeros([BLOCK_M], dtype=tl.int32) + lo > 0)  # rows of a member
-            m_ref = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-            w_sum = tl.where(l_i > 0.0, 1.0, 0.0)  # out's weight relative to 2^m_ref
-            total = out * w_sum[:, None]
-            lse_at = (q_start + tok) * stride_lt + head
-            part = (q_start + tok)[:, None] * stride_pt + head[:, None] * stride_ph + d[None, :]
-            for pp in tl.static_range(PREFIX_PARTS):
-                lse_p = tl.load(LsePart + pp * stride_ls + lse_at, mask=has, other=float("-inf"))
-                o_p = tl.load(
-                    OutPart + pp * stride_ps + part, mask=has[:, None] & d_ok[None, :], other=0.0
-                )
-                m_new = tl.maximum(m_ref, lse_p)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                rescale = tl.exp2(m_ref - m_safe)
-                w_p = tl.exp2(lse_p - m_safe)
-                total = total * rescale[:, None] + w_p[:, None] * o_p
-                w_sum = w_sum * rescale + w_p
-                m_ref = m_new
-            out = total / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
         o_ptrs = Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh
         tl.store(o_ptrs + d[None, :], out.to(Out.dtype.element_ty), mask=o_mask)
 
@@ -336,20 +312,18 @@ def paged_attention(
         if max_seqlen_q != 1:
             raise ValueError(f"shared prefixes need one new token a sequence (got {max_seqlen_q})")
         parts = shared.parts or num_parts(shared.num_groups, shared.max_prefix_len, Hkv, q.device)
-    split = num_splits > 1
-    # partials: the splits' (when split), then the prefix pass's (when there are groups)
-    first_part = num_splits if split else 0
-    if split or parts:
-        out_part = torch.empty(first_part + parts, T, H, D, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(first_part + parts, T, H, dtype=torch.float32, device=q.device)
+    split = num_splits > 1 or parts > 0
+    if split:
+        out_part = torch.empty(num_splits + parts, T, H, D, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(num_splits + parts, T, H, dtype=torch.float32, device=q.device)
+        tickets = _tickets(q.device, B * Hkv)
     else:
-        out_part = lse_part = out  # unused
-    tickets = _tickets(q.device, B * Hkv) if split else out
+        out_part = lse_part = tickets = out  # unused
     slopes = alibi_slopes.to(q.device, torch.float32) if alibi_slopes is not None else None
     if parts:
         prefix_attention(
             q, keys, values, shared, block_tables, context_lens, cu_seqlens, scale * LOG2E,
-            slopes, out_part, lse_part, first_part=first_part, parts=parts,
+            slopes, out_part, lse_part, first_part=num_splits, parts=parts,
             block_n=prefix_config[0] if prefix_config else block_n,
             num_warps=prefix_config[1] if prefix_config else 4,
         )  # fmt: skip
@@ -384,11 +358,11 @@ def paged_attention(
         out.stride(0),
         out.stride(1),
         block_tables.stride(0),
-        out_part.stride(0) if split or parts else 0,
-        out_part.stride(1) if split or parts else 0,
-        out_part.stride(2) if split or parts else 0,
-        lse_part.stride(0) if split or parts else 0,
-        lse_part.stride(1) if split or parts else 0,
+        out_part.stride(0) if split else 0,
+        out_part.stride(1) if split else 0,
+        out_part.stride(2) if split else 0,
+        lse_part.stride(0) if split else 0,
+        lse_part.stride(1) if split else 0,
         HEAD_DIM=D,
         GROUP=group,
         PAGE=page,

@@ -26,14 +26,12 @@ imported: the tests run the kernels on CPU tensors that way).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from energon.kernels.chain import chained, wait_then_release
-from energon.parallel.key_tile import LOG2E, cache_operands, key_tile
+from energon.parallel.key_tile import LOG2E, cache_operands, key_tile, sm_count
 from energon.parallel.prefix_attention import num_parts, prefix_attention
 from energon.parallel.shared_prefix import SharedPrefixes
 
@@ -222,19 +220,13 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
     return buffers[-1]
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_num_splits(
     num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device
 ) -> int:
     """Split the contexts only while (sequence, KV head) programs cannot fill the GPU: aiming at
     about PROGRAMS_PER_SM programs per SM, with at least MIN_SPLIT_LEN keys per split of the
     longest context. Each sequence is cut by its own length, so short ones split as finely."""
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
-    want = triton.cdiv(PROGRAMS_PER_SM * sms, num_seqs * num_kv_heads)
+    want = triton.cdiv(PROGRAMS_PER_SM * sm_count(device), num_seqs * num_kv_heads)
     return max(1, min(want, triton.cdiv(max_context_len, MIN_SPLIT_LEN), MAX_SPLITS))
 
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from energon.kernels.chain import chained, wait_then_release
-from energon.parallel.key_tile import key_tile
+from energon.parallel.key_tile import key_tile, sm_count
 from energon.parallel.shared_prefix import SharedPrefixes
 
 MAX_ROWS = 64  # query rows of one program's tile: members x query heads per KV head
@@ -113,10 +113,7 @@ def _prefix_kernel(
 def num_parts(num_groups: int, max_prefix_len: int, num_kv_heads: int, device: torch.device) -> int:
     """Parts each group's prefix is cut into: enough programs for about PROGRAMS_PER_SM per
     SM, at least MIN_PART_LEN keys a part of the longest prefix, at most MAX_PARTS."""
-    from energon.parallel.paged_attention import _sm_count
-
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else 132
-    want = triton.cdiv(PROGRAMS_PER_SM * sms, num_groups * num_kv_heads)
+    want = triton.cdiv(PROGRAMS_PER_SM * sm_count(device), num_groups * num_kv_heads)
     return max(1, min(want, triton.cdiv(max_prefix_len, MIN_PART_LEN), MAX_PARTS))
 
 

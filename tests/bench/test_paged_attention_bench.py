@@ -4,30 +4,17 @@ reading the shared keys once), not how fast it runs."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-from bench_helpers import FIELDS
+from bench_helpers import FIELDS, run_interpreted
 
 
 def test_shapes_and_shared_prefixes_are_records_with_baseline_and_limit(tmp_path):
     pytest.importorskip("triton")
-    # the interpreter must be chosen before triton is imported: a process of its own
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    script = (
-        "import sys; from energon.cli import main; sys.exit(main(['bench', 'paged-attention', "
-        "'--batches', '3', '--contexts', '80', '--shared-prefix', '64', '--heads', '2', "
-        "'--kv-heads', '1', '--head-dim', '16', '--warmup', '0', '--repeat', '1', "
-        "'--prefix-configs', '2:16:4', "
-        f"'--out', '{tmp_path}']))"
+    argv = (
+        "--batches 3 --contexts 80 --shared-prefix 64 --heads 2 --kv-heads 1 --head-dim 16 "
+        "--warmup 0 --repeat 1 --prefix-configs 2:16:4"
     )
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (path,) = tmp_path.iterdir()
-    records = {r["metric"]: r for r in json.loads(path.read_text())}
+    records = {r["metric"]: r for r in run_interpreted("paged-attention", argv, tmp_path)}
     each, once = records["decode_attention_layer"], records["decode_attention_layer_shared_prefix"]
     for r in (each, once):
         assert FIELDS <= set(r) and r["unit"] == "us" and r["batch"] == 3

@@ -3,13 +3,8 @@ record per shape with its baseline and limit), not how fast it runs."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-from bench_helpers import FIELDS
+from bench_helpers import FIELDS, run_interpreted
 
 from energon.bench.cli import SCENARIOS
 from energon.bench.paged_prefill import parse_shape, work
@@ -18,17 +13,11 @@ from energon.bench.paged_prefill import parse_shape, work
 def test_each_shape_is_a_record_with_its_baseline_and_limit(tmp_path):
     pytest.importorskip("triton")
     assert SCENARIOS["paged-prefill"] == "energon.bench.paged_prefill"
-    # the interpreter must be chosen before triton is imported: a process of its own
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    script = (
-        "import sys; from energon.cli import main; sys.exit(main(['bench', 'paged-prefill', "
-        "'--shapes', '2x8@24,1x5@5', '--heads', '2', '--kv-heads', '1', '--head-dim', '16', "
-        f"'--warmup', '0', '--repeat', '1', '--configs', '16:16:1:1', '--out', '{tmp_path}']))"
+    argv = (
+        "--shapes 2x8@24,1x5@5 --heads 2 --kv-heads 1 --head-dim 16 --warmup 0 --repeat 1 "
+        "--configs 16:16:1:1"
     )
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (path,) = tmp_path.iterdir()
-    records = json.loads(path.read_text())
+    records = run_interpreted("paged-prefill", argv, tmp_path)
     points = [r for r in records if r["metric"].startswith("prefill_attention_layer_")]
     assert [r["metric"] for r in points] == [
         "prefill_attention_layer_2x8@24",

@@ -292,24 +292,17 @@ def main(args: argparse.Namespace) -> int:
             if cfg:
                 notes += f"; kernel configs block_n:warps:splits us: {cfg}"
             records.append(
-                Record(
-                    scenario=SCENARIO,
-                    metric="decode_attention_layer",
-                    unit="us",
-                    value=r["kernel_s"] * 1e6,
-                    model="opt-13b attention shapes",
-                    dtype=args.dtype,
-                    batch=batch,
-                    prompt_len=context,
-                    gen_len=1,
-                    baseline_name="grid path (dense KV gather + SDPA)",
-                    baseline_value=r["grid_s"] * 1e6,
-                    ratio=r["grid_s"] / r["kernel_s"],
-                    limit_value=floor * 1e6,
-                    of_limit=floor / r["kernel_s"],
-                    n_gpus=1 if device.type == "cuda" else 0,
+                layer_record(
+                    args,
+                    "decode_attention_layer",
+                    r["kernel_s"],
+                    batch,
+                    context,
+                    device,
+                    baseline=("grid path (dense KV gather + SDPA)", r["grid_s"]),
+                    floor=floor,
                     notes=notes,
-                )
+                )  # fmt: skip
             )
             if "kernel_shared_s" in r:
                 records.append(shared_record(args, r, batch, context, bandwidth, shape, device))
@@ -333,22 +326,10 @@ def shared_record(args, r: dict, batch: int, context: int, bandwidth: float, sha
     configs = ", ".join(f"{n} {t * 1e6:.1f}" for n, t in r["prefix_configs"].items())
     if configs:
         print(f"      prefix pass parts:block_n:warps us: {configs}", flush=True)
-    return Record(
-        scenario=SCENARIO,
-        metric="decode_attention_layer_shared_prefix",
-        unit="us",
-        value=took * 1e6,
-        model="opt-13b attention shapes",
-        dtype=args.dtype,
-        batch=batch,
-        prompt_len=context,
-        gen_len=1,
-        baseline_name="the same kernel reading the shared prefix for every sequence",
-        baseline_value=each * 1e6,
-        ratio=each / took,
-        limit_value=floor * 1e6,
-        of_limit=floor / took,
-        n_gpus=1 if device.type == "cuda" else 0,
+    return layer_record(
+        args, "decode_attention_layer_shared_prefix", took, batch, context, device,
+        baseline=("the same kernel reading the shared prefix for every sequence", each),
+        floor=floor,
         notes=(
             f"one decode step, context {context} of which the first {args.shared_prefix} keys "
             f"are the same cached blocks for all {batch} sequences, {shape}, {args.dtype}"
@@ -358,4 +339,30 @@ def shared_record(args, r: dict, batch: int, context: int, bandwidth: float, sha
             f"max |kernel with groups - grid path| {r['max_abs_diff_shared']:.2e}"
             + (f"; with prefix-pass configs parts:block_n:warps us: {configs}" if configs else "")
         ),
+    )  # fmt: skip
+
+
+def layer_record(
+    args, metric: str, seconds: float, batch: int, context: int, device, *, baseline, floor, notes
+) -> Record:
+    """A record of one decode attention layer's time (in us) against `baseline` (name,
+    seconds) and the floor (seconds)."""
+    name, base = baseline
+    return Record(
+        scenario=SCENARIO,
+        metric=metric,
+        unit="us",
+        value=seconds * 1e6,
+        model="opt-13b attention shapes",
+        dtype=args.dtype,
+        batch=batch,
+        prompt_len=context,
+        gen_len=1,
+        baseline_name=name,
+        baseline_value=base * 1e6,
+        ratio=base / seconds,
+        limit_value=floor * 1e6,
+        of_limit=floor / seconds,
+        n_gpus=1 if device.type == "cuda" else 0,
+        notes=notes,
     )

@@ -26,6 +26,7 @@ over prefixes) and replays it for steps that have groups.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -187,17 +188,9 @@ class DecodeGraphs(StepGraphs):
             block_tables=self.tables[:bucket],
             slot_mapping=self.slots[:bucket],
             logits_indices=None,  # one token per sequence: every row is a last token
-            shared=self._bucket_groups(bucket) if self.groups else None,
-        )
-
-    def _bucket_groups(self, bucket: int) -> SharedPrefixes:
-        s = self.shared
-        return SharedPrefixes(
-            s.prefix_lens[:bucket],
-            s.group_seqs,
-            s.group_sizes,
-            s.group_lens,
-            s.max_prefix_len,
-            s.saved_tokens,
-            s.parts,
+            shared=(
+                replace(self.shared, prefix_lens=self.shared.prefix_lens[:bucket])
+                if self.groups
+                else None
+            ),
         )

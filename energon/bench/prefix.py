@@ -221,7 +221,8 @@ def main(args: argparse.Namespace) -> int:
     shape = (
         f"{args.requests} requests of a shared {args.prefix_len}-token prefix + "
         f"{args.suffix_len} own tokens, {args.gen_len} new each; median of {args.repeat} runs; "
-        f"{found}; decode steps reading the shared prefix once: {on['shared_steps']}; matmul {limit['matmul_flops'] / 1e12:.0f} TFLOP/s, copy "
+        f"{found}; decode steps reading the shared prefix once: {on['shared_steps']}; matmul "
+        f"{limit['matmul_flops'] / 1e12:.0f} TFLOP/s, copy "
         f"{limit['copy_bytes_per_s'] / 1e9:.0f} GB/s (this run)"
     )
     limits = (rate_ceiling, first_floor, common)

@@ -16,14 +16,13 @@ has filled before its new token is read-only this step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 MIN_PREFIX_TOKENS = 64  # a group's shared keys at least: shorter ones are not worth a pass
-MAX_GROUPS = (
-    8  # groups a step at most (those that save the most reads): the graphs' buffers hold as many
-)
+# groups a step at most (those that save the most reads): the graphs' buffers hold as many
+MAX_GROUPS = 8
 SHARED_PREFIX_ENV = "ENERGON_SHARED_PREFIX"  # "0": every sequence reads its whole context
 
 
@@ -47,18 +46,8 @@ class SharedPrefixes:
         return self.group_lens.shape[0]
 
     def to(self, device: torch.device | str) -> SharedPrefixes:
-        def dev(t):
-            return t.to(device, non_blocking=True)
-
-        return SharedPrefixes(
-            dev(self.prefix_lens),
-            dev(self.group_seqs),
-            dev(self.group_sizes),
-            dev(self.group_lens),
-            self.max_prefix_len,
-            self.saved_tokens,
-            self.parts,
-        )
+        tensors = ("prefix_lens", "group_seqs", "group_sizes", "group_lens")
+        return replace(self, **{k: getattr(self, k).to(device, non_blocking=True) for k in tensors})
 
 
 def find_shared_prefixes(
@@ -80,7 +69,7 @@ def find_shared_prefixes(
     if B < 2 or any(q != 1 for q in query_lens):
         return None
     if isinstance(block_tables, torch.Tensor):
-        tables = block_tables.to(torch.int64)
+        tables = block_tables  # the step message's, read in place: this runs every decode step
     else:
         width = max(len(t) for t in block_tables)
         tables = torch.tensor([list(t) + [-1] * (width - len(t)) for t in block_tables])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from energon.parallel.shared_prefix import find_shared_prefixes
@@ -33,8 +34,9 @@ def test_sequences_after_one_prefix_form_one_group():
     assert shared.saved_tokens == 2 * 12 and shared.max_prefix_len == 12
 
 
-def test_padded_tensor_tables_as_the_step_message_carries_them():
-    tables = torch.tensor([[5, 6, 7, -1], [5, 6, 8, 9], [5, 6, 7, 4]])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_padded_tensor_tables_as_the_step_message_carries_them(dtype):
+    tables = torch.tensor([[5, 6, 7, -1], [5, 6, 8, 9], [5, 6, 7, 4]], dtype=dtype)
     shared = find_shared_prefixes([1] * 3, [12, 16, 15], tables, 4, min_prefix=4)
     # 0 and 2 share blocks 5, 6, 7 (12 keys); all three share 5, 6 (8 keys): 2 x 8 = 16 saved
     # by one group beats 1 x 12 by the pair

@@ -47,11 +47,6 @@ from energon.sampler import Sampler, logprob_rows
 
 log = logging.getLogger("energon")
 
-# Where no decode graph with groups takes a step (they were not captured, or the step is past
-# them), one whose groups save this many key reads a layer (sequences x shared keys) runs
-# eagerly, reading each group's prefix once, rather than replay a plain decode graph that reads
-# it for every sequence.
-GRAPH_TRADE = 16384
 # Decode graphs launch attention for their longest context: at most this many tokens (and no
 # more than the KV cache holds); longer decode steps run eagerly.
 MAX_GRAPH_CONTEXT = 4096
@@ -558,9 +553,10 @@ class ModelRunner(OffloadMember):
         if shared is not None and self._graph_takes(self.shared_graphs, step, shared):
             self.shared_prefix_steps += 1
             return self._graph_step(step, self.shared_graphs, shared)
-        if (shared is None or shared.saved_tokens < GRAPH_TRADE) and self._graph_takes(
-            self.graphs, step
-        ):
+        # Else a plain graph, reading any shared prefix once a sequence: eager from Python, a
+        # batch-64 step of opt-13b took longer than the reads it saved (docs/benchmarks.md,
+        # "Shared-prefix decode attention"). Steps past every graph run eagerly, groups and all.
+        if self._graph_takes(self.graphs, step):
             return self._graph_step(step, self.graphs)
         input_ids, meta = self.step_meta(step)
         if shared is not None:

@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import CHECKPOINT_MAKERS, hf_logits
 
-from energon import runner as runner_module
 from energon.runner import ModelRunner
 
 pytestmark = [
@@ -86,10 +85,10 @@ def test_decodes_after_a_shared_prefix_equal_transformers(tmp_path, family, dtyp
     torch.testing.assert_close(got["once"], got["each"], rtol=0, atol=atol / 5)
 
 
-def test_captured_graphs_read_a_shared_prefix_once(tmp_path, monkeypatch):
+def test_captured_graphs_read_a_shared_prefix_once(tmp_path):
     """Decode graphs with groups replay a step with groups (the pass over the prefix captured
-    inside); without them, a step whose groups save GRAPH_TRADE key reads a layer runs eagerly
-    and one below replays the plain graph. All three equal transformers."""
+    inside); without them the plain graph replays it, reading the prefix once a sequence; with
+    no graph at all it runs eagerly, groups and all. All three equal transformers."""
     hf = CHECKPOINT_MAKERS["llama"](tmp_path)
     runner = ModelRunner(str(tmp_path), rank=0, device="cuda", dtype="float16")
     runner.init_kv_cache(48, BLOCK)
@@ -102,13 +101,11 @@ def test_captured_graphs_read_a_shared_prefix_once(tmp_path, monkeypatch):
     assert runner.shared_graphs.steps == 1 and runner.shared_prefix_steps == 1
     assert runner.graphs.steps == 0
     runner.shared_graphs = None
-    saved = (len(SUFFIXES) - 1) * len(PREFIX)  # 4 x 96 key reads a layer
-    monkeypatch.setattr(runner_module, "GRAPH_TRADE", saved + 1)
     graphed_each = runner.execute(step_list[2])  # the same step again: the same slots
     assert runner.graphs.steps == 1 and runner.shared_prefix_steps == 1
-    monkeypatch.setattr(runner_module, "GRAPH_TRADE", saved)
+    plain, runner.graphs = runner.graphs, None
     eager_once = runner.execute(step_list[2])
-    assert runner.graphs.steps == 1 and runner.shared_prefix_steps == 2
+    assert plain.steps == 1 and runner.shared_prefix_steps == 2
     for got in (graphed_once, graphed_each, eager_once):
         torch.testing.assert_close(got, want, rtol=0, atol=0.05)
     torch.testing.assert_close(graphed_once, graphed_each, rtol=0, atol=0.01)

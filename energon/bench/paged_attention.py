@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--configs",
         default="",
         help="extra kernel configs block_n:num_warps:splits (splits 0 = default), e.g. "
-        "'32:4:0,128:4:0,64:8:0,64:4:1'",
+        "'32:4:0,128:4:0,64:8:0,64:4:1'; with --shared-prefix timed with the groups too",
     )
     add_layer_arguments(parser)
 
@@ -190,6 +190,7 @@ def measure_shape(args, timer, batch, context, device, dtype, configs) -> dict:
         "max_abs_diff": diff,
         "kv_bytes": 2 * batch * context * attn.num_kv_heads * D * attn.kv_cache.element_size(),
         "configs": {},
+        "configs_shared": {},
     }
     tables = meta.block_tables.cpu()
     groups = find_shared_prefixes([1] * batch, [context] * batch, tables, args.block_size)
@@ -215,6 +216,10 @@ def measure_shape(args, timer, batch, context, device, dtype, configs) -> dict:
             result["configs"][name] = timer(
                 lambda b=block_n, w=num_warps, s=splits: kernel(b, w, s or None)
             )
+            if groups is not None:  # the same decode-kernel config after the prefix pass
+                result["configs_shared"][name] = timer(
+                    lambda b=block_n, w=num_warps, s=splits: kernel(b, w, s or None, groups)
+                )
         except Exception as e:  # e.g. a tile too large for shared memory
             print(f"config {name} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
     if device.type == "cuda":  # the whole layer call down each path, cache write included
@@ -326,6 +331,9 @@ def shared_record(args, r: dict, batch: int, context: int, bandwidth: float, sha
     configs = ", ".join(f"{n} {t * 1e6:.1f}" for n, t in r["prefix_configs"].items())
     if configs:
         print(f"      prefix pass parts:block_n:warps us: {configs}", flush=True)
+    kernel_configs = ", ".join(f"{n} {t * 1e6:.1f}" for n, t in r["configs_shared"].items())
+    if kernel_configs:
+        print(f"      decode kernel block_n:warps:splits us: {kernel_configs}", flush=True)
     return layer_record(
         args, "decode_attention_layer_shared_prefix", took, batch, context, device,
         baseline=("the same kernel reading the shared prefix for every sequence", each),
@@ -338,6 +346,11 @@ def shared_record(args, r: dict, batch: int, context: int, bandwidth: float, sha
             f"{r['kv_bytes_shared'] / 1e6:.1f} MB distinct K+V / {bandwidth / 1e9:.0f} GB/s; "
             f"max |kernel with groups - grid path| {r['max_abs_diff_shared']:.2e}"
             + (f"; with prefix-pass configs parts:block_n:warps us: {configs}" if configs else "")
+            + (
+                f"; with decode-kernel configs block_n:warps:splits us: {kernel_configs}"
+                if kernel_configs
+                else ""
+            )
         ),
     )  # fmt: skip
 

@@ -260,7 +260,8 @@ def paged_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     shared: SharedPrefixes | None = None,
-    prefix_config: tuple[int, int] | None = None,
+    prefix_config: tuple[int, ...] | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries over the paged cache; returns [T, H, D] in q's dtype.
 
@@ -318,6 +319,7 @@ def paged_attention(
             slopes, out_part, lse_part, first_part=num_splits, parts=parts,
             block_n=prefix_config[0] if prefix_config else block_n,
             num_warps=prefix_config[1] if prefix_config else 4,
+            num_stages=prefix_config[2] if prefix_config and len(prefix_config) > 2 else None,
         )  # fmt: skip
 
     _paged_attn_kernel[(B, Hkv, num_splits)](
@@ -374,6 +376,7 @@ def paged_attention(
         ),
         IEEE=q.dtype == torch.float32,
         num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
         **chained(q.device),
     )
     return out

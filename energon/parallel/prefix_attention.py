@@ -63,17 +63,19 @@ def _prefix_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     MEMBERS: tl.constexpr,  # members a tile of rows holds (BLOCK_M // GROUP)
+    PARTS: tl.constexpr,  # parts each prefix is cut into
     USE_ALIBI: tl.constexpr,
     IEEE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     g = tl.program_id(0)
     kvh = tl.program_id(1)
-    part = tl.program_id(2)
+    part = tl.program_id(2) % PARTS
+    m0 = tl.program_id(2) // PARTS * MEMBERS  # this program's first member
     size = tl.load(GroupSizes + g)
     shared = tl.load(GroupLens + g)
     leader = tl.load(GroupSeqs + g * stride_gs)  # whose block table the prefix is read through
-    part_len = tl.cdiv(tl.cdiv(shared, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    part_len = tl.cdiv(tl.cdiv(shared, PARTS), BLOCK_N) * BLOCK_N
     start = part * part_len
     end = tl.minimum(start + part_len, shared)
     wait_then_release(PDL)
@@ -85,7 +87,7 @@ def _prefix_kernel(
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if USE_ALIBI:
         slope += tl.load(Slopes + head).to(tl.float32) * 1.4426950408889634
-    for m0 in range(0, size, MEMBERS):
+    if m0 < size:  # a tile of members past this group's last is empty
         member = m0 + rows // GROUP
         row_ok = (rows < MEMBERS * GROUP) & (member < size)
         seq = tl.load(GroupSeqs + g * stride_gs + member, mask=row_ok, other=0)
@@ -133,6 +135,7 @@ def prefix_attention(
     parts: int,
     block_n: int,
     num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> None:
     """Writes the groups' members' partials over their shared prefixes into `out_part`
     [S, T, H, D] / `lse_part` [S, T, H] (fp32, log2 domain) at splits first_part ..
@@ -143,7 +146,8 @@ def prefix_attention(
     group = H // Hkv
     block_m = max(16, min(triton.next_power_of_2(group * shared.group_seqs.shape[1]), MAX_ROWS))
     block_m = max(block_m, triton.next_power_of_2(group))
-    _prefix_kernel[(shared.num_groups, Hkv, parts)](
+    tiles = triton.cdiv(shared.group_seqs.shape[1], block_m // group)  # of members
+    _prefix_kernel[(shared.num_groups, Hkv, parts * tiles)](
         q,
         keys,
         values,
@@ -180,8 +184,10 @@ def prefix_attention(
         BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(D)),
         MEMBERS=block_m // group,
+        PARTS=parts,
         USE_ALIBI=slopes is not None,
         IEEE=q.dtype == torch.float32,
         num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
         **chained(q.device),
     )

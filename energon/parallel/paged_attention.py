@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from energon.kernels.chain import chained, wait_then_release
-from energon.parallel.key_tile import LOG2E, cache_operands, key_tile, sm_count
+from energon.parallel.key_tile import LOG2E, cache_operands, key_row, key_tile, sm_count
 from energon.parallel.prefix_attention import num_parts, prefix_attention
 from energon.parallel.shared_prefix import SharedPrefixes
 
@@ -91,6 +91,7 @@ def _paged_attn_kernel(
     SPLIT: tl.constexpr,  # partials, and the last split of a (sequence, KV head) combines them
     SPLITS: tl.constexpr,  # with SPLIT: the splits' count rounded up to a power of two
     PREFIX_PARTS: tl.constexpr,  # splits after ours that hold a shared prefix's partials
+    FOLD: tl.constexpr,  # unsplit, one row: start from those partials (no combine after)
     VALID_M: tl.constexpr,  # rows that can hold a query (heads per KV head x new tokens, pow2)
     COMBINE_M: tl.constexpr,  # rows combined at a time
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots, not tf32
@@ -145,13 +146,37 @@ def _paged_attn_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if FOLD:
+        # The prefix pass's partials of this row (after the one split's slice) as the online
+        # softmax's start: its keys seen, weighted by their mass (m = the largest log-sum-exp,
+        # l = the parts' masses relative to it, acc = their outputs times those). All loaded
+        # at once here, where their round trip overlaps the first keys' (none for a
+        # sequence outside the groups: they start empty). No partial, ticket or combine.
+        s = tl.arange(0, SPLITS)
+        has = (s < tl.where(lo > 0, PREFIX_PARTS, 0))[:, None] & row_ok[None, :]
+        at = (num_splits + s)[:, None] * stride_ls + ((q_start + tok) * stride_lt + head)[None, :]
+        lse_p = tl.load(LsePart + at, mask=has, other=float("-inf"))  # [SPLITS, BLOCK_M]
+        part = (q_start + tok)[:, None] * stride_pt + head[:, None] * stride_ph + d[None, :]
+        o_at = (num_splits + s)[:, None, None] * stride_ps + part[None, :, :]
+        o_p = tl.load(OutPart + o_at, mask=has[:, :, None] & d_ok[None, None, :], other=0.0)
+        m_i = tl.max(lse_p, 0)
+        w = tl.exp2(lse_p - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
+        l_i = tl.sum(w, 0)
+        acc = tl.sum(w[:, :, None] * o_p, 0)
 
     for n0 in range(start, end, BLOCK_N):
-        m_i, l_i, acc = key_tile(
-            q, m_i, l_i, acc, n0, end, q_pos, d, d_ok, K, V, BlockTables, seq, kvh, qk_scale,
-            slope, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-            PAGE, BLOCK_N, USE_ALIBI, IEEE, True,
-        )  # fmt: skip
+        if BLOCK_M == 1:
+            m_i, l_i, acc = key_row(
+                q, m_i, l_i, acc, n0, end, q_pos, d, d_ok, K, V, BlockTables, seq, kvh,
+                qk_scale, slope, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                stride_vh, stride_bt, PAGE, BLOCK_N, USE_ALIBI,
+            )  # fmt: skip
+        else:
+            m_i, l_i, acc = key_tile(
+                q, m_i, l_i, acc, n0, end, q_pos, d, d_ok, K, V, BlockTables, seq, kvh,
+                qk_scale, slope, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                stride_vh, stride_bt, PAGE, BLOCK_N, USE_ALIBI, IEEE, True,
+            )  # fmt: skip
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_mask = row_ok[:, None] & d_ok[None, :]
@@ -294,7 +319,7 @@ def paged_attention(
         return out
 
     valid_m = triton.next_power_of_2(max_seqlen_q * group)
-    block_m = max(16, valid_m)
+    block_m = 1 if valid_m == 1 else max(16, valid_m)  # one row: no tensor-core tile
     block_d = max(16, triton.next_power_of_2(D))
     block_n = block_n or (64 if block_d <= 128 else 32)
     if num_splits is None:
@@ -305,13 +330,16 @@ def paged_attention(
         if max_seqlen_q != 1:
             raise ValueError(f"shared prefixes need one new token a sequence (got {max_seqlen_q})")
         parts = shared.parts or num_parts(shared.num_groups, shared.max_prefix_len, Hkv, q.device)
-    split = num_splits > 1 or parts > 0
-    if split:
+    # one row and one split: the kernel starts from the prefix partials; else it combines them
+    fold = parts > 0 and num_splits == 1 and block_m == 1
+    split = num_splits > 1 or (parts > 0 and not fold)
+    partials = split or fold
+    if partials:  # the splits' slices, then the prefix pass's
         out_part = torch.empty(num_splits + parts, T, H, D, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(num_splits + parts, T, H, dtype=torch.float32, device=q.device)
-        tickets = _tickets(q.device, B * Hkv)
     else:
-        out_part = lse_part = tickets = out  # unused
+        out_part = lse_part = out  # unused
+    tickets = _tickets(q.device, B * Hkv) if split else out
     slopes = alibi_slopes.to(q.device, torch.float32) if alibi_slopes is not None else None
     if parts:
         prefix_attention(
@@ -352,11 +380,11 @@ def paged_attention(
         out.stride(0),
         out.stride(1),
         block_tables.stride(0),
-        out_part.stride(0) if split else 0,
-        out_part.stride(1) if split else 0,
-        out_part.stride(2) if split else 0,
-        lse_part.stride(0) if split else 0,
-        lse_part.stride(1) if split else 0,
+        out_part.stride(0) if partials else 0,
+        out_part.stride(1) if partials else 0,
+        out_part.stride(2) if partials else 0,
+        lse_part.stride(0) if partials else 0,
+        lse_part.stride(1) if partials else 0,
         HEAD_DIM=D,
         GROUP=group,
         PAGE=page,
@@ -367,8 +395,9 @@ def paged_attention(
         USE_ALIBI=alibi_slopes is not None,
         WRITE=new_kv is not None,
         SPLIT=split,
-        SPLITS=triton.next_power_of_2(num_splits + parts),
+        SPLITS=triton.next_power_of_2(parts if fold else num_splits + parts),
         PREFIX_PARTS=parts,
+        FOLD=fold,
         VALID_M=valid_m,
         COMBINE_M=min(
             valid_m,

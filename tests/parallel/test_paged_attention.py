@@ -139,7 +139,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa2", "mqa"])
+@pytest.mark.parametrize("kv_heads", [2, 1, 4], ids=["gqa2", "mqa", "mha"])
 @pytest.mark.parametrize("use_alibi", [False, True], ids=["no-alibi", "alibi"])
 def test_decode_equals_reference(kernels, use_alibi, kv_heads, block_size, head_dim, dtype):
     query_lens, context_lens = [1, 1, 1, 1], [1, 37, 70, 16]
@@ -294,11 +294,15 @@ def test_shared_prefix_members_past_one_tile_of_rows(kernels):
     torch.testing.assert_close(out.cpu().double(), expected.cpu(), atol=1e-5, rtol=0)
 
 
-def test_shared_prefix_with_new_keys_written_by_the_kernel(kernels):
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa2", "mha"])
+def test_shared_prefix_with_new_keys_written_by_the_kernel(kernels, kv_heads):
     # As Attention calls it: the new tokens' k/v are written by the decode kernel, after the
-    # prefix pass has read the (sealed) prefix blocks
+    # prefix pass has read the (sealed) prefix blocks (MHA, unsplit: the kernel starts from
+    # the prefix pass's partials instead of combining them after)
     own = [(0, 3), (0, 20), (None, 9)]
-    q, cache, meta, kv, shared = make_shared_case([4], own, device=kernels.device, seed=2)
+    q, cache, meta, kv, shared = make_shared_case(
+        [4], own, kv_heads=kv_heads, device=kernels.device, seed=2
+    )
     expected = reference(q, kv, [1] * 3, 0.125)
     flat = cache.flatten(1, 2)
     new = flat[:, meta.slot_mapping].clone()
@@ -308,7 +312,7 @@ def test_shared_prefix_with_new_keys_written_by_the_kernel(kernels):
         q=q, kv_cache=cache, block_tables=meta.block_tables, context_lens=meta.context_lens,
         cu_seqlens=meta.cu_seqlens, max_seqlen_q=1, max_context_len=meta.max_context_len,
         scale=0.125, new_kv=(new[0], new[1]), slot_mapping=meta.slot_mapping, shared=shared,
-        block_n=16,
+        block_n=16, num_splits=1,
     )  # fmt: skip
     torch.testing.assert_close(out.cpu().double(), expected.cpu(), atol=1e-5, rtol=0)
     assert torch.equal(cache.cpu(), want_cache.cpu())

@@ -85,37 +85,3 @@ def key_tile(
     else:
         pv = tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc * alpha[:, None] + pv
-
-
-@triton.jit
-def key_row(
-    q, m_i, l_i, acc, n0, hi, q_pos, d, d_ok, K, V, BlockTables, seq, kvh, qk_scale, slope,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, USE_ALIBI: tl.constexpr,
-):  # fmt: skip
-    """`key_tile` for one query row (q [1, BLOCK_D], keys below `hi` all visible to it: a
-    decode token of a head of its own), as products and sums on the CUDA cores: a tensor-core
-    dot needs 16 rows, 15 of them padding here, and their registers cut how many programs an
-    SM holds, which is what a short context's latency-bound programs need. K and V are loaded
-    together, [BLOCK_N, BLOCK_D] each, before either is used."""
-    n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = n < hi
-    page = tl.load(BlockTables + seq * stride_bt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-    slot = n % PAGE
-    kv_ok = n_ok[:, None] & d_ok[None, :]
-    k_ptrs = K + page[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh
-    v_ptrs = V + page[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
-    k = tl.load(k_ptrs + d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(v_ptrs + d[None, :], mask=kv_ok, other=0.0)
-    s = tl.sum(k.to(tl.float32) * q.to(tl.float32), 1)[None, :] * qk_scale  # [1, BLOCK_N]
-    if USE_ALIBI:
-        s += slope[:, None] * (n[None, :] - q_pos[:, None]).to(tl.float32)
-    s = tl.where(n_ok[None, :], s, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    pv = tl.sum(tl.sum(p, 0)[:, None] * v.to(tl.float32), 0)  # [BLOCK_D]
-    return m_new, l_i, acc * alpha[:, None] + pv[None, :]

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from energon.kernels.chain import chained, wait_then_release
-from energon.parallel.key_tile import LOG2E, cache_operands, key_row, key_tile, sm_count
+from energon.parallel.key_tile import LOG2E, cache_operands, key_tile, sm_count
 from energon.parallel.prefix_attention import num_parts, prefix_attention
 from energon.parallel.shared_prefix import SharedPrefixes
 
@@ -41,6 +41,7 @@ MIN_SPLIT_LEN = 64  # keys per split at least, when the context is split
 MAX_SPLITS = 16
 PROGRAMS_PER_SM = 2  # splits aim at about this many programs per SM
 COMBINE_ELEMENTS = 4096  # partial outputs one combine step loads at once (splits x rows x dim)
+FOLD_ELEMENTS = 8192  # prefix partials an unsplit program starts from at most (parts x rows x dim)
 
 
 @triton.jit
@@ -91,7 +92,7 @@ def _paged_attn_kernel(
     SPLIT: tl.constexpr,  # partials, and the last split of a (sequence, KV head) combines them
     SPLITS: tl.constexpr,  # with SPLIT: the splits' count rounded up to a power of two
     PREFIX_PARTS: tl.constexpr,  # splits after ours that hold a shared prefix's partials
-    FOLD: tl.constexpr,  # unsplit, one row: start from those partials (no combine after)
+    FOLD: tl.constexpr,  # unsplit: start from those partials (no combine after)
     VALID_M: tl.constexpr,  # rows that can hold a query (heads per KV head x new tokens, pow2)
     COMBINE_M: tl.constexpr,  # rows combined at a time
     IEEE: tl.constexpr,  # fp32 inputs: full-precision dots, not tf32
@@ -147,36 +148,36 @@ def _paged_attn_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if FOLD:
-        # The prefix pass's partials of this row (after the one split's slice) as the online
-        # softmax's start: its keys seen, weighted by their mass (m = the largest log-sum-exp,
-        # l = the parts' masses relative to it, acc = their outputs times those). All loaded
-        # at once here, where their round trip overlaps the first keys' (none for a
-        # sequence outside the groups: they start empty). No partial, ticket or combine.
+        # (One new token a sequence.) The prefix pass's partials (the slices after the one
+        # split's) as the online softmax's start, row by row: m = the row's parts' largest
+        # log-sum-exp, l = their masses relative to it, acc = their outputs times those;
+        # each row's parts in one load, all issued here, where their round trips overlap the
+        # first keys'. (A sequence outside the groups starts empty.) No partial, ticket or
+        # combine after: a program after a shared prefix has few keys of its own, and those
+        # round trips were most of its time (docs/benchmarks.md, "Shared-prefix decode").
         s = tl.arange(0, SPLITS)
-        has = (s < tl.where(lo > 0, PREFIX_PARTS, 0))[:, None] & row_ok[None, :]
-        at = (num_splits + s)[:, None] * stride_ls + ((q_start + tok) * stride_lt + head)[None, :]
-        lse_p = tl.load(LsePart + at, mask=has, other=float("-inf"))  # [SPLITS, BLOCK_M]
-        part = (q_start + tok)[:, None] * stride_pt + head[:, None] * stride_ph + d[None, :]
-        o_at = (num_splits + s)[:, None, None] * stride_ps + part[None, :, :]
-        o_p = tl.load(OutPart + o_at, mask=has[:, :, None] & d_ok[None, None, :], other=0.0)
-        m_i = tl.max(lse_p, 0)
-        w = tl.exp2(lse_p - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
-        l_i = tl.sum(w, 0)
-        acc = tl.sum(w[:, :, None] * o_p, 0)
+        s_ok = s < tl.where(lo > 0, PREFIX_PARTS, 0)
+        for r in tl.static_range(GROUP):  # the rows of the one new token's heads
+            r_at = q_start * stride_lt + kvh * GROUP + r
+            lse_r = tl.load(
+                LsePart + (num_splits + s) * stride_ls + r_at, mask=s_ok, other=float("-inf")
+            )
+            o_at = q_start * stride_pt + (kvh * GROUP + r) * stride_ph
+            o_ptrs = OutPart + (num_splits + s)[:, None] * stride_ps + o_at + d[None, :]
+            o_r = tl.load(o_ptrs, mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # [SPLITS, D]
+            m_r = tl.max(lse_r, 0)
+            w_r = tl.exp2(lse_r - tl.where(m_r == float("-inf"), 0.0, m_r))
+            here = rows == r
+            m_i = tl.where(here, m_r, m_i)
+            l_i = tl.where(here, tl.sum(w_r, 0), l_i)
+            acc = tl.where(here[:, None], tl.sum(w_r[:, None] * o_r, 0)[None, :], acc)
 
     for n0 in range(start, end, BLOCK_N):
-        if BLOCK_M == 1:
-            m_i, l_i, acc = key_row(
-                q, m_i, l_i, acc, n0, end, q_pos, d, d_ok, K, V, BlockTables, seq, kvh,
-                qk_scale, slope, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                stride_vh, stride_bt, PAGE, BLOCK_N, USE_ALIBI,
-            )  # fmt: skip
-        else:
-            m_i, l_i, acc = key_tile(
-                q, m_i, l_i, acc, n0, end, q_pos, d, d_ok, K, V, BlockTables, seq, kvh,
-                qk_scale, slope, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                stride_vh, stride_bt, PAGE, BLOCK_N, USE_ALIBI, IEEE, True,
-            )  # fmt: skip
+        m_i, l_i, acc = key_tile(
+            q, m_i, l_i, acc, n0, end, q_pos, d, d_ok, K, V, BlockTables, seq, kvh, qk_scale,
+            slope, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+            PAGE, BLOCK_N, USE_ALIBI, IEEE, True,
+        )  # fmt: skip
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_mask = row_ok[:, None] & d_ok[None, :]
@@ -319,7 +320,7 @@ def paged_attention(
         return out
 
     valid_m = triton.next_power_of_2(max_seqlen_q * group)
-    block_m = 1 if valid_m == 1 else max(16, valid_m)  # one row: no tensor-core tile
+    block_m = max(16, valid_m)
     block_d = max(16, triton.next_power_of_2(D))
     block_n = block_n or (64 if block_d <= 128 else 32)
     if num_splits is None:
@@ -330,8 +331,13 @@ def paged_attention(
         if max_seqlen_q != 1:
             raise ValueError(f"shared prefixes need one new token a sequence (got {max_seqlen_q})")
         parts = shared.parts or num_parts(shared.num_groups, shared.max_prefix_len, Hkv, q.device)
-    # one row and one split: the kernel starts from the prefix partials; else it combines them
-    fold = parts > 0 and num_splits == 1 and block_m == 1
+    # unsplit, the kernel starts from the prefix partials (a load of each row's parts); else
+    # it combines them with its splits'
+    fold = (
+        parts > 0
+        and num_splits == 1
+        and valid_m * triton.next_power_of_2(parts) * block_d <= FOLD_ELEMENTS
+    )
     split = num_splits > 1 or (parts > 0 and not fold)
     partials = split or fold
     if partials:  # the splits' slices, then the prefix pass's

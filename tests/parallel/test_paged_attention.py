@@ -297,8 +297,8 @@ def test_shared_prefix_members_past_one_tile_of_rows(kernels):
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa2", "mha"])
 def test_shared_prefix_with_new_keys_written_by_the_kernel(kernels, kv_heads):
     # As Attention calls it: the new tokens' k/v are written by the decode kernel, after the
-    # prefix pass has read the (sealed) prefix blocks (MHA, unsplit: the kernel starts from
-    # the prefix pass's partials instead of combining them after)
+    # prefix pass has read the (sealed) prefix blocks (unsplit: the kernel starts from the
+    # prefix pass's partials instead of combining them after)
     own = [(0, 3), (0, 20), (None, 9)]
     q, cache, meta, kv, shared = make_shared_case(
         [4], own, kv_heads=kv_heads, device=kernels.device, seed=2

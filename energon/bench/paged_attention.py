@@ -159,7 +159,7 @@ def measure_shape(args, timer, batch, context, device, dtype, configs) -> dict:
     slopes = attn._device_slopes(device)
     max_context = max(args.max_context, context)
 
-    def kernel(block_n=None, num_warps=4, num_splits=None, shared=None, prefix_config=None):
+    def kernel(block_n=None, num_warps=None, num_splits=None, shared=None, prefix_config=None):
         return paged_attention(
             q3,
             attn.kv_cache,
@@ -320,6 +320,8 @@ def main(args: argparse.Namespace) -> int:
 def shared_record(args, r: dict, batch: int, context: int, bandwidth: float, shape, device):
     """The kernel reading the first --shared-prefix keys once for all sequences, against the
     same kernel reading them for each; floor = the distinct K/V bytes / copy bandwidth."""
+    from energon.parallel.paged_attention import SHARED_CONFIG
+
     floor = r["kv_bytes_shared"] / bandwidth
     took, each = r["kernel_shared_s"], r["kernel_s"]
     print(
@@ -342,7 +344,8 @@ def shared_record(args, r: dict, batch: int, context: int, bandwidth: float, sha
             f"one decode step, context {context} of which the first {args.shared_prefix} keys "
             f"are the same cached blocks for all {batch} sequences, {shape}, {args.dtype}"
             f"{', ALiBi' if args.alibi else ''}; the paged kernel with the step's groups (one "
-            f"pass over the shared blocks, then each sequence's own keys) vs without; floor = "
+            f"pass over the shared blocks, then each sequence's own keys, block_n:warps:stages "
+            f"{':'.join(map(str, SHARED_CONFIG))}) vs without; floor = "
             f"{r['kv_bytes_shared'] / 1e6:.1f} MB distinct K+V / {bandwidth / 1e9:.0f} GB/s; "
             f"max |kernel with groups - grid path| {r['max_abs_diff_shared']:.2e}"
             + (f"; with prefix-pass configs parts:block_n:warps us: {configs}" if configs else "")

@@ -41,9 +41,10 @@ MIN_SPLIT_LEN = 64  # keys per split at least, when the context is split
 MAX_SPLITS = 16
 PROGRAMS_PER_SM = 2  # splits aim at about this many programs per SM
 COMBINE_ELEMENTS = 4096  # partial outputs one combine step loads at once (splits x rows x dim)
-# (block_n, num_warps, num_stages) after a prefix pass, where a program reads few keys of its
-# own: smaller programs, more of them on an SM (H200, opt-13b shapes, ctx 1,088 of which 1,024
-# shared: 175 against 222 us at batch 256 and 60 against 68 at 64 with the default 64 / 4)
+# (block_n, num_warps, num_stages) after a prefix pass, unsplit (batches that fill the GPU):
+# a program reads few keys of its own, so smaller programs, more of them on an SM (H200,
+# opt-13b shapes, ctx 1,088 of which 1,024 shared: 175 against 222 us at batch 256 and 60
+# against 68 at 64 with the default 64 / 4; with 1,088 keys of its own 6 % slower at 64)
 SHARED_CONFIG = (32, 2, 2)
 FOLD_ELEMENTS = 8192  # prefix partials an unsplit program starts from at most (parts x rows x dim)
 
@@ -307,7 +308,7 @@ def paged_attention(
     and each member's own programs read only its keys past that prefix; `prefix_config`
     (block_n, num_warps[, num_stages]) of that pass (default: 64 keys a tile, 4 warps).
     `block_n`, `num_warps`, `num_stages`: the decode kernel's (default 64 keys a tile of
-    head_dim <= 128, 4 warps, Triton's stages; after a prefix pass SHARED_CONFIG).
+    head_dim <= 128, 4 warps, Triton's stages; unsplit after a prefix pass SHARED_CONFIG).
     """
     T, H, D = q.shape
     q, keys, values, page, Hkv = cache_operands(q, kv_cache)
@@ -328,14 +329,14 @@ def paged_attention(
     valid_m = triton.next_power_of_2(max_seqlen_q * group)
     block_m = max(16, valid_m)
     block_d = max(16, triton.next_power_of_2(D))
-    if shared is not None and block_d <= 128:
+    if num_splits is None:
+        num_splits = default_num_splits(B, Hkv, max_context_len, q.device)
+    if shared is not None and num_splits == 1 and block_d <= 128:  # many programs, few keys
         block_n = block_n or SHARED_CONFIG[0]
         num_warps = num_warps or SHARED_CONFIG[1]
         num_stages = num_stages or SHARED_CONFIG[2]
     block_n = block_n or (64 if block_d <= 128 else 32)
     num_warps = num_warps or 4
-    if num_splits is None:
-        num_splits = default_num_splits(B, Hkv, max_context_len, q.device)
     num_splits = max(1, min(num_splits, triton.cdiv(max_context_len, block_n)))
     parts = 0
     if shared is not None:

@@ -344,8 +344,9 @@ def shared_record(args, r: dict, batch: int, context: int, bandwidth: float, sha
             f"one decode step, context {context} of which the first {args.shared_prefix} keys "
             f"are the same cached blocks for all {batch} sequences, {shape}, {args.dtype}"
             f"{', ALiBi' if args.alibi else ''}; the paged kernel with the step's groups (one "
-            f"pass over the shared blocks, then each sequence's own keys, unsplit in tiles "
-            f"block_n:warps:stages {':'.join(map(str, SHARED_CONFIG))}) vs without; floor = "
+            f"pass over the shared blocks, then each sequence's own keys, unsplit at 4+ "
+            f"programs an SM in tiles block_n:warps:stages {':'.join(map(str, SHARED_CONFIG))})"
+            f" vs without; floor = "
             f"{r['kv_bytes_shared'] / 1e6:.1f} MB distinct K+V / {bandwidth / 1e9:.0f} GB/s; "
             f"max |kernel with groups - grid path| {r['max_abs_diff_shared']:.2e}"
             + (f"; with prefix-pass configs parts:block_n:warps us: {configs}" if configs else "")

@@ -41,11 +41,13 @@ MIN_SPLIT_LEN = 64  # keys per split at least, when the context is split
 MAX_SPLITS = 16
 PROGRAMS_PER_SM = 2  # splits aim at about this many programs per SM
 COMBINE_ELEMENTS = 4096  # partial outputs one combine step loads at once (splits x rows x dim)
-# (block_n, num_warps, num_stages) after a prefix pass, unsplit (batches that fill the GPU):
-# a program reads few keys of its own, so smaller programs, more of them on an SM (H200,
-# opt-13b shapes, ctx 1,088 of which 1,024 shared: 175 against 222 us at batch 256 and 60
-# against 68 at 64 with the default 64 / 4; with 1,088 keys of its own 6 % slower at 64)
+# (block_n, num_warps, num_stages) after a prefix pass, unsplit, with at least
+# SHARED_CONFIG_PROGRAMS_PER_SM (sequence, KV head) programs an SM: a program reads few keys of
+# its own, so smaller programs, more of them on an SM (H200, opt-13b shapes, ctx 1,088 of which
+# 1,024 shared: 175 against 222 us at batch 256 and 60 against 68 at 64 with the default 64 / 4;
+# with 1,088 keys of its own 6 % slower at 64, 16 % at batch 8, which the threshold leaves out)
 SHARED_CONFIG = (32, 2, 2)
+SHARED_CONFIG_PROGRAMS_PER_SM = 4
 FOLD_ELEMENTS = 8192  # prefix partials an unsplit program starts from at most (parts x rows x dim)
 
 
@@ -331,7 +333,12 @@ def paged_attention(
     block_d = max(16, triton.next_power_of_2(D))
     if num_splits is None:
         num_splits = default_num_splits(B, Hkv, max_context_len, q.device)
-    if shared is not None and num_splits == 1 and block_d <= 128:  # many programs, few keys
+    if (
+        shared is not None
+        and num_splits == 1
+        and B * Hkv >= SHARED_CONFIG_PROGRAMS_PER_SM * sm_count(q.device)
+        and block_d <= 128
+    ):  # many programs, each with few keys of its own
         block_n = block_n or SHARED_CONFIG[0]
         num_warps = num_warps or SHARED_CONFIG[1]
         num_stages = num_stages or SHARED_CONFIG[2]

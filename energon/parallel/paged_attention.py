@@ -20,6 +20,11 @@ v the kernel also writes them into their cache slots first (each program the new
 its split), so one kernel is a layer's whole decode attention: a decode step at batch 1 is
 latency-bound, and each kernel boundary costs a few microseconds in a CUDA graph.
 
+With `shared` (groups of sequences whose tables begin with the same cached blocks) a pass over
+each group's prefix runs first (`energon.parallel.prefix_attention`) and writes its partials
+after the splits'; each program here then reads its sequence's keys past the prefix only and
+takes those partials in: in the split combine, or, unsplit, as the online softmax's start.
+
 Works with triton 3.6+ and in the interpreter (TRITON_INTERPRET=1 set before this module is
 imported: the tests run the kernels on CPU tensors that way).
 """

@@ -118,6 +118,8 @@ def _branch(
         branches.setdefault(block, []).append(b)
     found, saved = [], 0
     for branch in branches.values():
+        if len(branch) < 2:  # a sequence alone past the common part (most of them): no group
+            continue
         groups, more = _branch(tables, sealed, branch, col + 1, min_blocks)
         found += groups
         saved += more

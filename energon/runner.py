@@ -37,6 +37,7 @@ from energon.parallel.shared_prefix import (
     SHARED_PREFIX_ENV,
     SharedPrefixes,
     find_shared_prefixes,
+    share_in_parts,
 )
 from energon.parallel.token_return import TokenReturn
 from energon.parallel.topology import ParallelState, Topology, init_parallel, use_parallel
@@ -555,13 +556,23 @@ class ModelRunner(OffloadMember):
             return self._graph_step(step, self.shared_graphs, shared)
         # Else a plain graph, reading any shared prefix once a sequence: eager from Python, a
         # batch-64 step of opt-13b took longer than the reads it saved (docs/benchmarks.md,
-        # "Shared-prefix decode attention"). Steps past every graph run eagerly, groups and all.
+        # "Shared-prefix decode attention"). Steps past every graph run eagerly, groups and all,
+        # those that mix decodes with prompt chunks too (groups among their decodes).
         if self._graph_takes(self.graphs, step):
             return self._graph_step(step, self.graphs)
         input_ids, meta = self.step_meta(step)
         if shared is not None:
             meta.shared = shared.to(self.device)
             self.shared_prefix_steps += 1
+        elif meta.parts is not None and self.shares_prefixes:  # decodes beside prompt chunks
+            if share_in_parts(
+                meta,
+                list(step["query_lens"]),
+                list(step["context_lens"]),
+                step["block_tables"],
+                self.block_size,
+            ):
+                self.shared_prefix_steps += 1
         return self._run(input_ids, meta)
 
     @staticmethod

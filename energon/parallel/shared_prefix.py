@@ -100,6 +100,34 @@ def find_shared_prefixes(
     )
 
 
+def share_in_parts(
+    meta,
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]] | torch.Tensor,
+    block_size: int,
+) -> bool:
+    """Groups for the runs of decodes of a step that mixes kinds (`meta.parts`, a BatchMeta's:
+    decodes beside prompt chunks), each run's found among its own sequences and set on its part
+    (`part.shared`, on the part's device): attention runs each part on its own, the decodes
+    through the paged decode kernel. Whether any run had groups."""
+    found, first = False, 0
+    for _, part, reads_cache in meta.parts:
+        end = first + part.num_seqs
+        if reads_cache and part.max_seqlen_q == 1:  # one new token each after cached keys
+            groups = find_shared_prefixes(
+                query_lens[first:end],
+                context_lens[first:end],
+                block_tables[first:end],
+                block_size,
+            )
+            if groups is not None:
+                part.shared = groups.to(part.context_lens.device)
+                found = True
+        first = end
+    return found
+
+
 def _branch(
     tables: torch.Tensor, sealed: list[int], members: list[int], col: int, min_blocks: int
 ) -> tuple[list[tuple[list[int], int]], int]:

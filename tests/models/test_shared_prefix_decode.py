@@ -109,3 +109,42 @@ def test_captured_graphs_read_a_shared_prefix_once(tmp_path):
     for got in (graphed_once, graphed_each, eager_once):
         torch.testing.assert_close(got, want, rtol=0, atol=0.05)
     torch.testing.assert_close(graphed_once, graphed_each, rtol=0, atol=0.01)
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])  # rotary and ALiBi
+def test_decodes_beside_a_prompt_read_their_shared_prefix_once(tmp_path, family):
+    """A step that mixes the decodes of four sequences after the shared prefix with the fifth
+    one's prompt after it (eager: a part each): the decodes' run gets groups, and every row's
+    logits equal transformers' and the runner's reading each context whole."""
+    hf = CHECKPOINT_MAKERS[family](tmp_path)
+    step_list, _ = steps()
+    tables = step_list[2]["block_tables"]
+    rest = SUFFIXES[1:-1]
+    prompts = [PREFIX + s for s in SUFFIXES]
+    mixed = [
+        step_list[0],
+        {
+            "input_ids": torch.tensor([t for s in rest for t in s]),
+            "query_lens": [len(s) for s in rest],
+            "context_lens": [len(PREFIX) + len(s) for s in rest],
+            "block_tables": tables[1:-1],
+        },
+        {  # decodes of sequences 0-3 (token 7), then the last one's own tokens
+            "input_ids": torch.tensor([7] * 4 + SUFFIXES[-1]),
+            "query_lens": [1] * 4 + [len(SUFFIXES[-1])],
+            "context_lens": [len(p) + 1 for p in prompts[:4]] + [len(prompts[-1])],
+            "block_tables": tables,
+        },
+    ]
+    once = ModelRunner(str(tmp_path), rank=0, device="cuda", dtype="float16", decode_graphs="off")
+    each = ModelRunner(str(tmp_path), rank=0, device="cuda", dtype="float16", decode_graphs="off")
+    each.shares_prefixes = False
+    got = {}
+    for name, r in (("once", once), ("each", each)):
+        r.init_kv_cache(48, BLOCK)
+        got[name] = [r.execute(s) for s in mixed][-1]
+    assert once.shared_prefix_steps == 1 and each.shared_prefix_steps == 0
+    sequences = [p + [7] for p in prompts[:4]] + [prompts[-1]]
+    want = torch.stack([hf_logits(hf, [s])[-1] for s in sequences])
+    torch.testing.assert_close(got["once"], want, rtol=0, atol=0.05)
+    torch.testing.assert_close(got["once"], got["each"], rtol=0, atol=0.01)

@@ -32,6 +32,24 @@ def _paged_attention_and_cache(kwargs):
     return _paged_attention(kwargs), kwargs["kv_cache"]
 
 
+def _forward_paged(args):
+    """Attention.forward in the kernels' process; off CUDA the paged decode kernel
+    (interpreted) takes what it takes on CUDA: the decode-like calls over the cache."""
+    from energon.parallel import attention
+    from energon.parallel.paged_attention import MAX_QUERY_LEN
+
+    attn, q, k, v, meta = args
+    saved = attention.paged_usable
+    if not q.is_cuda:
+        attention.paged_usable = lambda q, meta, heads, kv_heads: (
+            meta.block_tables is not None and meta.max_seqlen_q <= MAX_QUERY_LEN
+        )
+    try:
+        return attn(q, k, v, meta), attn.kv_cache
+    finally:
+        attention.paged_usable = saved
+
+
 class Kernels:
     """Calls paged_attention compiled on CUDA, else interpreted in a worker process."""
 
@@ -48,6 +66,12 @@ class Kernels:
         if self.pool is None:
             return _paged_attention_and_cache(kwargs)
         return self.pool.apply(_paged_attention_and_cache, (kwargs,))
+
+    def forward_paged(self, attn, q, k, v, meta):
+        """(Attention.forward's output, the cache after it) with the paged kernels."""
+        if self.pool is None:
+            return _forward_paged((attn, q, k, v, meta))
+        return self.pool.apply(_forward_paged, ((attn, q, k, v, meta),))
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +340,40 @@ def test_shared_prefix_with_new_keys_written_by_the_kernel(kernels, kv_heads):
     )  # fmt: skip
     torch.testing.assert_close(out.cpu().double(), expected.cpu(), atol=1e-5, rtol=0)
     assert torch.equal(cache.cpu(), want_cache.cpu())
+
+
+def test_mixed_step_reads_each_run_of_decodes_prefix_once(kernels):
+    # As the runner runs a step of decodes beside prompts: two runs of decodes (after a 96-key
+    # prefix, then after an 80-key one), a prompt chunk after the first prefix and a fresh
+    # prompt between them; each run of decodes gets its own groups (share_in_parts) and
+    # Attention.forward runs the parts, the decodes through the paged kernel with the groups.
+    # (Groups found from the wrong run would claim 96 shared keys for the second run's pair.)
+    from energon.parallel.shared_prefix import share_in_parts
+
+    bs, heads, kv_heads, dim = 16, 4, 2, 32
+    g = torch.Generator().manual_seed(3)
+    first, second = list(range(6)), list(range(6, 11))
+    own = [[11], [12, 13], [14], None, [16, 19, 20], [17, 18]]
+    tables = [(first if i < 3 else second) + b if b else [15] for i, b in enumerate(own)]
+    query_lens = [1, 1, 5, 6, 1, 1]
+    context_lens = [106, 116, 101, 6, 120, 110]
+    device = kernels.device
+    meta = BatchMeta.for_step(query_lens, context_lens, tables, bs, device=device)
+    assert share_in_parts(meta, query_lens, context_lens, tables, bs)
+    assert [int(p.shared.max_prefix_len) for _, p, _ in meta.parts if p.shared] == [96, 80]
+    cache = torch.randn(2, 21, bs, kv_heads, dim, generator=g).to(device)
+    flat = cache.flatten(1, 2)
+    q = torch.randn(sum(query_lens), heads * dim, generator=g).to(device)
+    k, v = (x.flatten(1) for x in flat[:, meta.slot_mapping])  # what the cache holds there
+    kv = []
+    for table, c in zip(tables, context_lens, strict=True):
+        slots = [table[j // bs] * bs + j % bs for j in range(c)]
+        kv.append((flat[0][slots].cpu(), flat[1][slots].cpu()))
+    expected = reference(q.view(-1, heads, dim), kv, query_lens, dim**-0.5)
+    attn = Attention(heads, kv_heads, dim, dim**-0.5)
+    attn.kv_cache = cache
+    out, _ = kernels.forward_paged(attn, q, k, v, meta)
+    torch.testing.assert_close(out.view(-1, heads, dim).cpu().double(), expected, atol=1e-5, rtol=0)
 
 
 def test_reference_matches_attention_tests_loop_reference():

@@ -65,3 +65,37 @@ def test_most_saving_groups_kept_under_the_cap():
     tables = [[0, 1, 2, 9], [0, 1, 2, 8], [3, 4, 7], [3, 4, 6], [3, 4, 5]]
     shared = find_shared_prefixes([1] * 5, [13, 13, 9, 9, 9], tables, 4, min_prefix=4, max_groups=1)
     assert groups(shared) == {frozenset({2, 3, 4}): 8}  # 2 x 8 saved beats 1 x 12
+
+
+def test_a_mixed_step_groups_each_run_of_decodes_among_itself():
+    # blocks of 16; blocks 0-4 an 80-token prefix every sequence but the fresh prompt starts
+    # with. The step as the scheduler orders it: decodes of sequences 0 and 1, a prompt chunk of
+    # 2 after the cached prefix, decodes of 3 and 4, then a fresh prompt: four runs (parts)
+    from energon.parallel.packing import BatchMeta
+    from energon.parallel.shared_prefix import share_in_parts
+
+    prefix = [0, 1, 2, 3, 4]
+    tables = [prefix + [10], prefix + [11], prefix + [12], prefix + [13, 14], prefix + [15], [16]]
+    query_lens = [1, 1, 5, 1, 1, 9]
+    context_lens = [81, 90, 85, 100, 96, 9]
+    meta = BatchMeta.for_step(query_lens, context_lens, tables, 16)
+    assert [part.num_seqs for _, part, _ in meta.parts] == [2, 1, 2, 1]
+    assert share_in_parts(meta, query_lens, context_lens, tables, 16)
+    decodes, chunk, more, fresh = (part for _, part, _ in meta.parts)
+    # each run's members are its own indices; sequence 0's new token is key 80, past the prefix
+    assert groups(decodes.shared) == {frozenset({0, 1}): 80}
+    assert groups(more.shared) == {frozenset({0, 1}): 80}
+    assert chunk.shared is None and fresh.shared is None and meta.shared is None
+
+
+def test_a_mixed_step_without_shared_blocks_among_its_decodes_has_no_groups():
+    from energon.parallel.packing import BatchMeta
+    from energon.parallel.shared_prefix import share_in_parts
+
+    prefix = [0, 1, 2, 3, 4]
+    # the chunk shares the decodes' prefix, but a group is made of decodes only
+    tables = [prefix + [10], [20, 21, 22, 23, 24, 25], prefix + [12]]
+    query_lens, context_lens = [1, 1, 5], [81, 90, 85]
+    meta = BatchMeta.for_step(query_lens, context_lens, tables, 16)
+    assert not share_in_parts(meta, query_lens, context_lens, tables, 16)
+    assert all(part.shared is None for _, part, _ in meta.parts)

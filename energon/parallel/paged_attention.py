@@ -336,6 +336,7 @@ def paged_attention(
     valid_m = triton.next_power_of_2(max_seqlen_q * group)
     block_m = max(16, valid_m)
     block_d = max(16, triton.next_power_of_2(D))
+    tile = 64 if block_d <= 128 else 32  # keys a tile by default, for both kernels
     if num_splits is None:
         num_splits = default_num_splits(B, Hkv, max_context_len, q.device)
     if (
@@ -347,7 +348,7 @@ def paged_attention(
         block_n = block_n or SHARED_CONFIG[0]
         num_warps = num_warps or SHARED_CONFIG[1]
         num_stages = num_stages or SHARED_CONFIG[2]
-    block_n = block_n or (64 if block_d <= 128 else 32)
+    block_n = block_n or tile
     num_warps = num_warps or 4
     num_splits = max(1, min(num_splits, triton.cdiv(max_context_len, block_n)))
     parts = 0
@@ -375,7 +376,7 @@ def paged_attention(
         prefix_attention(
             q, keys, values, shared, block_tables, context_lens, cu_seqlens, scale * LOG2E,
             slopes, out_part, lse_part, first_part=num_splits, parts=parts,
-            block_n=prefix_config[0] if prefix_config else 64 if block_d <= 128 else 32,
+            block_n=prefix_config[0] if prefix_config else tile,
             num_warps=prefix_config[1] if prefix_config else 4,
             num_stages=prefix_config[2] if prefix_config and len(prefix_config) > 2 else None,
         )  # fmt: skip

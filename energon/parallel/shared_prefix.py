@@ -132,9 +132,7 @@ def _branch(
     tables: torch.Tensor, sealed: list[int], members: list[int], col: int, min_blocks: int
 ) -> tuple[list[tuple[list[int], int]], int]:
     """The best groups among `members`, which agree on their first `col` blocks: (groups as
-    (members, shared blocks), key blocks a layer they save)."""
-    if len(members) < 2:
-        return [], 0
+    (members, shared blocks), key blocks a layer they save). Two members at least."""
     rows = tables[members]
     end = min(sealed[b] for b in members)
     agree = (rows[:, col:end] == rows[:1, col:end]).all(0)

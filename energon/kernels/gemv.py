@@ -14,11 +14,19 @@ bias fused into cuBLASLt's epilogue. The two round differently in the last bit (
 accumulation in another order), like any two GEMM kernels.
 
 On Hopper and later the Triton GEMV launches as a programmatic dependent launch (it prefetches
-its first weight tiles while the kernel before it ends; gemv_kernels.py, chain.py);
-ENERGON_PDL=0 launches it plainly. The results are the same bits either way.
+its first weight tiles while the kernel before it ends; gemv_kernels.py, chain.py), except right
+after another GEMV: a GEMV whose input the previous Triton GEMV wrote (OPT's fc2 after fc1, the
+ReLU in fc1's epilogue) launches plainly. A GEMV releases its dependents as soon as it starts, so
+a dependent GEMV's programs sat on the SMs and prefetched through the whole of the one before;
+on one H200 that made opt-13b's batch-1 decode 7.62 against 7.29 ms a token with every
+dependent launch off, while llama-2-13b, whose MLP has a kernel between its GEMVs, gained from
+them (7.26 against 7.41; docs/benchmarks.md, "Engine generation"). ENERGON_PDL=0 launches every
+GEMV plainly. The results are the same bits either way.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +47,31 @@ def kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return triton_kernels_for("gemv_kernels", ENV_SWITCH, x, weight, bias)
 
 
+class _LastOutput:
+    """The output of the latest Triton GEMV, while it lives (a weak reference: a freed output's
+    memory may hold another tensor next)."""
+
+    ref: weakref.ref | None = None
+
+    @classmethod
+    def wrote(cls, x: torch.Tensor) -> bool:
+        """Whether `x` lies in the latest GEMV's output."""
+        y = cls.ref() if cls.ref is not None else None
+        return y is not None and x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+
+    @classmethod
+    def remember(cls, y: torch.Tensor) -> torch.Tensor:
+        cls.ref = weakref.ref(y)
+        return y
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False
 ) -> torch.Tensor:
     """x @ weight.T (+ bias) (then ReLU), by the fastest kernel for its shape."""
     if kernels := kernels_for(x, weight, bias):
-        return kernels.gemv(x, weight, bias, relu, pdl=dependent_launch(x.device))
+        pdl = dependent_launch(x.device) and not _LastOutput.wrote(x)
+        return _LastOutput.remember(kernels.gemv(x, weight, bias, relu, pdl=pdl))
     if relu and bias is not None and x.is_cuda and x.dim() == 2 and x.dtype != torch.float32:
         return torch._addmm_activation(bias, x, weight.t())  # ReLU in cuBLASLt's epilogue
     y = F.linear(x, weight, bias)

@@ -11,10 +11,11 @@ With `pdl` (Hopper and later, CUDA only) the kernel is launched as a programmati
 launch, like every Triton kernel of a decode step (energon/kernels/chain.py): it may start while
 the kernel before it still runs, prefetches the first PREFETCH_TILES tiles of its weights into
 L2, which no kernel writes, and only then waits for the kernel before it to finish and reads x.
-So the previous kernel's tail and this one's launch overlap the first weight reads. Nothing is
-written before the wait. (Deeper prefetches did not pay: about 8 MB a GEMV gained nothing over 4
-tiles, 16 and 32 MB lost 0.07 and 0.16 ms a token at tp=2; docs/benchmarks.md, "Engine
-generation".)
+So the previous kernel's tail and this one's launch overlap. Nothing is written before the wait.
+The Engine prefetches nothing (PREFETCH_TILES = 0): on two H200s the batch-1 decode at tp=1 took
+0.05-0.13 ms a token less without the 4 tiles it fetched before (opt-13b 7.12 against 7.21 ms,
+llama-2-13b 7.12 against 7.20), and deeper prefetches had lost 0.07-0.16 ms at tp=2
+(docs/benchmarks.md, "Engine generation").
 
 Imported only on CUDA (energon.kernels.triton_module), and by the interpreter tests.
 """
@@ -27,7 +28,7 @@ import triton.language as tl
 from energon.kernels.chain import launch_options, wait_then_release
 from energon.kernels.gemv import MAX_ROWS
 
-PREFETCH_TILES = 4  # weight tiles per program fetched into L2 before waiting for x (default)
+PREFETCH_TILES = 0  # weight tiles per program fetched into L2 before waiting for x (default)
 LINE = tl.constexpr(64)  # fp16 / bf16 elements per 128-byte cache line
 
 

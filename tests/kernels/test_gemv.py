@@ -115,7 +115,8 @@ def test_cuda_gemv_switch_and_large_batches_go_to_cublas(monkeypatch):
 
 def chain(x, weights, norm_weight):
     """A decode layer's shape of kernels: norm, GEMV, GEMV (+ ReLU), GEMV, norm, GEMV; every
-    GEMV reads what the kernel just before it wrote."""
+    GEMV reads what the kernel just before it wrote (the ones after a norm as dependent
+    launches, the ones after a GEMV plainly)."""
     from energon.kernels.norm_kernels import norm_rows
 
     w1, w2, w3, w4 = weights

@@ -171,3 +171,31 @@ def test_dependent_launches_replayed_from_a_graph_equal_plain_ones(monkeypatch):
     assert all(map(torch.equal, eager_pdl, plain))
     assert all(map(torch.equal, with_pdl, plain))
     assert not all(torch.equal(plain[0], p) for p in plain[1:3])  # the inputs differ
+
+
+def test_a_gemv_on_the_previous_gemvs_output_launches_plainly(monkeypatch):
+    """`linear` launches the Triton GEMV as a dependent launch, except when x lies in the output
+    of the GEMV just before (OPT's fc2 after fc1): that one waits for it to end."""
+    from energon.kernels import gemv
+
+    launches = []
+
+    class Kernels:  # stands in for gemv_kernels: records each launch's pdl
+        @staticmethod
+        def gemv(x, weight, bias, relu, pdl):
+            launches.append(pdl)
+            return x @ weight.T
+
+    monkeypatch.setattr(gemv, "kernels_for", lambda x, weight, bias: Kernels)
+    monkeypatch.setattr(gemv, "dependent_launch", lambda device: True)
+    w = torch.randn(6, 6)
+    x = torch.randn(2, 6)
+    h = linear(x, w)  # after a norm, say
+    h = linear(h, w)  # on the GEMV's output
+    linear(h[:, 2:4].contiguous(), w[:, :2])  # a copy: another kernel wrote it
+    q = linear(x, w)
+    linear(q[:, :3], w[:3, :3])  # a view into the previous GEMV's output
+    assert launches == [True, False, True, True, False]
+    monkeypatch.setattr(gemv, "dependent_launch", lambda device: False)  # ENERGON_PDL=0
+    linear(x, w)
+    assert launches[-1] is False

@@ -96,10 +96,18 @@ def workload(args, vocab: int, run: int) -> list[list[int]]:
 
 
 async def measure(
-    args, caching: bool, device: str, dtype: str, vocab: int, wait: bool | None = None
+    args,
+    caching: bool,
+    device: str,
+    dtype: str,
+    vocab: int,
+    wait: bool | None = None,
+    worker_env: dict[str, str] | None = None,
 ) -> dict:
     """One Engine: the prefix once (not with --cold), a warm-up batch, then `repeat` timed
-    batches. `wait` (True / False) overrides ENERGON_PREFIX_WAIT for this Engine; None leaves it."""
+    batches. `wait` (True / False) overrides ENERGON_PREFIX_WAIT for this Engine; None leaves it.
+    `worker_env`: the Engine's, e.g. ENERGON_SHARED_PREFIX=0 for decode steps that read the
+    prefix for every request."""
     greedy = SamplingParams(max_tokens=args.gen_len, temperature=0.0, ignore_eos=True)
     engine = Engine(
         args.model,
@@ -109,6 +117,7 @@ async def measure(
         max_num_seqs=args.requests,
         prefix_caching=caching,
         progress=False,
+        worker_env=worker_env,
     )
     if wait is not None:  # what ENERGON_PREFIX_WAIT sets; the scheduler is made at start
         engine.prefix_wait = wait
@@ -148,20 +157,6 @@ async def shared_prefix_steps(engine: Engine) -> int:
     return (await engine.group.broadcast("info"))[0]["shared_prefix_steps"]
 
 
-def measure_reading_each(args, device: str, dtype: str, vocab: int) -> dict:
-    """`measure` of prefix caching with every decode step reading the prefix for each
-    request: the Engine's workers start with ENERGON_SHARED_PREFIX=0."""
-    saved = os.environ.get(SHARED_PREFIX_ENV)
-    os.environ[SHARED_PREFIX_ENV] = "0"
-    try:
-        return _run_async(measure(args, True, device, dtype, vocab))
-    finally:
-        if saved is None:
-            del os.environ[SHARED_PREFIX_ENV]
-        else:
-            os.environ[SHARED_PREFIX_ENV] = saved
-
-
 def floors(args, limit: dict, weights: float, kv_tok: float, element: int) -> tuple[float, float]:
     """(seconds to the first token, output tokens/s of the whole batch) at the roofline: with
     the prefix cached, one step of every suffix; with --cold, one step of the prefix before it
@@ -196,7 +191,11 @@ def main(args: argparse.Namespace) -> int:
         no_wait = _run_async(measure(args, True, device, dtype_name, vocab, wait=False))
     else:
         on = _run_async(measure(args, True, device, dtype_name, vocab))
-    each = measure_reading_each(args, device, dtype_name, vocab) if args.read_each else None
+    each = None
+    if args.read_each:  # decode steps reading the prefix for every request
+        each = _run_async(
+            measure(args, True, device, dtype_name, vocab, worker_env={SHARED_PREFIX_ENV: "0"})
+        )
     off = _run_async(measure(args, False, device, dtype_name, vocab))
     kv_tok = kv_bytes_per_token(config, dtype) or 0
     first_floor, rate_ceiling = floors(

@@ -373,12 +373,11 @@ def paged_attention(
     tickets = _tickets(q.device, B * Hkv) if split else out
     slopes = alibi_slopes.to(q.device, torch.float32) if alibi_slopes is not None else None
     if parts:
+        pass_n, pass_warps, *pass_stages = prefix_config or (tile, 4)
         prefix_attention(
             q, keys, values, shared, block_tables, context_lens, cu_seqlens, scale * LOG2E,
-            slopes, out_part, lse_part, first_part=num_splits, parts=parts,
-            block_n=prefix_config[0] if prefix_config else tile,
-            num_warps=prefix_config[1] if prefix_config else 4,
-            num_stages=prefix_config[2] if prefix_config and len(prefix_config) > 2 else None,
+            slopes, out_part, lse_part, first_part=num_splits, parts=parts, block_n=pass_n,
+            num_warps=pass_warps, num_stages=pass_stages[0] if pass_stages else None,
         )  # fmt: skip
 
     _paged_attn_kernel[(B, Hkv, num_splits)](

@@ -1,5 +1,6 @@
 """What the paged-attention kernels share: the step they take for one tile of keys (Triton),
-the cache operands they are launched with, and the GPU's SM count their grids are sized by.
+the cache operands and strides they are launched with, and the GPU's SM count their grids are
+sized by.
 
 `paged_attention.py` (decode-like steps) and `paged_prefill.py` (prompts after cached keys)
 walk a sequence's block table in tiles of BLOCK_N keys; for each, `key_tile` loads K and V from
@@ -31,6 +32,11 @@ def cache_operands(q: torch.Tensor, kv_cache: torch.Tensor):
         raise ValueError("kv_cache needs a contiguous head_dim")
     q = q if q.stride(-1) == 1 else q.contiguous()
     return q, keys, values, page, Hkv
+
+
+def cache_strides(keys: torch.Tensor, values: torch.Tensor) -> tuple[int, ...]:
+    """The kernels' cache strides: block, slot and KV head of `keys`, then of `values`."""
+    return (*keys.stride()[:3], *values.stride()[:3])
 
 
 def sm_count(device: torch.device) -> int:

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from energon.kernels.chain import chained, wait_then_release
-from energon.parallel.key_tile import LOG2E, cache_operands, key_tile, sm_count
+from energon.parallel.key_tile import LOG2E, cache_operands, cache_strides, key_tile, sm_count
 from energon.parallel.prefix_attention import num_parts, prefix_attention
 from energon.parallel.shared_prefix import SharedPrefixes
 
@@ -399,12 +399,7 @@ def paged_attention(
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
-        keys.stride(0),
-        keys.stride(1),
-        keys.stride(2),
-        values.stride(0),
-        values.stride(1),
-        values.stride(2),
+        *cache_strides(keys, values),
         k_new.stride(0),
         k_new.stride(1),
         out.stride(0),

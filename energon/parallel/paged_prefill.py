@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from energon.parallel.key_tile import LOG2E, cache_operands, key_tile
+from energon.parallel.key_tile import LOG2E, cache_operands, cache_strides, key_tile
 
 
 @triton.jit
@@ -162,12 +162,7 @@ def paged_prefill(
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
-        keys.stride(0),
-        keys.stride(1),
-        keys.stride(2),
-        values.stride(0),
-        values.stride(1),
-        values.stride(2),
+        *cache_strides(keys, values),
         out.stride(0),
         out.stride(1),
         block_tables.stride(0),

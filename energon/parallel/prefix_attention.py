@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from energon.kernels.chain import chained, wait_then_release
-from energon.parallel.key_tile import key_tile, sm_count
+from energon.parallel.key_tile import cache_strides, key_tile, sm_count
 from energon.parallel.shared_prefix import SharedPrefixes
 
 MAX_ROWS = 64  # query rows of one program's tile: members x query heads per KV head
@@ -164,12 +164,7 @@ def prefix_attention(
         first_part,
         q.stride(0),
         q.stride(1),
-        keys.stride(0),
-        keys.stride(1),
-        keys.stride(2),
-        values.stride(0),
-        values.stride(1),
-        values.stride(2),
+        *cache_strides(keys, values),
         block_tables.stride(0),
         shared.group_seqs.stride(0),
         out_part.stride(0),

@@ -88,6 +88,23 @@ def contiguous_flash(attn, meta, q, device):
     return lambda: _varlen_attn(q, keys, values, cu_q, cu_k, meta.max_seqlen_q, ctx, **kwargs)
 
 
+def cache_write_times(timer, kv_cache, k, v, slots) -> dict:
+    """The step's new K/V into their slots: the Triton cache write (`cache_write_s`) against
+    index_copy_, the path before it (`index_copy_s`)."""
+    from energon.parallel.attention import index_copy_kv
+    from energon.parallel.cache_write import write_kv
+
+    index_copy_kv(kv_cache, k, v, slots)
+    wanted = kv_cache.clone()
+    write_kv(kv_cache, k, v, slots)
+    if not torch.equal(kv_cache, wanted):
+        raise RuntimeError("the cache write kernel and index_copy_ filled the cache differently")
+    return {
+        "cache_write_s": timer(lambda: write_kv(kv_cache, k, v, slots)),
+        "index_copy_s": timer(lambda: index_copy_kv(kv_cache, k, v, slots)),
+    }
+
+
 def measure(args, timer, shape, device, dtype, configs) -> dict:
     from energon.parallel.paged_prefill import paged_prefill
 
@@ -118,6 +135,7 @@ def measure(args, timer, shape, device, dtype, configs) -> dict:
     result = {
         "kernel_s": timer(kernel),
         "grid_s": timer(grid),
+        **cache_write_times(timer, attn.kv_cache, k, v, meta.slot_mapping),
         "max_abs_diff": (kernel().float() - grid().float()).abs().max().item(),
         "configs": {},
     }
@@ -131,6 +149,45 @@ def measure(args, timer, shape, device, dtype, configs) -> dict:
         except Exception as e:  # e.g. a tile too large for shared memory
             print(f"config {name} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
     return result
+
+
+def cache_write_record(args, name, batch, new, context, r, bandwidth) -> Record:
+    """The shape's cache write: kernel vs index_copy_, limit = its K/V bytes read and written
+    once at the copy bandwidth."""
+    Hkv = args.kv_heads or args.heads
+    nbytes = 2 * 2 * batch * new * Hkv * args.head_dim * getattr(torch, args.dtype).itemsize
+    limit = nbytes / bandwidth
+    kernel, baseline = r["cache_write_s"], r["index_copy_s"]
+    print(
+        f"{name:>12} cache write {kernel * 1e6:.1f} us, index_copy_ {baseline * 1e6:.1f} us, "
+        f"limit {limit * 1e6:.1f} us",
+        flush=True,
+    )
+    return Record(
+        scenario=SCENARIO,
+        metric=f"cache_write_layer_{name}",
+        unit="us",
+        value=kernel * 1e6,
+        model="opt-13b attention shapes",
+        dtype=args.dtype,
+        batch=batch,
+        prompt_len=context,
+        gen_len=1,
+        baseline_name="index_copy_ into the cache as [slots, 2, Hkv, D]",
+        baseline_value=baseline * 1e6,
+        ratio=baseline / kernel,
+        limit_value=limit * 1e6,
+        of_limit=limit / kernel,
+        n_gpus=int(torch.cuda.is_available()),
+        notes=(
+            f"the {batch * new} new tokens' K and V ({Hkv} KV heads x {args.head_dim}, "
+            f"{args.dtype}) into their slots of the paged cache, as `Attention` writes them "
+            f"before a prefill's attention: energon.parallel.cache_write (Triton) vs "
+            f"index_copy_ (the path before it); equal caches checked; median CUDA-event time "
+            f"of {args.repeat} single calls, L2 flushed; limit = {nbytes / 1e6:.1f} MB read "
+            f"and written / {bandwidth / 1e9:.0f} GB/s"
+        ),
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -205,6 +262,7 @@ def main(args: argparse.Namespace) -> int:
                 notes=notes,
             )
         )
+        records.append(cache_write_record(args, name, batch, new, context, r, bandwidth))
     records.append(copy_bandwidth_record(SCENARIO, bandwidth, int(cuda)))
     records.append(
         Record(

@@ -79,6 +79,21 @@ def flash_usable(q: torch.Tensor, alibi: bool, cached: bool) -> bool:
     return not cached or {"block_table", "seqused_k"} <= _VARLEN_ARGS
 
 
+def index_copy_kv(
+    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """k/v [T, Hkv, D] into kv_cache [2, num_blocks, block_size, Hkv, D] at their flat slots
+    with torch's index_copy_: one launch when v follows k in each row of one buffer (the merged
+    q/k/v GEMM's output), else one each. The path off CUDA (and on it before `cache_write`)."""
+    cache = kv_cache.flatten(1, 2)  # [2, num_blocks * block_size, Hkv, D], a view
+    pair = kv_pair(k, v)
+    if pair is not None and pair.dtype == cache.dtype:
+        cache.transpose(0, 1).index_copy_(0, slot_mapping, pair)
+        return
+    cache[0].index_copy_(0, slot_mapping, k.to(cache.dtype))
+    cache[1].index_copy_(0, slot_mapping, v.to(cache.dtype))
+
+
 @functools.cache
 def _kernels(module: str):
     """energon.parallel.<module> (a Triton kernel's module), imported on first CUDA use; None
@@ -192,15 +207,13 @@ class Attention(nn.Module):
         return out
 
     def _write_cache(self, k, v, slot_mapping):
-        """k/v [T, Hkv, D] into their slots: one kernel when v follows k in each row of one
-        buffer (the merged q/k/v GEMM's output), else one each."""
-        cache = self.kv_cache.flatten(1, 2)  # [2, num_blocks * block_size, Hkv, D], a view
-        pair = kv_pair(k, v)
-        if pair is not None and pair.dtype == cache.dtype:
-            cache.transpose(0, 1).index_copy_(0, slot_mapping, pair)
-            return
-        cache[0].index_copy_(0, slot_mapping, k.to(cache.dtype))
-        cache[1].index_copy_(0, slot_mapping, v.to(cache.dtype))
+        """k/v [T, Hkv, D] into their slots: on CUDA one Triton kernel (`cache_write`), else
+        `index_copy_kv`."""
+        kernels = _kernels("cache_write") if k.is_cuda else None
+        if kernels is not None and kernels.supports(k, self.kv_cache):
+            kernels.write_kv(self.kv_cache, k, v, slot_mapping)
+        else:
+            index_copy_kv(self.kv_cache, k, v, slot_mapping)
 
     def _sdpa(self, q, k, v, mask, is_causal=False):
         """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] → [B, Lq, H, D]."""

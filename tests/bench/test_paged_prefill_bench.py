@@ -30,6 +30,13 @@ def test_each_shape_is_a_record_with_its_baseline_and_limit(tmp_path):
         assert "max |kernel - grid|" in r["notes"] and "16:16:1:1" in r["notes"]
         diff = float(r["notes"].split("max |kernel - grid| ")[1].split(";")[0])
         assert diff < 5e-3  # fp16: the kernel and the grid path agree
+    writes = [r for r in records if r["metric"].startswith("cache_write_layer_")]
+    assert [r["metric"] for r in writes] == ["cache_write_layer_2x8@24", "cache_write_layer_1x5@5"]
+    for r, tokens in zip(writes, (16, 5), strict=True):
+        assert FIELDS <= set(r) and r["baseline_name"].startswith("index_copy_")
+        assert r["ratio"] == pytest.approx(r["baseline_value"] / r["value"])
+        assert f"the {tokens} new tokens' K and V" in r["notes"]
+        assert f"{2 * 2 * tokens * 16 * 2 / 1e6:.1f} MB read and written" in r["notes"]
     assert {r["metric"] for r in records} >= {"copy_bandwidth", "matmul_rate"}
 
 

@@ -353,8 +353,9 @@ class Engine:
         )
         return num_blocks
 
-    async def _spawn(self) -> None:
-        runner_kwargs = dict(  # ModelRunner's (energon/runner.py), but init_method
+    def runner_kwargs(self) -> dict:
+        """What every worker's ModelRunner (energon/runner.py) is built with, but init_method."""
+        return dict(
             model=self.model,
             tp=self.tp,
             pp=self.pp,
@@ -365,7 +366,11 @@ class Engine:
             pool=self._pool_options(),
             decode_graphs=self.decode_graphs,
             cpu_threads="auto",
+            shared_prefixes=self.prefix_caching,  # no shared blocks without it
         )
+
+    async def _spawn(self) -> None:
+        runner_kwargs = self.runner_kwargs()
         if self.launcher != "local":  # workers on other hosts, placed by a cluster engine
             self.group = await start_remote_workers(
                 self.launcher,

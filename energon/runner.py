@@ -185,10 +185,13 @@ class ModelRunner(OffloadMember):
         pool: dict | None = None,
         decode_graphs: str = "auto",
         cpu_threads: int | str | None = None,
+        shared_prefixes: bool = True,
     ):
         """`cpu_threads`: torch's intra-op threads in this process; "auto": `worker_threads`
         (what the Engine's workers use); None leaves them as they are (a runner built in the
-        caller's process)."""
+        caller's process). `shared_prefixes`: whether decode steps may look for sequences
+        that share cached prefix blocks (only prefix caching shares blocks: the Engine passes
+        its `prefix_caching`); False also captures no graphs for such steps."""
         if rank is None:
             from energon.actors import actor_context
 
@@ -219,7 +222,8 @@ class ModelRunner(OffloadMember):
         # kernel runs (energon/parallel/shared_prefix.py; ENERGON_SHARED_PREFIX=0: off)
         attention = next((m for m in self.model.modules() if isinstance(m, Attention)), None)
         self.shares_prefixes = (
-            os.environ.get(SHARED_PREFIX_ENV, "1") != "0"
+            shared_prefixes
+            and os.environ.get(SHARED_PREFIX_ENV, "1") != "0"
             and attention is not None
             and attention.reads_shared_prefixes(self.device, self.dtype)
         )
@@ -736,6 +740,7 @@ class ModelRunner(OffloadMember):
             "prefill_graph_steps": self.prefill_graphs.steps if self.prefill_graphs else 0,
             "graph_error": self.graph_error,
             "chained_steps": self.chained_steps,
+            "shares_prefixes": self.shares_prefixes,  # decode steps look for shared blocks
             "shared_prefix_steps": self.shared_prefix_steps,
             "returns_pending": self.returns.pending,  # samples chained steps may feed, held
             "penalised_seqs": len(self.sampler.penalties.slots),  # sequences' tokens kept

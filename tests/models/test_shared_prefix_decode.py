@@ -148,3 +148,21 @@ def test_decodes_beside_a_prompt_read_their_shared_prefix_once(tmp_path, family)
     want = torch.stack([hf_logits(hf, [s])[-1] for s in sequences])
     torch.testing.assert_close(got["once"], want, rtol=0, atol=0.05)
     torch.testing.assert_close(got["once"], got["each"], rtol=0, atol=0.01)
+
+
+def test_without_shared_prefixes_no_step_groups_and_no_graphs_for_them(tmp_path):
+    """`shared_prefixes=False` (the Engine's prefix_caching=False: no blocks are shared) looks
+    for no groups and captures no graphs for steps with them; the step still equals
+    transformers, each sequence reading its whole context."""
+    hf = CHECKPOINT_MAKERS["llama"](tmp_path)
+    runner = ModelRunner(
+        str(tmp_path), rank=0, device="cuda", dtype="float16", shared_prefixes=False
+    )
+    runner.init_kv_cache(48, BLOCK)
+    assert not runner.info()["shares_prefixes"] and runner.shared_graphs is None
+    step_list, sequences = steps()
+    for s in step_list:
+        got = runner.execute(s)
+    assert runner.shared_prefix_steps == 0 and runner.graphs.steps == 1
+    want = torch.stack([hf_logits(hf, [s])[-1] for s in sequences])
+    torch.testing.assert_close(got, want, rtol=0, atol=0.05)

@@ -360,13 +360,23 @@ def shared_record(args, r: dict, batch: int, context: int, bandwidth: float, sha
 
 
 def layer_record(
-    args, metric: str, seconds: float, batch: int, context: int, device, *, baseline, floor, notes
+    args,
+    metric: str,
+    seconds: float,
+    batch: int,
+    context: int,
+    device,
+    *,
+    baseline,
+    floor,
+    notes,
+    scenario: str = SCENARIO,
 ) -> Record:
-    """A record of one decode attention layer's time (in us) against `baseline` (name,
-    seconds) and the floor (seconds)."""
+    """A record of one attention layer's time (in us) against `baseline` (name, seconds) and
+    the floor (seconds)."""
     name, base = baseline
     return Record(
-        scenario=SCENARIO,
+        scenario=scenario,
         metric=metric,
         unit="us",
         value=seconds * 1e6,

@@ -24,7 +24,7 @@ import argparse
 import torch
 
 from energon.bench.limits import copy_bandwidth, matmul_rate
-from energon.bench.paged_attention import Timer, add_layer_arguments, make_layer
+from energon.bench.paged_attention import Timer, add_layer_arguments, layer_record, make_layer
 from energon.bench.record import Record, copy_bandwidth_record, write_results
 
 SCENARIO = "paged-prefill"
@@ -151,7 +151,7 @@ def measure(args, timer, shape, device, dtype, configs) -> dict:
     return result
 
 
-def cache_write_record(args, name, batch, new, context, r, bandwidth) -> Record:
+def cache_write_record(args, name, batch, new, context, r, bandwidth, device) -> Record:
     """The shape's cache write: kernel vs index_copy_, limit = its K/V bytes read and written
     once at the copy bandwidth."""
     Hkv = args.kv_heads or args.heads
@@ -163,22 +163,16 @@ def cache_write_record(args, name, batch, new, context, r, bandwidth) -> Record:
         f"limit {limit * 1e6:.1f} us",
         flush=True,
     )
-    return Record(
+    return layer_record(
+        args,
+        f"cache_write_layer_{name}",
+        kernel,
+        batch,
+        context,
+        device,
+        baseline=("index_copy_ into the cache as [slots, 2, Hkv, D]", baseline),
+        floor=limit,
         scenario=SCENARIO,
-        metric=f"cache_write_layer_{name}",
-        unit="us",
-        value=kernel * 1e6,
-        model="opt-13b attention shapes",
-        dtype=args.dtype,
-        batch=batch,
-        prompt_len=context,
-        gen_len=1,
-        baseline_name="index_copy_ into the cache as [slots, 2, Hkv, D]",
-        baseline_value=baseline * 1e6,
-        ratio=baseline / kernel,
-        limit_value=limit * 1e6,
-        of_limit=limit / kernel,
-        n_gpus=int(torch.cuda.is_available()),
         notes=(
             f"the {batch * new} new tokens' K and V ({Hkv} KV heads x {args.head_dim}, "
             f"{args.dtype}) into their slots of the paged cache, as `Attention` writes them "
@@ -243,26 +237,20 @@ def main(args: argparse.Namespace) -> int:
         if cfg:
             notes += f"; kernel configs block_m:block_n:warps:stages us: {cfg}"
         records.append(
-            Record(
+            layer_record(
+                args,
+                f"prefill_attention_layer_{name}",
+                r["kernel_s"],
+                batch,
+                context,
+                device,
+                baseline=("grid path (dense KV gather + SDPA)", r["grid_s"]),
+                floor=limit,
                 scenario=SCENARIO,
-                metric=f"prefill_attention_layer_{name}",
-                unit="us",
-                value=r["kernel_s"] * 1e6,
-                model="opt-13b attention shapes",
-                dtype=args.dtype,
-                batch=batch,
-                prompt_len=context,
-                gen_len=1,
-                baseline_name="grid path (dense KV gather + SDPA)",
-                baseline_value=r["grid_s"] * 1e6,
-                ratio=r["grid_s"] / r["kernel_s"],
-                limit_value=limit * 1e6,
-                of_limit=limit / r["kernel_s"],
-                n_gpus=int(cuda),
                 notes=notes,
             )
         )
-        records.append(cache_write_record(args, name, batch, new, context, r, bandwidth))
+        records.append(cache_write_record(args, name, batch, new, context, r, bandwidth, device))
     records.append(copy_bandwidth_record(SCENARIO, bandwidth, int(cuda)))
     records.append(
         Record(

@@ -179,7 +179,7 @@ async def test_cuda_requests_with_a_cached_prefix_equal_their_solo_result(model)
         assert row.logprob == pytest.approx(float(expected[i, row.token_id]), abs=1e-4)
 
 
-def test_the_workers_look_for_shared_prefixes_only_with_prefix_caching():
+async def test_the_workers_look_for_shared_prefixes_only_with_prefix_caching():
     """Only the prefix cache shares blocks: without it the workers are told not to look for
     groups (nor capture graphs for them)."""
     assert Engine("tiny", device="cpu").runner_kwargs()["shared_prefixes"] is True

@@ -210,7 +210,7 @@ class Attention(nn.Module):
         """k/v [T, Hkv, D] into their slots: on CUDA one Triton kernel (`cache_write`), else
         `index_copy_kv`."""
         kernels = _kernels("cache_write") if k.is_cuda else None
-        if kernels is not None and kernels.supports(k, self.kv_cache):
+        if kernels is not None and kernels.supports(k, v, self.kv_cache, slot_mapping):
             kernels.write_kv(self.kv_cache, k, v, slot_mapping)
         else:
             index_copy_kv(self.kv_cache, k, v, slot_mapping)

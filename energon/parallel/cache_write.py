@@ -57,23 +57,34 @@ def _cache_write_kernel(
         tl.store(dst, row.to(Cache.dtype.element_ty), mask=ok)
 
 
-def supports(k: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """Whether `write_kv` takes this call: CUDA (or the interpreter's CPU tensors, which the
-    caller chooses), each head's D elements contiguous in k, v and the cache."""
-    return k.stride(-1) == 1 and kv_cache.stride(-1) == 1
+def supports(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> bool:
+    """Whether `write_kv` takes this call (on CUDA, or the interpreter's CPU tensors, which the
+    caller chooses): each head's D elements contiguous in k, v and the cache, and the slots
+    one after another (the kernel reads them at token, its elements at d)."""
+    return (
+        k.stride(-1) == 1
+        and v.stride(-1) == 1
+        and kv_cache.stride(-1) == 1
+        and slot_mapping.stride(0) == 1
+    )
 
 
 def write_kv(
     kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """k, v [T, Hkv, D] into kv_cache [2, num_blocks, block_size, Hkv, D] at the flat slots
-    `slot_mapping` [T] (block * block_size + offset; negative: skipped)."""
+    `slot_mapping` [T] (block * block_size + offset; negative: skipped). ValueError for shapes
+    that do not fit or a layout `supports` refuses."""
     T, heads, dim = k.shape
     if v.shape != k.shape or kv_cache.shape[-2:] != (heads, dim) or slot_mapping.shape != (T,):
         raise ValueError(
             f"k {tuple(k.shape)}, v {tuple(v.shape)} and slots {tuple(slot_mapping.shape)} "
             f"do not fit kv_cache {tuple(kv_cache.shape)}"
         )
+    if not supports(k, v, kv_cache, slot_mapping):
+        raise ValueError("write_kv needs contiguous head_dims in k, v and kv_cache and dense slots")
     if T == 0:
         return
     width = heads * dim

@@ -87,6 +87,29 @@ def test_mismatched_shapes_are_refused():
         write_kv(cache, k, k, torch.zeros(4, dtype=torch.int64))
 
 
+def test_layouts_the_kernel_cannot_take_are_refused():
+    """A v (or k, or cache) whose head_dim is strided, or slots that are not one after another,
+    are not the kernel's: `supports` says no (Attention then uses index_copy_), write_kv raises."""
+    pytest.importorskip("triton")
+    from energon.parallel.cache_write import supports, write_kv
+
+    cache = torch.zeros(2, 3, 4, 2, 8)
+    k, v = torch.zeros(5, 2, 8), torch.zeros(5, 2, 8)
+    slots = torch.arange(5)
+    assert supports(k, v, cache, slots)
+    strided_v = torch.zeros(5, 2, 16)[:, :, ::2]
+    sparse_slots = torch.arange(10)[::2]
+    for args in (
+        (k, strided_v, cache, slots),
+        (strided_v, v, cache, slots),
+        (k, v, torch.zeros(2, 3, 4, 2, 16)[..., ::2], slots),
+        (k, v, cache, sparse_slots),
+    ):
+        assert not supports(*args)
+        with pytest.raises(ValueError, match="contiguous head_dims"):
+            write_kv(args[2], args[0], args[1], args[3])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_attention_writes_through_the_kernel_as_index_copy_did():

@@ -620,6 +620,15 @@ def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[
     per_tok = [s["per_token_s"] for s in run["single"]]
     first = [s["first_token_s"] for s in run["single"]]
     per_tok_s, first_s = statistics.median(per_tok), statistics.median(first)
+    # the prompt's step on the replying worker, device marks from its start to its end: what
+    # of the first token the device took (the rest: the controller, the wire, the host)
+    prefill_steps = [s["worker"].get("prefill_busy_s") for s in run["single"] if s.get("worker")]
+    prefill_note = (
+        f"; its prefill step on the device (worker marks, median): "
+        f"{statistics.median(prefill_steps) * 1e3:.2f} ms"
+        if prefill_steps and all(prefill_steps)
+        else ""
+    )
     # batch B: one prefill of B*L tokens, then G-1 decode steps of B sequences
     floor_total = floor(B * L, 0) + sum(floor(B, B * (L + k)) for k in range(1, G))
     ceiling = B * G / floor_total
@@ -755,7 +764,7 @@ def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[
             of_limit=prefill_floor / first_s,
             notes=f"Completion.timings.first_token_s of the batch-1 requests ({L}-token prompt), "
             f"median; floor = max(2 * {mparams} matmul params * {L} / matmul rate, weights / "
-            f"bandwidth)",
+            f"bandwidth){prefill_note}",
             **common,
         ),
         Record(

@@ -83,6 +83,12 @@ def test_measured_points_carry_baseline_ratio_and_limit(run):
         assert r["baseline_value"] > 0 and r["ratio"] > 0
         assert r["limit_value"] > 0 and 0 < r["of_limit"]
         assert r["notes"]
+    # the first token's device share: the prompt's step on the worker, from the raw marks
+    prefill = run[1]["runs"][0]["single"][0]["worker"]["prefill_busy_s"]
+    assert 0 < prefill < by_metric["first_token_latency_b1"]["value"] / 1e3
+    assert f"device (worker marks, median): {prefill * 1e3:.2f} ms" in (
+        by_metric["first_token_latency_b1"]["notes"]
+    )
     # ratio > 1 means Energon wins: baseline time / Energon time, or Energon rate / baseline rate
     d, t = by_metric["decode_latency_b1"], by_metric["throughput"]
     assert d["ratio"] == pytest.approx(d["baseline_value"] / d["value"])

@@ -311,6 +311,9 @@ class TimedEngine(Engine):
         # perf_counter seconds (one clock for every process of the host) of each step, by id:
         # [sent, reply applied from, applied until]
         self.step_times: dict[int, list[float]] = {}
+        # when the `_kick` that sent each step began (it plans, builds and sends its steps)
+        self.kick_times: dict[int, float] = {}
+        self.kicked: list[float] = []
 
     @property
     def timed(self) -> bool:
@@ -318,16 +321,21 @@ class TimedEngine(Engine):
 
     def controller_trace(self) -> list[list[float]]:
         """[sent, reply in, reply applied] of each step since the last call, in step order
-        (the order every worker ran them), and forget them."""
+        (the order every worker ran them), and forget them; `kicked` then holds when the
+        `_kick` that sent each of them began."""
         times, self.step_times = self.step_times, {}
+        kicks, self.kick_times = self.kick_times, {}
+        self.kicked = [kicks[k] for k in sorted(times) if len(times[k]) == 3]
         return [times[k] for k in sorted(times) if len(times[k]) == 3]
 
     def _kick(self) -> None:
+        begin = time.perf_counter()
         super()._kick()
         if self.scheduler is not None:
             now = time.perf_counter()
             for plan in self.scheduler.in_flight:
                 self.step_times.setdefault(plan.step_id, [now])
+                self.kick_times.setdefault(plan.step_id, begin)
 
     def _apply_step(self, plan, reply: dict) -> None:
         start = time.perf_counter()
@@ -398,6 +406,35 @@ def summarize_log(log: list, batch: int) -> dict:
     }
 
 
+def first_token_split(
+    submitted: float, first_token_s: float, controller: list | None, steps: list | None
+) -> dict | None:
+    """Where a lone request's first token went, in seconds, from its prompt's step (the first
+    one the controller sent after `submitted`): the controller's [kick began, sent, reply in,
+    applied] and the replying worker's (start, input received, output computed) marks, one
+    perf_counter clock.
+
+    schedule: submitted -> the `_kick` that sent the step beginning (the loop's next turn)
+    deliver:  kick began -> the worker starting the step (planning, the step message, ZeroMQ,
+              decoding it; with lookahead the kick sends the next step right after)
+    step:     the step's start -> its output computed (the host queueing it, then the device)
+    reply:    output computed -> the reply in the controller's hands (sampling, the copy back,
+              ZeroMQ)
+    apply:    reply in -> the first token handed to the request
+    None when the traces do not hold the step (an untimed launcher)."""
+    if not controller or not steps:
+        return None
+    (kicked, _, reply_in, _), (start, _, output) = controller[0], steps[0]
+    first = submitted + first_token_s
+    return {
+        "schedule_s": kicked - submitted,
+        "deliver_s": start - kicked,
+        "step_s": output - start,
+        "reply_s": reply_in - output,
+        "apply_s": first - reply_in,
+    }
+
+
 async def measure_engine(
     args,
     tp: int,
@@ -442,12 +479,22 @@ async def measure_engine(
         async def logs():
             return (await group.broadcast("step_log"))[rank] if engine.timed else []
 
+        async def traces():
+            if not engine.timed:
+                return None, None
+            controller = engine.controller_trace()
+            steps = (await group.broadcast("step_trace"))[rank]
+            return [[k, *c] for k, c in zip(engine.kicked, controller, strict=True)], steps
+
         await logs()
+        await traces()
         single = []
         for _ in range(args.repeat):
             t = time.perf_counter()
             done = await engine.infer(prompts[0], params)
             wall = time.perf_counter() - t
+            worker = summarize_log(await logs(), 1)
+            controller, steps = await traces()
             single.append(
                 {
                     "per_token_s": done.timings.per_output_token_s,
@@ -455,7 +502,10 @@ async def measure_engine(
                     "wall_s": wall,
                     "tokens": len(done.token_ids),
                     "token_ids_head": done.token_ids[:8],
-                    "worker": summarize_log(await logs(), 1),
+                    "worker": worker,
+                    "first_token_split": first_token_split(
+                        t, done.timings.first_token_s, controller, steps
+                    ),
                 }
             )
         batched = []
@@ -629,6 +679,12 @@ def build_records(args, run: dict, hf: dict | None, limits: list[dict]) -> list[
         if prefill_steps and all(prefill_steps)
         else ""
     )
+    splits = [s["first_token_split"] for s in run["single"] if s.get("first_token_split")]
+    if splits and len(splits) == len(run["single"]):
+        prefill_note += "; split (medians, ms): " + ", ".join(
+            f"{part.removesuffix('_s')} {statistics.median(x[part] for x in splits) * 1e3:.2f}"
+            for part in splits[0]
+        )
     # batch B: one prefill of B*L tokens, then G-1 decode steps of B sequences
     floor_total = floor(B * L, 0) + sum(floor(B, B * (L + k)) for k in range(1, G))
     ceiling = B * G / floor_total

@@ -86,9 +86,19 @@ def test_measured_points_carry_baseline_ratio_and_limit(run):
     # the first token's device share: the prompt's step on the worker, from the raw marks
     prefill = run[1]["runs"][0]["single"][0]["worker"]["prefill_busy_s"]
     assert 0 < prefill < by_metric["first_token_latency_b1"]["value"] / 1e3
-    assert f"device (worker marks, median): {prefill * 1e3:.2f} ms" in (
-        by_metric["first_token_latency_b1"]["notes"]
+    assert (
+        f"device (worker marks, median): {prefill * 1e3:.2f} ms"
+        in (by_metric["first_token_latency_b1"]["notes"])
     )
+    # ... and where the rest went: the prompt's own step paired on both sides, so every part
+    # is a forward interval of the same clock, and they add up to the first token
+    split = run[1]["runs"][0]["single"][0]["first_token_split"]
+    assert list(split) == ["schedule_s", "deliver_s", "step_s", "reply_s", "apply_s"]
+    assert all(0 <= v < 1 for v in split.values()), split
+    first = run[1]["runs"][0]["single"][0]["first_token_s"]
+    assert sum(split.values()) == pytest.approx(first)
+    assert split["step_s"] == pytest.approx(prefill, rel=0.5)
+    assert "split (medians, ms): schedule" in by_metric["first_token_latency_b1"]["notes"]
     # ratio > 1 means Energon wins: baseline time / Energon time, or Energon rate / baseline rate
     d, t = by_metric["decode_latency_b1"], by_metric["throughput"]
     assert d["ratio"] == pytest.approx(d["baseline_value"] / d["value"])

@@ -314,6 +314,7 @@ class TimedEngine(Engine):
         # when the `_kick` that sent each step began (it plans, builds and sends its steps)
         self.kick_times: dict[int, float] = {}
         self.kicked: list[float] = []
+        self.first_token_marks: tuple[float, float] | None = None
 
     @property
     def timed(self) -> bool:
@@ -339,8 +340,13 @@ class TimedEngine(Engine):
 
     def _apply_step(self, plan, reply: dict) -> None:
         start = time.perf_counter()
+        reqs = [r for r in map(self._requests.get, (s.seq_id for s in plan.seqs)) if r]
+        fresh = [r for r in reqs if r.first_token is None]
         super()._apply_step(plan, reply)
         self.step_times.setdefault(plan.step_id, [start]).extend((start, time.perf_counter()))
+        for r in fresh:
+            if r.first_token is not None:  # (arrived, first token) of the latest such request
+                self.first_token_marks = (r.arrived, r.first_token)
 
 
 # ------------------------------------------------------------------------------ controller side
@@ -407,29 +413,33 @@ def summarize_log(log: list, batch: int) -> dict:
 
 
 def first_token_split(
-    submitted: float, first_token_s: float, controller: list | None, steps: list | None
+    marks: tuple[float, float] | None,
+    controller: list | None,
+    steps: list | None,
+    hosts: list | None,
 ) -> dict | None:
     """Where a lone request's first token went, in seconds, from its prompt's step (the first
-    one the controller sent after `submitted`): the controller's [kick began, sent, reply in,
-    applied] and the replying worker's (start, input received, output computed) marks, one
-    perf_counter clock.
+    one the controller sent after it arrived): its (arrived, first token) `marks`, the
+    controller's [kick began, sent, reply in,
+    applied], the replying worker's host (entered, queued) and device (start, input received,
+    output computed) marks, one perf_counter clock.
 
-    schedule: submitted -> the `_kick` that sent the step beginning (the loop's next turn)
-    deliver:  kick began -> the worker starting the step (planning, the step message, ZeroMQ,
+    schedule: arrived -> the `_kick` that sent the step beginning (the loop's next turn)
+    deliver:  kick began -> the worker entering the step (planning, the step message, ZeroMQ,
               decoding it; with lookahead the kick sends the next step right after)
-    step:     the step's start -> its output computed (the host queueing it, then the device)
+    step:     entered -> its output computed on the device (the host queueing it, the device)
     reply:    output computed -> the reply in the controller's hands (sampling, the copy back,
               ZeroMQ)
     apply:    reply in -> the first token handed to the request
     None when the traces do not hold the step (an untimed launcher)."""
-    if not controller or not steps:
+    if not marks or not controller or not steps or not hosts:
         return None
-    (kicked, _, reply_in, _), (start, _, output) = controller[0], steps[0]
-    first = submitted + first_token_s
+    (kicked, _, reply_in, _), (_, _, output), (entered, _) = controller[0], steps[0], hosts[0]
+    arrived, first = marks
     return {
-        "schedule_s": kicked - submitted,
-        "deliver_s": start - kicked,
-        "step_s": output - start,
+        "schedule_s": kicked - arrived,
+        "deliver_s": entered - kicked,
+        "step_s": output - entered,
         "reply_s": reply_in - output,
         "apply_s": first - reply_in,
     }
@@ -481,20 +491,22 @@ async def measure_engine(
 
         async def traces():
             if not engine.timed:
-                return None, None
+                return None, None, None
             controller = engine.controller_trace()
             steps = (await group.broadcast("step_trace"))[rank]
-            return [[k, *c] for k, c in zip(engine.kicked, controller, strict=True)], steps
+            hosts = (await group.broadcast("host_trace"))[rank]
+            return [[k, *c] for k, c in zip(engine.kicked, controller, strict=True)], steps, hosts
 
         await logs()
         await traces()
         single = []
         for _ in range(args.repeat):
+            engine.first_token_marks = None
             t = time.perf_counter()
             done = await engine.infer(prompts[0], params)
             wall = time.perf_counter() - t
             worker = summarize_log(await logs(), 1)
-            controller, steps = await traces()
+            controller, steps, hosts = await traces()
             single.append(
                 {
                     "per_token_s": done.timings.per_output_token_s,
@@ -504,7 +516,7 @@ async def measure_engine(
                     "token_ids_head": done.token_ids[:8],
                     "worker": worker,
                     "first_token_split": first_token_split(
-                        t, done.timings.first_token_s, controller, steps
+                        engine.first_token_marks, controller, steps, hosts
                     ),
                 }
             )

@@ -267,6 +267,47 @@ async def test_the_next_step_goes_out_before_a_token_is_detokenized_and_a_stop_s
     assert [token for token, _ in pending_at_token] == [98, 99]
 
 
+@pytest.mark.parametrize("requests", [1, energon.engine.TOKENS_FIRST_ROWS + 1])
+async def test_with_a_step_in_flight_a_small_step_hands_its_tokens_over_before_the_next_kick(
+    stand_in, monkeypatch, requests
+):
+    """With lookahead the reply of step k comes while step k+1 (chained) is on the workers:
+    the next kick is not urgent, so a step of few rows gives its tokens to their requests
+    first (its first token a kick earlier). Past TOKENS_FIRST_ROWS the kick goes first, as
+    without a step in flight."""
+    from energon.request import Request
+
+    pending_at_token = []
+    on_token = Request.on_token
+
+    def spy(self, token_id, logprob=None):
+        pending_at_token.append(len(stand_in[0].pending))
+        return on_token(self, token_id, logprob)
+
+    monkeypatch.setattr(Request, "on_token", spy)
+    async with Engine("tiny", pool=None, device="cpu", max_num_seqs=16) as engine:
+        workers = stand_in[0]
+        prompts = [[10 + i] for i in range(requests)]
+        tasks = [
+            asyncio.ensure_future(engine.infer(p, SamplingParams(max_tokens=4))) for p in prompts
+        ]
+        await next_turn()
+        assert len(workers.pending) == 2  # the prompts' step and its chained next
+        workers.reply(0)
+        for _ in range(3):  # the step's task resumes
+            await asyncio.sleep(0)
+        # tokens first: only the chained step was out; kick first: the step after it too
+        before = 1 if requests <= energon.engine.TOKENS_FIRST_ROWS else 2
+        assert pending_at_token == [before] * requests
+        assert len(workers.pending) == 2  # either way the kick sent the next step
+        while not all(t.done() for t in tasks):
+            if workers.pending:
+                workers.reply(0)
+            await asyncio.sleep(0)
+        for p, t in zip(prompts, tasks, strict=True):
+            assert (await t).token_ids == expected(p, 4)
+
+
 async def test_pipeline_lookahead_chains_each_step_and_names_the_oldest_in_flight(stand_in):
     """At pp > 1 with lookahead a lone request's next step goes out behind its step in flight,
     fed by the tokens the last stage hands to the first; every step says the oldest step in

@@ -822,7 +822,7 @@ class Engine:
 
         Except when another step is still in flight (lookahead: the device has it queued) and
         this one sampled at most TOKENS_FIRST_ROWS rows: then the few detokenizations cost the
-        workers nothing, and the tokens reach their requests before the kick (0.3 ms on an
+        workers nothing, and the tokens reach their requests before the kick (0.4 ms on an
         H200 host, docs/benchmarks.md "First token, taken apart") instead of after it."""
         sampled_ids = [s.seq_id for s in plan.seqs if s.sample]
         tokens = dict(zip(sampled_ids, reply["token_ids"], strict=True))

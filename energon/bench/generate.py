@@ -420,9 +420,8 @@ def first_token_split(
 ) -> dict | None:
     """Where a lone request's first token went, in seconds, from its prompt's step (the first
     one the controller sent after it arrived): its (arrived, first token) `marks`, the
-    controller's [kick began, sent, reply in,
-    applied], the replying worker's host (entered, queued) and device (start, input received,
-    output computed) marks, one perf_counter clock.
+    controller's [kick began, sent, reply in, applied], the replying worker's host (entered,
+    queued) and device (start, input received, output computed) marks, one perf_counter clock.
 
     schedule: arrived -> the `_kick` that sent the step beginning (the loop's next turn)
     deliver:  kick began -> the worker entering the step (planning, the step message, ZeroMQ,

@@ -75,6 +75,7 @@ from energon.engine import Engine
 from energon.models.registry import num_layers, resolve
 from energon.parallel.attention import Attention
 from energon.parallel.topology import NO_MULTICAST_ENV
+from energon.request import Request
 from energon.runner import pick_dtype
 from energon.sampling import SamplingParams
 from energon.staged_runner import StagedRunner
@@ -309,25 +310,25 @@ class TimedEngine(Engine):
         kwargs.setdefault("prefix_caching", False)
         super().__init__(*args, **kwargs)
         # perf_counter seconds (one clock for every process of the host) of each step, by id:
-        # [sent, reply applied from, applied until]
+        # [the kick that sent it began, sent, reply applied from, applied until]
         self.step_times: dict[int, list[float]] = {}
-        # when the `_kick` that sent each step began (it plans, builds and sends its steps)
-        self.kick_times: dict[int, float] = {}
-        self.kicked: list[float] = []
-        self.first_token_marks: tuple[float, float] | None = None
+        self.last_request = None  # the Request of the latest infer: its own timing marks
 
     @property
     def timed(self) -> bool:
         return self.launcher == "local"
 
-    def controller_trace(self) -> list[list[float]]:
+    def controller_trace(self, kicks: bool = False) -> list[list[float]]:
         """[sent, reply in, reply applied] of each step since the last call, in step order
-        (the order every worker ran them), and forget them; `kicked` then holds when the
-        `_kick` that sent each of them began."""
+        (the order every worker ran them), and forget them; `kicks`: each row led by when the
+        `_kick` that sent the step began (it plans, builds and sends its steps)."""
         times, self.step_times = self.step_times, {}
-        kicks, self.kick_times = self.kick_times, {}
-        self.kicked = [kicks[k] for k in sorted(times) if len(times[k]) == 3]
-        return [times[k] for k in sorted(times) if len(times[k]) == 3]
+        rows = (times[k] for k in sorted(times) if len(times[k]) == 4)
+        return [row if kicks else row[1:] for row in rows]
+
+    def _submit(self, *args, **kwargs):
+        self.last_request = super()._submit(*args, **kwargs)
+        return self.last_request
 
     def _kick(self) -> None:
         begin = time.perf_counter()
@@ -335,18 +336,13 @@ class TimedEngine(Engine):
         if self.scheduler is not None:
             now = time.perf_counter()
             for plan in self.scheduler.in_flight:
-                self.step_times.setdefault(plan.step_id, [now])
-                self.kick_times.setdefault(plan.step_id, begin)
+                self.step_times.setdefault(plan.step_id, [begin, now])
 
     def _apply_step(self, plan, reply: dict) -> None:
         start = time.perf_counter()
-        reqs = [r for r in map(self._requests.get, (s.seq_id for s in plan.seqs)) if r]
-        fresh = [r for r in reqs if r.first_token is None]
         super()._apply_step(plan, reply)
-        self.step_times.setdefault(plan.step_id, [start]).extend((start, time.perf_counter()))
-        for r in fresh:
-            if r.first_token is not None:  # (arrived, first token) of the latest such request
-                self.first_token_marks = (r.arrived, r.first_token)
+        self.step_times.setdefault(plan.step_id, [start, start])
+        self.step_times[plan.step_id].extend((start, time.perf_counter()))
 
 
 # ------------------------------------------------------------------------------ controller side
@@ -413,13 +409,13 @@ def summarize_log(log: list, batch: int) -> dict:
 
 
 def first_token_split(
-    marks: tuple[float, float] | None,
+    request: Request | None,
     controller: list | None,
     steps: list | None,
     hosts: list | None,
 ) -> dict | None:
     """Where a lone request's first token went, in seconds, from its prompt's step (the first
-    one the controller sent after it arrived): its (arrived, first token) `marks`, the
+    one the controller sent after it arrived): the `request`'s arrived and first-token marks, the
     controller's [kick began, sent, reply in, applied], the replying worker's host (entered,
     queued) and device (start, input received, output computed) marks, one perf_counter clock.
 
@@ -431,10 +427,10 @@ def first_token_split(
               ZeroMQ)
     apply:    reply in -> the first token handed to the request
     None when the traces do not hold the step (an untimed launcher)."""
-    if not marks or not controller or not steps or not hosts:
+    if request is None or request.first_token is None or not (controller and steps and hosts):
         return None
     (kicked, _, reply_in, _), (_, _, output), (entered, _) = controller[0], steps[0], hosts[0]
-    arrived, first = marks
+    arrived, first = request.arrived, request.first_token
     return {
         "schedule_s": kicked - arrived,
         "deliver_s": entered - kicked,
@@ -491,16 +487,15 @@ async def measure_engine(
         async def traces():
             if not engine.timed:
                 return None, None, None
-            controller = engine.controller_trace()
+            controller = engine.controller_trace(kicks=True)
             steps = (await group.broadcast("step_trace"))[rank]
             hosts = (await group.broadcast("host_trace"))[rank]
-            return [[k, *c] for k, c in zip(engine.kicked, controller, strict=True)], steps, hosts
+            return controller, steps, hosts
 
         await logs()
         await traces()
         single = []
         for _ in range(args.repeat):
-            engine.first_token_marks = None
             t = time.perf_counter()
             done = await engine.infer(prompts[0], params)
             wall = time.perf_counter() - t
@@ -515,7 +510,7 @@ async def measure_engine(
                     "token_ids_head": done.token_ids[:8],
                     "worker": worker,
                     "first_token_split": first_token_split(
-                        engine.first_token_marks, controller, steps, hosts
+                        engine.last_request, controller, steps, hosts
                     ),
                 }
             )

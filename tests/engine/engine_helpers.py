@@ -154,10 +154,18 @@ def assert_greedy_equal(got: list[int], ref: Reference) -> int:
     """`got` equals the reference token for token (all of it, or up to its first near-tie);
     returns how many tokens were compared."""
     k = comparable(ref)
-    if k == len(ref.tokens):
-        assert got == ref.tokens
-    else:
-        assert got[:k] == ref.tokens[:k]
+    want = ref.tokens if k == len(ref.tokens) else ref.tokens[:k]
+    have = got if k == len(ref.tokens) else got[:k]
+    if have != want:
+        at = next(
+            (i for i, (a, b) in enumerate(zip(have, want, strict=False)) if a != b),
+            min(len(have), len(want)),
+        )
+        raise AssertionError(
+            f"greedy tokens part from HF's at token {at} of {len(want)} compared "
+            f"(HF's top-2 logit gap there {ref.margins[at] if at < len(ref.margins) else None!r}, "
+            f"smallest before it {min(ref.margins[:at], default=None)!r}): got {got}, HF {ref.tokens}"
+        )
     return k
 
 

@@ -75,6 +75,8 @@ def _gemv_kernel(
         rows = W + tl.minimum(n, N - 1)[:, None] * stride_wn  # clamped: no prefetch past the end
         for t in range(0, prefetch):
             _prefetch_l2(rows + tl.minimum(t * BLOCK_K + lines, K - 1)[None, :])
+    if HAS_BIAS:  # no kernel writes it: loaded now, it is not one more round trip at the end
+        bias = tl.load(Bias + n, mask=n_ok, other=0.0).to(tl.float32)
     wait_then_release(PDL)  # the kernel before has finished: x is ready, y is free
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -84,7 +86,7 @@ def _gemv_kernel(
         w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :])
         acc += tl.dot(x, tl.trans(w))
     if HAS_BIAS:
-        acc += tl.load(Bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += bias[None, :]
     if RELU:
         acc = tl.maximum(acc, 0.0)
     y_ptrs = Y + m[:, None] * stride_ym + n[None, :]

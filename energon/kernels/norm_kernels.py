@@ -44,28 +44,43 @@ def _norm_kernel(
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,  # a programmatic dependent launch (chain.py)
 ):
-    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < width
+    # the weights before the wait (no kernel writes them): after it, x's and the residual's
+    # loads are the only ones on the way to the store
+    weight, bias = affine(Weight, Bias, cols, mask, HAS_WEIGHT, HAS_BIAS)
+    wait_then_release(PDL)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if ADD:
         r = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
         tl.store(Summed + row * stride_s + cols, x, mask=mask)
-    y = normalise(x, cols, mask, width, eps, Weight, Bias, RMS, HAS_WEIGHT, HAS_BIAS)
+    y = normalise(x, mask, width, eps, weight, bias, RMS, HAS_WEIGHT, HAS_BIAS)
     tl.store(Out + row * stride_o + cols, y.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def affine(Weight, Bias, cols, mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(weight, bias) of a norm as float32 rows for `normalise` (ones / zeros where absent).
+    No kernel writes them: a chained kernel loads them before its wait."""
+    weight = tl.full(cols.shape, 1.0, tl.float32)
+    bias = tl.zeros(cols.shape, tl.float32)
+    if HAS_WEIGHT:
+        weight = tl.load(Weight + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
+    return weight, bias
 
 
 @triton.jit
 def normalise(
     x,  # one row in its dtype, 0 past `width`
-    cols,
     mask,
     width,
     eps,
-    Weight,
-    Bias,
+    weight,  # float32 rows from `affine`
+    bias,
     RMS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -84,9 +99,9 @@ def normalise(
         rstd = tl.rsqrt(tl.sum(centred * centred, axis=0) / width + eps)
         y = centred * rstd
     if HAS_WEIGHT:
-        y = y * tl.load(Weight + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * weight
     if HAS_BIAS:
-        y = y + tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y + bias
     return y
 
 

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from energon.kernels.chain import chained, wait_then_release
-from energon.kernels.norm_kernels import MAX_WIDTH, normalise, num_warps_for
+from energon.kernels.norm_kernels import MAX_WIDTH, affine, normalise, num_warps_for
 
 MAX_ROWS = 64  # rows of one call: a decode step's batch up to 64 sequences
 ROW_BYTES = MAX_WIDTH * 2  # float16 rows of up to MAX_WIDTH
@@ -121,14 +121,23 @@ def _one_shot_norm_kernel(
 ):
     row = tl.program_id(0)
     dtype = X.dtype.element_ty
+    cols = tl.arange(0, BLOCK)
+    mask = cols < width
+    # What no kernel writes, before the wait: the buffer addresses, the weights and biases. The
+    # residual is loaded right after it, beside x, so that its latency hides behind the push and
+    # the wait for the peers' rows instead of following them.
     table = buffers.to(tl.pointer_type(tl.uint64))
-    mine = tl.load(table + RANK)  # the addresses never change: read while the kernel before ends
+    mine = tl.load(table + RANK)
+    weight, norm_bias = affine(Weight, NormBias, cols, mask, HAS_WEIGHT, HAS_NORM_BIAS)
+    bias = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
     wait_then_release(PDL)
     counters = (mine + offset + 2 * HALF).to(tl.pointer_type(tl.uint32))
     call = tl.load(counters + row) + 1  # uint32: wraps, keeping its parity
     half = offset + (call % 2).to(tl.uint64) * HALF
-    cols = tl.arange(0, BLOCK)
-    mask = cols < width
+    if ADD:
+        r = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0)
 
     # 1. this rank's row into its slot on every rank, -0.0 as +0.0 (its bits as int16)
     bits = tl.load(X + row * width + cols, mask=mask, other=0.0).to(tl.int16, bitcast=True)
@@ -151,15 +160,14 @@ def _one_shot_norm_kernel(
         total += got.to(dtype, bitcast=True).to(tl.float32)
         tl.store(slot, tl.full([BLOCK], SENTINEL, tl.int16), mask=mask)
     if HAS_BIAS:
-        total += tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
+        total += bias
     summed = total.to(dtype)  # the all-reduce's result, rounded once
 
     # 4. the residual add and the norm
     if ADD:
-        r = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0)
         summed = (summed.to(tl.float32) + r.to(tl.float32)).to(dtype)
     tl.store(Summed + row * width + cols, summed, mask=mask)
-    y = normalise(summed, cols, mask, width, eps, Weight, NormBias, RMS, HAS_WEIGHT, HAS_NORM_BIAS)
+    y = normalise(summed, mask, width, eps, weight, norm_bias, RMS, HAS_WEIGHT, HAS_NORM_BIAS)
     tl.store(Out + row * width + cols, y.to(dtype), mask=mask)
     tl.store(counters + row, call)  # after normalise's reductions: every thread has read `call`
 

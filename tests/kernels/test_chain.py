@@ -1,11 +1,12 @@
 """The decode step's kernels chain as programmatic dependent launches in one order (chain.py).
 
 Compiled for an H100/H200 (sm_90) on this machine, no GPU needed: in the PTX of a kernel
-launched as a dependent launch, the wait for the kernel before comes first, the release of the
-next kernel right after it, and nothing that reads what the kernel before wrote (x) comes before
-the wait; only the weights' L2 prefetches do. Releasing before the wait let the chain run many
-kernels ahead (765ced1, docs/benchmarks.md). The GPU tests check the results
-(tests/kernels/test_gemv.py, tests/engine/test_engine_parity.py).
+launched as a dependent launch, the release of the next kernel comes right after the wait for the
+kernel before, and before the wait a kernel reads only what no kernel writes (its weights, biases
+and norm weights: every load there goes through an address computed from those parameters) and
+prefetches weights into L2. Releasing before the wait let the chain run many kernels ahead
+(765ced1, docs/benchmarks.md). The GPU tests check the results (tests/kernels/test_gemv.py,
+tests/engine/test_engine_parity.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,29 @@ def _first(lines: list[str], pattern: str) -> int:
     return next(i for i, line in enumerate(lines) if re.search(pattern, line))
 
 
+LOAD = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|cp\.async)")
+
+
+def _loads_before_wait(ptx: list[str]) -> list[set[int]]:
+    """For each global load before the wait, the kernel parameters (by index) its address was
+    computed from: registers are followed from each `ld.param` through every instruction that
+    writes one (its first operand) from others."""
+    sources: dict[str, set[int]] = {}
+    loads = []
+    for line in ptx[: _first(ptx, re.escape(WAIT))]:
+        code = line.split("//")[0]
+        if param := re.search(r"ld\.param\S*\s+(%\w+), \[\w+_param_(\d+)\]", code):
+            sources[param[1]] = {int(param[2])}
+        elif LOAD.search(code):
+            address = re.search(r"\[\s*(%\w+)", code)[1]
+            loads.append(sources.get(address, set()))
+        elif regs := re.findall(r"%\w+", code.split(";")[0]):
+            if not code.strip().startswith(("@", "setp", "prefetch", "bra")):
+                dst, *srcs = regs
+                sources[dst] = set().union(*(sources.get(r, set()) for r in srcs))
+    return loads
+
+
 def _gemv_ptx(pdl: bool) -> list[str]:
     from energon.kernels import gemv_kernels
 
@@ -47,14 +71,16 @@ def _gemv_ptx(pdl: bool) -> list[str]:
     return _ptx(gemv_kernels._gemv_kernel, {**pointers, **ints}, constants, 4, 5)
 
 
-def test_a_dependent_gemv_prefetches_waits_releases_then_reads_x():
+def test_a_dependent_gemv_prefetches_and_reads_its_bias_then_waits_releases_and_reads_x():
     ptx = _gemv_ptx(pdl=True)
     assert sum(WAIT in line for line in ptx) == 1
     assert sum(RELEASE in line for line in ptx) == 1
     wait, release = _first(ptx, re.escape(WAIT)), _first(ptx, re.escape(RELEASE))
-    prefetch = _first(ptx, r"prefetch\.global\.L2")
-    reads = _first(ptx, r"^\s*(@%p\d+\s+)?(ld\.global|cp\.async)")
-    assert prefetch < wait < release < reads
+    assert _first(ptx, r"prefetch\.global\.L2") < wait < release
+    # parameters: X 0, W 1, Bias 2, Y 3; x's tiles (and the weights' pipelined ones) after it
+    assert _loads_before_wait(ptx) and all(p == {2} for p in _loads_before_wait(ptx))
+    after = [i for i, line in enumerate(ptx) if LOAD.search(line) and i > release]
+    assert after
 
 
 def test_a_plain_gemv_neither_waits_nor_releases():
@@ -70,7 +96,36 @@ def test_the_norm_kernel_waits_then_releases_before_reading_its_row():
     constants = dict(RMS=True, ADD=True, HAS_WEIGHT=True, HAS_BIAS=False, BLOCK=8192, PDL=True)
     ptx = _ptx(norm_kernels._norm_kernel, {**pointers, **ints, "eps": "fp32"}, constants, 16, 1)
     wait, release = _first(ptx, re.escape(WAIT)), _first(ptx, re.escape(RELEASE))
-    assert wait < release < _first(ptx, r"ld\.global")
+    assert wait < release
+    # only the norm's weight (parameter 4) before the wait; x (0) and the residual (1) after it
+    assert _loads_before_wait(ptx) and all(p == {4} for p in _loads_before_wait(ptx))
+    after = {i for i, line in enumerate(ptx) if LOAD.search(line) and i > release}
+    assert len(after) >= 2
+
+
+def test_the_fused_all_reduce_and_norm_reads_only_its_weights_and_addresses_before_waiting():
+    from energon.kernels import one_shot_norm
+
+    pointers = dict.fromkeys(
+        ("X", "Residual", "Summed", "Out", "Weight", "NormBias", "Bias", "buffers"), "*fp16"
+    )
+    ints = dict.fromkeys(("stride_r", "width"), "i32") | {"eps": "fp32", "offset": "i64"}
+    constants = dict(
+        RANK=0, WORLD=2, RMS=False, ADD=True, HAS_WEIGHT=True, HAS_NORM_BIAS=True, HAS_BIAS=True,
+        HALF=one_shot_norm.half_bytes(2), ROW=one_shot_norm.ROW_BYTES,
+        ROWS=one_shot_norm.MAX_ROWS, BLOCK=8192, PDL=True,
+    )  # fmt: skip
+    ptx = _ptx(one_shot_norm._one_shot_norm_kernel, {**pointers, **ints}, constants, 16, 1)
+    assert _first(ptx, re.escape(WAIT)) < _first(ptx, re.escape(RELEASE))
+    # Weight 4, NormBias 5, Bias 6, the buffer table 7 (this rank's address); the call count,
+    # x, the residual and the peers' rows only after the wait
+    before = _loads_before_wait(ptx)
+    assert {frozenset(p) for p in before} == {
+        frozenset({4}),
+        frozenset({5}),
+        frozenset({6}),
+        frozenset({7}),
+    }
 
 
 def test_only_hopper_gpus_launch_dependently_and_the_switch_turns_it_off(monkeypatch):

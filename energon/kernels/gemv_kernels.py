@@ -9,8 +9,10 @@ kernel.
 
 With `pdl` (Hopper and later, CUDA only) the kernel is launched as a programmatic dependent
 launch, like every Triton kernel of a decode step (energon/kernels/chain.py): it may start while
-the kernel before it still runs, prefetches the first PREFETCH_TILES tiles of its weights into
-L2, which no kernel writes, and only then waits for the kernel before it to finish and reads x.
+the kernel before it still runs, loads its bias and prefetches the first PREFETCH_TILES tiles of
+its weights into L2 (no kernel writes either), and only then waits for the kernel before it to
+finish and reads x (the bias loaded after the weight stream was one more round trip at the end of
+every call: 0.10 ms a token for opt-13b, with the norms' weights likewise; docs/benchmarks.md).
 So the previous kernel's tail and this one's launch overlap. Nothing is written before the wait.
 The Engine prefetches nothing (PREFETCH_TILES = 0): on two H200s the batch-1 decode at tp=1 took
 0.05-0.13 ms a token less without the 4 tiles it fetched before (opt-13b 7.12 against 7.21 ms,

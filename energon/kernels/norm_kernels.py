@@ -61,16 +61,19 @@ def _norm_kernel(
 
 
 @triton.jit
+def vector(Ptr, cols, mask, PRESENT: tl.constexpr, absent: tl.constexpr):
+    """A weight or bias row as float32 (`absent` everywhere when not PRESENT). No kernel writes
+    these: a chained kernel loads them before its wait."""
+    row = tl.full(cols.shape, absent, tl.float32)
+    if PRESENT:
+        row = tl.load(Ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return row
+
+
+@triton.jit
 def affine(Weight, Bias, cols, mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """(weight, bias) of a norm as float32 rows for `normalise` (ones / zeros where absent).
-    No kernel writes them: a chained kernel loads them before its wait."""
-    weight = tl.full(cols.shape, 1.0, tl.float32)
-    bias = tl.zeros(cols.shape, tl.float32)
-    if HAS_WEIGHT:
-        weight = tl.load(Weight + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
-    return weight, bias
+    """(weight, bias) of a norm as float32 rows for `normalise` (ones / zeros where absent)."""
+    return vector(Weight, cols, mask, HAS_WEIGHT, 1.0), vector(Bias, cols, mask, HAS_BIAS, 0.0)
 
 
 @triton.jit

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from energon.kernels.chain import chained, wait_then_release
-from energon.kernels.norm_kernels import MAX_WIDTH, affine, normalise, num_warps_for
+from energon.kernels.norm_kernels import MAX_WIDTH, affine, normalise, num_warps_for, vector
 
 MAX_ROWS = 64  # rows of one call: a decode step's batch up to 64 sequences
 ROW_BYTES = MAX_WIDTH * 2  # float16 rows of up to MAX_WIDTH
@@ -129,9 +129,7 @@ def _one_shot_norm_kernel(
     table = buffers.to(tl.pointer_type(tl.uint64))
     mine = tl.load(table + RANK)
     weight, norm_bias = affine(Weight, NormBias, cols, mask, HAS_WEIGHT, HAS_NORM_BIAS)
-    bias = tl.zeros([BLOCK], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
+    bias = vector(Bias, cols, mask, HAS_BIAS, 0.0)
     wait_then_release(PDL)
     counters = (mine + offset + 2 * HALF).to(tl.pointer_type(tl.uint32))
     call = tl.load(counters + row) + 1  # uint32: wraps, keeping its parity

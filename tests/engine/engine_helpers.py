@@ -154,8 +154,8 @@ def assert_greedy_equal(got: list[int], ref: Reference) -> int:
     """`got` equals the reference token for token (all of it, or up to its first near-tie);
     returns how many tokens were compared."""
     k = comparable(ref)
-    want = ref.tokens if k == len(ref.tokens) else ref.tokens[:k]
-    have = got if k == len(ref.tokens) else got[:k]
+    # all of it: no token past the reference either; else up to the near-tie
+    have, want = (got, ref.tokens) if k == len(ref.tokens) else (got[:k], ref.tokens[:k])
     if have != want:
         at = next(
             (i for i, (a, b) in enumerate(zip(have, want, strict=False)) if a != b),

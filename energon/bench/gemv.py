@@ -13,10 +13,6 @@ On sm_90+ each shape also runs as the Engine launches it there, a programmatic d
 once per `--pdl-prefetch` value (weight tiles a program fetches into L2 before it waits for the
 kernel before it): records `{layer}_pdl{tiles}_us` against the plain Triton launches of the same
 graph. Each call in the graph waits for the one before, as in a decode step's chain.
-
-`--stream-k` runs each shape also with its work cut evenly over that many programs an SM
-(energon/kernels/gemv_stream_k.py), launched as the Engine would (dependent launches on sm_90+):
-records `{layer}_sk{per_sm}_us` against the one-program-a-tile kernel launched the same way.
 """
 
 from __future__ import annotations
@@ -55,11 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="0,4,16",
         help="comma-separated weight tiles prefetched per program by the dependent launches "
         "(sm_90+; '' for none)",
-    )
-    parser.add_argument(
-        "--stream-k",
-        default="1,2",
-        help="comma-separated programs an SM for the stream-K GEMV ('' for none)",
     )
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
 
@@ -108,42 +99,6 @@ def shape_record(
     )
 
 
-def stream_k_records(
-    args, triton, weights, dependent, sms, per_sms, model, layer, tp, rows, floor
-) -> list[Record]:
-    """The stream-K GEMV at each programs-an-SM count against the one-program-a-tile kernel,
-    both launched as the Engine launches them on this GPU."""
-    tile_kernel = functools.partial(triton, pdl=dependent)
-    t_tiles = graph_seconds(tile_kernel, weights)
-    want = tile_kernel(weights[0]).float()
-    how = "dependent launches" if dependent else "plain launches"
-    records = []
-    for per_sm in per_sms:
-        stream_k = functools.partial(triton, pdl=dependent, programs=per_sm * sms)
-        diff = (stream_k(weights[0]).float() - want).abs().max().item()
-        t_sk = graph_seconds(stream_k, weights)
-        print(f"{model + ' ' + layer:>22} {tp:>2} {rows:>4} stream-K, {per_sm * sms} programs: "
-              f"{t_sk * 1e6:.2f} us against {t_tiles * 1e6:.2f} ({t_tiles / t_sk:.3f}x, "
-              f"{floor / t_sk:.3f} of floor)", flush=True)  # fmt: skip
-        records.append(
-            shape_record(
-                args,
-                model,
-                f"{layer}_sk{per_sm}_us",
-                tp,
-                rows,
-                floor,
-                t_sk,
-                f"the Triton GEMV, one program a tile ({how}, same graph)",
-                t_tiles,
-                f"as {layer}_us, the block iterations cut evenly over {per_sm * sms} programs "
-                f"({per_sm} an SM; energon/kernels/gemv_stream_k.py), {how}; max |stream-K - "
-                f"tiles| {diff:.2e}",
-            )
-        )
-    return records
-
-
 def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("energon bench gemv needs CUDA (CUDA graphs of Triton and cuBLAS kernels)")
@@ -152,11 +107,8 @@ def main(args: argparse.Namespace) -> int:
 
     device, dtype = torch.device("cuda", 0), getattr(torch, args.dtype)
     prefetches = [int(t) for t in args.pdl_prefetch.split(",") if t.strip()]
-    per_sms = [int(t) for t in args.stream_k.split(",") if t.strip()]
-    dependent = torch.cuda.get_device_capability(device)[0] >= 9
-    if not dependent:
+    if torch.cuda.get_device_capability(device)[0] < 9:
         prefetches = []  # dependent launches need sm_90
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     bandwidth = copy_bandwidth(device, args.copy_mib << 20)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + written)", flush=True)
     print(f"\n{'layer':>22} {'tp':>2} {'rows':>4} {'triton us':>10} {'cublas us':>10} "
@@ -181,10 +133,8 @@ def main(args: argparse.Namespace) -> int:
                         return torch._addmm_activation(bias, x, w.t())
                     return F.linear(x, w, bias)
 
-                def triton(w, x=x, bias=bias, relu=relu, pdl=False, tiles=0, programs=None):
-                    return gemv_kernels.gemv(
-                        x, w, bias, relu, pdl=pdl, prefetch_tiles=tiles, programs=programs
-                    )
+                def triton(w, x=x, bias=bias, relu=relu, pdl=False, tiles=0):
+                    return gemv_kernels.gemv(x, w, bias, relu, pdl=pdl, prefetch_tiles=tiles)
 
                 diff = (triton(weights[0]).float() - cublas(weights[0]).float()).abs().max().item()
                 t_triton = graph_seconds(triton, weights)
@@ -214,8 +164,8 @@ def main(args: argparse.Namespace) -> int:
                     )
                 )
                 for tiles in prefetches:
-                    chained = functools.partial(triton, pdl=True, tiles=tiles)
-                    t_pdl = graph_seconds(chained, weights)
+                    dependent = functools.partial(triton, pdl=True, tiles=tiles)
+                    t_pdl = graph_seconds(dependent, weights)
                     print(f"{name:>22} {tp:>2} {rows:>4} dependent launches, {tiles} tiles "
                           f"prefetched: {t_pdl * 1e6:.2f} us ({t_triton / t_pdl:.3f}x plain, "
                           f"{floor / t_pdl:.3f} of floor)", flush=True)  # fmt: skip
@@ -235,11 +185,6 @@ def main(args: argparse.Namespace) -> int:
                             "the call before",
                         )
                     )
-                if per_sms:
-                    records += stream_k_records(
-                        args, triton, weights, dependent, sms, per_sms, model, layer, tp, rows,
-                        floor,
-                    )  # fmt: skip
             del weights
     records.append(copy_bandwidth_record(SCENARIO, bandwidth, n_gpus=1))
     path = write_results(SCENARIO, records, args.out)

@@ -26,7 +26,6 @@ GEMV plainly. The results are the same bits either way.
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
@@ -36,9 +35,6 @@ from energon.kernels import dependent_launch, triton_kernels_for
 
 ENV_SWITCH = "ENERGON_TRITON_GEMV"  # "0": every linear on cuBLAS
 MAX_ROWS = 16  # rows of x the Triton kernel takes (one tensor-core tile)
-# "0": one program a tile of output features; "N": the work cut evenly over N programs an SM
-# (energon/kernels/gemv_stream_k.py)
-STREAM_K_SWITCH = "ENERGON_GEMV_STREAM_K"
 
 
 def kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -49,17 +45,6 @@ def kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         return None
     return triton_kernels_for("gemv_kernels", ENV_SWITCH, x, weight, bias)
-
-
-def stream_k_programs(device: torch.device) -> int | None:
-    """Programs the Triton GEMV cuts its work over (ENERGON_GEMV_STREAM_K SMs each), or None:
-    one program a tile of output features."""
-    per_sm = int(os.environ.get(STREAM_K_SWITCH, "0"))
-    if per_sm <= 0:
-        return None
-    from energon.parallel.key_tile import sm_count  # imports triton, as the kernels do
-
-    return per_sm * sm_count(device)
 
 
 class _LastOutput:
@@ -86,8 +71,7 @@ def linear(
     """x @ weight.T (+ bias) (then ReLU), by the fastest kernel for its shape."""
     if kernels := kernels_for(x, weight, bias):
         pdl = dependent_launch(x.device) and not _LastOutput.wrote(x)
-        y = kernels.gemv(x, weight, bias, relu, pdl=pdl, programs=stream_k_programs(x.device))
-        return _LastOutput.remember(y)
+        return _LastOutput.remember(kernels.gemv(x, weight, bias, relu, pdl=pdl))
     if relu and bias is not None and x.is_cuda and x.dim() == 2 and x.dtype != torch.float32:
         return torch._addmm_activation(bias, x, weight.t())  # ReLU in cuBLASLt's epilogue
     y = F.linear(x, weight, bias)

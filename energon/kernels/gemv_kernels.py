@@ -106,12 +106,10 @@ def gemv(
     num_stages=None,
     pdl=False,
     prefetch_tiles=PREFETCH_TILES,
-    programs=None,
 ):
     """x [M, K] (M <= MAX_ROWS, rows dense) @ weight[N, K].T (+ bias [N]) (ReLU) -> [M, N] in
     x's dtype. `pdl`: a programmatic dependent launch (module docstring; CUDA sm_90+ only),
-    fetching `prefetch_tiles` weight tiles into L2 before it waits. `programs`: the work cut
-    evenly over that many programs (energon/kernels/gemv_stream_k.py; no prefetch)."""
+    fetching `prefetch_tiles` weight tiles into L2 before it waits."""
     import torch
 
     M, K = x.shape
@@ -120,21 +118,12 @@ def gemv(
         raise ValueError(f"gemv takes x [<= {MAX_ROWS}, K] and weight [N, K], dense rows")
     if prefetch_tiles < 0:
         raise ValueError(f"prefetch_tiles must be >= 0 (got {prefetch_tiles})")
-    if programs is not None and programs < 1:
-        raise ValueError(f"programs must be >= 1 (got {programs})")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     # From the H200 sweep (docs/benchmarks.md, "Decode GEMV"): wide tiles while they still
     # make ~80 programs; deeper pipelines of longer K tiles for the narrower outputs.
     block_n = block_n or next((b for b in (64, 32) if triton.cdiv(N, b) >= 80), 16)
     block_k = block_k or (256 if N <= 8192 else 128)
     num_stages = num_stages or (5 if N <= 8192 else 3)
-    if programs is not None:
-        from energon.kernels.gemv_stream_k import gemv_stream_k
-
-        return gemv_stream_k(
-            x, weight, bias, relu, y, programs, MAX_ROWS, block_n, block_k, num_warps,
-            num_stages, pdl,
-        )  # fmt: skip
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x,
         weight,

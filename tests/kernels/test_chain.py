@@ -88,27 +88,6 @@ def test_a_plain_gemv_neither_waits_nor_releases():
     assert WAIT not in ptx and RELEASE not in ptx and "prefetch.global" not in ptx
 
 
-def test_a_stream_k_gemv_touches_nothing_in_memory_before_its_wait():
-    """Its programs learn their tiles only from their id: no load, store or atomic (the
-    partials and tickets the call before may still use) comes before the wait."""
-    from energon.kernels import gemv_stream_k
-
-    pointers = dict.fromkeys(("X", "W", "Bias", "Y"), "*fp16")
-    scratch = {"Partials": "*fp32", "Tickets": "*i32"}
-    names = ("M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "iters", "total")
-    constants = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, PARTS=4, HAS_BIAS=True, RELU=True)
-    kernel = gemv_stream_k._gemv_stream_k_kernel
-    signature = {**pointers, **scratch, **dict.fromkeys(names, "i32")}
-    ptx = _ptx(kernel, signature, {**constants, "PDL": True}, 4, 3)
-    wait, release = _first(ptx, re.escape(WAIT)), _first(ptx, re.escape(RELEASE))
-    assert wait < release
-    memory = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|st\.global|atom|red|cp\.async)")
-    assert not [line for line in ptx[:wait] if memory.search(line)]
-    assert [line for line in ptx[release:] if "atom.global" in line]  # the ticket, after
-    plain = "\n".join(_ptx(kernel, signature, {**constants, "PDL": False}, 4, 3))
-    assert WAIT not in plain and RELEASE not in plain
-
-
 def test_the_norm_kernel_waits_then_releases_before_reading_its_row():
     from energon.kernels import norm_kernels
 

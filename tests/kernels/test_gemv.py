@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from energon.kernels.gemv import ENV_SWITCH, STREAM_K_SWITCH, kernels_for, linear
+from energon.kernels.gemv import ENV_SWITCH, kernels_for, linear
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -53,82 +53,6 @@ def test_interpreted_gemv_equals_float64(triton_interpreter, with_bias, relu):
         assert torch.equal(got, want)
 
 
-# (rows, out features, in features, block_n, block_k, programs): tiles whole and shared by
-# 2 to 14 programs, ragged on both sides, one program, more programs than iterations
-STREAM_K_SHAPES = [
-    (1, 40, 70, 16, 16, 3),
-    (3, 64, 256, 16, 32, 7),
-    (16, 33, 300, 16, 64, 4),
-    (5, 130, 96, 32, 16, 11),
-    (2, 48, 64, 16, 16, 1),
-    (1, 20, 40, 16, 16, 50),
-    (4, 48, 256, 16, 16, 40),
-]
-
-
-def _gemv_stream_k(cases):
-    """Runs in the interpreter worker: each case by programs, then the tickets left behind."""
-    from energon.kernels import gemv_kernels, gemv_stream_k
-
-    out = [
-        gemv_kernels.gemv(x, w, b, relu, block_n=bn, block_k=bk, programs=p)
-        for x, w, b, relu, bn, bk, p in cases
-    ]
-    return out, [t.clone() for _, t in gemv_stream_k._SCRATCH[torch.device("cpu")]]
-
-
-@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-def test_interpreted_stream_k_gemv_equals_float64(triton_interpreter, with_bias, relu):
-    """Each program streams an even share of the block iterations; the last sharer of a tile
-    adds the others' partials and stores it, and every ticket is back at zero after."""
-    cases, expected, sharing = [], [], []
-    for i, (rows, n, k, bn, bk, programs) in enumerate(STREAM_K_SHAPES):
-        x, w, b = integer_case(rows, n, k, seed=10 + i)
-        b = b if with_bias else None
-        want = x.double() @ w.double().T + (b.double() if b is not None else 0)
-        expected.append((want.clamp_min(0) if relu else want).half())
-        cases.append((x, w, b, relu, bn, bk, programs))
-        tiles, iters = -(-n // bn), -(-k // bk)
-        sharing += sharers_counted(tiles, iters, min(programs, tiles * iters))
-    assert {1, 2, 3, 14} <= set(sharing)  # tiles whole and shared, unevenly
-    got, tickets = triton_interpreter.apply(_gemv_stream_k, (cases,))
-    for y, want in zip(got, expected, strict=True):
-        assert y.dtype == torch.float16 and y.shape == want.shape
-        assert torch.equal(y, want)
-    assert all(not t.any() for t in tickets)
-
-
-def sharers_counted(tiles: int, iters: int, programs: int) -> list[int]:
-    """Per tile, how many programs' runs of p * total // programs ... hold its iterations."""
-    total = tiles * iters
-    starts = [p * total // programs for p in range(programs + 1)]
-    owner = [p for p in range(programs) for _ in range(starts[p], starts[p + 1])]
-    return [len(set(owner[t * iters : (t + 1) * iters])) for t in range(tiles)]
-
-
-def test_max_sharers_bounds_every_tile():
-    """The bound the partials buffer is sized by, against the programs' runs counted out."""
-    from energon.kernels.gemv_stream_k import max_sharers
-
-    tight = 0
-    for tiles in range(1, 12):
-        for iters in range(1, 9):
-            for programs in range(1, tiles * iters + 1):
-                most = max(sharers_counted(tiles, iters, programs))
-                assert most <= max_sharers(tiles, iters, programs)
-                tight += most == max_sharers(tiles, iters, programs)
-    assert tight > 100
-
-
-def test_gemv_refuses_no_programs():
-    from energon.kernels import gemv_kernels
-
-    x, w, _ = integer_case(1, 8, 8, seed=0)
-    with pytest.raises(ValueError, match="programs must be >= 1"):
-        gemv_kernels.gemv(x, w, programs=0)
-
-
 def test_gemv_refuses_a_negative_prefetch_depth():
     from energon.kernels import gemv_kernels
 
@@ -159,9 +83,7 @@ def test_cpu_and_float32_inputs_stay_on_the_eager_ops():
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("rows", [1, 5, 16])
-@pytest.mark.parametrize("stream_k", ["0", "1", "2"], ids=["tiles", "stream-k", "stream-k2"])
-def test_cuda_gemv_agrees_with_cublas(dtype, rows, stream_k, monkeypatch):
-    monkeypatch.setenv(STREAM_K_SWITCH, stream_k)
+def test_cuda_gemv_agrees_with_cublas(dtype, rows):
     torch.manual_seed(rows)
     for n, k in [(5120, 5120), (20480, 5120), (5120, 20480), (3840, 1280), (100, 72)]:
         x = torch.randn(rows, k, device="cuda", dtype=dtype)
@@ -212,16 +134,13 @@ def chain(x, weights, norm_weight):
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
     reason="programmatic dependent launch needs sm_90",
 )
-@pytest.mark.parametrize("stream_k", ["0", "1"], ids=["tiles", "stream-k"])
-def test_dependent_launches_replayed_from_a_graph_equal_plain_ones(monkeypatch, stream_k):
+def test_dependent_launches_replayed_from_a_graph_equal_plain_ones(monkeypatch):
     """Each GEMV may start before the kernel before it ends and waits for it only before reading
     x: replayed from a CUDA graph with fresh inputs each time, the chain must give the same bits
     as with ENERGON_PDL=0 (plain launches). A GEMV that read x before its wait would read the
-    previous replay's values here; stream-K GEMVs that touched their shared partials or tickets
-    before it would mix two calls' sums."""
+    previous replay's values here."""
     from energon.kernels import PDL_SWITCH, dependent_launch
 
-    monkeypatch.setenv(STREAM_K_SWITCH, stream_k)
     torch.manual_seed(0)
     dev, f16 = "cuda", torch.float16
     shapes = [(20480, 5120), (5120, 20480), (5120, 5120), (3840, 5120)]
@@ -263,7 +182,7 @@ def test_a_gemv_on_the_previous_gemvs_output_launches_plainly(monkeypatch):
 
     class Kernels:  # stands in for gemv_kernels: records each launch's pdl
         @staticmethod
-        def gemv(x, weight, bias, relu, pdl, programs):
+        def gemv(x, weight, bias, relu, pdl):
             launches.append(pdl)
             return x @ weight.T
 

@@ -130,6 +130,16 @@ def _paged_attn_kernel(
     end = tl.minimum(start + split_len, ctx)
     wait_then_release(PDL)  # the step's lengths are read; q, k and v come from the kernel before
 
+    rows = tl.arange(0, BLOCK_M)
+    tok = rows // GROUP  # which new token of the sequence
+    head = kvh * GROUP + rows % GROUP
+    row_ok = tok < q_len
+    q_pos = ctx - q_len + tok  # absolute position of each row's query
+    # q before the cache write below: its round trip overlaps the new k and v's, not after
+    # the write's barrier
+    q_ptrs = Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
     if WRITE:  # the new tokens whose positions fall in this split: into their cache slots
         j = tl.arange(0, MAX_Q)
         j_ok = (j < q_len) & (ctx - q_len + j >= start) & (ctx - q_len + j < end)
@@ -144,14 +154,6 @@ def _paged_attn_kernel(
         tl.store(V + v_dst + kvh * stride_vh + d[None, :], v_new.to(V.dtype.element_ty), w_mask)
         tl.debug_barrier()  # the program's own reads below see these slots
 
-    rows = tl.arange(0, BLOCK_M)
-    tok = rows // GROUP  # which new token of the sequence
-    head = kvh * GROUP + rows % GROUP
-    row_ok = tok < q_len
-    q_pos = ctx - q_len + tok  # absolute position of each row's query
-
-    q_ptrs = Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)  # each row's head's ALiBi slope
     if USE_ALIBI:
         slope += tl.load(Slopes + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634

@@ -44,11 +44,17 @@ LOAD = re.compile(r"^\s*(@%p\d+\s+)?(ld\.global|cp\.async)")
 
 def _loads_before_wait(ptx: list[str]) -> list[set[int]]:
     """For each global load before the wait, the kernel parameters (by index) its address was
-    computed from: registers are followed from each `ld.param` through every instruction that
-    writes one (its first operand) from others."""
+    computed from."""
+    return _loads_before(ptx, _first(ptx, re.escape(WAIT)))
+
+
+def _loads_before(ptx: list[str], stop: int) -> list[set[int]]:
+    """For each global load before line `stop`, the kernel parameters (by index) its address
+    was computed from: registers are followed from each `ld.param` through every instruction
+    that writes one (its first operand) from others."""
     sources: dict[str, set[int]] = {}
     loads = []
-    for line in ptx[: _first(ptx, re.escape(WAIT))]:
+    for line in ptx[:stop]:
         code = line.split("//")[0]
         if param := re.search(r"ld\.param\S*\s+(%\w+), \[\w+_param_(\d+)\]", code):
             sources[param[1]] = {int(param[2])}
@@ -126,6 +132,30 @@ def test_the_fused_all_reduce_and_norm_reads_only_its_weights_and_addresses_befo
         frozenset({6}),
         frozenset({7}),
     }
+
+
+def test_paged_attention_loads_q_beside_the_new_keys_not_after_the_cache_writes_barrier():
+    """q comes from the kernel before; loaded before the write of the new K/V into the cache
+    and the barrier after it, its round trip overlaps theirs instead of following them."""
+    from energon.parallel import paged_attention
+
+    pointers = dict(Q="*fp16", K="*fp16", V="*fp16", Out="*fp16", OutPart="*fp32")
+    pointers |= dict(LsePart="*fp32", Tickets="*i32", KNew="*fp16", VNew="*fp16")
+    pointers |= dict(SlotMapping="*i64", BlockTables="*i32", ContextLens="*i32")
+    pointers |= dict(CuSeqlens="*i32", Slopes="*fp32", PrefixLens="*i32", qk_scale="fp32")
+    strides = [
+        f"stride_{s}" for s in "qt qh kb ks kh vb vs vh nt nh ot oh bt ps pt ph ls lt".split()
+    ]
+    constants = dict(HEAD_DIM=128, GROUP=1, PAGE=16, BLOCK_M=16, BLOCK_N=64, BLOCK_D=128)
+    constants |= dict(MAX_Q=1, USE_ALIBI=False, WRITE=True, SPLIT=True, SPLITS=16)
+    constants |= dict(PREFIX_PARTS=0, FOLD=False, VALID_M=1, COMBINE_M=1, IEEE=False, PDL=True)
+    signature = {**pointers, **dict.fromkeys(strides, "i32")}
+    ptx = _ptx(paged_attention._paged_attn_kernel, signature, constants, 4, 3)
+    wait = _first(ptx, re.escape(WAIT))
+    barrier = next(i for i, line in enumerate(ptx) if i > wait and "bar.sync" in line)
+    loaded = _loads_before(ptx, barrier)[len(_loads_before(ptx, wait)) :]
+    # parameters: Q 0, KNew 7, VNew 8 (the addresses also take strides)
+    assert all(any(p in sources for sources in loaded) for p in (0, 7, 8))
 
 
 def test_only_hopper_gpus_launch_dependently_and_the_switch_turns_it_off(monkeypatch):

@@ -61,10 +61,11 @@ def _norm_kernel(
 
 
 @triton.jit
-def vector(Ptr, cols, mask, PRESENT: tl.constexpr, absent: tl.constexpr):
-    """A weight or bias row as float32 (`absent` everywhere when not PRESENT). No kernel writes
-    these: a chained kernel loads them before its wait."""
-    row = tl.full(cols.shape, absent, tl.float32)
+def vector(Ptr, cols, mask, PRESENT: tl.constexpr):
+    """A weight or bias row as float32 when PRESENT (else an unread placeholder: the kernels
+    apply it only under the same flag). No kernel writes these: a chained kernel loads them
+    before its wait."""
+    row = tl.zeros(cols.shape, tl.float32)
     if PRESENT:
         row = tl.load(Ptr + cols, mask=mask, other=0.0).to(tl.float32)
     return row
@@ -72,8 +73,8 @@ def vector(Ptr, cols, mask, PRESENT: tl.constexpr, absent: tl.constexpr):
 
 @triton.jit
 def affine(Weight, Bias, cols, mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """(weight, bias) of a norm as float32 rows for `normalise` (ones / zeros where absent)."""
-    return vector(Weight, cols, mask, HAS_WEIGHT, 1.0), vector(Bias, cols, mask, HAS_BIAS, 0.0)
+    """(weight, bias) of a norm as float32 rows for `normalise`."""
+    return vector(Weight, cols, mask, HAS_WEIGHT), vector(Bias, cols, mask, HAS_BIAS)
 
 
 @triton.jit

@@ -129,7 +129,7 @@ def _one_shot_norm_kernel(
     table = buffers.to(tl.pointer_type(tl.uint64))
     mine = tl.load(table + RANK)
     weight, norm_bias = affine(Weight, NormBias, cols, mask, HAS_WEIGHT, HAS_NORM_BIAS)
-    bias = vector(Bias, cols, mask, HAS_BIAS, 0.0)
+    bias = vector(Bias, cols, mask, HAS_BIAS)
     wait_then_release(PDL)
     counters = (mine + offset + 2 * HALF).to(tl.pointer_type(tl.uint32))
     call = tl.load(counters + row) + 1  # uint32: wraps, keeping its parity

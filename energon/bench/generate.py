@@ -157,7 +157,8 @@ class TimedStagedRunner(StagedRunner):
         # per step: when the host entered sample_step and when it had queued the step
         self._host: list[tuple[float, float]] = []
         self._io: dict = {}
-        # profile the next decode step of this batch, or (True) the next prefill of one prompt
+        # profile the next decode step of about this batch (>= 3/4 of it: a pipeline's
+        # micro-batches are not all equal), or (True) the next prefill of one prompt
         self._profile_next: int | None = None
         self._profile_prefill = False
         self._profile: dict | None = None
@@ -167,7 +168,8 @@ class TimedStagedRunner(StagedRunner):
         seqs, tokens = len(step["query_lens"]), int(sum(step["query_lens"]))
         context = int(sum(step["context_lens"]))
         armed = self._profile_next
-        shape = (seqs == 1 and tokens > 1) if self._profile_prefill else tokens == seqs == armed
+        decode = tokens == seqs and armed is not None and seqs >= armed * 3 // 4
+        shape = (seqs == 1 and tokens > 1) if self._profile_prefill else decode
         if armed is not None and shape:
             self._profile_next = None
             return self._profiled_step(step)
@@ -250,9 +252,9 @@ class TimedStagedRunner(StagedRunner):
     def arm_profile(
         self, batch: int | None, prefill: bool = False, trace: str | None = None
     ) -> None:
-        """Run the next decode step of `batch` sequences (prefill: the next one-prompt prefill)
-        under torch.profiler; `trace`: also write its chrome trace to `{trace}-rank{r}.json`.
-        None disarms."""
+        """Run the next decode step of `batch` sequences or at least 3/4 of them (prefill: the
+        next one-prompt prefill) under torch.profiler; `trace`: also write its chrome trace to
+        `{trace}-rank{r}.json`. None disarms."""
         self._profile_next, self._profile, self._profile_prefill = batch, None, prefill
         self._profile_trace = trace
 

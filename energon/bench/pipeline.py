@@ -235,7 +235,9 @@ async def profile_decode_step(folder: str, engine: TimedEngine, prompts, infos) 
     base = os.path.join(folder, f"tp{engine.tp}-pp{engine.pp}-decode{n}")
     group = engine.group
     await group.broadcast("arm_profile", n, False, base)
-    short = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    # long enough that every prompt is computed while all still decode: pure decode steps of
+    # about a micro-batch each follow
+    short = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
     await asyncio.gather(*(engine.infer(p, short) for p in prompts))
     results = await group.broadcast("profile_result")
     await group.broadcast("arm_profile", None)  # disarmed, should no step have matched

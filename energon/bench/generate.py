@@ -139,6 +139,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------ worker side
 
 
+def profile_matches(armed: int | None, prefill: bool, seqs: int, tokens: int) -> bool:
+    """Whether a step of `seqs` sequences and `tokens` new tokens is the one armed for a profile
+    (`TimedStagedRunner.arm_profile`): with `prefill` one prompt's prefill, else a decode step of
+    `armed` sequences or at least 3/4 of them (a pipeline's micro-batches are not all equal)."""
+    if armed is None:
+        return False
+    if prefill:
+        return seqs == 1 and tokens > 1
+    return tokens == seqs and seqs >= armed * 3 // 4
+
+
 class TimedStagedRunner(StagedRunner):
     """The Engine's worker actor plus a log of its steps: (start, end, seqs, tokens, context)
     per `sample_step`, in perf_counter seconds of when the device began and finished the step's
@@ -167,10 +178,7 @@ class TimedStagedRunner(StagedRunner):
     def sample_step(self, step: dict) -> dict | Deferred | None:
         seqs, tokens = len(step["query_lens"]), int(sum(step["query_lens"]))
         context = int(sum(step["context_lens"]))
-        armed = self._profile_next
-        decode = tokens == seqs and armed is not None and seqs >= armed * 3 // 4
-        shape = (seqs == 1 and tokens > 1) if self._profile_prefill else decode
-        if armed is not None and shape:
+        if profile_matches(self._profile_next, self._profile_prefill, seqs, tokens):
             self._profile_next = None
             return self._profiled_step(step)
         self.clock = self.clock or DeviceClock(self.device)

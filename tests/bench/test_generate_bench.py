@@ -127,3 +127,13 @@ def test_raw_figures_hold_worker_timing_and_profiles(run):
     # lookahead (the default) chained decode steps; the ablation without it did not
     assert engine["lookahead"] and engine["facts_after"]["chained_steps"] > 0
     assert not sequential["lookahead"] and sequential["facts_after"]["chained_steps"] == 0
+
+
+def test_a_profile_takes_the_armed_decode_step_or_one_near_it():
+    match = generate.profile_matches
+    assert not match(None, False, 64, 64)  # not armed
+    assert match(64, False, 64, 64) and match(64, False, 48, 48) and match(64, False, 70, 70)
+    assert not match(64, False, 47, 47)  # under 3/4 of a micro-batch
+    assert not match(64, False, 64, 600)  # prompt tokens in the step: not a decode step
+    assert match(1, False, 1, 1) and not match(1, False, 1, 9)
+    assert match(1, True, 1, 9) and not match(1, True, 2, 18) and not match(1, True, 1, 1)

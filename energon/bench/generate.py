@@ -168,8 +168,8 @@ class TimedStagedRunner(StagedRunner):
         # per step: when the host entered sample_step and when it had queued the step
         self._host: list[tuple[float, float]] = []
         self._io: dict = {}
-        # profile the next decode step of about this batch (>= 3/4 of it: a pipeline's
-        # micro-batches are not all equal), or (True) the next prefill of one prompt
+        # profile the next step `profile_matches` picks: a decode step of about this batch, or
+        # (True) the next prefill of one prompt
         self._profile_next: int | None = None
         self._profile_prefill = False
         self._profile: dict | None = None
@@ -260,9 +260,9 @@ class TimedStagedRunner(StagedRunner):
     def arm_profile(
         self, batch: int | None, prefill: bool = False, trace: str | None = None
     ) -> None:
-        """Run the next decode step of `batch` sequences or at least 3/4 of them (prefill: the
-        next one-prompt prefill) under torch.profiler; `trace`: also write its chrome trace to
-        `{trace}-rank{r}.json`. None disarms."""
+        """Run the next step of about `batch` sequences that decode (prefill: the next
+        one-prompt prefill; `profile_matches`) under torch.profiler; `trace`: also write its
+        chrome trace to `{trace}-rank{r}.json`. None disarms."""
         self._profile_next, self._profile, self._profile_prefill = batch, None, prefill
         self._profile_trace = trace
 

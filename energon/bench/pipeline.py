@@ -23,8 +23,8 @@ replaces `--tp`/`--pp`: the 8-GPU table of the scaling issue. Records:
 `--trace PNG` draws each stage's waiting and working spans over a steady window of the largest
 pp's non-blocking and blocking runs (energon/bench/trace.py) and records how much of each run
 two stages worked at once. `--profile-dir DIR`: after the timed runs of each pp > 1 (default
-steps in flight), every worker runs one decode step of requests / pp sequences (a micro-batch)
-under torch.profiler and writes its chrome trace (`python bench/kernel_path.py` reads them):
+steps in flight), every worker runs one decode step of about requests / pp sequences (a
+micro-batch; `generate.profile_matches`) under torch.profiler and writes its chrome trace (`python bench/kernel_path.py` reads them):
 what each stage's share of a decode round is made of.
 """
 
@@ -227,7 +227,7 @@ def _preemption_note(run: dict) -> str:
 
 
 async def profile_decode_step(folder: str, engine: TimedEngine, prompts, infos) -> list:
-    """One decode step of a micro-batch (requests / pp sequences) under torch.profiler on every
+    """One decode step of a micro-batch (about requests / pp sequences) under torch.profiler on every
     worker, each writing `{folder}/tp{tp}-pp{pp}-decode{n}-rank{r}.json`; returns each stage's
     summary (its tp rank 0), None for a stage whose worker saw no such step."""
     n = max(1, len(prompts) // engine.pp)

@@ -84,9 +84,9 @@ def test_a_dependent_gemv_prefetches_and_reads_its_bias_then_waits_releases_and_
     wait, release = _first(ptx, re.escape(WAIT)), _first(ptx, re.escape(RELEASE))
     assert _first(ptx, r"prefetch\.global\.L2") < wait < release
     # parameters: X 0, W 1, Bias 2, Y 3; x's tiles (and the weights' pipelined ones) after it
-    assert _loads_before_wait(ptx) and all(p == {2} for p in _loads_before_wait(ptx))
-    after = [i for i, line in enumerate(ptx) if LOAD.search(line) and i > release]
-    assert after
+    before = _loads_before_wait(ptx)
+    assert before and all(p == {2} for p in before)
+    assert any(LOAD.search(line) for line in ptx[release:])
 
 
 def test_a_plain_gemv_neither_waits_nor_releases():
@@ -104,9 +104,9 @@ def test_the_norm_kernel_waits_then_releases_before_reading_its_row():
     wait, release = _first(ptx, re.escape(WAIT)), _first(ptx, re.escape(RELEASE))
     assert wait < release
     # only the norm's weight (parameter 4) before the wait; x (0) and the residual (1) after it
-    assert _loads_before_wait(ptx) and all(p == {4} for p in _loads_before_wait(ptx))
-    after = {i for i, line in enumerate(ptx) if LOAD.search(line) and i > release}
-    assert len(after) >= 2
+    before = _loads_before_wait(ptx)
+    assert before and all(p == {4} for p in before)
+    assert sum(bool(LOAD.search(line)) for line in ptx[release:]) >= 2
 
 
 def test_the_fused_all_reduce_and_norm_reads_only_its_weights_and_addresses_before_waiting():
@@ -153,7 +153,7 @@ def test_paged_attention_loads_q_beside_the_new_keys_not_after_the_cache_writes_
     ptx = _ptx(paged_attention._paged_attn_kernel, signature, constants, 4, 3)
     wait = _first(ptx, re.escape(WAIT))
     barrier = next(i for i, line in enumerate(ptx) if i > wait and "bar.sync" in line)
-    loaded = _loads_before(ptx, barrier)[len(_loads_before(ptx, wait)) :]
+    loaded = _loads_before(ptx, barrier)[len(_loads_before_wait(ptx)) :]
     # parameters: Q 0, KNew 7, VNew 8 (the addresses also take strides)
     assert all(any(p in sources for sources in loaded) for p in (0, 7, 8))
 

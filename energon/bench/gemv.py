@@ -13,6 +13,14 @@ On sm_90+ each shape also runs as the Engine launches it there, a programmatic d
 once per `--pdl-prefetch` value (weight tiles a program fetches into L2 before it waits for the
 kernel before it): records `{layer}_pdl{tiles}_us` against the plain Triton launches of the same
 graph. Each call in the graph waits for the one before, as in a decode step's chain.
+
+With `--tma` (sm_90+, at most `TMA_ROWS` rows) the Gluon kernel the Engine runs there
+(`energon.kernels.gemv_tma`, weights copied by TMA before the wait) is timed the same way,
+records `{layer}_tma_us` against the Triton GEMV's dependent launches. A GEMV in a decode step
+follows a latency-bound kernel (an all-reduce + norm, an attention) that leaves HBM idle; with
+`--behind-us`, every call in the graph follows a one-program kernel that spins that long (a
+dependent launch itself, releasing the GEMV right after its wait): records
+`{layer}_behind{us}_tma_us` and `_behind{us}_us`, the time a pair takes less the spin's own.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch.nn.functional as F
 
 from energon.bench.limits import copy_bandwidth
 from energon.bench.record import Record, copy_bandwidth_record, write_results
+from energon.kernels.gemv import TMA_ROWS
 
 SCENARIO = "gemv"
 # (model, layer, N, K, bias, relu) at tp=1; `split` says which side tp divides
@@ -52,6 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated weight tiles prefetched per program by the dependent launches "
         "(sm_90+; '' for none)",
     )
+    parser.add_argument(
+        "--tma", choices=["on", "off"], default="on", help="time the Gluon TMA GEMV (sm_90+)"
+    )
+    parser.add_argument(
+        "--behind-us",
+        default="6",
+        help="comma-separated spins (us) put before each call for the TMA comparison ('' none)",
+    )
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
 
 
@@ -73,6 +90,30 @@ def graph_seconds(fn, weights, reps: int = 3) -> float:
         end.synchronize()
         best = min(best, start.elapsed_time(end) / 1e3 / len(weights))
     return best
+
+
+@functools.cache
+def _spin_kernel():
+    import triton
+    import triton.language as tl
+
+    from energon.kernels.chain import wait_then_release
+
+    @triton.jit
+    def spin(ns, PDL: tl.constexpr):
+        wait_then_release(PDL)
+        start = tl.extra.cuda.globaltimer()
+        while tl.extra.cuda.globaltimer() - start < ns:
+            pass
+
+    return spin
+
+
+def spin(microseconds: float) -> None:
+    """One program that waits for the kernel before, lets the next one start and spins."""
+    from energon.kernels.chain import launch_options
+
+    _spin_kernel()[(1,)](int(microseconds * 1000), **launch_options(True))
 
 
 def shape_record(
@@ -185,8 +226,73 @@ def main(args: argparse.Namespace) -> int:
                             "the call before",
                         )
                     )
+                if args.tma == "on" and prefetches and rows <= TMA_ROWS:
+                    records += tma_records(args, model, layer, tp, rows, floor, x, bias, relu,
+                                           weights, triton, copies)  # fmt: skip
             del weights
     records.append(copy_bandwidth_record(SCENARIO, bandwidth, n_gpus=1))
     path = write_results(SCENARIO, records, args.out)
     print(f"\nwrote {path}")
     return 0
+
+
+def tma_records(args, model, layer, tp, rows, floor, x, bias, relu, weights, triton, copies):
+    """The Gluon TMA GEMV against the Triton GEMV's dependent launches (no L2 prefetch), alone
+    in a chain and behind each `--behind-us` spin."""
+    from energon.kernels import gemv_tma
+
+    def tma(w):
+        return gemv_tma.gemv(x, w, bias, relu, pdl=True)
+
+    dependent = functools.partial(triton, pdl=True, tiles=0)
+    diff = (tma(weights[0]).float() - dependent(weights[0]).float()).abs().max().item()
+    name, records = f"{model} {layer}", []
+    pairs = [(0.0, f"{layer}_tma_us", tma, dependent)]
+    for us in (float(u) for u in args.behind_us.split(",") if u.strip()):
+        spun = [(lambda w, f=f, us=us: (spin(us), f(w))[1]) for f in (tma, dependent)]
+        pairs.append((us, f"{layer}_behind{us:g}_tma_us", *spun))
+    spin_alone = {}
+    for us, metric, ours, theirs in pairs:
+        if us and us not in spin_alone:
+            spin_alone[us] = graph_seconds(lambda w, us=us: spin(us), weights)
+        less = spin_alone.get(us, 0.0)
+        t_ours = graph_seconds(ours, weights) - less
+        t_theirs = graph_seconds(theirs, weights) - less
+        print(f"{name:>22} {tp:>2} {rows:>4} TMA{f' behind {us:g} us' if us else ''}: "
+              f"{t_ours * 1e6:.2f} us against {t_theirs * 1e6:.2f} ({t_theirs / t_ours:.3f}x, "
+              f"{floor / t_ours:.3f} of floor; spin {less * 1e6:.2f} us)", flush=True)  # fmt: skip
+        where = (
+            f"each after a {us:g} us spin (a pair's time less the spin's own, {less * 1e6:.2f} us)"
+        )
+        records.append(
+            shape_record(
+                args,
+                model,
+                metric,
+                tp,
+                rows,
+                floor,
+                t_ours,
+                "the Triton GEMV, dependent launches, no L2 prefetch (same graph)",
+                t_theirs,
+                f"as {layer}_us, the Gluon TMA kernel (energon/kernels/gemv_tma.py), "
+                f"{'alone in the chain' if not us else where}; {copies} calls a graph; "
+                f"max |tma - triton| {diff:.2e}",
+            )  # fmt: skip
+        )
+        if us:
+            records.append(
+                shape_record(
+                    args,
+                    model,
+                    f"{layer}_behind{us:g}_us",
+                    tp,
+                    rows,
+                    floor,
+                    t_theirs,
+                    "the same, plain spin timing",
+                    t_theirs,
+                    f"as {layer}_pdl0_us, {where}",
+                )  # fmt: skip
+            )
+    return records

@@ -26,6 +26,7 @@ GEMV plainly. The results are the same bits either way.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -34,7 +35,9 @@ import torch.nn.functional as F
 from energon.kernels import dependent_launch, triton_kernels_for
 
 ENV_SWITCH = "ENERGON_TRITON_GEMV"  # "0": every linear on cuBLAS
+TMA_SWITCH = "ENERGON_GEMV_TMA"  # "0": one or two rows on gemv_kernels too
 MAX_ROWS = 16  # rows of x the Triton kernel takes (one tensor-core tile)
+TMA_ROWS = 2  # rows of x the Gluon kernel (gemv_tma.py) takes
 
 
 def kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -45,6 +48,17 @@ def kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         return None
     return triton_kernels_for("gemv_kernels", ENV_SWITCH, x, weight, bias)
+
+
+def tma_kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The Gluon GEMV module (gemv_tma.py) when it takes this call: Hopper or later with
+    dependent launches on, one or two rows, TMA-aligned rows; else None."""
+    if x.shape[0] > TMA_ROWS or not dependent_launch(x.device):
+        return None
+    if os.environ.get(TMA_SWITCH, "1") == "0":
+        return None
+    module = triton_kernels_for("gemv_tma", ENV_SWITCH, x, weight, bias)
+    return module if module is not None and module.takes(x, weight) else None
 
 
 class _LastOutput:
@@ -69,7 +83,9 @@ def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False
 ) -> torch.Tensor:
     """x @ weight.T (+ bias) (then ReLU), by the fastest kernel for its shape."""
-    if kernels := kernels_for(x, weight, bias):
+    if (kernels := kernels_for(x, weight, bias)) and (tma := tma_kernels_for(x, weight, bias)):
+        return _LastOutput.remember(tma.gemv(x, weight, bias, relu, pdl=True))
+    if kernels:
         pdl = dependent_launch(x.device) and not _LastOutput.wrote(x)
         return _LastOutput.remember(kernels.gemv(x, weight, bias, relu, pdl=pdl))
     if relu and bias is not None and x.is_cuda and x.dim() == 2 and x.dtype != torch.float32:

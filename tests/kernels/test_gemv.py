@@ -140,7 +140,9 @@ def test_dependent_launches_replayed_from_a_graph_equal_plain_ones(monkeypatch):
     as with ENERGON_PDL=0 (plain launches). A GEMV that read x before its wait would read the
     previous replay's values here."""
     from energon.kernels import PDL_SWITCH, dependent_launch
+    from energon.kernels.gemv import TMA_SWITCH
 
+    monkeypatch.setenv(TMA_SWITCH, "0")  # one or two rows on this kernel too: test_gemv_tma.py
     torch.manual_seed(0)
     dev, f16 = "cuda", torch.float16
     shapes = [(20480, 5120), (5120, 20480), (5120, 5120), (3840, 5120)]

@@ -1,0 +1,234 @@
+"""The decode GEMV whose weights start streaming before the kernel before it ends (Gluon, Hopper).
+
+`gemv_kernels`' Triton GEMV may start while the kernel before it still runs (a programmatic
+dependent launch), but its pipelined weight loads are issued only after its wait: Triton puts a
+loop's prologue right before the loop. So at tp=2 the HBM idles through each fused all-reduce +
+norm (6.7 us a call) and each paged attention (11.4 us), 4-5 us a layer of it per kernel boundary
+(docs/benchmarks.md, "Engine generation"). Here every program fills a ring of STAGES shared-memory
+slots with its first weight tiles by TMA before it waits, so a GEMV behind a latency-bound kernel
+finds up to ~20 MB (STAGES x a tile x its programs) already on chip when its input is ready.
+
+Work: the output features are cut into tiles of BLOCK_N rows; each program takes `per_program`
+consecutive tiles (the launch picks the fewest programs that keep every program's share equal,
+at most one a SM), walking each tile's K in BLOCK_K steps through one ring that runs on across
+its tiles. A slot holds a weight tile [BLOCK_N, BLOCK_K] and the matching x tile
+[BLOCK_M, BLOCK_K] (TMA pads rows past M and columns past K with zeros), both counted on one
+mbarrier: the weight copy is issued before the wait, the x copy after it. The products are
+summed in fp32 on the CUDA cores (a row or two of x leaves the tensor cores nothing to do);
+bias and ReLU in the epilogue, as in `gemv_kernels`.
+
+Imported only on CUDA (energon.kernels.triton_module); compiled for sm_90 on CPU by
+tests/kernels/test_chain.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from energon.kernels.gemv import TMA_ROWS
+
+# triton 3.6 (the GPU image) names the TMA load async_copy_global_to_shared; 3.9 async_load
+# and its CTA barrier thread_barrier; 3.9 barrier
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
+MAX_ROWS = TMA_ROWS  # rows of x this kernel takes; more go to gemv_kernels
+BLOCK_N = 32  # output features a tile
+BLOCK_K = 256  # input features a step: one 512-byte row of a tile per warp load
+STAGES = 10  # ring slots a program: 10 x 16 KB of weights in flight
+NUM_WARPS = 4
+
+
+@gluon.jit
+def _wait_then_release(PDL: gl.constexpr):
+    """chain.wait_then_release for a Gluon kernel."""
+    if PDL:
+        gl.inline_asm_elementwise(
+            "griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
+        )
+        gl.inline_asm_elementwise(
+            "griddepcontrol.launch_dependents; // $0",
+            "=r",
+            [],
+            dtype=gl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+
+@gluon.jit
+def _issue(
+    w_desc, x_desc, slot, ready, w_ring, x_ring, step, first, steps_k, live, WEIGHTS: gl.constexpr
+):
+    """The copy of ring step `step` (tile first + step // steps_k, K step step % steps_k) into
+    `slot`: the weight tile (WEIGHTS) or the x tile."""
+    tile = first + step // steps_k
+    k = (step % steps_k) * w_desc.block_type.shape[1]
+    if WEIGHTS:
+        bytes_: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes
+        mbarrier.expect(ready.index(slot), bytes_, pred=live)
+        _tma_load(
+            w_desc,
+            [tile * w_desc.block_type.shape[0], k],
+            ready.index(slot),
+            w_ring.index(slot),
+            pred=live,
+        )
+    else:
+        _tma_load(x_desc, [0, k], ready.index(slot), x_ring.index(slot), pred=live)
+
+
+@gluon.jit
+def _gemv_tma_kernel(
+    x_desc,
+    w_desc,
+    Bias,
+    Y,
+    M,
+    N,
+    K,
+    stride_ym,
+    tiles,
+    per_program,
+    HAS_BIAS: gl.constexpr,
+    RELU: gl.constexpr,
+    PDL: gl.constexpr,
+    STAGES: gl.constexpr,
+    WARPS: gl.constexpr,
+):
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
+    # [rows of x, features, K]: a warp reads one 512-byte row of a weight tile at a time
+    product: gl.constexpr = gl.BlockedLayout([BLOCK_M, 1, 8], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
+    w_layout: gl.constexpr = gl.SliceLayout(0, product)
+    x_layout: gl.constexpr = gl.SliceLayout(1, product)
+    out_layout: gl.constexpr = gl.SliceLayout(2, product)
+
+    pid = gl.program_id(0)
+    first = pid * per_program
+    count = gl.minimum(per_program, tiles - first)
+    steps_k = gl.cdiv(K, BLOCK_K)
+    steps = count * steps_k
+
+    w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    x_ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+    fence_async_shared()
+    for s in gl.static_range(STAGES):  # no kernel writes the weights: streamed before the wait
+        _issue(w_desc, x_desc, s, ready, w_ring, x_ring, s, first, steps_k, s < steps, True)
+    _wait_then_release(PDL)  # the kernel before has finished: x is ready, y is free
+    for s in gl.static_range(STAGES):
+        _issue(w_desc, x_desc, s, ready, w_ring, x_ring, s, first, steps_k, s < steps, False)
+
+    m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+    step = 0
+    for t in range(count):
+        n = (first + t) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+        if HAS_BIAS:  # in flight through the tile's K steps
+            bias = gl.load(Bias + n, mask=n < N, other=0.0).to(gl.float32)
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, out_layout)
+        for _ in range(steps_k):
+            slot = step % STAGES
+            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+            w = w_ring.index(slot).load(w_layout).to(gl.float32)
+            x = x_ring.index(slot).load(x_layout).to(gl.float32)
+            acc += gl.sum(gl.expand_dims(w, 0) * gl.expand_dims(x, 1), axis=2)
+            _cta_barrier()  # every warp has read the slot: refill it
+            refill = step + STAGES
+            live = refill < steps
+            _issue(w_desc, x_desc, slot, ready, w_ring, x_ring, refill, first, steps_k, live, True)
+            _issue(w_desc, x_desc, slot, ready, w_ring, x_ring, refill, first, steps_k, live, False)
+            step += 1
+        if HAS_BIAS:
+            acc += gl.expand_dims(bias, 0)
+        if RELU:
+            acc = gl.maximum(acc, 0.0)
+        y_ptrs = Y + gl.expand_dims(m, 1) * stride_ym + gl.expand_dims(n, 0)
+        mask = gl.expand_dims(m < M, 1) & gl.expand_dims(n < N, 0)
+        gl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(s))
+
+
+def takes(x, weight) -> bool:
+    """Whether this kernel can run x [M, K] @ weight [N, K].T: at most MAX_ROWS rows, dense
+    rows whose starts TMA can address (16-byte aligned)."""
+    return (
+        x.dim() == 2
+        and x.shape[0] <= MAX_ROWS
+        and x.stride(1) == 1
+        and weight.stride(1) == 1
+        and all(
+            t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in (x, weight)
+        )
+    )
+
+
+@functools.cache
+def _layout(bits: int):
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=2)
+
+
+@functools.cache
+def _split(tiles: int, sms: int) -> tuple[int, int]:
+    """(tiles a program, programs): the fewest programs, at most `sms`, that give every
+    program the same number of tiles but the last."""
+    per = triton.cdiv(tiles, sms)
+    return per, triton.cdiv(tiles, per)
+
+
+@functools.cache
+def _sms(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def gemv(x, weight, bias=None, relu=False, pdl=False, stages=STAGES):
+    """x [M, K] (M <= MAX_ROWS) @ weight [N, K].T (+ bias [N]) (ReLU) -> [M, N] in x's dtype,
+    the weights' first `stages` tiles a program copied before the wait (`pdl`: a programmatic
+    dependent launch; module docstring)."""
+    import torch
+
+    M, K = x.shape
+    N = weight.shape[0]
+    if not takes(x, weight) or weight.shape[1] != K:
+        raise ValueError(
+            f"gemv_tma takes x [<= {MAX_ROWS}, K] and weight [N, K], 16-byte aligned rows"
+        )
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    layout = _layout(x.element_size() * 8)
+    block_m = 1 if M == 1 else MAX_ROWS
+    x_desc = TensorDescriptor.from_tensor(x, [block_m, BLOCK_K], layout)
+    w_desc = TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], layout)
+    tiles = triton.cdiv(N, BLOCK_N)
+    per, programs = _split(tiles, _sms(x.device.index or 0))
+    _gemv_tma_kernel[(programs,)](
+        x_desc,
+        w_desc,
+        bias if bias is not None else weight,
+        y,
+        M,
+        N,
+        K,
+        y.stride(0),
+        tiles,
+        per,
+        HAS_BIAS=bias is not None,
+        RELU=relu,
+        PDL=pdl,
+        STAGES=stages,
+        WARPS=NUM_WARPS,
+        num_warps=NUM_WARPS,
+        **({"launch_pdl": True} if pdl else {}),
+    )
+    return y

@@ -1,0 +1,179 @@
+"""The Gluon TMA GEMV (energon/kernels/gemv_tma.py): where `linear` sends a call, what its sm_90
+code does before waiting for the kernel before it, and (on a GPU) its results against float64.
+
+The PTX test compiles for an H100/H200 on this machine (no GPU needed): the weights' TMA copies
+come before `griddepcontrol.wait`, the copies of x after it, and nothing else is read before it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from energon.kernels import gemv
+from tests.kernels.test_chain import LOAD, RELEASE, WAIT, _first
+
+needs_hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="TMA and programmatic dependent launches need sm_90",
+)
+COPY = "cp.async.bulk.tensor"
+
+
+def _ptx(num_warps: int = 4) -> list[str]:
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    from energon.kernels import gemv_tma
+
+    layout = gemv_tma._layout(16)
+    x, w = torch.zeros(1, 5120, dtype=torch.float16), torch.zeros(7680, 5120, dtype=torch.float16)
+    descs = [
+        TensorDescriptor.from_tensor(x, [1, gemv_tma.BLOCK_K], layout),
+        TensorDescriptor.from_tensor(w, [gemv_tma.BLOCK_N, gemv_tma.BLOCK_K], layout),
+    ]
+    signature = dict(zip(("x_desc", "w_desc"), map(mangle_type, descs), strict=True))
+    signature |= dict(Bias="*fp16", Y="*fp16")
+    signature |= dict.fromkeys(("M", "N", "K", "stride_ym", "tiles", "per_program"), "i32")
+    constants = dict(HAS_BIAS=True, RELU=False, PDL=True, STAGES=gemv_tma.STAGES, WARPS=num_warps)
+    source = GluonASTSource(
+        gemv_tma._gemv_tma_kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constants
+    )
+    options = {"num_warps": num_warps, "num_stages": 1}
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    except RuntimeError as exc:  # a triton built without its CUDA back end
+        pytest.skip(f"no sm_90 compiler here: {exc}")
+    return compiled.asm["ptx"].splitlines()
+
+
+def _copies(lines: list[str]) -> list[str]:
+    """The tensor map (a kernel parameter's address register) of each TMA copy in `lines`."""
+    return [re.search(r"\], \[(%rd\d+),", line)[1] for line in lines if COPY in line]
+
+
+def test_the_weights_stream_before_the_wait_and_x_comes_after_it():
+    from energon.kernels.gemv_tma import STAGES
+
+    ptx = _ptx()
+    wait, release = _first(ptx, re.escape(WAIT)), _first(ptx, re.escape(RELEASE))
+    assert wait < release
+    before, after = _copies(ptx[:wait]), _copies(ptx[release:])
+    # one weight copy a ring slot before the wait, all through the same tensor map
+    assert len(before) == STAGES and len(set(before)) == 1
+    weights = before[0]
+    # after it: the copies of x into every slot (another map), then the loop's refills of both
+    x_maps = set(after) - {weights}
+    assert len(x_maps) == 1 and after[:STAGES] == [x_maps.pop()] * STAGES
+    assert weights in after[STAGES:]
+    # and no other read before the kernel before has finished
+    assert not [line for line in ptx[:wait] if LOAD.search(line) and COPY not in line]
+
+
+def test_linear_sends_one_or_two_rows_to_it_only_with_dependent_launches(monkeypatch):
+    """`tma_kernels_for` decides before importing anything: more rows, no dependent launches
+    (before Hopper, ENERGON_PDL=0) or ENERGON_GEMV_TMA=0 keep the call on gemv_kernels."""
+    imported = []
+    module = type("Module", (), {"takes": staticmethod(lambda x, w: True)})
+    monkeypatch.setattr(gemv, "dependent_launch", lambda device: True)
+    monkeypatch.setattr(
+        gemv, "triton_kernels_for", lambda name, *a: imported.append(name) or module
+    )
+    w = torch.randn(8, 16)
+    assert gemv.tma_kernels_for(torch.randn(gemv.TMA_ROWS, 16), w, None) is module
+    assert gemv.tma_kernels_for(torch.randn(gemv.TMA_ROWS + 1, 16), w, None) is None
+    monkeypatch.setenv(gemv.TMA_SWITCH, "0")
+    assert gemv.tma_kernels_for(torch.randn(1, 16), w, None) is None
+    monkeypatch.delenv(gemv.TMA_SWITCH)
+    monkeypatch.setattr(gemv, "dependent_launch", lambda device: False)
+    assert gemv.tma_kernels_for(torch.randn(1, 16), w, None) is None
+    assert imported == ["gemv_tma"]
+
+
+def integer_case(rows, n, k, dtype, seed):
+    """x, weight, bias of small integers on the GPU: every product and partial sum is exact in
+    float32, so the result must equal float64 math rounded once to `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    x, weight = (torch.randint(-3, 4, shape, generator=g) for shape in ((rows, k), (n, k)))
+    bias = torch.randint(-50, 51, (n,), generator=g)
+    return [t.to("cuda", dtype) for t in (x, weight, bias)]
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_tma_gemv_equals_float64_rounded_once(dtype):
+    from energon.kernels import gemv_tma
+
+    # ragged tiles on both sides, a program with several tiles (N past 32 x the SMs), K past
+    # the ring (more steps than slots) and shorter than one slot
+    shapes = [(1, 40, 72), (2, 7680, 5120), (1, 5120, 20480), (2, 33, 296), (1, 10240 + 8, 1280)]
+    for i, (rows, n, k) in enumerate(shapes):
+        x, w, b = integer_case(rows, n, k, dtype, seed=i)
+        for bias, relu in ((None, False), (b, False), (b, True)):
+            want = x.double() @ w.double().T + (bias.double() if bias is not None else 0)
+            want = (want.clamp_min(0) if relu else want).to(dtype)
+            got = gemv_tma.gemv(x, w, bias, relu, pdl=False)
+            assert torch.equal(got, want), (rows, n, k, bias is not None, relu)
+    with pytest.raises(ValueError, match="gemv_tma takes"):
+        gemv_tma.gemv(torch.zeros(3, 64, device="cuda", dtype=dtype), w[:, :64])
+
+
+def layer(x, weights, norm_weight, apart=False):
+    """A decode layer's chain on the TMA GEMV: norm, GEMV, GEMV + ReLU, GEMV, norm, GEMV;
+    `apart`: the device finishes each kernel before the next is launched."""
+    from energon.kernels.norm_kernels import norm_rows
+
+    def then(out):
+        if apart:
+            torch.cuda.synchronize()
+        return out
+
+    w1, w2, w3, w4 = weights
+    h = then(norm_rows(then(x), norm_weight, None, 1e-5, rms=True)[0])
+    h = then(gemv.linear(then(gemv.linear(h, w1)), w2, relu=True))
+    h = then(norm_rows(then(gemv.linear(h, w3)), norm_weight, None, 1e-5, rms=True)[0])
+    return then(gemv.linear(h, w4))
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_replayed_from_a_graph_it_reads_x_only_after_the_kernel_before_wrote_it():
+    """Every TMA GEMV of the chain starts early and copies its weights while the kernel before
+    runs; replayed from a CUDA graph with fresh inputs, the results must equal the same calls
+    made one at a time with the device idle in between (nothing overlaps there). A GEMV that
+    copied x before its wait would see the previous replay's values."""
+    torch.manual_seed(0)
+    dev, f16 = "cuda", torch.float16
+    shapes = [(20480, 5120), (5120, 20480), (5120, 5120), (3840, 5120)]
+    weights = [torch.randn(n, k, device=dev, dtype=f16) * k**-0.5 for n, k in shapes]
+    norm_weight = torch.rand(5120, device=dev, dtype=f16) + 0.5
+    inputs = [torch.randn(rows, 5120, device=dev, dtype=f16) for rows in (1, 1, 2, 2)]
+    x = torch.randn(1, 5120, device=dev, dtype=f16)
+    assert gemv.tma_kernels_for(x, weights[0], None) is not None
+
+    def replayed(rows):
+        static = torch.zeros(rows, 5120, device=dev, dtype=f16)
+        layer(static, weights, norm_weight)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(static, weights, norm_weight)
+        results = []
+        for x in inputs:
+            if x.shape[0] == rows:
+                static.copy_(x)
+                graph.replay()
+                results.append(out.clone())
+        return results
+
+    graphs = replayed(1) + replayed(2)
+    alone = [layer(x, weights, norm_weight, apart=True) for x in inputs]
+    assert all(map(torch.equal, graphs, alone))
+    assert not torch.equal(alone[0], alone[1])  # the inputs differ

@@ -39,10 +39,10 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 MAX_ROWS = TMA_ROWS  # rows of x this kernel takes; more go to gemv_kernels
-BLOCK_N = 32  # output features a tile
+BLOCK_NS = (32, 16, 8)  # output features a tile: the widest that keeps most SMs streaming
 BLOCK_K = 256  # input features a step: one 512-byte row of a tile per warp load
-STAGES = 10  # ring slots a program: 10 x 16 KB of weights in flight
-NUM_WARPS = 4
+RING_BYTES = 160 << 10  # weights a program keeps in flight (its ring's slots)
+NUM_WARPS = 8
 
 
 @gluon.jit
@@ -135,19 +135,20 @@ def _gemv_tma_kernel(
         n = (first + t) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
         if HAS_BIAS:  # in flight through the tile's K steps
             bias = gl.load(Bias + n, mask=n < N, other=0.0).to(gl.float32)
-        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, out_layout)
+        partial = gl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], gl.float32, product)  # summed at the end
         for _ in range(steps_k):
             slot = step % STAGES
             mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
             w = w_ring.index(slot).load(w_layout).to(gl.float32)
             x = x_ring.index(slot).load(x_layout).to(gl.float32)
-            acc += gl.sum(gl.expand_dims(w, 0) * gl.expand_dims(x, 1), axis=2)
+            partial += gl.expand_dims(w, 0) * gl.expand_dims(x, 1)
             _cta_barrier()  # every warp has read the slot: refill it
             refill = step + STAGES
             live = refill < steps
             _issue(w_desc, x_desc, slot, ready, w_ring, x_ring, refill, first, steps_k, live, True)
             _issue(w_desc, x_desc, slot, ready, w_ring, x_ring, refill, first, steps_k, live, False)
             step += 1
+        acc = gl.sum(partial, axis=2)
         if HAS_BIAS:
             acc += gl.expand_dims(bias, 0)
         if RELU:
@@ -179,11 +180,21 @@ def _layout(bits: int):
 
 
 @functools.cache
-def _split(tiles: int, sms: int) -> tuple[int, int]:
-    """(tiles a program, programs): the fewest programs, at most `sms`, that give every
-    program the same number of tiles but the last."""
-    per = triton.cdiv(tiles, sms)
-    return per, triton.cdiv(tiles, per)
+def plan(n: int, sms: int, block_n: int | None = None) -> tuple[int, int, int]:
+    """(block_n, tiles a program, programs) for n output features: the fewest programs, at most
+    `sms`, that give every program the same number of tiles but the last, with the widest tile
+    of BLOCK_NS that still puts 9 in 10 SMs to work (else the narrowest)."""
+    for width in (block_n,) if block_n else BLOCK_NS:
+        per = triton.cdiv(triton.cdiv(n, width), sms)
+        programs = triton.cdiv(triton.cdiv(n, width), per)
+        if programs * 10 >= sms * 9:
+            break
+    return width, per, programs
+
+
+def ring_slots(block_n: int, element_size: int, ring_bytes: int = RING_BYTES) -> int:
+    """Slots of a program's ring: `ring_bytes` of weight tiles, at least two."""
+    return max(2, ring_bytes // (block_n * BLOCK_K * element_size))
 
 
 @functools.cache
@@ -193,10 +204,20 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def gemv(x, weight, bias=None, relu=False, pdl=False, stages=STAGES):
+def gemv(
+    x,
+    weight,
+    bias=None,
+    relu=False,
+    pdl=False,
+    block_n=None,
+    ring_bytes=RING_BYTES,
+    num_warps=NUM_WARPS,
+):
     """x [M, K] (M <= MAX_ROWS) @ weight [N, K].T (+ bias [N]) (ReLU) -> [M, N] in x's dtype,
-    the weights' first `stages` tiles a program copied before the wait (`pdl`: a programmatic
-    dependent launch; module docstring)."""
+    a program's first `ring_bytes` of weight tiles copied before the wait (`pdl`: a
+    programmatic dependent launch; module docstring). `block_n`: the tile width (plan's
+    choice by default)."""
     import torch
 
     M, K = x.shape
@@ -209,9 +230,10 @@ def gemv(x, weight, bias=None, relu=False, pdl=False, stages=STAGES):
     layout = _layout(x.element_size() * 8)
     block_m = 1 if M == 1 else MAX_ROWS
     x_desc = TensorDescriptor.from_tensor(x, [block_m, BLOCK_K], layout)
-    w_desc = TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], layout)
-    tiles = triton.cdiv(N, BLOCK_N)
-    per, programs = _split(tiles, _sms(x.device.index or 0))
+    block_n, per, programs = plan(N, _sms(x.device.index or 0), block_n)
+    w_desc = TensorDescriptor.from_tensor(weight, [block_n, BLOCK_K], layout)
+    tiles = triton.cdiv(N, block_n)
+    stages = ring_slots(block_n, weight.element_size(), ring_bytes)
     _gemv_tma_kernel[(programs,)](
         x_desc,
         w_desc,
@@ -227,8 +249,8 @@ def gemv(x, weight, bias=None, relu=False, pdl=False, stages=STAGES):
         RELU=relu,
         PDL=pdl,
         STAGES=stages,
-        WARPS=NUM_WARPS,
-        num_warps=NUM_WARPS,
+        WARPS=min(num_warps, block_n),
+        num_warps=min(num_warps, block_n),
         **({"launch_pdl": True} if pdl else {}),
     )
     return y

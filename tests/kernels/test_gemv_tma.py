@@ -22,7 +22,10 @@ needs_hopper = pytest.mark.skipif(
 COPY = "cp.async.bulk.tensor"
 
 
-def _ptx(num_warps: int = 4) -> list[str]:
+BLOCK_N = 32
+
+
+def _ptx(num_warps: int = 8) -> list[str]:
     pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -36,12 +39,13 @@ def _ptx(num_warps: int = 4) -> list[str]:
     x, w = torch.zeros(1, 5120, dtype=torch.float16), torch.zeros(7680, 5120, dtype=torch.float16)
     descs = [
         TensorDescriptor.from_tensor(x, [1, gemv_tma.BLOCK_K], layout),
-        TensorDescriptor.from_tensor(w, [gemv_tma.BLOCK_N, gemv_tma.BLOCK_K], layout),
+        TensorDescriptor.from_tensor(w, [BLOCK_N, gemv_tma.BLOCK_K], layout),
     ]
     signature = dict(zip(("x_desc", "w_desc"), map(mangle_type, descs), strict=True))
     signature |= dict(Bias="*fp16", Y="*fp16")
     signature |= dict.fromkeys(("M", "N", "K", "stride_ym", "tiles", "per_program"), "i32")
-    constants = dict(HAS_BIAS=True, RELU=False, PDL=True, STAGES=gemv_tma.STAGES, WARPS=num_warps)
+    stages = gemv_tma.ring_slots(BLOCK_N, 2)
+    constants = dict(HAS_BIAS=True, RELU=False, PDL=True, STAGES=stages, WARPS=num_warps)
     source = GluonASTSource(
         gemv_tma._gemv_tma_kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constants
     )
@@ -59,9 +63,10 @@ def _copies(lines: list[str]) -> list[str]:
 
 
 def test_the_weights_stream_before_the_wait_and_x_comes_after_it():
-    from energon.kernels.gemv_tma import STAGES
+    from energon.kernels.gemv_tma import ring_slots
 
     ptx = _ptx()
+    STAGES = ring_slots(BLOCK_N, 2)
     wait, release = _first(ptx, re.escape(WAIT)), _first(ptx, re.escape(RELEASE))
     assert wait < release
     before, after = _copies(ptx[:wait]), _copies(ptx[release:])

@@ -39,10 +39,10 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 MAX_ROWS = TMA_ROWS  # rows of x this kernel takes; more go to gemv_kernels
-BLOCK_NS = (32, 16, 8)  # output features a tile: the widest that keeps most SMs streaming
+BLOCK_N = 32  # output features a tile (16 and 8 lost 3-40 us a call on an H200)
 BLOCK_K = 256  # input features a step: one 512-byte row of a tile per warp load
 RING_BYTES = 160 << 10  # weights a program keeps in flight (its ring's slots)
-NUM_WARPS = 8
+NUM_WARPS = 4  # (8: 0.4-6 us slower a call but for the K-heavy shapes at tp=2)
 
 
 @gluon.jit
@@ -180,16 +180,11 @@ def _layout(bits: int):
 
 
 @functools.cache
-def plan(n: int, sms: int, block_n: int | None = None) -> tuple[int, int, int]:
-    """(block_n, tiles a program, programs) for n output features: the fewest programs, at most
-    `sms`, that give every program the same number of tiles but the last, with the widest tile
-    of BLOCK_NS that still puts 9 in 10 SMs to work (else the narrowest)."""
-    for width in (block_n,) if block_n else BLOCK_NS:
-        per = triton.cdiv(triton.cdiv(n, width), sms)
-        programs = triton.cdiv(triton.cdiv(n, width), per)
-        if programs * 10 >= sms * 9:
-            break
-    return width, per, programs
+def plan(tiles: int, sms: int) -> tuple[int, int]:
+    """(tiles a program, programs): the fewest programs, at most `sms`, that give every program
+    the same number of tiles but the last."""
+    per = triton.cdiv(tiles, sms)
+    return per, triton.cdiv(tiles, per)
 
 
 def ring_slots(block_n: int, element_size: int, ring_bytes: int = RING_BYTES) -> int:
@@ -216,8 +211,7 @@ def gemv(
 ):
     """x [M, K] (M <= MAX_ROWS) @ weight [N, K].T (+ bias [N]) (ReLU) -> [M, N] in x's dtype,
     a program's first `ring_bytes` of weight tiles copied before the wait (`pdl`: a
-    programmatic dependent launch; module docstring). `block_n`: the tile width (plan's
-    choice by default)."""
+    programmatic dependent launch; module docstring). `block_n`: the tile width."""
     import torch
 
     M, K = x.shape
@@ -230,9 +224,10 @@ def gemv(
     layout = _layout(x.element_size() * 8)
     block_m = 1 if M == 1 else MAX_ROWS
     x_desc = TensorDescriptor.from_tensor(x, [block_m, BLOCK_K], layout)
-    block_n, per, programs = plan(N, _sms(x.device.index or 0), block_n)
+    block_n = block_n or BLOCK_N
     w_desc = TensorDescriptor.from_tensor(weight, [block_n, BLOCK_K], layout)
     tiles = triton.cdiv(N, block_n)
+    per, programs = plan(tiles, _sms(x.device.index or 0))
     stages = ring_slots(block_n, weight.element_size(), ring_bytes)
     _gemv_tma_kernel[(programs,)](
         x_desc,

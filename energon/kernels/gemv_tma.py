@@ -24,6 +24,7 @@ tests/kernels/test_chain.py.
 from __future__ import annotations
 
 import functools
+import os
 
 import triton
 from triton.experimental import gluon
@@ -96,6 +97,7 @@ def _gemv_tma_kernel(
     stride_ym,
     tiles,
     per_program,
+    early,  # ring slots filled before the wait (the rest after it)
     HAS_BIAS: gl.constexpr,
     RELU: gl.constexpr,
     PDL: gl.constexpr,
@@ -124,9 +126,12 @@ def _gemv_tma_kernel(
         mbarrier.init(ready.index(s), count=1)
     fence_async_shared()
     for s in gl.static_range(STAGES):  # no kernel writes the weights: streamed before the wait
-        _issue(w_desc, x_desc, s, ready, w_ring, x_ring, s, first, steps_k, s < steps, True)
+        live = (s < steps) & (s < early)
+        _issue(w_desc, x_desc, s, ready, w_ring, x_ring, s, first, steps_k, live, True)
     _wait_then_release(PDL)  # the kernel before has finished: x is ready, y is free
     for s in gl.static_range(STAGES):
+        late = (s < steps) & (s >= early)
+        _issue(w_desc, x_desc, s, ready, w_ring, x_ring, s, first, steps_k, late, True)
         _issue(w_desc, x_desc, s, ready, w_ring, x_ring, s, first, steps_k, s < steps, False)
 
     m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
@@ -208,10 +213,12 @@ def gemv(
     block_n=None,
     ring_bytes=RING_BYTES,
     num_warps=NUM_WARPS,
+    early=None,
 ):
     """x [M, K] (M <= MAX_ROWS) @ weight [N, K].T (+ bias [N]) (ReLU) -> [M, N] in x's dtype,
     a program's first `ring_bytes` of weight tiles copied before the wait (`pdl`: a
-    programmatic dependent launch; module docstring). `block_n`: the tile width."""
+    programmatic dependent launch; module docstring). `block_n`: the tile width; `early`: how
+    many of the ring's slots to fill before the wait (default all; ENERGON_GEMV_TMA_EARLY)."""
     import torch
 
     M, K = x.shape
@@ -229,6 +236,8 @@ def gemv(
     tiles = triton.cdiv(N, block_n)
     per, programs = plan(tiles, _sms(x.device.index or 0))
     stages = ring_slots(block_n, weight.element_size(), ring_bytes)
+    if early is None and (env := os.environ.get("ENERGON_GEMV_TMA_EARLY")):
+        early = int(env)
     _gemv_tma_kernel[(programs,)](
         x_desc,
         w_desc,
@@ -240,6 +249,7 @@ def gemv(
         y.stride(0),
         tiles,
         per,
+        stages if early is None else early,
         HAS_BIAS=bias is not None,
         RELU=relu,
         PDL=pdl,

@@ -22,6 +22,7 @@ from energon.actors.deferred import Deferred
 from energon.decode_graphs import DEFAULT_BUCKETS as DECODE_BUCKETS
 from energon.decode_graphs import DecodeGraphs
 from energon.host_copy import to_device
+from energon.kernels.gemv import EarlyWeights
 from energon.models.llama import rope_parameters
 from energon.models.loader import LoadReport, load_weights, random_init
 from energon.models.registry import ModelSpec, context_window, resolve
@@ -747,6 +748,7 @@ class ModelRunner(OffloadMember):
             "all_reduce": self.all_reduce,
             # (one-shot sums, of them fused with a norm) issued; a captured one counts once
             "one_shot_calls": (fast.one_shot_calls, fast.norm_calls) if fast else (0, 0),
+            "early_weight_gemvs": EarlyWeights.calls,  # GEMVs on gemv_tma.py issued
             "cpu_threads": torch.get_num_threads(),
         }
 

@@ -61,6 +61,13 @@ def tma_kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return module if module is not None and module.takes(x, weight) else None
 
 
+class EarlyWeights:
+    """Calls issued to the Gluon kernel (gemv_tma.py) in this process; a call captured into a
+    CUDA graph counts once, at capture (the workers' `info` reports it)."""
+
+    calls = 0
+
+
 class _LastOutput:
     """The output of the latest Triton GEMV, while it lives (a weak reference: a freed output's
     memory may hold another tensor next)."""
@@ -80,10 +87,18 @@ class _LastOutput:
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    relu: bool = False,
+    early_weights: bool = False,
 ) -> torch.Tensor:
-    """x @ weight.T (+ bias) (then ReLU), by the fastest kernel for its shape."""
-    if (kernels := kernels_for(x, weight, bias)) and (tma := tma_kernels_for(x, weight, bias)):
+    """x @ weight.T (+ bias) (then ReLU), by the fastest kernel for its shape. `early_weights`:
+    stream the weights while the kernel before still runs (gemv_tma.py), for the linears of a
+    tensor-parallel layer, whose GEMVs follow all-reduces."""
+    kernels = kernels_for(x, weight, bias)
+    if kernels and early_weights and (tma := tma_kernels_for(x, weight, bias)):
+        EarlyWeights.calls += 1
         return _LastOutput.remember(tma.gemv(x, weight, bias, relu, pdl=True))
     if kernels:
         pdl = dependent_launch(x.device) and not _LastOutput.wrote(x)

@@ -89,9 +89,10 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, activation=None) -> torch.Tensor:
         """x @ W.T + b, then `activation` (a function of one tensor) if given. ReLU is fused
         into the GEMM on half-precision 2-D cuda inputs (energon.kernels.gemv.linear)."""
+        early = self.tp_size > 1  # after an all-reduce: energon.kernels.gemv.linear
         if activation is F.relu:
-            return linear(x, self.weight, self.bias, relu=True)
-        y = linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias, relu=True, early_weights=early)
+        y = linear(x, self.weight, self.bias, early_weights=early)
         return y if activation is None else activation(y)
 
 
@@ -123,7 +124,8 @@ def merged(x: torch.Tensor, *linears: ColumnParallelLinear) -> tuple[torch.Tenso
     if fused is None:
         return tuple(lin(x) for lin in linears)
     weight, bias, splits = fused
-    return linear(x, weight, bias).split(splits, dim=-1)
+    early = linears[0].tp_size > 1
+    return linear(x, weight, bias, early_weights=early).split(splits, dim=-1)
 
 
 class RowParallelLinear(nn.Module):
@@ -150,9 +152,10 @@ class RowParallelLinear(nn.Module):
         `sum()` or `+` turn into the tensor."""
         if self.tp_size == 1:
             return linear(x, self.weight, self.bias)  # bias fused into the GEMM epilogue
+        partial = linear(x, self.weight, early_weights=True)
         if self.group is None:
-            return _all_reduce(linear(x, self.weight), None, self.bias)
-        return PartialSum(linear(x, self.weight), self.bias, self.group)
+            return _all_reduce(partial, None, self.bias)
+        return PartialSum(partial, self.bias, self.group)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -178,6 +178,32 @@ async def test_cuda_float16_tp2_sums_into_the_norms_with_nothing_changed(
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("family", ["llama", "opt"])
+async def test_cuda_float16_tp2_streams_weights_early_with_the_same_tokens(
+    references, family, monkeypatch
+):
+    """float16 at tp=2 on Hopper: a decode step's GEMVs run on the Gluon kernel that streams
+    its weights before the kernel before it ends (energon/kernels/gemv_tma.py);
+    ENERGON_GEMV_TMA=0 keeps them on the Triton GEMV. Both sum in float32 in another order:
+    the tokens agree, the logprobs within float16 rounding."""
+    import torch
+
+    from energon.kernels.gemv import TMA_SWITCH
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA and dependent launches need sm_90")
+    runs = await switched_runs(monkeypatch, TMA_SWITCH, references[family][0], tp=2)
+    assert all(i["early_weight_gemvs"] > 0 for i in runs["1"][1])
+    assert all(i["early_weight_gemvs"] == 0 for i in runs["0"][1])
+    (early, _), (plain, _) = runs["1"], runs["0"]
+    assert [tokens for tokens, _ in early] == [tokens for tokens, _ in plain]
+    for (_, ours), (_, theirs) in zip(early, plain, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            assert abs(a.logprob - b.logprob) < 0.05, (a, b)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(gpus() < 1, reason="needs a CUDA device")
 @pytest.mark.parametrize("family", ["llama", "opt"])
 async def test_cuda_float16_dependent_launches_change_nothing(references, family, monkeypatch):

@@ -22,6 +22,15 @@ on one H200 that made opt-13b's batch-1 decode 7.62 against 7.29 ms a token with
 dependent launch off, while llama-2-13b, whose MLP has a kernel between its GEMVs, gained from
 them (7.26 against 7.41; docs/benchmarks.md, "Engine generation"). ENERGON_PDL=0 launches every
 GEMV plainly. The results are the same bits either way.
+
+The linears of a tensor-parallel layer (tp > 1: `early_weights`) take one or two rows on the
+Gluon kernel of `gemv_tma` instead (Hopper or later, dependent launches on, ENERGON_GEMV_TMA not
+"0"): its programs copy their first weight tiles by TMA before they wait, so the weight stream
+runs through the all-reduce + norm (or attention) before it. On two H200s that made opt-13b's
+batch-1 decode at tp=2 4.30-4.32 against 4.46-4.48 ms a token and llama-2-13b's 4.33 against
+4.41; at tp=1, where the kernels before a GEMV are a 2 us norm or the HBM-bound attention, it
+lost (7.25 against 7.01 ms), so tp=1 keeps this module's kernel (docs/benchmarks.md, "Engine
+generation").
 """
 
 from __future__ import annotations

@@ -17,8 +17,15 @@ mbarrier: the weight copy is issued before the wait, the x copy after it. The pr
 summed in fp32 on the CUDA cores (a row or two of x leaves the tensor cores nothing to do);
 bias and ReLU in the epilogue, as in `gemv_kernels`.
 
+What it buys and costs (2x H200, opt-13b at tp=2, a profiled decode step charged kernel by
+kernel): q/k/v 17.4 against 20.8 us, out_proj 7.0 against 8.7, fc1 25.0 against 29.5, fc2 27.0
+against 27.2; the latency-bound kernels its early stream runs beside take longer, the fused
+all-reduce + norm 6.9-8.2 against 4.9-6.2 us and the attention 11.1 against 10.0: 4.7 us a
+layer net, 4.30 against 4.46 ms a token. At tp=1 the attention lost more than the GEMVs gained,
+so only tensor-parallel layers use it (energon.kernels.gemv.linear's `early_weights`).
+
 Imported only on CUDA (energon.kernels.triton_module); compiled for sm_90 on CPU by
-tests/kernels/test_chain.py.
+tests/kernels/test_gemv_tma.py.
 """
 
 from __future__ import annotations

@@ -22,9 +22,6 @@ needs_hopper = pytest.mark.skipif(
 COPY = "cp.async.bulk.tensor"
 
 
-BLOCK_N = 32
-
-
 def _ptx(num_warps: int = 8) -> list[str]:
     pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
     import triton
@@ -39,12 +36,12 @@ def _ptx(num_warps: int = 8) -> list[str]:
     x, w = torch.zeros(1, 5120, dtype=torch.float16), torch.zeros(7680, 5120, dtype=torch.float16)
     descs = [
         TensorDescriptor.from_tensor(x, [1, gemv_tma.BLOCK_K], layout),
-        TensorDescriptor.from_tensor(w, [BLOCK_N, gemv_tma.BLOCK_K], layout),
+        TensorDescriptor.from_tensor(w, [gemv_tma.BLOCK_N, gemv_tma.BLOCK_K], layout),
     ]
     signature = dict(zip(("x_desc", "w_desc"), map(mangle_type, descs), strict=True))
     signature |= dict(Bias="*fp16", Y="*fp16")
     signature |= dict.fromkeys(("M", "N", "K", "stride_ym", "tiles", "per_program", "early"), "i32")
-    stages = gemv_tma.ring_slots(BLOCK_N, 2)
+    stages = gemv_tma.ring_slots(gemv_tma.BLOCK_N, 2)
     constants = dict(HAS_BIAS=True, RELU=False, PDL=True, STAGES=stages, WARPS=num_warps)
     source = GluonASTSource(
         gemv_tma._gemv_tma_kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constants
@@ -63,7 +60,7 @@ def _copies(lines: list[str]) -> list[str]:
 
 
 def test_the_weights_stream_before_the_wait_and_x_comes_after_it():
-    from energon.kernels.gemv_tma import ring_slots
+    from energon.kernels.gemv_tma import BLOCK_N, ring_slots
 
     ptx = _ptx()
     STAGES = ring_slots(BLOCK_N, 2)
@@ -100,6 +97,30 @@ def test_linear_sends_one_or_two_rows_to_it_only_with_dependent_launches(monkeyp
     monkeypatch.setattr(gemv, "dependent_launch", lambda device: False)
     assert gemv.tma_kernels_for(torch.randn(1, 16), w, None) is None
     assert imported == ["gemv_tma"]
+
+
+def test_only_tensor_parallel_layers_ask_for_early_weights(monkeypatch):
+    """A tp > 1 layer's GEMVs follow all-reduces: they ask `linear` to stream early; at tp=1
+    (norms and attention before them) they do not."""
+    from energon.parallel import layers
+
+    asked = []
+
+    def linear(x, weight, bias=None, relu=False, early_weights=False):
+        asked.append(early_weights)
+        return x @ weight.T
+
+    monkeypatch.setattr(layers, "linear", linear)
+    column = layers.ColumnParallelLinear(8, 6)
+    row = layers.RowParallelLinear(6, 8, bias=False)
+    for lin in (column, row):
+        torch.nn.init.normal_(lin.weight)
+    x = torch.randn(1, 8)
+    column(x), row(x[:, :6]), layers.merged(x, column)
+    assert asked == [False, False, False]
+    column.tp_size = row.tp_size = 2  # as a rank of a tp=2 group holds them
+    column(x), row(x[:, :6]), layers.merged(x, column)
+    assert asked[3:] == [True, True, True]
 
 
 def integer_case(rows, n, k, dtype, seed):

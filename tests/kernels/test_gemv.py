@@ -128,6 +128,24 @@ def chain(x, weights, norm_weight):
     return linear(h, w4)
 
 
+def graph_replays(run, inputs: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
+    """run(x) captured in a CUDA graph over a static x of `rows` rows (warmed up outside the
+    capture), replayed once for each input of that many rows, in order: the outputs."""
+    static = torch.zeros_like(next(x for x in inputs if x.shape[0] == rows))
+    run(static)  # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run(static)
+    results = []
+    for x in inputs:
+        if x.shape[0] == rows:
+            static.copy_(x)
+            graph.replay()
+            results.append(out.clone())
+    return results
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.skipif(
@@ -151,22 +169,10 @@ def test_dependent_launches_replayed_from_a_graph_equal_plain_ones(monkeypatch):
     inputs = [torch.randn(rows, 5120, device=dev, dtype=f16) for rows in (1, 1, 1, 4, 4)]
     assert dependent_launch(inputs[0].device)
 
-    def replayed(rows):
-        static = torch.zeros(rows, 5120, device=dev, dtype=f16)
-        chain(static, weights, norm_weight)  # compile and warm up outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain(static, weights, norm_weight)
-        results = []
-        for x in inputs:
-            if x.shape[0] == rows:
-                static.copy_(x)
-                graph.replay()
-                results.append(out.clone())
-        return results
+    def run(x):
+        return chain(x, weights, norm_weight)
 
-    with_pdl = replayed(1) + replayed(4)
+    with_pdl = graph_replays(run, inputs, 1) + graph_replays(run, inputs, 4)
     eager_pdl = [chain(x, weights, norm_weight) for x in inputs]
     monkeypatch.setenv(PDL_SWITCH, "0")
     plain = [chain(x, weights, norm_weight) for x in inputs]

@@ -14,6 +14,7 @@ import torch
 
 from energon.kernels import gemv
 from tests.kernels.test_chain import LOAD, RELEASE, WAIT, _first
+from tests.kernels.test_gemv import graph_replays
 
 needs_hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
@@ -188,22 +189,10 @@ def test_replayed_from_a_graph_it_reads_x_only_after_the_kernel_before_wrote_it(
     x = torch.randn(1, 5120, device=dev, dtype=f16)
     assert gemv.tma_kernels_for(x, weights[0], None) is not None
 
-    def replayed(rows):
-        static = torch.zeros(rows, 5120, device=dev, dtype=f16)
-        layer(static, weights, norm_weight)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = layer(static, weights, norm_weight)
-        results = []
-        for x in inputs:
-            if x.shape[0] == rows:
-                static.copy_(x)
-                graph.replay()
-                results.append(out.clone())
-        return results
+    def run(x):
+        return layer(x, weights, norm_weight)
 
-    graphs = replayed(1) + replayed(2)
+    graphs = graph_replays(run, inputs, 1) + graph_replays(run, inputs, 2)
     alone = [layer(x, weights, norm_weight, apart=True) for x in inputs]
     assert all(map(torch.equal, graphs, alone))
     assert not torch.equal(alone[0], alone[1])  # the inputs differ

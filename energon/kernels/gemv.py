@@ -35,6 +35,7 @@ generation").
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 
@@ -42,6 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from energon.kernels import dependent_launch, triton_kernels_for
+
+log = logging.getLogger(__name__)
 
 ENV_SWITCH = "ENERGON_TRITON_GEMV"  # "0": every linear on cuBLAS
 TMA_SWITCH = "ENERGON_GEMV_TMA"  # "0": one or two rows on gemv_kernels too
@@ -72,9 +75,29 @@ def tma_kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 class EarlyWeights:
     """Calls issued to the Gluon kernel (gemv_tma.py) in this process; a call captured into a
-    CUDA graph counts once, at capture (the workers' `info` reports it)."""
+    CUDA graph counts once, at capture (the workers' `info` reports it). If the kernel fails
+    before any call of it succeeded (a triton whose Gluon it does not compile with), `error`
+    keeps why and every later call takes the Triton GEMV."""
 
     calls = 0
+    error: str | None = None
+
+    @classmethod
+    def run(cls, tma, x, weight, bias, relu) -> torch.Tensor | None:
+        """tma.gemv(...), or None after the first call's failure (logged once)."""
+        if cls.error is not None:
+            return None
+        try:
+            y = tma.gemv(x, weight, bias, relu, pdl=True)
+        except Exception as exc:
+            if cls.calls:
+                raise  # it ran before: not a matter of the toolchain
+            cls.error = f"{type(exc).__name__}: {exc}"
+            log.warning("the early-weights GEMV (gemv_tma.py) failed, Triton GEMV instead: %s",
+                        cls.error)  # fmt: skip
+            return None
+        cls.calls += 1
+        return y
 
 
 class _LastOutput:
@@ -107,8 +130,8 @@ def linear(
     tensor-parallel layer, whose GEMVs follow all-reduces."""
     kernels = kernels_for(x, weight, bias)
     if kernels and early_weights and (tma := tma_kernels_for(x, weight, bias)):
-        EarlyWeights.calls += 1
-        return _LastOutput.remember(tma.gemv(x, weight, bias, relu, pdl=True))
+        if (y := EarlyWeights.run(tma, x, weight, bias, relu)) is not None:
+            return _LastOutput.remember(y)
     if kernels:
         pdl = dependent_launch(x.device) and not _LastOutput.wrote(x)
         return _LastOutput.remember(kernels.gemv(x, weight, bias, relu, pdl=pdl))

@@ -100,6 +100,40 @@ def test_linear_sends_one_or_two_rows_to_it_only_with_dependent_launches(monkeyp
     assert imported == ["gemv_tma"]
 
 
+def test_a_kernel_that_fails_before_its_first_success_gives_way_to_the_triton_gemv(monkeypatch):
+    """A triton whose Gluon the kernel does not compile with: the first call falls back to the
+    Triton GEMV, says why once, and no later call tries again; a failure after a success is
+    raised."""
+    tries, launches = [], []
+
+    class Broken:
+        @staticmethod
+        def gemv(x, weight, bias, relu, pdl):
+            tries.append(1)
+            raise RuntimeError("no such Gluon op")
+
+    class Kernels:  # stands in for gemv_kernels
+        @staticmethod
+        def gemv(x, weight, bias, relu, pdl):
+            launches.append(pdl)
+            return x @ weight.T
+
+    monkeypatch.setattr(gemv, "kernels_for", lambda x, weight, bias: Kernels)
+    monkeypatch.setattr(gemv, "tma_kernels_for", lambda x, weight, bias: Broken)
+    monkeypatch.setattr(gemv, "dependent_launch", lambda device: True)
+    monkeypatch.setattr(gemv.EarlyWeights, "calls", 0)
+    monkeypatch.setattr(gemv.EarlyWeights, "error", None)
+    x, w = torch.randn(1, 6), torch.randn(4, 6)
+    for _ in range(3):
+        assert torch.equal(gemv.linear(x, w, early_weights=True), x @ w.T)
+    assert len(tries) == 1 and len(launches) == 3
+    assert gemv.EarlyWeights.error == "RuntimeError: no such Gluon op"
+    monkeypatch.setattr(gemv.EarlyWeights, "error", None)
+    monkeypatch.setattr(gemv.EarlyWeights, "calls", 5)  # it ran before
+    with pytest.raises(RuntimeError, match="no such Gluon op"):
+        gemv.linear(x, w, early_weights=True)
+
+
 def test_only_tensor_parallel_layers_ask_for_early_weights(monkeypatch):
     """A tp > 1 layer's GEMVs follow all-reduces: they ask `linear` to stream early; at tp=1
     (norms and attention before them) they do not."""

@@ -2,11 +2,12 @@
 
 `gemv_kernels`' Triton GEMV may start while the kernel before it still runs (a programmatic
 dependent launch), but its pipelined weight loads are issued only after its wait: Triton puts a
-loop's prologue right before the loop. So at tp=2 the HBM idles through each fused all-reduce +
-norm (6.7 us a call) and each paged attention (11.4 us), 4-5 us a layer of it per kernel boundary
-(docs/benchmarks.md, "Engine generation"). Here every program fills a ring of STAGES shared-memory
-slots with its first weight tiles by TMA before it waits, so a GEMV behind a latency-bound kernel
-finds up to ~20 MB (STAGES x a tile x its programs) already on chip when its input is ready.
+loop's prologue right before the loop. So at tp=2 the HBM idles through both fused all-reduce +
+norms of a layer (5-6 us each) and its paged attention (10 us): a fifth of a decode step
+(docs/benchmarks.md, "Engine generation"). Here every program fills a ring of STAGES
+shared-memory slots with its first weight tiles by TMA before it waits, so a GEMV behind a
+latency-bound kernel finds up to ~20 MB (STAGES x a tile x its programs) already on chip when
+its input is ready.
 
 Work: the output features are cut into tiles of BLOCK_N rows; each program takes `per_program`
 consecutive tiles (the launch picks the fewest programs that keep every program's share equal,
@@ -14,8 +15,9 @@ at most one a SM), walking each tile's K in BLOCK_K steps through one ring that 
 its tiles. A slot holds a weight tile [BLOCK_N, BLOCK_K] and the matching x tile
 [BLOCK_M, BLOCK_K] (TMA pads rows past M and columns past K with zeros), both counted on one
 mbarrier: the weight copy is issued before the wait, the x copy after it. The products are
-summed in fp32 on the CUDA cores (a row or two of x leaves the tensor cores nothing to do);
-bias and ReLU in the epilogue, as in `gemv_kernels`.
+kept per thread in fp32 on the CUDA cores (a row or two of x leaves the tensor cores nothing
+to do) and summed across the warp once a tile; bias and ReLU in the epilogue, as in
+`gemv_kernels`.
 
 What it buys and costs (2x H200, opt-13b at tp=2, a profiled decode step charged kernel by
 kernel): q/k/v 17.4 against 20.8 us, out_proj 7.0 against 8.7, fc1 25.0 against 29.5, fc2 27.0
@@ -50,7 +52,7 @@ MAX_ROWS = TMA_ROWS  # rows of x this kernel takes; more go to gemv_kernels
 BLOCK_N = 32  # output features a tile (16 and 8 lost 3-40 us a call on an H200)
 BLOCK_K = 256  # input features a step: one 512-byte row of a tile per warp load
 RING_BYTES = 160 << 10  # weights a program keeps in flight (its ring's slots)
-NUM_WARPS = 4  # (8: 0.4-6 us slower a call but for the K-heavy shapes at tp=2)
+NUM_WARPS = 4  # (8 were 0.4-6 us slower a call, but on the K-heavy shapes at tp=2)
 
 
 @gluon.jit

@@ -251,11 +251,9 @@ def tma_records(args, model, layer, tp, rows, floor, x, bias, relu, weights, tri
     for us in (float(u) for u in args.behind_us.split(",") if u.strip()):
         spun = [(lambda w, f=f, us=us: (spin(us), f(w))[1]) for f in (tma, dependent)]
         pairs.append((us, f"{layer}_behind{us:g}_tma_us", *spun))
-    spin_alone, alone = {}, None  # the Triton GEMV's time alone in the chain (first pair)
+    alone = None  # the Triton GEMV's time alone in the chain (the first pair)
     for us, metric, ours, theirs in pairs:
-        if us and us not in spin_alone:
-            spin_alone[us] = graph_seconds(lambda w, us=us: spin(us), weights)
-        less = spin_alone.get(us, 0.0)
+        less = graph_seconds(lambda w, us=us: spin(us), weights) if us else 0.0  # spin's own
         t_ours = graph_seconds(ours, weights) - less
         t_theirs = graph_seconds(theirs, weights) - less
         alone = t_theirs if alone is None else alone

@@ -24,8 +24,9 @@ replaces `--tp`/`--pp`: the 8-GPU table of the scaling issue. Records:
 pp's non-blocking and blocking runs (energon/bench/trace.py) and records how much of each run
 two stages worked at once. `--profile-dir DIR`: after the timed runs of each pp > 1 (default
 steps in flight), every worker runs one decode step of about requests / pp sequences (a
-micro-batch; `generate.profile_matches`) under torch.profiler and writes its chrome trace (`python bench/kernel_path.py` reads them):
-what each stage's share of a decode round is made of.
+micro-batch; `generate.profile_matches`) under torch.profiler and writes its chrome trace
+(`python bench/kernel_path.py` reads them): what each stage's share of a decode round is made
+of.
 """
 
 from __future__ import annotations
@@ -227,9 +228,9 @@ def _preemption_note(run: dict) -> str:
 
 
 async def profile_decode_step(folder: str, engine: TimedEngine, prompts, infos) -> list:
-    """One decode step of a micro-batch (about requests / pp sequences) under torch.profiler on every
-    worker, each writing `{folder}/tp{tp}-pp{pp}-decode{n}-rank{r}.json`; returns each stage's
-    summary (its tp rank 0), None for a stage whose worker saw no such step."""
+    """One decode step of a micro-batch (about requests / pp sequences) under torch.profiler on
+    every worker, each writing `{folder}/tp{tp}-pp{pp}-decode{n}-rank{r}.json`; returns each
+    stage's summary (its tp rank 0), None for a stage whose worker saw no such step."""
     n = max(1, len(prompts) // engine.pp)
     os.makedirs(folder, exist_ok=True)
     base = os.path.join(folder, f"tp{engine.tp}-pp{engine.pp}-decode{n}")

@@ -26,11 +26,8 @@ GEMV plainly. The results are the same bits either way.
 The linears of a tensor-parallel layer (tp > 1: `early_weights`) take one or two rows on the
 Gluon kernel of `gemv_tma` instead (Hopper or later, dependent launches on, ENERGON_GEMV_TMA not
 "0"): its programs copy their first weight tiles by TMA before they wait, so the weight stream
-runs through the all-reduce + norm (or attention) before it. On two H200s that made opt-13b's
-batch-1 decode at tp=2 4.30-4.32 against 4.46-4.48 ms a token and llama-2-13b's 4.33 against
-4.41; at tp=1, where the kernels before a GEMV are a 2 us norm or the HBM-bound attention, it
-lost (7.25 against 7.01 ms), so tp=1 keeps this module's kernel (docs/benchmarks.md, "Engine
-generation").
+runs through the all-reduce + norm before it. What that buys at tp=2 and why tp=1 keeps the
+Triton kernel: gemv_tma.py's docstring.
 """
 
 from __future__ import annotations
@@ -42,7 +39,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from energon.kernels import dependent_launch, triton_kernels_for
+from energon.kernels import dependent_launch, triton_kernels_for, triton_module
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +59,14 @@ def kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return triton_kernels_for("gemv_kernels", ENV_SWITCH, x, weight, bias)
 
 
-def tma_kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """The Gluon GEMV module (gemv_tma.py) when it takes this call: Hopper or later with
-    dependent launches on, one or two rows, TMA-aligned rows; else None."""
+def tma_kernels_for(x: torch.Tensor, weight: torch.Tensor):
+    """The Gluon GEMV module (gemv_tma.py) when it takes a call `kernels_for` took: Hopper or
+    later with dependent launches on, one or two rows, TMA-aligned rows; else None."""
     if x.shape[0] > TMA_ROWS or not dependent_launch(x.device):
         return None
     if os.environ.get(TMA_SWITCH, "1") == "0":
         return None
-    module = triton_kernels_for("gemv_tma", ENV_SWITCH, x, weight, bias)
+    module = triton_module("gemv_tma")
     return module if module is not None and module.takes(x, weight) else None
 
 
@@ -129,7 +126,7 @@ def linear(
     stream the weights while the kernel before still runs (gemv_tma.py), for the linears of a
     tensor-parallel layer, whose GEMVs follow all-reduces."""
     kernels = kernels_for(x, weight, bias)
-    if kernels and early_weights and (tma := tma_kernels_for(x, weight, bias)):
+    if kernels and early_weights and (tma := tma_kernels_for(x, weight)):
         if (y := EarlyWeights.run(tma, x, weight, bias, relu)) is not None:
             return _LastOutput.remember(y)
     if kernels:

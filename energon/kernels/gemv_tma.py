@@ -41,6 +41,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from energon.kernels.chain import launch_options, wait_then_release
 from energon.kernels.gemv import TMA_ROWS
 
 # triton 3.6 (the GPU image) names the TMA load async_copy_global_to_shared; 3.9 async_load
@@ -52,46 +53,27 @@ MAX_ROWS = TMA_ROWS  # rows of x this kernel takes; more go to gemv_kernels
 BLOCK_N = 32  # output features a tile (16 and 8 lost 3-40 us a call on an H200)
 BLOCK_K = 256  # input features a step: one 512-byte row of a tile per warp load
 RING_BYTES = 160 << 10  # weights a program keeps in flight (its ring's slots)
+STAGES = RING_BYTES // (BLOCK_N * BLOCK_K * 2)  # ring slots (fp16 / bf16 tiles)
 NUM_WARPS = 4  # (8 were 0.4-6 us slower a call, but on the K-heavy shapes at tp=2)
 
 
 @gluon.jit
-def _wait_then_release(PDL: gl.constexpr):
-    """chain.wait_then_release for a Gluon kernel."""
-    if PDL:
-        gl.inline_asm_elementwise(
-            "griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
-        )
-        gl.inline_asm_elementwise(
-            "griddepcontrol.launch_dependents; // $0",
-            "=r",
-            [],
-            dtype=gl.int32,
-            is_pure=False,
-            pack=1,
-        )
+def _load_weights(w_desc, x_desc, ready, w_ring, slot, step, first, steps_k, live):
+    """Ring step `step` (tile first + step // steps_k, K step step % steps_k): its weight tile
+    into `slot`, the slot's mbarrier told to expect it and the x tile."""
+    rows: gl.constexpr = w_desc.block_type.shape[0]
+    bytes_: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes
+    mbarrier.expect(ready.index(slot), bytes_, pred=live)
+    tile = first + step // steps_k
+    k = (step % steps_k) * w_desc.block_type.shape[1]
+    _tma_load(w_desc, [tile * rows, k], ready.index(slot), w_ring.index(slot), pred=live)
 
 
 @gluon.jit
-def _issue(
-    w_desc, x_desc, slot, ready, w_ring, x_ring, step, first, steps_k, live, WEIGHTS: gl.constexpr
-):
-    """The copy of ring step `step` (tile first + step // steps_k, K step step % steps_k) into
-    `slot`: the weight tile (WEIGHTS) or the x tile."""
-    tile = first + step // steps_k
-    k = (step % steps_k) * w_desc.block_type.shape[1]
-    if WEIGHTS:
-        bytes_: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes
-        mbarrier.expect(ready.index(slot), bytes_, pred=live)
-        _tma_load(
-            w_desc,
-            [tile * w_desc.block_type.shape[0], k],
-            ready.index(slot),
-            w_ring.index(slot),
-            pred=live,
-        )
-    else:
-        _tma_load(x_desc, [0, k], ready.index(slot), x_ring.index(slot), pred=live)
+def _load_x(x_desc, ready, x_ring, slot, step, steps_k, live):
+    """Ring step `step`'s x tile into `slot` (counted on the mbarrier `_load_weights` armed)."""
+    k = (step % steps_k) * x_desc.block_type.shape[1]
+    _tma_load(x_desc, [0, k], ready.index(slot), x_ring.index(slot), pred=live)
 
 
 @gluon.jit
@@ -111,11 +93,11 @@ def _gemv_tma_kernel(
     RELU: gl.constexpr,
     PDL: gl.constexpr,
     STAGES: gl.constexpr,
-    WARPS: gl.constexpr,
 ):
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
+    WARPS: gl.constexpr = gl.num_warps()
     # [rows of x, features, K]: a warp reads one 512-byte row of a weight tile at a time
     product: gl.constexpr = gl.BlockedLayout([BLOCK_M, 1, 8], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
     w_layout: gl.constexpr = gl.SliceLayout(0, product)
@@ -136,12 +118,12 @@ def _gemv_tma_kernel(
     fence_async_shared()
     for s in gl.static_range(STAGES):  # no kernel writes the weights: streamed before the wait
         live = (s < steps) & (s < early)
-        _issue(w_desc, x_desc, s, ready, w_ring, x_ring, s, first, steps_k, live, True)
-    _wait_then_release(PDL)  # the kernel before has finished: x is ready, y is free
+        _load_weights(w_desc, x_desc, ready, w_ring, s, s, first, steps_k, live)
+    wait_then_release(PDL)  # the kernel before has finished: x is ready, y is free
     for s in gl.static_range(STAGES):
         late = (s < steps) & (s >= early)
-        _issue(w_desc, x_desc, s, ready, w_ring, x_ring, s, first, steps_k, late, True)
-        _issue(w_desc, x_desc, s, ready, w_ring, x_ring, s, first, steps_k, s < steps, False)
+        _load_weights(w_desc, x_desc, ready, w_ring, s, s, first, steps_k, late)
+        _load_x(x_desc, ready, x_ring, s, s, steps_k, s < steps)
 
     m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
     step = 0
@@ -159,8 +141,8 @@ def _gemv_tma_kernel(
             _cta_barrier()  # every warp has read the slot: refill it
             refill = step + STAGES
             live = refill < steps
-            _issue(w_desc, x_desc, slot, ready, w_ring, x_ring, refill, first, steps_k, live, True)
-            _issue(w_desc, x_desc, slot, ready, w_ring, x_ring, refill, first, steps_k, live, False)
+            _load_weights(w_desc, x_desc, ready, w_ring, slot, refill, first, steps_k, live)
+            _load_x(x_desc, ready, x_ring, slot, refill, steps_k, live)
             step += 1
         acc = gl.sum(partial, axis=2)
         if HAS_BIAS:
@@ -201,11 +183,6 @@ def plan(tiles: int, sms: int) -> tuple[int, int]:
     return per, triton.cdiv(tiles, per)
 
 
-def ring_slots(block_n: int, element_size: int, ring_bytes: int = RING_BYTES) -> int:
-    """Slots of a program's ring: `ring_bytes` of weight tiles, at least two."""
-    return max(2, ring_bytes // (block_n * BLOCK_K * element_size))
-
-
 @functools.cache
 def _sms(index: int) -> int:
     import torch
@@ -213,21 +190,11 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def gemv(
-    x,
-    weight,
-    bias=None,
-    relu=False,
-    pdl=False,
-    block_n=None,
-    ring_bytes=RING_BYTES,
-    num_warps=NUM_WARPS,
-    early=None,
-):
+def gemv(x, weight, bias=None, relu=False, pdl=False, early=None):
     """x [M, K] (M <= MAX_ROWS) @ weight [N, K].T (+ bias [N]) (ReLU) -> [M, N] in x's dtype,
-    a program's first `ring_bytes` of weight tiles copied before the wait (`pdl`: a
-    programmatic dependent launch; module docstring). `block_n`: the tile width; `early`: how
-    many of the ring's slots to fill before the wait (default all; ENERGON_GEMV_TMA_EARLY)."""
+    a program's first RING_BYTES of weight tiles copied before the wait (`pdl`: a programmatic
+    dependent launch; module docstring). `early`: how many of the ring's slots to fill before
+    the wait (default all; ENERGON_GEMV_TMA_EARLY)."""
     import torch
 
     M, K = x.shape
@@ -236,17 +203,14 @@ def gemv(
         raise ValueError(
             f"gemv_tma takes x [<= {MAX_ROWS}, K] and weight [N, K], 16-byte aligned rows"
         )
+    if early is None:
+        early = int(os.environ.get("ENERGON_GEMV_TMA_EARLY", STAGES))
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     layout = _layout(x.element_size() * 8)
-    block_m = 1 if M == 1 else MAX_ROWS
-    x_desc = TensorDescriptor.from_tensor(x, [block_m, BLOCK_K], layout)
-    block_n = block_n or BLOCK_N
-    w_desc = TensorDescriptor.from_tensor(weight, [block_n, BLOCK_K], layout)
-    tiles = triton.cdiv(N, block_n)
+    x_desc = TensorDescriptor.from_tensor(x, [1 if M == 1 else MAX_ROWS, BLOCK_K], layout)
+    w_desc = TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], layout)
+    tiles = triton.cdiv(N, BLOCK_N)
     per, programs = plan(tiles, _sms(x.device.index or 0))
-    stages = ring_slots(block_n, weight.element_size(), ring_bytes)
-    if early is None and (env := os.environ.get("ENERGON_GEMV_TMA_EARLY")):
-        early = int(env)
     _gemv_tma_kernel[(programs,)](
         x_desc,
         w_desc,
@@ -258,13 +222,11 @@ def gemv(
         y.stride(0),
         tiles,
         per,
-        stages if early is None else early,
+        early,
         HAS_BIAS=bias is not None,
         RELU=relu,
-        PDL=pdl,
-        STAGES=stages,
-        WARPS=min(num_warps, block_n),
-        num_warps=min(num_warps, block_n),
-        **({"launch_pdl": True} if pdl else {}),
+        STAGES=STAGES,
+        num_warps=NUM_WARPS,
+        **launch_options(pdl),
     )
     return y

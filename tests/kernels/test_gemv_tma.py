@@ -23,7 +23,7 @@ needs_hopper = pytest.mark.skipif(
 COPY = "cp.async.bulk.tensor"
 
 
-def _ptx(num_warps: int = 8) -> list[str]:
+def _ptx() -> list[str]:
     pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -42,12 +42,11 @@ def _ptx(num_warps: int = 8) -> list[str]:
     signature = dict(zip(("x_desc", "w_desc"), map(mangle_type, descs), strict=True))
     signature |= dict(Bias="*fp16", Y="*fp16")
     signature |= dict.fromkeys(("M", "N", "K", "stride_ym", "tiles", "per_program", "early"), "i32")
-    stages = gemv_tma.ring_slots(gemv_tma.BLOCK_N, 2)
-    constants = dict(HAS_BIAS=True, RELU=False, PDL=True, STAGES=stages, WARPS=num_warps)
+    constants = dict(HAS_BIAS=True, RELU=False, PDL=True, STAGES=gemv_tma.STAGES)
     source = GluonASTSource(
         gemv_tma._gemv_tma_kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constants
     )
-    options = {"num_warps": num_warps, "num_stages": 1}
+    options = {"num_warps": gemv_tma.NUM_WARPS, "num_stages": 1}
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     except RuntimeError as exc:  # a triton built without its CUDA back end
@@ -61,10 +60,9 @@ def _copies(lines: list[str]) -> list[str]:
 
 
 def test_the_weights_stream_before_the_wait_and_x_comes_after_it():
-    from energon.kernels.gemv_tma import BLOCK_N, ring_slots
+    from energon.kernels.gemv_tma import STAGES
 
     ptx = _ptx()
-    STAGES = ring_slots(BLOCK_N, 2)
     wait, release = _first(ptx, re.escape(WAIT)), _first(ptx, re.escape(RELEASE))
     assert wait < release
     before, after = _copies(ptx[:wait]), _copies(ptx[release:])
@@ -86,17 +84,15 @@ def test_linear_sends_one_or_two_rows_to_it_only_with_dependent_launches(monkeyp
     imported = []
     module = type("Module", (), {"takes": staticmethod(lambda x, w: True)})
     monkeypatch.setattr(gemv, "dependent_launch", lambda device: True)
-    monkeypatch.setattr(
-        gemv, "triton_kernels_for", lambda name, *a: imported.append(name) or module
-    )
+    monkeypatch.setattr(gemv, "triton_module", lambda name: imported.append(name) or module)
     w = torch.randn(8, 16)
-    assert gemv.tma_kernels_for(torch.randn(gemv.TMA_ROWS, 16), w, None) is module
-    assert gemv.tma_kernels_for(torch.randn(gemv.TMA_ROWS + 1, 16), w, None) is None
+    assert gemv.tma_kernels_for(torch.randn(gemv.TMA_ROWS, 16), w) is module
+    assert gemv.tma_kernels_for(torch.randn(gemv.TMA_ROWS + 1, 16), w) is None
     monkeypatch.setenv(gemv.TMA_SWITCH, "0")
-    assert gemv.tma_kernels_for(torch.randn(1, 16), w, None) is None
+    assert gemv.tma_kernels_for(torch.randn(1, 16), w) is None
     monkeypatch.delenv(gemv.TMA_SWITCH)
     monkeypatch.setattr(gemv, "dependent_launch", lambda device: False)
-    assert gemv.tma_kernels_for(torch.randn(1, 16), w, None) is None
+    assert gemv.tma_kernels_for(torch.randn(1, 16), w) is None
     assert imported == ["gemv_tma"]
 
 
@@ -119,7 +115,7 @@ def test_a_kernel_that_fails_before_its_first_success_gives_way_to_the_triton_ge
             return x @ weight.T
 
     monkeypatch.setattr(gemv, "kernels_for", lambda x, weight, bias: Kernels)
-    monkeypatch.setattr(gemv, "tma_kernels_for", lambda x, weight, bias: Broken)
+    monkeypatch.setattr(gemv, "tma_kernels_for", lambda x, weight: Broken)
     monkeypatch.setattr(gemv, "dependent_launch", lambda device: True)
     monkeypatch.setattr(gemv.EarlyWeights, "calls", 0)
     monkeypatch.setattr(gemv.EarlyWeights, "error", None)
@@ -221,7 +217,7 @@ def test_replayed_from_a_graph_it_reads_x_only_after_the_kernel_before_wrote_it(
     norm_weight = torch.rand(5120, device=dev, dtype=f16) + 0.5
     inputs = [torch.randn(rows, 5120, device=dev, dtype=f16) for rows in (1, 1, 2, 2)]
     x = torch.randn(1, 5120, device=dev, dtype=f16)
-    assert gemv.tma_kernels_for(x, weights[0], None) is not None
+    assert gemv.tma_kernels_for(x, weights[0]) is not None
 
     def run(x):
         return layer(x, weights, norm_weight)

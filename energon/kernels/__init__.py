@@ -71,3 +71,14 @@ def dependent_launch(device: torch.device) -> bool:
 @functools.cache
 def _sm90_or_later(index: int | None) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`, which the kernels size their grids by; off CUDA an
+    H100's 132 (the interpreter's runs)."""
+    return _sm_count(device.index or 0) if device.type == "cuda" else 132
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

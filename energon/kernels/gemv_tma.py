@@ -41,6 +41,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from energon.kernels import sm_count
 from energon.kernels.chain import launch_options, wait_then_release
 from energon.kernels.gemv import TMA_ROWS
 
@@ -183,13 +184,6 @@ def plan(tiles: int, sms: int) -> tuple[int, int]:
     return per, triton.cdiv(tiles, per)
 
 
-@functools.cache
-def _sms(index: int) -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def gemv(x, weight, bias=None, relu=False, pdl=False, early=None):
     """x [M, K] (M <= MAX_ROWS) @ weight [N, K].T (+ bias [N]) (ReLU) -> [M, N] in x's dtype,
     a program's first RING_BYTES of weight tiles copied before the wait (`pdl`: a programmatic
@@ -210,7 +204,7 @@ def gemv(x, weight, bias=None, relu=False, pdl=False, early=None):
     x_desc = TensorDescriptor.from_tensor(x, [1 if M == 1 else MAX_ROWS, BLOCK_K], layout)
     w_desc = TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], layout)
     tiles = triton.cdiv(N, BLOCK_N)
-    per, programs = plan(tiles, _sms(x.device.index or 0))
+    per, programs = plan(tiles, sm_count(x.device))
     _gemv_tma_kernel[(programs,)](
         x_desc,
         w_desc,

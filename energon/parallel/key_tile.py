@@ -1,6 +1,5 @@
-"""What the paged-attention kernels share: the step they take for one tile of keys (Triton),
-the cache operands and strides they are launched with, and the GPU's SM count their grids are
-sized by.
+"""What the paged-attention kernels share: the step they take for one tile of keys (Triton)
+and the cache operands and strides they are launched with.
 
 `paged_attention.py` (decode-like steps) and `paged_prefill.py` (prompts after cached keys)
 walk a sequence's block table in tiles of BLOCK_N keys; for each, `key_tile` loads K and V from
@@ -9,8 +8,6 @@ log2 domain (the caller scales by softmax scale * log2(e)). Triton inlines it in
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -37,16 +34,6 @@ def cache_operands(q: torch.Tensor, kv_cache: torch.Tensor):
 def cache_strides(keys: torch.Tensor, values: torch.Tensor) -> tuple[int, ...]:
     """The kernels' cache strides: block, slot and KV head of `keys`, then of `values`."""
     return (*keys.stride()[:3], *values.stride()[:3])
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of `device`; off CUDA an H100's 132 (the interpreter's runs)."""
-    return _sm_count(device.index or 0) if device.type == "cuda" else 132
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @triton.jit

@@ -86,10 +86,16 @@ class ColumnParallelLinear(nn.Module):
         # (weight, bias, rows per linear) of the linears merge_columns merged, on the first one
         self.merged: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None
 
+    @property
+    def early_weights(self) -> bool:
+        """At tp > 1 the layer's input comes from an all-reduce: its GEMV streams its weights
+        while that runs (energon.kernels.gemv.linear's `early_weights`)."""
+        return self.tp_size > 1
+
     def forward(self, x: torch.Tensor, activation=None) -> torch.Tensor:
         """x @ W.T + b, then `activation` (a function of one tensor) if given. ReLU is fused
         into the GEMM on half-precision 2-D cuda inputs (energon.kernels.gemv.linear)."""
-        early = self.tp_size > 1  # after an all-reduce: energon.kernels.gemv.linear
+        early = self.early_weights
         if activation is F.relu:
             return linear(x, self.weight, self.bias, relu=True, early_weights=early)
         y = linear(x, self.weight, self.bias, early_weights=early)
@@ -124,8 +130,7 @@ def merged(x: torch.Tensor, *linears: ColumnParallelLinear) -> tuple[torch.Tenso
     if fused is None:
         return tuple(lin(x) for lin in linears)
     weight, bias, splits = fused
-    early = linears[0].tp_size > 1
-    return linear(x, weight, bias, early_weights=early).split(splits, dim=-1)
+    return linear(x, weight, bias, early_weights=linears[0].early_weights).split(splits, dim=-1)
 
 
 class RowParallelLinear(nn.Module):

@@ -35,8 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
+from energon.kernels import sm_count
 from energon.kernels.chain import chained, wait_then_release
-from energon.parallel.key_tile import LOG2E, cache_operands, cache_strides, key_tile, sm_count
+from energon.parallel.key_tile import LOG2E, cache_operands, cache_strides, key_tile
 from energon.parallel.prefix_attention import num_parts, prefix_attention
 from energon.parallel.shared_prefix import SharedPrefixes
 

@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from energon.kernels import sm_count
 from energon.kernels.chain import chained, wait_then_release
-from energon.parallel.key_tile import cache_strides, key_tile, sm_count
+from energon.parallel.key_tile import cache_strides, key_tile
 from energon.parallel.shared_prefix import SharedPrefixes
 
 MAX_ROWS = 64  # query rows of one program's tile: members x query heads per KV head

@@ -211,11 +211,13 @@ class Engine:
         check_launcher(launcher, address)
         self.launcher, self.address = launcher, address
         self.device, self.dtype = device, dtype
-        if decode_graphs not in ("auto", "off"):
+        if decode_graphs not in ("auto", "off", "static"):
             raise InvalidRequest(
-                "decode_graphs", f"must be 'auto' or 'off' (got {decode_graphs!r})"
+                "decode_graphs", f"must be 'auto', 'off' or 'static' (got {decode_graphs!r})"
             )
-        self.decode_graphs = decode_graphs  # CUDA graphs of decode steps (energon/decode_graphs.py)
+        # CUDA graphs of decode steps (energon/decode_graphs.py); "static" runs their
+        # static-buffer path without capturing (any device: tests, debugging)
+        self.decode_graphs = decode_graphs
         self.max_num_seqs = _positive("max_num_seqs", max_num_seqs)
         self.max_batch_tokens = _positive(
             "max_batch_tokens",

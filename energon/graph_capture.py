@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from energon.kernels.argmax import argmax
+
 
 class StagingRing:
     """`count` sets of host tensors, each shaped and typed as `shapes` says (pinned on cuda),
@@ -67,6 +69,7 @@ class StepGraphs:
         scratch_block: int,
         buckets: tuple[int, ...],
         unit: str,
+        greedy: bool = False,
     ):
         if not buckets or min(buckets) < 1:
             raise ValueError(f"buckets must be positive {unit} (got {buckets})")
@@ -82,6 +85,11 @@ class StepGraphs:
             self.x = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        # with `greedy` (a last stage's logits out): each output row's argmax, computed in the
+        # graph after the body; `tokens` the latest step's, for the rows it ran
+        self.greedy = greedy
+        self._tokens: dict[int, torch.Tensor] = {}
+        self.tokens: torch.Tensor | None = None
         self.captured = False
         self.steps = 0  # steps that took this path
 
@@ -101,8 +109,12 @@ class StepGraphs:
             receive(self.x[:rows])
         if self.captured:
             self.graphs[bucket].replay()
-            return self.outputs[bucket]
-        return self.body(self.x[:bucket], self._meta(bucket))
+            out = self.outputs[bucket]
+            self.tokens = self._tokens[bucket][:rows] if self.greedy else None
+            return out
+        out = self.body(self.x[:bucket], self._meta(bucket))
+        self.tokens = argmax(out[:rows]) if self.greedy else None
+        return out
 
     def _capture(self, prepare: Callable[[int], None] | None = None) -> None:
         """One graph per bucket, largest first, all in one memory pool (smaller graphs reuse
@@ -126,12 +138,16 @@ class StepGraphs:
                         prepare(bucket)
                     meta = self._meta(bucket)
                     for _ in range(2):
-                        self.body(self.x[:bucket], meta)
+                        out = self.body(self.x[:bucket], meta)
+                        if self.greedy:
+                            argmax(out)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(
                         graph, pool=pool, stream=side, capture_error_mode="thread_local"
                     ):
-                        self.outputs[bucket] = self.body(self.x[:bucket], meta)
+                        self.outputs[bucket] = out = self.body(self.x[:bucket], meta)
+                        if self.greedy:
+                            self._tokens[bucket] = argmax(out)
                     self.graphs[bucket] = graph
         finally:
             if collecting:

@@ -46,6 +46,7 @@ from energon.pool.offload import OffloadMember
 from energon.prefill_graphs import DEFAULT_BUCKETS as PREFILL_BUCKETS
 from energon.prefill_graphs import PrefillGraphs
 from energon.sampler import Sampler, logprob_rows
+from energon.sampling import row_features
 
 log = logging.getLogger("energon")
 
@@ -236,6 +237,10 @@ class ModelRunner(OffloadMember):
         # Every tp rank of the last stage holds the same logits; rank 0 samples and replies.
         self.sampler = Sampler(self.device, seed)
         self.chained_steps = 0  # steps that fed sampled tokens on the device
+        # greedy steps whose tokens came out of a decode graph (its argmax after the head), on
+        # every tp rank of the last stage; `_graph_tokens` the latest step's, if it ran one
+        self.graph_greedy_steps = 0
+        self._graph_tokens: torch.Tensor | None = None
         self.shared_prefix_steps = 0  # decode steps that read their groups' prefixes once
         # what chained steps feed: the samples of steps in flight (lookahead; at pp > 1 handed
         # from the last stage to the first, energon/parallel/token_return.py)
@@ -385,6 +390,8 @@ class ModelRunner(OffloadMember):
         self.graphs = self._captured(
             "decode", lambda: self._decode_graphs(scratch_block, capture), capture
         )
+        # the tp ranks skip the tokens' broadcast after a greedy graph step together
+        self.graphs = self._on_every_tp_rank(self.graphs)
         if self.graphs is None:
             self.decode_graphs = "off"
         elif self.shares_prefixes:
@@ -477,6 +484,7 @@ class ModelRunner(OffloadMember):
             options = dict(groups=groups, prefix_parts=parts, buckets=buckets)
         return DecodeGraphs(
             max_blocks=-(-window // self.block_size),
+            greedy=self.state.is_last_stage,
             **options,
             **self._graph_options(scratch_block, capture),
         )
@@ -532,10 +540,11 @@ class ModelRunner(OffloadMember):
         """The tokens that step `chain_from` sampled (every tp rank gets them from rank 0);
         ValueError if that step's tokens are not here."""
         s = self.state
+        everywhere = self.returns.everywhere(chain_from)
         tokens, count = self.returns.take(chain_from)
         if tokens is None and s.tp_rank == 0:
             raise ValueError(f"step {chain_from} sampled no tokens here")
-        if s.tp_size > 1:
+        if s.tp_size > 1 and not everywhere:
             if tokens is None:
                 tokens = torch.empty(count, dtype=torch.int64, device=self.device)
             root = s.topology.rank_of(s.stage, 0)
@@ -548,6 +557,7 @@ class ModelRunner(OffloadMember):
         Writes the new tokens' K/V into the cache. No host sync beyond the host→device copies.
         Decode steps, and steps of up to 8 prompts (whole or after a cached prefix) that fit a
         graph, replay one."""
+        self._graph_tokens = None
         if (
             self.prefill_graphs is not None
             and self.prefill_graphs.takes(step["query_lens"], step["context_lens"])
@@ -613,11 +623,13 @@ class ModelRunner(OffloadMember):
         tables = step["block_tables"]
         if len(context_lens) != len(step["query_lens"]) or tables.shape[0] != len(context_lens):
             raise ValueError("need one context_len and one block table per query_len")
-        return self._replay(
+        logits = self._replay(
             step,
             len(context_lens),
             lambda x, receive: graphs.run(x, context_lens, tables, receive=receive, shared=shared),
         )
+        self._graph_tokens = graphs.tokens
+        return logits
 
     def _prefill_graph_step(self, step: dict) -> torch.Tensor | None:
         query_lens = [int(q) for q in step["query_lens"]]
@@ -694,17 +706,23 @@ class ModelRunner(OffloadMember):
             self.returns.forget_before(step["hand_back"])
             if chainable:
                 self.returns.expect(step["step_id"], len(picked))
+        step_id = step["step_id"]
+        token_ids = self._greedy_tokens(step, picked, chainable)
+        everywhere = token_ids is not None and chainable and self.returns.local
+        if everywhere:  # every tp rank holds them: a step chaining this one needs no broadcast
+            self.returns.keep(step_id, token_ids, everywhere=True)
         if not self._returns(logits):
             return None
         if not picked:
-            return {"step_id": step["step_id"], "token_ids": [], "logprobs": None}
-        if len(picked) < logits.shape[0]:
-            logits = logits[to_device(picked, torch.int64, logits.device)]
-        token_ids, logprobs = self.sampler.sample(
-            logits, step["params"], step["steps"], step.get("features")
-        )
-        step_id = step["step_id"]
-        if chainable and self.returns.keeps:
+            return {"step_id": step_id, "token_ids": [], "logprobs": None}
+        logprobs = None
+        if token_ids is None:
+            if len(picked) < logits.shape[0]:
+                logits = logits[to_device(picked, torch.int64, logits.device)]
+            token_ids, logprobs = self.sampler.sample(
+                logits, step["params"], step["steps"], step.get("features")
+            )
+        if chainable and self.returns.keeps and not everywhere:
             self.returns.keep(step_id, token_ids)
         if self.device.type != "cuda" or logprobs is not None:  # logprobs synced already
             return {"step_id": step_id, "token_ids": token_ids.tolist(), "logprobs": logprobs}
@@ -716,6 +734,27 @@ class ModelRunner(OffloadMember):
             lambda: {"step_id": step_id, "token_ids": host.tolist(), "logprobs": None},
             copied.synchronize,
         )
+
+    def _greedy_tokens(self, step: dict, picked: list[int], kept: bool) -> torch.Tensor | None:
+        """The picked rows' tokens from the decode graph's argmax, when the step replayed one
+        that computes it and every picked row is plain greedy (no draw, ban, penalty, bias or
+        logprobs: the Sampler would take the same argmax); else None. The same answer on every
+        tp rank (same step, same graphs). `kept`: a later step may chain them, so they are a
+        copy (the graph's buffer is the next replay's)."""
+        tokens = self._graph_tokens
+        if tokens is None or not picked:
+            return None
+        features = step.get("features")
+        if features is None:
+            features = 0
+            for params in step["params"]:
+                features |= row_features(params)
+        if features:
+            return None
+        self.graph_greedy_steps += 1
+        if len(picked) < tokens.shape[0]:
+            return tokens[to_device(picked, torch.int64, tokens.device)]
+        return tokens.clone() if kept else tokens
 
     # -- facts -------------------------------------------------------------------------------
 
@@ -741,6 +780,7 @@ class ModelRunner(OffloadMember):
             "prefill_graph_steps": self.prefill_graphs.steps if self.prefill_graphs else 0,
             "graph_error": self.graph_error,
             "chained_steps": self.chained_steps,
+            "graph_greedy_steps": self.graph_greedy_steps,  # tokens from the graph's argmax
             "shares_prefixes": self.shares_prefixes,  # decode steps look for shared blocks
             "shared_prefix_steps": self.shared_prefix_steps,
             "returns_pending": self.returns.pending,  # samples chained steps may feed, held

@@ -47,22 +47,32 @@ class TokenReturn:
         # step_id -> (the receive or None, the tokens on tp rank 0 or None, their count)
         self._pending: dict[int, tuple[dist.Work | None, torch.Tensor | None, int]] = {}
         self._in_transit: list[tuple[dist.Work, torch.Tensor]] = []  # kept until completed
+        self._everywhere: set[int] = set()  # pending steps every tp rank keeps (pp=1)
 
     @property
     def pending(self) -> int:
         """Steps whose tokens are awaited or held here, not taken yet."""
         return len(self._pending)
 
-    def keep(self, step_id: int, tokens: torch.Tensor) -> None:
+    def keep(self, step_id: int, tokens: torch.Tensor, everywhere: bool = False) -> None:
         """What step `step_id` sampled (token ids, one per sampled row): held here at pp=1,
-        handed to the first stage at pp > 1."""
+        handed to the first stage at pp > 1. `everywhere` (pp=1): every tp rank keeps the
+        same tokens (a greedy step's, out of the decode graph), so none is broadcast."""
         if self.local:
             self._pending[step_id] = (None, tokens, tokens.shape[0])
+            if everywhere:
+                self._everywhere.add(step_id)
             return
+        if everywhere:
+            raise ValueError("tokens are kept on every tp rank only at pp=1")
         tokens = tokens.to(torch.int64).contiguous()
         dst = self.state.topology.rank_of(0, 0)
         self._in_transit.append((dist.isend(tokens, dst, group=self.state.return_group), tokens))
         self._retire()
+
+    def everywhere(self, step_id: int) -> bool:
+        """Whether every tp rank keeps step `step_id`'s tokens (`keep(..., everywhere=True)`)."""
+        return step_id in self._everywhere
 
     def expect(self, step_id: int, count: int) -> None:
         """Step `step_id`, which samples `count` rows, has been issued here: its tokens will come
@@ -94,6 +104,7 @@ class TokenReturn:
             return
         self._post_through(step_id - 1)
         for older in [k for k in self._pending if k < step_id]:
+            self._everywhere.discard(older)
             work, tokens, _ = self._pending.pop(older)
             if work is not None:
                 self._in_transit.append((work, tokens))
@@ -106,6 +117,7 @@ class TokenReturn:
         if step_id in self._pending:
             self._post_through(step_id)
         entry = self._pending.pop(step_id, None)
+        self._everywhere.discard(step_id)
         if entry is None:
             raise ValueError(
                 f"a step chains step {step_id}, whose tokens this stage does not hold or await"

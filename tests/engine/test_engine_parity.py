@@ -24,6 +24,7 @@ from engine_helpers import (
     hf_greedy,
     hf_processed_greedy,
     one_torch_thread,  # noqa: F401 (autouse)
+    reference_sample,
 )
 
 from energon import Engine, SamplingParams
@@ -92,6 +93,33 @@ async def test_greedy_generation_equals_transformers(references, family, tp, pp)
     assert_equal_to_transformers(done, refs)
     for c, n in zip(done, NEW_TOKENS, strict=True):
         assert (c.finish_reason, len(c.token_ids), c.text) == ("length", n, "")
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+async def test_greedy_tokens_out_of_the_decode_graph_equal_transformers(references, tp):
+    """With decode graphs (their static path on cpu), a step whose rows are all plain greedy
+    takes its tokens from the graph's argmax on every tp rank, and the next step (lookahead)
+    feeds them without a broadcast; a drawn request beside them still goes to the Sampler."""
+    folder, refs = references["opt"]
+    hf = CHECKPOINT_MAKERS["opt"](folder.parent / f"opt-again-{tp}")  # the same seed: same model
+    drawn = SamplingParams(max_tokens=16, temperature=1.0, seed=3, ignore_eos=True)  # outlasts them
+    async with Engine(str(folder), tp=tp, device="cpu", decode_graphs="static") as engine:
+        done = await greedy(engine)
+        infos = await engine.group.broadcast("info")
+        sampled = await asyncio.gather(engine.infer(PROMPTS[0], drawn), greedy(engine))
+        after = await engine.group.broadcast("info")
+    assert_equal_to_transformers(done, refs)
+    assert_equal_to_transformers(sampled[1], refs)
+    assert sampled[0].token_ids == reference_sample(hf, PROMPTS[0], drawn)
+    # every rank took the graph's tokens, for as many steps, and chained steps fed them
+    assert len({i["graph_greedy_steps"] for i in infos}) == 1
+    assert infos[0]["graph_greedy_steps"] >= max(NEW_TOKENS) - 2
+    assert all(i["chained_steps"] > 0 for i in infos)
+    # beside a drawn row (it outlasts the greedy ones) no step takes the graph's tokens
+    assert all(
+        a["graph_greedy_steps"] == i["graph_greedy_steps"]
+        for a, i in zip(after, infos, strict=True)
+    )
 
 
 def gpus() -> int:

@@ -55,7 +55,9 @@ class StepGraphs:
     `block_size` / `scratch_block` describe the KV cache (the scratch block takes the pad rows'
     K/V). A subclass writes each step's inputs into its own static buffers, gives
     `_meta(bucket)` (views of them) and calls `_capture()` (CUDA) or leaves the graphs
-    uncaptured: `_replay` then runs the body on the same buffers eagerly (the cpu tests)."""
+    uncaptured: `_replay` then runs the body on the same buffers eagerly (the cpu tests).
+    With `greedy` (a last stage: the body's output is logits) the graph also takes each row's
+    argmax (energon/kernels/argmax.py); `tokens` holds the latest step's, for its rows."""
 
     def __init__(
         self,

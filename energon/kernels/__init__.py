@@ -15,6 +15,9 @@ one_shot_norm.py the same all-reduce with the residual add and the norm after it
                  per row (a row-parallel layer's PartialSum handed to a norm's add_norm)
 penalty_kernels.py logit_bias and the repetition, frequency and presence penalties of a step's
                  rows with the logits' float32 copy, one kernel (energon/penalties.py decides)
+argmax.py        greedy tokens: each row's argmax, first index of the largest (`torch.argmax`)
+argmax_kernels.py its Triton kernel, pieces of a row and the last program combining them
+tickets.py       the zeroed counters of such "last program combines" kernels (attention too)
 chain.py         `wait_then_release`, how each of these kernels enters a programmatic
                  dependent launch, and `chained(device)`, its launch keywords
                  (`dependent_launch` below says when they launch so)

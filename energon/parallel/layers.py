@@ -213,9 +213,7 @@ class ParallelLMHead(nn.Module):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [N, vocab]: at decode sizes by the GEMV (at tp > 1 its weights streaming while
-        the final norm runs, as a column-parallel linear's), else cuBLAS."""
-        logits = linear(hidden, self.weight, self.bias, early_weights=self.tp_size > 1)
+        logits = F.linear(hidden, self.weight, self.bias)
         if self.tp_size == 1:
             return logits
         parts = [torch.empty_like(logits) for _ in range(self.tp_size)]

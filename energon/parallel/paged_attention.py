@@ -37,6 +37,7 @@ import triton.language as tl
 
 from energon.kernels import sm_count
 from energon.kernels.chain import chained, wait_then_release
+from energon.kernels.tickets import tickets as ticket_counters
 from energon.parallel.key_tile import LOG2E, cache_operands, cache_strides, key_tile
 from energon.parallel.prefix_attention import num_parts, prefix_attention
 from energon.parallel.shared_prefix import SharedPrefixes
@@ -242,25 +243,6 @@ def _paged_attn_kernel(
         tl.store(o_ptrs + d[None, :], out.to(Out.dtype.element_ty), mask=o_mask)
 
 
-_TICKETS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int32 counter per (sequence, KV head) for the splits' combine: one buffer per
-    device, kept (each call leaves its counters at zero again), grown outside graph capture.
-    A grown buffer never frees the one before it: CUDA graphs captured earlier still use it.
-    Calls on one device must not overlap in time (the workers run one stream)."""
-    buffers = _TICKETS.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"paged_attention needs {n} split counters while a CUDA graph is captured; "
-                "run the same call once before capturing"
-            )
-        buffers.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
-    return buffers[-1]
-
-
 def default_num_splits(
     num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device
 ) -> int:
@@ -373,7 +355,7 @@ def paged_attention(
         lse_part = torch.empty(num_splits + parts, T, H, dtype=torch.float32, device=q.device)
     else:
         out_part = lse_part = out  # unused
-    tickets = _tickets(q.device, B * Hkv) if split else out
+    tickets = ticket_counters(q.device, B * Hkv, "paged_attention") if split else out
     slopes = alibi_slopes.to(q.device, torch.float32) if alibi_slopes is not None else None
     if parts:
         pass_n, pass_warps, *pass_stages = prefix_config or (tile, 4)

@@ -57,13 +57,13 @@ def _argmax_kernel(
     if ticket == pieces - 1:
         s = tl.arange(0, PIECES)
         ok = s < pieces
-        index = tl.load(PartIndex + row * pieces + s, mask=ok, other=0, cache_modifier=".cg")
-        value = tl.load(PartValue + row * pieces + s, mask=ok, other=0.0, cache_modifier=".cg")
-        value = tl.where(ok & (index >= 0), value, float("-inf"))
-        first_nan_piece = tl.min(tl.where(ok & (index < 0), s, PIECES), 0)
-        best = tl.min(tl.where(value == tl.max(value, 0), s, PIECES), 0)  # the earliest
+        indices = tl.load(PartIndex + row * pieces + s, mask=ok, other=0, cache_modifier=".cg")
+        values = tl.load(PartValue + row * pieces + s, mask=ok, other=0.0, cache_modifier=".cg")
+        values = tl.where(ok & (indices >= 0), values, float("-inf"))
+        first_nan_piece = tl.min(tl.where(ok & (indices < 0), s, PIECES), 0)
+        best = tl.min(tl.where(values == tl.max(values, 0), s, PIECES), 0)  # the earliest
         pick = tl.where(first_nan_piece < PIECES, first_nan_piece, best)
-        chosen = tl.sum(tl.where(s == pick, index, 0), 0)
+        chosen = tl.sum(tl.where(s == pick, indices, 0), 0)
         tl.store(Out + row, tl.where(chosen < 0, -chosen - 1, chosen).to(tl.int64))
         tl.atomic_xchg(Tickets + row, 0)
 

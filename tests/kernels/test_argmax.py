@@ -83,3 +83,19 @@ def test_the_compiled_kernel_gives_torch_argmax_also_in_a_graph():
         x.copy_(torch.randn(2, 50272, generator=torch.Generator().manual_seed(seed)))
         graph.replay()
         assert torch.equal(tokens, x.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("dtype", ["*fp16", "*bf16", "*fp32"])
+def test_the_sm90_kernel_reads_the_logits_only_after_the_head_has_finished(dtype):
+    """Compiled for an H100/H200 here (no GPU needed; triton 3.6, the GPU image's, refused an
+    earlier version whose combine reused a scalar's name for a vector): as a dependent launch
+    after the LM head it loads nothing before its wait."""
+    from energon.kernels import argmax_kernels
+    from tests.kernels.test_chain import RELEASE, WAIT, _first, _loads_before_wait, _ptx
+
+    signature = dict(X=dtype, Out="*i64", PartValue="*fp32", PartIndex="*i32", Tickets="*i32")
+    signature |= dict(width="i32", stride="i32")
+    constants = dict(CHUNK=argmax_kernels.CHUNK, PIECES=16, PDL=True)
+    ptx = _ptx(argmax_kernels._argmax_kernel, signature, constants, argmax_kernels.NUM_WARPS, 3)
+    assert _first(ptx, WAIT) < _first(ptx, RELEASE)
+    assert _loads_before_wait(ptx) == []

@@ -97,3 +97,40 @@ def test_the_last_stage_holds_a_bounded_number_of_sends():
     first, (held, complete) = run_in_gloo_group(_many_steps, 1, 2, 100)
     assert first == 0 and complete
     assert held <= 64
+
+
+def _kept_everywhere(state):
+    """At pp=1 each tp rank keeps a greedy step's tokens itself (`everywhere`); the flag goes
+    with the tokens when taken or dropped. What each rank saw, in order."""
+    returns = TokenReturn(state, torch.device("cpu"))
+    for step in range(3):
+        returns.expect(step, 3)
+        returns.keep(step, _tokens(step), everywhere=step != 1)
+    seen = [returns.everywhere(step) for step in range(3)]
+    tokens, count = returns.take(0)
+    seen += [tokens.tolist(), count, returns.everywhere(0)]
+    returns.forget_before(2)  # drops step 1
+    seen += [returns.everywhere(2), returns.pending]
+    returns.take(2)
+    seen += [returns.everywhere(2), returns.pending]
+    return seen
+
+
+def test_tokens_every_tp_rank_keeps_are_marked_until_taken_or_dropped():
+    for seen in run_in_gloo_group(_kept_everywhere, 2, 1):
+        assert seen == [True, False, True, _tokens(0).tolist(), 3, False, True, 1, False, 0]
+
+
+def _everywhere_at_pp2(state):
+    returns = TokenReturn(state, torch.device("cpu"))
+    if not state.is_last_stage:
+        return None
+    try:
+        returns.keep(0, _tokens(0), everywhere=True)
+    except ValueError as exc:
+        return str(exc)
+
+
+def test_tokens_are_kept_everywhere_only_at_pp1():
+    first, last = run_in_gloo_group(_everywhere_at_pp2, 1, 2)
+    assert first is None and "only at pp=1" in last

@@ -46,7 +46,7 @@ from energon.pool.offload import OffloadMember
 from energon.prefill_graphs import DEFAULT_BUCKETS as PREFILL_BUCKETS
 from energon.prefill_graphs import PrefillGraphs
 from energon.sampler import Sampler, logprob_rows
-from energon.sampling import row_features
+from energon.sampling import step_features
 
 log = logging.getLogger("energon")
 
@@ -537,8 +537,8 @@ class ModelRunner(OffloadMember):
         return ids
 
     def _chained_tokens(self, chain_from: int) -> torch.Tensor:
-        """The tokens that step `chain_from` sampled (every tp rank gets them from rank 0);
-        ValueError if that step's tokens are not here."""
+        """The tokens that step `chain_from` sampled (every tp rank gets them from rank 0,
+        unless each kept its own: a greedy graph step's); ValueError if they are not here."""
         s = self.state
         everywhere = self.returns.everywhere(chain_from)
         tokens, count = self.returns.take(chain_from)
@@ -744,12 +744,7 @@ class ModelRunner(OffloadMember):
         tokens = self._graph_tokens
         if tokens is None or not picked:
             return None
-        features = step.get("features")
-        if features is None:
-            features = 0
-            for params in step["params"]:
-                features |= row_features(params)
-        if features:
+        if step_features(step["params"], step.get("features")):
             return None
         self.graph_greedy_steps += 1
         if len(picked) < tokens.shape[0]:

@@ -30,7 +30,7 @@ import torch
 
 from energon.host_copy import to_device
 from energon.penalties import Penalties
-from energon.sampling import RowFeature, drawn, row_features
+from energon.sampling import RowFeature, drawn, step_features
 
 _GOLDEN = 0x9E3779B97F4A7C15  # odd: 2**64 / golden ratio
 _MASK64 = (1 << 64) - 1
@@ -151,10 +151,7 @@ class Sampler:
                 f"need one params dict and one step per logits row: {batch} rows, "
                 f"{len(params)} params, {len(steps)} steps"
             )
-        if features is None:
-            features = 0
-            for p in params:
-                features |= row_features(p)
+        features = step_features(params, features)
         scores = logits
         if features & RowFeature.BANNED:
             scores = _ban(scores, params, steps)

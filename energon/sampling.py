@@ -62,6 +62,17 @@ def row_features(wire: dict) -> int:
     return features
 
 
+def step_features(params: list[dict], features: int | None = None) -> int:
+    """The RowFeature bits of a step's rows ORed: `features` when the step message carries
+    them (the controller keeps each request's), else worked out from the rows' params."""
+    if features is not None:
+        return features
+    bits = 0
+    for wire in params:
+        bits |= row_features(wire)
+    return bits
+
+
 def _is_int(value: object) -> bool:
     """True for Python and numpy integers, False for bool (an int subclass that is never meant)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

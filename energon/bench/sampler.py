@@ -29,7 +29,7 @@ from energon.bench.limits import copy_bandwidth, synchronize
 from energon.bench.record import Record, copy_bandwidth_record, print_records, write_results
 from energon.penalties import ENV_SWITCH as PENALTIES_SWITCH
 from energon.sampler import Sampler
-from energon.sampling import SamplingParams, row_features
+from energon.sampling import SamplingParams, step_features
 
 SCENARIO = "sampler"
 EAGER_SUFFIX = "_eager_ops"
@@ -218,9 +218,7 @@ def sampler_call(args, params: SamplingParams, rows: int, device):
         ]
         sampler.sample(logits, first, [HISTORY] * rows)
     steps = [HISTORY] * rows
-    features = 0  # what the controller sends with each step (it keeps each request's)
-    for row in row_params:
-        features |= row_features(row)
+    features = step_features(row_params)  # what the controller sends with each step
     return lambda: sampler.sample(logits, row_params, steps, features)
 
 

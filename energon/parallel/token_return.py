@@ -44,10 +44,10 @@ class TokenReturn:
         self.local = state.pp_size == 1  # the sampling rank embeds too: nothing travels
         self.keeps = state.is_last_stage and state.tp_rank == 0
         self.expects = state.is_first_stage
-        # step_id -> (the receive or None, the tokens on tp rank 0 or None, their count)
-        self._pending: dict[int, tuple[dist.Work | None, torch.Tensor | None, int]] = {}
+        # step_id -> (the receive or None, the tokens on tp rank 0 or None, their count,
+        # whether every tp rank keeps them: `keep(..., everywhere=True)`)
+        self._pending: dict[int, tuple[dist.Work | None, torch.Tensor | None, int, bool]] = {}
         self._in_transit: list[tuple[dist.Work, torch.Tensor]] = []  # kept until completed
-        self._everywhere: set[int] = set()  # pending steps every tp rank keeps (pp=1)
 
     @property
     def pending(self) -> int:
@@ -59,9 +59,7 @@ class TokenReturn:
         handed to the first stage at pp > 1. `everywhere` (pp=1): every tp rank keeps the
         same tokens (a greedy step's, out of the decode graph), so none is broadcast."""
         if self.local:
-            self._pending[step_id] = (None, tokens, tokens.shape[0])
-            if everywhere:
-                self._everywhere.add(step_id)
+            self._pending[step_id] = (None, tokens, tokens.shape[0], everywhere)
             return
         if everywhere:
             raise ValueError("tokens are kept on every tp rank only at pp=1")
@@ -72,7 +70,8 @@ class TokenReturn:
 
     def everywhere(self, step_id: int) -> bool:
         """Whether every tp rank keeps step `step_id`'s tokens (`keep(..., everywhere=True)`)."""
-        return step_id in self._everywhere
+        entry = self._pending.get(step_id)
+        return entry is not None and entry[3]
 
     def expect(self, step_id: int, count: int) -> None:
         """Step `step_id`, which samples `count` rows, has been issued here: its tokens will come
@@ -80,7 +79,7 @@ class TokenReturn:
         tp rank 0 `keep`s them)."""
         if self.state.tp_rank == 0 and self.local:
             return
-        self._pending[step_id] = (None, None, count)  # tp rank 0: its receive not posted yet
+        self._pending[step_id] = (None, None, count, False)  # tp rank 0: receive not posted yet
 
     def _post_through(self, step_id: float) -> None:
         """On tp rank 0 at pp > 1, posts the receives of expected steps up to `step_id` not
@@ -88,13 +87,13 @@ class TokenReturn:
         if self.state.tp_rank != 0 or self.local:
             return
         src = self.state.topology.rank_of(self.state.pp_size - 1, 0)
-        for expected, (work, _, count) in self._pending.items():
+        for expected, (work, _, count, _) in self._pending.items():
             if expected > step_id:
                 break
             if work is None:
                 buffer = torch.empty(count, dtype=torch.int64, device=self.device)
                 work = dist.irecv(buffer, src, group=self.state.return_group)
-                self._pending[expected] = (work, buffer, count)
+                self._pending[expected] = (work, buffer, count, False)
 
     def forget_before(self, step_id: float) -> None:
         """No step before `step_id` will be chained (the controller has them back; `math.inf`:
@@ -104,8 +103,7 @@ class TokenReturn:
             return
         self._post_through(step_id - 1)
         for older in [k for k in self._pending if k < step_id]:
-            self._everywhere.discard(older)
-            work, tokens, _ = self._pending.pop(older)
+            work, tokens, _, _ = self._pending.pop(older)
             if work is not None:
                 self._in_transit.append((work, tokens))
         self._retire()
@@ -117,12 +115,11 @@ class TokenReturn:
         if step_id in self._pending:
             self._post_through(step_id)
         entry = self._pending.pop(step_id, None)
-        self._everywhere.discard(step_id)
         if entry is None:
             raise ValueError(
                 f"a step chains step {step_id}, whose tokens this stage does not hold or await"
             )
-        work, tokens, count = entry
+        work, tokens, count, _ = entry
         if work is not None:
             work.wait()
         return tokens, count

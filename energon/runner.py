@@ -781,8 +781,11 @@ class ModelRunner(OffloadMember):
             "returns_pending": self.returns.pending,  # samples chained steps may feed, held
             "penalised_seqs": len(self.sampler.penalties.slots),  # sequences' tokens kept
             "all_reduce": self.all_reduce,
-            # (one-shot sums, of them fused with a norm) issued; a captured one counts once
-            "one_shot_calls": (fast.one_shot_calls, fast.norm_calls) if fast else (0, 0),
+            # (one-shot sums, of them fused with a norm, of those the GEMV's push) issued; a
+            # captured one counts once
+            "one_shot_calls": (
+                (fast.one_shot_calls, fast.norm_calls, fast.push_calls) if fast else (0, 0, 0)
+            ),
             "early_weight_gemvs": EarlyWeights.calls,  # GEMVs on gemv_tma.py issued
             "early_weight_error": EarlyWeights.error,  # why it fell back, or None
             "cpu_threads": torch.get_num_threads(),

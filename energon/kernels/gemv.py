@@ -80,12 +80,12 @@ class EarlyWeights:
     error: str | None = None
 
     @classmethod
-    def run(cls, tma, x, weight, bias, relu) -> torch.Tensor | None:
+    def run(cls, tma, x, weight, bias, relu, push=None) -> torch.Tensor | None:
         """tma.gemv(...), or None after the first call's failure (logged once)."""
         if cls.error is not None:
             return None
         try:
-            y = tma.gemv(x, weight, bias, relu, pdl=True)
+            y = tma.gemv(x, weight, bias, relu, pdl=True, push=push)
         except Exception as exc:
             if cls.calls:
                 raise  # it ran before: not a matter of the toolchain
@@ -113,6 +113,17 @@ class _LastOutput:
     def remember(cls, y: torch.Tensor) -> torch.Tensor:
         cls.ref = weakref.ref(y)
         return y
+
+
+def pushed_linear(x: torch.Tensor, weight: torch.Tensor, push) -> torch.Tensor | None:
+    """x @ weight.T by the early-weights GEMV (gemv_tma.py), which also pushes the product into
+    every rank's slots of the fused all-reduce + norm (`push`, a one_shot_norm.Push;
+    energon/parallel/partial_sum.py); None when that kernel does not take the call (nothing
+    pushed: the caller runs `linear`)."""
+    if kernels_for(x, weight, None) and (tma := tma_kernels_for(x, weight)):
+        if (y := EarlyWeights.run(tma, x, weight, None, False, push)) is not None:
+            return _LastOutput.remember(y)
+    return None
 
 
 def linear(

@@ -41,9 +41,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from energon.kernels import sm_count
+from energon.kernels import one_shot_norm, sm_count
 from energon.kernels.chain import launch_options, wait_then_release
 from energon.kernels.gemv import TMA_ROWS
+from energon.kernels.one_shot_norm import SENTINEL
 
 # triton 3.6 (the GPU image) names the TMA load async_copy_global_to_shared; 3.9 async_load
 # and its CTA barrier thread_barrier; 3.9 barrier
@@ -90,10 +91,18 @@ def _gemv_tma_kernel(
     tiles,
     per_program,
     early,  # ring slots filled before the wait (the rest after it)
+    peers,  # PUSH: device address of the ranks' symmetric buffer addresses (uint64)
+    push_offset,  # PUSH: bytes from a buffer's start to one_shot_norm's region
     HAS_BIAS: gl.constexpr,
     RELU: gl.constexpr,
     PDL: gl.constexpr,
     STAGES: gl.constexpr,
+    PUSH: gl.constexpr,  # also push each tile into every rank's slot (`_push_tile`)
+    RANK: gl.constexpr,
+    WORLD: gl.constexpr,
+    HALF: gl.constexpr,  # one_shot_norm's region: bytes of a half, of a slot, slots a rank
+    ROW: gl.constexpr,
+    ROWS: gl.constexpr,
 ):
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -153,8 +162,42 @@ def _gemv_tma_kernel(
         y_ptrs = Y + gl.expand_dims(m, 1) * stride_ym + gl.expand_dims(n, 0)
         mask = gl.expand_dims(m < M, 1) & gl.expand_dims(n < N, 0)
         gl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
+        if PUSH:
+            y = acc.to(Y.dtype.element_ty)
+            _push_tile(y, m, n, mask, peers, push_offset, RANK, WORLD, HALF, ROW, ROWS)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
+
+
+@gluon.jit
+def _push_tile(
+    y,
+    m,
+    n,
+    mask,
+    peers,
+    offset,
+    RANK: gl.constexpr,
+    WORLD: gl.constexpr,
+    HALF: gl.constexpr,
+    ROW: gl.constexpr,
+    ROWS: gl.constexpr,
+):
+    """Stores the tile `y` (rows m, features n) into this rank's slot of each row in every rank's
+    region of one_shot_norm, the half of the row's next call, -0.0 as +0.0: what that kernel's
+    first step would push, pushed as each tile ends instead of after the whole GEMV (its
+    `pushed` calls then only wait for the rows). After the wait: the row counts were written by
+    an earlier call of that kernel, which has ended."""
+    table = peers.to(gl.pointer_type(gl.uint64))
+    mine = gl.load(table + RANK)
+    counters = (mine + offset + 2 * HALF).to(gl.pointer_type(gl.uint32))
+    call = gl.load(counters + m, mask=m < ROWS, other=0) + 1
+    at = offset + (call % 2).to(gl.uint64) * HALF + (RANK * ROWS + m).to(gl.uint64) * ROW
+    bits = y.to(gl.int16, bitcast=True)
+    bits = gl.where(bits == SENTINEL, 0, bits)
+    for peer in gl.static_range(WORLD):
+        row = (gl.load(table + peer) + at).to(gl.pointer_type(gl.int16))
+        gl.store(gl.expand_dims(row, 1) + gl.expand_dims(n, 0), bits, mask=mask)
 
 
 def takes(x, weight) -> bool:
@@ -184,11 +227,13 @@ def plan(tiles: int, sms: int) -> tuple[int, int]:
     return per, triton.cdiv(tiles, per)
 
 
-def gemv(x, weight, bias=None, relu=False, pdl=False, early=None):
+def gemv(x, weight, bias=None, relu=False, pdl=False, early=None, push=None):
     """x [M, K] (M <= MAX_ROWS) @ weight [N, K].T (+ bias [N]) (ReLU) -> [M, N] in x's dtype,
     a program's first RING_BYTES of weight tiles copied before the wait (`pdl`: a programmatic
     dependent launch; module docstring). `early`: how many of the ring's slots to fill before
-    the wait (default all; ENERGON_GEMV_TMA_EARLY)."""
+    the wait (default all; ENERGON_GEMV_TMA_EARLY). `push` (a one_shot_norm.Push, float16):
+    also push the result into every rank's slots for `one_shot_add_norm(..., pushed=True)`,
+    which must follow (a collective: every rank pushes)."""
     import torch
 
     M, K = x.shape
@@ -197,6 +242,8 @@ def gemv(x, weight, bias=None, relu=False, pdl=False, early=None):
         raise ValueError(
             f"gemv_tma takes x [<= {MAX_ROWS}, K] and weight [N, K], 16-byte aligned rows"
         )
+    if push is not None and not one_shot_norm.pushes(x.dtype, M, N):
+        raise ValueError(f"gemv_tma cannot push {x.dtype} [{M}, {N}] into one_shot_norm's slots")
     if early is None:
         early = int(os.environ.get("ENERGON_GEMV_TMA_EARLY", STAGES))
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -217,9 +264,17 @@ def gemv(x, weight, bias=None, relu=False, pdl=False, early=None):
         tiles,
         per,
         early,
+        push.table if push else 0,
+        push.offset if push else 0,
         HAS_BIAS=bias is not None,
         RELU=relu,
         STAGES=STAGES,
+        PUSH=push is not None,
+        RANK=push.rank if push else 0,
+        WORLD=push.world if push else 1,
+        HALF=one_shot_norm.half_bytes(push.world) if push else 0,
+        ROW=one_shot_norm.ROW_BYTES,
+        ROWS=one_shot_norm.MAX_ROWS,
         num_warps=NUM_WARPS,
         **launch_options(pdl),
     )

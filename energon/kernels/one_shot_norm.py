@@ -35,6 +35,9 @@ like the one-shot kernel's use in energon/parallel/allreduce.py, which decides w
 
 from __future__ import annotations
 
+import os
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -46,6 +49,21 @@ MAX_ROWS = 64  # rows of one call: a decode step's batch up to 64 sequences
 ROW_BYTES = MAX_WIDTH * 2  # float16 rows of up to MAX_WIDTH
 ALIGN = 16
 SENTINEL = tl.constexpr(-32768)  # the int16 bits of float16 -0.0: an element not pushed yet
+
+
+class Push(NamedTuple):
+    """Where a GEMV pushes its rows for this kernel (energon/kernels/gemv_tma.py, `push`)."""
+
+    table: int  # device address of the ranks' symmetric buffer addresses (uint64)
+    rank: int
+    world: int
+    offset: int  # bytes from a buffer's start to this kernel's region
+
+
+def pushes(dtype: torch.dtype, rows: int, width: int) -> bool:
+    """Whether rows of this shape and dtype fit the region's slots (the GEMV that pushes them
+    asks: shapes and dtypes only, alike on every rank)."""
+    return dtype == torch.float16 and 0 < rows <= MAX_ROWS and 0 < width <= MAX_WIDTH
 
 
 def half_bytes(world: int) -> int:
@@ -118,9 +136,10 @@ def _one_shot_norm_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,  # a programmatic dependent launch (chain.py)
+    PUSHED: tl.constexpr,  # the GEMV before pushed every rank's row (gemv_tma.py): no step 1
+    EARLY: tl.constexpr,  # PUSHED: sum and normalise before the PDL wait (2: release first)
 ):
     row = tl.program_id(0)
-    dtype = X.dtype.element_ty
     cols = tl.arange(0, BLOCK)
     mask = cols < width
     # What no kernel writes, before the wait: the buffer addresses, the weights and biases. The
@@ -130,25 +149,76 @@ def _one_shot_norm_kernel(
     mine = tl.load(table + RANK)
     weight, norm_bias = affine(Weight, NormBias, cols, mask, HAS_WEIGHT, HAS_NORM_BIAS)
     bias = vector(Bias, cols, mask, HAS_BIAS)
-    wait_then_release(PDL)
     counters = (mine + offset + 2 * HALF).to(tl.pointer_type(tl.uint32))
-    call = tl.load(counters + row) + 1  # uint32: wraps, keeping its parity
+    if EARLY:
+        # The rows prove themselves and the residual is two kernels old (the GEMV's input came
+        # between): all of it may be read before the wait, which then only guards the stores
+        # (into memory the GEMV before may still read). Its dependents (a GEMV, which copies
+        # weights until its own wait) are let go once every row has come.
+        if EARLY == 2:
+            tl.extra.cuda.gdc_launch_dependents()
+        call = tl.load(counters + row) + 1
+        summed = _sum_rows(X, Residual, Bias, bias, mine, table, stride_r, width, offset, call,
+                           row, cols, mask, RANK, WORLD, ADD, HAS_BIAS, HALF, ROW, ROWS, PUSHED)  # fmt: skip
+        if EARLY == 1:
+            tl.extra.cuda.gdc_launch_dependents()
+        y = normalise(summed, mask, width, eps, weight, norm_bias, RMS, HAS_WEIGHT, HAS_NORM_BIAS)
+        tl.extra.cuda.gdc_wait()
+    else:
+        wait_then_release(PDL)
+        call = tl.load(counters + row) + 1  # uint32: wraps, keeping its parity
+        summed = _sum_rows(X, Residual, Bias, bias, mine, table, stride_r, width, offset, call,
+                           row, cols, mask, RANK, WORLD, ADD, HAS_BIAS, HALF, ROW, ROWS, PUSHED)  # fmt: skip
+        y = normalise(summed, mask, width, eps, weight, norm_bias, RMS, HAS_WEIGHT, HAS_NORM_BIAS)
+    tl.store(Summed + row * width + cols, summed, mask=mask)
+    tl.store(Out + row * width + cols, y.to(Out.dtype.element_ty), mask=mask)
+    tl.store(counters + row, call)  # after normalise's reductions: every thread has read `call`
+
+
+@triton.jit
+def _sum_rows(
+    X,
+    Residual,
+    Bias,
+    bias,
+    mine,
+    table,
+    stride_r,
+    width,
+    offset,
+    call,
+    row,
+    cols,
+    mask,
+    RANK: tl.constexpr,
+    WORLD: tl.constexpr,
+    ADD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HALF: tl.constexpr,
+    ROW: tl.constexpr,
+    ROWS: tl.constexpr,
+    PUSHED: tl.constexpr,
+):
+    """Steps 1-3 and the residual add of the module's docstring: the row summed over the ranks
+    (+ bias) (+ residual), in X's dtype; the slots read are put back to SENTINEL."""
+    dtype = X.dtype.element_ty
     half = offset + (call % 2).to(tl.uint64) * HALF
-    if ADD:
+    if ADD:  # its latency hides behind the push and the wait for the peers' rows
         r = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0)
 
     # 1. this rank's row into its slot on every rank, -0.0 as +0.0 (its bits as int16)
-    bits = tl.load(X + row * width + cols, mask=mask, other=0.0).to(tl.int16, bitcast=True)
-    bits = tl.where(bits == SENTINEL, 0, bits)
-    slot_of_mine = half + (RANK * ROWS + row).to(tl.uint64) * ROW
-    for peer in tl.static_range(WORLD):
-        theirs = tl.load(table + peer)
-        slot = tl.multiple_of((theirs + slot_of_mine).to(tl.pointer_type(tl.int16)), 16)
-        tl.store(slot + cols, bits, mask=mask)
+    if not PUSHED:
+        bits = tl.load(X + row * width + cols, mask=mask, other=0.0).to(tl.int16, bitcast=True)
+        bits = tl.where(bits == SENTINEL, 0, bits)
+        slot_of_mine = half + (RANK * ROWS + row).to(tl.uint64) * ROW
+        for peer in tl.static_range(WORLD):
+            theirs = tl.load(table + peer)
+            slot = tl.multiple_of((theirs + slot_of_mine).to(tl.pointer_type(tl.int16)), 16)
+            tl.store(slot + cols, bits, mask=mask)
 
     # 2, 3. each rank's row, once every element has come, summed in rank order; the slots
     # are put back to SENTINEL for the call two later
-    total = tl.zeros([BLOCK], dtype=tl.float32)
+    total = tl.zeros(cols.shape, dtype=tl.float32)
     for rank in tl.static_range(WORLD):
         at = (mine + half + (rank * ROWS + row).to(tl.uint64) * ROW).to(tl.pointer_type(tl.int16))
         slot = tl.multiple_of(at, 16) + cols
@@ -156,18 +226,15 @@ def _one_shot_norm_kernel(
         while tl.max(((got == SENTINEL) & mask).to(tl.int32), 0) > 0:
             got = tl.load(slot, mask=mask, other=0, volatile=True)
         total += got.to(dtype, bitcast=True).to(tl.float32)
-        tl.store(slot, tl.full([BLOCK], SENTINEL, tl.int16), mask=mask)
+        tl.store(slot, tl.full(cols.shape, SENTINEL, tl.int16), mask=mask)
     if HAS_BIAS:
         total += bias
     summed = total.to(dtype)  # the all-reduce's result, rounded once
 
-    # 4. the residual add and the norm
+    # 4. the residual add (the norm is the caller's)
     if ADD:
         summed = (summed.to(tl.float32) + r.to(tl.float32)).to(dtype)
-    tl.store(Summed + row * width + cols, summed, mask=mask)
-    y = normalise(summed, mask, width, eps, weight, norm_bias, RMS, HAS_WEIGHT, HAS_NORM_BIAS)
-    tl.store(Out + row * width + cols, y.to(dtype), mask=mask)
-    tl.store(counters + row, call)  # after normalise's reductions: every thread has read `call`
+    return summed
 
 
 def one_shot_add_norm(
@@ -182,19 +249,23 @@ def one_shot_add_norm(
     rank: int,
     world: int,
     offset: int,
+    pushed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(normed, summed): summed = the sum over ranks of x (+ bias) (+ residual), normed = its
     LayerNorm (RMSNorm when `rms`; norm_bias ignored then) by weight and norm_bias. Arguments
     as `takes` accepts them (its caller, OneShotAllReduce.fused_add_norm, has asked);
     `buffer_ptrs` is the device address of the ranks' symmetric buffer addresses, this kernel's
     region at `offset` in each (16-byte aligned). Collective: every rank of the group calls it
-    with the same shapes and the same optional arguments present."""
+    with the same shapes and the same optional arguments present. `pushed`: the GEMV that
+    computed `x` pushed it already (gemv_tma.py's `push`), on every rank."""
     if offset % ALIGN:
         raise ValueError(f"one_shot_add_norm's region must be {ALIGN}-byte aligned ({offset})")
     rows, width = x.shape
     summed, out = torch.empty_like(x), torch.empty_like(x)
     block = triton.next_power_of_2(width)
     norm_bias = None if rms else norm_bias
+    launch = chained(x.device)
+    early = int(os.environ.get("ENERGON_PUSH_EARLY", "1")) if pushed and launch["PDL"] else 0
     _one_shot_norm_kernel[(rows,)](
         x,
         residual if residual is not None else x,
@@ -220,6 +291,8 @@ def one_shot_add_norm(
         ROWS=MAX_ROWS,
         BLOCK=block,
         num_warps=num_warps_for(block),
-        **chained(x.device),
+        PUSHED=pushed,
+        EARLY=early,
+        **launch,
     )
     return out, summed

@@ -43,6 +43,7 @@ DEFAULT_MAX_BYTES = 512 << 10
 MODES = ("auto", "nccl")
 MODE_ENV = "ENERGON_ALL_REDUCE"
 NORM_ENV = "ENERGON_ALL_REDUCE_NORM"  # "0": a sum and the norm after it as two kernels
+PUSH_ENV = "ENERGON_ALL_REDUCE_PUSH"  # "0": the fused kernel pushes the rows, not the GEMV
 
 # the dtype each message dtype is summed in by torch's kernels (bfloat16 and float32 only)
 SUM_DTYPE = {
@@ -126,6 +127,7 @@ class OneShotAllReduce:
         self.norm_offset = norm_offset if peers is not None else None
         self.one_shot_calls = 0  # calls issued (a captured call counts once, at capture)
         self.norm_calls = 0  # of them, fused with the norm after them
+        self.push_calls = 0  # of those, rows the GEMV before pushed (`push_for`)
         self.nccl_calls = 0
         self.error: str | None = None  # why the fast path was turned off after set-up
 
@@ -182,22 +184,26 @@ class OneShotAllReduce:
         norm_bias: torch.Tensor | None,
         eps: float,
         rms: bool,
+        pushed: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(normed, summed) by one kernel: summed = the sum of `x` over the group + bias (+
         residual), normed = its LayerNorm (RMSNorm when `rms`) by weight and norm_bias. None
         when that kernel does not take the call (the caller sums and normalises as before):
         not float16, over 64 rows or `max_bytes`, ENERGON_ALL_REDUCE_NORM=0. The answer
-        depends on shapes and dtypes only, alike on every rank. `x` is left as it was."""
+        depends on shapes and dtypes only, alike on every rank. `x` is left as it was.
+        `pushed`: the GEMV that computed `x` pushed its rows already (`push_for`); a call this
+        kernel does not take must then go to `pushed_sum`, whatever else."""
         if os.environ.get(NORM_ENV, "1") == "0":
             return None
-        result = self.fused_add_norm(x, bias, residual, weight, norm_bias, eps, rms)
+        result = self.fused_add_norm(x, bias, residual, weight, norm_bias, eps, rms, pushed)
         if result is not None:
             self.one_shot_calls += 1
             self.norm_calls += 1
+            self.push_calls += pushed
         return result
 
     def fused_add_norm(
-        self, x, bias, residual, weight, norm_bias, eps, rms
+        self, x, bias, residual, weight, norm_bias, eps, rms, pushed=False
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`add_norm` whatever ENERGON_ALL_REDUCE_NORM says, not counted (the set-up checks
         it so)."""
@@ -207,9 +213,41 @@ class OneShotAllReduce:
 
         if not one_shot_norm.takes(x, residual, weight, norm_bias, bias):
             return None
-        return self._own_add_norm(x, bias, residual, weight, norm_bias, eps, rms)
+        return self._own_add_norm(x, bias, residual, weight, norm_bias, eps, rms, pushed)
 
-    def _own_add_norm(self, x, bias, residual, weight, norm_bias, eps, rms):
+    def push_for(self, rows: int, width: int, dtype: torch.dtype):
+        """Where a row-parallel layer's GEMV of `rows` x `width` pushes its product for the
+        fused all-reduce + norm (a `one_shot_norm.Push`, energon/kernels/gemv_tma.py), or None
+        when that kernel would not take it: the fused path off (ENERGON_ALL_REDUCE_NORM=0,
+        ENERGON_ALL_REDUCE_PUSH=0, no region), over `max_bytes`, not float16, over 64 rows.
+        Shapes and dtypes only, alike on every rank: every rank pushes, or none."""
+        if self.norm_offset is None or os.environ.get(PUSH_ENV, "1") == "0":
+            return None
+        if os.environ.get(NORM_ENV, "1") == "0":
+            return None
+        from energon.kernels import one_shot_norm
+
+        if not 0 < rows * width * dtype.itemsize <= self.max_bytes:
+            return None
+        if dtype not in self.dtypes or not one_shot_norm.pushes(dtype, rows, width):
+            return None
+        return self._push_target()
+
+    def _push_target(self):
+        """The Push of energon's fused kernel's region on this rank."""
+        from energon.kernels import one_shot_norm
+
+        table, rank, world, *_ = self._peers
+        return one_shot_norm.Push(table.data_ptr(), rank, world, self.norm_offset)
+
+    def pushed_sum(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The sum over the group (+ bias) of rows the GEMV pushed (`push_for`) when no norm
+        takes them: the fused kernel's sum alone (its norm is computed and left)."""
+        self.one_shot_calls += 1
+        self.push_calls += 1
+        return self._own_add_norm(x, bias, None, None, None, 1e-5, False, True)[1]
+
+    def _own_add_norm(self, x, bias, residual, weight, norm_bias, eps, rms, pushed=False):
         """Energon's fused kernel: (normed, summed)."""
         from energon.kernels.one_shot_norm import one_shot_add_norm
 
@@ -226,6 +264,7 @@ class OneShotAllReduce:
             rank,
             world,
             self.norm_offset,
+            pushed,
         )
 
     def _torch_one_shot(self, x: torch.Tensor) -> None:

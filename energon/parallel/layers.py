@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from energon.errors import CheckpointError
-from energon.kernels.gemv import linear
-from energon.parallel.allreduce import all_reduce
+from energon.kernels.gemv import linear, pushed_linear
+from energon.parallel.allreduce import all_reduce, fast_all_reduce
 from energon.parallel.partial_sum import PartialSum
 from energon.parallel.topology import current_parallel
 
@@ -157,10 +157,20 @@ class RowParallelLinear(nn.Module):
         `sum()` or `+` turn into the tensor."""
         if self.tp_size == 1:
             return linear(x, self.weight, self.bias)  # bias fused into the GEMM epilogue
-        partial = linear(x, self.weight, early_weights=True)
         if self.group is None:
-            return _all_reduce(partial, None, self.bias)
-        return PartialSum(partial, self.bias, self.group)
+            return _all_reduce(linear(x, self.weight, early_weights=True), None, self.bias)
+        push = self._push_for(x)
+        if push is not None and (partial := pushed_linear(x, self.weight, push)) is not None:
+            return PartialSum(partial, self.bias, self.group, pushed=True)
+        return PartialSum(linear(x, self.weight, early_weights=True), self.bias, self.group)
+
+    def _push_for(self, x: torch.Tensor):
+        """Where this layer's GEMV pushes its product for the fused all-reduce + norm, or None
+        (energon/parallel/partial_sum.py)."""
+        fast = fast_all_reduce(self.group)
+        if fast is None or x.dim() != 2 or (self.bias is not None and self.bias.dtype != x.dtype):
+            return None
+        return fast.push_for(x.shape[0], self.out_features, x.dtype)
 
 
 class VocabParallelEmbedding(nn.Module):

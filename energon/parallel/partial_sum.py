@@ -9,6 +9,11 @@ add+norm were two (energon/kernels/one_shot_norm.py; float16 decode batches on C
 else takes the sum:
 `sum()`, or `+` with a tensor, by the all-reduce as before. The model files do not change: a
 layer's output, summed or not, goes where it went.
+
+When the fused kernel will sum it, the layer's GEMV pushes its product into every rank's slots
+itself, tile by tile (`pushed`: energon/kernels/gemv_tma.py, `OneShotAllReduce.push_for`), and
+the kernel only waits for the rows. Every rank then pushed, so the rows must be summed by that
+kernel: `add_norm` or, for anything else, `pushed_sum`.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from energon.parallel.allreduce import all_reduce, fast_all_reduce
 
 class PartialSum:
     """`partial` summed over `group`, plus `bias`: what `sum()` returns (once; the all-reduce
-    runs in place on `partial`, so the sum is kept)."""
+    runs in place on `partial`, so the sum is kept). `pushed`: the GEMV pushed `partial` into
+    the group's fused all-reduce + norm (module docstring)."""
 
-    __slots__ = ("partial", "bias", "group", "_sum")
+    __slots__ = ("partial", "bias", "group", "pushed", "_sum")
 
-    def __init__(self, partial: torch.Tensor, bias: torch.Tensor | None, group):
-        self.partial, self.bias, self.group = partial, bias, group
+    def __init__(self, partial: torch.Tensor, bias: torch.Tensor | None, group, pushed=False):
+        self.partial, self.bias, self.group, self.pushed = partial, bias, group, pushed
         self._sum: torch.Tensor | None = None
 
     @property
@@ -43,7 +49,10 @@ class PartialSum:
     def sum(self) -> torch.Tensor:
         """The all-reduced tensor (+ bias)."""
         if self._sum is None:
-            self._sum = all_reduce(self.partial, self.group, self.bias)
+            if self.pushed:
+                self._sum = fast_all_reduce(self.group).pushed_sum(self.partial, self.bias)
+            else:
+                self._sum = all_reduce(self.partial, self.group, self.bias)
         return self._sum
 
     def __add__(self, other):
@@ -69,7 +78,9 @@ def fused_or_summed(x, residual, weight, norm_bias, eps: float, rms: bool):
     if isinstance(x, PartialSum) and x._sum is None:
         fast = fast_all_reduce(x.group)
         if fast is not None:
-            fused = fast.add_norm(x.partial, x.bias, residual, weight, norm_bias, eps, rms)
+            fused = fast.add_norm(
+                x.partial, x.bias, residual, weight, norm_bias, eps, rms, x.pushed
+            )
             if fused is not None:
                 return fused, x
     return None, summed(x)

@@ -208,6 +208,25 @@ async def test_cuda_float16_tp2_sums_into_the_norms_with_nothing_changed(
 @pytest.mark.gpu
 @pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA devices")
 @pytest.mark.parametrize("family", ["llama", "opt"])
+async def test_cuda_float16_tp2_gemvs_push_their_products_with_nothing_changed(
+    references, family, monkeypatch
+):
+    """float16 at tp=2 on Hopper: a row-parallel GEMV pushes its product into every rank's
+    slots of the fused all-reduce + norm as its tiles end, and that kernel only waits for the
+    rows (energon/parallel/partial_sum.py); ENERGON_ALL_REDUCE_PUSH=0 leaves the push to the
+    kernel. The same sums, so tokens and logprobs agree bit for bit."""
+    from energon.parallel.allreduce import PUSH_ENV
+
+    runs = await switched_runs(monkeypatch, PUSH_ENV, references[family][0], tp=2)
+    assert all(i["one_shot_calls"][2] > 0 for i in runs["1"][1]), runs["1"][1]
+    assert all(i["one_shot_calls"][2] == 0 for i in runs["0"][1])
+    assert all(i["one_shot_calls"][1] > 0 for i in runs["0"][1])
+    assert runs["1"][0] == runs["0"][0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("family", ["llama", "opt"])
 async def test_cuda_float16_tp2_streams_weights_early_with_the_same_tokens(
     references, family, monkeypatch
 ):

@@ -23,7 +23,7 @@ needs_hopper = pytest.mark.skipif(
 COPY = "cp.async.bulk.tensor"
 
 
-def _ptx() -> list[str]:
+def _ptx(push: bool = False) -> list[str]:
     pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -31,7 +31,7 @@ def _ptx() -> list[str]:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
-    from energon.kernels import gemv_tma
+    from energon.kernels import gemv_tma, one_shot_norm
 
     layout = gemv_tma._layout(16)
     x, w = torch.zeros(1, 5120, dtype=torch.float16), torch.zeros(7680, 5120, dtype=torch.float16)
@@ -42,7 +42,11 @@ def _ptx() -> list[str]:
     signature = dict(zip(("x_desc", "w_desc"), map(mangle_type, descs), strict=True))
     signature |= dict(Bias="*fp16", Y="*fp16")
     signature |= dict.fromkeys(("M", "N", "K", "stride_ym", "tiles", "per_program", "early"), "i32")
-    constants = dict(HAS_BIAS=True, RELU=False, PDL=True, STAGES=gemv_tma.STAGES)
+    signature |= dict(peers="i64", push_offset="i32")
+    constants = dict(HAS_BIAS=not push, RELU=False, PDL=True, STAGES=gemv_tma.STAGES)
+    constants |= dict(PUSH=push, RANK=1 if push else 0, WORLD=2 if push else 1)
+    constants |= dict(HALF=one_shot_norm.half_bytes(2), ROW=one_shot_norm.ROW_BYTES)
+    constants |= dict(ROWS=one_shot_norm.MAX_ROWS)
     source = GluonASTSource(
         gemv_tma._gemv_tma_kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constants
     )
@@ -78,6 +82,16 @@ def test_the_weights_stream_before_the_wait_and_x_comes_after_it():
     assert not [line for line in ptx[:wait] if LOAD.search(line) and COPY not in line]
 
 
+def test_a_pushing_gemv_stores_to_the_ranks_only_after_the_wait():
+    """With `push` the epilogue also stores each tile into both ranks' slots (addresses read
+    from the table, after the wait, like every store)."""
+    plain, ptx = _ptx(), _ptx(push=True)
+    wait = _first(ptx, re.escape(WAIT))
+    stores = [line for line in ptx if re.search(r"\bst\.global", line)]
+    assert len(stores) > len([line for line in plain if re.search(r"\bst\.global", line)])
+    assert not [line for line in ptx[:wait] if re.search(r"\bst\.global", line)]
+
+
 def test_linear_sends_one_or_two_rows_to_it_only_with_dependent_launches(monkeypatch):
     """`tma_kernels_for` decides before importing anything: more rows, no dependent launches
     (before Hopper, ENERGON_PDL=0) or ENERGON_GEMV_TMA=0 keep the call on gemv_kernels."""
@@ -104,7 +118,7 @@ def test_a_kernel_that_fails_before_its_first_success_gives_way_to_the_triton_ge
 
     class Broken:
         @staticmethod
-        def gemv(x, weight, bias, relu, pdl):
+        def gemv(x, weight, bias, relu, pdl, push=None):
             tries.append(1)
             raise RuntimeError("no such Gluon op")
 
@@ -226,3 +240,36 @@ def test_replayed_from_a_graph_it_reads_x_only_after_the_kernel_before_wrote_it(
     alone = [layer(x, weights, norm_weight, apart=True) for x in inputs]
     assert all(map(torch.equal, graphs, alone))
     assert not torch.equal(alone[0], alone[1])  # the inputs differ
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_a_pushing_gemv_puts_its_rows_into_every_ranks_slot_for_their_next_call():
+    """`push`: rank 1 of 2 (both regions on this GPU) stores each row of its product into its
+    slot for the row on both ranks, in the half of the row's next call (by its own counts);
+    its result is the plain GEMV's."""
+    from energon.kernels import gemv_tma
+    from energon.kernels import one_shot_norm as k
+
+    world, rank, offset = 2, 1, 48
+    size = offset + k.region_bytes(world)
+    buffers = [torch.zeros(size, dtype=torch.uint8, device="cuda") for _ in range(world)]
+    for buffer in buffers:
+        k.prepare_region(buffer, offset, world)
+    table = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device="cuda")
+    counts = buffers[rank][offset + 2 * k.half_bytes(world) :].view(torch.int32)
+    counts[:2] = torch.tensor([1, 6])  # next calls: row 0's second (half 0), row 1's 7th (1)
+    x, w, _ = integer_case(2, 5120 + 32, 2560, torch.float16, seed=3)
+    push = k.Push(table.data_ptr(), rank, world, offset)
+    y = gemv_tma.gemv(x, w, pdl=False, push=push)
+    assert torch.equal(y, (x.double() @ w.double().T).half())
+    width = y.shape[1]
+    for buffer in buffers:
+        halves = buffer[offset : offset + 2 * k.half_bytes(world)].view(torch.int16)
+        for row, half in ((0, 0), (1, 1)):
+            start = (half * k.half_bytes(world) + (rank * k.MAX_ROWS + row) * k.ROW_BYTES) // 2
+            assert torch.equal(halves[start : start + width], y[row].view(torch.int16))
+            halves[start : start + width] = -32768
+        assert bool((halves == -32768).all())  # nothing else written
+    with pytest.raises(ValueError, match="cannot push"):
+        gemv_tma.gemv(x.float(), w.float(), push=push)

@@ -72,7 +72,7 @@ def _case(world: int, rows: int, width: int, seed: int) -> dict:
     )
 
 
-def _fused(case, rank, table, world, rms):
+def _fused(case, rank, table, world, rms, pushed=False):
     from energon.kernels.one_shot_norm import one_shot_add_norm
 
     return one_shot_add_norm(
@@ -87,12 +87,14 @@ def _fused(case, rank, table, world, rms):
         rank,
         world,
         OFFSET,
+        pushed,
     )
 
 
-def _calls(world: int, rank: int, shapes, rms: bool) -> list[dict]:
+def _calls(world: int, rank: int, shapes, rms: bool, pushed: bool = False) -> list[dict]:
     """Runs in the interpreter: rank `rank`'s kernel, call after call (`shapes`: rows, width),
-    every peer's push made first; what each call gave and left in the regions."""
+    every peer's push made first (and, `pushed`, this rank's own, as its GEMV makes it: the
+    kernel then pushes nothing); what each call gave and left in the regions."""
     from energon.kernels import one_shot_norm as k
     from energon.kernels.norm_kernels import norm_rows
 
@@ -105,7 +107,11 @@ def _calls(world: int, rank: int, shapes, rms: bool) -> list[dict]:
         calls = [counts[row] + 1 for row in range(rows)]  # each row counts its own calls
         for source in peers:
             _push(buffers, world, calls, source, case["xs"][source], into=[rank])
-        normed, summed = _fused(case, rank, table, world, rms)
+        given = case
+        if pushed:  # the kernel must take this rank's rows from its slots, not from x
+            _push(buffers, world, calls, rank, case["xs"][rank], into=[rank])
+            given = {**case, "xs": [torch.full_like(x, 7.0) for x in case["xs"]]}
+        normed, summed = _fused(given, rank, table, world, rms, pushed)
         total = torch.zeros(rows, width)
         for x in case["xs"]:  # float32, in rank order, as the kernel sums
             total += x.float()
@@ -114,10 +120,13 @@ def _calls(world: int, rank: int, shapes, rms: bool) -> list[dict]:
         half = k.half_bytes(world)
         halves = buffers[rank][OFFSET : OFFSET + 2 * half].view(torch.int16)
         mine = _pushed(case["xs"][rank])
-        pushed = [
-            torch.equal(_slot(buffers[r], world, calls[row], rank, row, width), mine[row])
+        # what the kernel left in this rank's slots on the peers: its rows; with `pushed` (the
+        # GEMV pushed them) nothing, the sentinel still
+        landed = [
+            torch.equal(slot, mine[row]) if not pushed else bool((slot == -32768).all())
             for r in peers
             for row in range(rows)
+            if (slot := _slot(buffers[r], world, calls[row], rank, row, width)) is not None
         ]
         for r in peers:  # the peers read and cleared their slots: clear them here
             for row in range(rows):
@@ -129,7 +138,7 @@ def _calls(world: int, rank: int, shapes, rms: bool) -> list[dict]:
             {
                 "normed_equal": torch.equal(normed, want[0]),
                 "summed_equal": torch.equal(summed, want[1]),
-                "pushed": all(pushed),
+                "pushed": all(landed),
                 "own_slots_cleared": bool((halves == -32768).all()),
                 "counts": counters.view(torch.int32)[: k.MAX_ROWS].tolist() == counts,
                 "halves": [c % 2 for c in calls],
@@ -168,9 +177,11 @@ def _waits_for_the_last_peer(world: int) -> dict:
 
 @pytest.mark.parametrize("world, rank", [(2, 1), (4, 2)])
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
-def test_interpreted_push_sum_and_norm(triton_interpreter, world, rank, rms):
+@pytest.mark.parametrize("pushed", [False, True], ids=["kernel_pushes", "gemv_pushed"])
+def test_interpreted_push_sum_and_norm(triton_interpreter, world, rank, rms, pushed):
     shapes = [(1, 512), (3, 1000), (1, 512), (2, 64)]  # rows of a call may be in either half
-    results = triton_interpreter.apply_async(_calls, (world, rank, shapes, rms)).get(TIMEOUT)
+    args = (world, rank, shapes, rms, pushed)
+    results = triton_interpreter.apply_async(_calls, args).get(TIMEOUT)
     for i, r in enumerate(results):
         assert r["normed_equal"] and r["summed_equal"], i
         assert r["pushed"], i

@@ -40,6 +40,8 @@ class GlooKernels(OneShotAllReduce):
             0 if norm else None,
         )
         self.kernels: list[tuple[str, torch.dtype, int]] = []
+        self.rank = dist.get_rank(group)
+        self.pushed: list[torch.Tensor] = []  # rows `pushing_linear` pushed, not yet summed
 
     def _copy_and_sum(self, symm, x):
         symm.copy_(x)
@@ -61,9 +63,23 @@ class GlooKernels(OneShotAllReduce):
         out.copy_(total)
         self.kernels.append(("own", x.dtype, x.numel(), bias is not None, x.is_contiguous()))
 
-    def _own_add_norm(self, x, bias, residual, weight, norm_bias, eps, rms):
+    def _push_target(self):
+        return ("gloo stands in for the slots", self.rank)
+
+    def pushing_linear(self, x, weight, push):
+        """What gemv.pushed_linear does on a GPU: x @ weight.T, the product kept as the slots
+        hold it (`pushed`) until the fused kernel takes it."""
+        assert push == self._push_target()
+        y = F.linear(x, weight)
+        self.pushed.append(y.clone())
+        return y
+
+    def _own_add_norm(self, x, bias, residual, weight, norm_bias, eps, rms, pushed=False):
         """The fused kernel's arithmetic: the float32 sum (+ bias) rounded once, the residual
-        added in float32 and rounded once, then the eager norm."""
+        added in float32 and rounded once, then the eager norm. `pushed`: this rank's rows come
+        from what `pushing_linear` pushed, not from `x` (the oldest push first)."""
+        if pushed:
+            x = self.pushed.pop(0)
         total = x.float()
         dist.all_reduce(total, group=self.group)
         if bias is not None:
@@ -75,5 +91,5 @@ class GlooKernels(OneShotAllReduce):
             normed = rms_norm(summed, weight, eps)
         else:
             normed = F.layer_norm(summed, summed.shape[-1:], weight, norm_bias, eps)
-        self.kernels.append(("add_norm", x.dtype, x.numel(), bias is not None, rms))
+        self.kernels.append(("add_norm", x.dtype, x.numel(), bias is not None, rms, pushed))
         return normed, summed

@@ -374,6 +374,8 @@ def gpu_checks(state: ParallelState) -> dict:
 
     progress(rank, "fused norm")
     out["fused_norm"] = fused_norm_checks(fast, rank, dev)
+    progress(rank, "pushed")
+    out["pushed"] = pushed_checks(fast, rank, dev)
 
     # a row-parallel layer: through energon's kernel, its partial products summed over the
     # ranks and its bias added in float32, rounded once; through NCCL, rounded twice
@@ -485,6 +487,63 @@ def fused_norm_checks(fast, rank: int, dev) -> dict:
     return out
 
 
+def pushed_checks(fast, rank: int, dev) -> dict:
+    """A row-parallel GEMV that pushes its product (energon/parallel/partial_sum.py) and the
+    fused kernel that then only waits for the rows, against the same GEMV unpushed and the
+    kernel pushing: equal bits, eagerly (with and without a norm after it) and replayed from a
+    CUDA graph. Empty where the pushing GEMV does not run (before Hopper)."""
+    from energon.kernels.gemv import linear, pushed_linear
+
+    f16 = torch.float16
+    weight = seeded(rank + 30, (5120, 2560), f16, dev) / 64
+
+    def row_parallel(x, case, rms, push):
+        if push:
+            partial = pushed_linear(x, weight, fast.push_for(x.shape[0], 5120, f16))
+            assert partial is not None
+        else:
+            partial = linear(x, weight, early_weights=True)
+        args = (case["bias"], case["residual"], case["weight"], case["norm_bias"], 1e-5, rms)
+        return fast.add_norm(partial, *args, pushed=push)
+
+    if pushed_linear(seeded(rank, (1, 2560), f16, dev), weight, None) is None:
+        return {}
+    out, mismatches, calls = {}, [], fast.push_calls
+    for rows in (1, 2):
+        x, case = seeded(rank + 40, (rows, 2560), f16, dev), norm_case(rank, rows, 5120, rows, dev)
+        for rms in (False, True):
+            got, want = (row_parallel(x, case, rms, push) for push in (True, False))
+            if not all(map(torch.equal, got, want)):
+                mismatches.append((rows, rms))
+        pushed = pushed_linear(x, weight, fast.push_for(rows, 5120, f16))
+        alone = fast.pushed_sum(pushed, case["bias"])  # no norm after it
+        want = fast.add_norm(linear(x, weight), case["bias"], None, None, None, 1e-5, False)[1]
+        if not torch.equal(alone, want):
+            mismatches.append((rows, "sum"))
+    out["eager_mismatches"], out["eager_pushes"] = mismatches, fast.push_calls - calls
+
+    xs = [seeded(rank + 50, (r, 2560), f16, dev) for r in (1, 2, 1)]
+    static = [norm_case(rank, x.shape[0], 5120, 0, dev) for x in xs]
+    for x, c in zip(xs, static, strict=True):  # warm-up, as the decode graphs do
+        row_parallel(x, c, True, True)
+    torch.cuda.synchronize(dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        results = [row_parallel(x, c, True, True) for x, c in zip(xs, static, strict=True)]
+    graph_mismatches = []
+    for round_ in range(3):
+        for i, (x, c) in enumerate(zip(xs, static, strict=True)):
+            x.copy_(seeded(rank + 100 * round_ + i, x.shape, f16, dev))
+            for key, value in norm_case(rank, x.shape[0], 5120, 100 * round_ + i, dev).items():
+                c[key].copy_(value)
+        graph.replay()
+        for i, (x, c, got) in enumerate(zip(xs, static, results, strict=True)):
+            if not all(map(torch.equal, got, row_parallel(x, c, True, False))):
+                graph_mismatches.append((round_, i))
+    out["graph_mismatches"] = graph_mismatches
+    return out
+
+
 def gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -581,6 +640,18 @@ def test_the_fused_sum_is_the_float64_sum_rounded_once_then_the_residual_added(g
     bias, residual = (torch.tensor(v[1], dtype=torch.float64) for v in checks[0]["sum_inputs"][1:])
     want = ((x[0] + x[1] + bias).to(f16).double() + residual).to(f16).double()
     assert torch.equal(torch.tensor(checks[0]["sum"][1], dtype=torch.float64), want)
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_a_gemv_that_pushes_its_product_gives_the_fused_kernel_the_same_sum(gpu_results):
+    for r in gpu_results:
+        pushed = r["pushed"]
+        if torch.cuda.get_device_capability()[0] < 9:
+            assert pushed == {}  # the pushing GEMV is Hopper's (gemv_tma.py)
+            continue
+        assert pushed["eager_mismatches"] == [] and pushed["graph_mismatches"] == []
+        assert pushed["eager_pushes"] == 2 * 2 + 2  # with the norms, and summed alone
 
 
 four_gpus = pytest.mark.skipif(gpus() < 4, reason="needs 4 CUDA GPUs")

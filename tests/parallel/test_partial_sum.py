@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gloo_group import GlooKernels, run_in_gloo_group
 
 from energon.kernels.norms import LayerNorm, RMSNorm, rms_norm
-from energon.parallel.allreduce import NORM_ENV, install_all_reduce
+from energon.parallel.allreduce import NORM_ENV, PUSH_ENV, install_all_reduce
 from energon.parallel.layers import RowParallelLinear
 from energon.parallel.partial_sum import summed
 
@@ -139,9 +139,9 @@ def test_the_norms_hand_a_partial_sum_to_the_fused_all_reduce():
     results = run_in_gloo_group(fused_group, WORLD)
     for r in results:
         assert r["kernels"] == [
-            ("add_norm", f16, ROWS * OUT, True, False),
-            ("add_norm", f16, ROWS * OUT, True, True),
-            ("add_norm", f16, ROWS * OUT, True, False),
+            ("add_norm", f16, ROWS * OUT, True, False, False),
+            ("add_norm", f16, ROWS * OUT, True, True, False),
+            ("add_norm", f16, ROWS * OUT, True, False, False),
             ("own", f16, 90 * OUT, True, True),  # past 64 rows: the one-shot sum, then the norm
         ]
         assert r["counts"] == (4, 3)
@@ -163,3 +163,56 @@ def test_the_norms_hand_a_partial_sum_to_the_fused_all_reduce():
         assert r["kernels_off"] == [("own", f16, ROWS * OUT, True, True)]
         assert torch.equal(r["switched_off"][1], with_residual)
     assert torch.equal(results[0]["ln"][0], results[1]["ln"][0])
+
+
+def pushed_group(state) -> dict:
+    """As `fused_group`, with GEMVs that push their product (gloo's stand-in keeps it for the
+    fused kernel, energon/parallel/partial_sum.py): which kernel sums each product, whether
+    each pushed product was taken, and with ENERGON_ALL_REDUCE_PUSH=0."""
+    from energon.parallel import layers
+
+    torch.set_grad_enabled(False)
+    f16 = torch.float16
+    row, x = layer(state, f16)
+    _, _, _, residual, *_ = weights(f16)
+    ln, _ = norms(f16)
+    fast = GlooKernels(state.tp_group, max_bytes=4096, norm=True)
+    install_all_reduce(state, fast)
+    layers.pushed_linear = fast.pushing_linear  # this process is the test's own
+    out = {
+        "ln": ln.add_norm(row(x), residual),
+        "sum": row(x).sum(),  # no norm after it: the fused kernel's sum of the pushed rows
+        "plus": residual + row(x),
+        "wide": ln.add_norm(row(x.repeat(30, 1)), residual.repeat(30, 1)),  # not pushed
+    }
+    out["kernels"], out["left"] = list(fast.kernels), len(fast.pushed)
+    out["counts"] = (fast.one_shot_calls, fast.norm_calls, fast.push_calls)
+    os.environ[PUSH_ENV] = "0"
+    fast.kernels.clear()
+    out["push_off"] = ln.add_norm(row(x), residual)
+    out["kernels_off"] = list(fast.kernels)
+    del os.environ[PUSH_ENV]
+    install_all_reduce(state, None)
+    return out
+
+
+def test_a_pushed_product_is_summed_by_the_fused_kernel_whoever_takes_it():
+    f16 = torch.float16
+    reference = run_in_gloo_group(fused_group, WORLD)[0]
+    results = run_in_gloo_group(pushed_group, WORLD)
+    n = ROWS * OUT
+    for r in results:
+        assert r["kernels"] == [
+            ("add_norm", f16, n, True, False, True),  # the norm after it
+            ("add_norm", f16, n, True, False, True),  # sum(): the same kernel, its sum kept
+            ("add_norm", f16, n, True, False, True),  # `+`
+            ("own", f16, 90 * OUT, True, True),  # past 64 rows: nothing pushed
+        ]
+        assert r["left"] == 0  # every push was taken, once
+        assert r["counts"] == (4, 1, 3)
+        assert all(map(torch.equal, r["ln"], reference["ln"]))
+        assert torch.equal(r["sum"], reference["no_residual"][1])
+        assert torch.equal(r["plus"], reference["ln"][1])
+        assert torch.equal(r["wide"][1], reference["wide"][1])
+        assert r["kernels_off"] == [("add_norm", f16, n, True, False, False)]
+        assert all(map(torch.equal, r["push_off"], reference["ln"]))

@@ -137,7 +137,7 @@ def _one_shot_norm_kernel(
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,  # a programmatic dependent launch (chain.py)
     PUSHED: tl.constexpr,  # the GEMV before pushed every rank's row (gemv_tma.py): no step 1
-    EARLY: tl.constexpr,  # PUSHED: sum and normalise before the PDL wait (2: release first)
+    PRELOAD: tl.constexpr,  # PUSHED: the row's count and residual read before the wait
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -150,40 +150,37 @@ def _one_shot_norm_kernel(
     weight, norm_bias = affine(Weight, NormBias, cols, mask, HAS_WEIGHT, HAS_NORM_BIAS)
     bias = vector(Bias, cols, mask, HAS_BIAS)
     counters = (mine + offset + 2 * HALF).to(tl.pointer_type(tl.uint32))
-    if EARLY:
-        # The rows prove themselves and the residual is two kernels old (the GEMV's input came
-        # between): all of it may be read before the wait, which then only guards the stores
-        # (into memory the GEMV before may still read). Its dependents (a GEMV, which copies
-        # weights until its own wait) are let go once every row has come.
-        if EARLY == 2:
-            tl.extra.cuda.gdc_launch_dependents()
+    if PRELOAD:  # the count and the residual are older than the kernel before: read them now
         call = tl.load(counters + row) + 1
-        summed = _sum_rows(X, Residual, Bias, bias, mine, table, stride_r, width, offset, call,
-                           row, cols, mask, RANK, WORLD, ADD, HAS_BIAS, HALF, ROW, ROWS, PUSHED)  # fmt: skip
-        if EARLY == 1:
-            tl.extra.cuda.gdc_launch_dependents()
-        y = normalise(summed, mask, width, eps, weight, norm_bias, RMS, HAS_WEIGHT, HAS_NORM_BIAS)
-        tl.extra.cuda.gdc_wait()
-    else:
-        wait_then_release(PDL)
+        r = _residual(Residual, row, stride_r, cols, mask, ADD)
+    wait_then_release(PDL)
+    if not PRELOAD:
         call = tl.load(counters + row) + 1  # uint32: wraps, keeping its parity
-        summed = _sum_rows(X, Residual, Bias, bias, mine, table, stride_r, width, offset, call,
-                           row, cols, mask, RANK, WORLD, ADD, HAS_BIAS, HALF, ROW, ROWS, PUSHED)  # fmt: skip
-        y = normalise(summed, mask, width, eps, weight, norm_bias, RMS, HAS_WEIGHT, HAS_NORM_BIAS)
+        r = _residual(Residual, row, stride_r, cols, mask, ADD)
+    summed = _sum_rows(X, r, bias, mine, table, width, offset, call, row, cols, mask,
+                       RANK, WORLD, ADD, HAS_BIAS, HALF, ROW, ROWS, PUSHED)  # fmt: skip
+    y = normalise(summed, mask, width, eps, weight, norm_bias, RMS, HAS_WEIGHT, HAS_NORM_BIAS)
     tl.store(Summed + row * width + cols, summed, mask=mask)
     tl.store(Out + row * width + cols, y.to(Out.dtype.element_ty), mask=mask)
     tl.store(counters + row, call)  # after normalise's reductions: every thread has read `call`
 
 
 @triton.jit
+def _residual(Residual, row, stride_r, cols, mask, ADD: tl.constexpr):
+    """The row's residual (in flight while the rows are pushed and waited for), or 0."""
+    r = tl.zeros(cols.shape, Residual.dtype.element_ty)
+    if ADD:
+        r = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0)
+    return r
+
+
+@triton.jit
 def _sum_rows(
     X,
-    Residual,
-    Bias,
+    r,
     bias,
     mine,
     table,
-    stride_r,
     width,
     offset,
     call,
@@ -203,8 +200,6 @@ def _sum_rows(
     (+ bias) (+ residual), in X's dtype; the slots read are put back to SENTINEL."""
     dtype = X.dtype.element_ty
     half = offset + (call % 2).to(tl.uint64) * HALF
-    if ADD:  # its latency hides behind the push and the wait for the peers' rows
-        r = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0)
 
     # 1. this rank's row into its slot on every rank, -0.0 as +0.0 (its bits as int16)
     if not PUSHED:
@@ -265,7 +260,7 @@ def one_shot_add_norm(
     block = triton.next_power_of_2(width)
     norm_bias = None if rms else norm_bias
     launch = chained(x.device)
-    early = int(os.environ.get("ENERGON_PUSH_EARLY", "1")) if pushed and launch["PDL"] else 0
+    preload = pushed and os.environ.get("ENERGON_PUSH_EARLY", "0") == "3"
     _one_shot_norm_kernel[(rows,)](
         x,
         residual if residual is not None else x,
@@ -292,7 +287,7 @@ def one_shot_add_norm(
         BLOCK=block,
         num_warps=num_warps_for(block),
         PUSHED=pushed,
-        EARLY=early,
+        PRELOAD=preload,
         **launch,
     )
     return out, summed

@@ -240,12 +240,15 @@ class OneShotAllReduce:
         table, rank, world, *_ = self._peers
         return one_shot_norm.Push(table.data_ptr(), rank, world, self.norm_offset)
 
-    def pushed_sum(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The sum over the group (+ bias) of rows the GEMV pushed (`push_for`) when no norm
-        takes them: the fused kernel's sum alone (its norm is computed and left)."""
+    def pushed_sum(
+        self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The sum over the group (+ bias) (+ residual, shaped like `x`) of rows the GEMV
+        pushed (`push_for`) when no norm takes them: the fused kernel's sum alone (its norm is
+        computed and left)."""
         self.one_shot_calls += 1
         self.push_calls += 1
-        return self._own_add_norm(x, bias, None, None, None, 1e-5, False, True)[1]
+        return self._own_add_norm(x, bias, residual, None, None, 1e-5, False, True)[1]
 
     def _own_add_norm(self, x, bias, residual, weight, norm_bias, eps, rms, pushed=False):
         """Energon's fused kernel: (normed, summed)."""

@@ -12,8 +12,10 @@ layer's output, summed or not, goes where it went.
 
 When the fused kernel will sum it, the layer's GEMV pushes its product into every rank's slots
 itself, tile by tile (`pushed`: energon/kernels/gemv_tma.py, `OneShotAllReduce.push_for`), and
-the kernel only waits for the rows. Every rank then pushed, so the rows must be summed by that
-kernel: `add_norm` or, for anything else, `pushed_sum`.
+the kernel only waits for the rows. Every rank then pushed, so the rows are summed by that
+kernel whoever takes them: the norm's `add_norm`, `sum()` and `+` (`pushed_sum`; `+` a tensor
+of its shape is added in the same kernel, as the last layer's output and its residual are).
+Once taken, the push is spent: a second use sums `partial` by the all-reduce.
 """
 
 from __future__ import annotations
@@ -49,20 +51,41 @@ class PartialSum:
     def sum(self) -> torch.Tensor:
         """The all-reduced tensor (+ bias)."""
         if self._sum is None:
-            if self.pushed:
+            if self.take_push():
                 self._sum = fast_all_reduce(self.group).pushed_sum(self.partial, self.bias)
             else:
                 self._sum = all_reduce(self.partial, self.group, self.bias)
         return self._sum
 
+    def take_push(self) -> bool:
+        """Whether the rows were pushed and not yet summed; the caller sums them now."""
+        pushed, self.pushed = self.pushed, False
+        return pushed
+
     def __add__(self, other):
+        if self._sum is None and self.pushed and _like(other, self.partial) and self.take_push():
+            return fast_all_reduce(self.group).pushed_sum(self.partial, self.bias, other)
         return self.sum() + other
 
-    def __radd__(self, other):
+    def __radd__(self, other):  # float addition commutes: the same bits as __add__
+        if self._sum is None and self.pushed and _like(other, self.partial) and self.take_push():
+            return fast_all_reduce(self.group).pushed_sum(self.partial, self.bias, other)
         return other + self.sum()
 
     def __repr__(self) -> str:
         return f"PartialSum({tuple(self.shape)}, {self.dtype}, summed={self._sum is not None})"
+
+
+def _like(other, partial: torch.Tensor) -> bool:
+    """Whether `other` is a tensor the fused kernel adds to `partial`'s sum as its residual."""
+    return (
+        isinstance(other, torch.Tensor)
+        and other.shape == partial.shape
+        and other.dtype == partial.dtype
+        and other.device == partial.device
+        and other.dim() == 2
+        and other.stride(-1) == 1
+    )
 
 
 def summed(x: torch.Tensor | PartialSum) -> torch.Tensor:
@@ -78,9 +101,9 @@ def fused_or_summed(x, residual, weight, norm_bias, eps: float, rms: bool):
     if isinstance(x, PartialSum) and x._sum is None:
         fast = fast_all_reduce(x.group)
         if fast is not None:
-            fused = fast.add_norm(
-                x.partial, x.bias, residual, weight, norm_bias, eps, rms, x.pushed
-            )
+            pushed = x.pushed
+            fused = fast.add_norm(x.partial, x.bias, residual, weight, norm_bias, eps, rms, pushed)
             if fused is not None:
+                x.take_push()
                 return fused, x
     return None, summed(x)

@@ -119,7 +119,7 @@ def test_the_fused_all_reduce_and_norm_reads_only_its_weights_and_addresses_befo
     constants = dict(
         RANK=0, WORLD=2, RMS=False, ADD=True, HAS_WEIGHT=True, HAS_NORM_BIAS=True, HAS_BIAS=True,
         HALF=one_shot_norm.half_bytes(2), ROW=one_shot_norm.ROW_BYTES,
-        ROWS=one_shot_norm.MAX_ROWS, BLOCK=8192, PDL=True, PUSHED=False, EARLY=0,
+        ROWS=one_shot_norm.MAX_ROWS, BLOCK=8192, PDL=True, PUSHED=False, PRELOAD=False,
     )  # fmt: skip
     ptx = _ptx(one_shot_norm._one_shot_norm_kernel, {**pointers, **ints}, constants, 16, 1)
     assert _first(ptx, re.escape(WAIT)) < _first(ptx, re.escape(RELEASE))
@@ -152,37 +152,20 @@ def _fused_norm_ptx(**constants) -> list[str]:
     return _ptx(one_shot_norm._one_shot_norm_kernel, {**pointers, **ints}, constants, 16, 1)
 
 
-def _stores(ptx: list[str]) -> list[set[int]]:
-    """For each global store, the kernel parameters its address was computed from (through
-    loaded values too: a peer's slot is an address loaded from the buffer table)."""
-    as_loads = []
-    for line in ptx:
-        if STORE.search(line):
-            as_loads.append(STORE.sub(lambda m: (m[1] or "") + "ld.global", line))
-        else:
-            as_loads.append(re.sub(r"\bld\.(volatile\.)?global", "mov", line))
-    return _loads_before(as_loads, len(as_loads))
-
-
-@pytest.mark.parametrize("early", [1, 2])
-def test_rows_a_gemv_pushed_are_summed_before_the_wait_which_guards_only_the_stores(early):
-    """With PUSHED and EARLY the kernel never reads x (parameter 0), waits for the rows and
-    normalises before the wait, storing only the slots' sentinels (addresses from the buffer
-    table, 7, and the region's offset, 11) there; Summed and Out (2, 3) after it. EARLY=1 lets
-    the next kernel go once the rows have come (after the slots' loads), 2 first thing."""
-    ptx = _fused_norm_ptx(PUSHED=True, EARLY=early)
-    wait, release = _first(ptx, re.escape(WAIT)), _first(ptx, re.escape(RELEASE))
-    assert release < wait
-    loads = _loads_before(ptx, len(ptx))
-    assert loads and not [p for p in loads if 0 in p]
-    stores, before = _stores(ptx), sum(bool(STORE.search(line)) for line in ptx[:wait])
-    assert before and all(7 in p and p <= {7, 11} for p in stores[:before])
-    assert {2, 3} <= set().union(*stores[before:])
-    slot_loads = [i for i, line in enumerate(ptx) if "ld.volatile.global" in line]
-    if early == 1:
-        assert slot_loads[-1] < release
-    else:
-        assert release < slot_loads[0]
+@pytest.mark.parametrize("preload", [False, True])
+def test_rows_a_gemv_pushed_are_only_waited_for_and_their_count_may_come_first(preload):
+    """With PUSHED the kernel never reads x (parameter 0) and stores nothing before the wait;
+    PRELOAD reads the row's call count (at the region's offset, 11, from the address the
+    table 7 gave) and the residual (1, its row stride 8) before it, beside the weights (4, 5,
+    6)."""
+    ptx = _fused_norm_ptx(PUSHED=True, PRELOAD=preload)
+    wait = _first(ptx, re.escape(WAIT))
+    assert wait < _first(ptx, re.escape(RELEASE))
+    assert not [p for p in _loads_before(ptx, len(ptx)) if 0 in p]
+    assert not [line for line in ptx[:wait] if STORE.search(line)]
+    before = {frozenset(p) for p in _loads_before_wait(ptx)}
+    weights = {frozenset({4}), frozenset({5}), frozenset({6}), frozenset({7})}
+    assert before == (weights | {frozenset({11}), frozenset({1, 8})} if preload else weights)
 
 
 def test_paged_attention_loads_q_beside_the_new_keys_not_after_the_cache_writes_barrier():

@@ -517,7 +517,8 @@ def pushed_checks(fast, rank: int, dev) -> dict:
                 mismatches.append((rows, rms))
         pushed = pushed_linear(x, weight, fast.push_for(rows, 5120, f16))
         alone = fast.pushed_sum(pushed, case["bias"])  # no norm after it
-        want = fast.add_norm(linear(x, weight), case["bias"], None, None, None, 1e-5, False)[1]
+        plain = linear(x, weight, early_weights=True)
+        want = fast.add_norm(plain, case["bias"], None, None, None, 1e-5, False)[1]
         if not torch.equal(alone, want):
             mismatches.append((rows, "sum"))
     out["eager_mismatches"], out["eager_pushes"] = mismatches, fast.push_calls - calls

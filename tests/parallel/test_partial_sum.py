@@ -185,6 +185,9 @@ def pushed_group(state) -> dict:
         "plus": residual + row(x),
         "wide": ln.add_norm(row(x.repeat(30, 1)), residual.repeat(30, 1)),  # not pushed
     }
+    taken = row(x)
+    ln.add_norm(taken, residual)
+    out["again"] = taken.sum()  # the push is spent: the all-reduce sums it (no wait for good)
     out["kernels"], out["left"] = list(fast.kernels), len(fast.pushed)
     out["counts"] = (fast.one_shot_calls, fast.norm_calls, fast.push_calls)
     os.environ[PUSH_ENV] = "0"
@@ -207,9 +210,12 @@ def test_a_pushed_product_is_summed_by_the_fused_kernel_whoever_takes_it():
             ("add_norm", f16, n, True, False, True),  # sum(): the same kernel, its sum kept
             ("add_norm", f16, n, True, False, True),  # `+`
             ("own", f16, 90 * OUT, True, True),  # past 64 rows: nothing pushed
+            ("add_norm", f16, n, True, False, True),
+            ("own", f16, n, True, True),  # its partial summed again, by the one-shot kernel
         ]
         assert r["left"] == 0  # every push was taken, once
-        assert r["counts"] == (4, 1, 3)
+        assert r["counts"] == (6, 2, 4)
+        assert torch.equal(r["again"], reference["no_residual"][1])
         assert all(map(torch.equal, r["ln"], reference["ln"]))
         assert torch.equal(r["sum"], reference["no_residual"][1])
         assert torch.equal(r["plus"], reference["ln"][1])

@@ -220,6 +220,18 @@ def _layout(bits: int):
 
 
 @functools.cache
+def tile_rows(n: int, sms: int, smallest: int) -> int:
+    """BLOCK_N for n output features: of BLOCK_N and its halves down to `smallest`, the tile
+    that leaves the busiest program the fewest rows (the larger on a tie)."""
+    best, rows = BLOCK_N, BLOCK_N // 2
+    while rows >= smallest:
+        if plan(triton.cdiv(n, rows), sms)[0] * rows < plan(triton.cdiv(n, best), sms)[0] * best:
+            best = rows
+        rows //= 2
+    return best
+
+
+@functools.cache
 def plan(tiles: int, sms: int) -> tuple[int, int]:
     """(tiles a program, programs): the fewest programs, at most `sms`, that give every program
     the same number of tiles but the last."""
@@ -244,14 +256,17 @@ def gemv(x, weight, bias=None, relu=False, pdl=False, early=None, push=None):
         )
     if push is not None and not one_shot_norm.pushes(x.dtype, M, N):
         raise ValueError(f"gemv_tma cannot push {x.dtype} [{M}, {N}] into one_shot_norm's slots")
+    sms = sm_count(x.device)
+    block_n = tile_rows(N, sms, int(os.environ.get("ENERGON_GEMV_TMA_MIN_N", BLOCK_N)))
+    stages = RING_BYTES // (block_n * BLOCK_K * 2)
     if early is None:
-        early = int(os.environ.get("ENERGON_GEMV_TMA_EARLY", STAGES))
+        early = int(os.environ.get("ENERGON_GEMV_TMA_EARLY", stages))
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     layout = _layout(x.element_size() * 8)
     x_desc = TensorDescriptor.from_tensor(x, [1 if M == 1 else MAX_ROWS, BLOCK_K], layout)
-    w_desc = TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], layout)
-    tiles = triton.cdiv(N, BLOCK_N)
-    per, programs = plan(tiles, sm_count(x.device))
+    w_desc = TensorDescriptor.from_tensor(weight, [block_n, BLOCK_K], layout)
+    tiles = triton.cdiv(N, block_n)
+    per, programs = plan(tiles, sms)
     _gemv_tma_kernel[(programs,)](
         x_desc,
         w_desc,
@@ -268,7 +283,7 @@ def gemv(x, weight, bias=None, relu=False, pdl=False, early=None, push=None):
         push.offset if push else 0,
         HAS_BIAS=bias is not None,
         RELU=relu,
-        STAGES=STAGES,
+        STAGES=stages,
         PUSH=push is not None,
         RANK=push.rank if push else 0,
         WORLD=push.world if push else 1,

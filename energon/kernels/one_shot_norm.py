@@ -35,7 +35,6 @@ like the one-shot kernel's use in energon/parallel/allreduce.py, which decides w
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -260,7 +259,6 @@ def one_shot_add_norm(
     block = triton.next_power_of_2(width)
     norm_bias = None if rms else norm_bias
     launch = chained(x.device)
-    preload = pushed and os.environ.get("ENERGON_PUSH_EARLY", "0") == "3"
     _one_shot_norm_kernel[(rows,)](
         x,
         residual if residual is not None else x,
@@ -287,7 +285,7 @@ def one_shot_add_norm(
         BLOCK=block,
         num_warps=num_warps_for(block),
         PUSHED=pushed,
-        PRELOAD=preload,
+        PRELOAD=pushed,
         **launch,
     )
     return out, summed

@@ -8,7 +8,8 @@ rope_kernels.py  their Triton kernels (imported only on CUDA, only when triton i
 gemv.py          `linear` for decode-sized inputs (a few rows): the Triton GEMV, else cuBLAS
 gemv_kernels.py  its Triton kernel (no split-K; bias and ReLU in the epilogue)
 gemv_tma.py      the Gluon GEMV of tensor-parallel layers on Hopper: weights copied by TMA
-                 before it waits for the kernel before it
+                 before it waits for the kernel before it; a row-parallel one pushes its
+                 product into the fused all-reduce + norm's slots
 one_shot.py      the float16 one-shot all-reduce over NVLink peer memory, bias fused
                  (energon.parallel.allreduce decides when it runs)
 one_shot_norm.py the same all-reduce with the residual add and the norm after it, one program

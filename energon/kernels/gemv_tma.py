@@ -26,6 +26,10 @@ all-reduce + norm 6.9-8.2 against 4.9-6.2 us and the attention 11.1 against 10.0
 layer net, 4.30 against 4.46 ms a token. At tp=1 the attention lost more than the GEMVs gained,
 so only tensor-parallel layers use it (energon.kernels.gemv.linear's `early_weights`).
 
+A row-parallel layer's GEMV may also push each finished tile of its float16 product into every
+rank's slots of the fused all-reduce + norm that will sum it (`push`; one_shot_norm.py): the
+rows cross NVLink while the GEMV's other programs still stream, instead of after the GEMV ends.
+
 Imported only on CUDA (energon.kernels.triton_module); compiled for sm_90 on CPU by
 tests/kernels/test_gemv_tma.py.
 """
@@ -52,7 +56,8 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 MAX_ROWS = TMA_ROWS  # rows of x this kernel takes; more go to gemv_kernels
-BLOCK_N = 32  # output features a tile (16 and 8 lost 3-40 us a call on an H200)
+BLOCK_N = 32  # output features a tile (16 and 8 lost 3-40 us a call on an H200; again where
+# they spread a K-heavy shape over more SMs: docs/benchmarks.md, "row-parallel GEMVs push")
 BLOCK_K = 256  # input features a step: one 512-byte row of a tile per warp load
 RING_BYTES = 160 << 10  # weights a program keeps in flight (its ring's slots)
 STAGES = RING_BYTES // (BLOCK_N * BLOCK_K * 2)  # ring slots (fp16 / bf16 tiles)
@@ -220,18 +225,6 @@ def _layout(bits: int):
 
 
 @functools.cache
-def tile_rows(n: int, sms: int, smallest: int) -> int:
-    """BLOCK_N for n output features: of BLOCK_N and its halves down to `smallest`, the tile
-    that leaves the busiest program the fewest rows (the larger on a tie)."""
-    best, rows = BLOCK_N, BLOCK_N // 2
-    while rows >= smallest:
-        if plan(triton.cdiv(n, rows), sms)[0] * rows < plan(triton.cdiv(n, best), sms)[0] * best:
-            best = rows
-        rows //= 2
-    return best
-
-
-@functools.cache
 def plan(tiles: int, sms: int) -> tuple[int, int]:
     """(tiles a program, programs): the fewest programs, at most `sms`, that give every program
     the same number of tiles but the last."""
@@ -256,17 +249,14 @@ def gemv(x, weight, bias=None, relu=False, pdl=False, early=None, push=None):
         )
     if push is not None and not one_shot_norm.pushes(x.dtype, M, N):
         raise ValueError(f"gemv_tma cannot push {x.dtype} [{M}, {N}] into one_shot_norm's slots")
-    sms = sm_count(x.device)
-    block_n = tile_rows(N, sms, int(os.environ.get("ENERGON_GEMV_TMA_MIN_N", BLOCK_N)))
-    stages = RING_BYTES // (block_n * BLOCK_K * 2)
     if early is None:
-        early = int(os.environ.get("ENERGON_GEMV_TMA_EARLY", stages))
+        early = int(os.environ.get("ENERGON_GEMV_TMA_EARLY", STAGES))
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     layout = _layout(x.element_size() * 8)
     x_desc = TensorDescriptor.from_tensor(x, [1 if M == 1 else MAX_ROWS, BLOCK_K], layout)
-    w_desc = TensorDescriptor.from_tensor(weight, [block_n, BLOCK_K], layout)
-    tiles = triton.cdiv(N, block_n)
-    per, programs = plan(tiles, sms)
+    w_desc = TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], layout)
+    tiles = triton.cdiv(N, BLOCK_N)
+    per, programs = plan(tiles, sm_count(x.device))
     _gemv_tma_kernel[(programs,)](
         x_desc,
         w_desc,
@@ -283,7 +273,7 @@ def gemv(x, weight, bias=None, relu=False, pdl=False, early=None, push=None):
         push.offset if push else 0,
         HAS_BIAS=bias is not None,
         RELU=relu,
-        STAGES=stages,
+        STAGES=STAGES,
         PUSH=push is not None,
         RANK=push.rank if push else 0,
         WORLD=push.world if push else 1,

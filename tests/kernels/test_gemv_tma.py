@@ -23,7 +23,7 @@ needs_hopper = pytest.mark.skipif(
 COPY = "cp.async.bulk.tensor"
 
 
-def _ptx(push: bool = False, block_n: int | None = None) -> list[str]:
+def _ptx(push: bool = False) -> list[str]:
     pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -34,18 +34,16 @@ def _ptx(push: bool = False, block_n: int | None = None) -> list[str]:
     from energon.kernels import gemv_tma, one_shot_norm
 
     layout = gemv_tma._layout(16)
-    block_n = block_n or gemv_tma.BLOCK_N
-    stages = gemv_tma.RING_BYTES // (block_n * gemv_tma.BLOCK_K * 2)
     x, w = torch.zeros(1, 5120, dtype=torch.float16), torch.zeros(7680, 5120, dtype=torch.float16)
     descs = [
         TensorDescriptor.from_tensor(x, [1, gemv_tma.BLOCK_K], layout),
-        TensorDescriptor.from_tensor(w, [block_n, gemv_tma.BLOCK_K], layout),
+        TensorDescriptor.from_tensor(w, [gemv_tma.BLOCK_N, gemv_tma.BLOCK_K], layout),
     ]
     signature = dict(zip(("x_desc", "w_desc"), map(mangle_type, descs), strict=True))
     signature |= dict(Bias="*fp16", Y="*fp16")
     signature |= dict.fromkeys(("M", "N", "K", "stride_ym", "tiles", "per_program", "early"), "i32")
     signature |= dict(peers="i64", push_offset="i32")
-    constants = dict(HAS_BIAS=not push, RELU=False, PDL=True, STAGES=stages)
+    constants = dict(HAS_BIAS=not push, RELU=False, PDL=True, STAGES=gemv_tma.STAGES)
     constants |= dict(PUSH=push, RANK=1 if push else 0, WORLD=2 if push else 1)
     constants |= dict(HALF=one_shot_norm.half_bytes(2), ROW=one_shot_norm.ROW_BYTES)
     constants |= dict(ROWS=one_shot_norm.MAX_ROWS)

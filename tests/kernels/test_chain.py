@@ -109,31 +109,6 @@ def test_the_norm_kernel_waits_then_releases_before_reading_its_row():
     assert sum(bool(LOAD.search(line)) for line in ptx[release:]) >= 2
 
 
-def test_the_fused_all_reduce_and_norm_reads_only_its_weights_and_addresses_before_waiting():
-    from energon.kernels import one_shot_norm
-
-    pointers = dict.fromkeys(
-        ("X", "Residual", "Summed", "Out", "Weight", "NormBias", "Bias", "buffers"), "*fp16"
-    )
-    ints = dict.fromkeys(("stride_r", "width"), "i32") | {"eps": "fp32", "offset": "i64"}
-    constants = dict(
-        RANK=0, WORLD=2, RMS=False, ADD=True, HAS_WEIGHT=True, HAS_NORM_BIAS=True, HAS_BIAS=True,
-        HALF=one_shot_norm.half_bytes(2), ROW=one_shot_norm.ROW_BYTES,
-        ROWS=one_shot_norm.MAX_ROWS, BLOCK=8192, PDL=True, PUSHED=False, PRELOAD=False,
-    )  # fmt: skip
-    ptx = _ptx(one_shot_norm._one_shot_norm_kernel, {**pointers, **ints}, constants, 16, 1)
-    assert _first(ptx, re.escape(WAIT)) < _first(ptx, re.escape(RELEASE))
-    # Weight 4, NormBias 5, Bias 6, the buffer table 7 (this rank's address); the call count,
-    # x, the residual and the peers' rows only after the wait
-    before = _loads_before_wait(ptx)
-    assert {frozenset(p) for p in before} == {
-        frozenset({4}),
-        frozenset({5}),
-        frozenset({6}),
-        frozenset({7}),
-    }
-
-
 STORE = re.compile(r"^\s*(@%p\d+\s+)?st\.global")
 
 
@@ -150,6 +125,20 @@ def _fused_norm_ptx(**constants) -> list[str]:
         ROWS=one_shot_norm.MAX_ROWS, BLOCK=8192, PDL=True,
     ) | constants  # fmt: skip
     return _ptx(one_shot_norm._one_shot_norm_kernel, {**pointers, **ints}, constants, 16, 1)
+
+
+def test_the_fused_all_reduce_and_norm_reads_only_its_weights_and_addresses_before_waiting():
+    ptx = _fused_norm_ptx(PUSHED=False, PRELOAD=False)
+    assert _first(ptx, re.escape(WAIT)) < _first(ptx, re.escape(RELEASE))
+    # Weight 4, NormBias 5, Bias 6, the buffer table 7 (this rank's address); the call count,
+    # x, the residual and the peers' rows only after the wait
+    before = _loads_before_wait(ptx)
+    assert {frozenset(p) for p in before} == {
+        frozenset({4}),
+        frozenset({5}),
+        frozenset({6}),
+        frozenset({7}),
+    }
 
 
 @pytest.mark.parametrize("preload", [False, True])

@@ -96,9 +96,9 @@ def test_norms_sum_a_partial_sum_first_without_a_fused_path():
         torch.testing.assert_close(r["no_residual"][1], full)
 
 
-def fused_group(state) -> dict:
-    """A fast path with the fused all-reduce + norm (gloo standing in for the kernel): which
-    calls take it, with which arguments, and with ENERGON_ALL_REDUCE_NORM=0."""
+def with_fused_norm(state):
+    """float16 layers and norms on a fast path with the fused all-reduce + norm (gloo standing
+    in for the kernel): row, x, residual, ln, rms, the fast path."""
     torch.set_grad_enabled(False)
     f16 = torch.float16
     row, x = layer(state, f16)
@@ -106,6 +106,13 @@ def fused_group(state) -> dict:
     ln, rms = norms(f16)
     fast = GlooKernels(state.tp_group, max_bytes=4096, norm=True)
     install_all_reduce(state, fast)
+    return row, x, residual, ln, rms, fast
+
+
+def fused_group(state) -> dict:
+    """A fast path with the fused all-reduce + norm: which calls take it, with which
+    arguments, and with ENERGON_ALL_REDUCE_NORM=0."""
+    row, x, residual, ln, rms, fast = with_fused_norm(state)
     out = {
         "ln": ln.add_norm(row(x), residual),
         "rms": rms.add_norm(row(x), residual),
@@ -171,13 +178,7 @@ def pushed_group(state) -> dict:
     each pushed product was taken, and with ENERGON_ALL_REDUCE_PUSH=0."""
     from energon.parallel import layers
 
-    torch.set_grad_enabled(False)
-    f16 = torch.float16
-    row, x = layer(state, f16)
-    _, _, _, residual, *_ = weights(f16)
-    ln, _ = norms(f16)
-    fast = GlooKernels(state.tp_group, max_bytes=4096, norm=True)
-    install_all_reduce(state, fast)
+    row, x, residual, ln, _, fast = with_fused_norm(state)
     layers.pushed_linear = fast.pushing_linear  # this process is the test's own
     out = {
         "ln": ln.add_norm(row(x), residual),

@@ -145,24 +145,24 @@ def _one_shot_norm_kernel(
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,  # a programmatic dependent launch (chain.py)
     PUSHED: tl.constexpr,  # the GEMV before pushed every rank's row (gemv_tma.py): no step 1
-    PRELOAD: tl.constexpr,  # PUSHED: the row's count and residual read before the wait
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < width
     # What no kernel writes, before the wait: the buffer addresses, the weights and biases. The
     # residual is loaded right after it, beside x, so that its latency hides behind the push and
-    # the wait for the peers' rows instead of following them.
+    # the wait for the peers' rows instead of following them; PUSHED, before it with the row's
+    # count (both older than the kernel before), so that the rows' loads come first after it.
     table = buffers.to(tl.pointer_type(tl.uint64))
     mine = tl.load(table + RANK)
     weight, norm_bias = affine(Weight, NormBias, cols, mask, HAS_WEIGHT, HAS_NORM_BIAS)
     bias = vector(Bias, cols, mask, HAS_BIAS)
     counters = (mine + offset + 2 * HALF).to(tl.pointer_type(tl.uint32))
-    if PRELOAD:  # the count and the residual are older than the kernel before: read them now
+    if PUSHED:
         call = tl.load(counters + row) + 1
         r = _residual(Residual, row, stride_r, cols, mask, ADD)
     wait_then_release(PDL)
-    if not PRELOAD:
+    if not PUSHED:
         call = tl.load(counters + row) + 1  # uint32: wraps, keeping its parity
         r = _residual(Residual, row, stride_r, cols, mask, ADD)
     summed = _sum_rows(X, r, bias, mine, table, width, offset, call, row, cols, mask,
@@ -267,7 +267,6 @@ def one_shot_add_norm(
     summed, out = torch.empty_like(x), torch.empty_like(x)
     block = triton.next_power_of_2(width)
     norm_bias = None if rms else norm_bias
-    launch = chained(x.device)
     _one_shot_norm_kernel[(rows,)](
         x,
         residual if residual is not None else x,
@@ -294,7 +293,6 @@ def one_shot_add_norm(
         BLOCK=block,
         num_warps=num_warps_for(block),
         PUSHED=pushed,
-        PRELOAD=pushed,
-        **launch,
+        **chained(x.device),
     )
     return out, summed

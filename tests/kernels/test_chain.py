@@ -128,7 +128,7 @@ def _fused_norm_ptx(**constants) -> list[str]:
 
 
 def test_the_fused_all_reduce_and_norm_reads_only_its_weights_and_addresses_before_waiting():
-    ptx = _fused_norm_ptx(PUSHED=False, PRELOAD=False)
+    ptx = _fused_norm_ptx(PUSHED=False)
     assert _first(ptx, re.escape(WAIT)) < _first(ptx, re.escape(RELEASE))
     # Weight 4, NormBias 5, Bias 6, the buffer table 7 (this rank's address); the call count,
     # x, the residual and the peers' rows only after the wait
@@ -141,20 +141,18 @@ def test_the_fused_all_reduce_and_norm_reads_only_its_weights_and_addresses_befo
     }
 
 
-@pytest.mark.parametrize("preload", [False, True])
-def test_rows_a_gemv_pushed_are_only_waited_for_and_their_count_may_come_first(preload):
+def test_rows_a_gemv_pushed_are_only_waited_for_and_their_count_comes_first():
     """With PUSHED the kernel never reads x (parameter 0) and stores nothing before the wait;
-    PRELOAD reads the row's call count (at the region's offset, 11, from the address the
-    table 7 gave) and the residual (1, its row stride 8) before it, beside the weights (4, 5,
-    6)."""
-    ptx = _fused_norm_ptx(PUSHED=True, PRELOAD=preload)
+    it reads the row's call count (at the region's offset, 11, from the address the table 7
+    gave) and the residual (1, its row stride 8) before it, beside the weights (4, 5, 6)."""
+    ptx = _fused_norm_ptx(PUSHED=True)
     wait = _first(ptx, re.escape(WAIT))
     assert wait < _first(ptx, re.escape(RELEASE))
     assert not [p for p in _loads_before(ptx, len(ptx)) if 0 in p]
     assert not [line for line in ptx[:wait] if STORE.search(line)]
     before = {frozenset(p) for p in _loads_before_wait(ptx)}
     weights = {frozenset({4}), frozenset({5}), frozenset({6}), frozenset({7})}
-    assert before == (weights | {frozenset({11}), frozenset({1, 8})} if preload else weights)
+    assert before == weights | {frozenset({11}), frozenset({1, 8})}
 
 
 def test_paged_attention_loads_q_beside_the_new_keys_not_after_the_cache_writes_barrier():

@@ -707,11 +707,16 @@ class ModelRunner(OffloadMember):
             if chainable:
                 self.returns.expect(step["step_id"], len(picked))
         step_id = step["step_id"]
-        token_ids = self._greedy_tokens(step, picked, chainable)
-        everywhere = token_ids is not None and chainable and self.returns.local
-        if everywhere:  # every tp rank holds them: a step chaining this one needs no broadcast
+        greedy = self._graph_greedy(step, picked)
+        # every tp rank keeps them: a step chaining this one needs no broadcast
+        everywhere = greedy and chainable and self.returns.local
+        returns = self._returns(logits)
+        token_ids = None
+        if greedy and (returns or everywhere):  # the other ranks leave the graph's tokens be
+            token_ids = self._graph_token_ids(picked, chainable)
+        if everywhere:
             self.returns.keep(step_id, token_ids, everywhere=True)
-        if not self._returns(logits):
+        if not returns:
             return None
         if not picked:
             return {"step_id": step_id, "token_ids": [], "logprobs": None}
@@ -735,18 +740,22 @@ class ModelRunner(OffloadMember):
             copied.synchronize,
         )
 
-    def _greedy_tokens(self, step: dict, picked: list[int], kept: bool) -> torch.Tensor | None:
-        """The picked rows' tokens from the decode graph's argmax, when the step replayed one
-        that computes it and every picked row is plain greedy (no draw, ban, penalty, bias or
-        logprobs: the Sampler would take the same argmax); else None. The same answer on every
-        tp rank (same step, same graphs). `kept`: a later step may chain them, so they are a
-        copy (the graph's buffer is the next replay's)."""
-        tokens = self._graph_tokens
-        if tokens is None or not picked:
-            return None
+    def _graph_greedy(self, step: dict, picked: list[int]) -> bool:
+        """Whether the picked rows' tokens come from the decode graph's argmax: the step
+        replayed one that computes it and every picked row is plain greedy (no draw, ban,
+        penalty, bias or logprobs: the Sampler would take the same argmax). The same answer on
+        every tp rank (same step, same graphs); counted."""
+        if self._graph_tokens is None or not picked:
+            return False
         if step_features(step["params"], step.get("features")):
-            return None
+            return False
         self.graph_greedy_steps += 1
+        return True
+
+    def _graph_token_ids(self, picked: list[int], kept: bool) -> torch.Tensor:
+        """The picked rows' tokens out of the graph (`_graph_greedy`); `kept`: a later step may
+        chain them, so a copy (the graph's buffer is the next replay's)."""
+        tokens = self._graph_tokens
         if len(picked) < tokens.shape[0]:
             return tokens[to_device(picked, torch.int64, tokens.device)]
         return tokens.clone() if kept else tokens

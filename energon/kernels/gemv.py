@@ -120,10 +120,15 @@ def pushed_linear(x: torch.Tensor, weight: torch.Tensor, push) -> torch.Tensor |
     every rank's slots of the fused all-reduce + norm (`push`, a one_shot_norm.Push;
     energon/parallel/partial_sum.py); None when that kernel does not take the call (nothing
     pushed: the caller runs `linear`)."""
-    if kernels_for(x, weight, None) and (tma := tma_kernels_for(x, weight)):
-        if (y := EarlyWeights.run(tma, x, weight, None, False, push)) is not None:
-            return _LastOutput.remember(y)
-    return None
+    return _early_weights(x, weight, None, False, push) if kernels_for(x, weight, None) else None
+
+
+def _early_weights(x, weight, bias, relu, push=None) -> torch.Tensor | None:
+    """The call on the early-weights GEMV (gemv_tma.py) when it takes it, else None."""
+    if (tma := tma_kernels_for(x, weight)) is None:
+        return None
+    y = EarlyWeights.run(tma, x, weight, bias, relu, push)
+    return None if y is None else _LastOutput.remember(y)
 
 
 def linear(
@@ -137,9 +142,8 @@ def linear(
     stream the weights while the kernel before still runs (gemv_tma.py), for the linears of a
     tensor-parallel layer, whose GEMVs follow all-reduces."""
     kernels = kernels_for(x, weight, bias)
-    if kernels and early_weights and (tma := tma_kernels_for(x, weight)):
-        if (y := EarlyWeights.run(tma, x, weight, bias, relu)) is not None:
-            return _LastOutput.remember(y)
+    if kernels and early_weights and (y := _early_weights(x, weight, bias, relu)) is not None:
+        return y
     if kernels:
         pdl = dependent_launch(x.device) and not _LastOutput.wrote(x)
         return _LastOutput.remember(kernels.gemv(x, weight, bias, relu, pdl=pdl))

@@ -247,7 +247,7 @@ def gemv(x, weight, bias=None, relu=False, pdl=False, early=None, push=None):
         raise ValueError(
             f"gemv_tma takes x [<= {MAX_ROWS}, K] and weight [N, K], 16-byte aligned rows"
         )
-    if push is not None and not one_shot_norm.pushes(x.dtype, M, N):
+    if push is not None and not one_shot_norm.fits(x.dtype, M, N):
         raise ValueError(f"gemv_tma cannot push {x.dtype} [{M}, {N}] into one_shot_norm's slots")
     if early is None:
         early = int(os.environ.get("ENERGON_GEMV_TMA_EARLY", STAGES))

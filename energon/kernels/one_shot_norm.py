@@ -68,9 +68,9 @@ class Push(NamedTuple):
     offset: int  # bytes from a buffer's start to this kernel's region
 
 
-def pushes(dtype: torch.dtype, rows: int, width: int) -> bool:
-    """Whether rows of this shape and dtype fit the region's slots (the GEMV that pushes them
-    asks: shapes and dtypes only, alike on every rank)."""
+def fits(dtype: torch.dtype, rows: int, width: int) -> bool:
+    """Whether rows of this shape and dtype fit the region's slots (`takes` asks, and a GEMV
+    that would push them: shapes and dtypes only, alike on every rank)."""
     return dtype == torch.float16 and 0 < rows <= MAX_ROWS and 0 < width <= MAX_WIDTH
 
 
@@ -103,11 +103,9 @@ def takes(
     """Whether `one_shot_add_norm` takes these: x a dense float16 [rows <= MAX_ROWS, width <=
     MAX_WIDTH], residual shaped like it, weight / biases [width], all float16 on x's device.
     Shapes and dtypes only, so every rank of a group answers alike."""
-    if x.dtype != torch.float16 or x.dim() != 2 or not x.is_contiguous():
+    if x.dim() != 2 or not x.is_contiguous() or not fits(x.dtype, *x.shape):
         return False
-    rows, width = x.shape
-    if not (0 < rows <= MAX_ROWS and width <= MAX_WIDTH):
-        return False
+    width = x.shape[1]
     if residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1):
         return False
     vectors = [t for t in (weight, norm_bias, bias) if t is not None]

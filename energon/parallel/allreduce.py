@@ -133,11 +133,11 @@ class OneShotAllReduce:
 
     def takes(self, x: torch.Tensor) -> bool:
         """Whether `x` goes the one-shot way (the same answer on every rank for the same call)."""
-        return (
-            0 < x.numel() * x.element_size() <= self.max_bytes
-            and x.dtype in self.dtypes
-            and x.device == self.device
-        )
+        return x.device == self.device and self._small(x.numel() * x.element_size(), x.dtype)
+
+    def _small(self, nbytes: int, dtype: torch.dtype) -> bool:
+        """Whether a message of `nbytes` in `dtype` goes the one-shot way."""
+        return 0 < nbytes <= self.max_bytes and dtype in self.dtypes
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Sums `x` over the group in place (as `dist.all_reduce` does), adds `bias` (broadcast
@@ -221,17 +221,13 @@ class OneShotAllReduce:
         when that kernel would not take it: the fused path off (ENERGON_ALL_REDUCE_NORM=0,
         ENERGON_ALL_REDUCE_PUSH=0, no region), over `max_bytes`, not float16, over 64 rows.
         Shapes and dtypes only, alike on every rank: every rank pushes, or none."""
-        if self.norm_offset is None or os.environ.get(PUSH_ENV, "1") == "0":
-            return None
-        if os.environ.get(NORM_ENV, "1") == "0":
+        if self.norm_offset is None or "0" in (os.environ.get(PUSH_ENV), os.environ.get(NORM_ENV)):
             return None
         from energon.kernels import one_shot_norm
 
-        if not 0 < rows * width * dtype.itemsize <= self.max_bytes:
+        if not self._small(rows * width * dtype.itemsize, dtype):
             return None
-        if dtype not in self.dtypes or not one_shot_norm.pushes(dtype, rows, width):
-            return None
-        return self._push_target()
+        return self._push_target() if one_shot_norm.fits(dtype, rows, width) else None
 
     def _push_target(self):
         """The Push of energon's fused kernel's region on this rank."""

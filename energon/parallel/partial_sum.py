@@ -67,10 +67,7 @@ class PartialSum:
             return fast_all_reduce(self.group).pushed_sum(self.partial, self.bias, other)
         return self.sum() + other
 
-    def __radd__(self, other):  # float addition commutes: the same bits as __add__
-        if self._sum is None and self.pushed and _like(other, self.partial) and self.take_push():
-            return fast_all_reduce(self.group).pushed_sum(self.partial, self.bias, other)
-        return other + self.sum()
+    __radd__ = __add__  # float addition commutes: `other + sum` is `sum + other`, bit for bit
 
     def __repr__(self) -> str:
         return f"PartialSum({tuple(self.shape)}, {self.dtype}, summed={self._sum is not None})"

@@ -28,10 +28,21 @@ a send that waited would meet the process group's timeout).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
 from energon.parallel.topology import ParallelState
+
+
+class _Pending(NamedTuple):
+    """A step's tokens awaited or held here."""
+
+    work: dist.Work | None  # the receive (tp rank 0 at pp > 1), once posted
+    tokens: torch.Tensor | None  # on tp rank 0, or on every tp rank when `everywhere`
+    count: int
+    everywhere: bool = False  # every tp rank keeps them: `keep(..., everywhere=True)`
 
 
 class TokenReturn:
@@ -44,9 +55,7 @@ class TokenReturn:
         self.local = state.pp_size == 1  # the sampling rank embeds too: nothing travels
         self.keeps = state.is_last_stage and state.tp_rank == 0
         self.expects = state.is_first_stage
-        # step_id -> (the receive or None, the tokens on tp rank 0 or None, their count,
-        # whether every tp rank keeps them: `keep(..., everywhere=True)`)
-        self._pending: dict[int, tuple[dist.Work | None, torch.Tensor | None, int, bool]] = {}
+        self._pending: dict[int, _Pending] = {}  # by step id, in the order the steps came
         self._in_transit: list[tuple[dist.Work, torch.Tensor]] = []  # kept until completed
 
     @property
@@ -59,7 +68,7 @@ class TokenReturn:
         handed to the first stage at pp > 1. `everywhere` (pp=1): every tp rank keeps the
         same tokens (a greedy step's, out of the decode graph), so none is broadcast."""
         if self.local:
-            self._pending[step_id] = (None, tokens, tokens.shape[0], everywhere)
+            self._pending[step_id] = _Pending(None, tokens, tokens.shape[0], everywhere)
             return
         if everywhere:
             raise ValueError("tokens are kept on every tp rank only at pp=1")
@@ -71,7 +80,7 @@ class TokenReturn:
     def everywhere(self, step_id: int) -> bool:
         """Whether every tp rank keeps step `step_id`'s tokens (`keep(..., everywhere=True)`)."""
         entry = self._pending.get(step_id)
-        return entry is not None and entry[3]
+        return entry is not None and entry.everywhere
 
     def expect(self, step_id: int, count: int) -> None:
         """Step `step_id`, which samples `count` rows, has been issued here: its tokens will come
@@ -79,7 +88,7 @@ class TokenReturn:
         tp rank 0 `keep`s them)."""
         if self.state.tp_rank == 0 and self.local:
             return
-        self._pending[step_id] = (None, None, count, False)  # tp rank 0: receive not posted yet
+        self._pending[step_id] = _Pending(None, None, count)  # tp rank 0: receive not posted yet
 
     def _post_through(self, step_id: float) -> None:
         """On tp rank 0 at pp > 1, posts the receives of expected steps up to `step_id` not
@@ -87,13 +96,13 @@ class TokenReturn:
         if self.state.tp_rank != 0 or self.local:
             return
         src = self.state.topology.rank_of(self.state.pp_size - 1, 0)
-        for expected, (work, _, count, _) in self._pending.items():
+        for expected, entry in self._pending.items():
             if expected > step_id:
                 break
-            if work is None:
-                buffer = torch.empty(count, dtype=torch.int64, device=self.device)
+            if entry.work is None:
+                buffer = torch.empty(entry.count, dtype=torch.int64, device=self.device)
                 work = dist.irecv(buffer, src, group=self.state.return_group)
-                self._pending[expected] = (work, buffer, count, False)
+                self._pending[expected] = entry._replace(work=work, tokens=buffer)
 
     def forget_before(self, step_id: float) -> None:
         """No step before `step_id` will be chained (the controller has them back; `math.inf`:
@@ -103,9 +112,9 @@ class TokenReturn:
             return
         self._post_through(step_id - 1)
         for older in [k for k in self._pending if k < step_id]:
-            work, tokens, _, _ = self._pending.pop(older)
-            if work is not None:
-                self._in_transit.append((work, tokens))
+            entry = self._pending.pop(older)
+            if entry.work is not None:
+                self._in_transit.append((entry.work, entry.tokens))
         self._retire()
 
     def take(self, step_id: int) -> tuple[torch.Tensor | None, int]:
@@ -119,10 +128,9 @@ class TokenReturn:
             raise ValueError(
                 f"a step chains step {step_id}, whose tokens this stage does not hold or await"
             )
-        work, tokens, count, _ = entry
-        if work is not None:
-            work.wait()
-        return tokens, count
+        if entry.work is not None:
+            entry.work.wait()
+        return entry.tokens, entry.count
 
     def _retire(self) -> None:
         """Forgets the transfers that completed. Gloo's sends only say so once waited for, so

@@ -134,6 +134,7 @@ def _gemv_tma_kernel(
     PUSH: gl.constexpr,  # also push each tile into every rank's slot (`_push_tile`)
     RESET: gl.constexpr,  # PUSH: put SENTINEL back into the slots a NORM GEMV read last
     LATE: gl.constexpr,  # PUSH: release the next kernel after the last tile, not after the wait
+    FENCE: gl.constexpr,  # RESET: fence the reset before the pushes (experiment switch)
     NORM: gl.constexpr,  # x is one_shot_norm's sum + norm of the pushed rows (`_normed_rows`)
     ADD: gl.constexpr,  # NORM: as one_shot_norm's kernel
     HAS_ROW_BIAS: gl.constexpr,
@@ -201,7 +202,7 @@ def _gemv_tma_kernel(
             _load_x(x_desc, ready, x_ring, s, s, steps_k, s < steps)
     if RESET:
         if pid == 0:
-            _reset_read_half(peers, region, lag, M, N, RANK, WORLD, HALF, ROW, ROWS)
+            _reset_read_half(peers, region, lag, M, N, RANK, WORLD, HALF, ROW, ROWS, FENCE)
 
     m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
     step = 0
@@ -347,7 +348,8 @@ def _any(flags):
 
 @gluon.jit
 def _reset_read_half(peers, region, lag, M, N, RANK: gl.constexpr, WORLD: gl.constexpr,
-                     HALF: gl.constexpr, ROW: gl.constexpr, ROWS: gl.constexpr):  # fmt: skip
+                     HALF: gl.constexpr, ROW: gl.constexpr, ROWS: gl.constexpr,
+                     FENCE: gl.constexpr):  # fmt: skip
     """RESET (program 0 of a pushing GEMV, after its wait): SENTINEL back into every rank's
     slot of this rank's rows in the half of the call before this one, which a NORM GEMV read
     (its kernel has ended: it was before this one's wait) and which the peers push into
@@ -371,7 +373,8 @@ def _reset_read_half(peers, region, lag, M, N, RANK: gl.constexpr, WORLD: gl.con
             at = base + (rank * ROWS * ROW) + gl.expand_dims(c * 2, 0).to(gl.uint64)
             keep = gl.expand_dims(m < M, 1) & gl.expand_dims(c < N, 0)
             gl.store(at.to(gl.pointer_type(gl.int16)), sentinel, mask=keep)
-    _fence_system(call)
+    if FENCE:
+        _fence_system(call)
 
 
 @gluon.jit
@@ -497,6 +500,7 @@ def gemv(x, weight, bias=None, relu=False, pdl=False, early=None, push=None, row
         PUSH=push is not None,
         RESET=push is not None and push.reset,
         LATE=push is not None and os.environ.get(LATE_ENV) == "1",
+        FENCE=os.environ.get("ENERGON_RESET_FENCE", "1") != "0",
         NORM=rows is not None,
         ADD=rows is not None and rows.residual is not None,
         HAS_ROW_BIAS=rows is not None and rows.row_bias is not None,

@@ -49,7 +49,7 @@ def _ptx(push: bool = False, norm: bool = False, reset: bool = False) -> list[st
     signature |= dict(eps="fp32")
     group = push or norm
     constants = dict(HAS_BIAS=not push, RELU=False, PDL=True, STAGES=gemv_tma.STAGES)
-    constants |= dict(PUSH=push, RESET=reset, LATE=False, NORM=norm, ADD=norm)
+    constants |= dict(PUSH=push, RESET=reset, LATE=False, FENCE=True, NORM=norm, ADD=norm)
     constants |= dict(HAS_ROW_BIAS=norm, HAS_WEIGHT=norm, HAS_NORM_BIAS=norm, RMS=False)
     constants |= dict(X_STEPS=32, RANK=1 if group else 0, WORLD=2 if group else 1)
     constants |= dict(HALF=one_shot_norm.half_bytes(2), ROW=one_shot_norm.ROW_BYTES)

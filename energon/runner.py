@@ -793,9 +793,7 @@ class ModelRunner(OffloadMember):
             # (one-shot sums, of them fused with a norm, of those the GEMV's push) issued; a
             # captured one counts once
             "one_shot_calls": (
-                (fast.one_shot_calls, fast.norm_calls, fast.push_calls, fast.gemv_norm_calls)
-                if fast
-                else (0, 0, 0, 0)
+                (fast.one_shot_calls, fast.norm_calls, fast.push_calls) if fast else (0, 0, 0)
             ),
             "early_weight_gemvs": EarlyWeights.calls,  # GEMVs on gemv_tma.py issued
             "early_weight_error": EarlyWeights.error,  # why it fell back, or None

@@ -34,21 +34,6 @@ def wait_then_release(PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
-@triton.jit
-def wait(PDL: tl.constexpr):
-    """With PDL: wait for the kernel before this one to finish; `release` comes later (a kernel
-    that lets the next one start only once its own work is done)."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
-def release(PDL: tl.constexpr):
-    """With PDL: let the next kernel start (after `wait`)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
 def launch_options(pdl: bool) -> dict:
     """A chained kernel's launch keywords: its PDL constexpr and, when `pdl`, the launch as a
     programmatic dependent launch (one value for both, so they cannot disagree)."""

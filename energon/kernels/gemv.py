@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 ENV_SWITCH = "ENERGON_TRITON_GEMV"  # "0": every linear on cuBLAS
 TMA_SWITCH = "ENERGON_GEMV_TMA"  # "0": one or two rows on gemv_kernels too
-NORMED_SWITCH = "ENERGON_GEMV_NORMS"  # "0": pushed rows summed and normalised by their own kernel
 MAX_ROWS = 16  # rows of x the Triton kernel takes (one tensor-core tile)
 TMA_ROWS = 2  # rows of x the Gluon kernel (gemv_tma.py) takes
 
@@ -81,12 +80,12 @@ class EarlyWeights:
     error: str | None = None
 
     @classmethod
-    def run(cls, tma, x, weight, bias, relu, push=None, rows=None) -> torch.Tensor | None:
+    def run(cls, tma, x, weight, bias, relu, push=None) -> torch.Tensor | None:
         """tma.gemv(...), or None after the first call's failure (logged once)."""
         if cls.error is not None:
             return None
         try:
-            y = tma.gemv(x, weight, bias, relu, pdl=True, push=push, rows=rows)
+            y = tma.gemv(x, weight, bias, relu, pdl=True, push=push)
         except Exception as exc:
             if cls.calls:
                 raise  # it ran before: not a matter of the toolchain
@@ -124,24 +123,11 @@ def pushed_linear(x: torch.Tensor, weight: torch.Tensor, push) -> torch.Tensor |
     return _early_weights(x, weight, None, False, push) if kernels_for(x, weight, None) else None
 
 
-def normed_linear(x, weight, bias, relu, rows) -> torch.Tensor | None:
-    """x @ weight.T (+ bias) (ReLU) by the early-weights GEMV (gemv_tma.py) where x is not read
-    but made, from the rows the GEMV before pushed (`rows`, a one_shot_norm.Rows;
-    energon/parallel/normed_rows.py): None when that kernel does not take the call (nothing
-    launched). `x` only gives the shape and dtype."""
-    if os.environ.get(NORMED_SWITCH, "1") == "0" or not kernels_for(x, weight, bias):
-        return None
-    tma = tma_kernels_for(x, weight)
-    if tma is None or not tma.norms_rows(x.dtype, *x.shape):
-        return None
-    return _early_weights(x, weight, bias, relu, rows=rows)
-
-
-def _early_weights(x, weight, bias, relu, push=None, rows=None) -> torch.Tensor | None:
+def _early_weights(x, weight, bias, relu, push=None) -> torch.Tensor | None:
     """The call on the early-weights GEMV (gemv_tma.py) when it takes it, else None."""
     if (tma := tma_kernels_for(x, weight)) is None:
         return None
-    y = EarlyWeights.run(tma, x, weight, bias, relu, push, rows)
+    y = EarlyWeights.run(tma, x, weight, bias, relu, push)
     return None if y is None else _LastOutput.remember(y)
 
 

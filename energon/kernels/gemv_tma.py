@@ -46,9 +46,9 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from energon.kernels import one_shot_norm, sm_count
-from energon.kernels.chain import launch_options, release, wait, wait_then_release
+from energon.kernels.chain import launch_options, wait_then_release
 from energon.kernels.gemv import TMA_ROWS
-from energon.kernels.one_shot_norm import SENTINEL, Rows
+from energon.kernels.one_shot_norm import SENTINEL
 
 # triton 3.6 (the GPU image) names the TMA load async_copy_global_to_shared; 3.9 async_load
 # and its CTA barrier thread_barrier; 3.9 barrier
@@ -56,8 +56,6 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 MAX_ROWS = TMA_ROWS  # rows of x this kernel takes; more go to gemv_kernels
-MAX_NORM_WIDTH = 8192  # K of an x made from pushed rows, kept whole in shared memory
-LATE_ENV = "ENERGON_PUSH_LATE_RELEASE"  # "1": a pushing GEMV releases the next after its tiles
 BLOCK_N = 32  # output features a tile (16 and 8 lost 3-40 us a call on an H200; again where
 # they spread a K-heavy shape over more SMs: docs/benchmarks.md, "row-parallel GEMVs push")
 BLOCK_K = 256  # input features a step: one 512-byte row of a tile per warp load
@@ -67,34 +65,15 @@ NUM_WARPS = 4  # (8 were 0.4-6 us slower a call, but on the K-heavy shapes at tp
 
 
 @gluon.jit
-def _load_weights(
-    w_desc, x_desc, ready, w_ring, slot, step, first, steps_k, live, NORM: gl.constexpr
-):
+def _load_weights(w_desc, x_desc, ready, w_ring, slot, step, first, steps_k, live):
     """Ring step `step` (tile first + step // steps_k, K step step % steps_k): its weight tile
-    into `slot`, the slot's mbarrier told to expect it and the x tile (none with NORM: x is
-    in shared memory whole)."""
+    into `slot`, the slot's mbarrier told to expect it and the x tile."""
     rows: gl.constexpr = w_desc.block_type.shape[0]
-    x_bytes: gl.constexpr = 0 if NORM else x_desc.block_type.nbytes
-    bytes_: gl.constexpr = w_desc.block_type.nbytes + x_bytes
+    bytes_: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes
     mbarrier.expect(ready.index(slot), bytes_, pred=live)
     tile = first + step // steps_k
     k = (step % steps_k) * w_desc.block_type.shape[1]
     _tma_load(w_desc, [tile * rows, k], ready.index(slot), w_ring.index(slot), pred=live)
-
-
-# x kept whole, seen as one [rows, BLOCK_K] buffer a K step (triton 3.6 names the view
-# _reinterpret, 3.9 reinterpret)
-if hasattr(gl.shared_memory_descriptor, "reinterpret"):
-
-    @gluon.jit
-    def _by_step(whole, dtype: gl.constexpr, STEPS: gl.constexpr, M: gl.constexpr, K: gl.constexpr):
-        return whole.reinterpret(dtype, [STEPS, M, K], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-
-else:
-
-    @gluon.jit
-    def _by_step(whole, dtype: gl.constexpr, STEPS: gl.constexpr, M: gl.constexpr, K: gl.constexpr):
-        return whole._reinterpret(dtype, [STEPS, M, K], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
 
 
 @gluon.jit
@@ -117,31 +96,13 @@ def _gemv_tma_kernel(
     tiles,
     per_program,
     early,  # ring slots filled before the wait (the rest after it)
-    peers,  # PUSH / NORM: device address of the ranks' symmetric buffer addresses (uint64)
-    region,  # PUSH / NORM: bytes from a buffer's start to one_shot_norm's region
-    lag,  # PUSH / NORM: rows' calls read in GEMVs since the counts were last written
-    Residual,  # NORM: what one_shot_norm's `_one_shot_norm_kernel` takes, its norm's
-    RowBias,  # input being this GEMV's x
-    NormWeight,
-    NormBias,
-    Summed,
-    Normed,
-    eps,
+    peers,  # PUSH: device address of the ranks' symmetric buffer addresses (uint64)
+    push_offset,  # PUSH: bytes from a buffer's start to one_shot_norm's region
     HAS_BIAS: gl.constexpr,
     RELU: gl.constexpr,
     PDL: gl.constexpr,
     STAGES: gl.constexpr,
     PUSH: gl.constexpr,  # also push each tile into every rank's slot (`_push_tile`)
-    RESET: gl.constexpr,  # PUSH: put SENTINEL back into the slots a NORM GEMV read last
-    LATE: gl.constexpr,  # PUSH: release the next kernel after the last tile, not after the wait
-    FENCE: gl.constexpr,  # RESET: fence the reset before the pushes (experiment switch)
-    NORM: gl.constexpr,  # x is one_shot_norm's sum + norm of the pushed rows (`_normed_rows`)
-    ADD: gl.constexpr,  # NORM: as one_shot_norm's kernel
-    HAS_ROW_BIAS: gl.constexpr,
-    HAS_WEIGHT: gl.constexpr,
-    HAS_NORM_BIAS: gl.constexpr,
-    RMS: gl.constexpr,
-    X_STEPS: gl.constexpr,  # NORM: K steps of x kept in shared memory (a power of two)
     RANK: gl.constexpr,
     WORLD: gl.constexpr,
     HALF: gl.constexpr,  # one_shot_norm's region: bytes of a half, of a slot, slots a rank
@@ -157,8 +118,6 @@ def _gemv_tma_kernel(
     w_layout: gl.constexpr = gl.SliceLayout(0, product)
     x_layout: gl.constexpr = gl.SliceLayout(1, product)
     out_layout: gl.constexpr = gl.SliceLayout(2, product)
-    # NORM: x as [K steps, rows, BLOCK_K], a warp's threads along K
-    whole: gl.constexpr = gl.BlockedLayout([1, BLOCK_M, 8], [1, 1, 32], [WARPS, 1, 1], [2, 1, 0])
 
     pid = gl.program_id(0)
     first = pid * per_program
@@ -167,42 +126,19 @@ def _gemv_tma_kernel(
     steps = count * steps_k
 
     w_ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
-    if NORM:  # stored whole as [K steps, rows, BLOCK_K], read a K step at a time (plain rows)
-        x_whole = gl.allocate_shared_memory(
-            x_desc.dtype, [X_STEPS, BLOCK_M, BLOCK_K], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-        )
-        x_ring = _by_step(x_whole, x_desc.dtype, X_STEPS, BLOCK_M, BLOCK_K)
-    else:
-        x_ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    x_ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
     fence_async_shared()
     for s in gl.static_range(STAGES):  # no kernel writes the weights: streamed before the wait
         live = (s < steps) & (s < early)
-        _load_weights(w_desc, x_desc, ready, w_ring, s, s, first, steps_k, live, NORM)
-    if NORM:  # the rows' calls and residual: older than the kernel before (one_shot_norm.py)
-        call, residual = _before_rows(peers, region, lag, Residual, M, K, whole,
-                                      BLOCK_M, BLOCK_K, X_STEPS, ADD, RANK, HALF)  # fmt: skip
-    if LATE:
-        wait(PDL)
-    else:
-        wait_then_release(PDL)  # the kernel before has finished: x is ready, y is free
-    if NORM:
-        normed = _normed_rows(call, residual, peers, region, RowBias, NormWeight, NormBias,
-                              Summed, Normed, M, K, eps, pid, whole, ADD, HAS_ROW_BIAS,
-                              HAS_WEIGHT, HAS_NORM_BIAS, RMS, RANK, WORLD, HALF, ROW, ROWS,
-                              BLOCK_M, BLOCK_K, X_STEPS)  # fmt: skip
-        x_whole.store(normed)
-        _cta_barrier()
+        _load_weights(w_desc, x_desc, ready, w_ring, s, s, first, steps_k, live)
+    wait_then_release(PDL)  # the kernel before has finished: x is ready, y is free
     for s in gl.static_range(STAGES):
         late = (s < steps) & (s >= early)
-        _load_weights(w_desc, x_desc, ready, w_ring, s, s, first, steps_k, late, NORM)
-        if not NORM:
-            _load_x(x_desc, ready, x_ring, s, s, steps_k, s < steps)
-    if RESET:
-        if pid == 0:
-            _reset_read_half(peers, region, lag, M, N, RANK, WORLD, HALF, ROW, ROWS, FENCE)
+        _load_weights(w_desc, x_desc, ready, w_ring, s, s, first, steps_k, late)
+        _load_x(x_desc, ready, x_ring, s, s, steps_k, s < steps)
 
     m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
     step = 0
@@ -211,21 +147,17 @@ def _gemv_tma_kernel(
         if HAS_BIAS:  # in flight through the tile's K steps
             bias = gl.load(Bias + n, mask=n < N, other=0.0).to(gl.float32)
         partial = gl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], gl.float32, product)  # summed at the end
-        for kk in range(steps_k):
+        for _ in range(steps_k):
             slot = step % STAGES
             mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
             w = w_ring.index(slot).load(w_layout).to(gl.float32)
-            if NORM:
-                x = x_ring.index(kk).load(x_layout).to(gl.float32)
-            else:
-                x = x_ring.index(slot).load(x_layout).to(gl.float32)
+            x = x_ring.index(slot).load(x_layout).to(gl.float32)
             partial += gl.expand_dims(w, 0) * gl.expand_dims(x, 1)
             _cta_barrier()  # every warp has read the slot: refill it
             refill = step + STAGES
             live = refill < steps
-            _load_weights(w_desc, x_desc, ready, w_ring, slot, refill, first, steps_k, live, NORM)
-            if not NORM:
-                _load_x(x_desc, ready, x_ring, slot, refill, steps_k, live)
+            _load_weights(w_desc, x_desc, ready, w_ring, slot, refill, first, steps_k, live)
+            _load_x(x_desc, ready, x_ring, slot, refill, steps_k, live)
             step += 1
         acc = gl.sum(partial, axis=2)
         if HAS_BIAS:
@@ -237,154 +169,9 @@ def _gemv_tma_kernel(
         gl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)
         if PUSH:
             y = acc.to(Y.dtype.element_ty)
-            _push_tile(y, m, n, mask, peers, region, lag, RANK, WORLD, HALF, ROW, ROWS)
-    if LATE:
-        release(PDL)
+            _push_tile(y, m, n, mask, peers, push_offset, RANK, WORLD, HALF, ROW, ROWS)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
-
-
-@gluon.jit
-def _steps_k(
-    BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, X_STEPS: gl.constexpr, whole: gl.constexpr
-):
-    """Index tensors of x kept whole ([K steps, rows, BLOCK_K] in `whole`): (k [steps, 1, BLOCK_K],
-    m [1, rows, 1])."""
-    s = gl.arange(0, X_STEPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, whole)))
-    m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, whole)))
-    j = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, gl.SliceLayout(1, whole)))
-    k = gl.expand_dims(gl.expand_dims(s, 1), 2) * BLOCK_K + gl.expand_dims(gl.expand_dims(j, 0), 1)
-    return k, gl.expand_dims(gl.expand_dims(m, 0), 2)
-
-
-@gluon.jit
-def _before_rows(peers, region, lag, Residual, M, K, whole: gl.constexpr, BLOCK_M: gl.constexpr,
-                 BLOCK_K: gl.constexpr, X_STEPS: gl.constexpr, ADD: gl.constexpr,
-                 RANK: gl.constexpr, HALF: gl.constexpr):  # fmt: skip
-    """NORM, before the wait: (each row's call [1, rows, 1], its residual as float32 or 0). The
-    counts were written by one_shot_norm's kernel, the residual by a kernel two or more back."""
-    k, m = _steps_k(BLOCK_M, BLOCK_K, X_STEPS, whole)
-    mask = (k < K) & (m < M)
-    mine = gl.load(peers.to(gl.pointer_type(gl.uint64)) + RANK)
-    counters = (mine + region + 2 * HALF).to(gl.pointer_type(gl.uint32))
-    call = gl.load(counters + m, mask=m < M, other=0) + 1 + lag
-    residual = gl.zeros([X_STEPS, BLOCK_M, BLOCK_K], gl.float32, whole)
-    if ADD:
-        residual = gl.load(Residual + m * K + k, mask=mask, other=0.0).to(gl.float32)
-    return call, residual
-
-
-@gluon.jit
-def _normed_rows(call, residual, peers, region, RowBias, NormWeight, NormBias, Summed, Normed,
-                 M, K, eps, pid, whole: gl.constexpr, ADD: gl.constexpr,
-                 HAS_ROW_BIAS: gl.constexpr, HAS_WEIGHT: gl.constexpr,
-                 HAS_NORM_BIAS: gl.constexpr, RMS: gl.constexpr, RANK: gl.constexpr,
-                 WORLD: gl.constexpr, HALF: gl.constexpr, ROW: gl.constexpr, ROWS: gl.constexpr,
-                 BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, X_STEPS: gl.constexpr):  # fmt: skip
-    """NORM, after the wait: one_shot_norm's steps 2-4 in every program, its sum and norm of
-    the rows the GEMV before pushed, as float16 [K steps, rows, BLOCK_K] (0 past K and M).
-    Program 0 stores the sum and the normed rows (`Summed`, `Normed`); the slots are left as
-    they are (the next pushing GEMV puts SENTINEL back: `_reset_read_half`) and the counts
-    too (the host counts this call in `lag` until one_shot_norm's kernel writes them)."""
-    k, m = _steps_k(BLOCK_M, BLOCK_K, X_STEPS, whole)
-    mask = (k < K) & (m < M)
-    table = peers.to(gl.pointer_type(gl.uint64))
-    mine = gl.load(table + RANK)
-    half = mine + region + (call % 2).to(gl.uint64) * HALF + (m * ROW).to(gl.uint64)
-    rows = gl.multiple_of(half.to(gl.pointer_type(gl.int16)), [1, 1, 16])  # [1, rows, 1]
-    weight = gl.zeros([X_STEPS, BLOCK_M, BLOCK_K], gl.float32, whole)
-    norm_bias = gl.zeros([X_STEPS, BLOCK_M, BLOCK_K], gl.float32, whole)
-    row_bias = gl.zeros([X_STEPS, BLOCK_M, BLOCK_K], gl.float32, whole)
-    on_k = (k < K) & (m >= 0)
-    if HAS_WEIGHT:  # in flight while the rows are waited for
-        weight = gl.load(NormWeight + k + m * 0, mask=on_k, other=0.0).to(gl.float32)
-    if HAS_NORM_BIAS:
-        norm_bias = gl.load(NormBias + k + m * 0, mask=on_k, other=0.0).to(gl.float32)
-    if HAS_ROW_BIAS:
-        row_bias = gl.load(RowBias + k + m * 0, mask=on_k, other=0.0).to(gl.float32)
-    total = gl.zeros([X_STEPS, BLOCK_M, BLOCK_K], gl.float32, whole)
-    for rank in gl.static_range(WORLD):  # each rank's rows, every element come, in rank order
-        slot = rows + rank * ROWS * ROW // 2 + k
-        got = gl.load(slot, mask=mask, other=0, volatile=True)
-        while _any(((got == SENTINEL) & mask).to(gl.int32)) > 0:
-            got = gl.load(slot, mask=mask, other=0, volatile=True)
-        total += got.to(gl.float16, bitcast=True).to(gl.float32)
-    if HAS_ROW_BIAS:
-        total += row_bias
-    summed = total.to(gl.float16)  # the all-reduce's result, rounded once
-    if ADD:
-        summed = (summed.to(gl.float32) + residual).to(gl.float16)
-    x = summed.to(gl.float32)
-    if RMS:
-        rstd = gl.rsqrt(_rows_sum(x * x) / K + eps)
-        y = (x * rstd).to(gl.float16).to(gl.float32)
-    else:
-        mean = _rows_sum(x) / K
-        centred = gl.where(mask, x - mean, 0.0)
-        rstd = gl.rsqrt(_rows_sum(centred * centred) / K + eps)
-        y = centred * rstd
-    if HAS_WEIGHT:
-        y = y * weight
-    if HAS_NORM_BIAS:
-        y = y + norm_bias
-    normed = gl.where(mask, y, 0.0).to(gl.float16)
-    if pid == 0:
-        gl.store(Summed + m * K + k, summed, mask=mask)
-        gl.store(Normed + m * K + k, normed, mask=mask)
-    return normed
-
-
-@gluon.jit
-def _rows_sum(v):
-    """Each row's sum of v [K steps, rows, BLOCK_K], broadcast back to [1, rows, 1]."""
-    return gl.expand_dims(gl.expand_dims(gl.sum(gl.sum(v, axis=2), axis=0), 0), 2)
-
-
-@gluon.jit
-def _any(flags):
-    """The largest of [K steps, rows, BLOCK_K] int32 flags."""
-    return gl.max(gl.max(gl.max(flags, axis=2), axis=1), axis=0)
-
-
-@gluon.jit
-def _reset_read_half(peers, region, lag, M, N, RANK: gl.constexpr, WORLD: gl.constexpr,
-                     HALF: gl.constexpr, ROW: gl.constexpr, ROWS: gl.constexpr,
-                     FENCE: gl.constexpr):  # fmt: skip
-    """RESET (program 0 of a pushing GEMV, after its wait): SENTINEL back into every rank's
-    slot of this rank's rows in the half of the call before this one, which a NORM GEMV read
-    (its kernel has ended: it was before this one's wait) and which the peers push into
-    again at the call after this one, once they have this call's rows: so the stores are
-    fenced (system scope) before any of this GEMV's pushes."""
-    WARPS: gl.constexpr = gl.num_warps()
-    BLOCK: gl.constexpr = 8 * 32 * WARPS
-    flat: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [1, WARPS], [1, 0])
-    m = gl.arange(0, 2, layout=gl.SliceLayout(1, flat))
-    cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, flat))
-    mine = gl.load(peers.to(gl.pointer_type(gl.uint64)) + RANK)
-    counters = (mine + region + 2 * HALF).to(gl.pointer_type(gl.uint32))
-    call = gl.load(counters + m, mask=m < M, other=0) + lag  # the call before this one's
-    base = gl.expand_dims(
-        mine + region + (call % 2).to(gl.uint64) * HALF + (m * ROW).to(gl.uint64), 1
-    )
-    sentinel = gl.full([2, BLOCK], SENTINEL, gl.int16, flat)
-    for rank in gl.static_range(WORLD):
-        for c0 in range(0, N, BLOCK):
-            c = c0 + cols
-            at = base + (rank * ROWS * ROW) + gl.expand_dims(c * 2, 0).to(gl.uint64)
-            keep = gl.expand_dims(m < M, 1) & gl.expand_dims(c < N, 0)
-            gl.store(at.to(gl.pointer_type(gl.int16)), sentinel, mask=keep)
-    if FENCE:
-        _fence_system(call)
-
-
-@gluon.jit
-def _fence_system(anything):
-    """fence.acq_rel.sys: this thread's earlier stores are seen before its later ones by every
-    observer, the peers included."""
-    gl.inline_asm_elementwise(
-        "fence.acq_rel.sys; mov.u32 $0, 0;", "=r,r", [anything], dtype=gl.int32, is_pure=False,
-        pack=1,
-    )  # fmt: skip
 
 
 @gluon.jit
@@ -395,7 +182,6 @@ def _push_tile(
     mask,
     peers,
     offset,
-    lag,
     RANK: gl.constexpr,
     WORLD: gl.constexpr,
     HALF: gl.constexpr,
@@ -410,7 +196,7 @@ def _push_tile(
     table = peers.to(gl.pointer_type(gl.uint64))
     mine = gl.load(table + RANK)
     counters = (mine + offset + 2 * HALF).to(gl.pointer_type(gl.uint32))
-    call = gl.load(counters + m, mask=m < ROWS, other=0) + 1 + lag
+    call = gl.load(counters + m, mask=m < ROWS, other=0) + 1
     at = offset + (call % 2).to(gl.uint64) * HALF + (RANK * ROWS + m).to(gl.uint64) * ROW
     bits = y.to(gl.int16, bitcast=True)
     bits = gl.where(bits == SENTINEL, 0, bits)
@@ -446,15 +232,13 @@ def plan(tiles: int, sms: int) -> tuple[int, int]:
     return per, triton.cdiv(tiles, per)
 
 
-def gemv(x, weight, bias=None, relu=False, pdl=False, early=None, push=None, rows=None):
+def gemv(x, weight, bias=None, relu=False, pdl=False, early=None, push=None):
     """x [M, K] (M <= MAX_ROWS) @ weight [N, K].T (+ bias [N]) (ReLU) -> [M, N] in x's dtype,
     a program's first RING_BYTES of weight tiles copied before the wait (`pdl`: a programmatic
     dependent launch; module docstring). `early`: how many of the ring's slots to fill before
     the wait (default all; ENERGON_GEMV_TMA_EARLY). `push` (a one_shot_norm.Push, float16):
     also push the result into every rank's slots for `one_shot_add_norm(..., pushed=True)`,
-    which must follow (a collective: every rank pushes). `rows` (a one_shot_norm.Rows): x is
-    not read but made, the sum and norm of the rows the GEMV before pushed (`x` only gives its
-    shape and dtype; rows.summed and rows.normed receive them)."""
+    which must follow (a collective: every rank pushes)."""
     import torch
 
     M, K = x.shape
@@ -465,8 +249,6 @@ def gemv(x, weight, bias=None, relu=False, pdl=False, early=None, push=None, row
         )
     if push is not None and not one_shot_norm.fits(x.dtype, M, N):
         raise ValueError(f"gemv_tma cannot push {x.dtype} [{M}, {N}] into one_shot_norm's slots")
-    if rows is not None and not norms_rows(x.dtype, M, K):
-        raise ValueError(f"gemv_tma cannot make x {x.dtype} [{M}, {K}] from pushed rows")
     if early is None:
         early = int(os.environ.get("ENERGON_GEMV_TMA_EARLY", STAGES))
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -475,12 +257,10 @@ def gemv(x, weight, bias=None, relu=False, pdl=False, early=None, push=None, row
     w_desc = TensorDescriptor.from_tensor(weight, [BLOCK_N, BLOCK_K], layout)
     tiles = triton.cdiv(N, BLOCK_N)
     per, programs = plan(tiles, sm_count(x.device))
-    group = push or (rows.push if rows is not None else None)
-    stand_in = weight  # pointers a call does not read
     _gemv_tma_kernel[(programs,)](
         x_desc,
         w_desc,
-        bias if bias is not None else stand_in,
+        bias if bias is not None else weight,
         y,
         M,
         N,
@@ -489,41 +269,18 @@ def gemv(x, weight, bias=None, relu=False, pdl=False, early=None, push=None, row
         tiles,
         per,
         early,
-        group.table if group else 0,
-        group.offset if group else 0,
-        group.lag if group else 0,
-        *(_or(t, stand_in) for t in (rows or Rows.absent()).tensors()),
-        rows.eps if rows is not None else 0.0,
+        push.table if push else 0,
+        push.offset if push else 0,
         HAS_BIAS=bias is not None,
         RELU=relu,
         STAGES=STAGES,
         PUSH=push is not None,
-        RESET=push is not None and push.reset,
-        LATE=push is not None and os.environ.get(LATE_ENV) == "1",
-        FENCE=os.environ.get("ENERGON_RESET_FENCE", "1") != "0",
-        NORM=rows is not None,
-        ADD=rows is not None and rows.residual is not None,
-        HAS_ROW_BIAS=rows is not None and rows.row_bias is not None,
-        HAS_WEIGHT=rows is not None and rows.weight is not None,
-        HAS_NORM_BIAS=rows is not None and rows.norm_bias is not None,
-        RMS=rows is not None and rows.rms,
-        X_STEPS=triton.next_power_of_2(triton.cdiv(K, BLOCK_K)),
-        RANK=group.rank if group else 0,
-        WORLD=group.world if group else 1,
-        HALF=one_shot_norm.half_bytes(group.world) if group else 0,
+        RANK=push.rank if push else 0,
+        WORLD=push.world if push else 1,
+        HALF=one_shot_norm.half_bytes(push.world) if push else 0,
         ROW=one_shot_norm.ROW_BYTES,
         ROWS=one_shot_norm.MAX_ROWS,
         num_warps=NUM_WARPS,
         **launch_options(pdl),
     )
     return y
-
-
-def _or(t, stand_in):
-    return t if t is not None else stand_in
-
-
-def norms_rows(dtype, rows: int, width: int) -> bool:
-    """Whether this kernel makes x [rows, width] from pushed rows (`gemv`'s `rows`): float16,
-    at most MAX_ROWS rows of at most MAX_NORM_WIDTH."""
-    return one_shot_norm.fits(dtype, rows, width) and rows <= MAX_ROWS and width <= MAX_NORM_WIDTH

@@ -60,40 +60,12 @@ SENTINEL = tl.constexpr(-32768)  # the int16 bits of float16 -0.0: an element no
 
 
 class Push(NamedTuple):
-    """Where a GEMV pushes its rows for this kernel (energon/kernels/gemv_tma.py, `push`), or
-    reads them (`Rows`)."""
+    """Where a GEMV pushes its rows for this kernel (energon/kernels/gemv_tma.py, `push`)."""
 
     table: int  # device address of the ranks' symmetric buffer addresses (uint64)
     rank: int
     world: int
     offset: int  # bytes from a buffer's start to this kernel's region
-    lag: int = 0  # the rows' calls read by GEMVs (`Rows`) since the counts were written
-    reset: bool = False  # pushing: SENTINEL back into the half the call before read (a GEMV)
-
-
-class Rows(NamedTuple):
-    """A GEMV's x made from the rows the GEMV before pushed: this kernel's sum and norm, done in
-    the GEMV's every program instead (energon/kernels/gemv_tma.py, `rows`); the arguments of
-    `one_shot_add_norm` (`summed` and `normed` receive its results)."""
-
-    push: Push | None
-    residual: torch.Tensor | None
-    row_bias: torch.Tensor | None  # the row-parallel layer's bias
-    weight: torch.Tensor | None
-    norm_bias: torch.Tensor | None
-    eps: float
-    rms: bool
-    summed: torch.Tensor | None
-    normed: torch.Tensor | None
-
-    def tensors(self) -> tuple:
-        """The kernel's tensor arguments in its order (None where absent)."""
-        return (self.residual, self.row_bias, self.weight, self.norm_bias, self.summed,
-                self.normed)  # fmt: skip
-
-    @classmethod
-    def absent(cls) -> Rows:
-        return cls(None, None, None, None, None, 0.0, False, None, None)
 
 
 def fits(dtype: torch.dtype, rows: int, width: int) -> bool:
@@ -158,7 +130,6 @@ def _one_shot_norm_kernel(
     width,
     eps,
     offset,  # bytes from a buffer's start to this kernel's region
-    lag,  # the rows' calls that GEMVs read (gemv_tma.py, `rows`) since the counts were written
     RANK: tl.constexpr,
     WORLD: tl.constexpr,
     RMS: tl.constexpr,
@@ -186,11 +157,11 @@ def _one_shot_norm_kernel(
     bias = vector(Bias, cols, mask, HAS_BIAS)
     counters = (mine + offset + 2 * HALF).to(tl.pointer_type(tl.uint32))
     if PUSHED:
-        call = tl.load(counters + row) + 1 + lag
+        call = tl.load(counters + row) + 1
         r = _residual(Residual, row, stride_r, cols, mask, ADD)
     wait_then_release(PDL)
     if not PUSHED:
-        call = tl.load(counters + row) + 1 + lag  # uint32: wraps, keeping its parity
+        call = tl.load(counters + row) + 1  # uint32: wraps, keeping its parity
         r = _residual(Residual, row, stride_r, cols, mask, ADD)
     summed = _sum_rows(X, r, bias, mine, table, width, offset, call, row, cols, mask,
                        RANK, WORLD, ADD, HAS_BIAS, HALF, ROW, ROWS, PUSHED)  # fmt: skip
@@ -280,8 +251,6 @@ def one_shot_add_norm(
     world: int,
     offset: int,
     pushed: bool = False,
-    lag: int = 0,
-    into: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(normed, summed): summed = the sum over ranks of x (+ bias) (+ residual), normed = its
     LayerNorm (RMSNorm when `rms`; norm_bias ignored then) by weight and norm_bias. Arguments
@@ -289,13 +258,11 @@ def one_shot_add_norm(
     `buffer_ptrs` is the device address of the ranks' symmetric buffer addresses, this kernel's
     region at `offset` in each (16-byte aligned). Collective: every rank of the group calls it
     with the same shapes and the same optional arguments present. `pushed`: the GEMV that
-    computed `x` pushed it already (gemv_tma.py's `push`), on every rank. `lag`: calls of
-    these rows that GEMVs read since the counts were written (gemv_tma.py's `rows`; this call
-    writes them). `into`: (out, summed) to write instead of new tensors."""
+    computed `x` pushed it already (gemv_tma.py's `push`), on every rank."""
     if offset % ALIGN:
         raise ValueError(f"one_shot_add_norm's region must be {ALIGN}-byte aligned ({offset})")
     rows, width = x.shape
-    out, summed = into if into is not None else (torch.empty_like(x), torch.empty_like(x))
+    summed, out = torch.empty_like(x), torch.empty_like(x)
     block = triton.next_power_of_2(width)
     norm_bias = None if rms else norm_bias
     _one_shot_norm_kernel[(rows,)](
@@ -311,7 +278,6 @@ def one_shot_add_norm(
         width,
         eps,
         offset,
-        lag,
         RANK=rank,
         WORLD=world,
         RMS=rms,

@@ -128,15 +128,8 @@ class OneShotAllReduce:
         self.one_shot_calls = 0  # calls issued (a captured call counts once, at capture)
         self.norm_calls = 0  # of them, fused with the norm after them
         self.push_calls = 0  # of those, rows the GEMV before pushed (`push_for`)
-        self.gemv_norm_calls = 0  # of those, summed and normalised by the GEMV after them
         self.nccl_calls = 0
         self.error: str | None = None  # why the fast path was turned off after set-up
-        # pushed rows that GEMVs read (energon/parallel/normed_rows.py): the fused kernel's
-        # row counts leave them out (`lag` of them since that kernel last ran), and the half
-        # the latest one read waits for the next pushing GEMV to put SENTINEL back into it
-        self._lag = 0
-        self._reset_due = False
-        self._pending = None  # the NormedRows of the latest pushed rows, until made
 
     def takes(self, x: torch.Tensor) -> bool:
         """Whether `x` goes the one-shot way (the same answer on every rank for the same call)."""
@@ -216,80 +209,11 @@ class OneShotAllReduce:
         it so)."""
         if self.norm_offset is None or not self.takes(x):
             return None
-        if self._reset_due and not pushed:  # only a pushing GEMV puts that half back
-            return None
         from energon.kernels import one_shot_norm
 
         if not one_shot_norm.takes(x, residual, weight, norm_bias, bias):
             return None
-        self.flush()
         return self._own_add_norm(x, bias, residual, weight, norm_bias, eps, rms, pushed)
-
-    def flush(self) -> None:
-        """Makes the pending NormedRows' rows if nothing did yet: every call of the group's
-        fused kernel (or GEMV reading its slots) goes in the order of the pushes."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.tensor()
-
-    def defer_norm(self, x, bias, residual, weight, norm_bias, eps, rms):
-        """`add_norm` of pushed rows left to the GEMV that will read them (a NormedRows, whose
-        `rows.summed` is the sum + residual), or None when that GEMV could not make them (the
-        caller runs `add_norm`): the fused kernel would not take them, over gemv_tma's rows or
-        width, a residual with other strides, ENERGON_GEMV_NORMS=0."""
-        from energon.kernels import one_shot_norm
-        from energon.kernels.gemv import NORMED_SWITCH, TMA_ROWS
-        from energon.kernels.gemv_tma import MAX_NORM_WIDTH
-
-        if os.environ.get(NORMED_SWITCH, "1") == "0" or os.environ.get(NORM_ENV, "1") == "0":
-            return None
-        if self.norm_offset is None or not self.takes(x) or x.shape[0] > TMA_ROWS:
-            return None
-        if not self._gemvs_norm(x):
-            return None
-        if x.shape[1] > MAX_NORM_WIDTH or not one_shot_norm.takes(
-            x, residual, weight, norm_bias, bias
-        ):
-            return None
-        if residual is not None and not residual.is_contiguous():
-            return None
-        from energon.parallel.normed_rows import NormedRows
-
-        self.flush()
-        normed, summed = torch.empty_like(x), torch.empty_like(x)
-        norm_bias = None if rms else norm_bias
-        rows = one_shot_norm.Rows(
-            self._push_target(), residual, bias, weight, norm_bias, eps, rms, summed, normed
-        )
-        self._pending = NormedRows(self, rows)
-        self.one_shot_calls += 1
-        self.norm_calls += 1
-        self.push_calls += 1
-        return self._pending
-
-    def _gemvs_norm(self, x: torch.Tensor) -> bool:
-        """Whether the GEMVs on x's device can make normed rows (gemv_tma.py: Hopper or later,
-        dependent launches on): alike on every rank of a group."""
-        from energon.kernels import dependent_launch
-
-        return dependent_launch(x.device)
-
-    def sum_pushed_rows(self, rows) -> None:
-        """The fused kernel makes a NormedRows' rows (`rows.normed`, `rows.summed`)."""
-        if self._pending is not None and self._pending.rows is rows:
-            self._pending = None
-        self._own_add_norm(rows.normed, rows.row_bias, rows.residual, rows.weight,
-                           rows.norm_bias, rows.eps, rows.rms, True,
-                           into=(rows.normed, rows.summed))  # fmt: skip
-
-    def rows_read_by_gemv(self, normed_rows) -> None:
-        """A GEMV made `normed_rows` from the slots: counted in `lag`, its half left for the
-        next pushing GEMV to put SENTINEL back into."""
-        if self._pending is normed_rows:
-            self._pending = None
-        self._lag += 1
-        self._reset_due = True
-        self.gemv_norm_calls += 1
 
     def push_for(self, rows: int, width: int, dtype: torch.dtype):
         """Where a row-parallel layer's GEMV of `rows` x `width` pushes its product for the
@@ -303,24 +227,14 @@ class OneShotAllReduce:
 
         if not self._small(rows * width * dtype.itemsize, dtype):
             return None
-        if not one_shot_norm.fits(dtype, rows, width):
-            return None
-        self.flush()
-        target = self._push_target()
-        return target._replace(reset=True) if self._reset_due else target
-
-    def push_done(self, push) -> None:
-        """A GEMV pushed into the slots by `push` (from `push_for`): the half it was to reset
-        is ready again."""
-        if push.reset:
-            self._reset_due = False
+        return self._push_target() if one_shot_norm.fits(dtype, rows, width) else None
 
     def _push_target(self):
-        """The Push of energon's fused kernel's region on this rank, `lag` as it stands."""
+        """The Push of energon's fused kernel's region on this rank."""
         from energon.kernels import one_shot_norm
 
         table, rank, world, *_ = self._peers
-        return one_shot_norm.Push(table.data_ptr(), rank, world, self.norm_offset, self._lag)
+        return one_shot_norm.Push(table.data_ptr(), rank, world, self.norm_offset)
 
     def pushed_sum(
         self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
@@ -330,17 +244,13 @@ class OneShotAllReduce:
         computed and left)."""
         self.one_shot_calls += 1
         self.push_calls += 1
-        self.flush()
         return self._own_add_norm(x, bias, residual, None, None, 1e-5, False, True)[1]
 
-    def _own_add_norm(
-        self, x, bias, residual, weight, norm_bias, eps, rms, pushed=False, into=None
-    ):
-        """Energon's fused kernel: (normed, summed); it writes the row counts, `lag` included."""
+    def _own_add_norm(self, x, bias, residual, weight, norm_bias, eps, rms, pushed=False):
+        """Energon's fused kernel: (normed, summed)."""
         from energon.kernels.one_shot_norm import one_shot_add_norm
 
         table, rank, world, *_ = self._peers
-        lag, self._lag = self._lag, 0
         return one_shot_add_norm(
             x,
             residual,
@@ -354,8 +264,6 @@ class OneShotAllReduce:
             world,
             self.norm_offset,
             pushed,
-            lag,
-            into,
         )
 
     def _torch_one_shot(self, x: torch.Tensor) -> None:

@@ -16,7 +16,6 @@ from torch import nn
 from energon.errors import CheckpointError
 from energon.kernels.gemv import linear, pushed_linear
 from energon.parallel.allreduce import all_reduce, fast_all_reduce
-from energon.parallel.normed_rows import NormedRows, as_tensor
 from energon.parallel.partial_sum import PartialSum
 from energon.parallel.topology import current_parallel
 
@@ -97,12 +96,10 @@ class ColumnParallelLinear(nn.Module):
         """x @ W.T + b, then `activation` (a function of one tensor) if given. ReLU is fused
         into the GEMM on half-precision 2-D cuda inputs (energon.kernels.gemv.linear)."""
         early = self.early_weights
-        relu = activation is F.relu
-        if isinstance(x, NormedRows):  # made by this GEMV, where it can (normed_rows.py)
-            y = x.linear(self.weight, self.bias, relu)
-        else:
-            y = linear(x, self.weight, self.bias, relu=relu, early_weights=early)
-        return y if activation is None or relu else activation(y)
+        if activation is F.relu:
+            return linear(x, self.weight, self.bias, relu=True, early_weights=early)
+        y = linear(x, self.weight, self.bias, early_weights=early)
+        return y if activation is None else activation(y)
 
 
 def merge_columns(*linears: ColumnParallelLinear) -> None:
@@ -133,8 +130,6 @@ def merged(x: torch.Tensor, *linears: ColumnParallelLinear) -> tuple[torch.Tenso
     if fused is None:
         return tuple(lin(x) for lin in linears)
     weight, bias, splits = fused
-    if isinstance(x, NormedRows):
-        return x.linear(weight, bias).split(splits, dim=-1)
     return linear(x, weight, bias, early_weights=linears[0].early_weights).split(splits, dim=-1)
 
 
@@ -164,10 +159,8 @@ class RowParallelLinear(nn.Module):
             return linear(x, self.weight, self.bias)  # bias fused into the GEMM epilogue
         if self.group is None:
             return _all_reduce(linear(x, self.weight, early_weights=True), None, self.bias)
-        x = as_tensor(x)
         push = self._push_for(x)
         if push is not None and (partial := pushed_linear(x, self.weight, push)) is not None:
-            fast_all_reduce(self.group).push_done(push)
             return PartialSum(partial, self.bias, self.group, pushed=True)
         return PartialSum(linear(x, self.weight, early_weights=True), self.bias, self.group)
 

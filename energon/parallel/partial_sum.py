@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 
 from energon.parallel.allreduce import all_reduce, fast_all_reduce
-from energon.parallel.normed_rows import as_tensor
 
 
 class PartialSum:
@@ -88,23 +87,16 @@ def _like(other, partial: torch.Tensor) -> bool:
 
 def summed(x: torch.Tensor | PartialSum) -> torch.Tensor:
     """`x` as a tensor: a PartialSum's sum, any tensor itself."""
-    return x.sum() if isinstance(x, PartialSum) else as_tensor(x)
+    return x.sum() if isinstance(x, PartialSum) else x
 
 
 def fused_or_summed(x, residual, weight, norm_bias, eps: float, rms: bool):
     """What a norm's `add_norm(x, residual)` starts with: ((normed, summed), x) when `x` is a
     PartialSum that its group's one-shot path sums into this norm in one kernel (summed = the
-    sum + residual; normed = its LayerNorm, RMSNorm when `rms`), or that the GEMV after it will
-    (normed a NormedRows: energon/parallel/normed_rows.py); else (None, `summed(x)`), for the
-    norm to add and normalise itself. `residual` may be a NormedRows (its rows are taken)."""
-    residual = as_tensor(residual)
+    sum + residual; normed = its LayerNorm, RMSNorm when `rms`); else (None, `summed(x)`), for
+    the norm to add and normalise itself."""
     if isinstance(x, PartialSum) and x._sum is None:
         fast = fast_all_reduce(x.group)
-        if fast is not None and x.pushed:
-            normed = fast.defer_norm(x.partial, x.bias, residual, weight, norm_bias, eps, rms)
-            if normed is not None:  # the next GEMV sums and normalises (normed_rows.py)
-                x.take_push()
-                return (normed, normed.rows.summed), x
         if fast is not None:
             pushed = x.pushed
             fused = fast.add_norm(x.partial, x.bias, residual, weight, norm_bias, eps, rms, pushed)

@@ -214,39 +214,14 @@ async def test_cuda_float16_tp2_gemvs_push_their_products_with_nothing_changed(
     """float16 at tp=2 on Hopper: a row-parallel GEMV pushes its product into every rank's
     slots of the fused all-reduce + norm as its tiles end, and that kernel only waits for the
     rows (energon/parallel/partial_sum.py); ENERGON_ALL_REDUCE_PUSH=0 leaves the push to the
-    kernel. The same sums, so tokens and logprobs agree bit for bit (with the norm in that
-    kernel, not in the GEMV after it: ENERGON_GEMV_NORMS=0)."""
-    from energon.kernels.gemv import NORMED_SWITCH
+    kernel. The same sums, so tokens and logprobs agree bit for bit."""
     from energon.parallel.allreduce import PUSH_ENV
 
-    monkeypatch.setenv(NORMED_SWITCH, "0")
     runs = await switched_runs(monkeypatch, PUSH_ENV, references[family][0], tp=2)
     assert all(i["one_shot_calls"][2] > 0 for i in runs["1"][1]), runs["1"][1]
     assert all(i["one_shot_calls"][2] == 0 for i in runs["0"][1])
     assert all(i["one_shot_calls"][1] > 0 for i in runs["0"][1])
     assert runs["1"][0] == runs["0"][0]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA devices")
-@pytest.mark.parametrize("family", ["llama", "opt"])
-async def test_cuda_float16_tp2_gemvs_that_sum_and_normalise_their_input_give_the_same_tokens(
-    references, family, monkeypatch
-):
-    """float16 at tp=2 on Hopper: the column-parallel GEMV after pushed rows sums them, adds
-    the residual and normalises in its every program (energon/parallel/normed_rows.py);
-    ENERGON_GEMV_NORMS=0 leaves that to the fused kernel. The same sums, the norm's
-    statistics in another order: the tokens agree, the logprobs within float16 rounding."""
-    from energon.kernels.gemv import NORMED_SWITCH
-
-    runs = await switched_runs(monkeypatch, NORMED_SWITCH, references[family][0], tp=2)
-    assert all(i["one_shot_calls"][3] > 0 for i in runs["1"][1]), runs["1"][1]
-    assert all(i["one_shot_calls"][3] == 0 for i in runs["0"][1])
-    (inside, _), (apart, _) = runs["1"], runs["0"]
-    assert [tokens for tokens, _ in inside] == [tokens for tokens, _ in apart]
-    for (_, ours), (_, theirs) in zip(inside, apart, strict=True):
-        for a, b in zip(ours, theirs, strict=True):
-            assert abs(a.logprob - b.logprob) < 0.05, (a, b)
 
 
 @pytest.mark.gpu

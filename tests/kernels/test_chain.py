@@ -118,11 +118,7 @@ def _fused_norm_ptx(**constants) -> list[str]:
     pointers = dict.fromkeys(
         ("X", "Residual", "Summed", "Out", "Weight", "NormBias", "Bias", "buffers"), "*fp16"
     )
-    ints = dict.fromkeys(("stride_r", "width"), "i32") | {
-        "eps": "fp32",
-        "offset": "i64",
-        "lag": "i32",
-    }
+    ints = dict.fromkeys(("stride_r", "width"), "i32") | {"eps": "fp32", "offset": "i64"}
     constants = dict(
         RANK=0, WORLD=2, RMS=False, ADD=True, HAS_WEIGHT=True, HAS_NORM_BIAS=True, HAS_BIAS=True,
         HALF=one_shot_norm.half_bytes(2), ROW=one_shot_norm.ROW_BYTES,

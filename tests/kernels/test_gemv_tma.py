@@ -23,7 +23,7 @@ needs_hopper = pytest.mark.skipif(
 COPY = "cp.async.bulk.tensor"
 
 
-def _ptx(push: bool = False, norm: bool = False, reset: bool = False) -> list[str]:
+def _ptx(push: bool = False) -> list[str]:
     pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -42,40 +42,13 @@ def _ptx(push: bool = False, norm: bool = False, reset: bool = False) -> list[st
     signature = dict(zip(("x_desc", "w_desc"), map(mangle_type, descs), strict=True))
     signature |= dict(Bias="*fp16", Y="*fp16")
     signature |= dict.fromkeys(("M", "N", "K", "stride_ym", "tiles", "per_program", "early"), "i32")
-    signature |= dict(peers="i64", region="i32", lag="i32")
-    signature |= dict.fromkeys(
-        ("Residual", "RowBias", "NormWeight", "NormBias", "Summed", "Normed"), "*fp16"
-    )
-    signature |= dict(eps="fp32")
-    group = push or norm
+    signature |= dict(peers="i64", push_offset="i32")
     constants = dict(HAS_BIAS=not push, RELU=False, PDL=True, STAGES=gemv_tma.STAGES)
-    constants |= dict(PUSH=push, RESET=reset, LATE=False, FENCE=True, NORM=norm, ADD=norm)
-    constants |= dict(HAS_ROW_BIAS=norm, HAS_WEIGHT=norm, HAS_NORM_BIAS=norm, RMS=False)
-    constants |= dict(X_STEPS=32, RANK=1 if group else 0, WORLD=2 if group else 1)
+    constants |= dict(PUSH=push, RANK=1 if push else 0, WORLD=2 if push else 1)
     constants |= dict(HALF=one_shot_norm.half_bytes(2), ROW=one_shot_norm.ROW_BYTES)
     constants |= dict(ROWS=one_shot_norm.MAX_ROWS)
-    # what a launch sees of opt-13b's shapes: these integers divisible by 16
-    names = gemv_tma._gemv_tma_kernel.arg_names
-    aligned = (
-        "N",
-        "K",
-        "stride_ym",
-        "region",
-        "Bias",
-        "Y",
-        "Residual",
-        "RowBias",
-        "NormWeight",
-        "NormBias",
-        "Summed",
-        "Normed",
-    )
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     source = GluonASTSource(
-        gemv_tma._gemv_tma_kernel,
-        {**signature, **dict.fromkeys(constants, "constexpr")},
-        constants,
-        attrs,
+        gemv_tma._gemv_tma_kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constants
     )
     options = {"num_warps": gemv_tma.NUM_WARPS, "num_stages": 1}
     try:
@@ -145,7 +118,7 @@ def test_a_kernel_that_fails_before_its_first_success_gives_way_to_the_triton_ge
 
     class Broken:
         @staticmethod
-        def gemv(x, weight, bias, relu, pdl, push=None, rows=None):
+        def gemv(x, weight, bias, relu, pdl, push=None):
             tries.append(1)
             raise RuntimeError("no such Gluon op")
 
@@ -300,93 +273,3 @@ def test_a_pushing_gemv_puts_its_rows_into_every_ranks_slot_for_their_next_call(
         assert bool((halves == -32768).all())  # nothing else written
     with pytest.raises(ValueError, match="cannot push"):
         gemv_tma.gemv(x.float(), w.float(), push=push)
-
-
-def _regions(world, offset):
-    """Every rank's one_shot_norm region on this GPU (prepared), and the table of them."""
-    from energon.kernels import one_shot_norm as k
-
-    size = offset + k.region_bytes(world)
-    buffers = [torch.zeros(size, dtype=torch.uint8, device="cuda") for _ in range(world)]
-    for buffer in buffers:
-        k.prepare_region(buffer, offset, world)
-    table = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device="cuda")
-    return buffers, table
-
-
-def _slot(buffer, offset, world, half, rank, row, width):
-    """One slot of a region as int16 [width]."""
-    from energon.kernels import one_shot_norm as k
-
-    halves = buffer[offset : offset + 2 * k.half_bytes(world)].view(torch.int16)
-    start = (half * k.half_bytes(world) + (rank * k.MAX_ROWS + row) * k.ROW_BYTES) // 2
-    return halves[start : start + width]
-
-
-@pytest.mark.gpu
-@needs_hopper
-@pytest.mark.parametrize("rms", [False, True])
-@pytest.mark.parametrize("rows", [1, 2])
-def test_a_gemv_makes_its_x_from_the_pushed_rows_as_the_fused_kernel_would(rms, rows):
-    """`rows`: rank 0 of 2 (both regions on this GPU) finds both ranks' rows in its slots of
-    the half of the rows' next call (counts + 1 + lag), sums them (+ the row-parallel bias),
-    adds the residual and normalises in every program, then multiplies: the fused kernel's
-    sum bit for bit, its norm to float16 rounding (another reduction order), and the GEMV of
-    those rows. It writes no count and leaves the slots; a pushing GEMV with `reset` after it
-    puts SENTINEL back into that half (every rank's slot of each row) and pushes into the other."""
-    import torch.nn.functional as F
-
-    from energon.kernels import gemv_tma
-    from energon.kernels import one_shot_norm as k
-
-    torch.manual_seed(rows)
-    world, rank, offset, width, lag = 2, 0, 64, 5120, 3
-    buffers, table = _regions(world, offset)
-    counts = buffers[rank][offset + 2 * k.half_bytes(world) :].view(torch.int32)
-    counts[:2] = torch.tensor([4, 4])  # with lag 3: call 8, half 0
-    dev, f16 = "cuda", torch.float16
-    parts = [torch.randn(rows, width, device=dev, dtype=f16) for _ in range(world)]
-    for r, part in enumerate(parts):
-        for row in range(rows):
-            _slot(buffers[rank], offset, world, 0, r, row, width).copy_(part[row].view(torch.int16))
-    before = buffers[rank].clone()
-    residual = torch.randn(rows, width, device=dev, dtype=f16)
-    row_bias, norm_bias = (torch.randn(width, device=dev, dtype=f16) for _ in range(2))
-    norm_weight = torch.rand(width, device=dev, dtype=f16) + 0.5
-    w = torch.randn(7680, width, device=dev, dtype=f16) * width**-0.5
-    bias = torch.randn(7680, device=dev, dtype=f16)
-    summed, normed = torch.empty_like(residual), torch.empty_like(residual)
-    push = k.Push(table.data_ptr(), rank, world, offset, lag)
-    spec = k.Rows(push, residual, row_bias, norm_weight, None if rms else norm_bias, 1e-5, rms,
-                  summed, normed)  # fmt: skip
-    y = gemv_tma.gemv(residual, w, bias, relu=True, pdl=False, rows=spec)
-    torch.cuda.synchronize()
-
-    total = (parts[0].float() + parts[1].float() + row_bias.float()).half()
-    want_summed = (total.float() + residual.float()).half()
-    assert torch.equal(summed, want_summed)
-    if rms:
-        h = want_summed.float()
-        want = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).half() * norm_weight
-    else:
-        want = F.layer_norm(want_summed.float(), (width,), norm_weight.float(),
-                            norm_bias.float(), 1e-5).half()  # fmt: skip
-    torch.testing.assert_close(normed, want, atol=2e-3, rtol=2e-3)
-    want_y = torch.relu(normed.double() @ w.double().T + bias.double()).half()
-    torch.testing.assert_close(y, want_y, atol=2e-3, rtol=2e-3)
-    assert torch.equal(buffers[rank], before)  # no count written, no slot put back
-
-    # the next call (9, half 1): a pushing GEMV that resets half 0 first
-    x2 = torch.randn(rows, 2560, device=dev, dtype=f16)
-    w2 = torch.randn(width, 2560, device=dev, dtype=f16) * 2560**-0.5
-    y2 = gemv_tma.gemv(x2, w2, pdl=False, push=push._replace(lag=lag + 1, reset=True))
-    torch.cuda.synchronize()
-    for r in range(world):
-        for row in range(rows):
-            assert bool((_slot(buffers[rank], offset, world, 0, r, row, width) == -32768).all())
-        for row in range(rows):
-            pushed = _slot(buffers[r], offset, world, 1, rank, row, width)
-            assert torch.equal(pushed, y2[row].view(torch.int16))
-    assert torch.equal(counts[:2], torch.tensor([4, 4], device=dev, dtype=torch.int32))
-    with pytest.raises(ValueError, match="cannot make x"):
-        gemv_tma.gemv(residual.float(), w.float(), rows=spec)

@@ -143,6 +143,7 @@ def _one_shot_norm_kernel(
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,  # a programmatic dependent launch (chain.py)
     PUSHED: tl.constexpr,  # the GEMV before pushed every rank's row (gemv_tma.py): no step 1
+    NORM: tl.constexpr,  # normalise the sum into Out (else the sum alone: `pushed_sum`)
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -156,19 +157,20 @@ def _one_shot_norm_kernel(
     weight, norm_bias = affine(Weight, NormBias, cols, mask, HAS_WEIGHT, HAS_NORM_BIAS)
     bias = vector(Bias, cols, mask, HAS_BIAS)
     counters = (mine + offset + 2 * HALF).to(tl.pointer_type(tl.uint32))
-    if PUSHED:
-        call = tl.load(counters + row) + 1
-        r = _residual(Residual, row, stride_r, cols, mask, ADD)
-    wait_then_release(PDL)
     if not PUSHED:
-        call = tl.load(counters + row) + 1  # uint32: wraps, keeping its parity
-        r = _residual(Residual, row, stride_r, cols, mask, ADD)
+        wait_then_release(PDL)
+    call = tl.load(counters + row) + 1  # uint32: wraps, keeping its parity
+    r = _residual(Residual, row, stride_r, cols, mask, ADD)
+    if PUSHED:
+        wait_then_release(PDL)
     summed = _sum_rows(X, r, bias, mine, table, width, offset, call, row, cols, mask,
                        RANK, WORLD, ADD, HAS_BIAS, HALF, ROW, ROWS, PUSHED)  # fmt: skip
-    y = normalise(summed, mask, width, eps, weight, norm_bias, RMS, HAS_WEIGHT, HAS_NORM_BIAS)
     tl.store(Summed + row * width + cols, summed, mask=mask)
-    tl.store(Out + row * width + cols, y.to(Out.dtype.element_ty), mask=mask)
-    tl.store(counters + row, call)  # after normalise's reductions: every thread has read `call`
+    if NORM:
+        y = normalise(summed, mask, width, eps, weight, norm_bias, RMS, HAS_WEIGHT, HAS_NORM_BIAS)
+        tl.store(Out + row * width + cols, y.to(Out.dtype.element_ty), mask=mask)
+    # after the reductions of the wait for the rows: every thread has read `call`
+    tl.store(counters + row, call)
 
 
 @triton.jit
@@ -251,9 +253,11 @@ def one_shot_add_norm(
     world: int,
     offset: int,
     pushed: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    normalised: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(normed, summed): summed = the sum over ranks of x (+ bias) (+ residual), normed = its
-    LayerNorm (RMSNorm when `rms`; norm_bias ignored then) by weight and norm_bias. Arguments
+    LayerNorm (RMSNorm when `rms`; norm_bias ignored then) by weight and norm_bias, None unless
+    `normalised` (the sum alone: no norm computed). Arguments
     as `takes` accepts them (its caller, OneShotAllReduce.fused_add_norm, has asked);
     `buffer_ptrs` is the device address of the ranks' symmetric buffer addresses, this kernel's
     region at `offset` in each (16-byte aligned). Collective: every rank of the group calls it
@@ -262,14 +266,15 @@ def one_shot_add_norm(
     if offset % ALIGN:
         raise ValueError(f"one_shot_add_norm's region must be {ALIGN}-byte aligned ({offset})")
     rows, width = x.shape
-    summed, out = torch.empty_like(x), torch.empty_like(x)
+    summed = torch.empty_like(x)
+    out = torch.empty_like(x) if normalised else None
     block = triton.next_power_of_2(width)
     norm_bias = None if rms else norm_bias
     _one_shot_norm_kernel[(rows,)](
         x,
         residual if residual is not None else x,
         summed,
-        out,
+        out if normalised else summed,
         weight if weight is not None else x,
         norm_bias if norm_bias is not None else x,
         bias if bias is not None else x,
@@ -291,6 +296,7 @@ def one_shot_add_norm(
         BLOCK=block,
         num_warps=num_warps_for(block),
         PUSHED=pushed,
+        NORM=normalised,
         **chained(x.device),
     )
     return out, summed

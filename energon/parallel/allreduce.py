@@ -240,14 +240,15 @@ class OneShotAllReduce:
         self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The sum over the group (+ bias) (+ residual, shaped like `x`) of rows the GEMV
-        pushed (`push_for`) when no norm takes them: the fused kernel's sum alone (its norm is
-        computed and left)."""
+        pushed (`push_for`) when no norm takes them: the fused kernel's sum alone (no norm)."""
         self.one_shot_calls += 1
         self.push_calls += 1
-        return self._own_add_norm(x, bias, residual, None, None, 1e-5, False, True)[1]
+        return self._own_add_norm(x, bias, residual, None, None, 1e-5, False, True, False)[1]
 
-    def _own_add_norm(self, x, bias, residual, weight, norm_bias, eps, rms, pushed=False):
-        """Energon's fused kernel: (normed, summed)."""
+    def _own_add_norm(
+        self, x, bias, residual, weight, norm_bias, eps, rms, pushed=False, normalised=True
+    ):
+        """Energon's fused kernel: (normed, summed); normed None unless `normalised`."""
         from energon.kernels.one_shot_norm import one_shot_add_norm
 
         table, rank, world, *_ = self._peers
@@ -264,6 +265,7 @@ class OneShotAllReduce:
             world,
             self.norm_offset,
             pushed,
+            normalised,
         )
 
     def _torch_one_shot(self, x: torch.Tensor) -> None:

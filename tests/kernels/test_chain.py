@@ -122,7 +122,7 @@ def _fused_norm_ptx(**constants) -> list[str]:
     constants = dict(
         RANK=0, WORLD=2, RMS=False, ADD=True, HAS_WEIGHT=True, HAS_NORM_BIAS=True, HAS_BIAS=True,
         HALF=one_shot_norm.half_bytes(2), ROW=one_shot_norm.ROW_BYTES,
-        ROWS=one_shot_norm.MAX_ROWS, BLOCK=8192, PDL=True,
+        ROWS=one_shot_norm.MAX_ROWS, BLOCK=8192, PDL=True, NORM=True,
     ) | constants  # fmt: skip
     return _ptx(one_shot_norm._one_shot_norm_kernel, {**pointers, **ints}, constants, 16, 1)
 

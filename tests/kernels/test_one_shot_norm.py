@@ -72,7 +72,7 @@ def _case(world: int, rows: int, width: int, seed: int) -> dict:
     )
 
 
-def _fused(case, rank, table, world, rms, pushed=False):
+def _fused(case, rank, table, world, rms, pushed=False, normalised=True):
     from energon.kernels.one_shot_norm import one_shot_add_norm
 
     return one_shot_add_norm(
@@ -88,13 +88,17 @@ def _fused(case, rank, table, world, rms, pushed=False):
         world,
         OFFSET,
         pushed,
+        normalised,
     )
 
 
-def _calls(world: int, rank: int, shapes, rms: bool, pushed: bool = False) -> list[dict]:
+def _calls(
+    world: int, rank: int, shapes, rms: bool, pushed: bool = False, normalised: bool = True
+) -> list[dict]:
     """Runs in the interpreter: rank `rank`'s kernel, call after call (`shapes`: rows, width),
     every peer's push made first (and, `pushed`, this rank's own, as its GEMV makes it: the
-    kernel then pushes nothing); what each call gave and left in the regions."""
+    kernel then pushes nothing); what each call gave and left in the regions. Not
+    `normalised`: the sum alone, and no normed rows."""
     from energon.kernels import one_shot_norm as k
     from energon.kernels.norm_kernels import norm_rows
 
@@ -111,7 +115,7 @@ def _calls(world: int, rank: int, shapes, rms: bool, pushed: bool = False) -> li
         if pushed:  # the kernel must take this rank's rows from its slots, not from x
             _push(buffers, world, calls, rank, case["xs"][rank], into=[rank])
             given = {**case, "xs": [torch.full_like(x, 7.0) for x in case["xs"]]}
-        normed, summed = _fused(given, rank, table, world, rms, pushed)
+        normed, summed = _fused(given, rank, table, world, rms, pushed, normalised)
         total = torch.zeros(rows, width)
         for x in case["xs"]:  # float32, in rank order, as the kernel sums
             total += x.float()
@@ -136,7 +140,7 @@ def _calls(world: int, rank: int, shapes, rms: bool, pushed: bool = False) -> li
             counts[row] += 1
         results.append(
             {
-                "normed_equal": torch.equal(normed, want[0]),
+                "normed_equal": torch.equal(normed, want[0]) if normalised else normed is None,
                 "summed_equal": torch.equal(summed, want[1]),
                 "pushed": all(landed),
                 "own_slots_cleared": bool((halves == -32768).all()),
@@ -188,6 +192,15 @@ def test_interpreted_push_sum_and_norm(triton_interpreter, world, rank, rms, pus
         assert r["own_slots_cleared"], i
         assert r["counts"], i
     assert [r["halves"] for r in results] == [[1], [0, 1, 1], [1], [0, 0]]
+
+
+def test_interpreted_pushed_sum_alone_normalises_nothing(triton_interpreter):
+    """`pushed_sum`'s call: the same sum, slots and counts as a normalising call, no norm."""
+    shapes = [(1, 512), (3, 1000), (2, 64)]
+    results = triton_interpreter.apply_async(_calls, (2, 1, shapes, False, True, False))
+    for i, r in enumerate(results.get(TIMEOUT)):
+        assert r["normed_equal"] and r["summed_equal"], i
+        assert r["pushed"] and r["own_slots_cleared"] and r["counts"], i
 
 
 def test_interpreted_kernel_waits_for_a_late_peer(triton_interpreter):

@@ -74,9 +74,11 @@ class GlooKernels(OneShotAllReduce):
         self.pushed.append(y.clone())
         return y
 
-    def _own_add_norm(self, x, bias, residual, weight, norm_bias, eps, rms, pushed=False):
+    def _own_add_norm(
+        self, x, bias, residual, weight, norm_bias, eps, rms, pushed=False, normalised=True
+    ):
         """The fused kernel's arithmetic: the float32 sum (+ bias) rounded once, the residual
-        added in float32 and rounded once, then the eager norm. `pushed`: this rank's rows come
+        added in float32 and rounded once, then the eager norm (unless not `normalised`). `pushed`: this rank's rows come
         from what `pushing_linear` pushed, not from `x` (the oldest push first)."""
         if pushed:
             x = self.pushed.pop(0)
@@ -87,7 +89,9 @@ class GlooKernels(OneShotAllReduce):
         summed = total.to(x.dtype)
         if residual is not None:
             summed = (summed.float() + residual.float()).to(x.dtype)
-        if rms:
+        if not normalised:
+            normed = None
+        elif rms:
             normed = rms_norm(summed, weight, eps)
         else:
             normed = F.layer_norm(summed, summed.shape[-1:], weight, norm_bias, eps)
